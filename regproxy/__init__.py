@@ -1,0 +1,3 @@
+"""regproxy: a node-local OCI registry cache."""
+
+__version__ = "0.1.0"

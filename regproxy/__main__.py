@@ -1,0 +1,3 @@
+from regproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,518 @@
+"""The OCI Distribution API (``/v2/``): routing, names, headers, OCI errors. Knows no files.
+
+Endpoints end-1 ... end-13 of https://github.com/opencontainers/distribution-spec/blob/main/spec.md
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from regproxy import metrics
+from regproxy.errors import (
+    BlobUploadInvalid,
+    DigestInvalid,
+    ManifestTooLarge,
+    NameInvalid,
+    OCIError,
+    RangeNotSatisfiable,
+    SizeInvalid,
+    Unsupported,
+)
+from regproxy.names import NameResolver, RepoName
+from regproxy.oci import MAX_MANIFEST_BYTES, OCI_INDEX, Digest, is_digest_reference, validate_tag
+from regproxy.registry import Blob, Registry, check_range
+
+log = logging.getLogger("regproxy.api")
+access_log = logging.getLogger("regproxy.access")
+
+API_VERSION: Final = {"Docker-Distribution-API-Version": "registry/2.0"}
+CONTENT_DIGEST: Final = "Docker-Content-Digest"
+_ROUTES: Final = [
+    ("upload", re.compile(r"^(?P<name>.+)/blobs/uploads/(?P<uid>[^/]*)$")),
+    ("blob", re.compile(r"^(?P<name>.+)/blobs/(?P<digest>[^/]+)$")),
+    ("manifest", re.compile(r"^(?P<name>.+)/manifests/(?P<ref>[^/]+)$")),
+    ("tags", re.compile(r"^(?P<name>.+)/tags/list$")),
+    ("referrers", re.compile(r"^(?P<name>.+)/referrers/(?P<digest>[^/]+)$")),
+]
+_RANGE_RE: Final = re.compile(r"^bytes=(\d*)-(\d*)$")
+_CONTENT_RANGE_RE: Final = re.compile(r"^(?:bytes )?(\d+)-(\d+)$")
+CHUNK: Final = 256 * 1024
+
+REGISTRY_KEY: Final = web.AppKey("registry", Registry)
+RESOLVER_KEY: Final = web.AppKey("resolver", NameResolver)
+
+
+class PaginationInvalid(OCIError):
+    code, http_status, message = "PAGINATION_NUMBER_INVALID", 400, "invalid number of results requested"
+
+
+def error_response(exc: OCIError, request: web.Request | None = None) -> web.Response:
+    headers = dict(API_VERSION)
+    if isinstance(exc, RangeNotSatisfiable):
+        if exc.size is not None:
+            headers["Content-Range"] = f"bytes */{exc.size}"
+        else:
+            headers["Range"] = f"0-{max(exc.offset - 1, 0)}"
+    body = json.dumps({"errors": [exc.to_json()]}).encode()
+    return web.Response(
+        status=exc.http_status, body=body, content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except OCIError as exc:
+        request["error"] = exc.code
+        if exc.http_status >= 500:
+            log.warning("request.failed path=%s error=%s", request.path, exc)
+        return error_response(exc, request)
+    except web.HTTPException as exc:
+        if exc.status == 404 and request.path.startswith("/v2"):
+            return error_response(_NotFound(request.path))
+        if exc.status == 405 and request.path.startswith("/v2"):
+            return error_response(Unsupported(f"{request.method} {request.path}"))
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("request.crashed method=%s path=%s", request.method, request.path)
+        request["error"] = "internal"
+        return error_response(_Internal("internal error; see the regproxy log"))
+
+
+class _Internal(OCIError):
+    code, http_status, message = "UNKNOWN", 500, "internal server error"
+
+
+class _NotFound(OCIError):
+    code, http_status, message = "NOT_FOUND", 404, "no such endpoint"
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+def _ctx(request: web.Request) -> tuple[Registry, NameResolver]:
+    return request.app[REGISTRY_KEY], request.app[RESOLVER_KEY]
+
+
+def _repo(request: web.Request, name: str) -> RepoName:
+    raw = request.rel_url.raw_path.lower()
+    if "%2f" in raw or "%2e" in raw or "%5c" in raw or "\\" in name:
+        raise NameInvalid(name, "encoded separators are not allowed")
+    resolver = request.app[RESOLVER_KEY]
+    ns = request.query.get("ns")
+    repo = resolver.resolve(name, ns)
+    request["repo"] = repo.canonical
+    return repo
+
+
+def _digest(text: str) -> Digest:
+    return Digest.parse(text)
+
+
+def _page(request: web.Request) -> tuple[int | None, str | None]:
+    n_text = request.query.get("n")
+    n: int | None = None
+    if n_text is not None:
+        if not n_text.isdigit() or int(n_text) > 100_000:
+            raise PaginationInvalid(f"n={n_text!r} must be an integer 0..100000")
+        n = int(n_text)
+    return n, request.query.get("last")
+
+
+def _link(path: str, n: int, last: str, extra: str = "") -> str:
+    from urllib.parse import quote
+
+    return f'<{path}?n={n}&last={quote(last, safe="")}{extra}>; rel="next"'
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """A single Range (RFC 9110); None for a whole-body answer. Malformed or outside: 416."""
+    if not header:
+        return None
+    m = _RANGE_RE.match(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        if "," in header:
+            return None  # several ranges: we answer with the whole blob, as RFC 9110 allows
+        raise RangeNotSatisfiable(f"malformed Range {header!r}", size=size)
+    if not m.group(1):  # suffix: last N bytes
+        n = int(m.group(2))
+        if n == 0:
+            raise RangeNotSatisfiable("empty suffix range", size=size)
+        return max(size - n, 0), size - 1
+    return check_range(size, int(m.group(1)), int(m.group(2)) if m.group(2) else None)
+
+
+async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_any():
+        yield chunk
+
+
+def _content_length(request: web.Request) -> int | None:
+    cl = request.headers.get("Content-Length")
+    if cl is None:
+        return None
+    if not cl.isdigit():
+        raise SizeInvalid(f"Content-Length {cl!r}")
+    return int(cl)
+
+
+def _has_body(request: web.Request) -> bool:
+    cl = request.headers.get("Content-Length")
+    return (cl is not None and cl != "0") or "chunked" in request.headers.get("Transfer-Encoding", "")
+
+
+# --- base ------------------------------------------------------------------------------------------
+async def v2_base(request: web.Request) -> web.Response:
+    return web.json_response({}, headers=API_VERSION)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    registry, _ = _ctx(request)
+    n, last = _page(request)
+    names = await registry.catalog(None if n is None else n + 1, last)
+    headers = dict(API_VERSION)
+    if n is not None and len(names) > n:
+        names = names[:n]
+        headers["Link"] = _link("/v2/_catalog", n, names[-1])
+    return web.json_response({"repositories": names}, headers=headers)
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    path = request.match_info["path"]
+    for kind, rx in _ROUTES:
+        m = rx.match(path)
+        if m is None:
+            continue
+        request["route"] = kind
+        handler = _HANDLERS.get((kind, request.method))
+        if handler is None:
+            raise Unsupported(f"{request.method} is not allowed on {kind}")
+        return await handler(request, **m.groupdict())
+    request["route"] = "unknown"
+    raise _NotFound(request.path)
+
+
+# --- blobs -----------------------------------------------------------------------------------------
+def _blob_headers(blob: Blob) -> dict[str, str]:
+    return {
+        **API_VERSION,
+        CONTENT_DIGEST: str(blob.digest),
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+        "Cache-Control": "max-age=31536000",
+        "ETag": f'"{blob.digest}"',
+    }
+
+
+async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamResponse:
+    registry, _ = _ctx(request)
+    repo = _repo(request, name)
+    d = _digest(digest)
+    blob = await registry.get_blob(repo, d)
+    request["cache"] = request.get("cache", "hit")
+    headers = _blob_headers(blob)
+    rng = _parse_range(request.headers.get("Range"), blob.size)
+    if request.headers.get("If-None-Match") in (f'"{blob.digest}"', str(blob.digest)):
+        return web.Response(status=304, headers=headers)
+    if blob.data is not None:
+        metrics.SERVED_BYTES.labels("blob", "disk").inc(0 if request.method == "HEAD" else blob.size)
+        if rng is None:
+            return web.Response(body=blob.data, headers=headers)
+        start, end = rng
+        headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
+        return web.Response(status=206, body=blob.data[start : end + 1], headers=headers)
+    if blob.file is not None:
+        if request.method != "HEAD":
+            metrics.SERVED_BYTES.labels("blob", "disk").inc(
+                blob.size if rng is None else rng[1] - rng[0] + 1
+            )
+        return web.FileResponse(blob.file, chunk_size=CHUNK, headers=headers)
+    return await _stream_blob(request, blob, headers, rng)
+
+
+async def _stream_blob(
+    request: web.Request, blob: Blob, headers: dict[str, str], rng: tuple[int, int] | None
+) -> web.StreamResponse:
+    """Serve a blob that is still arriving from upstream, as its bytes land."""
+    start, end = rng if rng is not None else (0, blob.size - 1)
+    status = 200 if rng is None else 206
+    if rng is not None:
+        headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = end - start + 1
+    await resp.prepare(request)
+    if request.method == "HEAD" or blob.size == 0:
+        await resp.write_eof()
+        return resp
+    source = request.get("source", "upstream")
+    try:
+        async for chunk in blob.stream.read_range(start, end):
+            await resp.write(chunk)
+            metrics.SERVED_BYTES.labels("blob", source).inc(len(chunk))
+    except OCIError as exc:
+        # Never finish a response with wrong or missing bytes: cut the connection.
+        log.warning("blob.aborted digest=%s repo=%s error=%s", blob.digest, request.get("repo"), exc)
+        request["error"] = "aborted"
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def delete_blob(request: web.Request, name: str, digest: str) -> web.Response:
+    registry, _ = _ctx(request)
+    repo = _repo(request, name)
+    await registry.delete_blob(repo, _digest(digest))
+    return web.Response(status=202, headers={**API_VERSION, "Content-Length": "0"})
+
+
+# --- uploads ---------------------------------------------------------------------------------------
+def _upload_headers(repo: RepoName, uid: str, offset: int) -> dict[str, str]:
+    return {
+        **API_VERSION,
+        "Location": f"/v2/{repo.canonical}/blobs/uploads/{uid}",
+        "Range": f"0-{max(offset - 1, 0)}",
+        "Docker-Upload-UUID": uid,
+    }
+
+
+def _blob_created(repo: RepoName, digest: Digest) -> web.Response:
+    return web.Response(
+        status=201,
+        headers={
+            **API_VERSION,
+            "Location": f"/v2/{repo.canonical}/blobs/{digest}",
+            CONTENT_DIGEST: str(digest),
+        },
+    )
+
+
+async def post_upload(request: web.Request, name: str, uid: str) -> web.Response:
+    if uid:
+        raise Unsupported("POST goes to /blobs/uploads/ without a session id")
+    registry, resolver = _ctx(request)
+    repo = _repo(request, name)
+    q = request.query
+    if "mount" in q:
+        digest = _digest(q["mount"])
+        source = resolver.resolve(q["from"]) if q.get("from") else None
+        if await registry.mount_blob(repo, digest, source):
+            return _blob_created(repo, digest)
+    elif "digest" in q:
+        digest = _digest(q["digest"])
+        await registry.put_blob(repo, digest, _body_chunks(request), _content_length(request))
+        return _blob_created(repo, digest)
+    new = await registry.start_upload(repo)
+    return web.Response(status=202, headers=_upload_headers(repo, new, 0))
+
+
+def _content_range(request: web.Request) -> tuple[int | None, int | None]:
+    header = request.headers.get("Content-Range")
+    if header is None:
+        return None, None
+    m = _CONTENT_RANGE_RE.match(header.strip())
+    if not m or int(m.group(2)) < int(m.group(1)):
+        raise BlobUploadInvalid(f"malformed Content-Range {header!r}")
+    start, end = int(m.group(1)), int(m.group(2))
+    cl = _content_length(request)
+    if cl is not None and cl != end - start + 1:
+        raise SizeInvalid(f"Content-Range {header!r} is not Content-Length {cl}")
+    return start, end
+
+
+async def patch_upload(request: web.Request, name: str, uid: str) -> web.Response:
+    registry, _ = _ctx(request)
+    repo = _repo(request, name)
+    if not uid:
+        raise Unsupported("PATCH needs an upload session id")
+    start, end = _content_range(request)
+    if start is None:
+        registry.upload_offset(repo, uid)  # 404 for an unknown session before reading a body
+    offset = await registry.append_upload(repo, uid, _body_chunks(request), start=start, end=end)
+    return web.Response(status=202, headers=_upload_headers(repo, uid, offset))
+
+
+async def put_upload(request: web.Request, name: str, uid: str) -> web.Response:
+    registry, _ = _ctx(request)
+    repo = _repo(request, name)
+    if not uid:
+        raise Unsupported("PUT needs an upload session id")
+    registry.upload_offset(repo, uid)
+    if "digest" not in request.query:
+        raise DigestInvalid("", "the digest query parameter is required to finish an upload")
+    digest = _digest(request.query["digest"])
+    start, _end = _content_range(request)
+    if start is not None and start != registry.upload_offset(repo, uid):
+        raise RangeNotSatisfiable("chunk out of order", offset=registry.upload_offset(repo, uid))
+    chunks = _body_chunks(request) if _has_body(request) else None
+    await registry.finish_upload(repo, uid, digest, chunks)
+    return _blob_created(repo, digest)
+
+
+async def get_upload(request: web.Request, name: str, uid: str) -> web.Response:
+    registry, _ = _ctx(request)
+    repo = _repo(request, name)
+    offset = registry.upload_offset(repo, uid)
+    return web.Response(status=204, headers=_upload_headers(repo, uid, offset))
+
+
+async def delete_upload(request: web.Request, name: str, uid: str) -> web.Response:
+    registry, _ = _ctx(request)
+    repo = _repo(request, name)
+    await registry.cancel_upload(repo, uid)
+    return web.Response(status=204, headers=API_VERSION)
+
+
+# --- manifests -------------------------------------------------------------------------------------
+def _check_reference(ref: str) -> str:
+    if is_digest_reference(ref):
+        Digest.parse(ref)
+    else:
+        validate_tag(ref)
+    return ref
+
+
+async def get_manifest(request: web.Request, name: str, ref: str) -> web.Response:
+    registry, _ = _ctx(request)
+    repo = _repo(request, name)
+    _check_reference(ref)
+    m = await registry.get_manifest(repo, ref)
+    request.setdefault("cache", "hit")
+    headers = {
+        **API_VERSION,
+        CONTENT_DIGEST: str(m.digest),
+        "Content-Type": m.media_type,
+        "ETag": f'"{m.digest}"',
+    }
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(m.size)
+        return web.Response(headers=headers)
+    metrics.SERVED_BYTES.labels("manifest", "disk").inc(m.size)
+    return web.Response(body=m.body, headers=headers)
+
+
+async def put_manifest(request: web.Request, name: str, ref: str) -> web.Response:
+    registry, _ = _ctx(request)
+    repo = _repo(request, name)
+    _check_reference(ref)
+    cl = _content_length(request)
+    if cl is not None and cl > MAX_MANIFEST_BYTES:
+        raise ManifestTooLarge(f"{cl} bytes; the limit is {MAX_MANIFEST_BYTES}")
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise ManifestTooLarge(f"the limit is {MAX_MANIFEST_BYTES} bytes")
+    result = await registry.put_manifest(repo, ref, bytes(body), request.headers.get("Content-Type"))
+    headers = {
+        **API_VERSION,
+        "Location": f"/v2/{repo.canonical}/manifests/{result.digest}",
+        CONTENT_DIGEST: str(result.digest),
+    }
+    if result.subject is not None:
+        headers["OCI-Subject"] = str(result.subject)
+    return web.Response(status=201, headers=headers)
+
+
+async def delete_manifest(request: web.Request, name: str, ref: str) -> web.Response:
+    registry, _ = _ctx(request)
+    repo = _repo(request, name)
+    _check_reference(ref)
+    await registry.delete_manifest(repo, ref)
+    return web.Response(status=202, headers={**API_VERSION, "Content-Length": "0"})
+
+
+# --- listings --------------------------------------------------------------------------------------
+async def list_tags(request: web.Request, name: str) -> web.Response:
+    registry, _ = _ctx(request)
+    repo = _repo(request, name)
+    n, last = _page(request)
+    tags = await registry.list_tags(repo, None if n is None else n + 1, last)
+    headers = dict(API_VERSION)
+    if n is not None and len(tags) > n:
+        tags = tags[:n]
+        headers["Link"] = _link(f"/v2/{name}/tags/list", n, tags[-1])
+    return web.json_response({"name": name, "tags": tags}, headers=headers)
+
+
+async def referrers(request: web.Request, name: str, digest: str) -> web.Response:
+    registry, _ = _ctx(request)
+    repo = _repo(request, name)
+    subject = _digest(digest)
+    artifact_type = request.query.get("artifactType")
+    descs = await registry.referrers(repo, subject, artifact_type)
+    headers = dict(API_VERSION)
+    if artifact_type:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    body = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [d.to_json() for d in descs],
+    }
+    return web.Response(body=json.dumps(body).encode(), content_type=OCI_INDEX, headers=headers)
+
+
+Handler = Callable[..., Awaitable[web.StreamResponse]]
+_HANDLERS: Final[dict[tuple[str, str], Handler]] = {
+    ("blob", "GET"): get_blob,
+    ("blob", "HEAD"): get_blob,
+    ("blob", "DELETE"): delete_blob,
+    ("upload", "POST"): post_upload,
+    ("upload", "PATCH"): patch_upload,
+    ("upload", "PUT"): put_upload,
+    ("upload", "GET"): get_upload,
+    ("upload", "DELETE"): delete_upload,
+    ("manifest", "GET"): get_manifest,
+    ("manifest", "HEAD"): get_manifest,
+    ("manifest", "PUT"): put_manifest,
+    ("manifest", "DELETE"): delete_manifest,
+    ("tags", "GET"): list_tags,
+    ("referrers", "GET"): referrers,
+}
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v2/", v2_base)
+    app.router.add_get("/v2", v2_base)
+    app.router.add_get("/v2/_catalog", catalog)
+    app.router.add_route("*", "/v2/{path:.+}", dispatch)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request, and the request metrics (after the body was sent)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        route = request.get("route", "base" if request.path.startswith("/v2") else "other")
+        metrics.REQUESTS.labels(route, request.method, str(response.status)).inc()
+        metrics.REQUEST_SECONDS.labels(route).observe(time)
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        self.logger.info(
+            "request method=%s path=%s repo=%s status=%d bytes=%d duration_ms=%.1f cache=%s "
+            "upstream=%s error=%s remote=%s",
+            request.method,
+            request.path,
+            request.get("repo", "-"),
+            response.status,
+            response.body_length,
+            time * 1000,
+            request.get("cache", "-"),
+            request.get("upstream", "-"),
+            request.get("error", "-"),
+            request.remote,
+        )
+
+
+__all__: list[str] = ["AccessLogger", "add_routes", "error_middleware"]

@@ -1,0 +1,140 @@
+"""Wiring: build the aiohttp application from a config, and the ``serve`` coroutine.
+
+``serve`` is what both ``regproxy serve`` and the tests run. Resources live in ``cleanup_ctx``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+
+from regproxy import api
+from regproxy.config import Config
+from regproxy.index import Index
+from regproxy.names import NameResolver
+from regproxy.registry import Registry
+from regproxy.store import Store
+
+log = logging.getLogger("regproxy")
+CONFIG_KEY: Final = web.AppKey("config", Config)
+HOUSEKEEPING_SECONDS: Final = 10.0
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def build_registry(config: Config) -> Registry:
+    root = config.storage.root
+    return Registry(Store(root), Index(root / "index.db"))
+
+
+async def _housekeeping(app: web.Application) -> None:
+    registry = app[api.REGISTRY_KEY]
+    config = app[CONFIG_KEY]
+    while True:
+        await asyncio.sleep(HOUSEKEEPING_SECONDS)
+        try:
+            await registry.flush_access()
+            await registry.expire_uploads(config.storage.upload_ttl)
+        except Exception:
+            log.exception("housekeeping.failed")
+
+
+async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    registry = app[api.REGISTRY_KEY]
+    await registry.open()
+    task = asyncio.create_task(_housekeeping(app))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await registry.close()
+
+
+async def index_page(request: web.Request) -> web.Response:
+    return web.Response(text="regproxy\n")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[api.error_middleware], client_max_size=8 * 1024 * 1024)
+    app[CONFIG_KEY] = config
+    app[api.REGISTRY_KEY] = build_registry(config)
+    app[api.RESOLVER_KEY] = NameResolver(config)
+    app.cleanup_ctx.append(_registry_ctx)
+    api.add_routes(app)
+    app.router.add_get("/", index_page)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    assert config.tls.cert and config.tls.key
+    ctx.load_cert_chain(config.tls.cert, config.tls.key)
+    return ctx
+
+
+async def serve(
+    config: Config,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[int], Awaitable[None] | None] | None = None,
+) -> None:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT when run from the CLI), then shut down."""
+    stop = stop or asyncio.Event()
+    app = create_app(config)
+    runner = web.AppRunner(
+        app,
+        access_log_class=api.AccessLogger,
+        access_log=logging.getLogger("regproxy.access") if config.log.access else None,
+        shutdown_timeout=config.shutdown_timeout,
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        config.listen_host,
+        config.listen_port,
+        ssl_context=_ssl_context(config),
+        backlog=1024,
+        reuse_address=True,
+    )
+    await site.start()
+    port = config.listen_port
+    server = site._server  # noqa: SLF001 - the bound port when listen asks for port 0
+    if server is not None and getattr(server, "sockets", None):
+        port = server.sockets[0].getsockname()[1]
+    log.info(
+        "listening address=%s:%d tls=%s sync=%s store=%s",
+        config.listen_host,
+        port,
+        config.tls.enabled,
+        config.sync_enable,
+        config.storage.root,
+    )
+    if on_ready is not None:
+        result = on_ready(port)
+        if asyncio.iscoroutine(result):
+            await result
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutdown.start timeout=%.0fs", config.shutdown_timeout)
+        await runner.cleanup()
+        log.info("shutdown.done")
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

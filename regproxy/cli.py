@@ -1,0 +1,73 @@
+"""``regproxy`` command line: serve | check-config. Exit 0 ok, 1 missing config, 2 bad config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from regproxy import __version__
+from regproxy.config import Config, load_config
+from regproxy.errors import ConfigError, ConfigMissing
+from regproxy.log import setup_logging
+
+log = logging.getLogger("regproxy")
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when importable (it is a dependency), else asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency
+        return None
+    return uvloop.new_event_loop
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(coro)
+
+
+async def _serve(config: Config) -> None:
+    from regproxy.app import install_signal_handlers, serve
+
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    await serve(config, stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="regproxy", description="node-local OCI registry cache")
+    p.add_argument("--version", action="version", version=f"regproxy {__version__}")
+    p.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the registry daemon")
+    sub.add_parser("check-config", help="validate the config and print the effective values")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigMissing as exc:
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log.level, config.log.format)
+    if args.command == "check-config":
+        print(config)
+        return 0
+    if args.command == "serve":
+        try:
+            run(_serve(config))
+        except OSError as exc:
+            log.error("serve.failed error=%s", exc)
+            return 1
+        return 0
+    return 2

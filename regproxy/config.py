@@ -1,0 +1,483 @@
+"""The config: frozen dataclasses, loaded from one YAML file plus ``REGPROXY_*`` overrides.
+
+Every key is optional. ``load_config`` validates everything and raises :class:`ConfigError`
+naming the key, the value and what is allowed; nothing else in regproxy reads the environment
+for settings.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from regproxy.errors import ConfigError, ConfigMissing
+
+DEFAULT_PORT: Final = 30003
+
+
+# --- value parsers -----------------------------------------------------------------------------
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return v.lower() in ("true", "yes", "on", "1")
+    raise ValueError("must be true or false")
+
+
+def _str(v: Any) -> str:
+    if isinstance(v, str) and v:
+        return v
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return str(v)
+    raise ValueError("must be a non-empty string")
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None or v == "" else _str(v)
+
+
+_DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(v: Any) -> float:
+    if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
+        return float(v)
+    m = _DURATION_RE.match(str(v)) if isinstance(v, str) else None
+    if not m:
+        raise ValueError("must be a duration such as 30s, 5m, 24h or a number of seconds")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+_SIZE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    m = _SIZE_RE.match(str(v)) if isinstance(v, str) else None
+    if not m:
+        raise ValueError("must be a size such as 500MiB, 200GB or a number of bytes")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGTP".index(unit[0])
+    return int(float(m.group(1)) * base**power)
+
+
+@dataclass(frozen=True, slots=True)
+class SizeLimit:
+    """A byte count, or a fraction of the store's filesystem (``80%``). 0 means no limit."""
+
+    bytes: int = 0
+    fraction: float = 0.0
+
+    def resolve(self, filesystem_bytes: int) -> int:
+        return self.bytes or int(self.fraction * filesystem_bytes)
+
+    def __bool__(self) -> bool:
+        return bool(self.bytes or self.fraction)
+
+
+def _size_limit(v: Any) -> SizeLimit:
+    if v is None or v == 0 or v == "0":
+        return SizeLimit()
+    if isinstance(v, str) and v.strip().endswith("%"):
+        try:
+            pct = float(v.strip()[:-1])
+        except ValueError:
+            pct = -1
+        if not 0 < pct <= 100:
+            raise ValueError("a percentage must be between 0 and 100, e.g. 80%")
+        return SizeLimit(fraction=pct / 100)
+    return SizeLimit(bytes=parse_size(v))
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return tuple(s.strip() for s in v.split(",") if s.strip())
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    raise ValueError("must be a list of strings")
+
+
+def _listen(v: Any) -> tuple[str, int]:
+    text = _str(v)
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "0.0.0.0", text
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT with a port 0-65535, e.g. 0.0.0.0:30003")
+    return host, int(port)
+
+
+def _level(v: Any) -> str:
+    s = _str(v).upper()
+    if s not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be one of debug, info, warning, error")
+    return s
+
+
+def _log_format(v: Any) -> str:
+    s = _str(v).lower()
+    if s not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return s
+
+
+def _users(v: Any) -> dict[str, str]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or not all(
+        isinstance(k, str) and isinstance(h, str) for k, h in v.items()
+    ):
+        raise ValueError("must map user names to bcrypt hashes")
+    for user, h in v.items():
+        if not h.startswith(("$2y$", "$2b$", "$2a$")):
+            raise ValueError(f"the hash of {user!r} is not bcrypt ($2y$...): store hashes only")
+    return dict(v)
+
+
+def _images(v: Any) -> tuple[str, ...]:
+    """Plain references, or the ``- image: REF`` entries of a pack's content.images."""
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        raise ValueError("must be a list of image references")
+    out = []
+    for item in v:
+        if isinstance(item, dict) and isinstance(item.get("image"), str):
+            out.append(item["image"])
+        elif isinstance(item, str):
+            out.append(item)
+        else:
+            raise ValueError("each entry must be a reference or {image: REF}")
+    return tuple(out)
+
+
+# --- dataclasses -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    #: the table key: a registry host (``docker.io``, ``host:5000``), a pattern (``*.pkg.dev``), or ``*``
+    pattern: str
+    url: str = ""
+    mirrors: tuple[str, ...] = ()
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    auth_file: str | None = None
+    tls_verify: bool = True
+    ca_file: str | None = None
+    alias: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    def url_for(self, host: str) -> str:
+        """The base URL for a concrete host this entry matched."""
+        if self.url:
+            return self.url.rstrip("/")
+        return f"https://{host}"
+
+    def matches(self, host: str) -> bool:
+        if self.pattern == "*":
+            return True
+        if any(c in self.pattern for c in "*?["):
+            return fnmatch.fnmatchcase(host, self.pattern)
+        return host == self.pattern
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    root: Path
+    max_size: SizeLimit = SizeLimit()
+    min_free: SizeLimit = SizeLimit(fraction=0.05)
+    upload_ttl: float = 86400.0
+    evict_interval: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class PeersConfig:
+    urls: tuple[str, ...] = ()
+    dns: str | None = None
+    port: int = DEFAULT_PORT
+    scheme: str = "http"
+    refresh: float = 30.0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    htpasswd: str | None = None
+    users: Mapping[str, str] = field(default_factory=dict)
+    anonymous_pull: bool = True
+    realm: str = "regproxy"
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert: str | None = None
+    key: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchConfig:
+    images: tuple[str, ...] = ()
+    interval: float = 3600.0
+    platforms: tuple[str, ...] = ()
+    required_for_ready: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"
+    format: str = "text"
+    access: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    storage: StorageConfig
+    listen_host: str = "0.0.0.0"
+    listen_port: int = DEFAULT_PORT
+    sync_enable: bool = True
+    project: str = "spectro-images"
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    default_upstream: str | None = None
+    tag_ttl: float = 300.0
+    peers: PeersConfig = PeersConfig()
+    auth: AuthConfig = AuthConfig()
+    tls: TLSConfig = TLSConfig()
+    prefetch: PrefetchConfig = PrefetchConfig()
+    log: LogConfig = LogConfig()
+    shutdown_timeout: float = 30.0
+
+    def upstream_for(self, host: str) -> UpstreamConfig | None:
+        """The entry for a host: exact names first, then patterns, then ``*``."""
+        exact = [u for u in self.upstreams if u.pattern == host or u.alias == host]
+        if exact:
+            return exact[0]
+        patterns = [u for u in self.upstreams if u.pattern != "*" and u.matches(host)]
+        if patterns:
+            return patterns[0]
+        star = [u for u in self.upstreams if u.pattern == "*"]
+        return star[0] if star else None
+
+
+def default_storage_root() -> Path:
+    """Somewhere the current user may write: systemd's StateDirectory, /var/lib, or XDG."""
+    state_dir = os.environ.get("STATE_DIRECTORY")
+    if state_dir:
+        return Path(state_dir.split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/regproxy")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "regproxy"
+
+
+# --- the schema: key path -> parser ------------------------------------------------------------
+Parser = Callable[[Any], Any]
+_SCHEMA: Final[dict[str, Any]] = {
+    "listen": _listen,
+    "content": {"sync": {"enable": _bool}, "projects": {"images": _str}},
+    "storage": {
+        "root": _str,
+        "max_size": _size_limit,
+        "min_free": _size_limit,
+        "upload_ttl": parse_duration,
+        "evict_interval": parse_duration,
+    },
+    "upstreams": "UPSTREAMS",
+    "default_upstream": _opt_str,
+    "tag_ttl": parse_duration,
+    "peers": {
+        "urls": _str_list,
+        "dns": _opt_str,
+        "port": int,
+        "scheme": _str,
+        "refresh": parse_duration,
+        "username": _opt_str,
+        "password": _opt_str,
+        "timeout": parse_duration,
+    },
+    "auth": {
+        "htpasswd": _opt_str,
+        "users": _users,
+        "anonymous_pull": _bool,
+        "realm": _str,
+    },
+    "tls": {"cert": _opt_str, "key": _opt_str},
+    "prefetch": {
+        "images": _images,
+        "interval": parse_duration,
+        "platforms": _str_list,
+        "required_for_ready": _bool,
+    },
+    "log": {"level": _level, "format": _log_format, "access": _bool},
+    "shutdown_timeout": parse_duration,
+}
+_UPSTREAM_SCHEMA: Final[dict[str, Parser]] = {
+    "url": _str,
+    "mirrors": _str_list,
+    "username": _opt_str,
+    "password": _opt_str,
+    "auth_file": _opt_str,
+    "tls_verify": _bool,
+    "ca_file": _opt_str,
+    "alias": _opt_str,
+    "connect_timeout": parse_duration,
+    "read_timeout": parse_duration,
+}
+_HOST_PATTERN_RE: Final = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?)$")
+
+
+def _walk(raw: Any, schema: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    if raw is None:
+        return
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip(".") or "(top)", "must be a mapping")
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            allowed = ", ".join(sorted(schema))
+            raise ConfigError(path, f"unknown key (allowed here: {allowed})")
+        spec = schema[key]
+        if spec == "UPSTREAMS":
+            out[path] = _upstreams(value)
+        elif isinstance(spec, dict):
+            _walk(value, spec, f"{path}.", out)
+        else:
+            out[path] = _parse(path, spec, value)
+
+
+def _parse(path: str, parser: Parser, value: Any) -> Any:
+    try:
+        return parser(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(path, f"{value!r} {exc}") from None
+
+
+def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError("upstreams", "must map registry hosts to settings")
+    out = []
+    for host, settings in raw.items():
+        key = f"upstreams.{host}"
+        if not isinstance(host, str) or not _HOST_PATTERN_RE.match(host):
+            raise ConfigError(key, "must be a registry host, host:port, *.domain or *")
+        settings = settings or {}
+        if not isinstance(settings, dict):
+            raise ConfigError(key, "must be a mapping of url, mirrors, credentials, ...")
+        kwargs: dict[str, Any] = {}
+        for k, v in settings.items():
+            if k not in _UPSTREAM_SCHEMA:
+                allowed = ", ".join(sorted(_UPSTREAM_SCHEMA))
+                raise ConfigError(f"{key}.{k}", f"unknown key (allowed here: {allowed})")
+            kwargs[k] = _parse(f"{key}.{k}", _UPSTREAM_SCHEMA[k], v)
+        for k in ("url", *()):
+            if k in kwargs and not str(kwargs[k]).startswith(("http://", "https://")):
+                raise ConfigError(f"{key}.{k}", f"{kwargs[k]!r} must start with http:// or https://")
+        for m in kwargs.get("mirrors", ()):
+            if not m.startswith(("http://", "https://")):
+                raise ConfigError(f"{key}.mirrors", f"{m!r} must start with http:// or https://")
+        if host == "*" and kwargs.get("url"):
+            raise ConfigError(key, "the '*' entry cannot have a url: it reaches the named host")
+        if (username := kwargs.get("username")) and not kwargs.get("password"):
+            raise ConfigError(f"{key}.password", f"username {username!r} given without password")
+        out.append(UpstreamConfig(pattern=host, **kwargs))
+    return tuple(out)
+
+
+def _env_overrides(schema: dict[str, Any], prefix: str, env: Mapping[str, str]) -> dict[str, Any]:
+    """``REGPROXY_<SECTION>_<KEY>`` for every leaf key (upstreams are file-only)."""
+    found: dict[str, Any] = {}
+    for key, spec in schema.items():
+        path = f"{prefix}{key}"
+        if isinstance(spec, dict):
+            found.update(_env_overrides(spec, f"{path}.", env))
+        elif spec != "UPSTREAMS":
+            name = "REGPROXY_" + path.replace(".", "_").upper()
+            if name in env:
+                found[path] = _parse(f"{path} (from {name})", spec, yaml.safe_load(env[name]))
+    return found
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the config; ``path=None`` means defaults plus the environment."""
+    env = os.environ if env is None else env
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigMissing(str(p), "no such config file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(p), f"not valid YAML: {exc}") from None
+    flat: dict[str, Any] = {}
+    _walk(raw, _SCHEMA, "", flat)
+    flat.update(_env_overrides(_SCHEMA, "", env))
+    return _build(flat)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a config from a mapping as it would appear in YAML (tests, tools)."""
+    flat: dict[str, Any] = {}
+    _walk(raw, _SCHEMA, "", flat)
+    return _build(flat)
+
+
+def _build(flat: dict[str, Any]) -> Config:
+    def sub(prefix: str) -> dict[str, Any]:
+        return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+
+    storage = sub("storage.")
+    root = Path(storage.pop("root", None) or default_storage_root()).expanduser()
+    upstreams = flat.get("upstreams", ())
+    host, port = flat.get("listen", ("0.0.0.0", DEFAULT_PORT))
+    tls = TLSConfig(**sub("tls."))
+    if bool(tls.cert) != bool(tls.key):
+        raise ConfigError("tls", "cert and key must be given together")
+    project = flat.get("content.projects.images", "spectro-images")
+    from regproxy.oci import NAME_RE  # local: oci imports errors only; config stays a leaf
+
+    if "/" in project or not NAME_RE.match(project):
+        raise ConfigError("content.projects.images", f"{project!r} must be one name component")
+    default_up = flat.get("default_upstream")
+    aliases = [u.alias for u in upstreams if u.alias]
+    if len(set(aliases)) != len(aliases):
+        raise ConfigError("upstreams", "two upstreams share an alias")
+    peers = sub("peers.")
+    if peers.get("scheme", "http") not in ("http", "https"):
+        raise ConfigError("peers.scheme", "must be http or https")
+    return Config(
+        storage=StorageConfig(root=root, **storage),
+        listen_host=host,
+        listen_port=port,
+        sync_enable=flat.get("content.sync.enable", True),
+        project=project,
+        upstreams=upstreams,
+        default_upstream=default_up,
+        tag_ttl=flat.get("tag_ttl", 300.0),
+        peers=PeersConfig(**peers),
+        auth=AuthConfig(**sub("auth.")),
+        tls=tls,
+        prefetch=PrefetchConfig(**sub("prefetch.")),
+        log=LogConfig(**sub("log.")),
+        shutdown_timeout=flat.get("shutdown_timeout", 30.0),
+    )

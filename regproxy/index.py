@@ -1,0 +1,320 @@
+"""The metadata index: SQLite in WAL mode beside the blobs. Synchronous, one connection.
+
+Callers run every method on one dedicated thread (see ``registry.Registry._db``), never on the
+event loop thread. Start-up, listing, eviction and the UI read this, never the blob tree.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS repos(
+  name TEXT PRIMARY KEY, host TEXT, path TEXT, created REAL NOT NULL, last_access REAL);
+CREATE TABLE IF NOT EXISTS blobs(
+  digest TEXT PRIMARY KEY, size INTEGER NOT NULL, created REAL NOT NULL, last_access REAL);
+CREATE TABLE IF NOT EXISTS repo_blobs(
+  repo TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY(repo, digest)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS repo_blobs_digest ON repo_blobs(digest);
+CREATE TABLE IF NOT EXISTS manifests(
+  digest TEXT PRIMARY KEY, media_type TEXT NOT NULL, size INTEGER NOT NULL,
+  artifact_type TEXT, subject TEXT, annotations TEXT, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS manifests_subject ON manifests(subject);
+CREATE TABLE IF NOT EXISTS repo_manifests(
+  repo TEXT NOT NULL, digest TEXT NOT NULL, created REAL NOT NULL, last_access REAL,
+  pinned INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(repo, digest)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS repo_manifests_digest ON repo_manifests(digest);
+CREATE TABLE IF NOT EXISTS manifest_refs(
+  parent TEXT NOT NULL, child TEXT NOT NULL, kind TEXT NOT NULL,
+  PRIMARY KEY(parent, child)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS manifest_refs_child ON manifest_refs(child);
+CREATE TABLE IF NOT EXISTS tags(
+  repo TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL,
+  updated REAL NOT NULL, checked REAL NOT NULL, PRIMARY KEY(repo, tag)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_digest ON tags(repo, digest);
+CREATE TABLE IF NOT EXISTS uploads(
+  uuid TEXT PRIMARY KEY, repo TEXT NOT NULL, started REAL NOT NULL, updated REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRow:
+    digest: str
+    media_type: str
+    size: int
+    artifact_type: str | None = None
+    subject: str | None = None
+    annotations: dict[str, str] | None = None
+    checked: float = 0.0  # for tag lookups: when the tag was last confirmed upstream
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    """A manifest to add to a repository, with what it references."""
+
+    digest: str
+    media_type: str
+    size: int
+    artifact_type: str | None
+    subject: str | None
+    annotations: dict[str, str] | None
+    blobs: Sequence[str]
+    children: Sequence[str]
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(SCHEMA)
+        return self._db
+
+    def open(self) -> None:
+        _ = self.db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _tx(self) -> Any:
+        return _Transaction(self.db)
+
+    # --- repositories ---------------------------------------------------------------------------
+    def ensure_repo(self, name: str, host: str | None, path: str) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO repos(name, host, path, created) VALUES(?,?,?,?)",
+            (name, host, path, time.time()),
+        )
+
+    def repo_exists(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM repos WHERE name=?", (name,)).fetchone() is not None
+
+    def catalog(self, n: int | None, last: str | None) -> list[str]:
+        q = "SELECT name FROM repos WHERE name > ? AND EXISTS (SELECT 1 FROM repo_manifests m WHERE m.repo = repos.name) ORDER BY name"
+        args: list[Any] = [last or ""]
+        if n is not None:
+            q += " LIMIT ?"
+            args.append(n)
+        return [r[0] for r in self.db.execute(q, args)]
+
+    # --- blobs -----------------------------------------------------------------------------------
+    def add_blob(self, repo: str, digest: str, size: int) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO blobs(digest, size, created, last_access) VALUES(?,?,?,?) "
+                "ON CONFLICT(digest) DO UPDATE SET last_access=excluded.last_access",
+                (digest, size, now, now),
+            )
+            db.execute("INSERT OR IGNORE INTO repo_blobs(repo, digest) VALUES(?,?)", (repo, digest))
+
+    def link_blob(self, repo: str, digest: str) -> int | None:
+        """Link an existing blob into a repository (mount); its size, or None if unknown."""
+        with self._tx() as db:
+            row = db.execute("SELECT size FROM blobs WHERE digest=?", (digest,)).fetchone()
+            if row is None:
+                return None
+            db.execute("INSERT OR IGNORE INTO repo_blobs(repo, digest) VALUES(?,?)", (repo, digest))
+            return int(row[0])
+
+    def blob_in_repo(self, repo: str, digest: str) -> int | None:
+        row = self.db.execute(
+            "SELECT b.size FROM repo_blobs r JOIN blobs b ON b.digest = r.digest "
+            "WHERE r.repo=? AND r.digest=?",
+            (repo, digest),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def blob_size(self, digest: str) -> int | None:
+        row = self.db.execute("SELECT size FROM blobs WHERE digest=?", (digest,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def blob_repos(self, digest: str) -> list[str]:
+        return [
+            r[0] for r in self.db.execute("SELECT repo FROM repo_blobs WHERE digest=?", (digest,))
+        ]
+
+    def unlink_blob(self, repo: str, digest: str) -> bool:
+        cur = self.db.execute("DELETE FROM repo_blobs WHERE repo=? AND digest=?", (repo, digest))
+        return cur.rowcount > 0
+
+    def missing_blobs(self, repo: str, digests: Iterable[str]) -> list[str]:
+        return [d for d in digests if self.blob_in_repo(repo, d) is None]
+
+    # --- manifests ----------------------------------------------------------------------------
+    def add_manifest(
+        self,
+        repo: str,
+        rec: ManifestRecord,
+        *,
+        tag: str | None = None,
+        pinned: bool = False,
+        checked: float | None = None,
+    ) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO manifests(digest, media_type, size, artifact_type, subject, "
+                "annotations, created) VALUES(?,?,?,?,?,?,?)",
+                (
+                    rec.digest,
+                    rec.media_type,
+                    rec.size,
+                    rec.artifact_type,
+                    rec.subject,
+                    json.dumps(rec.annotations) if rec.annotations else None,
+                    now,
+                ),
+            )
+            db.execute(
+                "INSERT INTO repo_manifests(repo, digest, created, last_access, pinned) "
+                "VALUES(?,?,?,?,?) ON CONFLICT(repo, digest) DO UPDATE SET "
+                "pinned = MAX(pinned, excluded.pinned)",
+                (repo, rec.digest, now, now, int(pinned)),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO manifest_refs(parent, child, kind) VALUES(?,?,?)",
+                [(rec.digest, b, "blob") for b in rec.blobs]
+                + [(rec.digest, c, "manifest") for c in rec.children],
+            )
+            if tag is not None:
+                db.execute(
+                    "INSERT INTO tags(repo, tag, digest, updated, checked) VALUES(?,?,?,?,?) "
+                    "ON CONFLICT(repo, tag) DO UPDATE SET digest=excluded.digest, "
+                    "updated=excluded.updated, checked=excluded.checked",
+                    (repo, tag, rec.digest, now, checked if checked is not None else now),
+                )
+
+    def manifest_in_repo(self, repo: str, digest: str) -> ManifestRow | None:
+        row = self.db.execute(
+            "SELECT m.digest, m.media_type, m.size, m.artifact_type, m.subject, m.annotations "
+            "FROM repo_manifests r JOIN manifests m ON m.digest = r.digest "
+            "WHERE r.repo=? AND r.digest=?",
+            (repo, digest),
+        ).fetchone()
+        return _manifest_row(row) if row else None
+
+    def manifest_any(self, digest: str) -> ManifestRow | None:
+        row = self.db.execute(
+            "SELECT digest, media_type, size, artifact_type, subject, annotations "
+            "FROM manifests WHERE digest=?",
+            (digest,),
+        ).fetchone()
+        return _manifest_row(row) if row else None
+
+    def resolve_tag(self, repo: str, tag: str) -> ManifestRow | None:
+        row = self.db.execute(
+            "SELECT m.digest, m.media_type, m.size, m.artifact_type, m.subject, m.annotations, "
+            "t.checked FROM tags t JOIN manifests m ON m.digest = t.digest "
+            "WHERE t.repo=? AND t.tag=?",
+            (repo, tag),
+        ).fetchone()
+        if not row:
+            return None
+        r = _manifest_row(row[:6])
+        return ManifestRow(
+            r.digest, r.media_type, r.size, r.artifact_type, r.subject, r.annotations, row[6]
+        )
+
+    def set_tag_checked(self, repo: str, tag: str, checked: float) -> None:
+        self.db.execute("UPDATE tags SET checked=? WHERE repo=? AND tag=?", (checked, repo, tag))
+
+    def delete_tag(self, repo: str, tag: str) -> bool:
+        cur = self.db.execute("DELETE FROM tags WHERE repo=? AND tag=?", (repo, tag))
+        return cur.rowcount > 0
+
+    def delete_manifest(self, repo: str, digest: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM repo_manifests WHERE repo=? AND digest=?", (repo, digest)
+            )
+            db.execute("DELETE FROM tags WHERE repo=? AND digest=?", (repo, digest))
+            return bool(cur.rowcount > 0)
+
+    def list_tags(self, repo: str, n: int | None, last: str | None) -> list[str]:
+        q = "SELECT tag FROM tags WHERE repo=? AND tag > ? ORDER BY tag"
+        args: list[Any] = [repo, last or ""]
+        if n is not None:
+            q += " LIMIT ?"
+            args.append(n)
+        return [r[0] for r in self.db.execute(q, args)]
+
+    def referrers(self, repo: str, subject: str) -> list[ManifestRow]:
+        rows = self.db.execute(
+            "SELECT m.digest, m.media_type, m.size, m.artifact_type, m.subject, m.annotations "
+            "FROM manifests m JOIN repo_manifests r ON r.digest = m.digest "
+            "WHERE m.subject=? AND r.repo=? ORDER BY m.digest",
+            (subject, repo),
+        ).fetchall()
+        return [_manifest_row(r) for r in rows]
+
+    def missing_manifests(self, repo: str, digests: Iterable[str]) -> list[str]:
+        return [d for d in digests if self.manifest_in_repo(repo, d) is None]
+
+    # --- access times -----------------------------------------------------------------------------
+    def touch(self, items: Iterable[tuple[str, str, float]]) -> None:
+        with self._tx() as db:
+            for repo, digest, t in items:
+                db.execute(
+                    "UPDATE repo_manifests SET last_access=? WHERE repo=? AND digest=?",
+                    (t, repo, digest),
+                )
+                db.execute("UPDATE blobs SET last_access=? WHERE digest=?", (t, digest))
+                db.execute("UPDATE repos SET last_access=? WHERE name=?", (t, repo))
+
+    # --- uploads ----------------------------------------------------------------------------------
+    def add_upload(self, uid: str, repo: str) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO uploads(uuid, repo, started, updated) VALUES(?,?,?,?)", (uid, repo, now, now)
+        )
+
+    def upload_repo(self, uid: str) -> str | None:
+        row = self.db.execute("SELECT repo FROM uploads WHERE uuid=?", (uid,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def touch_upload(self, uid: str) -> None:
+        self.db.execute("UPDATE uploads SET updated=? WHERE uuid=?", (time.time(), uid))
+
+    def remove_upload(self, uid: str) -> None:
+        self.db.execute("DELETE FROM uploads WHERE uuid=?", (uid,))
+
+    def expired_uploads(self, before: float) -> list[str]:
+        return [
+            r[0] for r in self.db.execute("SELECT uuid FROM uploads WHERE updated < ?", (before,))
+        ]
+
+    def clear_uploads(self) -> int:
+        return int(self.db.execute("DELETE FROM uploads").rowcount)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _manifest_row(row: Sequence[Any]) -> ManifestRow:
+    ann = json.loads(row[5]) if row[5] else None
+    return ManifestRow(row[0], row[1], int(row[2]), row[3], row[4], ann)

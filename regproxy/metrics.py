@@ -1,0 +1,87 @@
+"""Every Prometheus metric regproxy exports, on one registry of its own. Each is in README.md."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY: Final = CollectorRegistry(auto_describe=True)
+
+REQUESTS: Final = Counter(
+    "regproxy_http_requests_total",
+    "HTTP requests answered, by route, method and status",
+    ["route", "method", "status"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS: Final = Histogram(
+    "regproxy_http_request_duration_seconds",
+    "Time to answer an HTTP request (until the handler returned), by route",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+CACHE: Final = Counter(
+    "regproxy_cache_requests_total",
+    "Content lookups by kind (blob, manifest), result (hit, miss, stale) and upstream host",
+    ["kind", "result", "upstream"],
+    registry=REGISTRY,
+)
+SERVED_BYTES: Final = Counter(
+    "regproxy_served_bytes_total",
+    "Bytes sent to clients, by kind and source (disk, upstream, peer)",
+    ["kind", "source"],
+    registry=REGISTRY,
+)
+FETCHED_BYTES: Final = Counter(
+    "regproxy_fetched_bytes_total",
+    "Bytes fetched from upstreams and peers, by source host",
+    ["source"],
+    registry=REGISTRY,
+)
+UPSTREAM_ERRORS: Final = Counter(
+    "regproxy_upstream_errors_total",
+    "Failed upstream or peer requests, by source and kind "
+    "(timeout, connect, digest_mismatch, 4xx, 5xx, auth, error)",
+    ["source", "kind"],
+    registry=REGISTRY,
+)
+UPSTREAM_SECONDS: Final = Histogram(
+    "regproxy_upstream_request_duration_seconds",
+    "Upstream request latency until the response headers arrived, by source",
+    ["source"],
+    registry=REGISTRY,
+)
+STALE_SERVED: Final = Counter(
+    "regproxy_stale_tags_served_total",
+    "Tags served from the store because the upstream could not confirm them",
+    ["upstream"],
+    registry=REGISTRY,
+)
+INFLIGHT_FETCHES: Final = Gauge(
+    "regproxy_inflight_fetches", "Upstream blob transfers in progress", registry=REGISTRY
+)
+INFLIGHT_WAITERS: Final = Gauge(
+    "regproxy_inflight_waiters",
+    "Client responses being served from in-progress transfers",
+    registry=REGISTRY,
+)
+UPLOADS_IN_PROGRESS: Final = Gauge(
+    "regproxy_uploads_in_progress", "Blob upload sessions open", registry=REGISTRY
+)
+STORE_BYTES: Final = Gauge(
+    "regproxy_store_bytes", "Bytes of blobs and manifests in the store", registry=REGISTRY
+)
+PINNED_BYTES: Final = Gauge(
+    "regproxy_pinned_bytes", "Bytes of content that eviction may not remove", registry=REGISTRY
+)
+EVICTED_BYTES: Final = Counter(
+    "regproxy_evicted_bytes_total", "Bytes removed by eviction", registry=REGISTRY
+)
+LOGIN_FAILURES: Final = Counter(
+    "regproxy_login_failures_total", "Refused logins (registry and web page)", registry=REGISTRY
+)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

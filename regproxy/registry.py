@@ -1,0 +1,507 @@
+"""The registry: OCI semantics over the store and the index. Knows no HTTP.
+
+Every blocking call runs off the event loop: index calls on one dedicated thread (SQLite likes
+one writer), file calls on the default executor. Small immutable objects (manifests, small
+blobs) and positive lookups are cached in memory, bounded, so the hot path of a warm cache does
+no disk I/O and no thread hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Generic, TypeVar
+
+from regproxy import metrics
+from regproxy.errors import (
+    BlobUnknown,
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    DigestInvalid,
+    DigestMismatch,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    RangeNotSatisfiable,
+    SizeInvalid,
+)
+from regproxy.index import Index, ManifestRecord, ManifestRow
+from regproxy.names import RepoName
+from regproxy.oci import Descriptor, Digest, is_digest_reference, parse_manifest, validate_tag
+from regproxy.store import BlobWriter, Store
+
+log = logging.getLogger("regproxy.registry")
+T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+
+SMALL_OBJECT: Final = 64 * 1024  # served from memory at or below this size
+SMALL_CACHE_BYTES: Final = 32 * 1024 * 1024
+TAG_CACHE_SECONDS: Final = 1.0  # another process (import, gc) may move a tag
+WRITE_BUFFER: Final = 1024 * 1024
+
+
+class LRU(Generic[K, V]):
+    """A small bounded LRU map, by entry count and optionally by a weight."""
+
+    def __init__(self, max_entries: int, max_weight: int = 0) -> None:
+        self._d: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self.max_entries = max_entries
+        self.max_weight = max_weight
+        self.weight = 0
+
+    def get(self, key: K) -> V | None:
+        item = self._d.get(key)
+        if item is None:
+            return None
+        self._d.move_to_end(key)
+        return item[0]
+
+    def put(self, key: K, value: V, weight: int = 0) -> None:
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.weight -= old[1]
+        self._d[key] = (value, weight)
+        self.weight += weight
+        while len(self._d) > self.max_entries or (self.max_weight and self.weight > self.max_weight):
+            _, (_, w) = self._d.popitem(last=False)
+            self.weight -= w
+
+    def pop(self, key: K) -> None:
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.weight -= old[1]
+
+    def drop_where(self, pred: Callable[[K], bool]) -> None:
+        for k in [k for k in self._d if pred(k)]:
+            self.pop(k)
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.weight = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """A blob ready to serve: small ones carry their bytes, big ones a file for sendfile."""
+
+    digest: Digest
+    size: int
+    data: bytes | None = None
+    file: Path | None = None
+    #: an in-flight upstream transfer to tail (pull-through), when the blob is not committed yet
+    stream: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: Digest
+    media_type: str
+    size: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    digest: Digest
+    subject: Digest | None
+
+
+@dataclass
+class Upload:
+    uid: str
+    repo: str
+    writer: BlobWriter
+    lock: asyncio.Lock
+    touched: float
+
+
+class Registry:
+    def __init__(self, store: Store, index: Index) -> None:
+        self.store = store
+        self.index = index
+        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="regproxy-index")
+        self._uploads: dict[str, Upload] = {}
+        self._small: LRU[str, bytes] = LRU(100_000, SMALL_CACHE_BYTES)
+        self._blob_links: LRU[tuple[str, str], int] = LRU(200_000)
+        self._manifests: LRU[tuple[str, str], ManifestRow] = LRU(50_000)
+        self._tags: LRU[tuple[str, str], tuple[ManifestRow, float]] = LRU(50_000)
+        self._access: dict[tuple[str, str], float] = {}
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, call)
+
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+
+    async def open(self) -> None:
+        removed = await self._io(self.store.open)
+        await self._db(self.index.open)
+        cleared = await self._db(self.index.clear_uploads)
+        log.info("registry.open root=%s swept_tmp=%d cleared_uploads=%d", self.store.root, removed, cleared)
+
+    async def close(self) -> None:
+        for up in list(self._uploads.values()):
+            up.writer.close()
+        self._uploads.clear()
+        await self.flush_access()
+        await self._db(self.index.close)
+        self._db_thread.shutdown(wait=True)
+
+    def _touch(self, repo: str, digest: str) -> None:
+        self._access[(repo, digest)] = time.time()
+
+    async def flush_access(self) -> None:
+        if not self._access:
+            return
+        items = [(r, d, t) for (r, d), t in self._access.items()]
+        self._access = {}
+        await self._db(self.index.touch, items)
+
+    async def _ensure_repo(self, name: RepoName) -> None:
+        await self._db(self.index.ensure_repo, name.canonical, name.host, name.path)
+
+    # --- blobs ------------------------------------------------------------------------------------
+    async def local_blob(self, repo: RepoName, digest: Digest) -> Blob | None:
+        """The blob if this repository has it committed, else None. Usually no I/O at all."""
+        key = (repo.canonical, str(digest))
+        size = self._blob_links.get(key)
+        if size is None:
+            size = await self._db(self.index.blob_in_repo, repo.canonical, str(digest))
+            if size is None:
+                return None
+            self._blob_links.put(key, size)
+        self._touch(repo.canonical, str(digest))
+        if size <= SMALL_OBJECT:
+            data = self._small.get(str(digest))
+            if data is None:
+                try:
+                    data = await self._io(self.store.read, digest)
+                except FileNotFoundError:
+                    return await self._lost(repo, digest)
+                self._small.put(str(digest), data, len(data))
+            return Blob(digest, size, data=data)
+        return Blob(digest, size, file=self.store.blob_path(digest))
+
+    async def _lost(self, repo: RepoName, digest: Digest) -> None:
+        """The index says we have it but the file is gone (fsck, manual damage): forget it."""
+        log.warning("store.missing digest=%s repo=%s", digest, repo)
+        self._blob_links.pop((repo.canonical, str(digest)))
+        await self._db(self.index.unlink_blob, repo.canonical, str(digest))
+        return None
+
+    async def get_blob(self, repo: RepoName, digest: Digest) -> Blob:
+        blob = await self.local_blob(repo, digest)
+        if blob is None:
+            raise BlobUnknown(str(digest))
+        return blob
+
+    async def delete_blob(self, repo: RepoName, digest: Digest) -> None:
+        self._blob_links.pop((repo.canonical, str(digest)))
+        if not await self._db(self.index.unlink_blob, repo.canonical, str(digest)):
+            raise BlobUnknown(str(digest))
+
+    async def mount_blob(self, repo: RepoName, digest: Digest, source: RepoName | None) -> bool:
+        """Cross-repository mount; without a source, any repository's copy will do."""
+        if source is not None:
+            if await self._db(self.index.blob_in_repo, source.canonical, str(digest)) is None:
+                return False
+        if await self._io(self.store.stat, digest) is None:
+            return False
+        await self._ensure_repo(repo)
+        return await self._db(self.index.link_blob, repo.canonical, str(digest)) is not None
+
+    async def commit_blob(self, repo: RepoName, writer: BlobWriter, digest: Digest, source: str = "") -> int:
+        """Verify and move a written temp file into place, then index it (durability order)."""
+        try:
+            size = await self._io(writer.commit, digest, source=source)
+        except DigestMismatch as exc:
+            raise DigestInvalid(str(digest), f"content hashes to {exc.actual}") from None
+        await self._ensure_repo(repo)
+        await self._db(self.index.add_blob, repo.canonical, str(digest), size)
+        self._blob_links.put((repo.canonical, str(digest)), size)
+        return size
+
+    # --- uploads ----------------------------------------------------------------------------------
+    async def start_upload(self, repo: RepoName) -> str:
+        uid = str(uuid.uuid4())
+        writer = await self._io(self.store.writer, uid)
+        await self._db(self.index.add_upload, uid, repo.canonical)
+        self._uploads[uid] = Upload(uid, repo.canonical, writer, asyncio.Lock(), time.time())
+        metrics.UPLOADS_IN_PROGRESS.set(len(self._uploads))
+        return uid
+
+    def _upload(self, repo: RepoName, uid: str) -> Upload:
+        up = self._uploads.get(uid)
+        if up is None or up.repo != repo.canonical:
+            raise BlobUploadUnknown(uid)
+        return up
+
+    def upload_offset(self, repo: RepoName, uid: str) -> int:
+        return self._upload(repo, uid).writer.size
+
+    async def _drain(self, writer: BlobWriter, chunks: AsyncIterator[bytes], limit: int | None) -> int:
+        """Write a request body into the upload, buffered to few large executor hops."""
+        written = 0
+        buf = bytearray()
+        async for chunk in chunks:
+            buf += chunk
+            written += len(chunk)
+            if limit is not None and written > limit:
+                raise SizeInvalid(f"body longer than the declared {limit} bytes")
+            if len(buf) >= WRITE_BUFFER:
+                data, buf = bytes(buf), bytearray()
+                await self._io(writer.write, data)
+        if buf:
+            await self._io(writer.write, bytes(buf))
+        return written
+
+    async def append_upload(
+        self,
+        repo: RepoName,
+        uid: str,
+        chunks: AsyncIterator[bytes],
+        *,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> int:
+        """PATCH: append a chunk; ``start``/``end`` from Content-Range must continue the upload."""
+        up = self._upload(repo, uid)
+        async with up.lock:
+            offset = up.writer.size
+            if start is not None and start != offset:
+                raise RangeNotSatisfiable(f"chunk starts at {start}, upload is at {offset}", offset=offset)
+            limit = None if end is None or start is None else end - start + 1
+            try:
+                written = await self._drain(up.writer, chunks, limit)
+            except BaseException:
+                await self._truncate(up, offset)
+                raise
+            if limit is not None and written != limit:
+                await self._truncate(up, offset)
+                raise SizeInvalid(f"Content-Range says {limit} bytes, body had {written}")
+            up.touched = time.time()
+            return up.writer.size
+
+    async def _truncate(self, up: Upload, offset: int) -> None:
+        """Undo a failed chunk, so a retried PATCH starts where the upload was."""
+        def reset() -> None:
+            up.writer.abort()
+            # rebuild from the bytes that were good: rare path, correctness over speed
+        if up.writer.size == offset:
+            return
+        path = up.writer.path
+        def cut() -> BlobWriter:
+            up.writer.close()
+            with open(path, "r+b") as f:
+                f.truncate(offset)
+            return self.store.writer(up.uid, append=True)
+        try:
+            up.writer = await self._io(cut)
+        except OSError:
+            await self._io(reset)
+            self._uploads.pop(up.uid, None)
+
+    async def finish_upload(
+        self, repo: RepoName, uid: str, digest: Digest, chunks: AsyncIterator[bytes] | None
+    ) -> int:
+        """PUT: take the last bytes, verify the digest, commit. A bad digest ends the upload."""
+        up = self._upload(repo, uid)
+        async with up.lock:
+            try:
+                if chunks is not None:
+                    await self._drain(up.writer, chunks, None)
+                size = await self.commit_blob(repo, up.writer, digest, source=f"upload {uid}")
+            except BaseException:
+                await self._io(up.writer.abort)
+                raise
+            finally:
+                self._uploads.pop(uid, None)
+                metrics.UPLOADS_IN_PROGRESS.set(len(self._uploads))
+                await self._db(self.index.remove_upload, uid)
+        return size
+
+    async def cancel_upload(self, repo: RepoName, uid: str) -> None:
+        up = self._upload(repo, uid)
+        async with up.lock:
+            self._uploads.pop(uid, None)
+            await self._io(up.writer.abort)
+            await self._db(self.index.remove_upload, uid)
+        metrics.UPLOADS_IN_PROGRESS.set(len(self._uploads))
+
+    async def put_blob(self, repo: RepoName, digest: Digest, chunks: AsyncIterator[bytes], length: int | None) -> int:
+        """Monolithic upload (POST ?digest= with the body)."""
+        writer = await self._io(self.store.writer)
+        try:
+            written = await self._drain(writer, chunks, length)
+            if length is not None and written != length:
+                raise SizeInvalid(f"Content-Length {length}, body {written}")
+        except BaseException:
+            await self._io(writer.abort)
+            raise
+        return await self.commit_blob(repo, writer, digest, source="monolithic upload")
+
+    async def expire_uploads(self, ttl: float) -> int:
+        cutoff = time.time() - ttl
+        gone = [u for u in self._uploads.values() if u.touched < cutoff and not u.lock.locked()]
+        for up in gone:
+            self._uploads.pop(up.uid, None)
+            await self._io(up.writer.abort)
+            await self._db(self.index.remove_upload, up.uid)
+            log.info("upload.expired uuid=%s repo=%s", up.uid, up.repo)
+        metrics.UPLOADS_IN_PROGRESS.set(len(self._uploads))
+        return len(gone)
+
+    # --- manifests ------------------------------------------------------------------------------
+    async def local_manifest(self, repo: RepoName, reference: str) -> tuple[ManifestRow, float] | None:
+        """(row, checked) for a tag or digest held locally; checked is 0 for digests."""
+        if is_digest_reference(reference):
+            key = (repo.canonical, reference)
+            row = self._manifests.get(key)
+            if row is None:
+                row = await self._db(self.index.manifest_in_repo, repo.canonical, reference)
+                if row is None:
+                    return None
+                self._manifests.put(key, row)
+            return row, 0.0
+        now = time.monotonic()
+        cached = self._tags.get((repo.canonical, reference))
+        if cached is not None and now - cached[1] < TAG_CACHE_SECONDS:
+            return cached[0], cached[0].checked
+        row = await self._db(self.index.resolve_tag, repo.canonical, reference)
+        if row is None:
+            self._tags.pop((repo.canonical, reference))
+            return None
+        self._tags.put((repo.canonical, reference), (row, now))
+        return row, row.checked
+
+    async def manifest_body(self, repo: RepoName, row: ManifestRow) -> Manifest:
+        digest = Digest.parse(row.digest)
+        body = self._small.get(row.digest)
+        if body is None:
+            try:
+                body = await self._io(self.store.read, digest)
+            except FileNotFoundError:
+                log.warning("store.missing manifest=%s repo=%s", row.digest, repo)
+                raise ManifestUnknown(row.digest) from None
+            self._small.put(row.digest, body, len(body))
+        self._touch(repo.canonical, row.digest)
+        return Manifest(digest, row.media_type, row.size, body)
+
+    async def get_manifest(self, repo: RepoName, reference: str) -> Manifest:
+        found = await self.local_manifest(repo, reference)
+        if found is None:
+            raise ManifestUnknown(reference)
+        return await self.manifest_body(repo, found[0])
+
+    async def put_manifest(
+        self,
+        repo: RepoName,
+        reference: str,
+        body: bytes,
+        content_type: str | None,
+        *,
+        verify_refs: bool = True,
+        pinned: bool = True,
+        checked: float | None = None,
+    ) -> PutResult:
+        """Store a manifest's exact bytes; a tag moves only after the manifest is durable."""
+        if is_digest_reference(reference):
+            want = Digest.parse(reference)
+            digest = Digest.of(body, want.algorithm)
+            if digest != want:
+                raise DigestInvalid(reference, f"manifest body hashes to {digest}")
+            tag = None
+        else:
+            tag = validate_tag(reference)
+            digest = Digest.of(body)
+        parsed = parse_manifest(body, content_type)
+        if verify_refs:
+            missing = await self._db(
+                self.index.missing_blobs, repo.canonical, [str(b.digest) for b in parsed.blobs]
+            )
+            if missing:
+                raise ManifestBlobUnknown(missing[0])
+            children = [str(m.digest) for m in parsed.manifests]
+            missing = await self._db(self.index.missing_manifests, repo.canonical, children)
+            if missing:
+                raise ManifestBlobUnknown(missing[0])
+        await self._io(self.store.write_bytes, digest, body)
+        await self._ensure_repo(repo)
+        rec = ManifestRecord(
+            digest=str(digest),
+            media_type=parsed.media_type,
+            size=len(body),
+            artifact_type=parsed.artifact_type,
+            subject=str(parsed.subject.digest) if parsed.subject else None,
+            annotations=parsed.annotations or None,
+            blobs=[str(b.digest) for b in parsed.blobs],
+            children=[str(m.digest) for m in parsed.manifests],
+        )
+        await self._db(self.index.add_manifest, repo.canonical, rec, tag=tag, pinned=pinned, checked=checked)
+        self._small.put(str(digest), body, len(body))
+        if tag is not None:
+            self._tags.pop((repo.canonical, tag))
+        return PutResult(digest, parsed.subject.digest if parsed.subject else None)
+
+    async def mark_tag_checked(self, repo: RepoName, tag: str) -> None:
+        await self._db(self.index.set_tag_checked, repo.canonical, tag, time.time())
+        self._tags.pop((repo.canonical, tag))
+
+    async def delete_manifest(self, repo: RepoName, reference: str) -> None:
+        if is_digest_reference(reference):
+            self._manifests.pop((repo.canonical, reference))
+            self._tags.drop_where(lambda k: k[0] == repo.canonical)
+            if not await self._db(self.index.delete_manifest, repo.canonical, reference):
+                raise ManifestUnknown(reference)
+            return
+        validate_tag(reference)
+        self._tags.pop((repo.canonical, reference))
+        if not await self._db(self.index.delete_tag, repo.canonical, reference):
+            raise ManifestUnknown(reference)
+
+    # --- listings -------------------------------------------------------------------------------------
+    async def repo_exists(self, repo: RepoName) -> bool:
+        return await self._db(self.index.repo_exists, repo.canonical)
+
+    async def list_tags(self, repo: RepoName, n: int | None, last: str | None) -> list[str]:
+        if not await self.repo_exists(repo):
+            raise NameUnknown(repo.canonical)
+        return await self._db(self.index.list_tags, repo.canonical, n, last)
+
+    async def catalog(self, n: int | None, last: str | None) -> list[str]:
+        return await self._db(self.index.catalog, n, last)
+
+    async def referrers(self, repo: RepoName, subject: Digest, artifact_type: str | None) -> list[Descriptor]:
+        rows = await self._db(self.index.referrers, repo.canonical, str(subject))
+        out = []
+        for r in rows:
+            if artifact_type and r.artifact_type != artifact_type:
+                continue
+            out.append(
+                Descriptor(r.media_type, Digest.parse(r.digest), r.size, r.artifact_type, r.annotations)
+            )
+        return out
+
+
+def check_range(size: int, start: int, end: int | None) -> tuple[int, int]:
+    """Clamp a single byte range to a blob; raise RangeNotSatisfiable when it lies outside."""
+    if start >= size or (end is not None and end < start):
+        raise RangeNotSatisfiable(f"bytes {start}-{'' if end is None else end} of {size}", size=size)
+    last = size - 1 if end is None else min(end, size - 1)
+    return start, last
+
+
+__all__ = ["Blob", "BlobUploadInvalid", "Manifest", "ManifestInvalid", "Registry", "check_range"]

@@ -1,0 +1,234 @@
+"""The content-addressed blob store on local disk. Synchronous: callers run it off the loop.
+
+LAYOUT_VERSION 1::
+
+    <root>/
+      LAYOUT_VERSION          "1"
+      index.db (+ -wal, -shm) the metadata index (regproxy.index), not touched here
+      blobs/
+        sha256/ab/abcdef...   one file per blob or manifest, named by its digest, immutable
+        sha512/01/0123...
+      tmp/
+        <uuid>                uploads in progress and upstream fetches being written;
+                              removed at start-up (a crash leaves only these)
+      quarantine/             blobs that fsck found damaged, moved aside
+
+Durability order for a new blob: bytes -> fsync(file) -> rename into blobs/ -> fsync(dir).
+Only after that does the index get the row that makes it visible.
+The store knows nothing of HTTP, repositories or tags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from regproxy.errors import DigestMismatch, StorageFull
+from regproxy.oci import ALGORITHMS, Digest
+
+LAYOUT_VERSION: Final = 1
+log = logging.getLogger("regproxy.store")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_error(exc: OSError, what: str) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"no space left while {what}")
+    return exc
+
+
+class BlobWriter:
+    """Bytes on their way into the store: a temp file, hashed as it is written.
+
+    Writes go straight to the file descriptor (no user-space buffer), so a reader that opens
+    :attr:`path` sees every byte as soon as :meth:`write` returns.
+    """
+
+    def __init__(self, store: Store, path: Path, *, append: bool = False) -> None:
+        self.store = store
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_EXCL)
+        self._fd: int | None = os.open(path, flags, 0o644)
+        self.size = os.fstat(self._fd).st_size
+        self._hasher: Any = Digest("sha256", "").hasher()
+        if self.size:
+            # resumed upload without its hash state (e.g. after a restart): hash what is there
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    self._hasher.update(chunk)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fd is not None, "write after close"
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            raise _disk_error(exc, f"writing {self.path.name}") from exc
+        self._hasher.update(data)
+        self.size += len(data)
+
+    def digest(self, algorithm: str = "sha256") -> Digest:
+        if algorithm == "sha256":
+            return Digest("sha256", self._hasher.hexdigest())
+        h = Digest(algorithm, "").hasher()
+        with open(self.path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return Digest(algorithm, h.hexdigest())
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def commit(self, expected: Digest, *, source: str = "") -> int:
+        """Verify, fsync and move into place; on mismatch delete and raise DigestMismatch."""
+        actual = self.digest(expected.algorithm)
+        if actual != expected:
+            self.abort()
+            raise DigestMismatch(str(expected), str(actual), source)
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            os.fsync(self._fd)
+            self.close()
+            dest = self.store.blob_path(expected)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, dest)
+            _fsync_dir(dest.parent)
+        except OSError as exc:
+            self.abort()
+            raise _disk_error(exc, f"committing {expected}") from exc
+        return self.size
+
+    def abort(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class Store:
+    """Blob files by digest under one root. All methods block: run them in an executor."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.tmp = root / "tmp"
+        self.quarantine = root / "quarantine"
+
+    def open(self) -> int:
+        """Create the layout and remove partial files a crash left; returns how many."""
+        for d in (self.root, self.blobs, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        version_file = self.root / "LAYOUT_VERSION"
+        if version_file.exists():
+            found = version_file.read_text().strip()
+            if found != str(LAYOUT_VERSION):
+                raise RuntimeError(f"store layout {found} at {self.root}, expected {LAYOUT_VERSION}")
+        else:
+            version_file.write_text(f"{LAYOUT_VERSION}\n")
+        removed = 0
+        for entry in self.tmp.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.info("store.sweep removed=%d root=%s", removed, self.root)
+        return removed
+
+    def blob_path(self, digest: Digest) -> Path:
+        # Digest.parse guarantees [a-z0-9] algorithm and hex: no path can escape the tree
+        return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def stat(self, digest: Digest) -> int | None:
+        try:
+            return self.blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read(self, digest: Digest) -> bytes:
+        return self.blob_path(digest).read_bytes()
+
+    def write_bytes(self, digest: Digest, data: bytes) -> int:
+        """Store a small blob (a manifest) in one go, with the same durability order."""
+        if self.stat(digest) == len(data):
+            return len(data)
+        w = self.writer()
+        try:
+            w.write(data)
+        except BaseException:
+            w.abort()
+            raise
+        return w.commit(digest)
+
+    def temp_path(self, name: str | None = None) -> Path:
+        return self.tmp / (name or uuid.uuid4().hex)
+
+    def writer(self, name: str | None = None, *, append: bool = False) -> BlobWriter:
+        return BlobWriter(self, self.temp_path(name), append=append)
+
+    def temp_size(self, name: str) -> int | None:
+        try:
+            return self.temp_path(name).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def remove_temp(self, name: str) -> None:
+        self.temp_path(name).unlink(missing_ok=True)
+
+    def delete(self, digest: Digest) -> bool:
+        try:
+            self.blob_path(digest).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def iter_blobs(self) -> Iterator[tuple[Digest, int]]:
+        """Every committed blob (fsck and gc only: the serving path never scans)."""
+        for alg in ALGORITHMS:
+            base = self.blobs / alg
+            if not base.is_dir():
+                continue
+            for sub in sorted(base.iterdir()):
+                for f in sorted(sub.iterdir()):
+                    yield Digest(alg, f.name), f.stat().st_size
+
+    def verify(self, digest: Digest) -> bool:
+        h = digest.hasher()
+        with open(self.blob_path(digest), "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return bool(h.hexdigest() == digest.hex)
+
+    def move_aside(self, digest: Digest) -> Path:
+        self.quarantine.mkdir(exist_ok=True)
+        dest = self.quarantine / f"{digest.algorithm}-{digest.hex}"
+        os.replace(self.blob_path(digest), dest)
+        return dest
+
+    def disk_usage(self) -> tuple[int, int]:
+        """(total, free) bytes of the store's filesystem."""
+        st = os.statvfs(self.root)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
