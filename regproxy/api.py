@@ -10,7 +10,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -51,7 +51,11 @@ RESOLVER_KEY: Final = web.AppKey("resolver", NameResolver)
 
 
 class PaginationInvalid(OCIError):
-    code, http_status, message = "PAGINATION_NUMBER_INVALID", 400, "invalid number of results requested"
+    code, http_status, message = (
+        "PAGINATION_NUMBER_INVALID",
+        400,
+        "invalid number of results requested",
+    )
 
 
 def error_response(exc: OCIError, request: web.Request | None = None) -> web.Response:
@@ -169,7 +173,9 @@ def _content_length(request: web.Request) -> int | None:
 
 def _has_body(request: web.Request) -> bool:
     cl = request.headers.get("Content-Length")
-    return (cl is not None and cl != "0") or "chunked" in request.headers.get("Transfer-Encoding", "")
+    return (cl is not None and cl != "0") or "chunked" in request.headers.get(
+        "Transfer-Encoding", ""
+    )
 
 
 # --- base ------------------------------------------------------------------------------------------
@@ -226,7 +232,9 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
     if request.headers.get("If-None-Match") in (f'"{blob.digest}"', str(blob.digest)):
         return web.Response(status=304, headers=headers)
     if blob.data is not None:
-        metrics.SERVED_BYTES.labels("blob", "disk").inc(0 if request.method == "HEAD" else blob.size)
+        metrics.SERVED_BYTES.labels("blob", "disk").inc(
+            0 if request.method == "HEAD" else blob.size
+        )
         if rng is None:
             return web.Response(body=blob.data, headers=headers)
         start, end = rng
@@ -262,7 +270,9 @@ async def _stream_blob(
             metrics.SERVED_BYTES.labels("blob", source).inc(len(chunk))
     except OCIError as exc:
         # Never finish a response with wrong or missing bytes: cut the connection.
-        log.warning("blob.aborted digest=%s repo=%s error=%s", blob.digest, request.get("repo"), exc)
+        log.warning(
+            "blob.aborted digest=%s repo=%s error=%s", blob.digest, request.get("repo"), exc
+        )
         request["error"] = "aborted"
         if request.transport is not None:
             request.transport.abort()
@@ -415,7 +425,9 @@ async def put_manifest(request: web.Request, name: str, ref: str) -> web.Respons
         body += chunk
         if len(body) > MAX_MANIFEST_BYTES:
             raise ManifestTooLarge(f"the limit is {MAX_MANIFEST_BYTES} bytes")
-    result = await registry.put_manifest(repo, ref, bytes(body), request.headers.get("Content-Type"))
+    result = await registry.put_manifest(
+        repo, ref, bytes(body), request.headers.get("Content-Type")
+    )
     headers = {
         **API_VERSION,
         "Location": f"/v2/{repo.canonical}/manifests/{result.digest}",

@@ -111,9 +111,8 @@ async def serve(
     )
     await site.start()
     port = config.listen_port
-    server = site._server  # noqa: SLF001 - the bound port when listen asks for port 0
-    if server is not None and getattr(server, "sockets", None):
-        port = server.sockets[0].getsockname()[1]
+    if runner.addresses:  # the bound port when listen asks for port 0
+        port = runner.addresses[0][1]
     log.info(
         "listening address=%s:%d tls=%s sync=%s store=%s",
         config.listen_host,

@@ -391,7 +391,9 @@ def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
             kwargs[k] = _parse(f"{key}.{k}", _UPSTREAM_SCHEMA[k], v)
         for k in ("url", *()):
             if k in kwargs and not str(kwargs[k]).startswith(("http://", "https://")):
-                raise ConfigError(f"{key}.{k}", f"{kwargs[k]!r} must start with http:// or https://")
+                raise ConfigError(
+                    f"{key}.{k}", f"{kwargs[k]!r} must start with http:// or https://"
+                )
         for m in kwargs.get("mirrors", ()):
             if not m.startswith(("http://", "https://")):
                 raise ConfigError(f"{key}.mirrors", f"{m!r} must start with http:// or https://")
@@ -417,7 +419,9 @@ def _env_overrides(schema: dict[str, Any], prefix: str, env: Mapping[str, str]) 
     return found
 
 
-def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> Config:
     """Load and validate the config; ``path=None`` means defaults plus the environment."""
     env = os.environ if env is None else env
     raw: Any = {}

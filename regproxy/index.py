@@ -240,9 +240,7 @@ class Index:
 
     def delete_manifest(self, repo: str, digest: str) -> bool:
         with self._tx() as db:
-            cur = db.execute(
-                "DELETE FROM repo_manifests WHERE repo=? AND digest=?", (repo, digest)
-            )
+            cur = db.execute("DELETE FROM repo_manifests WHERE repo=? AND digest=?", (repo, digest))
             db.execute("DELETE FROM tags WHERE repo=? AND digest=?", (repo, digest))
             return bool(cur.rowcount > 0)
 
@@ -281,7 +279,8 @@ class Index:
     def add_upload(self, uid: str, repo: str) -> None:
         now = time.time()
         self.db.execute(
-            "INSERT INTO uploads(uuid, repo, started, updated) VALUES(?,?,?,?)", (uid, repo, now, now)
+            "INSERT INTO uploads(uuid, repo, started, updated) VALUES(?,?,?,?)",
+            (uid, repo, now, now),
         )
 
     def upload_repo(self, uid: str) -> str | None:

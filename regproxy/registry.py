@@ -72,7 +72,9 @@ class LRU(Generic[K, V]):
             self.weight -= old[1]
         self._d[key] = (value, weight)
         self.weight += weight
-        while len(self._d) > self.max_entries or (self.max_weight and self.weight > self.max_weight):
+        while len(self._d) > self.max_entries or (
+            self.max_weight and self.weight > self.max_weight
+        ):
             _, (_, w) = self._d.popitem(last=False)
             self.weight -= w
 
@@ -150,7 +152,12 @@ class Registry:
         removed = await self._io(self.store.open)
         await self._db(self.index.open)
         cleared = await self._db(self.index.clear_uploads)
-        log.info("registry.open root=%s swept_tmp=%d cleared_uploads=%d", self.store.root, removed, cleared)
+        log.info(
+            "registry.open root=%s swept_tmp=%d cleared_uploads=%d",
+            self.store.root,
+            removed,
+            cleared,
+        )
 
     async def close(self) -> None:
         for up in list(self._uploads.values()):
@@ -190,7 +197,8 @@ class Registry:
                 try:
                     data = await self._io(self.store.read, digest)
                 except FileNotFoundError:
-                    return await self._lost(repo, digest)
+                    await self._lost(repo, digest)
+                    return None
                 self._small.put(str(digest), data, len(data))
             return Blob(digest, size, data=data)
         return Blob(digest, size, file=self.store.blob_path(digest))
@@ -215,15 +223,19 @@ class Registry:
 
     async def mount_blob(self, repo: RepoName, digest: Digest, source: RepoName | None) -> bool:
         """Cross-repository mount; without a source, any repository's copy will do."""
-        if source is not None:
-            if await self._db(self.index.blob_in_repo, source.canonical, str(digest)) is None:
-                return False
+        if (
+            source is not None
+            and await self._db(self.index.blob_in_repo, source.canonical, str(digest)) is None
+        ):
+            return False
         if await self._io(self.store.stat, digest) is None:
             return False
         await self._ensure_repo(repo)
         return await self._db(self.index.link_blob, repo.canonical, str(digest)) is not None
 
-    async def commit_blob(self, repo: RepoName, writer: BlobWriter, digest: Digest, source: str = "") -> int:
+    async def commit_blob(
+        self, repo: RepoName, writer: BlobWriter, digest: Digest, source: str = ""
+    ) -> int:
         """Verify and move a written temp file into place, then index it (durability order)."""
         try:
             size = await self._io(writer.commit, digest, source=source)
@@ -252,7 +264,9 @@ class Registry:
     def upload_offset(self, repo: RepoName, uid: str) -> int:
         return self._upload(repo, uid).writer.size
 
-    async def _drain(self, writer: BlobWriter, chunks: AsyncIterator[bytes], limit: int | None) -> int:
+    async def _drain(
+        self, writer: BlobWriter, chunks: AsyncIterator[bytes], limit: int | None
+    ) -> int:
         """Write a request body into the upload, buffered to few large executor hops."""
         written = 0
         buf = bytearray()
@@ -282,7 +296,9 @@ class Registry:
         async with up.lock:
             offset = up.writer.size
             if start is not None and start != offset:
-                raise RangeNotSatisfiable(f"chunk starts at {start}, upload is at {offset}", offset=offset)
+                raise RangeNotSatisfiable(
+                    f"chunk starts at {start}, upload is at {offset}", offset=offset
+                )
             limit = None if end is None or start is None else end - start + 1
             try:
                 written = await self._drain(up.writer, chunks, limit)
@@ -297,17 +313,21 @@ class Registry:
 
     async def _truncate(self, up: Upload, offset: int) -> None:
         """Undo a failed chunk, so a retried PATCH starts where the upload was."""
+
         def reset() -> None:
             up.writer.abort()
             # rebuild from the bytes that were good: rare path, correctness over speed
+
         if up.writer.size == offset:
             return
         path = up.writer.path
+
         def cut() -> BlobWriter:
             up.writer.close()
             with open(path, "r+b") as f:
                 f.truncate(offset)
             return self.store.writer(up.uid, append=True)
+
         try:
             up.writer = await self._io(cut)
         except OSError:
@@ -341,7 +361,9 @@ class Registry:
             await self._db(self.index.remove_upload, uid)
         metrics.UPLOADS_IN_PROGRESS.set(len(self._uploads))
 
-    async def put_blob(self, repo: RepoName, digest: Digest, chunks: AsyncIterator[bytes], length: int | None) -> int:
+    async def put_blob(
+        self, repo: RepoName, digest: Digest, chunks: AsyncIterator[bytes], length: int | None
+    ) -> int:
         """Monolithic upload (POST ?digest= with the body)."""
         writer = await self._io(self.store.writer)
         try:
@@ -365,7 +387,9 @@ class Registry:
         return len(gone)
 
     # --- manifests ------------------------------------------------------------------------------
-    async def local_manifest(self, repo: RepoName, reference: str) -> tuple[ManifestRow, float] | None:
+    async def local_manifest(
+        self, repo: RepoName, reference: str
+    ) -> tuple[ManifestRow, float] | None:
         """(row, checked) for a tag or digest held locally; checked is 0 for digests."""
         if is_digest_reference(reference):
             key = (repo.canonical, reference)
@@ -450,7 +474,9 @@ class Registry:
             blobs=[str(b.digest) for b in parsed.blobs],
             children=[str(m.digest) for m in parsed.manifests],
         )
-        await self._db(self.index.add_manifest, repo.canonical, rec, tag=tag, pinned=pinned, checked=checked)
+        await self._db(
+            self.index.add_manifest, repo.canonical, rec, tag=tag, pinned=pinned, checked=checked
+        )
         self._small.put(str(digest), body, len(body))
         if tag is not None:
             self._tags.pop((repo.canonical, tag))
@@ -484,14 +510,18 @@ class Registry:
     async def catalog(self, n: int | None, last: str | None) -> list[str]:
         return await self._db(self.index.catalog, n, last)
 
-    async def referrers(self, repo: RepoName, subject: Digest, artifact_type: str | None) -> list[Descriptor]:
+    async def referrers(
+        self, repo: RepoName, subject: Digest, artifact_type: str | None
+    ) -> list[Descriptor]:
         rows = await self._db(self.index.referrers, repo.canonical, str(subject))
         out = []
         for r in rows:
             if artifact_type and r.artifact_type != artifact_type:
                 continue
             out.append(
-                Descriptor(r.media_type, Digest.parse(r.digest), r.size, r.artifact_type, r.annotations)
+                Descriptor(
+                    r.media_type, Digest.parse(r.digest), r.size, r.artifact_type, r.annotations
+                )
             )
         return out
 
@@ -499,7 +529,9 @@ class Registry:
 def check_range(size: int, start: int, end: int | None) -> tuple[int, int]:
     """Clamp a single byte range to a blob; raise RangeNotSatisfiable when it lies outside."""
     if start >= size or (end is not None and end < start):
-        raise RangeNotSatisfiable(f"bytes {start}-{'' if end is None else end} of {size}", size=size)
+        raise RangeNotSatisfiable(
+            f"bytes {start}-{'' if end is None else end} of {size}", size=size
+        )
     last = size - 1 if end is None else min(end, size - 1)
     return start, last
 

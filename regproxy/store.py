@@ -144,7 +144,9 @@ class Store:
         if version_file.exists():
             found = version_file.read_text().strip()
             if found != str(LAYOUT_VERSION):
-                raise RuntimeError(f"store layout {found} at {self.root}, expected {LAYOUT_VERSION}")
+                raise RuntimeError(
+                    f"store layout {found} at {self.root}, expected {LAYOUT_VERSION}"
+                )
         else:
             version_file.write_text(f"{LAYOUT_VERSION}\n")
         removed = 0

@@ -48,7 +48,9 @@ class Image:
         return sha256(self.manifest)
 
 
-def make_image(arch: str = "amd64", layer_sizes: tuple[int, ...] = (2048, 70_000), seed: bytes | None = None) -> Image:
+def make_image(
+    arch: str = "amd64", layer_sizes: tuple[int, ...] = (2048, 70_000), seed: bytes | None = None
+) -> Image:
     seed = seed or os.urandom(8)
     layers = []
     diff_ids = []
