@@ -1,0 +1,70 @@
+"""The dependency direction of DESIGN.md/STYLE.md, read from the imports themselves."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "regproxy"
+
+#: module -> internal modules it must never import (directly)
+FORBIDDEN = {
+    "oci": {"*"} - {"errors"},
+    "errors": {"*"},
+    "store": {"api", "app", "cli", "registry", "index", "names", "fetch", "upstream", "ui", "peers"},
+    "index": {"api", "app", "cli", "registry", "store", "fetch", "upstream", "ui"},
+    "registry": {"api", "app", "cli", "ui"},
+    "api": {"store", "index", "app", "cli", "upstream"},
+    "names": {"api", "app", "cli", "registry", "store", "index"},
+    "config": {"api", "app", "cli", "registry", "store", "index", "names"},
+}
+#: third-party modules only some of ours may use
+HTTP_SERVER = {"api", "app", "ui", "auth", "web"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            for alias in node.names:
+                out.add(f"{node.module}.{alias.name}")
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def _internal(mods: set[str]) -> set[str]:
+    return {m.split(".")[1] for m in mods if m.startswith("regproxy.") and m.count(".") >= 1}
+
+
+def test_dependency_direction() -> None:
+    problems = []
+    for path in PKG.rglob("*.py"):
+        name = path.stem if path.parent == PKG else path.parent.name
+        imported = _imports(path)
+        internal = _internal(imported)
+        forbidden = FORBIDDEN.get(name, set())
+        if "*" in forbidden:
+            allowed = {"errors"} if name == "oci" else set()
+            bad = internal - allowed - {"metrics", "log"} - {"__init__", name}
+            bad = {b for b in bad if b not in ("__version__",)}
+        else:
+            bad = internal & forbidden
+        if bad:
+            problems.append(f"{path.relative_to(PKG.parent)} imports {sorted(bad)}")
+        if "aiohttp.web" in imported or any(m.startswith("aiohttp.web") for m in imported):
+            if path.parent == PKG and path.stem not in HTTP_SERVER:
+                problems.append(f"{path.name} uses aiohttp.web (only the HTTP layer may)")
+    assert not problems, "\n".join(problems)
+
+
+def test_store_knows_no_http() -> None:
+    for mod in ("store", "index"):
+        assert not any("aiohttp" in m for m in _imports(PKG / f"{mod}.py")), mod
+
+
+def test_api_knows_no_files() -> None:
+    imported = _imports(PKG / "api.py")
+    assert not ({"os", "pathlib", "shutil", "aiofiles", "sqlite3"} & imported), imported
