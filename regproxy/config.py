@@ -432,7 +432,11 @@ def load_config(
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(str(p), f"not valid YAML: {exc}") from None
+            # one line: PyYAML's own message spans several, with a snippet of the file
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ConfigError(str(p), f"not valid YAML{where}: {problem}") from None
     flat: dict[str, Any] = {}
     _walk(raw, _SCHEMA, "", flat)
     flat.update(_env_overrides(_SCHEMA, "", env))
