@@ -303,6 +303,19 @@ def test_sigterm_cuts_stalled_download_after_shutdown_timeout(
     assert got < length, "a stalled 200 MiB download cannot have finished"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_idle_daemon_stops_on_signal_with_exit_0(
+    daemon_factory: Callable[..., Daemon], sig: signal.Signals
+) -> None:
+    daemon = daemon_factory()
+    assert daemon.proc is not None
+    t0 = time.monotonic()
+    daemon.proc.send_signal(sig)
+    assert daemon.proc.wait(10) == 0
+    assert time.monotonic() - t0 < 5
+    assert "Traceback" not in daemon.log()
+
+
 # --- config errors ------------------------------------------------------------------------------
 def _regproxy(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30
