@@ -15,10 +15,11 @@ from typing import Final
 
 from aiohttp import web
 
-from regproxy import api
+from regproxy import api, metrics
 from regproxy.config import Config
 from regproxy.index import Index
 from regproxy.names import NameResolver
+from regproxy.proxy import ProxyRegistry
 from regproxy.registry import Registry
 from regproxy.store import Store
 
@@ -30,7 +31,7 @@ _BACKGROUND: set[asyncio.Task[None]] = set()
 
 def build_registry(config: Config) -> Registry:
     root = config.storage.root
-    return Registry(Store(root), Index(root / "index.db"))
+    return ProxyRegistry(Store(root), Index(root / "index.db"), config)
 
 
 async def _housekeeping(app: web.Application) -> None:
@@ -64,6 +65,10 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def metrics_page(request: web.Request) -> web.Response:
+    return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+
+
 def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[api.error_middleware], client_max_size=8 * 1024 * 1024)
     app[CONFIG_KEY] = config
@@ -73,6 +78,7 @@ def create_app(config: Config) -> web.Application:
     api.add_routes(app)
     app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_page)
     return app
 
 

@@ -18,7 +18,13 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start regproxy daemons: ``daemon_factory({"content": {...}})``; stopped after the test."""
     started: list[Daemon] = []
 
-    def make(config: dict[str, Any] | None = None, *, start: bool = True, name: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+    def make(
+        config: dict[str, Any] | None = None,
+        *,
+        start: bool = True,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Daemon:
         root = tmp_path / (name or f"regproxy{len(started)}")
         root.mkdir(parents=True, exist_ok=True)
         d = Daemon(root, config or {}, env=env or {})

@@ -203,7 +203,9 @@ def make_htpasswd(path: Path, user: str, password: str) -> Path:
     return path
 
 
-def skopeo(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def skopeo(
+    *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         ["skopeo", *args], capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -261,13 +263,17 @@ class Containerd:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("containerd exited: " + (self.root / "containerd.log").read_text())
+                raise RuntimeError(
+                    "containerd exited: " + (self.root / "containerd.log").read_text()
+                )
             if self.ctr("version", check=False).returncode == 0:
                 return self
             time.sleep(0.1)
         raise TimeoutError("containerd did not start")
 
-    def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def ctr(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             ["ctr", "--address", self.address, "-n", "test", *args],
             capture_output=True,
@@ -284,7 +290,9 @@ class Containerd:
             stop_process(self.proc)
 
 
-def write_hosts_toml(hosts_dir: Path, registry_host: str, mirror: str, server: str | None = None) -> Path:
+def write_hosts_toml(
+    hosts_dir: Path, registry_host: str, mirror: str, server: str | None = None
+) -> Path:
     """A containerd ``hosts.toml`` that makes ``mirror`` the only working host for registry_host.
 
     ``server`` defaults to a loopback port where nothing listens, so a broken mirror cannot

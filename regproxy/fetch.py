@@ -1,0 +1,281 @@
+"""Single-flight blob transfers: one upstream download per digest, tailed by every waiter.
+
+The first miss for a digest starts a :class:`Transfer` in a task of its own (a client hanging up
+does not cancel it). It writes into a temp file of the store while hashing. Every request for the
+digest, the first and all that come before the end, reads the growing file as bytes land
+(zot's InFlightBlobCopier), Range included. The final byte of any response is held back until
+the digest has been verified, so a client never receives a complete response with wrong bytes:
+on a mismatch or a failure every open response is cut instead. A cut transfer is resumed with a
+Range request where the source allows it, then the next source is tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from regproxy import metrics
+from regproxy.errors import BlobUnknown, DigestMismatch, OCIError, UpstreamError
+from regproxy.oci import Digest
+from regproxy.store import BlobWriter, Store
+
+log = logging.getLogger("regproxy.fetch")
+READ_CHUNK: Final = 256 * 1024
+MAX_ATTEMPTS_PER_SOURCE: Final = 3
+_TASKS: set[asyncio.Task[Any]] = set()
+
+
+class Stream(Protocol):
+    """An open blob body from some source (see regproxy.upstream.client.BlobStream)."""
+
+    size: int
+    offset: int
+    source: str
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Somewhere a blob may come from: a peer or an upstream (with its mirrors)."""
+
+    name: str
+    kind: str  # "upstream" | "peer"
+    open: Callable[[Digest, int], Awaitable[Stream]]
+
+
+class TransferFailed(OCIError):
+    code, http_status, message = "UNKNOWN", 502, "the blob transfer failed"
+
+
+class Transfer:
+    """One blob on its way from a source into the store."""
+
+    def __init__(self, digest: Digest, store: Store) -> None:
+        self.digest = digest
+        self.store = store
+        self.size: int | None = None
+        self.written = 0
+        self.committed = False
+        self.error: OCIError | None = None
+        self.source = ""
+        self.kind = "upstream"
+        self.writer: BlobWriter | None = None
+        self.started = time.monotonic()
+        self.waiters = 0
+        self._changed = asyncio.Condition()
+
+    @property
+    def done(self) -> bool:
+        return self.committed or self.error is not None
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _wait_change(self, predicate: Callable[[], bool]) -> None:
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def wait_size(self) -> int:
+        """Until the source answered with a size (or the transfer failed)."""
+        await self._wait_change(lambda: self.size is not None or self.error is not None)
+        if self.size is None:
+            assert self.error is not None
+            raise self.error
+        return self.size
+
+    async def wait_done(self) -> None:
+        await self._wait_change(lambda: self.done)
+        if self.error is not None:
+            raise self.error
+
+    def _open_for_read(self) -> Any:
+        # The temp file is renamed into blobs/ on commit; an fd opened before stays valid.
+        assert self.writer is not None
+        try:
+            return open(self.writer.path, "rb")
+        except FileNotFoundError:
+            return open(self.store.blob_path(self.digest), "rb")
+
+    def _progress_past(self, pos: int, end: int) -> Callable[[], bool]:
+        def ready() -> bool:
+            return self.error is not None or self.committed or min(self.written, end) > pos
+
+        return ready
+
+    async def read_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes start..end (inclusive) as they land; the last byte only once verified."""
+        loop = asyncio.get_running_loop()
+        size = await self.wait_size()
+        f = await loop.run_in_executor(None, self._open_for_read)
+        self.waiters += 1
+        metrics.INFLIGHT_WAITERS.inc()
+        try:
+            pos = start
+            while pos <= end:
+                # bytes readable now: what is written, but never the response's last byte
+                # before the digest is verified
+                limit = end + 1 if self.committed else min(self.written, end)
+                if self.error is not None:
+                    raise self.error
+                if limit > pos:
+                    n = min(limit - pos, READ_CHUNK)
+                    data = await loop.run_in_executor(None, os.pread, f.fileno(), n, pos)
+                    if not data:
+                        raise TransferFailed(f"{self.digest}: short read at {pos} of {size}")
+                    pos += len(data)
+                    yield data
+                    continue
+                await self._wait_change(self._progress_past(pos, end))
+        finally:
+            self.waiters -= 1
+            metrics.INFLIGHT_WAITERS.dec()
+            await loop.run_in_executor(None, f.close)
+
+
+class Fetcher:
+    """Owns the in-flight transfers; ``on_commit`` indexes a verified blob."""
+
+    def __init__(
+        self,
+        store: Store,
+        on_commit: Callable[[Digest, int, str, str], Awaitable[None]],
+    ) -> None:
+        self.store = store
+        self.on_commit = on_commit
+        self.inflight: dict[Digest, Transfer] = {}
+
+    def get(self, digest: Digest) -> Transfer | None:
+        return self.inflight.get(digest)
+
+    def start(self, digest: Digest, sources: list[Source], repo: str) -> Transfer:
+        """Join the transfer for digest, or start one that tries sources in order."""
+        t = self.inflight.get(digest)
+        if t is not None:
+            return t
+        t = Transfer(digest, self.store)
+        self.inflight[digest] = t
+        metrics.INFLIGHT_FETCHES.set(len(self.inflight))
+        task = asyncio.create_task(self._run(t, sources, repo), name=f"fetch {digest}")
+        _TASKS.add(task)
+        task.add_done_callback(_TASKS.discard)
+        return t
+
+    async def _run(self, t: Transfer, sources: list[Source], repo: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            t.writer = await loop.run_in_executor(None, self.store.writer)
+            last: OCIError = BlobUnknown(str(t.digest))
+            for source in sources:
+                try:
+                    await self._from_source(t, source)
+                    break
+                except BlobUnknown as exc:
+                    last = exc
+                except UpstreamError as exc:
+                    last = exc
+                    log.warning(
+                        "fetch.source_failed digest=%s repo=%s source=%s error=%s",
+                        t.digest,
+                        repo,
+                        source.name,
+                        exc,
+                    )
+            else:
+                raise last
+            assert t.size is not None and t.writer is not None
+            if t.written != t.size:
+                raise TransferFailed(f"{t.digest}: got {t.written} of {t.size} bytes")
+            try:
+                await loop.run_in_executor(None, lambda: t.writer.commit(t.digest, source=t.source))  # type: ignore[union-attr]
+            except DigestMismatch as exc:
+                metrics.UPSTREAM_ERRORS.labels(t.source, "digest_mismatch").inc()
+                log.error(
+                    "fetch.digest_mismatch digest=%s repo=%s source=%s actual=%s",
+                    t.digest,
+                    repo,
+                    t.source,
+                    exc.actual,
+                )
+                raise TransferFailed(
+                    f"{t.digest}: {t.source} sent bytes that hash to {exc.actual}"
+                ) from None
+            await self.on_commit(t.digest, t.size, repo, t.source)
+            t.committed = True
+            log.info(
+                "fetch.committed digest=%s repo=%s source=%s bytes=%d seconds=%.2f waiters=%d",
+                t.digest,
+                repo,
+                t.source,
+                t.size,
+                time.monotonic() - t.started,
+                t.waiters,
+            )
+        except OCIError as exc:
+            t.error = exc
+            if not isinstance(exc, BlobUnknown):
+                log.warning("fetch.failed digest=%s repo=%s error=%s", t.digest, repo, exc)
+        except Exception as exc:  # a bug or a disk error: never leave waiters hanging
+            log.exception("fetch.crashed digest=%s repo=%s", t.digest, repo)
+            t.error = TransferFailed(f"{t.digest}: {exc}")
+        finally:
+            if not t.committed and t.writer is not None:
+                with contextlib.suppress(OSError):
+                    await loop.run_in_executor(None, t.writer.abort)
+            self.inflight.pop(t.digest, None)
+            metrics.INFLIGHT_FETCHES.set(len(self.inflight))
+            await t._notify()
+
+    async def _from_source(self, t: Transfer, source: Source) -> None:
+        """Copy from one source, resuming with Range after a cut, a few attempts at most."""
+        loop = asyncio.get_running_loop()
+        assert t.writer is not None
+        attempts = 0
+        while True:
+            attempts += 1
+            offset = t.written
+            stream = await source.open(t.digest, offset)
+            try:
+                if t.size is None:
+                    t.size = stream.size
+                    t.source, t.kind = stream.source, source.kind
+                    await t._notify()
+                elif stream.size != t.size:
+                    raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
+                skip = offset - stream.offset  # source ignored our Range: drop what we have
+                async for chunk in stream.chunks():
+                    if skip > 0:
+                        if len(chunk) <= skip:
+                            skip -= len(chunk)
+                            continue
+                        chunk, skip = chunk[skip:], 0
+                    if t.written + len(chunk) > t.size:
+                        raise UpstreamError(source.name, f"sent more than {t.size} bytes")
+                    await loop.run_in_executor(None, t.writer.write, chunk)
+                    t.written += len(chunk)
+                    metrics.FETCHED_BYTES.labels(source.name).inc(len(chunk))
+                    await t._notify()
+                if t.written == t.size:
+                    return
+                raise UpstreamError(source.name, f"body ended at {t.written} of {t.size}")
+            except UpstreamError:
+                if attempts >= MAX_ATTEMPTS_PER_SOURCE:
+                    raise
+                log.info(
+                    "fetch.resume digest=%s source=%s offset=%d attempt=%d",
+                    t.digest,
+                    source.name,
+                    t.written,
+                    attempts + 1,
+                )
+            finally:
+                await stream.close()

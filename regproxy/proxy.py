@@ -1,0 +1,262 @@
+"""Pull-through: the registry, local first, with misses fetched from peers and upstreams.
+
+A local-first decorator over :class:`Registry` (distribution's proxy design): a hit never leaves
+the host. Manifests by digest are immutable and never re-checked; a tag older than ``tag_ttl``
+is confirmed with a HEAD upstream, and served stale when the upstream cannot answer. Blob misses
+go through the single-flight :class:`Fetcher`. With sync disabled no upstream is ever dialled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from regproxy import metrics
+from regproxy.config import Config
+from regproxy.errors import (
+    BlobUnknown,
+    DigestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    OCIError,
+    UpstreamError,
+)
+from regproxy.fetch import Fetcher, Source, Stream
+from regproxy.index import Index
+from regproxy.names import RepoName
+from regproxy.oci import Digest, is_digest_reference
+from regproxy.registry import Blob, Manifest, Registry
+from regproxy.store import Store
+from regproxy.upstream import UpstreamClient
+
+log = logging.getLogger("regproxy.proxy")
+T = TypeVar("T")
+
+
+class ProxyRegistry(Registry):
+    def __init__(self, store: Store, index: Index, config: Config) -> None:
+        super().__init__(store, index)
+        self.config = config
+        self.fetcher = Fetcher(store, self._on_fetched)
+        self._clients: dict[str, UpstreamClient] = {}
+        self._manifest_flights: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        #: extra sources asked before the upstream for a blob (the cluster's peers)
+        self.peer_sources: Callable[[RepoName], list[Source]] = lambda repo: []
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+        await super().close()
+
+    # --- upstream selection ------------------------------------------------------------------------
+    def upstream(self, repo: RepoName) -> UpstreamClient | None:
+        """The client for the repository's host, or None: local-only, sync off or not configured."""
+        if repo.host is None or not self.config.sync_enable:
+            return None
+        client = self._clients.get(repo.host)
+        if client is None:
+            entry = self.config.upstream_for(repo.host)
+            if entry is None:
+                return None
+            client = UpstreamClient(repo.host, entry, public_only=entry.pattern == "*")
+            self._clients[repo.host] = client
+        return client
+
+    def _known_or_unknown_name(self, repo: RepoName) -> None:
+        """A host no upstream entry matches is never dialled: NAME_UNKNOWN when nothing is local."""
+        if (
+            repo.host is not None
+            and self.config.sync_enable
+            and self.config.upstream_for(repo.host) is None
+        ):
+            raise NameUnknown(f"{repo.canonical}: no upstream is configured for {repo.host}")
+
+    async def _single(self, key: tuple[str, str], make: Callable[[], Awaitable[T]]) -> T:
+        """Coalesce concurrent identical upstream manifest requests into one."""
+        fut = self._manifest_flights.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._manifest_flights[key] = fut
+        try:
+            result = await make()
+            fut.set_result(result)
+            return result
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        finally:
+            self._manifest_flights.pop(key, None)
+
+    # --- manifests -------------------------------------------------------------------------------
+    async def get_manifest(self, repo: RepoName, reference: str) -> Manifest:
+        found = await self.local_manifest(repo, reference)
+        client = self.upstream(repo)
+        label = repo.host or "local"
+        if found is not None:
+            row, checked = found
+            if client is None or is_digest_reference(reference):
+                metrics.CACHE.labels("manifest", "hit", label).inc()
+                return await self.manifest_body(repo, row)
+            if time.time() - checked < self.config.tag_ttl:
+                metrics.CACHE.labels("manifest", "hit", label).inc()
+                return await self.manifest_body(repo, row)
+            try:
+                fresh = await self._single(
+                    ("tag", f"{repo.canonical}:{reference}"),
+                    lambda: self._refresh_tag(repo, reference, row.digest, client),
+                )
+            except (TimeoutError, UpstreamError) as exc:
+                metrics.STALE_SERVED.labels(label).inc()
+                metrics.CACHE.labels("manifest", "stale", label).inc()
+                log.warning(
+                    "tag.stale repo=%s tag=%s digest=%s upstream=%s error=%s",
+                    repo,
+                    reference,
+                    row.digest,
+                    label,
+                    exc,
+                )
+                return await self.manifest_body(repo, row)
+            if fresh is None:  # gone upstream, or unchanged: what we hold is the answer
+                metrics.CACHE.labels("manifest", "hit", label).inc()
+                return await self.manifest_body(repo, row)
+            metrics.CACHE.labels("manifest", "miss", label).inc()
+            return fresh
+        if client is None:
+            self._known_or_unknown_name(repo)
+            metrics.CACHE.labels("manifest", "miss", label).inc()
+            raise ManifestUnknown(reference)
+        metrics.CACHE.labels("manifest", "miss", label).inc()
+        result = await self._single(
+            ("get", f"{repo.canonical}@{reference}"),
+            lambda: self._fetch_manifest(repo, reference, client),
+        )
+        if result is None:
+            raise ManifestUnknown(reference)
+        return result
+
+    async def _refresh_tag(
+        self, repo: RepoName, tag: str, have: str, client: UpstreamClient
+    ) -> Manifest | None:
+        """HEAD the tag upstream; GET only when it moved. None: keep what we have."""
+        head = await client.head_manifest(repo.path, tag)
+        if head is None:
+            log.info("tag.gone_upstream repo=%s tag=%s upstream=%s", repo, tag, client.name)
+            return None
+        if head.digest is not None and str(head.digest) == have:
+            await self.mark_tag_checked(repo, tag)
+            return None
+        return await self._fetch_manifest(repo, tag, client)
+
+    async def _fetch_manifest(
+        self, repo: RepoName, reference: str, client: UpstreamClient
+    ) -> Manifest | None:
+        got = await client.get_manifest(repo.path, reference)
+        if got is None:
+            return None
+        if is_digest_reference(reference):
+            want = Digest.parse(reference)
+            actual = Digest.of(got.body, want.algorithm)
+            if actual != want:
+                metrics.UPSTREAM_ERRORS.labels(client.name, "digest_mismatch").inc()
+                log.error(
+                    "manifest.digest_mismatch repo=%s want=%s got=%s upstream=%s",
+                    repo,
+                    want,
+                    actual,
+                    client.name,
+                )
+                raise UpstreamError(
+                    client.name, f"manifest {want} hashes to {actual}", kind="digest_mismatch"
+                )
+        try:
+            result = await self.put_manifest(
+                repo, reference, got.body, got.media_type, verify_refs=False, pinned=False
+            )
+        except DigestInvalid as exc:
+            raise UpstreamError(
+                client.name, f"bad manifest: {exc}", kind="digest_mismatch"
+            ) from None
+        except OCIError as exc:
+            raise UpstreamError(client.name, f"unusable manifest: {exc}") from None
+        log.info(
+            "manifest.fetched repo=%s reference=%s digest=%s upstream=%s bytes=%d",
+            repo,
+            reference,
+            result.digest,
+            client.name,
+            len(got.body),
+        )
+        row = await self.local_manifest(repo, str(result.digest))
+        assert row is not None
+        return await self.manifest_body(repo, row[0])
+
+    # --- blobs ---------------------------------------------------------------------------------------
+    async def get_blob(self, repo: RepoName, digest: Digest) -> Blob:
+        blob = await self.local_blob(repo, digest)
+        label = repo.host or "local"
+        if blob is not None:
+            metrics.CACHE.labels("blob", "hit", label).inc()
+            return blob
+        # the bytes may be here already under another repository: content is content
+        if await self.mount_blob(repo, digest, None):
+            blob = await self.local_blob(repo, digest)
+            if blob is not None:
+                metrics.CACHE.labels("blob", "hit", label).inc()
+                return blob
+        transfer = self.fetcher.get(digest)
+        if transfer is None:
+            sources = self._sources(repo)
+            if not sources:
+                self._known_or_unknown_name(repo)
+                metrics.CACHE.labels("blob", "miss", label).inc()
+                raise BlobUnknown(str(digest))
+            await self._ensure_repo(repo)
+            transfer = self.fetcher.start(digest, sources, repo.canonical)
+        metrics.CACHE.labels("blob", "miss", label).inc()
+        size = await transfer.wait_size()
+        return Blob(digest, size, stream=transfer)
+
+    def _sources(self, repo: RepoName) -> list[Source]:
+        sources = list(self.peer_sources(repo))
+        client = self.upstream(repo)
+        if client is not None:
+            path = repo.path
+
+            async def open_upstream(digest: Digest, offset: int) -> Stream:
+                return await client.open_blob(path, digest, offset)
+
+            sources.append(Source(client.name, "upstream", open_upstream))
+        return sources
+
+    async def _on_fetched(self, digest: Digest, size: int, repo: str, source: str) -> None:
+        await self._db(self.index.add_blob, repo, str(digest), size)
+
+    # --- listings ------------------------------------------------------------------------------------
+    async def list_tags(self, repo: RepoName, n: int | None, last: str | None) -> list[str]:
+        client = self.upstream(repo)
+        local_exists = await self.repo_exists(repo)
+        if client is None:
+            if not local_exists:
+                self._known_or_unknown_name(repo)
+            return await super().list_tags(repo, n, last)
+        try:
+            remote = await client.list_tags(repo.path)
+        except UpstreamError as exc:
+            log.warning("tags.upstream_failed repo=%s upstream=%s error=%s", repo, client.name, exc)
+            remote = None
+        local = (
+            await self._db(self.index.list_tags, repo.canonical, None, None) if local_exists else []
+        )
+        if remote is None and not local_exists:
+            raise NameUnknown(repo.canonical)
+        tags = sorted(set(local) | set(remote or []))
+        if last:
+            tags = [t for t in tags if t > last]
+        return tags if n is None else tags[:n]

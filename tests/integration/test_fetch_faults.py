@@ -1,0 +1,324 @@
+"""Pull-through under faults, with an upstream of the tests' own (tests/fakes.py).
+
+regproxy runs as a real subprocess; the fake upstream runs in the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+
+from tests.fakes import BlobFault, FakeUpstream, digest_of
+from tests.peers import Daemon
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    up = await FakeUpstream().start()
+    yield up
+    await up.stop()
+
+
+def proxy_config(up: FakeUpstream, **extra: object) -> dict[str, object]:
+    cfg: dict[str, object] = {
+        "upstreams": {
+            up.hostport: {
+                "url": up.url,
+                "alias": "fake.test",
+                "read_timeout": "3s",
+                "connect_timeout": "2s",
+            }
+        },
+        "tag_ttl": "0s",
+    }
+    cfg.update(extra)
+    return cfg
+
+
+async def start_daemon(factory: Callable[..., Daemon], cfg: dict[str, object]) -> Daemon:
+    # Daemon.start blocks while polling; keep the fake upstream's loop running meanwhile
+    return await asyncio.to_thread(factory, cfg)
+
+
+def manifest_for(config: bytes, layers: list[bytes]) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": digest_of(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest_of(b),
+                    "size": len(b),
+                }
+                for b in layers
+            ],
+        }
+    ).encode()
+
+
+def blobs_on_disk(d: Daemon) -> set[str]:
+    root = d.root / "store" / "blobs"
+    return {p.name for p in root.rglob("*") if p.is_file()}
+
+
+async def get(
+    session: aiohttp.ClientSession, url: str, **kw: object
+) -> tuple[int, bytes, dict[str, str]]:
+    async with session.get(url, **kw) as r:  # type: ignore[arg-type]
+        return r.status, await r.read(), dict(r.headers)
+
+
+async def test_coalesced_herd_streams_before_the_end(
+    upstream: FakeUpstream, daemon_factory
+) -> None:
+    """16 clients, one missing 64 MiB blob: one upstream GET, identical bytes, early first bytes."""
+    data = os.urandom(64 * 1024 * 1024)
+    d = upstream.add_blob(data)
+    upstream.blob_faults[d] = BlobFault(delay=0.002)  # ~1000 chunks: about 2 s upstream
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    url = f"{proxy.url}/v2/fake.test/app/blobs/{d}"
+    first_byte: list[float] = []
+
+    async def client(session: aiohttp.ClientSession) -> bytes:
+        buf = bytearray()
+        async with session.get(url) as r:
+            assert r.status == 200
+            assert r.headers["Docker-Content-Digest"] == d
+            assert int(r.headers["Content-Length"]) == len(data)
+            async for chunk in r.content.iter_any():
+                if not buf:
+                    first_byte.append(time.monotonic())
+                buf += chunk
+        return bytes(buf)
+
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as s:
+        bodies = await asyncio.gather(*(client(s) for _ in range(16)))
+    t_end = time.monotonic()
+    assert all(b == data for b in bodies)
+    assert upstream.count("GET", f"/blobs/{d}") == 1
+    # every client saw bytes long before the transfer ended
+    assert max(first_byte) - t0 < (t_end - t0) / 2
+    # committed: the next request is a hit from disk, no upstream request
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await get(s, url)
+    assert status == 200 and body == data
+    assert upstream.count("GET", f"/blobs/{d}") == 1
+
+
+async def test_cut_mid_blob_is_resumed_with_range(upstream: FakeUpstream, daemon_factory) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    d = upstream.add_blob(data)
+    upstream.blob_faults[d] = BlobFault(cut_at=1024 * 1024, cuts=1)
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await get(s, f"{proxy.url}/v2/fake.test/app/blobs/{d}")
+    assert status == 200 and body == data
+    ranged = [k for k in upstream.requests if d in k]
+    assert upstream.count("GET", d) == 2, ranged  # the first, then one resume
+
+
+async def test_cut_without_range_support_restarts_and_skips(
+    upstream: FakeUpstream, daemon_factory
+) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    d = upstream.add_blob(data)
+    upstream.blob_faults[d] = BlobFault(cut_at=700_000, cuts=1, honor_range=False)
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await get(s, f"{proxy.url}/v2/fake.test/app/blobs/{d}")
+    assert status == 200 and body == data
+
+
+async def test_cut_for_good_aborts_every_response_and_caches_nothing(
+    upstream: FakeUpstream, daemon_factory
+) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    d = upstream.add_blob(data)
+    upstream.blob_faults[d] = BlobFault(cut_at=500_000, cuts=100)
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    before = blobs_on_disk(proxy)
+    url = f"{proxy.url}/v2/fake.test/app/blobs/{d}"
+
+    async def client(s: aiohttp.ClientSession) -> str:
+        try:
+            async with s.get(url) as r:
+                body = await r.read()
+                return f"complete {r.status} {len(body)}"
+        except aiohttp.ClientError as exc:
+            return f"aborted {type(exc).__name__}"
+
+    async with aiohttp.ClientSession() as s:
+        results = await asyncio.gather(*(client(s) for _ in range(4)))
+    assert all(r.startswith("aborted") or r.startswith("complete 502") for r in results), results
+    assert blobs_on_disk(proxy) == before
+    assert not any((proxy.root / "store" / "tmp").iterdir())
+    # the next request starts afresh, and now the upstream is healthy
+    upstream.blob_faults.pop(d)
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await get(s, url)
+    assert status == 200 and body == data
+
+
+async def test_wrong_bytes_are_never_served_complete_nor_cached(
+    upstream: FakeUpstream, daemon_factory
+) -> None:
+    data = os.urandom(1024 * 1024 + 5)
+    d = upstream.add_blob(data)
+    upstream.blob_faults[d] = BlobFault(corrupt=True)
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    url = f"{proxy.url}/v2/fake.test/app/blobs/{d}"
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with s.get(url) as r:
+                await r.read()
+        # a Range inside the blob is held back too: its last byte waits for verification
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with s.get(url, headers={"Range": "bytes=0-99"}) as r:
+                await r.read()
+    assert d.split(":")[1] not in blobs_on_disk(proxy)
+    assert "fetch.digest_mismatch" in proxy.log()
+    async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/metrics") as r:
+        text = await r.text()
+    assert 'kind="digest_mismatch"' in text
+
+
+async def test_range_on_a_cold_blob_gets_only_the_range(
+    upstream: FakeUpstream, daemon_factory
+) -> None:
+    data = os.urandom(1024 * 1024)
+    d = upstream.add_blob(data)
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    async with aiohttp.ClientSession() as s:
+        status, body, headers = await get(
+            s, f"{proxy.url}/v2/fake.test/app/blobs/{d}", headers={"Range": "bytes=1000-1999"}
+        )
+    assert status == 206
+    assert body == data[1000:2000]
+    assert headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
+
+
+async def test_stale_tag_served_when_upstream_answers_429_or_503(
+    upstream: FakeUpstream, daemon_factory
+) -> None:
+    cfg = b'{"architecture":"amd64","os":"linux"}'
+    layer = os.urandom(1000)
+    upstream.add_blob(cfg)
+    upstream.add_blob(layer)
+    body = manifest_for(cfg, [layer])
+    md = upstream.add_manifest("app", "v1", body, OCI_MANIFEST)
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    url = f"{proxy.url}/v2/fake.test/app/manifests/v1"
+    async with aiohttp.ClientSession() as s:
+        status, got, headers = await get(s, url)
+        assert status == 200 and got == body and headers["Docker-Content-Digest"] == md
+        for code in (429, 503):
+            upstream.manifest_status = code
+            status, got, headers = await get(s, url)
+            assert status == 200 and got == body, code
+        async with s.get(f"{proxy.url}/metrics") as r:
+            text = await r.text()
+    assert 'regproxy_stale_tags_served_total{upstream="' in text
+    assert "tag.stale" in proxy.log()
+
+
+async def test_tag_recheck_uses_head_and_gets_only_when_moved(
+    upstream: FakeUpstream, daemon_factory
+) -> None:
+    cfg = b'{"architecture":"amd64","os":"linux"}'
+    upstream.add_blob(cfg)
+    v1 = manifest_for(cfg, [])
+    upstream.add_manifest("app", "latest", v1, OCI_MANIFEST)
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    url = f"{proxy.url}/v2/fake.test/app/manifests/latest"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            _, got, _ = await get(s, url)
+            assert got == v1
+        assert upstream.count("GET", "/manifests/latest") == 1
+        assert upstream.count("HEAD", "/manifests/latest") >= 2
+        layer = os.urandom(10)
+        upstream.add_blob(layer)
+        v2 = manifest_for(cfg, [layer])
+        upstream.add_manifest("app", "latest", v2, OCI_MANIFEST)
+        _, got, headers = await get(s, url)
+        assert got == v2 and headers["Docker-Content-Digest"] == digest_of(v2)
+
+
+async def test_token_flow_with_expiry(upstream: FakeUpstream, daemon_factory) -> None:
+    upstream.token_ttl = 1
+    a, b = os.urandom(5000), os.urandom(6000)
+    da, db = upstream.add_blob(a), upstream.add_blob(b)
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await get(s, f"{proxy.url}/v2/fake.test/app/blobs/{da}")
+        assert status == 200 and body == a
+        first = upstream.token_requests
+        assert first >= 1
+        await asyncio.sleep(1.2)
+        status, body, _ = await get(s, f"{proxy.url}/v2/fake.test/app/blobs/{db}")
+        assert status == 200 and body == b
+    assert upstream.token_requests > first
+
+
+async def test_slow_upstream_is_bounded_by_timeouts(upstream: FakeUpstream, daemon_factory) -> None:
+    data = os.urandom(512 * 1024)
+    d = upstream.add_blob(data)
+    upstream.blob_faults[d] = BlobFault(delay=10.0)  # 64 KiB then silence, beyond read_timeout
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with s.get(f"{proxy.url}/v2/fake.test/app/blobs/{d}") as r:
+                await r.read()
+    # 3 attempts x read_timeout 3 s, and then the response is cut
+    assert time.monotonic() - t0 < 20
+    assert d.split(":")[1] not in blobs_on_disk(proxy)
+
+
+async def test_sync_disabled_never_connects(upstream: FakeUpstream, daemon_factory) -> None:
+    d = upstream.add_blob(b"x" * 100)
+    upstream.add_manifest("app", "v1", manifest_for(b"x" * 100, []), OCI_MANIFEST)
+    proxy = await start_daemon(
+        daemon_factory, proxy_config(upstream, content={"sync": {"enable": False}})
+    )
+    async with aiohttp.ClientSession() as s:
+        for path in (
+            f"/v2/fake.test/app/blobs/{d}",
+            "/v2/fake.test/app/manifests/v1",
+            f"/v2/app/manifests/v1?ns={upstream.hostport}",
+            "/v2/fake.test/app/tags/list",
+            "/v2/spectro-images/fake.test/app/manifests/v1",
+        ):
+            async with s.get(proxy.url + path) as r:
+                assert r.status == 404, path
+                codes = [e["code"] for e in (await r.json())["errors"]]
+                assert codes[0] in ("BLOB_UNKNOWN", "MANIFEST_UNKNOWN", "NAME_UNKNOWN"), path
+    assert upstream.connections == 0
+
+
+async def test_unknown_host_is_name_unknown_and_never_dialled(
+    upstream: FakeUpstream, daemon_factory
+) -> None:
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{proxy.url}/v2/not-configured.example/app/manifests/v1") as r,
+    ):
+        assert r.status == 404
+        assert (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+    assert upstream.connections == 0

