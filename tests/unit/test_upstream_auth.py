@@ -250,7 +250,7 @@ async def test_concurrent_401s_refresh_once() -> None:
 
     assert await cache.get(KEY, fetch) == "t1"
 
-    async def on_401():
+    async def on_401() -> str:
         cache.invalidate(KEY, "t1")
         return await cache.get(KEY, fetch)
 
