@@ -180,3 +180,74 @@ def test_ctr_pulls_through_mirror(
     # requests went through regproxy with ns= (access log names the canonical repository)
     log = daemon.log()
     assert f"repo={PROJECT}/127.0.0.1_5999/app" in log
+
+
+def test_skopeo_registry_to_registry_list_tags_and_delete(
+    daemon: Daemon, layout: tuple[Path, Image, bytes, dict[str, Image]]
+) -> None:
+    src, img, _, _ = layout
+    a = f"{daemon.hostport}/docker.io/library/first"
+    b = f"{daemon.hostport}/{PROJECT}/docker.io/library/second"
+    _copy_in(f"oci:{src}:single", f"{a}:v1")
+    _copy_in(f"oci:{src}:single", f"{a}:v2")
+    # regproxy to regproxy: skopeo mounts the blobs it already pushed there (?mount=&from=)
+    skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        f"docker://{a}:v1",
+        f"docker://{b}:v1",
+    )
+    assert _raw_digest(f"{b}:v1") == img.digest
+    log = daemon.log()
+    assert "blobs/uploads" in log
+    tags = json.loads(skopeo("list-tags", "--tls-verify=false", f"docker://{a}").stdout)
+    assert sorted(tags["Tags"]) == ["v1", "v2"]
+    # skopeo inspect (not raw) reads the config blob too
+    info = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{b}:v1").stdout)
+    assert info["Digest"] == img.digest and info["Architecture"] == "amd64"
+    skopeo("delete", "--tls-verify=false", f"docker://{b}:v1")
+    status, _, body = http("GET", f"{daemon.url}/v2/docker.io/library/second/manifests/v1")
+    assert status == 404
+    assert json.loads(body)["errors"][0]["code"] in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN")
+    # the other repository is untouched
+    assert _raw_digest(f"{a}:v2") == img.digest
+
+
+@pytest.mark.skipif(not (have("containerd") and have("ctr")), reason="containerd missing")
+def test_ctr_pulls_docker_hub_name_through_mirror(
+    daemon: Daemon,
+    containerd: Containerd,
+    layout: tuple[Path, Image, bytes, dict[str, Image]],
+    tmp_path: Path,
+) -> None:
+    src, img, _, _ = layout
+    # pushed under the short form; containerd asks for library/hubimg with ?ns=docker.io
+    _copy_in(f"oci:{src}:single", f"{daemon.hostport}/docker.io/hubimg:1.0")
+    hosts = tmp_path / "hosts"
+    write_hosts_toml(hosts, "docker.io", daemon.url)
+    containerd.ctr(
+        "images",
+        "pull",
+        "--plain-http",
+        "--hosts-dir",
+        str(hosts),
+        "--snapshotter",
+        "native",
+        "docker.io/library/hubimg:1.0",
+    )
+    listed = containerd.ctr("images", "ls").stdout
+    assert "docker.io/library/hubimg:1.0" in listed and img.digest in listed
+    # an unknown tag is a clean failure, not a hang
+    proc = containerd.ctr(
+        "images",
+        "pull",
+        "--plain-http",
+        "--hosts-dir",
+        str(hosts),
+        "docker.io/library/hubimg:nope",
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "StatusNotFound" in (proc.stdout + proc.stderr)  # the mirror answered 404
