@@ -198,6 +198,39 @@ def test_sigkill_mid_upload_leaves_nothing_and_upload_succeeds_after_restart(
     assert list((store / "tmp").iterdir()) == []
 
 
+def test_sigterm_mid_upload_exits_0_and_leaves_nothing(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    total = 300
+    daemon = daemon_factory({"shutdown_timeout": "1s"})
+    store = daemon.root / "store"
+    digest = _digest_of(total)
+    head = _request_head(
+        "POST",
+        daemon,
+        f"/v2/{REPO}/blobs/uploads/?digest={digest}",
+        {"Content-Type": "application/octet-stream", "Content-Length": str(total * MiB)},
+    )
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+    try:
+        sock.sendall(head)
+        for i in range(total // 3):
+            sock.sendall(_chunk(i))
+        deadline = time.monotonic() + 30
+        while _tmp_bytes(store) < 16 * MiB:
+            assert time.monotonic() < deadline, "the daemon wrote nothing of the upload"
+            time.sleep(0.02)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)  # the client stalls mid-body
+        assert daemon.proc.wait(15) == 0
+    finally:
+        sock.close()
+    daemon.start()
+    assert list((store / "tmp").iterdir()) == []
+    status, _, _ = http("HEAD", f"{daemon.url}/v2/{REPO}/blobs/{digest}")
+    assert status == 404
+
+
 # --- SIGTERM with a download in flight ----------------------------------------------------------
 def _push_big(daemon: Daemon, n: int) -> str:
     digest = _digest_of(n)
