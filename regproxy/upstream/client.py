@@ -38,7 +38,7 @@ from yarl import URL
 
 from regproxy import __version__, metrics
 from regproxy.config import UpstreamConfig
-from regproxy.errors import BlobUnknown, UpstreamError, UpstreamTimeout
+from regproxy.errors import BlobUnknown, DigestInvalid, UpstreamError, UpstreamTimeout
 from regproxy.log import mask_credentials
 from regproxy.oci import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, Digest
 from regproxy.upstream.auth import (
@@ -109,8 +109,10 @@ class BlobStream:
                 yield chunk
 
     async def close(self) -> None:
-        # close, not release: a body not read to the end must not go back to the pool
-        self._response.close()
+        if self._response.content.at_eof():
+            self._response.release()  # read to the end: the connection may be reused
+        else:
+            self._response.close()  # a half-read body must not go back to the pool
 
     async def __aenter__(self) -> BlobStream:
         return self
@@ -187,7 +189,7 @@ def _digest_header(value: str | None) -> Digest | None:
         return None
     try:
         return Digest.parse(value.strip())
-    except Exception:
+    except DigestInvalid:
         return None
 
 
@@ -201,6 +203,7 @@ class UpstreamClient:
         session: aiohttp.ClientSession | None = None,
         *,
         public_only: bool = False,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.name = host
         self.config = config
@@ -217,11 +220,14 @@ class UpstreamClient:
         self._bases: tuple[_Base, ...] = (*mirrors, upstream)
         #: mirror hosts are the admin's own choice: the public-only rule is for the named host
         self._trusted_hosts = frozenset((b.url.host or "").lower() for b in mirrors)
+        #: sent with every request (peers mark their requests with these)
+        self.extra_headers = dict(extra_headers or {})
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=config.read_timeout
         )
         self._own_session = session is None
-        self._session = session if session is not None else self._make_session()
+        #: made on first use, inside the running loop
+        self._session: aiohttp.ClientSession | None = session
 
     def _mirror_credentials(self, url: str) -> Credentials | None:
         """A mirror's own credentials: from its auth_file entry (userinfo in the URL wins)."""
@@ -231,6 +237,11 @@ class UpstreamClient:
                 self.config.auth_file, host, key=f"upstreams.{self.config.pattern}.auth_file"
             )
         return None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = self._make_session()
+        return self._session
 
     def _make_session(self) -> aiohttp.ClientSession:
         resolver: AbstractResolver | None = (
@@ -261,7 +272,7 @@ class UpstreamClient:
         return [b.source for b in self._bases]
 
     async def close(self) -> None:
-        if self._own_session and not self._session.closed:
+        if self._own_session and self._session is not None and not self._session.closed:
             await self._session.close()
 
     # --- the public operations -------------------------------------------------------------------
@@ -285,6 +296,23 @@ class UpstreamClient:
                 resp.release()
 
         return await self._each_base(op, f"{path}:{reference}")
+
+    async def head_blob(self, path: str, digest: Digest) -> int | None:
+        """HEAD a blob: its size, or None on 404."""
+
+        async def op(base: _Base) -> int | None:
+            url = self._url(base, f"{path}/blobs/{digest}")
+            resp = await self._send(base, "HEAD", url, path, {})
+            try:
+                if resp.status == 404:
+                    return None
+                if resp.status != 200:
+                    raise self._status_error(base, resp, "HEAD blob")
+                return resp.content_length if resp.content_length is not None else -1
+            finally:
+                resp.release()
+
+        return await self._each_base(op, f"{path}@{digest}")
 
     async def get_manifest(self, path: str, reference: str) -> ManifestGet | None:
         """GET a manifest with the full Accept list; the bytes exactly as served. None on 404."""
@@ -312,7 +340,7 @@ class UpstreamClient:
                         ),
                     )
                 media_type = _media_type(resp.headers.get(hdrs.CONTENT_TYPE))
-                if not media_type or media_type in ("application/json", "text/plain"):
+                if media_type in ("", "application/json", "text/plain", "application/octet-stream"):
                     media_type = _body_media_type(body) or media_type
                 return ManifestGet(body, media_type, digest)
             finally:
@@ -466,10 +494,15 @@ class UpstreamClient:
         await self._check_target(base, url)
         started = time.monotonic()
         with self._io_errors(base, f"{method} {url.path}"):
-            resp = await self._session.request(
+            resp = await self._get_session().request(
                 method,
                 url,
-                headers={hdrs.USER_AGENT: USER_AGENT, hdrs.ACCEPT_ENCODING: "identity", **headers},
+                headers={
+                    hdrs.USER_AGENT: USER_AGENT,
+                    hdrs.ACCEPT_ENCODING: "identity",
+                    **self.extra_headers,
+                    **headers,
+                },
                 allow_redirects=False,
                 timeout=self._timeout,
             )

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -617,3 +618,35 @@ async def test_public_only_refuses_private_hosts(make_url: Callable[[int], str],
         finally:
             await client.close()
         assert reg.requests == []
+
+
+async def test_shared_session_is_used_and_not_closed() -> None:
+    reg = Simple()
+    async with serve(reg.app()) as url, aiohttp.ClientSession() as session:
+        host = url.removeprefix("http://")
+        client = UpstreamClient(host, UpstreamConfig(host, url=url), session)
+        assert await client.head_manifest("lib/app", "v1") is not None
+        await client.close()
+        assert not session.closed
+        # public-only with a session of the caller's: names are looked up before connecting
+        star = UpstreamClient(
+            f"localhost:{url.rsplit(':', 1)[1]}", UpstreamConfig("*"), session, public_only=True
+        )
+        with pytest.raises(UpstreamError) as info:
+            await star.head_manifest("lib/app", "v1")
+        assert info.value.kind == "denied"
+        await star.close()
+    assert len(reg.requests) == 1
+
+
+async def test_base_urls() -> None:
+    hub = UpstreamClient("docker.io", UpstreamConfig("docker.io"))
+    assert hub.sources == ["https://registry-1.docker.io"]
+    mirrored = UpstreamClient(
+        "ghcr.io",
+        UpstreamConfig("ghcr.io", mirrors=("https://bob:pw-in-url@mirror.site:8443/", "http://m2")),
+    )
+    assert mirrored.sources == ["https://mirror.site:8443", "http://m2", "https://ghcr.io"]
+    assert "pw-in-url" not in repr(mirrored)
+    await hub.close()
+    await mirrored.close()
