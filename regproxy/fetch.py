@@ -50,6 +50,8 @@ class Source:
     name: str
     kind: str  # "upstream" | "peer"
     open: Callable[[Digest, int], Awaitable[Stream]]
+    #: called when this source sent bytes that did not match the digest
+    on_bad: Callable[[], None] | None = None
 
 
 class TransferFailed(OCIError):
@@ -71,6 +73,8 @@ class Transfer:
         self.writer: BlobWriter | None = None
         self.started = time.monotonic()
         self.waiters = 0
+        #: bumped when a source is abandoned and the file starts over for the next one
+        self.generation = 0
         self._changed = asyncio.Condition()
 
     @property
@@ -106,9 +110,14 @@ class Transfer:
         except FileNotFoundError:
             return open(self.store.blob_path(self.digest), "rb")
 
-    def _progress_past(self, pos: int, end: int) -> Callable[[], bool]:
+    def _progress_past(self, pos: int, end: int, generation: int) -> Callable[[], bool]:
         def ready() -> bool:
-            return self.error is not None or self.committed or min(self.written, end) > pos
+            return (
+                self.error is not None
+                or self.committed
+                or self.generation != generation
+                or min(self.written, end) > pos
+            )
 
         return ready
 
@@ -116,26 +125,35 @@ class Transfer:
         """Bytes start..end (inclusive) as they land; the last byte only once verified."""
         loop = asyncio.get_running_loop()
         size = await self.wait_size()
+        generation = self.generation
         f = await loop.run_in_executor(None, self._open_for_read)
         self.waiters += 1
         metrics.INFLIGHT_WAITERS.inc()
         try:
             pos = start
             while pos <= end:
-                # bytes readable now: what is written, but never the response's last byte
-                # before the digest is verified
-                limit = end + 1 if self.committed else min(self.written, end)
                 if self.error is not None:
                     raise self.error
+                if self.generation != generation:
+                    if pos > start:  # bytes of an abandoned source went out: cut this response
+                        raise TransferFailed(f"{self.digest}: source changed mid-response")
+                    generation = self.generation
+                    await loop.run_in_executor(None, f.close)
+                    f = await loop.run_in_executor(None, self._open_for_read)
+                # readable now: what is written, but never the response's last byte
+                # before the digest is verified
+                limit = end + 1 if self.committed else min(self.written, end)
                 if limit > pos:
                     n = min(limit - pos, READ_CHUNK)
                     data = await loop.run_in_executor(None, os.pread, f.fileno(), n, pos)
                     if not data:
                         raise TransferFailed(f"{self.digest}: short read at {pos} of {size}")
+                    if self.generation != generation and not self.committed:
+                        continue  # the file was replaced while we read: re-check above
                     pos += len(data)
                     yield data
                     continue
-                await self._wait_change(self._progress_past(pos, end))
+                await self._wait_change(self._progress_past(pos, end, generation))
         finally:
             self.waiters -= 1
             metrics.INFLIGHT_WAITERS.dec()
@@ -178,37 +196,44 @@ class Fetcher:
             for source in sources:
                 try:
                     await self._from_source(t, source)
-                    break
-                except BlobUnknown as exc:
+                except (BlobUnknown, UpstreamError) as exc:
                     last = exc
-                except UpstreamError as exc:
-                    last = exc
-                    log.warning(
-                        "fetch.source_failed digest=%s repo=%s source=%s error=%s",
+                    if not isinstance(exc, BlobUnknown):
+                        log.warning(
+                            "fetch.source_failed digest=%s repo=%s source=%s error=%s",
+                            t.digest,
+                            repo,
+                            source.name,
+                            exc,
+                        )
+                    if t.written:
+                        await self._next_generation(t)
+                    continue
+                try:
+                    writer = t.writer
+                    await loop.run_in_executor(
+                        None, lambda: writer.commit(t.digest, source=t.source)
+                    )
+                except DigestMismatch as exc:
+                    metrics.UPSTREAM_ERRORS.labels(source.name, "digest_mismatch").inc()
+                    log.error(
+                        "fetch.digest_mismatch digest=%s repo=%s source=%s actual=%s",
                         t.digest,
                         repo,
-                        source.name,
-                        exc,
+                        t.source,
+                        exc.actual,
                     )
+                    if source.on_bad is not None:
+                        source.on_bad()
+                    last = TransferFailed(
+                        f"{t.digest}: {t.source} sent bytes that hash to {exc.actual}"
+                    )
+                    await self._next_generation(t)
+                    continue
+                break
             else:
                 raise last
-            assert t.size is not None and t.writer is not None
-            if t.written != t.size:
-                raise TransferFailed(f"{t.digest}: got {t.written} of {t.size} bytes")
-            try:
-                await loop.run_in_executor(None, lambda: t.writer.commit(t.digest, source=t.source))  # type: ignore[union-attr]
-            except DigestMismatch as exc:
-                metrics.UPSTREAM_ERRORS.labels(t.source, "digest_mismatch").inc()
-                log.error(
-                    "fetch.digest_mismatch digest=%s repo=%s source=%s actual=%s",
-                    t.digest,
-                    repo,
-                    t.source,
-                    exc.actual,
-                )
-                raise TransferFailed(
-                    f"{t.digest}: {t.source} sent bytes that hash to {exc.actual}"
-                ) from None
+            assert t.size is not None
             await self.on_commit(t.digest, t.size, repo, t.source)
             t.committed = True
             log.info(
@@ -235,6 +260,18 @@ class Fetcher:
             metrics.INFLIGHT_FETCHES.set(len(self.inflight))
             await t._notify()
 
+    async def _next_generation(self, t: Transfer) -> None:
+        """Start over in a new temp file for the next source; readers that already sent
+        bytes of the old one are cut, the others follow the new file."""
+        loop = asyncio.get_running_loop()
+        old = t.writer
+        t.writer = await loop.run_in_executor(None, self.store.writer)
+        t.written = 0
+        t.generation += 1
+        if old is not None:
+            await loop.run_in_executor(None, old.abort)
+        await t._notify()
+
     async def _from_source(self, t: Transfer, source: Source) -> None:
         """Copy from one source, resuming with Range after a cut, a few attempts at most."""
         loop = asyncio.get_running_loop()
@@ -245,9 +282,9 @@ class Fetcher:
             offset = t.written
             stream = await source.open(t.digest, offset)
             try:
+                t.source, t.kind = stream.source, source.kind
                 if t.size is None:
                     t.size = stream.size
-                    t.source, t.kind = stream.source, source.kind
                     await t._notify()
                 elif stream.size != t.size:
                     raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
