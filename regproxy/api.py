@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
+from urllib.parse import quote, unquote
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -110,7 +111,8 @@ def _ctx(request: web.Request) -> tuple[Registry, NameResolver]:
 
 
 def _repo(request: web.Request, name: str) -> RepoName:
-    raw = request.rel_url.raw_path.lower()
+    # only the name's own part: an encoded slash in a tag is the tag's error, not the name's
+    raw = str(request.get("raw_name", request.rel_url.raw_path)).lower()
     if "%2f" in raw or "%2e" in raw or "%5c" in raw or "\\" in name:
         raise NameInvalid(name, "encoded separators are not allowed")
     resolver = request.app[RESOLVER_KEY]
@@ -135,8 +137,6 @@ def _page(request: web.Request) -> tuple[int | None, str | None]:
 
 
 def _link(path: str, n: int, last: str, extra: str = "") -> str:
-    from urllib.parse import quote
-
     return f'<{path}?n={n}&last={quote(last, safe="")}{extra}>; rel="next"'
 
 
@@ -190,21 +190,25 @@ async def catalog(request: web.Request) -> web.Response:
     headers = dict(API_VERSION)
     if n is not None and len(names) > n:
         names = names[:n]
-        headers["Link"] = _link("/v2/_catalog", n, names[-1])
+        if names:  # n=0 asks for nothing, and there is no last entry to continue from
+            headers["Link"] = _link("/v2/_catalog", n, names[-1])
     return web.json_response({"repositories": names}, headers=headers)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    path = request.match_info["path"]
+    # Route on the raw path, then decode each part: an encoded slash inside a tag or digest
+    # must not shift the route (it is then invalid in its own part, with that part's error).
+    path = request.rel_url.raw_path.removeprefix("/v2/")
     for kind, rx in _ROUTES:
         m = rx.match(path)
         if m is None:
             continue
         request["route"] = kind
+        request["raw_name"] = m.group("name")
         handler = _HANDLERS.get((kind, request.method))
         if handler is None:
             raise Unsupported(f"{request.method} is not allowed on {kind}")
-        return await handler(request, **m.groupdict())
+        return await handler(request, **{k: unquote(v) for k, v in m.groupdict().items()})
     request["route"] = "unknown"
     raise _NotFound(request.path)
 
@@ -455,7 +459,11 @@ async def list_tags(request: web.Request, name: str) -> web.Response:
     headers = dict(API_VERSION)
     if n is not None and len(tags) > n:
         tags = tags[:n]
-        headers["Link"] = _link(f"/v2/{name}/tags/list", n, tags[-1])
+        if tags:  # n=0 asks for nothing, and there is no last tag to continue from
+            # keep ?ns=: without it the next page would resolve to another repository
+            ns = request.query.get("ns")
+            extra = f"&ns={quote(ns, safe='')}" if ns else ""
+            headers["Link"] = _link(f"/v2/{name}/tags/list", n, tags[-1], extra)
     return web.json_response({"name": name, "tags": tags}, headers=headers)
 
 
