@@ -8,8 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import select
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Final
 from urllib.parse import quote, unquote
 
@@ -18,6 +23,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from regproxy import metrics
 from regproxy.errors import (
+    BlobUnknown,
     BlobUploadInvalid,
     DigestInvalid,
     ManifestTooLarge,
@@ -29,7 +35,7 @@ from regproxy.errors import (
 )
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MAX_MANIFEST_BYTES, OCI_INDEX, Digest, is_digest_reference, validate_tag
-from regproxy.registry import Blob, Registry, check_range
+from regproxy.registry import LOCAL_ONLY, Blob, Registry, check_range
 
 log = logging.getLogger("regproxy.api")
 access_log = logging.getLogger("regproxy.access")
@@ -47,8 +53,63 @@ _RANGE_RE: Final = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CONTENT_RANGE_RE: Final = re.compile(r"^(?:bytes )?(\d+)-(\d+)$")
 CHUNK: Final = 256 * 1024
 
+#: marks a request from a cluster peer (see regproxy.peers, which sends it)
+PEER_HEADER: Final = "Regproxy-Peer"
 REGISTRY_KEY: Final = web.AppKey("registry", Registry)
 RESOLVER_KEY: Final = web.AppKey("resolver", NameResolver)
+
+SENDFILE_THREADS: Final = 64  # one per blob being sent; the threads sleep in poll(2)
+SENDFILE_STALL_SECONDS: Final = 60.0  # a client that takes nothing for this long is cut off
+
+
+class _Sender:
+    """Blob bodies with sendfile(2), off the event loop.
+
+    uvloop has no ``loop.sendfile``, so aiohttp's ``FileResponse`` falls back to reading the file
+    in 256 KiB chunks through the executor and writing them from Python (plus two executor hops
+    for stat and open). Here each response costs one hop to open the file and one to send it: a
+    worker thread calls ``sendfile`` on a dup of the connection's socket until the range is sent,
+    waiting in ``poll`` while the socket buffer is full. No bytes pass through Python.
+    """
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(SENDFILE_THREADS, thread_name_prefix="regproxy-sendfile")
+        self.stopping = threading.Event()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def open(path: Path) -> int:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def send(self, sock_fd: int, file_fd: int, offset: int, count: int) -> None:
+        """Blocking: copy ``count`` bytes at ``offset``; closes both descriptors."""
+        try:
+            poller = select.poll()
+            poller.register(sock_fd, select.POLLOUT)
+            idle = 0.0
+            while count > 0:
+                try:
+                    n = os.sendfile(sock_fd, file_fd, offset, count)
+                except BlockingIOError:
+                    if self.stopping.is_set() or idle >= SENDFILE_STALL_SECONDS:
+                        raise TimeoutError("client stopped reading") from None
+                    if not poller.poll(1000):
+                        idle += 1.0
+                    continue
+                if n == 0:
+                    raise EOFError("blob file is shorter than its recorded size")
+                offset += n
+                count -= n
+                idle = 0.0
+        finally:
+            os.close(sock_fd)
+            os.close(file_fd)
+
+
+SENDER_KEY: Final = web.AppKey("sender", _Sender)
 
 
 class PaginationInvalid(OCIError):
@@ -196,6 +257,11 @@ async def catalog(request: web.Request) -> web.Response:
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
+    if request.headers.get(PEER_HEADER):
+        # a peer asks: answer from the local store only, never forward (no circles)
+        LOCAL_ONLY.set(True)
+        request["peer"] = True
+        metrics.PEER_SERVED.inc()
     # Route on the raw path, then decode each part: an encoded slash inside a tag or digest
     # must not shift the route (it is then invalid in its own part, with that part's error).
     path = request.rel_url.raw_path.removeprefix("/v2/")
@@ -249,8 +315,73 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
             metrics.SERVED_BYTES.labels("blob", "disk").inc(
                 blob.size if rng is None else rng[1] - rng[0] + 1
             )
-        return web.FileResponse(blob.file, chunk_size=CHUNK, headers=headers)
+        return await _send_file(request, blob, blob.file, headers, rng)
     return await _stream_blob(request, blob, headers, rng)
+
+
+async def _send_file(
+    request: web.Request,
+    blob: Blob,
+    path: Path,
+    headers: dict[str, str],
+    rng: tuple[int, int] | None,
+) -> web.StreamResponse:
+    """A committed blob file: headers through aiohttp, the body with sendfile (see _Sender)."""
+    start, end = rng if rng is not None else (0, blob.size - 1)
+    count = end - start + 1
+    if rng is not None:
+        headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
+    status = 200 if rng is None else 206
+    if request.method == "HEAD" or count <= 0:
+        headers["Content-Length"] = str(max(count, 0))
+        return web.Response(status=status, headers=headers)
+    sender = request.app[SENDER_KEY]
+    loop = asyncio.get_running_loop()
+    try:
+        file_fd = await loop.run_in_executor(sender.pool, sender.open, path)
+    except FileNotFoundError:
+        raise BlobUnknown(str(blob.digest)) from None
+    try:
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = count
+        writer = await resp.prepare(request)
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if transport is None or sock is None or writer is None:
+            raise ConnectionResetError("connection lost")
+        send_headers = getattr(writer, "send_headers", None)
+        if send_headers is not None:  # aiohttp >= 3.10 holds headers back until the body
+            send_headers()
+        for _ in range(int(SENDFILE_STALL_SECONDS * 100)):
+            if transport.is_closing():
+                raise ConnectionResetError("connection lost")
+            if not transport.get_write_buffer_size():
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise TimeoutError("client stopped reading")
+        sock_fd = os.dup(sock.fileno())
+    except BaseException:
+        os.close(file_fd)
+        raise
+    future = sender.pool.submit(sender.send, sock_fd, file_fd, start, count)
+    try:
+        await asyncio.wrap_future(future)
+    except BaseException as exc:
+        if future.cancel():  # never started: the descriptors are still ours
+            os.close(sock_fd)
+            os.close(file_fd)
+        if not isinstance(exc, asyncio.CancelledError):
+            log.warning(
+                "blob.aborted digest=%s repo=%s error=%r", blob.digest, request.get("repo"), exc
+            )
+            request["error"] = "aborted"
+        transport.abort()  # never leave a response with missing bytes on a kept-alive connection
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return resp
+    await resp.write_eof()
+    return resp
 
 
 async def _stream_blob(
@@ -503,7 +634,13 @@ _HANDLERS: Final[dict[tuple[str, str], Handler]] = {
 }
 
 
+async def _close_sender(app: web.Application) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, app[SENDER_KEY].close)
+
+
 def add_routes(app: web.Application) -> None:
+    app[SENDER_KEY] = _Sender()
+    app.on_cleanup.append(_close_sender)
     app.router.add_get("/v2/", v2_base)
     app.router.add_get("/v2", v2_base)
     app.router.add_get("/v2/_catalog", catalog)

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import signal
 import ssl
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
@@ -19,12 +20,14 @@ from regproxy import api, metrics
 from regproxy.config import Config
 from regproxy.index import Index
 from regproxy.names import NameResolver
+from regproxy.peers import INSTANCE_HEADER, Peers
 from regproxy.proxy import ProxyRegistry
 from regproxy.registry import Registry
 from regproxy.store import Store
 
 log = logging.getLogger("regproxy")
 CONFIG_KEY: Final = web.AppKey("config", Config)
+INSTANCE_KEY: Final = web.AppKey("instance", str)
 HOUSEKEEPING_SECONDS: Final = 10.0
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
@@ -49,6 +52,9 @@ async def _housekeeping(app: web.Application) -> None:
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[api.REGISTRY_KEY]
     await registry.open()
+    if isinstance(registry, ProxyRegistry):
+        registry.peers = Peers(app[CONFIG_KEY], app[INSTANCE_KEY])
+        await registry.peers.start()
     task = asyncio.create_task(_housekeeping(app))
     yield
     task.cancel()
@@ -69,13 +75,19 @@ async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
 
+async def _instance_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[INSTANCE_HEADER] = request.app[INSTANCE_KEY]
+
+
 def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[api.error_middleware], client_max_size=8 * 1024 * 1024)
     app[CONFIG_KEY] = config
+    app[INSTANCE_KEY] = uuid.uuid4().hex
     app[api.REGISTRY_KEY] = build_registry(config)
     app[api.RESOLVER_KEY] = NameResolver(config)
     app.cleanup_ctx.append(_registry_ctx)
     api.add_routes(app)
+    app.on_response_prepare.append(_instance_header)
     app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)

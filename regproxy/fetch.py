@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -210,10 +211,8 @@ class Fetcher:
                         await self._next_generation(t)
                     continue
                 try:
-                    writer = t.writer
-                    await loop.run_in_executor(
-                        None, lambda: writer.commit(t.digest, source=t.source)
-                    )
+                    commit = functools.partial(t.writer.commit, t.digest, source=t.source)
+                    await loop.run_in_executor(None, commit)
                 except DigestMismatch as exc:
                     metrics.UPSTREAM_ERRORS.labels(source.name, "digest_mismatch").inc()
                     log.error(

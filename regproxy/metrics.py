@@ -78,6 +78,17 @@ PINNED_BYTES: Final = Gauge(
 EVICTED_BYTES: Final = Counter(
     "regproxy_evicted_bytes_total", "Bytes removed by eviction", registry=REGISTRY
 )
+PEER_REQUESTS: Final = Counter(
+    "regproxy_peer_requests_total",
+    "Requests to the cluster's peers, by peer and result (hit, miss, error)",
+    ["peer", "result"],
+    registry=REGISTRY,
+)
+PEER_SERVED: Final = Counter(
+    "regproxy_peer_served_requests_total",
+    "Requests this host answered for its peers (local store only)",
+    registry=REGISTRY,
+)
 LOGIN_FAILURES: Final = Counter(
     "regproxy_login_failures_total", "Refused logins (registry and web page)", registry=REGISTRY
 )

@@ -28,7 +28,8 @@ from regproxy.fetch import Fetcher, Source, Stream
 from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest, is_digest_reference
-from regproxy.registry import Blob, Manifest, Registry
+from regproxy.peers import Peers
+from regproxy.registry import LOCAL_ONLY, Blob, Manifest, Registry
 from regproxy.store import Store
 from regproxy.upstream import UpstreamClient
 
@@ -43,10 +44,12 @@ class ProxyRegistry(Registry):
         self.fetcher = Fetcher(store, self._on_fetched)
         self._clients: dict[str, UpstreamClient] = {}
         self._manifest_flights: dict[tuple[str, str], asyncio.Future[Any]] = {}
-        #: extra sources asked before the upstream for a blob (the cluster's peers)
-        self.peer_sources: Callable[[RepoName], list[Source]] = lambda repo: []
+        #: the cluster's other hosts, asked before any upstream (None: no peers configured)
+        self.peers: Peers | None = None
 
     async def close(self) -> None:
+        if self.peers is not None:
+            await self.peers.close()
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
@@ -55,7 +58,7 @@ class ProxyRegistry(Registry):
     # --- upstream selection ------------------------------------------------------------------------
     def upstream(self, repo: RepoName) -> UpstreamClient | None:
         """The client for the repository's host, or None: local-only, sync off or not configured."""
-        if repo.host is None or not self.config.sync_enable:
+        if repo.host is None or not self.config.sync_enable or LOCAL_ONLY.get():
             return None
         client = self._clients.get(repo.host)
         if client is None:
@@ -66,12 +69,16 @@ class ProxyRegistry(Registry):
             self._clients[repo.host] = client
         return client
 
-    def _known_or_unknown_name(self, repo: RepoName) -> None:
+    def _peers(self) -> Peers | None:
+        return None if LOCAL_ONLY.get() else self.peers
+
+    async def _known_or_unknown_name(self, repo: RepoName) -> None:
         """A host no upstream entry matches is never dialled: NAME_UNKNOWN when nothing is local."""
         if (
             repo.host is not None
             and self.config.sync_enable
             and self.config.upstream_for(repo.host) is None
+            and not await self.repo_exists(repo)
         ):
             raise NameUnknown(f"{repo.canonical}: no upstream is configured for {repo.host}")
 
@@ -128,18 +135,72 @@ class ProxyRegistry(Registry):
                 return await self.manifest_body(repo, row)
             metrics.CACHE.labels("manifest", "miss", label).inc()
             return fresh
-        if client is None:
-            self._known_or_unknown_name(repo)
-            metrics.CACHE.labels("manifest", "miss", label).inc()
-            raise ManifestUnknown(reference)
         metrics.CACHE.labels("manifest", "miss", label).inc()
-        result = await self._single(
-            ("get", f"{repo.canonical}@{reference}"),
-            lambda: self._fetch_manifest(repo, reference, client),
-        )
+        peers = self._peers()
+        if peers is not None and (client is None or is_digest_reference(reference)):
+            # digests from the cluster first; tags from the cluster when no upstream may answer
+            got = await self._single(
+                ("peer", f"{repo.canonical}@{reference}"),
+                lambda: self._manifest_from_peers(repo, reference, peers),
+            )
+            if got is not None:
+                return got
+        if client is None:
+            await self._known_or_unknown_name(repo)
+            raise ManifestUnknown(reference)
+        try:
+            result = await self._single(
+                ("get", f"{repo.canonical}@{reference}"),
+                lambda: self._fetch_manifest(repo, reference, client),
+            )
+        except UpstreamError:
+            if peers is None or is_digest_reference(reference):
+                raise
+            # upstream unreachable: the cluster's answer for the tag is better than none
+            result = await self._manifest_from_peers(repo, reference, peers)
+            if result is None:
+                raise
         if result is None:
             raise ManifestUnknown(reference)
         return result
+
+    async def _manifest_from_peers(
+        self, repo: RepoName, reference: str, peers: Peers
+    ) -> Manifest | None:
+        found = await peers.manifest(repo.canonical, reference)
+        if found is None:
+            return None
+        peer, got = found
+        if is_digest_reference(reference):
+            want = Digest.parse(reference)
+            if Digest.of(got.body, want.algorithm) != want:
+                metrics.UPSTREAM_ERRORS.labels(peer, "digest_mismatch").inc()
+                log.error("manifest.digest_mismatch repo=%s want=%s peer=%s", repo, want, peer)
+                return None
+        try:
+            # checked=0: with sync on, the upstream confirms a peer's tag at the next request
+            result = await self.put_manifest(
+                repo,
+                reference,
+                got.body,
+                got.media_type,
+                verify_refs=False,
+                pinned=False,
+                checked=0.0,
+            )
+        except OCIError as exc:
+            log.warning("manifest.peer_unusable repo=%s peer=%s error=%s", repo, peer, exc)
+            return None
+        log.info(
+            "manifest.from_peer repo=%s reference=%s digest=%s peer=%s",
+            repo,
+            reference,
+            result.digest,
+            peer,
+        )
+        row = await self.local_manifest(repo, str(result.digest))
+        assert row is not None
+        return await self.manifest_body(repo, row[0])
 
     async def _refresh_tag(
         self, repo: RepoName, tag: str, have: str, client: UpstreamClient
@@ -210,11 +271,18 @@ class ProxyRegistry(Registry):
             if blob is not None:
                 metrics.CACHE.labels("blob", "hit", label).inc()
                 return blob
+        if LOCAL_ONLY.get():
+            # a peer gets committed content only: never a transfer in flight, which could be
+            # fed by that same peer (two hosts tailing each other would wait forever)
+            metrics.CACHE.labels("blob", "miss", label).inc()
+            raise BlobUnknown(str(digest))
         transfer = self.fetcher.get(digest)
         if transfer is None:
-            sources = self._sources(repo)
+            sources = await self._sources(repo, digest)
+            transfer = self.fetcher.get(digest)  # another request may have started it meanwhile
+        if transfer is None:
             if not sources:
-                self._known_or_unknown_name(repo)
+                await self._known_or_unknown_name(repo)
                 metrics.CACHE.labels("blob", "miss", label).inc()
                 raise BlobUnknown(str(digest))
             await self._ensure_repo(repo)
@@ -223,8 +291,9 @@ class ProxyRegistry(Registry):
         size = await transfer.wait_size()
         return Blob(digest, size, stream=transfer)
 
-    def _sources(self, repo: RepoName) -> list[Source]:
-        sources = list(self.peer_sources(repo))
+    async def _sources(self, repo: RepoName, digest: Digest) -> list[Source]:
+        peers = self._peers()
+        sources = await peers.blob_sources(repo.canonical, digest) if peers is not None else []
         client = self.upstream(repo)
         if client is not None:
             path = repo.path
@@ -244,7 +313,7 @@ class ProxyRegistry(Registry):
         local_exists = await self.repo_exists(repo)
         if client is None:
             if not local_exists:
-                self._known_or_unknown_name(repo)
+                await self._known_or_unknown_name(repo)
             return await super().list_tags(repo, n, last)
         try:
             remote = await client.list_tags(repo.path)

@@ -16,6 +16,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
@@ -44,6 +45,8 @@ T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
 
+#: set for requests that must be answered from the local store only (requests from peers)
+LOCAL_ONLY: ContextVar[bool] = ContextVar("regproxy_local_only", default=False)
 SMALL_OBJECT: Final = 64 * 1024  # served from memory at or below this size
 SMALL_CACHE_BYTES: Final = 32 * 1024 * 1024
 TAG_CACHE_SECONDS: Final = 1.0  # another process (import, gc) may move a tag

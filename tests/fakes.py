@@ -70,6 +70,7 @@ class FakeUpstream:
     async def start(self) -> FakeUpstream:
         app = web.Application()
         app.router.add_route("*", "/token", self._token)
+        app.router.add_get("/healthz", self._healthz)
         app.router.add_route("*", "/v2/", self._base)
         app.router.add_route("*", "/v2/{path:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None)
@@ -117,6 +118,9 @@ class FakeUpstream:
         assert self.token_ttl is not None
         self._tokens[tok] = time.monotonic() + self.token_ttl
         return web.json_response({"token": tok, "expires_in": int(self.token_ttl)})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
 
     async def _base(self, request: web.Request) -> web.Response:
         self.requests[f"{request.method} /v2/"] += 1

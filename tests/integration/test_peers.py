@@ -1,0 +1,213 @@
+"""Multi-node: regproxy daemons on loopback ports acting as one cache (issue: peers)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fakes import BlobFault, FakeUpstream
+from tests.images import make_image, write_layout
+from tests.peers import free_port, http, skopeo, skopeo_raw, write_hosts_toml
+
+pytestmark = pytest.mark.peers
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def metric(url: str, name: str) -> float:
+    _, _, body = http("GET", f"{url}/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def three(daemon_factory, sync: list[bool], extra: dict | None = None):
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    out = []
+    for i, port in enumerate(ports):
+        cfg = {
+            "content": {"sync": {"enable": sync[i]}},
+            "peers": {"urls": urls, "timeout": "1s", "refresh": "1s"},
+            **(extra or {}),
+        }
+        d = daemon_factory(cfg, start=False, name="ABC"[i])
+        d.port = port
+        out.append(d)
+    for d in out:
+        d.start()
+    return out
+
+
+def test_air_gapped_cluster_shares_what_one_host_holds(
+    tmp_path: Path, daemon_factory, containerd
+) -> None:
+    a, b, c = three(daemon_factory, [False, False, False])
+    img1, img2 = make_image("amd64"), make_image("amd64")
+    layout = tmp_path / "layout"
+    write_layout(layout, {"one": img1, "two": img2})
+    for tag in ("one", "two"):
+        skopeo(
+            "copy",
+            "--dest-tls-verify=false",
+            f"oci:{layout}:{tag}",
+            f"docker://{a.hostport}/docker.io/team/app:{tag}",
+        )
+
+    # C, never given anything, serves both by tag and by digest (skopeo)
+    for tag, img in (("one", img1), ("two", img2)):
+        assert sha(skopeo_raw(f"{c.hostport}/docker.io/team/app:{tag}")) == img.digest
+    out = tmp_path / "out"
+    skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        f"docker://{c.hostport}/docker.io/team/app@{img1.digest}",
+        f"dir:{out}",
+    )
+    assert sha((out / "manifest.json").read_bytes()) == img1.digest
+    # and containerd on C's side, through hosts.toml for docker.io (?ns=docker.io)
+    hosts = tmp_path / "hosts"
+    write_hosts_toml(hosts, "docker.io", c.url)
+    containerd.ctr(
+        "images",
+        "pull",
+        "--plain-http",
+        "--hosts-dir",
+        str(hosts),
+        "--snapshotter",
+        "native",
+        "docker.io/team/app:one",
+    )
+    # B takes img2 as well; then A goes away and C's next miss (img2's layers) comes from B
+    skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        f"docker://{b.hostport}/docker.io/team/app:two",
+        f"dir:{tmp_path / 'b2'}",
+    )
+    fresh = daemon_factory(
+        {
+            "content": {"sync": {"enable": False}},
+            "peers": {"urls": [a.url, b.url], "timeout": "1s"},
+        },
+        name="D",
+    )
+    a.stop()
+    out2 = tmp_path / "out2"
+    skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        f"docker://{fresh.hostport}/docker.io/team/app:two",
+        f"dir:{out2}",
+    )
+    assert sha((out2 / "manifest.json").read_bytes()) == img2.digest
+    assert re.search(rf"fetch.committed .*source=http://127.0.0.1:{b.port}", fresh.log())
+
+
+def test_pulled_on_three_hosts_crosses_upstream_once(
+    tmp_path: Path, registry_factory, daemon_factory
+) -> None:
+    up = registry_factory()
+    img = make_image("amd64", layer_sizes=(300_000, 2_000_000))
+    layout = tmp_path / "layout"
+    write_layout(layout, {"v1": img})
+    skopeo(
+        "copy", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{up.hostport}/team/app:v1"
+    )
+    nodes = three(
+        daemon_factory,
+        [True, True, True],
+        {"upstreams": {up.hostport: {"url": up.url, "alias": "up.test"}}},
+    )
+    for node in nodes:
+        out = tmp_path / f"out-{node.port}"
+        skopeo(
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://{node.hostport}/up.test/team/app:v1",
+            f"dir:{out}",
+        )
+        assert sha((out / "manifest.json").read_bytes()) == img.digest
+    for blob in (img.config, *img.layers):
+        assert up.requests("GET", f"/blobs/{sha(blob)}") == 1, sha(blob)
+
+
+def test_peers_never_ask_in_a_circle(daemon_factory) -> None:
+    a_port, b_port = free_port(), free_port()
+    urls = [f"http://127.0.0.1:{a_port}", f"http://127.0.0.1:{b_port}"]
+    cfg = {
+        "content": {"sync": {"enable": False}},
+        "peers": {"urls": urls, "timeout": "1s", "refresh": "0.5s"},
+    }
+    a = daemon_factory(cfg, start=False, name="A")
+    b = daemon_factory(cfg, start=False, name="B")
+    a.port, b.port = a_port, b_port
+    a.start()
+    b.start()
+    time.sleep(1.2)  # A probed B before B was up: B is back in A's list after one refresh
+    missing = "sha256:" + "ab" * 32
+    served_before = metric(b.url, "regproxy_peer_served_requests_total")
+    t0 = time.monotonic()
+    for path in (
+        f"/v2/docker.io/x/app/blobs/{missing}",
+        "/v2/docker.io/x/app/manifests/v9",
+        f"/v2/docker.io/x/app/manifests/{missing}",
+    ):
+        status, _, body = http("GET", a.url + path)
+        assert status == 404, path
+        assert json.loads(body)["errors"][0]["code"] in (
+            "BLOB_UNKNOWN",
+            "MANIFEST_UNKNOWN",
+            "NAME_UNKNOWN",
+        )
+    assert time.monotonic() - t0 < 3
+    # each miss on A asked B once; B answered from its store and asked nobody
+    assert metric(b.url, "regproxy_peer_served_requests_total") - served_before == 3
+    assert metric(a.url, "regproxy_peer_served_requests_total") == 0
+    assert metric(b.url, "regproxy_peer_requests_total") == 0
+
+
+async def test_lying_peer_is_never_stored_and_next_source_used(daemon_factory) -> None:
+    liar = await FakeUpstream().start()
+    good = await FakeUpstream().start()
+    try:
+        data = os.urandom(800_000)
+        d = liar.add_blob(data)
+        good.add_blob(data)
+        liar.blob_faults[d] = BlobFault(corrupt=True)
+        cfg = {
+            "upstreams": {good.hostport: {"url": good.url, "alias": "good.test"}},
+            "peers": {"urls": [liar.url], "timeout": "1s", "refresh": "60s"},
+        }
+        proxy = await asyncio.to_thread(daemon_factory, cfg)
+        canonical = "spectro-images/good.test/app"
+        url = f"{proxy.url}/v2/{canonical}/blobs/{d}"
+        bodies = []
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):  # the first response may be cut (it tailed the liar); never wrong
+                try:
+                    async with s.get(url) as r:
+                        bodies.append(await r.read())
+                except aiohttp.ClientPayloadError:
+                    bodies.append(None)
+        assert bodies[-1] == data
+        assert all(b is None or b == data for b in bodies)
+        assert liar.count("GET", d) == 1  # put aside after it lied
+        assert good.count("GET", d) == 1
+        stored = proxy.root / "store" / "blobs" / "sha256" / d[7:9] / d[7:]
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == d[7:]
+    finally:
+        await liar.stop()
+        await good.stop()
