@@ -644,7 +644,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v2/", v2_base)
     app.router.add_get("/v2", v2_base)
     app.router.add_get("/v2/_catalog", catalog)
-    app.router.add_route("*", "/v2/{path:.+}", dispatch)
+    # [\s\S], not .: a decoded %0A must reach dispatch and get NAME_INVALID, not a bare 404
+    app.router.add_route("*", r"/v2/{path:[\s\S]+}", dispatch)
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -415,8 +415,25 @@ def _env_overrides(schema: dict[str, Any], prefix: str, env: Mapping[str, str]) 
         elif spec != "UPSTREAMS":
             name = "REGPROXY_" + path.replace(".", "_").upper()
             if name in env:
-                found[path] = _parse(f"{path} (from {name})", spec, yaml.safe_load(env[name]))
+                found[path] = _parse(f"{path} (from {name})", _from_env(spec), env[name])
     return found
+
+
+def _from_env(parser: Parser) -> Parser:
+    """Parse an environment variable as the text it is (a path with ``#``, a password with
+    ``: ``, a date-like project name stay what they are); only the two structured keys
+    (auth.users, prefetch.images) are read as YAML, and bad YAML there is a bad value."""
+
+    def parse(text: Any) -> Any:
+        if parser not in (_users, _images):
+            return parser(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ValueError("is not valid YAML") from None
+        return parser(value)
+
+    return parse
 
 
 def load_config(

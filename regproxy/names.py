@@ -22,9 +22,9 @@ DOCKER_HUB: Final = "docker.io"
 _DOCKER_ALIASES: Final = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 _HOST_RE: Final = re.compile(
     r"^(?:localhost|\[[0-9a-f:]+\]|[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*)"
-    r"(?::\d{1,5})?$"
+    r"(?::\d{1,5})?\Z"
 )
-_PORT_COMPONENT_RE: Final = re.compile(r"^(.+\.[a-z0-9-]+|localhost)_(\d{1,5})$")
+_PORT_COMPONENT_RE: Final = re.compile(r"^(.+\.[a-z0-9-]+|localhost)_(\d{1,5})\Z")
 
 
 @dataclass(frozen=True, slots=True)

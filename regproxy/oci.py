@@ -32,11 +32,12 @@ MANIFEST_ACCEPT: Final = ", ".join(
 MAX_MANIFEST_BYTES: Final = 4 * 1024 * 1024
 
 # --- grammar -----------------------------------------------------------------------------------
+# \Z, not $: $ also matches before a trailing newline, and "a\n" is no name or tag
 _COMPONENT: Final = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-NAME_RE: Final = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-TAG_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_ALGORITHM_RE: Final = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*$")
-_ENCODED_RE: Final = re.compile(r"^[a-zA-Z0-9=_-]+$")
+NAME_RE: Final = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*\Z")
+TAG_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+_ALGORITHM_RE: Final = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*\Z")
+_ENCODED_RE: Final = re.compile(r"^[a-zA-Z0-9=_-]+\Z")
 #: Supported algorithms and the hex length of their encoded part.
 ALGORITHMS: Final[dict[str, int]] = {"sha256": 64, "sha512": 128}
 MAX_NAME_LENGTH: Final = 255

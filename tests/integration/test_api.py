@@ -994,6 +994,8 @@ BAD_NAMES = [
     "a b",
     "a:b",
     "a@b",
+    "a%0A",
+    "a%00b",
 ]
 
 
@@ -1041,7 +1043,7 @@ def test_bad_ns(daemon: Daemon) -> None:
 
 
 @pytest.mark.parametrize(
-    "tag", ["x" * 129, "-lead", ".lead", "a+b", "a%2Fb", "%20", "tag%3Ax", "ta%00g"]
+    "tag", ["x" * 129, "-lead", ".lead", "a+b", "a%2Fb", "%20", "tag%3Ax", "ta%00g", "v1%0A"]
 )
 def test_malformed_tags(shared: Daemon, tag: str) -> None:
     repo = "tagcheck"
