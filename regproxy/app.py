@@ -24,6 +24,8 @@ from regproxy.peers import INSTANCE_HEADER, Peers
 from regproxy.proxy import ProxyRegistry
 from regproxy.registry import Registry
 from regproxy.store import Store
+from regproxy.tls import ServerTLS
+from regproxy.tls import reload_all as reload_tls
 
 log = logging.getLogger("regproxy")
 CONFIG_KEY: Final = web.AppKey("config", Config)
@@ -95,12 +97,9 @@ def create_app(config: Config) -> web.Application:
 
 
 def _ssl_context(config: Config) -> ssl.SSLContext | None:
-    if not config.tls.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    assert config.tls.cert and config.tls.key
-    ctx.load_cert_chain(config.tls.cert, config.tls.key)
-    return ctx
+    """Kept for callers; ``serve`` holds a :class:`ServerTLS` so SIGHUP can reload it."""
+    server_tls = ServerTLS.from_config(config.tls)
+    return server_tls.context if server_tls else None
 
 
 async def serve(
@@ -119,11 +118,12 @@ async def serve(
         handle_signals=False,
     )
     await runner.setup()
+    server_tls = ServerTLS.from_config(config.tls)  # referenced while serving: SIGHUP reloads it
     site = web.TCPSite(
         runner,
         config.listen_host,
         config.listen_port,
-        ssl_context=_ssl_context(config),
+        ssl_context=server_tls.context if server_tls else None,
         backlog=1024,
         reuse_address=True,
     )
@@ -151,7 +151,11 @@ async def serve(
         log.info("shutdown.done")
 
 
-def install_signal_handlers(stop: asyncio.Event) -> None:
+def install_signal_handlers(
+    stop: asyncio.Event, reload: Callable[[], object] | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP (systemctl reload) reloads the TLS certificate; it never kills the daemon
+    loop.add_signal_handler(signal.SIGHUP, reload or reload_tls)

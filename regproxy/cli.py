@@ -33,10 +33,24 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 async def _serve(config: Config) -> None:
     from regproxy.app import install_signal_handlers, serve
+    from regproxy.systemd import Notifier
+    from regproxy.tls import reload_all
 
     stop = asyncio.Event()
-    install_signal_handlers(stop)
-    await serve(config, stop)
+    notifier = Notifier.from_env()
+
+    def reload() -> None:
+        log.info("reload.signal what=tls certificate")
+        notifier.reloading()
+        reload_all()
+        notifier.reloaded()
+
+    install_signal_handlers(stop, reload)
+    notifier.stop_on(stop)
+    try:
+        await serve(config, stop, on_ready=notifier.ready)
+    finally:
+        await notifier.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

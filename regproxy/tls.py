@@ -1,0 +1,69 @@
+"""The listener's TLS context, and reloading its certificate on SIGHUP.
+
+``SSLContext.load_cert_chain`` on the context the listener already uses changes what new
+handshakes present; connections already open keep theirs. A new pair is first loaded into a
+scratch context, so a half-written or mismatched cert/key never replaces a working one: the
+old certificate keeps being served and the failure is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import weakref
+from typing import Final
+
+from regproxy.config import TLSConfig
+
+log = logging.getLogger("regproxy.tls")
+
+#: the contexts of every running listener, for :func:`reload_all` (SIGHUP is process-wide)
+_LIVE: Final[weakref.WeakSet[ServerTLS]] = weakref.WeakSet()
+
+
+def _new_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+class ServerTLS:
+    """A server SSLContext whose certificate chain can be reloaded in place."""
+
+    def __init__(self, cert: str, key: str) -> None:
+        self.cert = cert
+        self.key = key
+        self.context = _new_context()
+        self.context.load_cert_chain(cert, key)
+        _LIVE.add(self)
+
+    @classmethod
+    def from_config(cls, tls: TLSConfig) -> ServerTLS | None:
+        if not tls.enabled:
+            return None
+        assert tls.cert and tls.key
+        return cls(tls.cert, tls.key)
+
+    def reload(self) -> bool:
+        """Load the files again; True when the new chain is in use."""
+        try:
+            _new_context().load_cert_chain(self.cert, self.key)  # validate first
+            self.context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            log.error(
+                "tls.reload_failed cert=%s key=%s error=%s (the previous certificate stays)",
+                self.cert,
+                self.key,
+                exc,
+            )
+            return False
+        log.info("tls.reloaded cert=%s", self.cert)
+        return True
+
+
+def reload_all() -> int:
+    """Reload every live listener's certificate; the number that reloaded."""
+    live = list(_LIVE)
+    if not live:
+        log.info("tls.reload_skipped reason=tls not configured")
+    return sum(t.reload() for t in live)
