@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from regproxy import __version__
+from regproxy import __version__, bundle_cli
 from regproxy.config import Config, load_config
 from regproxy.errors import ConfigError, ConfigMissing
 from regproxy.log import setup_logging
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the registry daemon")
     sub.add_parser("check-config", help="validate the config and print the effective values")
+    bundle_cli.add_parsers(sub)
     return p
 
 
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(config)
         return 0
+    if args.command == "import":
+        return int(run(bundle_cli.run_import(config, args.paths, args.name)))
+    if args.command == "export":
+        return int(run(bundle_cli.run_export(config, args.names, args.output, args.platform)))
     if args.command == "serve":
         try:
             run(_serve(config))

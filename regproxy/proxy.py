@@ -70,7 +70,9 @@ class ProxyRegistry(Registry):
         return client
 
     def _peers(self) -> Peers | None:
-        return None if LOCAL_ONLY.get() else self.peers
+        if LOCAL_ONLY.get() or self.peers is None or not self.peers.enabled:
+            return None
+        return self.peers
 
     async def _known_or_unknown_name(self, repo: RepoName) -> None:
         """A host no upstream entry matches is never dialled: NAME_UNKNOWN when nothing is local."""
@@ -265,7 +267,13 @@ class ProxyRegistry(Registry):
         if blob is not None:
             metrics.CACHE.labels("blob", "hit", label).inc()
             return blob
-        # the bytes may be here already under another repository: content is content
+        if self.upstream(repo) is None and self._peers() is None:
+            # nothing would fetch it: a pushed or imported repository holds what it was given
+            # (a DELETE must stick, and repositories do not see each other's blobs)
+            await self._known_or_unknown_name(repo)
+            metrics.CACHE.labels("blob", "miss", label).inc()
+            raise BlobUnknown(str(digest))
+        # a miss we would fetch: verified bytes already here under another name serve at once
         if await self.mount_blob(repo, digest, None):
             blob = await self.local_blob(repo, digest)
             if blob is not None:

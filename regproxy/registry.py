@@ -151,10 +151,14 @@ class Registry:
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(None, call)
 
-    async def open(self) -> None:
-        removed = await self._io(self.store.open)
+    async def open(self, *, sweep: bool = True) -> None:
+        """Open store and index; ``sweep`` (the daemon's start-up) removes what a crash left.
+
+        Tools that run beside a live daemon (import, prefetch, pin) open with ``sweep=False``.
+        """
+        removed = await self._io(self.store.open, sweep=sweep)
         await self._db(self.index.open)
-        cleared = await self._db(self.index.clear_uploads)
+        cleared = await self._db(self.index.clear_uploads) if sweep else 0
         log.info(
             "registry.open root=%s swept_tmp=%d cleared_uploads=%d",
             self.store.root,
@@ -248,6 +252,12 @@ class Registry:
         await self._db(self.index.add_blob, repo.canonical, str(digest), size)
         self._blob_links.put((repo.canonical, str(digest)), size)
         return size
+
+    async def index_blob(self, repo: RepoName, digest: Digest, size: int) -> None:
+        """Record a blob that is durable in the store as part of a repository (import)."""
+        await self._ensure_repo(repo)
+        await self._db(self.index.add_blob, repo.canonical, str(digest), size)
+        self._blob_links.put((repo.canonical, str(digest)), size)
 
     # --- uploads ----------------------------------------------------------------------------------
     async def start_upload(self, repo: RepoName) -> str:

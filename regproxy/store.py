@@ -136,7 +136,7 @@ class Store:
         self.tmp = root / "tmp"
         self.quarantine = root / "quarantine"
 
-    def open(self) -> int:
+    def open(self, *, sweep: bool = True) -> int:
         """Create the layout and remove partial files a crash left; returns how many."""
         for d in (self.root, self.blobs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ class Store:
         else:
             version_file.write_text(f"{LAYOUT_VERSION}\n")
         removed = 0
-        for entry in self.tmp.iterdir():
+        for entry in self.tmp.iterdir() if sweep else ():
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -467,16 +467,6 @@ def test_blob_unknown_and_delete(daemon: Daemon) -> None:
     assert http("GET", f"{daemon.url}/v2/del2/blobs/{digest}")[2] == data
 
 
-# proxy.ProxyRegistry.get_blob mounts any local copy of a digest into the asking repository
-# ("content is content"), so a blob DELETE does not stick and repositories do not scope blobs.
-_AUTO_MOUNT = pytest.mark.xfail(
-    reason="ProxyRegistry.get_blob re-mounts any local copy: blob DELETE and per-repo scope "
-    "are undone on the next GET (spec: DELETE blob, then 404 in that repository)",
-    strict=True,
-)
-
-
-@_AUTO_MOUNT
 def test_blob_delete_sticks(daemon: Daemon) -> None:
     data = blob_bytes(SMALL)
     digest = push_blob(daemon, "del", data)
@@ -492,7 +482,6 @@ def test_blob_delete_sticks(daemon: Daemon) -> None:
     )
 
 
-@_AUTO_MOUNT
 def test_blob_is_per_repository(daemon: Daemon) -> None:
     digest = push_blob(daemon, "mine", b"private bytes")
     assert http("HEAD", f"{daemon.url}/v2/yours/blobs/{digest}")[0] == 404
