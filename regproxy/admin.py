@@ -1,0 +1,47 @@
+"""Administrative HTTP endpoints beside the OCI API: bundle upload (import over HTTP).
+
+Everything here changes content, so the access-control middleware asks for a login first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Final
+
+from aiohttp import web
+
+from regproxy.api import REGISTRY_KEY, RESOLVER_KEY, error_response
+from regproxy.bundle import BundleError, Importer
+from regproxy.errors import OCIError
+
+log = logging.getLogger("regproxy.admin")
+IMPORT_PATH: Final = "/admin/import"
+
+
+class BundleInvalid(OCIError):
+    code, http_status, message = "BUNDLE_INVALID", 400, "the bundle cannot be imported"
+
+
+async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_any():
+        yield chunk
+
+
+async def import_bundle(request: web.Request) -> web.Response:
+    """POST a bundle (OCI archive, gzip/zstd, docker-save tar): streamed to disk, imported,
+    answered with the import summary as JSON. ``?name=`` names images the bundle does not."""
+    importer = Importer(
+        request.app[REGISTRY_KEY], request.app[RESOLVER_KEY], name=request.query.get("name")
+    )
+    try:
+        summary = await importer.import_stream(_chunks(request))
+    except BundleError as exc:
+        log.warning("import.refused remote=%s error=%s", request.remote, exc)
+        return error_response(BundleInvalid(str(exc)))
+    log.info("import.http remote=%s %s", request.remote, summary)
+    return web.json_response(summary.to_json())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post(IMPORT_PATH, import_bundle)
