@@ -341,6 +341,8 @@ async def _send_file(
         file_fd = await loop.run_in_executor(sender.pool, sender.open, path)
     except FileNotFoundError:
         raise BlobUnknown(str(blob.digest)) from None
+    if request.transport is not None and request.transport.get_extra_info("ssl_object"):
+        return await _send_file_tls(request, blob, file_fd, status, headers, start, count)
     try:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = count
@@ -380,6 +382,44 @@ async def _send_file(
         if isinstance(exc, asyncio.CancelledError):
             raise
         return resp
+    await resp.write_eof()
+    return resp
+
+
+async def _send_file_tls(
+    request: web.Request,
+    blob: Blob,
+    file_fd: int,
+    status: int,
+    headers: dict[str, str],
+    offset: int,
+    count: int,
+) -> web.StreamResponse:
+    """TLS: sendfile(2) on the socket would bypass the TLS layer, so the bytes go through the
+    transport, read with ``pread`` off the loop. Closes ``file_fd``."""
+    loop = asyncio.get_running_loop()
+    pool = request.app[SENDER_KEY].pool
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = count
+    try:
+        await resp.prepare(request)
+        while count > 0:
+            chunk = await loop.run_in_executor(pool, os.pread, file_fd, min(CHUNK, count), offset)
+            if not chunk:
+                raise EOFError("blob file is shorter than its recorded size")
+            await resp.write(chunk)
+            offset += len(chunk)
+            count -= len(chunk)
+    except EOFError as exc:
+        log.warning(
+            "blob.aborted digest=%s repo=%s error=%r", blob.digest, request.get("repo"), exc
+        )
+        request["error"] = "aborted"
+        if request.transport is not None:
+            request.transport.abort()  # never end a response with missing bytes
+        return resp
+    finally:
+        os.close(file_fd)
     await resp.write_eof()
     return resp
 

@@ -1,0 +1,155 @@
+"""TLS on the listener: skopeo trusts a certificate made here; SIGHUP serves a new one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.images import make_image, write_layout
+from tests.peers import Daemon, have, skopeo
+
+pytestmark = [
+    pytest.mark.peers,
+    pytest.mark.skipif(not (have("skopeo") and have("openssl")), reason="skopeo/openssl missing"),
+]
+
+
+def _make_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=127.0.0.1/O={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def _cert_dir(directory: Path, cert: Path) -> Path:
+    """What containers/image reads: a directory with the CA as ca.crt."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca.crt").write_bytes(cert.read_bytes())
+    return directory
+
+
+def _served_der(port: int) -> bytes:
+    pem = ssl.get_server_certificate(("127.0.0.1", port), timeout=5)
+    return ssl.PEM_cert_to_DER_cert(pem)
+
+
+def _der(cert: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.read_text())
+
+
+def _replace(src: Path, dest: Path) -> None:
+    """As an operator's cert tooling does: write beside, rename over."""
+    tmp = dest.with_suffix(".new")
+    tmp.write_bytes(src.read_bytes())
+    os.replace(tmp, dest)
+
+
+def _wait_served(port: int, want: bytes, timeout: float = 10) -> bytes:
+    deadline = time.monotonic() + timeout
+    got = b""
+    while time.monotonic() < deadline:
+        got = _served_der(port)
+        if got == want:
+            break
+        time.sleep(0.05)
+    return got
+
+
+def _wait_log(d: Daemon, text: str, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in d.log():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_tls_skopeo_trusts_cert_and_sighup_reloads(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    certs = tmp_path / "certs"
+    first_cert, first_key = _make_cert(certs, "first")
+    live_cert, live_key = certs / "tls.crt", certs / "tls.key"
+    _replace(first_cert, live_cert)
+    _replace(first_key, live_key)
+    d = daemon_factory({"tls": {"cert": str(live_cert), "key": str(live_key)}})
+    assert d.url.startswith("https://")
+    assert _served_der(d.port) == _der(first_cert)
+
+    img = make_image("amd64")
+    layout = tmp_path / "layout"
+    write_layout(layout, {"v1": img})
+    ref = f"docker://{d.hostport}/spectro-images/tls/app:v1"
+    trust = _cert_dir(tmp_path / "trust-first", first_cert)
+
+    # verification is on: without the CA skopeo refuses the certificate
+    refused = skopeo("copy", f"oci:{layout}:v1", ref, check=False)
+    assert refused.returncode != 0
+    assert "certificate" in refused.stderr, refused.stderr
+
+    skopeo("copy", "--dest-cert-dir", str(trust), f"oci:{layout}:v1", ref)
+    out = tmp_path / "out"
+    skopeo("copy", "--src-cert-dir", str(trust), ref, f"oci:{out}:v1")
+    raw = skopeo("inspect", "--cert-dir", str(trust), "--raw", ref).stdout
+    assert raw.encode() == img.manifest
+
+    # a new certificate in place of the old one, then SIGHUP: new handshakes get it
+    second_cert, second_key = _make_cert(certs, "second")
+    _replace(second_cert, live_cert)
+    _replace(second_key, live_key)
+    assert _served_der(d.port) == _der(first_cert)  # nothing changes before the signal
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    assert _wait_served(d.port, _der(second_cert)) == _der(second_cert), d.log()
+    assert _wait_log(d, "tls.reloaded"), d.log()
+    new_trust = _cert_dir(tmp_path / "trust-second", second_cert)
+    assert skopeo("inspect", "--cert-dir", str(new_trust), "--raw", ref).stdout == raw
+    old_trust = skopeo("inspect", "--cert-dir", str(trust), "--raw", ref, check=False)
+    assert old_trust.returncode != 0
+
+    # a broken pair is refused on reload: the working certificate stays
+    live_cert.write_text("not a certificate\n")
+    d.proc.send_signal(signal.SIGHUP)
+    assert _wait_log(d, "tls.reload_failed"), d.log()
+    assert d.proc.poll() is None
+    assert _served_der(d.port) == _der(second_cert)
+    assert d.stop() == 0
+
+
+def test_plain_http_when_tls_not_configured(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory()
+    assert d.url.startswith("http://")
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)  # reload with nothing to reload: logged, still running
+    assert _wait_log(d, "tls.reload_skipped"), d.log()
+    assert d.proc.poll() is None
+    assert d.stop() == 0
