@@ -16,7 +16,7 @@ from typing import Final
 
 from aiohttp import web
 
-from regproxy import api, metrics
+from regproxy import api, auth, metrics
 from regproxy.config import Config
 from regproxy.index import Index
 from regproxy.names import NameResolver
@@ -88,6 +88,7 @@ def create_app(config: Config) -> web.Application:
     app[api.REGISTRY_KEY] = build_registry(config)
     app[api.RESOLVER_KEY] = NameResolver(config)
     app.cleanup_ctx.append(_registry_ctx)
+    auth.setup(app, config.auth)  # after api.error_middleware: refusals are OCI errors
     api.add_routes(app)
     app.on_response_prepare.append(_instance_header)
     app.router.add_get("/", index_page)

@@ -1,0 +1,389 @@
+"""Access control: who may read and who may change what this host holds.
+
+Users come from an htpasswd file (bcrypt lines, as ``htpasswd -B`` writes them: ``$2y$...``) and
+from ``auth.users`` in the config (hashes only). The file is read again when it changes (its
+mtime, size or inode), so an operator adds a user without a restart.
+
+The rules, for ``/v2`` and ``/metrics`` (everything else is open or the web page's own business):
+
+- **reads** (GET/HEAD of manifests, blobs, tags, referrers, the catalog, ``/metrics``) are open
+  while ``auth.anonymous_pull`` is true (the default), and need a login when it is false;
+- **``GET /v2/``** (the ping clients send before anything else) asks anyone without credentials to
+  log in whenever users are configured: a client that has credentials only sends them after such
+  a challenge (skopeo decides there, once, whether it will authenticate), and a client without
+  any still pulls, because the content routes themselves stay open;
+- **changes** (POST/PATCH/PUT/DELETE, and upload sessions even by GET) need a login of a user
+  allowed to change content (every configured user, for now: :func:`may_change_content`);
+- **no users configured at all**: the registry is open as before, and start-up says so loudly.
+  With ``anonymous_pull: false`` and no users, everything is refused (nobody can log in);
+- **peers** are not trusted by their ``Regproxy-Peer`` header: that header only makes a request
+  local-only. A peer logs in like anybody else (``peers.username``/``password``, sent as Basic
+  when challenged).
+
+A wrong password is answered after :data:`FAILURE_DELAY` (an ``asyncio.sleep``: the loop goes on
+serving), counted in ``regproxy_login_failures_total`` and logged with the user name and the
+remote address, never the password. bcrypt is slow on purpose, so it runs on a small thread pool of
+its own (guesses cannot starve the executor that the store uses), and a success is remembered for
+:data:`CACHE_TTL` so a pulling containerd does not pay bcrypt per request. The cache holds no
+password: its keys are HMAC-SHA256 digests under a key made at start-up, over the user, the
+password tried and the stored hash (so a changed or removed user stops matching at once).
+
+:func:`check_login` is the one check; the web page calls it for its own login form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final
+
+import bcrypt
+from aiohttp import BasicAuth, hdrs, web
+
+from regproxy import metrics
+from regproxy.api import error_response
+from regproxy.config import AuthConfig
+from regproxy.errors import Denied, OCIError, Unauthorized
+
+log = logging.getLogger("regproxy.auth")
+
+#: how long a wrong password waits for its answer (blunts guessing; the loop is not blocked)
+FAILURE_DELAY: Final = 1.0
+#: how long a successful (user, password) is believed without running bcrypt again
+CACHE_TTL: Final = 300.0
+CACHE_SIZE: Final = 1024
+#: the htpasswd file is stat()ed at most this often
+RELOAD_CHECK_SECONDS: Final = 1.0
+#: bcrypt uses the first 72 bytes of a password (htpasswd hashed no more); bcrypt>=5 refuses longer
+MAX_PASSWORD_BYTES: Final = 72
+BCRYPT_PREFIXES: Final = ("$2y$", "$2b$", "$2a$")
+BCRYPT_THREADS: Final = 2
+#: the paths this module guards; the rest (/, /healthz, the web page) decide for themselves
+GUARDED: Final = ("/v2", "/metrics")
+READ_METHODS: Final = frozenset({"GET", "HEAD"})
+#: verified when the user is unknown, so an unknown name costs as much as a wrong password
+_DUMMY_HASH: Final = bcrypt.hashpw(b"regproxy-no-such-user", bcrypt.gensalt(rounds=5))
+
+FileSignature = tuple[int, int, int]  # st_mtime_ns, st_size, st_ino
+
+
+def parse_htpasswd(text: str, source: str = "htpasswd") -> dict[str, bytes]:
+    """``user:hash`` lines -> {user: bcrypt hash}; blank lines and ``#`` comments are skipped.
+
+    Lines that are not bcrypt (``{SHA}``, ``$apr1$``, crypt) are skipped with a warning that
+    names the user and the line but shows no hash.
+    """
+    users: dict[str, bytes] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not user:
+            log.warning("auth.htpasswd_bad_line file=%s line=%d", source, lineno)
+            continue
+        if not hashed.startswith(BCRYPT_PREFIXES):
+            log.warning(
+                "auth.htpasswd_not_bcrypt file=%s line=%d user=%r (make it with htpasswd -B)",
+                source,
+                lineno,
+                user,
+            )
+            continue
+        if user in users:
+            log.warning("auth.htpasswd_duplicate file=%s line=%d user=%r", source, lineno, user)
+        users[user] = hashed.encode("ascii", "replace")
+    return users
+
+
+def verify_password(password: str, hashed: bytes) -> bool:
+    """Blocking bcrypt check (``$2y$``, ``$2b$``, ``$2a$``); a malformed hash never matches."""
+    secret = password.encode("utf-8")[:MAX_PASSWORD_BYTES]
+    try:
+        return bcrypt.checkpw(secret, hashed)
+    except ValueError:
+        return False
+
+
+class UserDB:
+    """The configured users, the htpasswd file's reloads, and the bcrypt checks with their cache."""
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        failure_delay: float = FAILURE_DELAY,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.config = config
+        self.failure_delay = failure_delay
+        self._clock = clock
+        self._sleep = sleep
+        self._config_users = {u: h.encode("ascii", "replace") for u, h in config.users.items()}
+        self._file_users: dict[str, bytes] = {}
+        self._file_sig: FileSignature | None = None
+        self._file_error: str | None = None
+        self._next_check = 0.0
+        self._users: dict[str, bytes] = dict(self._config_users)
+        self._key = secrets.token_bytes(32)
+        self._cache: OrderedDict[bytes, float] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[bool]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    # --- who exists ------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        """Access control is on when any source of users is configured (even an empty file)."""
+        return bool(self.config.htpasswd or self.config.users)
+
+    @property
+    def anonymous_read(self) -> bool:
+        return self.config.anonymous_pull
+
+    def users(self) -> Mapping[str, bytes]:
+        return self._users
+
+    def may_change_content(self, user: str) -> bool:
+        """Push, delete, pin: every configured user, for now."""
+        return user in self._users
+
+    def reload_if_changed(self) -> bool:
+        """Blocking: read the htpasswd file again if it changed; True when the users changed."""
+        path = self.config.htpasswd
+        if not path:
+            return False
+        try:
+            st = os.stat(path)
+            sig: FileSignature | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if sig == self._file_sig:
+                return False
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as exc:
+            if self._file_error != exc.strerror:
+                log.error("auth.htpasswd_unreadable file=%s error=%s", path, exc.strerror)
+            self._file_error = exc.strerror
+            sig, text = None, ""
+            if self._file_sig is None and not self._file_users:
+                return False
+        else:
+            self._file_error = None
+        self._file_sig = sig
+        self._file_users = parse_htpasswd(text, path)
+        both = set(self._file_users) & set(self._config_users)
+        if both:
+            log.warning("auth.user_twice users=%s (the htpasswd file wins)", sorted(both))
+        self._users = {**self._config_users, **self._file_users}
+        self._cache.clear()
+        log.info("auth.htpasswd_loaded file=%s users=%d", path, len(self._file_users))
+        return True
+
+    async def refresh(self) -> None:
+        """Look at the htpasswd file again if it was not looked at lately (off the loop)."""
+        if not self.config.htpasswd or self._clock() < self._next_check:
+            return
+        self._next_check = self._clock() + RELOAD_CHECK_SECONDS
+        await asyncio.get_running_loop().run_in_executor(None, self.reload_if_changed)
+
+    # --- passwords -------------------------------------------------------------------------------
+    def _cache_key(self, user: str, password: str, hashed: bytes) -> bytes:
+        msg = b"\0".join((user.encode("utf-8"), password.encode("utf-8"), hashed))
+        return hmac.new(self._key, msg, hashlib.sha256).digest()
+
+    def _cached(self, key: bytes) -> bool:
+        expires = self._cache.get(key)
+        if expires is None:
+            return False
+        if self._clock() >= expires:
+            del self._cache[key]
+            return False
+        return True
+
+    def _remember(self, key: bytes) -> None:
+        self._cache[key] = self._clock() + CACHE_TTL
+        self._cache.move_to_end(key)
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    async def verify(self, user: str, password: str) -> bool:
+        """True if the password is the user's; bcrypt runs off the loop, once per attempt at a
+        time (concurrent requests with the same credentials share one check)."""
+        await self.refresh()
+        known = self._users.get(user)
+        hashed = known if known is not None else _DUMMY_HASH
+        key = self._cache_key(user, password, hashed)
+        if known is not None and self._cached(key):
+            return True
+        fut = self._inflight.get(key)
+        if fut is None:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    BCRYPT_THREADS, thread_name_prefix="regproxy-bcrypt"
+                )
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(self._pool, verify_password, password, hashed)
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
+        ok = await asyncio.shield(fut) and known is not None
+        if ok:
+            self._remember(key)
+        return ok
+
+    async def login(self, user: str, password: str, *, remote: str | None, via: str) -> bool:
+        """:meth:`verify`, and for a refusal: the count, the log line, the delay."""
+        if await self.verify(user, password):
+            return True
+        metrics.LOGIN_FAILURES.inc()
+        known = user in self._users
+        log.warning(
+            "auth.login_failed user=%r remote=%s via=%s reason=%s",
+            user,
+            remote or "-",
+            via,
+            "wrong password" if known else "unknown user",
+        )
+        await self._sleep(self.failure_delay)
+        return False
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+USERS_KEY: Final = web.AppKey("users", UserDB)
+
+
+# --- for the web page (and anything else that logs people in) ------------------------------------
+async def check_login(
+    app: web.Application, user: str, password: str, *, remote: str | None = None
+) -> bool:
+    """The one login check: True for a configured user's right password. A refusal is counted,
+    logged without the password, and answered only after :data:`FAILURE_DELAY`."""
+    return await app[USERS_KEY].login(user, password, remote=remote, via="ui")
+
+
+def may_change_content(app: web.Application, user: str) -> bool:
+    """Whether a logged-in user may push, delete, pin or upload (every configured user, for now)."""
+    return app[USERS_KEY].may_change_content(user)
+
+
+# --- the middleware ------------------------------------------------------------------------------
+def _needs(request: web.Request, db: UserDB) -> str | None:
+    """None (open), "ping", "read" or "write" for a request under this module's guard."""
+    path = request.path
+    if not any(path == p or path.startswith(p + "/") for p in GUARDED):
+        return None
+    if not db.enabled and db.anonymous_read:
+        return None  # no users at all: open, as before (start-up warned)
+    if request.method not in READ_METHODS or "/blobs/uploads/" in path:
+        return "write"
+    if path in ("/v2", "/v2/"):
+        return "ping"
+    return "read"
+
+
+def _credentials(request: web.Request) -> tuple[str, str] | None:
+    header = request.headers.get(hdrs.AUTHORIZATION)
+    if not header:
+        return None
+    try:
+        creds = BasicAuth.decode(header, encoding="utf-8")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None  # not Basic, or garbled: treated as no credentials (and challenged)
+    if not creds.login and not creds.password:
+        return None  # some clients send an empty Basic pair when they have nothing
+    return creds.login, creds.password
+
+
+def challenge(request: web.Request, detail: str) -> web.Response:
+    """401 with the OCI error body and the Basic challenge clients answer."""
+    realm = request.app[USERS_KEY].config.realm.replace("\\", "\\\\").replace('"', '\\"')
+    return _refuse(request, Unauthorized(detail), {hdrs.WWW_AUTHENTICATE: f'Basic realm="{realm}"'})
+
+
+def _refuse(request: web.Request, exc: OCIError, headers: Mapping[str, str]) -> web.Response:
+    request["error"] = exc.code
+    resp = error_response(exc, request)
+    resp.headers.update(headers)
+    return resp
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    db = request.app[USERS_KEY]
+    need = _needs(request, db)
+    if need is None:
+        return await handler(request)
+    creds = _credentials(request)
+    if creds is not None:
+        user, password = creds
+        if not await db.login(user, password, remote=request.remote, via="registry"):
+            return challenge(request, "wrong user name or password")
+        request["user"] = user
+        if need == "write" and not db.may_change_content(user):
+            return _refuse(request, Denied(f"{user!r} may not change content"), {})
+        return await handler(request)
+    if need == "read" and db.anonymous_read:
+        return await handler(request)
+    if need == "ping" and db.anonymous_read and not db.enabled:
+        return await handler(request)
+    return challenge(request, "log in to " + ("change content" if need == "write" else "read"))
+
+
+async def _users_ctx(app: web.Application) -> AsyncIterator[None]:
+    db = app[USERS_KEY]
+    await asyncio.get_running_loop().run_in_executor(None, db.reload_if_changed)
+    if not db.enabled and db.anonymous_read:
+        log.warning(
+            "auth.open no users are configured (auth.htpasswd, auth.users): anyone who reaches "
+            "this port may push and delete"
+        )
+    elif not db.users():
+        log.error(
+            "auth.no_users nobody can log in: %s",
+            "every push and delete is refused"
+            if db.anonymous_read
+            else "every /v2 request is refused (auth.anonymous_pull is false)",
+        )
+    else:
+        log.info(
+            "auth.on users=%d anonymous_pull=%s realm=%s",
+            len(db.users()),
+            db.anonymous_read,
+            db.config.realm,
+        )
+    yield
+    db.close()
+
+
+def setup(app: web.Application, config: AuthConfig) -> None:
+    """Install the users and the middleware (before the app is frozen, after the error
+    middleware, so a crash in here is still rendered as an OCI error)."""
+    app[USERS_KEY] = UserDB(config)
+    app.middlewares.append(auth_middleware)
+    app.cleanup_ctx.append(_users_ctx)
+
+
+__all__: list[str] = [
+    "USERS_KEY",
+    "UserDB",
+    "auth_middleware",
+    "check_login",
+    "may_change_content",
+    "parse_htpasswd",
+    "setup",
+    "verify_password",
+]
