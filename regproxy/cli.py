@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the registry daemon")
     sub.add_parser("check-config", help="validate the config and print the effective values")
+    cc = sub.add_parser(
+        "containerd-config",
+        help="write containerd hosts.toml files that make regproxy the first host",
+    )
+    cc.add_argument("--dir", default="/etc/containerd/certs.d", help="containerd config_path")
+    cc.add_argument("--default", action="store_true", help="also write _default (every registry)")
+    cc.add_argument("--url", help="regproxy as containerd reaches it (default: from listen, tls)")
+    cc.add_argument("--ca", help="CA file containerd trusts for an https --url")
+    cc.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     bundle_cli.add_parsers(sub)
     return p
 
@@ -82,6 +91,22 @@ def main(argv: list[str] | None = None) -> int:
         return int(run(bundle_cli.run_import(config, args.paths, args.name)))
     if args.command == "export":
         return int(run(bundle_cli.run_export(config, args.names, args.output, args.platform)))
+    if args.command == "containerd-config":
+        from regproxy import containerd
+
+        try:
+            return containerd.run(
+                config,
+                args.dir,
+                args.url,
+                default=args.default,
+                ca=args.ca,
+                dry_run=args.dry_run,
+                out=sys.stdout,
+            )
+        except OSError as exc:
+            print(f"regproxy: containerd-config: {exc}", file=sys.stderr)
+            return 1
     if args.command == "serve":
         try:
             run(_serve(config))
