@@ -44,6 +44,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Final
 
 import bcrypt
@@ -262,6 +263,8 @@ class UserDB:
 
 
 USERS_KEY: Final = web.AppKey("users", UserDB)
+#: the user a request logged in as, for its handler (each request runs in a task of its own)
+USER: Final[ContextVar[str | None]] = ContextVar("regproxy_user", default=None)
 
 
 # --- for the web page (and anything else that logs people in) ------------------------------------
@@ -332,7 +335,7 @@ async def auth_middleware(
         user, password = creds
         if not await db.login(user, password, remote=request.remote, via="registry"):
             return challenge(request, "wrong user name or password")
-        request["user"] = user
+        USER.set(user)
         if need == "write" and not db.may_change_content(user):
             return _refuse(request, Denied(f"{user!r} may not change content"), {})
         return await handler(request)
@@ -378,6 +381,7 @@ def setup(app: web.Application, config: AuthConfig) -> None:
 
 
 __all__: list[str] = [
+    "USER",
     "USERS_KEY",
     "UserDB",
     "auth_middleware",
