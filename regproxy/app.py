@@ -18,9 +18,11 @@ from aiohttp import web
 
 from regproxy import api, auth, metrics
 from regproxy.config import Config
+from regproxy.errors import ConfigError
 from regproxy.index import Index
 from regproxy.names import NameResolver
 from regproxy.peers import INSTANCE_HEADER, Peers
+from regproxy.prefetch import Prefetcher
 from regproxy.proxy import ProxyRegistry
 from regproxy.registry import Registry
 from regproxy.store import Store
@@ -30,6 +32,9 @@ from regproxy.tls import reload_all as reload_tls
 log = logging.getLogger("regproxy")
 CONFIG_KEY: Final = web.AppKey("config", Config)
 INSTANCE_KEY: Final = web.AppKey("instance", str)
+#: the prefetcher; ``app[PREFETCH_KEY].prefetch_done`` is what /readyz consults when
+#: ``prefetch.required_for_ready`` is true (True at once when prefetch.images is empty)
+PREFETCH_KEY: Final = web.AppKey("prefetch", Prefetcher)
 HOUSEKEEPING_SECONDS: Final = 10.0
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
@@ -65,6 +70,15 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     await registry.close()
 
 
+async def _prefetch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Prefetch in the background, after the registry opened, until shutdown."""
+    task = asyncio.create_task(app[PREFETCH_KEY].run(), name="prefetch")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def index_page(request: web.Request) -> web.Response:
     return web.Response(text="regproxy\n")
 
@@ -89,6 +103,13 @@ def create_app(config: Config) -> web.Application:
     app[api.RESOLVER_KEY] = NameResolver(config)
     app.cleanup_ctx.append(_registry_ctx)
     auth.setup(app, config.auth)  # after api.error_middleware: refusals are OCI errors
+    try:
+        app[PREFETCH_KEY] = Prefetcher(
+            app[api.REGISTRY_KEY], app[api.RESOLVER_KEY], config.prefetch
+        )
+    except ValueError as exc:
+        raise ConfigError("prefetch.platforms", str(exc)) from None
+    app.cleanup_ctx.append(_prefetch_ctx)
     api.add_routes(app)
     app.on_response_prepare.append(_instance_header)
     app.router.add_get("/", index_page)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from regproxy import __version__, bundle_cli
+from regproxy import __version__, bundle_cli, pins, prefetch
 from regproxy.config import Config, load_config
 from regproxy.errors import ConfigError, ConfigMissing
 from regproxy.log import setup_logging
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--ca", help="CA file containerd trusts for an https --url")
     cc.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     bundle_cli.add_parsers(sub)
+    prefetch.add_parser(sub)
+    pins.add_parsers(sub)
     return p
 
 
@@ -91,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(run(bundle_cli.run_import(config, args.paths, args.name)))
     if args.command == "export":
         return int(run(bundle_cli.run_export(config, args.names, args.output, args.platform)))
+    if args.command == "prefetch":
+        return int(run(prefetch.run_cli(config, args)))
+    if args.command in ("pin", "unpin", "pins"):
+        return int(run(pins.run_cli(config, args)))
     if args.command == "containerd-config":
         from regproxy import containerd
 
@@ -113,5 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.error("serve.failed error=%s", exc)
             return 1
+        except ConfigError as exc:
+            print(f"regproxy: {exc}", file=sys.stderr)
+            return 2
         return 0
     return 2

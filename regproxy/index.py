@@ -301,6 +301,67 @@ class Index:
     def clear_uploads(self) -> int:
         return int(self.db.execute("DELETE FROM uploads").rowcount)
 
+    # --- pins (regproxy.pins, regproxy.prefetch) ---------------------------------------------------
+    def pin_manifests(self, repo: str, digests: Sequence[str], pinned: bool) -> int:
+        """Set or clear the pin of manifests held in a repository; how many rows changed."""
+        with self._tx() as db:
+            n = 0
+            for d in digests:
+                cur = db.execute(
+                    "UPDATE repo_manifests SET pinned=? WHERE repo=? AND digest=? AND pinned<>?",
+                    (int(pinned), repo, d, int(pinned)),
+                )
+                n += cur.rowcount
+            return n
+
+    def manifest_children(self, digest: str) -> list[str]:
+        return [
+            r[0]
+            for r in self.db.execute(
+                "SELECT child FROM manifest_refs WHERE parent=? AND kind='manifest' ORDER BY child",
+                (digest,),
+            )
+        ]
+
+    def pinned_parents(self, repo: str, digest: str) -> list[str]:
+        """Pinned manifests of the repository that list ``digest`` as a child."""
+        return [
+            r[0]
+            for r in self.db.execute(
+                "SELECT x.parent FROM manifest_refs x JOIN repo_manifests r "
+                "ON r.digest = x.parent AND r.repo=? AND r.pinned=1 "
+                "WHERE x.child=? AND x.kind='manifest'",
+                (repo, digest),
+            )
+        ]
+
+    def list_pins(self, repo: str | None = None) -> list[PinRow]:
+        """Every pinned manifest (of one repository, or all), with its tags and blob bytes."""
+        q = (
+            "SELECT r.repo, r.digest, m.media_type, m.size, "
+            "(SELECT group_concat(t.tag, ',') FROM tags t "
+            " WHERE t.repo = r.repo AND t.digest = r.digest), "
+            "(SELECT COALESCE(SUM(b.size), 0) FROM manifest_refs x "
+            " JOIN blobs b ON b.digest = x.child WHERE x.parent = r.digest AND x.kind='blob') "
+            "FROM repo_manifests r JOIN manifests m ON m.digest = r.digest WHERE r.pinned=1"
+        )
+        args: list[Any] = []
+        if repo is not None:
+            q += " AND r.repo=?"
+            args.append(repo)
+        q += " ORDER BY r.repo, r.digest"
+        return [
+            PinRow(
+                row[0],
+                row[1],
+                row[2],
+                int(row[3]),
+                sorted(row[4].split(",")) if row[4] else [],
+                int(row[5]),
+            )
+            for row in self.db.execute(q, args)
+        ]
+
 
 class _Transaction:
     def __init__(self, db: sqlite3.Connection) -> None:
@@ -317,3 +378,16 @@ class _Transaction:
 def _manifest_row(row: Sequence[Any]) -> ManifestRow:
     ann = json.loads(row[5]) if row[5] else None
     return ManifestRow(row[0], row[1], int(row[2]), row[3], row[4], ann)
+
+
+@dataclass(frozen=True, slots=True)
+class PinRow:
+    """A pinned manifest in a repository (see :meth:`Index.list_pins`)."""
+
+    repo: str
+    digest: str
+    media_type: str
+    size: int
+    tags: list[str]
+    #: bytes of the blobs the manifest lists that the store holds (config and layers)
+    blob_bytes: int

@@ -93,6 +93,23 @@ LOGIN_FAILURES: Final = Counter(
     "regproxy_login_failures_total", "Refused logins (registry and web page)", registry=REGISTRY
 )
 
+PREFETCH_IMAGES: Final = Gauge(
+    "regproxy_prefetch_images",
+    "Images of prefetch.images by state (done: last attempt succeeded, failed, pending: not tried yet)",
+    ["state"],
+    registry=REGISTRY,
+)
+PREFETCH_BYTES: Final = Counter(
+    "regproxy_prefetch_bytes_total",
+    "Blob bytes prefetch had to fetch (what was already in the store is not counted)",
+    registry=REGISTRY,
+)
+PREFETCH_FAILURES: Final = Counter(
+    "regproxy_prefetch_failures_total",
+    "Failed attempts to prefetch an image (each retry counts)",
+    registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     return generate_latest(REGISTRY)
