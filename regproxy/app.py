@@ -16,9 +16,11 @@ from typing import Final
 
 from aiohttp import web
 
-from regproxy import api, auth, metrics
+from regproxy import admin, api, auth, metrics
 from regproxy.config import Config
 from regproxy.errors import ConfigError
+from regproxy.evict import Evictor
+from regproxy.health import Health
 from regproxy.index import Index
 from regproxy.names import NameResolver
 from regproxy.peers import INSTANCE_HEADER, Peers
@@ -32,6 +34,7 @@ from regproxy.tls import reload_all as reload_tls
 log = logging.getLogger("regproxy")
 CONFIG_KEY: Final = web.AppKey("config", Config)
 INSTANCE_KEY: Final = web.AppKey("instance", str)
+HEALTH_KEY: Final = web.AppKey("health", Health)
 #: the prefetcher; ``app[PREFETCH_KEY].prefetch_done`` is what /readyz consults when
 #: ``prefetch.required_for_ready`` is true (True at once when prefetch.images is empty)
 PREFETCH_KEY: Final = web.AppKey("prefetch", Prefetcher)
@@ -70,6 +73,14 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     await registry.close()
 
 
+async def _evict_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keep the store under storage.max_size and above min_free (regproxy.evict)."""
+    evictor = Evictor(app[api.REGISTRY_KEY], app[CONFIG_KEY])
+    evictor.start()
+    yield
+    await evictor.stop()
+
+
 async def _prefetch_ctx(app: web.Application) -> AsyncIterator[None]:
     """Prefetch in the background, after the registry opened, until shutdown."""
     task = asyncio.create_task(app[PREFETCH_KEY].run(), name="prefetch")
@@ -87,6 +98,12 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """200 when the store takes writes, the index answers and the listener is up (health.py)."""
+    status, body = await request.app[HEALTH_KEY].check()
+    return web.json_response(body, status=status)
+
+
 async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
@@ -102,6 +119,7 @@ def create_app(config: Config) -> web.Application:
     app[api.REGISTRY_KEY] = build_registry(config)
     app[api.RESOLVER_KEY] = NameResolver(config)
     app.cleanup_ctx.append(_registry_ctx)
+    app.cleanup_ctx.append(_evict_ctx)  # stops before the registry closes
     auth.setup(app, config.auth)  # after api.error_middleware: refusals are OCI errors
     try:
         app[PREFETCH_KEY] = Prefetcher(
@@ -111,9 +129,14 @@ def create_app(config: Config) -> web.Application:
         raise ConfigError("prefetch.platforms", str(exc)) from None
     app.cleanup_ctx.append(_prefetch_ctx)
     api.add_routes(app)
+    admin.add_routes(app)
     app.on_response_prepare.append(_instance_header)
     app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
+    app[HEALTH_KEY] = Health(app[api.REGISTRY_KEY], config)
+    app.cleanup_ctx.append(app[HEALTH_KEY].lifespan)
+    app.on_shutdown.append(app[HEALTH_KEY].on_shutdown)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
     return app
 

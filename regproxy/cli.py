@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     bundle_cli.add_parsers(sub)
     prefetch.add_parser(sub)
     pins.add_parsers(sub)
+    gcp = sub.add_parser("gc", help="remove unreferenced blobs, expired uploads, stray files")
+    gcp.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")
+    sub.add_parser("fsck", help="re-hash every blob; quarantine damage (exit 1 when found)")
     return p
 
 
@@ -113,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"regproxy: containerd-config: {exc}", file=sys.stderr)
             return 1
+    if args.command in ("gc", "fsck"):
+        from regproxy import maintenance
+
+        if args.command == "gc":
+            print("\n".join(maintenance.gc(config, dry_run=args.dry_run).lines()))
+            return 0
+        found = maintenance.fsck(config)
+        print("\n".join(found.lines()))
+        return 1 if found.damaged else 0
     if args.command == "serve":
         try:
             run(_serve(config))

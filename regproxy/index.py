@@ -301,6 +301,102 @@ class Index:
     def clear_uploads(self) -> int:
         return int(self.db.execute("DELETE FROM uploads").rowcount)
 
+    # --- eviction, gc, fsck (regproxy.evict, regproxy.maintenance) -------------------------------
+    def transaction(self) -> Any:
+        """``with index.transaction():`` one write transaction around several calls below."""
+        return self._tx()
+
+    def store_bytes(self) -> int:
+        """Bytes of every blob and manifest file the index knows (each digest counted once)."""
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM "
+            "(SELECT digest, size FROM blobs UNION SELECT digest, size FROM manifests)"
+        ).fetchone()
+        return int(row[0])
+
+    def usage_snapshot(self) -> UsageSnapshot:
+        """Everything eviction and gc decide on, read in one go (no blob tree scan)."""
+        db = self.db
+        return UsageSnapshot(
+            rows=[
+                (r, d, float(a or c), bool(p))
+                for r, d, a, c, p in db.execute(
+                    "SELECT repo, digest, last_access, created, pinned FROM repo_manifests"
+                )
+            ],
+            manifests={
+                d: (int(s), subj, float(c))
+                for d, s, subj, c in db.execute(
+                    "SELECT digest, size, subject, created FROM manifests"
+                )
+            },
+            refs=[
+                (p, c, k) for p, c, k in db.execute("SELECT parent, child, kind FROM manifest_refs")
+            ],
+            blobs={
+                d: (int(s), float(a or c))
+                for d, s, a, c in db.execute("SELECT digest, size, last_access, created FROM blobs")
+            },
+        )
+
+    def forget(
+        self, rows: Iterable[tuple[str, str]], manifests: Iterable[str], blobs: Iterable[str]
+    ) -> None:
+        """Drop repository manifest rows (and their tags), manifests and blobs from the index.
+
+        Call inside :meth:`transaction`; the caller deletes the files afterwards.
+        """
+        db = self.db
+        for repo, digest in rows:
+            db.execute("DELETE FROM repo_manifests WHERE repo=? AND digest=?", (repo, digest))
+            db.execute("DELETE FROM tags WHERE repo=? AND digest=?", (repo, digest))
+        for digest in manifests:
+            db.execute("DELETE FROM repo_manifests WHERE digest=?", (digest,))
+            db.execute("DELETE FROM tags WHERE digest=?", (digest,))
+            db.execute("DELETE FROM manifest_refs WHERE parent=?", (digest,))
+            db.execute("DELETE FROM manifests WHERE digest=?", (digest,))
+        for digest in blobs:
+            db.execute("DELETE FROM repo_blobs WHERE digest=?", (digest,))
+            db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+
+    def manifest_users(self, digest: str) -> list[tuple[str, str]]:
+        """(repo, manifest digest) of every repository manifest that references ``digest``."""
+        return [
+            (r, d)
+            for r, d in self.db.execute(
+                "SELECT rm.repo, rm.digest FROM manifest_refs mr "
+                "JOIN repo_manifests rm ON rm.digest = mr.parent WHERE mr.child=? "
+                "ORDER BY rm.repo, rm.digest",
+                (digest,),
+            )
+        ]
+
+    def uploads_before(self, before: float) -> list[tuple[str, str]]:
+        """(uuid, repo) of upload sessions not written to since ``before``."""
+        return [
+            (u, r)
+            for u, r in self.db.execute(
+                "SELECT uuid, repo FROM uploads WHERE updated < ?", (before,)
+            )
+        ]
+
+    def upload_ids(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT uuid FROM uploads")}
+
+    def pinned_bytes(self) -> int:
+        """Bytes reachable from pinned repository manifests (an index's children included)."""
+        row = self.db.execute(
+            "WITH RECURSIVE p(d) AS (SELECT digest FROM repo_manifests WHERE pinned=1 "
+            "UNION SELECT child FROM manifest_refs JOIN p ON parent = p.d) "
+            "SELECT COALESCE(SUM(size), 0) FROM (SELECT digest, size FROM blobs "
+            "UNION SELECT digest, size FROM manifests) WHERE digest IN p"
+        ).fetchone()
+        return int(row[0])
+
+    def data_version(self) -> int:
+        """Changes when another connection (gc, fsck, import) committed to the database."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
     # --- pins (regproxy.pins, regproxy.prefetch) ---------------------------------------------------
     def pin_manifests(self, repo: str, digests: Sequence[str], pinned: bool) -> int:
         """Set or clear the pin of manifests held in a repository; how many rows changed."""
@@ -391,3 +487,17 @@ class PinRow:
     tags: list[str]
     #: bytes of the blobs the manifest lists that the store holds (config and layers)
     blob_bytes: int
+
+
+@dataclass(slots=True)
+class UsageSnapshot:
+    """The index's view of what is stored, for eviction and gc (see Index.usage_snapshot)."""
+
+    #: (repo, digest, last access or created, pinned) of every repository manifest
+    rows: list[tuple[str, str, float, bool]]
+    #: manifest digest -> (size, subject, created)
+    manifests: dict[str, tuple[int, str | None, float]]
+    #: (parent, child, kind "blob" | "manifest")
+    refs: list[tuple[str, str, str]]
+    #: blob digest -> (size, last access or created)
+    blobs: dict[str, tuple[int, float]]

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -537,6 +537,36 @@ class Registry:
                 )
             )
         return out
+
+    # --- eviction, gc, fsck (regproxy.evict) -----------------------------------------------------
+    async def index_call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on the index thread (every index call of the daemon goes through it)."""
+        return await self._db(fn, *args, **kwargs)
+
+    def drop_cached(
+        self,
+        rows: Iterable[tuple[str, str]] | None = None,
+        digests: Iterable[str] | None = None,
+    ) -> None:
+        """Forget cached lookups of evicted repository manifests and deleted digests.
+
+        Without arguments everything cached goes (another process changed the index).
+        """
+        if rows is None and digests is None:
+            for cache in (self._small, self._blob_links, self._manifests, self._tags):
+                cache.clear()
+            return
+        rows = list(rows or ())
+        gone = set(digests or ())
+        repos = {r for r, _ in rows}
+        for repo, digest in rows:
+            self._manifests.pop((repo, digest))
+        for digest in gone:
+            self._small.pop(digest)
+        self._manifests.drop_where(lambda k: k[1] in gone)
+        self._tags.drop_where(lambda k: k[0] in repos)
+        if gone:
+            self._blob_links.drop_where(lambda k: k[1] in gone)
 
 
 def check_range(size: int, start: int, end: int | None) -> tuple[int, int]:
