@@ -1,0 +1,198 @@
+"""Readiness (``/readyz``): can this host serve what it holds?
+
+Ready means: the store's filesystem takes a write (a file made and removed in ``tmp/``, off
+the event loop), the metadata index answers a query, and the listener accepts (this request
+came through it, and the daemon is not draining). Upstreams are reported, never required: an
+offline or air-gapped host that serves its store is a healthy host. Their state is what the
+traffic already showed, read from the upstream metrics; ``/readyz`` never dials anything, so
+a probe every second costs no upstream request and never waits for a slow registry.
+
+``/healthz`` (alive) stays in app.py and checks nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from regproxy import metrics
+from regproxy.config import Config
+from regproxy.registry import Registry
+
+log = logging.getLogger("regproxy.health")
+
+CHECK_TIMEOUT: Final = 5.0  # a disk or index that takes longer than this is not ready
+SAMPLE_SECONDS: Final = 5.0  # how often upstream metrics are read into the last known state
+#: error kinds that mean the host did not answer at all (others: it answered, with an error)
+UNREACHABLE_KINDS: Final = frozenset({"connect", "timeout"})
+
+
+@dataclass(slots=True)
+class UpstreamState:
+    answered: float = 0.0  # response-header count (any status) at the last sample
+    failed: float = 0.0  # connect/timeout errors at the last sample
+    last_ok: float | None = None  # wall-clock time an answer was last seen
+    last_failure: float | None = None
+    last_failure_kind: str | None = None
+
+    @property
+    def state(self) -> str:
+        if self.last_ok is None and self.last_failure is None:
+            return "unknown"
+        if self.last_failure is None:
+            return "reachable"
+        if self.last_ok is None:
+            return "unreachable"
+        return "reachable" if self.last_ok >= self.last_failure else "unreachable"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "last_ok": self.last_ok,
+            "last_failure": self.last_failure,
+            "last_failure_kind": self.last_failure_kind,
+        }
+
+
+def _counts() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Answers per source, and unreachable-kind errors per source, from the metrics."""
+    answered: dict[str, float] = {}
+    for family in metrics.UPSTREAM_SECONDS.collect():
+        for s in family.samples:
+            if s.name.endswith("_count"):
+                answered[s.labels["source"]] = s.value
+    failed: dict[str, dict[str, float]] = {}
+    for family in metrics.UPSTREAM_ERRORS.collect():
+        for s in family.samples:
+            if s.name.endswith("_total") and s.labels.get("kind") in UNREACHABLE_KINDS:
+                failed.setdefault(s.labels["source"], {})[s.labels["kind"]] = s.value
+    return answered, failed
+
+
+class UpstreamWatch:
+    """Last known reachability of each upstream (and mirror, and peer), from the traffic."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, UpstreamState] = {}
+        # what happened before this daemon (an earlier app in the same process) is not news
+        answered, failed = _counts()
+        for source, n in answered.items():
+            self.sources.setdefault(source, UpstreamState()).answered = n
+        for source, kinds in failed.items():
+            self.sources.setdefault(source, UpstreamState()).failed = sum(kinds.values())
+        self._baseline = set(self.sources)
+
+    def sample(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        answered, failed = _counts()
+        for source in answered.keys() | failed.keys():
+            st = self.sources.setdefault(source, UpstreamState())
+            kinds = failed.get(source, {})
+            n_fail = sum(kinds.values())
+            if n_fail > st.failed:
+                st.last_failure = now
+                st.last_failure_kind = max(kinds, key=lambda k: kinds[k])
+            n_ok = answered.get(source, 0.0)
+            if n_ok > st.answered:
+                st.last_ok = now  # both in one interval: it answers now, which is what counts
+            st.answered, st.failed = n_ok, n_fail
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            name: st.to_json()
+            for name, st in sorted(self.sources.items())
+            if name not in self._baseline or st.state != "unknown"
+        }
+
+
+def _touch(tmp: Path) -> None:
+    path = tmp / f".readyz-{uuid.uuid4().hex}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, b"ok")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+class Health:
+    def __init__(self, registry: Registry, config: Config) -> None:
+        self.registry = registry
+        self.config = config
+        self.draining = False
+        self.upstreams = UpstreamWatch()
+
+    async def _store_writable(self) -> str | None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.run_in_executor(None, _touch, self.registry.store.tmp), CHECK_TIMEOUT
+            )
+        except TimeoutError:
+            return f"no write to {self.registry.store.tmp} within {CHECK_TIMEOUT:.0f}s"
+        except OSError as exc:
+            return f"{self.registry.store.tmp}: {exc.strerror or exc}"
+        return None
+
+    async def _index_open(self) -> str | None:
+        try:
+            await asyncio.wait_for(self.registry.catalog(1, None), CHECK_TIMEOUT)
+        except TimeoutError:
+            return f"the index did not answer within {CHECK_TIMEOUT:.0f}s"
+        except Exception as exc:  # sqlite3 errors and a closed index alike
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def check(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body) for ``/readyz``."""
+        store_err, index_err = await asyncio.gather(self._store_writable(), self._index_open())
+        listener_err = "shutting down" if self.draining else None
+        checks = {
+            "store_writable": store_err is None,
+            "index_open": index_err is None,
+            "listener": listener_err is None,
+        }
+        ready = all(checks.values())
+        body: dict[str, Any] = {"ready": ready, "checks": checks}
+        errors = {
+            k: v
+            for k, v in (
+                ("store_writable", store_err),
+                ("index_open", index_err),
+                ("listener", listener_err),
+            )
+            if v is not None
+        }
+        if errors:
+            body["errors"] = errors
+            log.warning("readyz.not_ready %s", " ".join(f"{k}={v!r}" for k, v in errors.items()))
+        self.upstreams.sample()
+        body["sync"] = self.config.sync_enable
+        body["upstreams"] = self.upstreams.to_json()
+        return (200 if ready else 503), body
+
+    async def lifespan(self, _app: object) -> AsyncIterator[None]:
+        """For ``cleanup_ctx``: sample upstream state in the background while serving."""
+        task = asyncio.create_task(self._sampler())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def on_shutdown(self, _app: object) -> None:
+        self.draining = True
+
+    async def _sampler(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_SECONDS)
+            self.upstreams.sample()

@@ -1,0 +1,121 @@
+"""``/readyz``: store writable, index open, listener up; upstreams reported, never required."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import needs_registry
+from tests.images import make_image, write_layout
+from tests.peers import Daemon, DockerRegistry, free_port, have, http, skopeo
+
+
+def _readyz(d: Daemon) -> tuple[int, dict[str, Any]]:
+    status, _, body = http("GET", f"{d.url}/readyz")
+    return status, json.loads(body)
+
+
+def test_ready_and_not_ready_when_the_store_takes_no_writes(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory()
+    status, body = _readyz(d)
+    assert status == 200, body
+    assert body["ready"] is True
+    assert body["checks"] == {"store_writable": True, "index_open": True, "listener": True}
+    assert body["upstreams"] == {}
+    tmp = d.root / "store" / "tmp"
+    assert list(tmp.iterdir()) == []  # the probe file is gone
+
+    # root ignores permissions: make tmp/ a file, so nothing can be created in it
+    shutil.rmtree(tmp)
+    tmp.write_text("")
+    try:
+        status, body = _readyz(d)
+        assert status == 503, body
+        assert body["ready"] is False
+        assert body["checks"]["store_writable"] is False
+        assert body["checks"]["index_open"] is True
+        assert "store_writable" in body["errors"]
+    finally:
+        tmp.unlink()
+        tmp.mkdir()
+    status, body = _readyz(d)
+    assert status == 200, body
+    # /healthz stays what it was: alive
+    assert http("GET", f"{d.url}/healthz")[0] == 200
+
+
+def _pull(d: Daemon, ref: str) -> int:
+    status, _, _ = http(
+        "GET",
+        f"{d.url}/v2/{ref}",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    return status
+
+
+def _wait_state(d: Daemon, source: str, state: str, timeout: float = 10) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status, body = _readyz(d)
+        assert status == 200, body  # whatever the upstreams do, this host is ready
+        if body["upstreams"].get(source, {}).get("state") == state:
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"{source} never became {state}: {body}")
+
+
+@needs_registry
+@pytest.mark.skipif(not have("skopeo"), reason="skopeo missing")
+def test_upstream_state_is_reported_not_required(
+    daemon_factory: Callable[..., Daemon],
+    registry_factory: Callable[..., DockerRegistry],
+    tmp_path: Path,
+) -> None:
+    up = registry_factory()
+    img = make_image("amd64")
+    write_layout(tmp_path / "layout", {"v1": img})
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        f"oci:{tmp_path / 'layout'}:v1",
+        f"docker://{up.hostport}/team/app:v1",
+    )
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    d = daemon_factory(
+        {
+            "upstreams": {
+                up.hostport: {"url": up.url, "alias": "up.example"},
+                dead: {"url": f"http://{dead}", "alias": "dead.example", "connect_timeout": "1s"},
+            }
+        }
+    )
+    requests_before = len(up.log().splitlines())
+    status, body = _readyz(d)
+    assert status == 200 and body["upstreams"] == {}, body
+    for _ in range(5):  # /readyz dials nothing
+        _readyz(d)
+    assert len(up.log().splitlines()) == requests_before
+
+    assert _pull(d, "spectro-images/up.example/team/app/manifests/v1") == 200
+    body = _wait_state(d, up.hostport, "reachable")
+    assert body["upstreams"][up.hostport]["last_ok"] is not None
+
+    assert _pull(d, "spectro-images/dead.example/team/app/manifests/v1") >= 500
+    body = _wait_state(d, dead, "unreachable")
+    assert body["upstreams"][dead]["last_failure_kind"] in ("connect", "timeout")
+    assert body["upstreams"][up.hostport]["state"] == "reachable"
+    assert body["ready"] is True
+
+    # the upstream goes away: still ready, and what is cached still serves
+    up.stop()
+    assert _pull(d, f"spectro-images/up.example/team/app/manifests/{img.digest}") == 200
+    assert _readyz(d)[0] == 200
