@@ -100,7 +100,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """200 when the store takes writes, the index answers and the listener is up (health.py)."""
-    status, body = await request.app[HEALTH_KEY].check()
+    extra = {}
+    if request.app[CONFIG_KEY].prefetch.required_for_ready:
+        extra["prefetch_done"] = request.app[PREFETCH_KEY].prefetch_done
+    status, body = await request.app[HEALTH_KEY].check(extra)
     return web.json_response(body, status=status)
 
 
