@@ -4,7 +4,8 @@ Users come from an htpasswd file (bcrypt lines, as ``htpasswd -B`` writes them: 
 from ``auth.users`` in the config (hashes only). The file is read again when it changes (its
 mtime, size or inode), so an operator adds a user without a restart.
 
-The rules, for ``/v2`` and ``/metrics`` (everything else is open or the web page's own business):
+The rules, for ``/v2``, ``/metrics`` and ``/admin`` (everything else is open or the web page's
+own business):
 
 - **reads** (GET/HEAD of manifests, blobs, tags, referrers, the catalog, ``/metrics``) are open
   while ``auth.anonymous_pull`` is true (the default), and need a login when it is false;
@@ -12,8 +13,9 @@ The rules, for ``/v2`` and ``/metrics`` (everything else is open or the web page
   log in whenever users are configured: a client that has credentials only sends them after such
   a challenge (skopeo decides there, once, whether it will authenticate), and a client without
   any still pulls, because the content routes themselves stay open;
-- **changes** (POST/PATCH/PUT/DELETE, and upload sessions even by GET) need a login of a user
-  allowed to change content (every configured user, for now: :func:`may_change_content`);
+- **changes** (POST/PATCH/PUT/DELETE, upload sessions even by GET, everything under ``/admin``)
+  need a login of a user allowed to change content (every configured user, for now:
+  :func:`may_change_content`);
 - **no users configured at all**: the registry is open as before, and start-up says so loudly.
   With ``anonymous_pull: false`` and no users, everything is refused (nobody can log in);
 - **peers** are not trusted by their ``Regproxy-Peer`` header: that header only makes a request
@@ -69,7 +71,9 @@ MAX_PASSWORD_BYTES: Final = 72
 BCRYPT_PREFIXES: Final = ("$2y$", "$2b$", "$2a$")
 BCRYPT_THREADS: Final = 2
 #: the paths this module guards; the rest (/, /healthz, the web page) decide for themselves
-GUARDED: Final = ("/v2", "/metrics")
+GUARDED: Final = ("/v2", "/metrics", "/admin")
+#: administrative endpoints (bundle import, ...): a login of a user who may change content, always
+ADMIN_PREFIX: Final = "/admin"
 READ_METHODS: Final = frozenset({"GET", "HEAD"})
 #: verified when the user is unknown, so an unknown name costs as much as a wrong password
 _DUMMY_HASH: Final = bcrypt.hashpw(b"regproxy-no-such-user", bcrypt.gensalt(rounds=5))
@@ -289,6 +293,8 @@ def _needs(request: web.Request, db: UserDB) -> str | None:
         return None
     if not db.enabled and db.anonymous_read:
         return None  # no users at all: open, as before (start-up warned)
+    if path.startswith(ADMIN_PREFIX + "/") or path == ADMIN_PREFIX:
+        return "write"
     if request.method not in READ_METHODS or "/blobs/uploads/" in path:
         return "write"
     if path in ("/v2", "/v2/"):
@@ -352,7 +358,7 @@ async def _users_ctx(app: web.Application) -> AsyncIterator[None]:
     if not db.enabled and db.anonymous_read:
         log.warning(
             "auth.open no users are configured (auth.htpasswd, auth.users): anyone who reaches "
-            "this port may push and delete"
+            "this port may push, delete and import"
         )
     elif not db.users():
         log.error(

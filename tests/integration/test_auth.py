@@ -106,6 +106,13 @@ def test_plain_http_answers(tmp_path: Path, daemon_factory) -> None:
         "POST", f"{d.url}/v2/spectro-images/app/blobs/uploads/", headers=basic("alice", PASSWORD)
     )
     assert status == 202 and headers["Location"]
+    # administrative endpoints (bundle import) need a login too
+    status, headers, _ = http("POST", f"{d.url}/admin/import", body=b"not a bundle")
+    assert status == 401 and "Basic" in headers["WWW-Authenticate"]
+    status, _, body = http(
+        "POST", f"{d.url}/admin/import", body=b"not a bundle", headers=basic("alice", PASSWORD)
+    )
+    assert status == 400, body
     # reads stay open while anonymous pull is on; health and metrics too
     assert http("GET", f"{d.url}/v2/spectro-images/app/tags/list")[0] == 404
     assert http("GET", f"{d.url}/v2/_catalog")[0] == 200

@@ -223,6 +223,7 @@ def _app(config: AuthConfig, sleeps: Sleeps) -> web.Application:
     app.router.add_route("*", "/v2/", _ok)
     app.router.add_route("*", r"/v2/{path:.+}", _ok)
     app.router.add_get("/metrics", _ok)
+    app.router.add_route("*", "/admin/import", _ok)
     app.router.add_get("/healthz", _ok)
     return app
 
@@ -261,6 +262,8 @@ async def test_rules(users: dict[str, str], anonymous_pull: bool) -> None:
             ("GET", UPLOAD + "abc"),
             ("PUT", MANIFEST),
             ("DELETE", MANIFEST),
+            ("POST", "/admin/import"),
+            ("GET", "/admin/import"),
         ]:
             resp = await client.request(method, path)
             assert resp.status == 401, (method, path)
