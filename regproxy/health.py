@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -153,14 +153,16 @@ class Health:
             return f"{type(exc).__name__}: {exc}"
         return None
 
-    async def check(self) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, body) for ``/readyz``."""
+    async def check(self, extra: Mapping[str, bool] | None = None) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body) for ``/readyz``; ``extra`` are more checks that must hold
+        (``prefetch_done`` when ``prefetch.required_for_ready``)."""
         store_err, index_err = await asyncio.gather(self._store_writable(), self._index_open())
         listener_err = "shutting down" if self.draining else None
         checks = {
             "store_writable": store_err is None,
             "index_open": index_err is None,
             "listener": listener_err is None,
+            **(extra or {}),
         }
         ready = all(checks.values())
         body: dict[str, Any] = {"ready": ready, "checks": checks}

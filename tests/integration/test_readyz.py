@@ -119,3 +119,48 @@ def test_upstream_state_is_reported_not_required(
     up.stop()
     assert _pull(d, f"spectro-images/up.example/team/app/manifests/{img.digest}") == 200
     assert _readyz(d)[0] == 200
+
+
+@needs_registry
+@pytest.mark.skipif(not have("skopeo"), reason="skopeo missing")
+def test_prefetch_required_for_ready(
+    daemon_factory: Callable[..., Daemon],
+    registry_factory: Callable[..., DockerRegistry],
+    tmp_path: Path,
+) -> None:
+    port = free_port()  # the upstream is down when regproxy starts
+    d = daemon_factory(
+        {
+            "upstreams": {f"127.0.0.1:{port}": {"url": f"http://127.0.0.1:{port}"}},
+            "prefetch": {
+                "images": [f"127.0.0.1:{port}/team/app:v1"],
+                "required_for_ready": True,
+            },
+        }
+    )
+    status, body = _readyz(d)
+    assert status == 503, body
+    assert body["checks"]["prefetch_done"] is False
+    assert body["checks"]["store_writable"] is True
+
+    up = registry_factory(port=port)
+    write_layout(tmp_path / "layout", {"v1": make_image("amd64")})
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        f"oci:{tmp_path / 'layout'}:v1",
+        f"docker://{up.hostport}/team/app:v1",
+    )
+    deadline = time.monotonic() + 30  # the prefetcher's backoff decides when it tries again
+    while time.monotonic() < deadline and _readyz(d)[0] != 200:
+        time.sleep(0.2)
+    status, body = _readyz(d)
+    assert status == 200, (body, d.log())
+    assert body["checks"]["prefetch_done"] is True
+
+
+def test_prefetch_not_required_is_not_a_check(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory({"prefetch": {"images": ["127.0.0.1:1/team/app:v1"]}})
+    status, body = _readyz(d)
+    assert status == 200, body
+    assert "prefetch_done" not in body["checks"]
