@@ -1,0 +1,533 @@
+"""Warm serving benchmark: regproxy against Debian's docker-registry, same content, same run.
+
+Cases: blob GETs of 4 KiB and 1 MiB, manifest GETs by digest and by tag, each under concurrency
+1, 8 and 32 (load from ``wrk``, a C load generator), and one 1 GiB blob stream (``curl``).
+Every figure is the median of several bounded runs. Both servers bind 127.0.0.1 on free ports
+and are stopped by PID at the end, whatever happens.
+
+    python -m benchmarks.bench_serve            # full run (~6-7 min on 2 cores)
+    python -m benchmarks.bench_serve --quick    # smoke run (~1 min)
+    python -m benchmarks.bench_serve --json     # also write benchmarks/results/serve-<time>.json
+
+Needs ``wrk``, ``curl`` and ``docker-registry`` on PATH (``apt-get install -y wrk curl
+docker-registry``); it installs nothing itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.peers import Daemon, DockerRegistry, started  # noqa: E402
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+REPO = "bench/serve"
+TAG = "bench"
+KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+# wrk prints one JSON line at the end of a run (latencies in microseconds).
+WRK_LUA = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\\nBENCH {"requests":%d,"bytes":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
+    '"max_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}\\n',
+    summary.requests, summary.bytes, summary.duration,
+    latency:percentile(50), latency:percentile(99), latency.max,
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+# Goals of issue 2: regproxy/peer req/s ratio per case; p99 at c=8; peak RSS.
+GOAL_RATIO = {"blob 4KiB": 10.0, "manifest digest": 10.0, "manifest tag": 10.0, "blob 1MiB": 2.0}
+GOAL_STREAM_RATIO = 1.0
+GOAL_P99_C8_MS = 5.0
+GOAL_RSS_MB = 100.0
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# --- content --------------------------------------------------------------------------------------
+@dataclass
+class Content:
+    small: bytes
+    medium: bytes
+    big_path: Path
+    big_digest: str
+    config: bytes
+    manifest: bytes
+
+    @staticmethod
+    def digest(data: bytes) -> str:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    @property
+    def manifest_digest(self) -> str:
+        return self.digest(self.manifest)
+
+
+def make_content(workdir: Path, big_size: int) -> Content:
+    small = os.urandom(4 * KiB)
+    medium = os.urandom(1 * MiB)
+    big_path = workdir / "big.bin"
+    h = hashlib.sha256()
+    chunk = os.urandom(MiB)
+    with open(big_path, "wb") as f:
+        for i in range(big_size // MiB):
+            # Distinct content per MiB without paying os.urandom for a whole GiB.
+            block = i.to_bytes(8, "big") + chunk[8:]
+            h.update(block)
+            f.write(block)
+    big_digest = "sha256:" + h.hexdigest()
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+    ).encode()
+
+    def desc(media_type: str, data_digest: str, size: int) -> dict[str, Any]:
+        return {"mediaType": media_type, "digest": data_digest, "size": size}
+
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": desc(OCI_CONFIG, Content.digest(config), len(config)),
+            "layers": [
+                desc(OCI_LAYER, Content.digest(small), len(small)),
+                desc(OCI_LAYER, Content.digest(medium), len(medium)),
+                desc(OCI_LAYER, big_digest, big_size),
+            ],
+        },
+        indent=2,
+    ).encode()
+    return Content(small, medium, big_path, big_digest, config, manifest)
+
+
+def _request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def _push_blob(port: int, digest: str, body: bytes | Path) -> None:
+    """POST then PUT ?digest= with the whole body: the upload both servers accept."""
+    status, headers, text = _request(port, "POST", f"/v2/{REPO}/blobs/uploads/")
+    if status != 202:
+        raise BenchError(f"POST upload on :{port} answered {status}: {text[:200]!r}")
+    location = headers.get("Location") or headers.get("location") or ""
+    if location.startswith("http"):
+        location = "/" + location.split("/", 3)[3]
+    sep = "&" if "?" in location else "?"
+    url = f"{location}{sep}digest={digest}"
+    if isinstance(body, Path):
+        size = body.stat().st_size
+        with open(body, "rb") as f:
+            status, _, text = _request(
+                port,
+                "PUT",
+                url,
+                body=f,
+                headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            )
+    else:
+        status, _, text = _request(
+            port, "PUT", url, body=body, headers={"Content-Type": "application/octet-stream"}
+        )
+    if status != 201:
+        raise BenchError(f"PUT upload on :{port} answered {status}: {text[:200]!r}")
+
+
+def push_content(port: int, content: Content) -> None:
+    for data in (content.config, content.small, content.medium):
+        _push_blob(port, Content.digest(data), data)
+    _push_blob(port, content.big_digest, content.big_path)
+    status, _, text = _request(
+        port,
+        "PUT",
+        f"/v2/{REPO}/manifests/{TAG}",
+        body=content.manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    if status != 201:
+        raise BenchError(f"PUT manifest on :{port} answered {status}: {text[:200]!r}")
+
+
+# --- measuring ------------------------------------------------------------------------------------
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise BenchError(f"no {key} in /proc/{pid}/status")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM (``5`` > clear_refs, Linux >= 4.0; needs to own the process)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb(pid: int) -> float:
+    return _status_kb(pid, "VmHWM") / 1024
+
+
+@dataclass
+class Cell:
+    server: str
+    case: str
+    concurrency: int
+    runs: list[dict[str, float]] = field(default_factory=list)
+    rss_mb: float = 0.0
+
+    def median(self, key: str) -> float:
+        return statistics.median(r[key] for r in self.runs) if self.runs else float("nan")
+
+
+def run_wrk(
+    url: str, concurrency: int, seconds: float, headers: dict[str, str], script: Path
+) -> dict[str, float]:
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "5s",
+        "--latency",
+        "-s",
+        str(script),
+    ]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    cmd.append(url)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
+    r = json.loads(line[len("BENCH ") :])
+    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    if errors or not r["requests"]:
+        raise BenchError(f"wrk saw errors against {url}: {r}")
+    secs = r["duration_us"] / 1e6
+    return {
+        "req_s": r["requests"] / secs,
+        "gb_s": r["bytes"] / secs / 1e9,
+        "p50_ms": r["p50_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "max_ms": r["max_us"] / 1000,
+        "requests": r["requests"],
+    }
+
+
+def run_curl(url: str, timeout: float) -> dict[str, float]:
+    proc = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--fail",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            str(int(timeout)),
+            "-w",
+            "%{size_download} %{time_total} %{time_starttransfer}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 10,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"curl {url} failed ({proc.returncode}): {proc.stderr}")
+    size, total, ttfb = (float(x) for x in proc.stdout.split())
+    return {
+        "req_s": 1 / total,
+        "gb_s": size / total / 1e9,
+        "p50_ms": ttfb * 1000,  # time to first byte
+        "p99_ms": total * 1000,  # whole transfer
+        "max_ms": total * 1000,
+        "requests": 1,
+    }
+
+
+# --- the run --------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    runs: int
+    seconds: float
+    warmup: float
+    concurrency: tuple[int, ...]
+    big_size: int
+    stream_runs: int
+    budget: float  # seconds for the whole measuring phase
+
+
+def check_tools() -> None:
+    missing = [t for t in ("wrk", "curl", "docker-registry") if shutil.which(t) is None]
+    if missing:
+        raise SystemExit(
+            f"bench_serve: missing {', '.join(missing)} on PATH; install with "
+            f"`apt-get install -y {' '.join(missing)}` (Debian) and run again"
+        )
+
+
+def servers(tmp: Path) -> tuple[Daemon, DockerRegistry]:
+    daemon = Daemon(
+        tmp / "regproxy",
+        {"log": {"access": False, "level": "WARNING"}},
+    )
+    daemon.root.mkdir(parents=True)
+    peer = DockerRegistry(
+        tmp / "registry",
+        extra={"log": {"level": "error", "accesslog": {"disabled": True}}},
+    )
+    return daemon, peer
+
+
+def bench(settings: Settings, progress: bool = True) -> dict[str, Any]:
+    check_tools()
+    started_at = time.time()
+    load_start = round(os.getloadavg()[0], 2)
+    deadline = time.monotonic() + settings.budget
+    cells: list[Cell] = []
+    with tempfile.TemporaryDirectory(prefix="regproxy-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        daemon, peer = servers(tmp)
+        try:
+            with started(daemon, peer):
+                daemon.start()
+                peer.start()
+                assert daemon.proc is not None and peer.proc is not None
+                pids = {"regproxy": daemon.proc.pid, "registry": peer.proc.pid}
+                ports = {"regproxy": daemon.port, "registry": peer.port}
+                if progress:
+                    print(
+                        f"making content (big blob {settings.big_size // MiB} MiB) ...", flush=True
+                    )
+                content = make_content(tmp, settings.big_size)
+                for name, port in ports.items():
+                    push_content(port, content)
+                    if progress:
+                        print(f"pushed to {name} on :{port}", flush=True)
+                content.big_path.unlink()
+                script = tmp / "report.lua"
+                script.write_text(WRK_LUA)
+                accept = {"Accept": f"{OCI_MANIFEST}, application/vnd.oci.image.index.v1+json"}
+                cases = [
+                    ("blob 4KiB", f"/v2/{REPO}/blobs/{Content.digest(content.small)}", {}),
+                    ("blob 1MiB", f"/v2/{REPO}/blobs/{Content.digest(content.medium)}", {}),
+                    ("manifest digest", f"/v2/{REPO}/manifests/{content.manifest_digest}", accept),
+                    ("manifest tag", f"/v2/{REPO}/manifests/{TAG}", accept),
+                ]
+                for case, path, headers in cases:
+                    for conc in settings.concurrency:
+                        for server in ("regproxy", "registry"):
+                            url = f"http://127.0.0.1:{ports[server]}{path}"
+                            cell = Cell(server, case, conc)
+                            if time.monotonic() > deadline:
+                                raise BenchError("time budget exhausted; use --quick or fewer runs")
+                            run_wrk(url, conc, settings.warmup, headers, script)
+                            reset_peak_rss(pids[server])
+                            for _ in range(settings.runs):
+                                cell.runs.append(
+                                    run_wrk(url, conc, settings.seconds, headers, script)
+                                )
+                            cell.rss_mb = peak_rss_mb(pids[server])
+                            cells.append(cell)
+                            if progress:
+                                print(
+                                    f"  {case:<16} c={conc:<3} {server:<9} "
+                                    f"{cell.median('req_s'):>9.0f} req/s "
+                                    f"p99 {cell.median('p99_ms'):7.2f} ms "
+                                    f"rss {cell.rss_mb:6.1f} MB",
+                                    flush=True,
+                                )
+                big = f"/v2/{REPO}/blobs/{content.big_digest}"
+                for server in ("regproxy", "registry"):
+                    url = f"http://127.0.0.1:{ports[server]}{big}"
+                    cell = Cell(server, f"blob {settings.big_size // MiB}MiB stream", 1)
+                    run_curl(url, 120)  # warm the page cache and the server
+                    reset_peak_rss(pids[server])
+                    for _ in range(settings.stream_runs):
+                        if time.monotonic() > deadline:
+                            raise BenchError("time budget exhausted during the stream runs")
+                        cell.runs.append(run_curl(url, 120))
+                    cell.rss_mb = peak_rss_mb(pids[server])
+                    cells.append(cell)
+                    if progress:
+                        print(
+                            f"  {cell.case:<16} c=1   {server:<9} "
+                            f"{cell.median('gb_s'):6.2f} GB/s rss {cell.rss_mb:6.1f} MB",
+                            flush=True,
+                        )
+                overall = {name: peak_rss_mb(pid) for name, pid in pids.items()}
+        except BaseException:
+            for name, srv in (("regproxy", daemon), ("registry", peer)):
+                tail = srv.log()[-2000:]
+                if tail:
+                    print(f"--- {name} log (tail) ---\n{tail}", file=sys.stderr)
+            raise
+    return {
+        "loadavg_1m_start_end": [load_start, round(os.getloadavg()[0], 2)],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
+        "seconds": round(time.time() - started_at, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+        },
+        "settings": asdict(settings),
+        "peak_rss_mb_since_last_reset": overall,
+        "cells": [
+            {
+                "server": c.server,
+                "case": c.case,
+                "concurrency": c.concurrency,
+                "rss_mb": round(c.rss_mb, 1),
+                **{k: round(c.median(k), 4) for k in ("req_s", "gb_s", "p50_ms", "p99_ms")},
+                "runs": c.runs,
+            }
+            for c in cells
+        ],
+    }
+
+
+# --- report ---------------------------------------------------------------------------------------
+def render(result: dict[str, Any]) -> str:
+    by = {(c["case"], c["concurrency"], c["server"]): c for c in result["cells"]}
+    keys = list(dict.fromkeys((c["case"], c["concurrency"]) for c in result["cells"]))
+    head = (
+        f"{'case':<18}{'c':>3} | {'regproxy req/s':>14} {'GB/s':>6} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'RSS MB':>6} | {'registry req/s':>14} {'GB/s':>6} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'RSS MB':>6} | {'ratio':>6} {'goal':>5}"
+    )
+    lines = [head, "-" * len(head)]
+    verdicts: list[str] = []
+    for case, conc in keys:
+        a, b = by.get((case, conc, "regproxy")), by.get((case, conc, "registry"))
+        if a is None or b is None:
+            continue
+        stream = case.endswith("stream")
+        metric = "gb_s" if stream else "req_s"
+        ratio = a[metric] / b[metric] if b[metric] else float("inf")
+        goal = GOAL_STREAM_RATIO if stream else GOAL_RATIO.get(case)
+        mark = "" if goal is None else ("ok" if ratio >= goal else "MISS")
+        lines.append(
+            f"{case:<18}{conc:>3} | {a['req_s']:>14.1f} {a['gb_s']:>6.3f} {a['p50_ms']:>7.2f} "
+            f"{a['p99_ms']:>7.2f} {a['rss_mb']:>6.1f} | {b['req_s']:>14.1f} {b['gb_s']:>6.3f} "
+            f"{b['p50_ms']:>7.2f} {b['p99_ms']:>7.2f} {b['rss_mb']:>6.1f} | {ratio:>5.2f}x "
+            f"{mark:>5}"
+        )
+        if goal is not None:
+            verdicts.append(
+                f"{'ok  ' if ratio >= goal else 'MISS'} {case} c={conc}: "
+                f"{ratio:.2f}x {'GB/s' if stream else 'req/s'} (goal >= {goal:g}x)"
+            )
+        if conc == 8 and case in GOAL_RATIO and not case.startswith("blob 1MiB"):
+            ok = a["p99_ms"] < GOAL_P99_C8_MS
+            verdicts.append(
+                f"{'ok  ' if ok else 'MISS'} {case} c=8: p99 {a['p99_ms']:.2f} ms "
+                f"(goal < {GOAL_P99_C8_MS:g} ms)"
+            )
+    rss = max(c["rss_mb"] for c in result["cells"] if c["server"] == "regproxy")
+    verdicts.append(
+        f"{'ok  ' if rss < GOAL_RSS_MB else 'MISS'} regproxy peak RSS {rss:.1f} MB "
+        f"(goal < {GOAL_RSS_MB:g} MB)"
+    )
+    s = result["settings"]
+    lines += [
+        "",
+        f"medians of {s['runs']} runs x {s['seconds']:g} s per cell (wrk -t1, after a "
+        f"{s['warmup']:g} s warm-up); stream: median of {s['stream_runs']} curl runs, "
+        "p50 = time to first byte, p99 = whole transfer",
+        "RSS = peak (VmHWM) of the server process during that cell's runs; ratio = regproxy/registry",
+        f"{result['machine']['cpus']} CPUs, Python {result['machine']['python']}, "
+        f"kernel {result['machine']['kernel']}, total {result['seconds']:g} s, load average "
+        f"(1 min) at start/end {result['loadavg_1m_start_end'][0]}/"
+        f"{result['loadavg_1m_start_end'][1]} (other work on the machine skews the figures)",
+        "",
+        "goals (issue 2):",
+        *("  " + v for v in verdicts),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--quick", action="store_true", help="short smoke run (1 run x 1 s, 64 MiB stream)"
+    )
+    p.add_argument("--json", action="store_true", help="write results to benchmarks/results/")
+    p.add_argument("--runs", type=int, help="runs per cell (default 3; --quick 1)")
+    p.add_argument("--seconds", type=float, help="seconds per run (default 4; --quick 1)")
+    p.add_argument(
+        "--big-mib", type=int, help="size of the streamed blob in MiB (default 1024; --quick 64)"
+    )
+    args = p.parse_args(argv)
+    settings = (
+        Settings(1, 1, 1, (1, 8, 32), 64 * MiB, 1, 300)
+        if args.quick
+        else Settings(3, 4, 1, (1, 8, 32), GiB, 3, 1200)
+    )
+    if args.runs:
+        settings.runs = max(1, min(args.runs, 20))
+        settings.stream_runs = settings.runs
+    if args.seconds:
+        settings.seconds = max(1.0, min(args.seconds, 60.0))
+    if args.big_mib:
+        settings.big_size = max(1, min(args.big_mib, 8192)) * MiB
+    settings.budget = max(
+        settings.budget, 2 * 24 * (settings.warmup + settings.runs * settings.seconds) + 300
+    )
+    try:
+        result = bench(settings)
+    except BenchError as exc:
+        print(f"bench_serve: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print(render(result))
+    if args.json:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        out = RESULTS_DIR / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
