@@ -57,6 +57,7 @@ from regproxy.registry import Registry
 log = logging.getLogger("regproxy.evict")
 #: a manifest or blob accessed this recently counts as being served: never evicted
 IN_USE_SECONDS: Final = 5.0
+STUCK_LOG_SECONDS: Final = 60.0
 _TASKS: set[asyncio.Task[Any]] = set()
 
 
@@ -290,6 +291,7 @@ class Evictor:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._data_version: int | None = None
+        self._stuck_logged = -STUCK_LOG_SECONDS
         fetcher = getattr(registry, "fetcher", None)
         self.fetcher = fetcher if isinstance(fetcher, Fetcher) else None
 
@@ -376,8 +378,11 @@ class Evictor:
         metrics.EVICTED_BYTES.inc(p.freed)
         metrics.STORE_BYTES.set(max(0, store_bytes - p.freed))
         metrics.PINNED_BYTES.set(p.pinned_bytes)
-        log_fn = log.warning if p.short else log.info
-        log_fn(
+        now = time.monotonic()
+        if p.freed == 0 and now - self._stuck_logged < STUCK_LOG_SECONDS:
+            return p  # nothing may go yet (pinned, in use, recent): say so once a minute
+        self._stuck_logged = now if p.freed == 0 else 0.0
+        (log.warning if p.short else log.info)(
             "evict.done freed=%d store=%d limit=%s free=%d floor=%d short=%d",
             p.freed,
             store_bytes - p.freed,
