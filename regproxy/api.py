@@ -8,29 +8,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
-import select
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Final
 from urllib.parse import quote, unquote
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from regproxy import metrics
+from regproxy import metrics, sendfile
 from regproxy.errors import (
-    BlobUnknown,
     BlobUploadInvalid,
     DigestInvalid,
     ManifestTooLarge,
+    ManifestUnknown,
     NameInvalid,
     OCIError,
     RangeNotSatisfiable,
     SizeInvalid,
+    TagInvalid,
     Unsupported,
 )
 from regproxy.names import NameResolver, RepoName
@@ -57,59 +53,6 @@ CHUNK: Final = 256 * 1024
 PEER_HEADER: Final = "Regproxy-Peer"
 REGISTRY_KEY: Final = web.AppKey("registry", Registry)
 RESOLVER_KEY: Final = web.AppKey("resolver", NameResolver)
-
-SENDFILE_THREADS: Final = 64  # one per blob being sent; the threads sleep in poll(2)
-SENDFILE_STALL_SECONDS: Final = 60.0  # a client that takes nothing for this long is cut off
-
-
-class _Sender:
-    """Blob bodies with sendfile(2), off the event loop.
-
-    uvloop has no ``loop.sendfile``, so aiohttp's ``FileResponse`` falls back to reading the file
-    in 256 KiB chunks through the executor and writing them from Python (plus two executor hops
-    for stat and open). Here each response costs one hop to open the file and one to send it: a
-    worker thread calls ``sendfile`` on a dup of the connection's socket until the range is sent,
-    waiting in ``poll`` while the socket buffer is full. No bytes pass through Python.
-    """
-
-    def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(SENDFILE_THREADS, thread_name_prefix="regproxy-sendfile")
-        self.stopping = threading.Event()
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    @staticmethod
-    def open(path: Path) -> int:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def send(self, sock_fd: int, file_fd: int, offset: int, count: int) -> None:
-        """Blocking: copy ``count`` bytes at ``offset``; closes both descriptors."""
-        try:
-            poller = select.poll()
-            poller.register(sock_fd, select.POLLOUT)
-            idle = 0.0
-            while count > 0:
-                try:
-                    n = os.sendfile(sock_fd, file_fd, offset, count)
-                except BlockingIOError:
-                    if self.stopping.is_set() or idle >= SENDFILE_STALL_SECONDS:
-                        raise TimeoutError("client stopped reading") from None
-                    if not poller.poll(1000):
-                        idle += 1.0
-                    continue
-                if n == 0:
-                    raise EOFError("blob file is shorter than its recorded size")
-                offset += n
-                count -= n
-                idle = 0.0
-        finally:
-            os.close(sock_fd)
-            os.close(file_fd)
-
-
-SENDER_KEY: Final = web.AppKey("sender", _Sender)
 
 
 class PaginationInvalid(OCIError):
@@ -315,113 +258,8 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
             metrics.SERVED_BYTES.labels("blob", "disk").inc(
                 blob.size if rng is None else rng[1] - rng[0] + 1
             )
-        return await _send_file(request, blob, blob.file, headers, rng)
+        return await sendfile.send_file(request, blob.digest, blob.size, blob.file, headers, rng)
     return await _stream_blob(request, blob, headers, rng)
-
-
-async def _send_file(
-    request: web.Request,
-    blob: Blob,
-    path: Path,
-    headers: dict[str, str],
-    rng: tuple[int, int] | None,
-) -> web.StreamResponse:
-    """A committed blob file: headers through aiohttp, the body with sendfile (see _Sender)."""
-    start, end = rng if rng is not None else (0, blob.size - 1)
-    count = end - start + 1
-    if rng is not None:
-        headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
-    status = 200 if rng is None else 206
-    if request.method == "HEAD" or count <= 0:
-        headers["Content-Length"] = str(max(count, 0))
-        return web.Response(status=status, headers=headers)
-    sender = request.app[SENDER_KEY]
-    loop = asyncio.get_running_loop()
-    try:
-        file_fd = await loop.run_in_executor(sender.pool, sender.open, path)
-    except FileNotFoundError:
-        raise BlobUnknown(str(blob.digest)) from None
-    if request.transport is not None and request.transport.get_extra_info("ssl_object"):
-        return await _send_file_tls(request, blob, file_fd, status, headers, start, count)
-    try:
-        resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_length = count
-        writer = await resp.prepare(request)
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if transport is None or sock is None or writer is None:
-            raise ConnectionResetError("connection lost")
-        send_headers = getattr(writer, "send_headers", None)
-        if send_headers is not None:  # aiohttp >= 3.10 holds headers back until the body
-            send_headers()
-        for _ in range(int(SENDFILE_STALL_SECONDS * 100)):
-            if transport.is_closing():
-                raise ConnectionResetError("connection lost")
-            if not transport.get_write_buffer_size():
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise TimeoutError("client stopped reading")
-        sock_fd = os.dup(sock.fileno())
-    except BaseException:
-        os.close(file_fd)
-        raise
-    future = sender.pool.submit(sender.send, sock_fd, file_fd, start, count)
-    try:
-        await asyncio.wrap_future(future)
-    except BaseException as exc:
-        if future.cancel():  # never started: the descriptors are still ours
-            os.close(sock_fd)
-            os.close(file_fd)
-        if not isinstance(exc, asyncio.CancelledError):
-            log.warning(
-                "blob.aborted digest=%s repo=%s error=%r", blob.digest, request.get("repo"), exc
-            )
-            request["error"] = "aborted"
-        transport.abort()  # never leave a response with missing bytes on a kept-alive connection
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        return resp
-    await resp.write_eof()
-    return resp
-
-
-async def _send_file_tls(
-    request: web.Request,
-    blob: Blob,
-    file_fd: int,
-    status: int,
-    headers: dict[str, str],
-    offset: int,
-    count: int,
-) -> web.StreamResponse:
-    """TLS: sendfile(2) on the socket would bypass the TLS layer, so the bytes go through the
-    transport, read with ``pread`` off the loop. Closes ``file_fd``."""
-    loop = asyncio.get_running_loop()
-    pool = request.app[SENDER_KEY].pool
-    resp = web.StreamResponse(status=status, headers=headers)
-    resp.content_length = count
-    try:
-        await resp.prepare(request)
-        while count > 0:
-            chunk = await loop.run_in_executor(pool, os.pread, file_fd, min(CHUNK, count), offset)
-            if not chunk:
-                raise EOFError("blob file is shorter than its recorded size")
-            await resp.write(chunk)
-            offset += len(chunk)
-            count -= len(chunk)
-    except EOFError as exc:
-        log.warning(
-            "blob.aborted digest=%s repo=%s error=%r", blob.digest, request.get("repo"), exc
-        )
-        request["error"] = "aborted"
-        if request.transport is not None:
-            request.transport.abort()  # never end a response with missing bytes
-        return resp
-    finally:
-        os.close(file_fd)
-    await resp.write_eof()
-    return resp
 
 
 async def _stream_blob(
@@ -464,21 +302,27 @@ async def delete_blob(request: web.Request, name: str, digest: str) -> web.Respo
 
 
 # --- uploads ---------------------------------------------------------------------------------------
-def _upload_headers(repo: RepoName, uid: str, offset: int) -> dict[str, str]:
+def _where(request: web.Request, name: str, repo: RepoName) -> str:
+    """The name for Location headers: the client's own (it resolves to the same repository, and
+    clients may compare it with what they asked for), canonical when ``?ns=`` picked the host."""
+    return repo.canonical if request.query.get("ns") else name
+
+
+def _upload_headers(where: str, uid: str, offset: int) -> dict[str, str]:
     return {
         **API_VERSION,
-        "Location": f"/v2/{repo.canonical}/blobs/uploads/{uid}",
+        "Location": f"/v2/{where}/blobs/uploads/{uid}",
         "Range": f"0-{max(offset - 1, 0)}",
         "Docker-Upload-UUID": uid,
     }
 
 
-def _blob_created(repo: RepoName, digest: Digest) -> web.Response:
+def _blob_created(where: str, digest: Digest) -> web.Response:
     return web.Response(
         status=201,
         headers={
             **API_VERSION,
-            "Location": f"/v2/{repo.canonical}/blobs/{digest}",
+            "Location": f"/v2/{where}/blobs/{digest}",
             CONTENT_DIGEST: str(digest),
         },
     )
@@ -494,13 +338,13 @@ async def post_upload(request: web.Request, name: str, uid: str) -> web.Response
         digest = _digest(q["mount"])
         source = resolver.resolve(q["from"]) if q.get("from") else None
         if await registry.mount_blob(repo, digest, source):
-            return _blob_created(repo, digest)
+            return _blob_created(_where(request, name, repo), digest)
     elif "digest" in q:
         digest = _digest(q["digest"])
         await registry.put_blob(repo, digest, _body_chunks(request), _content_length(request))
-        return _blob_created(repo, digest)
+        return _blob_created(_where(request, name, repo), digest)
     new = await registry.start_upload(repo)
-    return web.Response(status=202, headers=_upload_headers(repo, new, 0))
+    return web.Response(status=202, headers=_upload_headers(_where(request, name, repo), new, 0))
 
 
 def _content_range(request: web.Request) -> tuple[int | None, int | None]:
@@ -526,7 +370,9 @@ async def patch_upload(request: web.Request, name: str, uid: str) -> web.Respons
     if start is None:
         registry.upload_offset(repo, uid)  # 404 for an unknown session before reading a body
     offset = await registry.append_upload(repo, uid, _body_chunks(request), start=start, end=end)
-    return web.Response(status=202, headers=_upload_headers(repo, uid, offset))
+    return web.Response(
+        status=202, headers=_upload_headers(_where(request, name, repo), uid, offset)
+    )
 
 
 async def put_upload(request: web.Request, name: str, uid: str) -> web.Response:
@@ -543,14 +389,16 @@ async def put_upload(request: web.Request, name: str, uid: str) -> web.Response:
         raise RangeNotSatisfiable("chunk out of order", offset=registry.upload_offset(repo, uid))
     chunks = _body_chunks(request) if _has_body(request) else None
     await registry.finish_upload(repo, uid, digest, chunks)
-    return _blob_created(repo, digest)
+    return _blob_created(_where(request, name, repo), digest)
 
 
 async def get_upload(request: web.Request, name: str, uid: str) -> web.Response:
     registry, _ = _ctx(request)
     repo = _repo(request, name)
     offset = registry.upload_offset(repo, uid)
-    return web.Response(status=204, headers=_upload_headers(repo, uid, offset))
+    return web.Response(
+        status=204, headers=_upload_headers(_where(request, name, repo), uid, offset)
+    )
 
 
 async def delete_upload(request: web.Request, name: str, uid: str) -> web.Response:
@@ -572,7 +420,11 @@ def _check_reference(ref: str) -> str:
 async def get_manifest(request: web.Request, name: str, ref: str) -> web.Response:
     registry, _ = _ctx(request)
     repo = _repo(request, name)
-    _check_reference(ref)
+    try:
+        _check_reference(ref)
+    except TagInvalid:
+        # no manifest can carry that tag: a read answers 404, the only failure end-3 lists
+        raise ManifestUnknown(ref) from None
     m = await registry.get_manifest(repo, ref)
     request.setdefault("cache", "hit")
     headers = {
@@ -605,7 +457,7 @@ async def put_manifest(request: web.Request, name: str, ref: str) -> web.Respons
     )
     headers = {
         **API_VERSION,
-        "Location": f"/v2/{repo.canonical}/manifests/{result.digest}",
+        "Location": f"/v2/{_where(request, name, repo)}/manifests/{result.digest}",
         CONTENT_DIGEST: str(result.digest),
     }
     if result.subject is not None:
@@ -674,13 +526,8 @@ _HANDLERS: Final[dict[tuple[str, str], Handler]] = {
 }
 
 
-async def _close_sender(app: web.Application) -> None:
-    await asyncio.get_running_loop().run_in_executor(None, app[SENDER_KEY].close)
-
-
 def add_routes(app: web.Application) -> None:
-    app[SENDER_KEY] = _Sender()
-    app.on_cleanup.append(_close_sender)
+    sendfile.setup(app)
     app.router.add_get("/v2/", v2_base)
     app.router.add_get("/v2", v2_base)
     app.router.add_get("/v2/_catalog", catalog)

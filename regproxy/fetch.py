@@ -191,6 +191,7 @@ class Fetcher:
 
     async def _run(self, t: Transfer, sources: list[Source], repo: str) -> None:
         loop = asyncio.get_running_loop()
+        error: OCIError | None = None
         try:
             t.writer = await loop.run_in_executor(None, self.store.writer)
             last: OCIError = BlobUnknown(str(t.digest))
@@ -245,16 +246,19 @@ class Fetcher:
                 t.waiters,
             )
         except OCIError as exc:
-            t.error = exc
+            error = exc
             if not isinstance(exc, BlobUnknown):
                 log.warning("fetch.failed digest=%s repo=%s error=%s", t.digest, repo, exc)
         except Exception as exc:  # a bug or a disk error: never leave waiters hanging
             log.exception("fetch.crashed digest=%s repo=%s", t.digest, repo)
-            t.error = TransferFailed(f"{t.digest}: {exc}")
+            error = TransferFailed(f"{t.digest}: {exc}")
         finally:
+            # clean up before the failure is published: a waiter that sees it may act at once
             if not t.committed and t.writer is not None:
                 with contextlib.suppress(OSError):
                     await loop.run_in_executor(None, t.writer.abort)
+            if not t.committed and t.error is None:
+                t.error = error or TransferFailed(f"{t.digest}: transfer ended")
             self.inflight.pop(t.digest, None)
             metrics.INFLIGHT_FETCHES.set(len(self.inflight))
             await t._notify()

@@ -33,7 +33,7 @@ FORBIDDEN = {
     "upstream": {"api", "app", "cli", "registry", "proxy", "store", "index", "fetch", "ui"},
 }
 #: third-party modules only some of ours may use
-HTTP_SERVER = {"api", "app", "ui", "auth", "web", "admin", "health"}
+HTTP_SERVER = {"api", "app", "ui", "auth", "web", "admin", "health", "sendfile"}
 
 
 def _imports(path: Path) -> set[str]:
