@@ -68,6 +68,7 @@ class NameResolver:
             u.alias: u.pattern for u in config.upstreams if u.alias and "*" not in u.pattern
         }
         self._host_to_alias = {h: a for a, h in self._alias_to_host.items()}
+        self._cache: dict[tuple[str, str | None], RepoName] = {}
 
     # host <-> name component
     def host_component(self, host: str) -> str:
@@ -98,7 +99,21 @@ class NameResolver:
         return RepoName(canonical, host, path)
 
     def resolve(self, name: str, ns: str | None = None) -> RepoName:
-        """Resolve the ``<name>`` of a ``/v2/<name>/...`` request (and containerd's ``?ns=``)."""
+        """Resolve the ``<name>`` of a ``/v2/<name>/...`` request (and containerd's ``?ns=``).
+
+        Pure for a given config, so valid answers are cached (every request resolves a name).
+        """
+        key = (name, ns)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        repo = self._resolve(name, ns)
+        if len(self._cache) >= 16384:
+            self._cache.clear()
+        self._cache[key] = repo
+        return repo
+
+    def _resolve(self, name: str, ns: str | None) -> RepoName:
         validate_name(name)
         first, _, rest = name.partition("/")
         if first == self.project and rest:

@@ -7,6 +7,7 @@ https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-ma
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -50,6 +51,11 @@ class Digest:
 
     @classmethod
     def parse(cls, text: str) -> Digest:
+        """Parse and validate; valid digests are cached (they are parsed on every request)."""
+        return _parse_digest(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> Digest:
         alg, sep, enc = text.partition(":")
         if not sep or not _ALGORITHM_RE.match(alg) or not _ENCODED_RE.match(enc):
             raise DigestInvalid(text, "not of the form algorithm:encoded")
@@ -69,6 +75,9 @@ class Digest:
 
     def __str__(self) -> str:
         return f"{self.algorithm}:{self.hex}"
+
+
+_parse_digest: Final = functools.lru_cache(maxsize=16384)(Digest._parse)
 
 
 def is_digest_reference(reference: str) -> bool:
