@@ -45,14 +45,20 @@ def regproxy(root: Path, *args: str, check: bool = True) -> subprocess.Completed
 def store_state(root: Path) -> tuple[set[str], set[str], list[str]]:
     """Files under blobs/ and tmp/, and the repositories a daemon would list."""
     store = root / "store"
-    blobs = {p.name for p in (store / "blobs").rglob("*") if p.is_file()} if (store / "blobs").exists() else set()
+    blobs = (
+        {p.name for p in (store / "blobs").rglob("*") if p.is_file()}
+        if (store / "blobs").exists()
+        else set()
+    )
     tmp = {p.name for p in (store / "tmp").iterdir()} if (store / "tmp").exists() else set()
     import sqlite3
 
     repos: list[str] = []
     if (store / "index.db").exists():
         with sqlite3.connect(store / "index.db") as db:
-            repos = sorted(r[0] for r in db.execute("SELECT repo || '@' || digest FROM repo_manifests"))
+            repos = sorted(
+                r[0] for r in db.execute("SELECT repo || '@' || digest FROM repo_manifests")
+            )
             repos += sorted(r[0] for r in db.execute("SELECT repo || ':' || tag FROM tags"))
     return blobs, tmp, repos
 
@@ -66,16 +72,22 @@ def bundles(tmp_path: Path):
     out = tmp_path / "bundles"
     out.mkdir()
     skopeo("copy", f"oci:{layout}:v1", f"oci-archive:{out}/oci.tar:docker.io/team/app:v1")
-    skopeo("copy", "--all", f"oci:{layout}:multi", f"oci-archive:{out}/multi.tar:ghcr.io/team/multi:2")
+    skopeo(
+        "copy", "--all", f"oci:{layout}:multi", f"oci-archive:{out}/multi.tar:ghcr.io/team/multi:2"
+    )
     skopeo("copy", f"oci:{layout}:v1", f"docker-archive:{out}/docker.tar:team/dock:3")
     with open(out / "oci.tar", "rb") as src, gzip.open(out / "oci.tar.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     if shutil.which("zstd"):
-        subprocess.run(["zstd", "-q", "-o", str(out / "multi.tar.zst"), str(out / "multi.tar")], check=True)
+        subprocess.run(
+            ["zstd", "-q", "-o", str(out / "multi.tar.zst"), str(out / "multi.tar")], check=True
+        )
     return {"layout": layout, "dir": out, "a": a, "b": b, "index": idx}
 
 
-def test_import_every_kind_then_pull_offline(tmp_path: Path, bundles, daemon_factory, containerd) -> None:
+def test_import_every_kind_then_pull_offline(
+    tmp_path: Path, bundles, daemon_factory, containerd
+) -> None:
     node = tmp_path / "node"
     node.mkdir()
     d = bundles["dir"]
@@ -99,7 +111,13 @@ def test_import_every_kind_then_pull_offline(tmp_path: Path, bundles, daemon_fac
     dock = json.loads(skopeo_raw(f"{proxy.hostport}/docker.io/team/dock:3"))
     assert dock["config"]["digest"] == json.loads(a.manifest)["config"]["digest"]
     copied = tmp_path / "copied"
-    skopeo("copy", "--all", "--src-tls-verify=false", f"docker://{proxy.hostport}/ghcr.io/team/multi:2", f"dir:{copied}")
+    skopeo(
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        f"docker://{proxy.hostport}/ghcr.io/team/multi:2",
+        f"dir:{copied}",
+    )
     assert sha((copied / "manifest.json").read_bytes()) == sha(idx)
 
     hosts = tmp_path / "hosts"
@@ -175,7 +193,11 @@ def test_damaged_bundles_leave_the_store_exactly_as_before(tmp_path: Path, bundl
         return None if name.endswith(child) else data
 
     cases = {}
-    for label, change in (("flipped", flip), ("missing-blob", drop_layer), ("missing-manifest", drop_manifest)):
+    for label, change in (
+        ("flipped", flip),
+        ("missing-blob", drop_layer),
+        ("missing-manifest", drop_manifest),
+    ):
         p = tmp_path / f"{label}.tar"
         _rewrite(src, p, change)
         cases[label] = p
@@ -203,7 +225,9 @@ def test_damaged_bundles_leave_the_store_exactly_as_before(tmp_path: Path, bundl
 def test_upload_over_http_imports_streamed(tmp_path: Path, bundles, daemon_factory) -> None:
     proxy = daemon_factory(OFFLINE)
     body = (bundles["dir"] / "multi.tar").read_bytes()
-    status, _, resp = http("POST", f"{proxy.url}/admin/import", body, {"Content-Type": "application/x-tar"})
+    status, _, resp = http(
+        "POST", f"{proxy.url}/admin/import", body, {"Content-Type": "application/x-tar"}
+    )
     assert status == 200, resp
     summary = json.loads(resp)
     assert summary["images"] == ["spectro-images/ghcr.io/team/multi:2"]
