@@ -288,6 +288,23 @@ class Containerd:
             raise AssertionError(f"ctr {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def pull(
+        self, hosts_dir: Path, ref: str, *extra: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """``ctr images pull`` through the mirrors in ``hosts_dir``, unpacked natively."""
+        return self.ctr(
+            "images",
+            "pull",
+            "--plain-http",
+            "--hosts-dir",
+            str(hosts_dir),
+            "--snapshotter",
+            "native",
+            *extra,
+            ref,
+            check=check,
+        )
+
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)

@@ -123,10 +123,9 @@ def test_import_every_kind_then_pull_offline(
     hosts = tmp_path / "hosts"
     write_hosts_toml(hosts, "ghcr.io", proxy.url)
     write_hosts_toml(hosts, "docker.io", proxy.url)
-    pull = ("images", "pull", "--plain-http", "--hosts-dir", str(hosts), "--snapshotter", "native")
-    containerd.ctr(*pull, "ghcr.io/team/multi:2")
-    containerd.ctr(*pull, f"docker.io/team/app@{a.digest}")
-    containerd.ctr(*pull, "docker.io/team/dock:3")
+    containerd.pull(hosts, "ghcr.io/team/multi:2")
+    containerd.pull(hosts, f"docker.io/team/app@{a.digest}")
+    containerd.pull(hosts, "docker.io/team/dock:3")
     assert sha(idx) in containerd.ctr("images", "ls").stdout
 
 

@@ -163,17 +163,16 @@ def test_ctr_pulls_through_mirror(
     assert headers["Docker-Content-Digest"] == img.digest
     assert headers["Content-Length"] == str(len(img.manifest))
 
-    pull = ["images", "pull", "--plain-http", "--hosts-dir", str(hosts), "--snapshotter", "native"]
-    containerd.ctr(*pull, f"{fake}/app:v1")
+    containerd.pull(hosts, f"{fake}/app:v1")
     listed = containerd.ctr("images", "ls").stdout
     assert f"{fake}/app:v1" in listed and img.digest in listed
-    containerd.ctr(*pull, f"{fake}/app@{img.digest}")
+    containerd.pull(hosts, f"{fake}/app@{img.digest}")
     # the layers really are in containerd's content store, with the digests pushed
     content = containerd.ctr("content", "ls").stdout
     for blob in (img.config, *img.layers):
         assert sha256(blob) in content
     # a multi-arch index: ctr picks this machine's platform (amd64)
-    containerd.ctr(*pull, "--platform", "linux/amd64", f"{fake}/multi:v1")
+    containerd.pull(hosts, "--platform", "linux/amd64", f"{fake}/multi:v1")
     listed = containerd.ctr("images", "ls").stdout
     assert sha256(index) in listed
     assert sha256(plats["amd64"].layers[0]) in containerd.ctr("content", "ls").stdout
@@ -226,16 +225,7 @@ def test_ctr_pulls_docker_hub_name_through_mirror(
     _copy_in(f"oci:{src}:single", f"{daemon.hostport}/docker.io/hubimg:1.0")
     hosts = tmp_path / "hosts"
     write_hosts_toml(hosts, "docker.io", daemon.url)
-    containerd.ctr(
-        "images",
-        "pull",
-        "--plain-http",
-        "--hosts-dir",
-        str(hosts),
-        "--snapshotter",
-        "native",
-        "docker.io/library/hubimg:1.0",
-    )
+    containerd.pull(hosts, "docker.io/library/hubimg:1.0")
     listed = containerd.ctr("images", "ls").stdout
     assert "docker.io/library/hubimg:1.0" in listed and img.digest in listed
     # an unknown tag is a clean failure, not a hang

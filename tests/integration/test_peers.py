@@ -80,16 +80,7 @@ def test_air_gapped_cluster_shares_what_one_host_holds(
     # and containerd on C's side, through hosts.toml for docker.io (?ns=docker.io)
     hosts = tmp_path / "hosts"
     write_hosts_toml(hosts, "docker.io", c.url)
-    containerd.ctr(
-        "images",
-        "pull",
-        "--plain-http",
-        "--hosts-dir",
-        str(hosts),
-        "--snapshotter",
-        "native",
-        "docker.io/team/app:one",
-    )
+    containerd.pull(hosts, "docker.io/team/app:one")
     # B takes img2 as well; then A goes away and C's next miss (img2's layers) comes from B
     skopeo(
         "copy",

@@ -73,9 +73,7 @@ def test_skopeo_and_ctr_pull_through_then_upstream_down(
     hosts = tmp_path / "hosts"
     write_hosts_toml(hosts, up.hostport, proxy.url)
     ref = f"{up.hostport}/team/app:multi"
-    containerd.ctr(
-        "images", "pull", "--plain-http", "--hosts-dir", str(hosts), "--snapshotter", "native", ref
-    )
+    containerd.pull(hosts, ref)
     listed = containerd.ctr("images", "ls").stdout
     assert want["multi"] in listed
     assert "ns=" in proxy.log() or "?ns" in proxy.log() or True  # access log shows the path only
@@ -106,26 +104,8 @@ def test_skopeo_and_ctr_pull_through_then_upstream_down(
     second = Containerd(Path(str(containerd.root) + "b"))
     second.start()
     try:
-        second.ctr(
-            "images",
-            "pull",
-            "--plain-http",
-            "--hosts-dir",
-            str(hosts),
-            "--snapshotter",
-            "native",
-            ref,
-        )
-        second.ctr(
-            "images",
-            "pull",
-            "--plain-http",
-            "--hosts-dir",
-            str(hosts),
-            "--snapshotter",
-            "native",
-            f"{up.hostport}/team/app@{want['v1']}",
-        )
+        second.pull(hosts, ref)
+        second.pull(hosts, f"{up.hostport}/team/app@{want['v1']}")
     finally:
         second.stop()
         shutil.rmtree(second.root, ignore_errors=True)
