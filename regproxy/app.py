@@ -16,7 +16,7 @@ from typing import Final
 
 from aiohttp import web
 
-from regproxy import admin, api, auth, metrics
+from regproxy import admin, api, auth, metrics, ui
 from regproxy.config import Config
 from regproxy.errors import ConfigError
 from regproxy.evict import Evictor
@@ -91,7 +91,8 @@ async def _prefetch_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def index_page(request: web.Request) -> web.Response:
-    return web.Response(text="regproxy\n")
+    """``/`` is the web page (regproxy.ui); ``/v2/`` is the registry."""
+    raise web.HTTPFound(ui.PREFIX + "/")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -138,6 +139,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app[HEALTH_KEY] = Health(app[api.REGISTRY_KEY], config)
     app.cleanup_ctx.append(app[HEALTH_KEY].lifespan)
+    ui.setup(app, config, app[HEALTH_KEY])  # the web page at /ui (sessions for auth's rules)
     app.on_shutdown.append(app[HEALTH_KEY].on_shutdown)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)

@@ -4,8 +4,7 @@ Users come from an htpasswd file (bcrypt lines, as ``htpasswd -B`` writes them: 
 from ``auth.users`` in the config (hashes only). The file is read again when it changes (its
 mtime, size or inode), so an operator adds a user without a restart.
 
-The rules, for ``/v2``, ``/metrics`` and ``/admin`` (everything else is open or the web page's
-own business):
+The rules, for ``/v2``, ``/metrics``, ``/admin`` and ``/ui`` (everything else is open):
 
 - **reads** (GET/HEAD of manifests, blobs, tags, referrers, the catalog, ``/metrics``) are open
   while ``auth.anonymous_pull`` is true (the default), and need a login when it is false;
@@ -18,6 +17,10 @@ own business):
   :func:`may_change_content`);
 - **no users configured at all**: the registry is open as before, and start-up says so loudly.
   With ``anonymous_pull: false`` and no users, everything is refused (nobody can log in);
+- **the web page** (``/ui``, except its login form and static files) needs a session made by
+  its login form (:data:`UI_SESSIONS_KEY`, kept by ``regproxy.ui``); its JSON routes also take
+  Basic credentials for a GET, for scripts. With no users configured at all it is open to read,
+  marked :data:`UI_OPEN_MODE`, and changes nothing (the page says why);
 - **peers** are not trusted by their ``Regproxy-Peer`` header: that header only makes a request
   local-only. A peer logs in like anybody else (``peers.username``/``password``, sent as Basic
   when challenged).
@@ -47,7 +50,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from typing import Final
+from typing import Final, Protocol
+from urllib.parse import urlencode
 
 import bcrypt
 from aiohttp import BasicAuth, hdrs, web
@@ -74,6 +78,11 @@ BCRYPT_THREADS: Final = 2
 GUARDED: Final = ("/v2", "/metrics", "/admin")
 #: administrative endpoints (bundle import, ...): a login of a user who may change content, always
 ADMIN_PREFIX: Final = "/admin"
+#: the web page (regproxy.ui): a session (or Basic, for its JSON reads); the login form and the
+#: static files are open
+UI_PREFIX: Final = "/ui"
+UI_OPEN: Final = ("/ui/login", "/ui/static/")
+UI_API_PREFIX: Final = "/ui/api/"
 READ_METHODS: Final = frozenset({"GET", "HEAD"})
 #: verified when the user is unknown, so an unknown name costs as much as a wrong password
 _DUMMY_HASH: Final = bcrypt.hashpw(b"regproxy-no-such-user", bcrypt.gensalt(rounds=5))
@@ -285,10 +294,63 @@ def may_change_content(app: web.Application, user: str) -> bool:
     return app[USERS_KEY].may_change_content(user)
 
 
+class SessionSource(Protocol):
+    """The web page's sessions (regproxy.ui), as this module sees them."""
+
+    def user_for(self, request: web.Request) -> str | None:
+        """The user of the request's valid session cookie, or None."""
+
+
+UI_SESSIONS_KEY: Final[web.AppKey[SessionSource]] = web.AppKey("ui_sessions")
+#: set on a /ui request when no user is configured (the registry is open): read-only page
+UI_OPEN_MODE: Final = "regproxy_ui_open"
+
+
 # --- the middleware ------------------------------------------------------------------------------
-def _needs(request: web.Request, db: UserDB) -> str | None:
-    """None (open), "ping", "read" or "write" for a request under this module's guard."""
+def _ui_needs(request: web.Request) -> str | None:
     path = request.path
+    if path != UI_PREFIX and not path.startswith(UI_PREFIX + "/"):
+        return None
+    if path in UI_OPEN or any(path.startswith(p) for p in UI_OPEN if p.endswith("/")):
+        return None
+    return "ui"
+
+
+async def _ui_guard(
+    request: web.Request,
+    db: UserDB,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """/ui: a session; or Basic credentials for a GET of the JSON routes (scripts); or, with no
+    users configured at all, the read-only open page. Pages send the browser to the login form,
+    JSON routes answer 401 (without a Basic challenge: no browser password dialog)."""
+    sessions = request.app.get(UI_SESSIONS_KEY)
+    user = sessions.user_for(request) if sessions is not None else None
+    api = request.path.startswith(UI_API_PREFIX)
+    if user is None and api and request.method in READ_METHODS:
+        creds = _credentials(request)
+        if creds is not None:
+            if not await db.login(creds[0], creds[1], remote=request.remote, via="ui-api"):
+                return web.json_response({"error": "wrong user name or password"}, status=401)
+            user = creds[0]
+    if user is not None:
+        USER.set(user)
+        return await handler(request)
+    await db.refresh()
+    if not db.enabled and db.anonymous_read:
+        request[UI_OPEN_MODE] = True  # the page says so, and refuses every change
+        return await handler(request)
+    if api or request.method not in READ_METHODS:
+        return web.json_response({"error": "log in first"}, status=401)
+    target = request.path_qs if request.path_qs.startswith(UI_PREFIX) else UI_PREFIX + "/"
+    raise web.HTTPSeeOther(f"{UI_PREFIX}/login?{urlencode({'next': target})}")
+
+
+def _needs(request: web.Request, db: UserDB) -> str | None:
+    """None (open), "ping", "read", "write" or "ui" for a request under this module's guard."""
+    path = request.path
+    if path == UI_PREFIX or path.startswith(UI_PREFIX + "/"):
+        return _ui_needs(request)
     if not any(path == p or path.startswith(p + "/") for p in GUARDED):
         return None
     if not db.enabled and db.anonymous_read:
@@ -336,6 +398,8 @@ async def auth_middleware(
     need = _needs(request, db)
     if need is None:
         return await handler(request)
+    if need == "ui":
+        return await _ui_guard(request, db, handler)
     creds = _credentials(request)
     if creds is not None:
         user, password = creds
@@ -387,8 +451,11 @@ def setup(app: web.Application, config: AuthConfig) -> None:
 
 
 __all__: list[str] = [
+    "UI_OPEN_MODE",
+    "UI_SESSIONS_KEY",
     "USER",
     "USERS_KEY",
+    "SessionSource",
     "UserDB",
     "auth_middleware",
     "check_login",

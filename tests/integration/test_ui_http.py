@@ -1,0 +1,354 @@
+"""The web page over plain HTTP (an in-process daemon on 127.0.0.1): who gets in, CSRF, speed.
+
+The browser tests are in test_ui_browser.py; these need no chromium.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import bcrypt
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from regproxy import metrics
+from regproxy.app import create_app
+from regproxy.config import config_from_dict
+from regproxy.index import Index
+from regproxy.store import Store
+from tests.images import make_image
+
+# api keeps per-request facts under plain string keys (request["error"]), as test_auth says
+pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+PASSWORD = "s3cret-Pass"
+HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+REPO = "spectro-images/docker.io/team/app"
+FAKE_DIGEST = "sha256:" + "ab" * 32
+
+PAGES = [
+    "/ui",
+    "/ui/",
+    "/ui/projects",
+    "/ui/repositories",
+    "/ui/repositories?q=app&page=2",
+    f"/ui/repositories/{REPO}",
+    f"/ui/manifests/{REPO}@{FAKE_DIGEST}",
+    "/ui/upload",
+]
+API = [
+    "/ui/api/overview",
+    "/ui/api/projects",
+    "/ui/api/repositories?q=app",
+    f"/ui/api/repositories/{REPO}/tags",
+    f"/ui/api/manifests/{REPO}@{FAKE_DIGEST}",
+]
+POSTS = ["/ui/pin", "/ui/unpin", "/ui/delete", "/ui/upload", "/ui/logout"]
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def _config(root: Path, users: bool = True) -> Any:
+    raw: dict[str, Any] = {
+        "storage": {"root": str(root)},
+        "content": {"sync": {"enable": False}},
+        "log": {"access": False},
+    }
+    if users:
+        raw["auth"] = {"users": {"alice": HASH}}
+    return config_from_dict(raw)
+
+
+async def _client(root: Path, users: bool = True) -> TestClient[Any, Any]:
+    app = create_app(_config(root, users))
+    client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    return client
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
+    c = await _client(tmp_path / "store")
+    yield c
+    await c.close()
+
+
+async def login(client: TestClient[Any, Any], password: str = PASSWORD) -> aiohttp.ClientResponse:
+    page = await client.get("/ui/login")
+    token = re.search(r'name="login_token" value="([^"]+)"', await page.text())
+    assert token is not None
+    return await client.post(
+        "/ui/login",
+        data={"username": "alice", "password": password, "login_token": token[1], "next": "/ui/"},
+        allow_redirects=False,
+    )
+
+
+async def csrf_of(client: TestClient[Any, Any]) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', await (await client.get("/ui/")).text())
+    assert m is not None
+    return m[1]
+
+
+async def test_root_leads_to_the_page_and_v2_is_untouched(client) -> None:
+    resp = await client.get("/", allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"] == "/ui/"
+    resp = await client.get("/v2/", allow_redirects=False)
+    assert resp.status == 401  # users configured: the clients' ping asks for a login, as before
+    assert "Basic" in resp.headers["WWW-Authenticate"]
+
+
+async def test_every_page_and_json_route_refuses_anonymous_requests(client) -> None:
+    for path in PAGES:
+        resp = await client.get(path, allow_redirects=False)
+        assert resp.status == 303, path
+        assert resp.headers["Location"].startswith("/ui/login?next="), path
+    for path in API:
+        resp = await client.get(path, allow_redirects=False)
+        assert resp.status == 401, path
+        assert "WWW-Authenticate" not in resp.headers  # no browser password dialog
+    for path in POSTS:
+        resp = await client.post(path, data={"repo": REPO, "ref": "v1"}, allow_redirects=False)
+        assert resp.status == 401, path
+    # a session cookie that was never made is no session
+    client.session.cookie_jar.update_cookies({"regproxy_session": "forged"})
+    resp = await client.get("/ui/api/overview")
+    assert resp.status == 401
+    # the login form and the static files are open
+    assert (await client.get("/ui/login")).status == 200
+    assert (await client.get("/ui/static/ui.css")).status == 200
+
+
+async def test_wrong_login_is_refused_slowly_and_counted_then_the_right_one_gets_in(
+    client,
+) -> None:
+    before = metrics.LOGIN_FAILURES._value.get()
+    t0 = time.monotonic()
+    resp = await login(client, "wrong")
+    assert resp.status == 401
+    assert "Wrong user name or password" in await resp.text()
+    assert time.monotonic() - t0 >= 0.9
+    assert metrics.LOGIN_FAILURES._value.get() == before + 1
+    assert "regproxy_session" not in {c.key for c in client.session.cookie_jar}
+
+    resp = await login(client)
+    assert resp.status == 303 and resp.headers["Location"] == "/ui/"
+    cookie = next(
+        v for k, v in resp.headers.items() if k == "Set-Cookie" and "regproxy_session" in v
+    )
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    assert "Max-Age=43200" in cookie and "Secure" not in cookie  # no TLS here
+    resp = await client.get("/ui/")
+    assert resp.status == 200
+    assert "Content-Security-Policy" in resp.headers
+    text = await resp.text()
+    assert "alice" in text and "Overview" in text
+    for path in ("/ui/projects", "/ui/repositories", "/ui/upload", *API[:3]):
+        assert (await client.get(path)).status == 200, path
+
+    # a login form without its token (another site posting it) is refused
+    resp = await client.post(
+        "/ui/login", data={"username": "alice", "password": PASSWORD}, allow_redirects=False
+    )
+    assert resp.status == 403
+
+
+async def test_posts_without_the_csrf_token_are_refused(client) -> None:
+    assert (await login(client)).status == 303
+    for path in POSTS:
+        resp = await client.post(path, data={"repo": REPO, "ref": "v1"}, allow_redirects=False)
+        assert resp.status == 403, path
+        resp = await client.post(
+            path, data={"repo": REPO, "ref": "v1", "csrf": "wrong"}, allow_redirects=False
+        )
+        assert resp.status == 403, path
+    form = aiohttp.FormData()
+    form.add_field("csrf", "wrong")
+    form.add_field("bundle", b"not a bundle", filename="b.tar")
+    resp = await client.post("/ui/upload", data=form)
+    assert resp.status == 403
+    # still logged in: nothing above logged out
+    assert (await client.get("/ui/")).status == 200
+    # the right token logs out, and then the pages are refused
+    token = await csrf_of(client)
+    resp = await client.post("/ui/logout", data={"csrf": token}, allow_redirects=False)
+    assert resp.status == 303
+    for path in PAGES:
+        assert (await client.get(path, allow_redirects=False)).status == 303, path
+    for path in API:
+        assert (await client.get(path)).status == 401, path
+
+
+async def test_basic_credentials_read_the_json_routes_only(client) -> None:
+    good = basic("alice", PASSWORD)
+    resp = await client.get("/ui/api/overview", headers=good)
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["sync"] is False and "store" in body and "cache" in body
+    resp = await client.get("/ui/api/overview", headers=basic("alice", "nope"))
+    assert resp.status == 401
+    resp = await client.get("/ui/", headers=good, allow_redirects=False)
+    assert resp.status == 303  # pages need the login form's session
+    resp = await client.post("/ui/pin", data={"repo": REPO, "ref": "v1"}, headers=good)
+    assert resp.status == 401
+
+
+async def _push(client: TestClient[Any, Any], tag: str) -> str:
+    img = make_image()
+    auth = basic("alice", PASSWORD)
+    for blob in (img.config, *img.layers):
+        from tests.images import sha256
+
+        resp = await client.post(
+            f"/v2/{REPO}/blobs/uploads/?digest={sha256(blob)}", data=blob, headers=auth
+        )
+        assert resp.status == 201, await resp.text()
+    resp = await client.put(
+        f"/v2/{REPO}/manifests/{tag}",
+        data=img.manifest,
+        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json", **auth},
+    )
+    assert resp.status == 201, await resp.text()
+    return img.digest
+
+
+async def test_tags_manifest_pin_unpin_delete_through_the_page(client) -> None:
+    digest = await _push(client, "v1")
+    assert (await login(client)).status == 303
+    token = await csrf_of(client)
+    text = await (await client.get(f"/ui/repositories/{REPO}")).text()
+    assert "v1" in text and digest[:19] in text and "pinned" in text  # pushed: pinned
+    tags = await (await client.get(f"/ui/api/repositories/{REPO}/tags")).json()
+    (row,) = tags["tags"]
+    assert row["tag"] == "v1" and row["digest"] == digest and row["pinned"] and row["size"] > 70_000
+    m = await (await client.get(f"/ui/api/manifests/{REPO}@{digest}")).json()
+    assert m["tags"] == ["v1"] and len(m["layers"]) == 2 and m["config"] is not None
+    assert all(layer["held"] for layer in m["layers"])
+    page = await client.get(f"/ui/manifests/{REPO}@{digest}")
+    assert page.status == 200 and "Layers" in await page.text()
+
+    resp = await client.post("/ui/unpin", data={"csrf": token, "repo": REPO, "ref": "v1"})
+    assert resp.status == 200 and "Unpinned" in await resp.text()
+    tags = await (await client.get(f"/ui/api/repositories/{REPO}/tags")).json()
+    assert tags["tags"][0]["pinned"] is False
+    resp = await client.post("/ui/pin", data={"csrf": token, "repo": REPO, "ref": digest})
+    assert resp.status == 200 and "Pinned" in await resp.text()
+    resp = await client.post("/ui/delete", data={"csrf": token, "repo": REPO, "ref": "v1"})
+    assert resp.status == 200 and "Deleted tag" in await resp.text()
+    tags = await (await client.get(f"/ui/api/repositories/{REPO}/tags")).json()
+    assert tags["tags"] == [] and tags["untagged"][0]["digest"] == digest
+    resp = await client.post("/ui/delete", data={"csrf": token, "repo": REPO, "ref": digest})
+    assert resp.status == 200
+    repos = await (await client.get("/ui/api/repositories")).json()
+    assert repos["total"] == 0
+
+
+async def test_no_users_configured_the_page_is_open_and_read_only(tmp_path: Path) -> None:
+    client = await _client(tmp_path / "store", users=False)
+    try:
+        resp = await client.get("/ui/")
+        assert resp.status == 200
+        assert "No users are configured" in await resp.text()
+        assert (await client.get("/ui/api/repositories")).status == 200
+        for path in POSTS:
+            resp = await client.post(path, data={"repo": REPO, "ref": "v1", "csrf": "x"})
+            assert resp.status == 403, path
+    finally:
+        await client.close()
+
+
+def _fill(root: Path, n: int) -> None:
+    """n repositories (two projects), each with a manifest, a tag and a blob, straight into
+    the index: what a big host's index holds, without the bytes."""
+    root.mkdir(parents=True, exist_ok=True)
+    Store(root).open()
+    index = Index(root / "index.db")
+    now = time.time()
+    db = index.db
+    db.execute("BEGIN")
+    repos, manifests, rms, tags, blobs, rbs = [], [], [], [], [], []
+    for i in range(n):
+        project = "spectro-images" if i % 10 else "other-project"
+        name = f"{project}/docker.io/team/repo-{i:05d}"
+        digest = f"sha256:{i:064x}"
+        blob = f"sha256:{i + 10**6:064x}"
+        repos.append((name, "docker.io", f"team/repo-{i:05d}", now, now - i))
+        manifests.append((digest, "application/vnd.oci.image.manifest.v1+json", 500, now))
+        rms.append((name, digest, now, now, i % 2))
+        tags.append((name, "v1", digest, now, now))
+        blobs.append((blob, 1000 + i, now))
+        rbs.append((name, blob))
+    db.executemany(
+        "INSERT INTO repos(name, host, path, created, last_access) VALUES(?,?,?,?,?)", repos
+    )
+    db.executemany(
+        "INSERT INTO manifests(digest, media_type, size, created) VALUES(?,?,?,?)", manifests
+    )
+    db.executemany(
+        "INSERT INTO repo_manifests(repo, digest, created, last_access, pinned) VALUES(?,?,?,?,?)",
+        rms,
+    )
+    db.executemany("INSERT INTO tags(repo, tag, digest, updated, checked) VALUES(?,?,?,?,?)", tags)
+    db.executemany("INSERT INTO blobs(digest, size, created) VALUES(?,?,?)", blobs)
+    db.executemany("INSERT INTO repo_blobs(repo, digest) VALUES(?,?)", rbs)
+    db.executemany(
+        "INSERT INTO manifest_refs(parent, child, kind) VALUES(?,?,'blob')",
+        [(m[0], b[0]) for m, b in zip(manifests, blobs, strict=True)],
+    )
+    db.execute("COMMIT")
+    index.close()
+
+
+async def test_ten_thousand_repositories_answer_fast_without_the_blob_tree(
+    tmp_path: Path, monkeypatch
+) -> None:
+    root = tmp_path / "store"
+    _fill(root, 10_000)
+
+    def no_scan(*_a: object, **_k: object) -> None:
+        raise AssertionError("the web page must not scan the blob tree")
+
+    monkeypatch.setattr(Store, "iter_blobs", no_scan)
+    monkeypatch.setattr(os, "walk", no_scan)
+    monkeypatch.setattr(os, "scandir", no_scan)
+    client = await _client(root)
+    try:
+        assert (await login(client)).status == 303
+        checks = [
+            ("/ui/api/repositories?page=150", lambda b: len(b["repositories"]) == 50),
+            ("/ui/api/repositories?q=repo-0999", lambda b: b["total"] == 10),
+            ("/ui/api/repositories?project=other-project&page=3", lambda b: b["total"] == 1000),
+            ("/ui/api/projects", lambda b: len(b["projects"]) == 2),
+            ("/ui/api/overview", lambda b: b["counts"]["repositories"] == 10_000),
+        ]
+        for path, ok in checks:
+            t0 = time.monotonic()
+            resp = await client.get(path)
+            elapsed = time.monotonic() - t0
+            assert resp.status == 200, path
+            assert ok(await resp.json()), path
+            assert elapsed < 1.0, (path, elapsed)
+        for path in (
+            "/ui/repositories?page=199",
+            "/ui/repositories?q=repo-09",
+            "/ui/projects",
+            "/ui/",
+            "/ui/repositories/spectro-images/docker.io/team/repo-09999",
+        ):
+            t0 = time.monotonic()
+            resp = await client.get(path)
+            elapsed = time.monotonic() - t0
+            assert resp.status == 200, path
+            assert elapsed < 1.0, (path, elapsed)
+        text = await (await client.get("/ui/repositories?page=199")).text()
+        assert "page 199 of 200" in text and "repo-09" in text
+    finally:
+        await client.close()
