@@ -224,8 +224,11 @@ class Registry:
         return blob
 
     async def delete_blob(self, repo: RepoName, digest: Digest) -> None:
-        self._blob_links.pop((repo.canonical, str(digest)))
-        if not await self._db(self.index.unlink_blob, repo.canonical, str(digest)):
+        key = (repo.canonical, str(digest))
+        self._blob_links.pop(key)
+        gone = await self._db(self.index.unlink_blob, repo.canonical, str(digest))
+        self._blob_links.pop(key)  # a lookup queued before the delete may have cached it again
+        if not gone:
             raise BlobUnknown(str(digest))
 
     async def mount_blob(self, repo: RepoName, digest: Digest, source: RepoName | None) -> bool:
@@ -274,6 +277,11 @@ class Registry:
             raise BlobUploadUnknown(uid)
         return up
 
+    def _still_open(self, up: Upload) -> None:
+        """After waiting for an upload's lock: a finish, cancel or expiry may have ended it."""
+        if self._uploads.get(up.uid) is not up:
+            raise BlobUploadUnknown(up.uid)
+
     def upload_offset(self, repo: RepoName, uid: str) -> int:
         return self._upload(repo, uid).writer.size
 
@@ -307,6 +315,7 @@ class Registry:
         """PATCH: append a chunk; ``start``/``end`` from Content-Range must continue the upload."""
         up = self._upload(repo, uid)
         async with up.lock:
+            self._still_open(up)
             offset = up.writer.size
             if start is not None and start != offset:
                 raise RangeNotSatisfiable(
@@ -353,6 +362,7 @@ class Registry:
         """PUT: take the last bytes, verify the digest, commit. A bad digest ends the upload."""
         up = self._upload(repo, uid)
         async with up.lock:
+            self._still_open(up)
             try:
                 if chunks is not None:
                     await self._drain(up.writer, chunks, None)
@@ -369,6 +379,7 @@ class Registry:
     async def cancel_upload(self, repo: RepoName, uid: str) -> None:
         up = self._upload(repo, uid)
         async with up.lock:
+            self._still_open(up)
             self._uploads.pop(uid, None)
             await self._io(up.writer.abort)
             await self._db(self.index.remove_upload, uid)
@@ -503,12 +514,18 @@ class Registry:
         if is_digest_reference(reference):
             self._manifests.pop((repo.canonical, reference))
             self._tags.drop_where(lambda k: k[0] == repo.canonical)
-            if not await self._db(self.index.delete_manifest, repo.canonical, reference):
+            gone = await self._db(self.index.delete_manifest, repo.canonical, reference)
+            # lookups queued on the index thread before the delete may have cached it again
+            self._manifests.pop((repo.canonical, reference))
+            self._tags.drop_where(lambda k: k[0] == repo.canonical)
+            if not gone:
                 raise ManifestUnknown(reference)
             return
         validate_tag(reference)
         self._tags.pop((repo.canonical, reference))
-        if not await self._db(self.index.delete_tag, repo.canonical, reference):
+        gone = await self._db(self.index.delete_tag, repo.canonical, reference)
+        self._tags.pop((repo.canonical, reference))
+        if not gone:
             raise ManifestUnknown(reference)
 
     # --- listings -------------------------------------------------------------------------------------
