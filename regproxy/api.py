@@ -266,6 +266,10 @@ async def _stream_blob(
     request: web.Request, blob: Blob, headers: dict[str, str], rng: tuple[int, int] | None
 ) -> web.StreamResponse:
     """Serve a blob that is still arriving from upstream, as its bytes land."""
+    if blob.size == 0 and request.method != "HEAD":
+        # no last byte to hold back: an empty body is complete with its headers, so it is
+        # answered only once verified (a source that sends nothing for a digest is refused)
+        await blob.stream.wait_done()
     start, end = rng if rng is not None else (0, blob.size - 1)
     status = 200 if rng is None else 206
     if rng is not None:
@@ -278,7 +282,7 @@ async def _stream_blob(
         return resp
     source = request.get("source", "upstream")
     try:
-        async for chunk in blob.stream.read_range(start, end):
+        async for chunk in blob.stream.read_range(start, end, blob.size):
             await resp.write(chunk)
             metrics.SERVED_BYTES.labels("blob", source).inc(len(chunk))
     except OCIError as exc:

@@ -109,7 +109,13 @@ class Transfer:
         try:
             return open(self.writer.path, "rb")
         except FileNotFoundError:
+            pass
+        try:
             return open(self.store.blob_path(self.digest), "rb")
+        except FileNotFoundError:
+            # neither the temp file nor the blob: the transfer failed (or moved on to another
+            # source) and removed its file; an OCI error lets the response be cut cleanly
+            raise self.error or TransferFailed(f"{self.digest}: its file is gone") from None
 
     def _progress_past(self, pos: int, end: int, generation: int) -> Callable[[], bool]:
         def ready() -> bool:
@@ -122,10 +128,16 @@ class Transfer:
 
         return ready
 
-    async def read_range(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes start..end (inclusive) as they land; the last byte only once verified."""
+    async def read_range(
+        self, start: int, end: int, size: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Bytes start..end (inclusive) as they land; the last byte only once verified.
+
+        ``size`` is the blob size the response announced: it is cut if the transfer's changes.
+        """
         loop = asyncio.get_running_loop()
-        size = await self.wait_size()
+        current = await self.wait_size()
+        size = current if size is None else size
         generation = self.generation
         f = await loop.run_in_executor(None, self._open_for_read)
         self.waiters += 1
@@ -135,6 +147,8 @@ class Transfer:
             while pos <= end:
                 if self.error is not None:
                     raise self.error
+                if self.size != size:  # sized by a source that was abandoned: cut
+                    raise TransferFailed(f"{self.digest}: size {self.size}, answered {size}")
                 if self.generation != generation:
                     if pos > start:  # bytes of an abandoned source went out: cut this response
                         raise TransferFailed(f"{self.digest}: source changed mid-response")
@@ -286,7 +300,9 @@ class Fetcher:
             stream = await source.open(t.digest, offset)
             try:
                 t.source, t.kind = stream.source, source.kind
-                if t.size is None:
+                if t.size is None or (t.written == 0 and stream.size != t.size):
+                    # nothing written yet (the first source, or a fresh file after one that
+                    # lied): this source's size holds; readers sized otherwise are cut
                     t.size = stream.size
                     await t._notify()
                 elif stream.size != t.size:

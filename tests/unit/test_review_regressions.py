@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from regproxy.errors import BlobUploadUnknown
+from regproxy.errors import BlobUploadUnknown, OCIError
+from regproxy.fetch import Transfer
 from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest
@@ -93,3 +94,17 @@ async def test_patch_waiting_behind_a_finish_gets_upload_unknown(registry: Regis
     with pytest.raises(BlobUploadUnknown):
         await cancel
     assert registry.store.stat(digest(data)) == len(data)  # the committed blob is untouched
+
+
+async def test_reader_of_a_transfer_whose_temp_file_is_gone_gets_an_oci_error(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "store")
+    store.open()
+    t = Transfer(digest(b"z" * 10), store)
+    t.writer = store.writer()
+    t.size = 10
+    t.writer.abort()  # a failed transfer removed its temp file before publishing the failure
+    with pytest.raises(OCIError):
+        async for _ in t.read_range(0, 9):
+            pass
