@@ -187,6 +187,13 @@ class _Stage:
             if d == digest and path in self.small:
                 return self.small[path]
         staged = self.blobs.get(digest)
+        size = staged.size if staged is not None else self.store.stat(digest)
+        if size is not None and size > MAX_MANIFEST_BYTES:
+            # never read a layer whole into memory because the bundle calls it a manifest
+            raise BundleError(
+                f"{digest} is named as a manifest but is {size} bytes "
+                f"(a manifest is at most {MAX_MANIFEST_BYTES})"
+            )
         if staged is not None and staged.writer is not None:
             return staged.writer.path.read_bytes()
         return self.store.read(digest)
