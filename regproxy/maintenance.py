@@ -140,8 +140,12 @@ def gc(config: Config, *, dry_run: bool = False, now: float | None = None) -> Gc
                 for uid in report.uploads:
                     index.remove_upload(uid)
         if not dry_run:
+            # a manifest's digest may also be a blob row that stays (import indexes every
+            # manifest as a blob; a recent one is kept): the file is theirs in common
+            kept = set(snap.blobs) - {d for d, _ in report.blobs}
             for d, _ in [*report.manifests, *report.blobs]:
-                store.delete(Digest.parse(d))
+                if d not in kept:
+                    store.delete(Digest.parse(d))
             for uid in report.uploads:
                 store.remove_temp(uid)
         # then files: temp files nobody owns, blob files the index does not know

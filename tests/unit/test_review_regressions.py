@@ -150,3 +150,30 @@ async def test_bundle_index_naming_a_huge_blob_is_refused_without_reading_it(
     finally:
         tracemalloc.stop()
     assert peak < 20 * 1024 * 1024, peak
+
+
+async def test_gc_of_a_deleted_manifest_keeps_the_file_of_a_blob_with_the_same_digest(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """Bundle import indexes every manifest as a blob of its repository too. After a DELETE of
+    the manifest, gc drops the manifest; the blob row (recent, so kept) must keep its file:
+    never an index row without its bytes."""
+    from regproxy.config import load_config
+    from regproxy.maintenance import fsck, gc
+
+    cfg = b"{}"
+    await registry.put_blob(REPO, digest(cfg), body(cfg), len(cfg))
+    m = (
+        b'{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"a/b","digest":"%s",'
+        b'"size":2},"layers":[]}' % (OCI_MANIFEST.encode(), str(digest(cfg)).encode())
+    )
+    md = digest(m)
+    await registry.index_blob(REPO, md, len(m))  # as bundle import does for every manifest
+    await registry.put_manifest(REPO, str(md), m, OCI_MANIFEST)
+    await registry.delete_manifest(REPO, str(md))
+    config = load_config(None, env={"REGPROXY_STORAGE_ROOT": str(registry.store.root)})
+    report = gc(config)
+    assert [d for d, _ in report.manifests] == [str(md)]
+    assert str(md) not in [d for d, _ in report.blobs]  # recent: the blob row stays
+    assert registry.store.stat(md) == len(m), "gc removed the file of a blob it kept"
+    assert not fsck(config).damaged
