@@ -189,31 +189,30 @@ class History:
 
 
 def chart(intervals: list[dict[str, float]], now: float) -> dict[str, Any]:
-    """Geometry of the overview's SVG: bytes per 10 minutes over the last 24 hours."""
-    width, height, top = 720.0, 120.0, 8.0
+    """Geometry of the overview's SVG: bytes per 10 minutes over the last 24 hours, one slot
+    per interval (the open one at the right edge), a blue bar (disk) and an orange one (fetched)."""
+    width, height, top = 720.0, 120.0, 14.0
     span = SAMPLES * SAMPLE_SECONDS
-    start = now - span
     peak = max([1.0, *(max(i["served_disk"], i["fetched"]) for i in intervals)])
-    bar = width / SAMPLES
+    slot = width / SAMPLES
     disk: list[dict[str, float]] = []
     fetched: list[dict[str, float]] = []
     for i in intervals:
-        x = max(0.0, (i["start"] - start) / span * width)
-        w = max(1.0, min(bar, (i["end"] - i["start"]) / span * width) - 1.0)
-        for value, out in ((i["served_disk"], disk), (i["fetched"], fetched)):
+        age = max(0.0, now - i["end"])
+        right = width - age / span * width
+        x = max(0.0, min(width - slot, right - slot))
+        for n, (value, out) in enumerate(((i["served_disk"], disk), (i["fetched"], fetched))):
             if value <= 0:
                 continue
-            h = max(1.0, value / peak * (height - top))
+            h = max(1.5, value / peak * (height - top))
             out.append(
                 {
-                    "x": round(x, 1),
+                    "x": round(x + n * slot / 2, 2),
                     "y": round(height - h, 1),
-                    "w": round(w / 2, 1),
+                    "w": round(slot / 2 - 0.3, 2),
                     "h": round(h, 1),
                 }
             )
-    for f in fetched:
-        f["x"] = round(f["x"] + f["w"], 1)
     grid = [
         {"x": round(width * k / 4, 1), "label": f"-{24 - 6 * k} h" if k < 4 else "now"}
         for k in range(5)
@@ -519,6 +518,7 @@ async def api_projects(request: web.Request) -> web.Response:
 
 async def _repositories(request: web.Request) -> dict[str, Any]:
     registry = _registry(request)
+    await registry.flush_access()  # last pulled: what was served until now
     page, per = _page(request)
     q = request.query.get("q", "").strip()[:200] or None
     project = request.query.get("project", "").strip()[:200] or None
@@ -593,6 +593,7 @@ async def _platforms(registry: Registry, digest: str, media_type: str) -> list[s
 async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     ui = _ui(request)
     registry = _registry(request)
+    await registry.flush_access()  # last pulled: what was served until now
     repo = _resolve(request, name)
     info = await registry.index_call(ui_queries.repository, registry.index, repo.canonical)
     if info is None:
