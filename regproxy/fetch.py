@@ -76,6 +76,8 @@ class Transfer:
         self.waiters = 0
         #: bumped when a source is abandoned and the file starts over for the next one
         self.generation = 0
+        #: the chunk written last, (offset, bytes): readers that caught up take it from memory
+        self.recent: tuple[int, bytes] | None = None
         self._changed = asyncio.Condition()
 
     @property
@@ -130,7 +132,7 @@ class Transfer:
 
     async def read_range(
         self, start: int, end: int, size: int | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[bytes | memoryview]:
         """Bytes start..end (inclusive) as they land; the last byte only once verified.
 
         ``size`` is the blob size the response announced: it is cut if the transfer's changes.
@@ -160,6 +162,14 @@ class Transfer:
                 limit = end + 1 if self.committed else min(self.written, end)
                 if limit > pos:
                     n = min(limit - pos, READ_CHUNK)
+                    recent = self.recent
+                    if recent is not None and recent[0] <= pos < recent[0] + len(recent[1]):
+                        # caught up with the writer: the bytes are in memory, no disk hop
+                        start_in = pos - recent[0]
+                        view = memoryview(recent[1])[start_in : start_in + n]
+                        pos += len(view)
+                        yield view
+                        continue
                     data = await loop.run_in_executor(None, os.pread, f.fileno(), n, pos)
                     if not data:
                         raise TransferFailed(f"{self.digest}: short read at {pos} of {size}")
@@ -284,9 +294,18 @@ class Fetcher:
         old = t.writer
         t.writer = await loop.run_in_executor(None, self.store.writer)
         t.written = 0
+        t.recent = None
         t.generation += 1
         if old is not None:
             await loop.run_in_executor(None, old.abort)
+        await t._notify()
+
+    @staticmethod
+    async def _landed(t: Transfer, write: asyncio.Future[None]) -> None:
+        """A chunk reached the file: readers may have it."""
+        await write
+        assert t.recent is not None
+        t.written = t.recent[0] + len(t.recent[1])
         await t._notify()
 
     async def _from_source(self, t: Transfer, source: Source) -> None:
@@ -308,18 +327,28 @@ class Fetcher:
                 elif stream.size != t.size:
                     raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
                 skip = offset - stream.offset  # source ignored our Range: drop what we have
-                async for chunk in stream.chunks():
-                    if skip > 0:
-                        if len(chunk) <= skip:
-                            skip -= len(chunk)
-                            continue
-                        chunk, skip = chunk[skip:], 0
-                    if t.written + len(chunk) > t.size:
-                        raise UpstreamError(source.name, f"sent more than {t.size} bytes")
-                    await loop.run_in_executor(None, t.writer.write, chunk)
-                    t.written += len(chunk)
-                    metrics.FETCHED_BYTES.labels(source.name).inc(len(chunk))
-                    await t._notify()
+                fetched = metrics.FETCHED_BYTES.labels(source.name)
+                # one write (with its hashing) in flight while the next chunk arrives
+                pending: asyncio.Future[None] | None = None
+                queued = 0
+                try:
+                    async for chunk in stream.chunks():
+                        if skip > 0:
+                            if len(chunk) <= skip:
+                                skip -= len(chunk)
+                                continue
+                            chunk, skip = chunk[skip:], 0
+                        if t.written + queued + len(chunk) > t.size:
+                            raise UpstreamError(source.name, f"sent more than {t.size} bytes")
+                        if pending is not None:
+                            await self._landed(t, pending)
+                        t.recent = (t.written, chunk)
+                        pending = loop.run_in_executor(None, t.writer.write, chunk)
+                        queued = len(chunk)
+                        fetched.inc(len(chunk))
+                finally:
+                    if pending is not None:
+                        await self._landed(t, pending)
                 if t.written == t.size:
                     return
                 raise UpstreamError(source.name, f"body ended at {t.written} of {t.size}")

@@ -51,7 +51,9 @@ from regproxy.upstream.auth import (
 
 log = logging.getLogger("regproxy.upstream")
 
-CHUNK_SIZE: Final = 256 * 1024
+CHUNK_SIZE: Final = 1024 * 1024
+#: socket read buffer: a small one makes aiohttp pause the upstream socket while we write
+READ_BUFSIZE: Final = 4 * 1024 * 1024
 MAX_REDIRECTS: Final = 5
 MAX_TAG_PAGES: Final = 50
 MAX_TOKEN_BYTES: Final = 1024 * 1024
@@ -255,6 +257,7 @@ class UpstreamClient:
             ttl_dns_cache=60,
         )
         return aiohttp.ClientSession(
+            read_bufsize=READ_BUFSIZE,
             connector=connector,
             timeout=self._timeout,
             auto_decompress=False,  # blob bytes must be exactly what was hashed upstream
