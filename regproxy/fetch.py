@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -166,7 +167,8 @@ class Transfer:
                     if recent is not None and recent[0] <= pos < recent[0] + len(recent[1]):
                         # caught up with the writer: the bytes are in memory, no disk hop
                         start_in = pos - recent[0]
-                        view = memoryview(recent[1])[start_in : start_in + n]
+                        # the whole caught-up part in one write: a view, no copy, no extra memory
+                        view = memoryview(recent[1])[start_in : start_in + (limit - pos)]
                         pos += len(view)
                         yield view
                         continue
@@ -196,6 +198,9 @@ class Fetcher:
         self.store = store
         self.on_commit = on_commit
         self.inflight: dict[Digest, Transfer] = {}
+        # one thread each for file writes and hashing: ordered per transfer, parallel to each other
+        self._write_thread = ThreadPoolExecutor(2, thread_name_prefix="regproxy-fetch-write")
+        self._hash_thread = ThreadPoolExecutor(2, thread_name_prefix="regproxy-fetch-hash")
 
     def get(self, digest: Digest) -> Transfer | None:
         return self.inflight.get(digest)
@@ -301,7 +306,7 @@ class Fetcher:
         await t._notify()
 
     @staticmethod
-    async def _landed(t: Transfer, write: asyncio.Future[None]) -> None:
+    async def _landed(t: Transfer, write: asyncio.Future[Any]) -> None:
         """A chunk reached the file: readers may have it."""
         await write
         assert t.recent is not None
@@ -329,7 +334,7 @@ class Fetcher:
                 skip = offset - stream.offset  # source ignored our Range: drop what we have
                 fetched = metrics.FETCHED_BYTES.labels(source.name)
                 # one write (with its hashing) in flight while the next chunk arrives
-                pending: asyncio.Future[None] | None = None
+                pending: asyncio.Future[Any] | None = None
                 queued = 0
                 try:
                     async for chunk in stream.chunks():
@@ -343,7 +348,11 @@ class Fetcher:
                         if pending is not None:
                             await self._landed(t, pending)
                         t.recent = (t.written, chunk)
-                        pending = loop.run_in_executor(None, t.writer.write, chunk)
+                        writer = t.writer
+                        pending = asyncio.gather(  # file and hash side by side, in order
+                            loop.run_in_executor(self._write_thread, writer.write_unhashed, chunk),
+                            loop.run_in_executor(self._hash_thread, writer.hash, chunk),
+                        )
                         queued = len(chunk)
                         fetched.inc(len(chunk))
                 finally:

@@ -76,6 +76,12 @@ class BlobWriter:
         return self._fd is None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.write_unhashed(data)
+        self.hash(data)
+
+    def write_unhashed(self, data: bytes | bytearray | memoryview) -> None:
+        """The file half of :meth:`write`; with :meth:`hash` it may run on another thread at
+        the same time (both release the GIL), as long as each half keeps the chunk order."""
         assert self._fd is not None, "write after close"
         view = memoryview(data)
         try:
@@ -84,8 +90,10 @@ class BlobWriter:
                 view = view[n:]
         except OSError as exc:
             raise _disk_error(exc, f"writing {self.path.name}") from exc
-        self._hasher.update(data)
         self.size += len(data)
+
+    def hash(self, data: bytes | bytearray | memoryview) -> None:
+        self._hasher.update(data)
 
     def digest(self, algorithm: str = "sha256") -> Digest:
         if algorithm == "sha256":
