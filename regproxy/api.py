@@ -10,7 +10,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote, unquote
 
 from aiohttp import web
@@ -31,7 +31,7 @@ from regproxy.errors import (
 )
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MAX_MANIFEST_BYTES, OCI_INDEX, Digest, is_digest_reference, validate_tag
-from regproxy.registry import LOCAL_ONLY, Blob, Registry, check_range
+from regproxy.registry import LOCAL_ONLY, NOTES, Blob, Registry, check_range
 
 log = logging.getLogger("regproxy.api")
 access_log = logging.getLogger("regproxy.access")
@@ -83,7 +83,7 @@ async def error_middleware(
     try:
         return await handler(request)
     except OCIError as exc:
-        request["error"] = exc.code
+        _notes(request)["error"] = exc.code
         if exc.http_status >= 500:
             log.warning("request.failed path=%s error=%s", request.path, exc)
         return error_response(exc, request)
@@ -97,7 +97,7 @@ async def error_middleware(
         raise
     except Exception:
         log.exception("request.crashed method=%s path=%s", request.method, request.path)
-        request["error"] = "internal"
+        _notes(request)["error"] = "internal"
         return error_response(_Internal("internal error; see the regproxy log"))
 
 
@@ -109,6 +109,15 @@ class _NotFound(OCIError):
     code, http_status, message = "NOT_FOUND", 404, "no such endpoint"
 
 
+def _notes(request: web.BaseRequest) -> dict[str, str]:
+    """Facts about this request for its access-log line (route, repo, cache, upstream, error)."""
+    notes: dict[str, str] | None = request.get("notes")
+    if notes is None:
+        notes = {}
+        request["notes"] = notes
+    return notes
+
+
 # --- helpers ------------------------------------------------------------------------------------------
 def _ctx(request: web.Request) -> tuple[Registry, NameResolver]:
     return request.app[REGISTRY_KEY], request.app[RESOLVER_KEY]
@@ -116,13 +125,14 @@ def _ctx(request: web.Request) -> tuple[Registry, NameResolver]:
 
 def _repo(request: web.Request, name: str) -> RepoName:
     # only the name's own part: an encoded slash in a tag is the tag's error, not the name's
-    raw = str(request.get("raw_name", request.rel_url.raw_path)).lower()
+    notes = _notes(request)
+    raw = str(notes.get("raw_name", request.rel_url.raw_path)).lower()
     if "%2f" in raw or "%2e" in raw or "%5c" in raw or "\\" in name:
         raise NameInvalid(name, "encoded separators are not allowed")
     resolver = request.app[RESOLVER_KEY]
     ns = request.query.get("ns")
     repo = resolver.resolve(name, ns)
-    request["repo"] = repo.canonical
+    notes["repo"] = repo.canonical
     return repo
 
 
@@ -200,10 +210,13 @@ async def catalog(request: web.Request) -> web.Response:
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
+    notes: dict[str, str] = {}
+    NOTES.set(notes)
+    request["notes"] = notes  # the one per-request store: aiohttp's __setitem__ is not free
     if request.headers.get(PEER_HEADER):
         # a peer asks: answer from the local store only, never forward (no circles)
         LOCAL_ONLY.set(True)
-        request["peer"] = True
+        notes["peer"] = "1"
         metrics.PEER_SERVED.inc()
     # Route on the raw path, then decode each part: an encoded slash inside a tag or digest
     # must not shift the route (it is then invalid in its own part, with that part's error).
@@ -212,13 +225,13 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         m = rx.match(path)
         if m is None:
             continue
-        request["route"] = kind
-        request["raw_name"] = m.group("name")
+        notes["route"] = kind
+        notes["raw_name"] = m.group("name")
         handler = _HANDLERS.get((kind, request.method))
         if handler is None:
             raise Unsupported(f"{request.method} is not allowed on {kind}")
         return await handler(request, **{k: unquote(v) for k, v in m.groupdict().items()})
-    request["route"] = "unknown"
+    notes["route"] = "unknown"
     raise _NotFound(request.path)
 
 
@@ -239,7 +252,7 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
     repo = _repo(request, name)
     d = _digest(digest)
     blob = await registry.get_blob(repo, d)
-    request["cache"] = request.get("cache", "hit")
+    _notes(request).setdefault("cache", "hit")
     headers = _blob_headers(blob)
     rng = _parse_range(request.headers.get("Range"), blob.size)
     if request.headers.get("If-None-Match") in (f'"{blob.digest}"', str(blob.digest)):
@@ -280,7 +293,7 @@ async def _stream_blob(
     if request.method == "HEAD" or blob.size == 0:
         await resp.write_eof()
         return resp
-    source = request.get("source", "upstream")
+    source = _notes(request).get("source", "upstream")
     try:
         async for chunk in blob.stream.read_range(start, end, blob.size):
             await resp.write(chunk)
@@ -288,9 +301,9 @@ async def _stream_blob(
     except OCIError as exc:
         # Never finish a response with wrong or missing bytes: cut the connection.
         log.warning(
-            "blob.aborted digest=%s repo=%s error=%s", blob.digest, request.get("repo"), exc
+            "blob.aborted digest=%s repo=%s error=%s", blob.digest, _notes(request).get("repo"), exc
         )
-        request["error"] = "aborted"
+        _notes(request)["error"] = "aborted"
         if request.transport is not None:
             request.transport.abort()
         return resp
@@ -430,7 +443,7 @@ async def get_manifest(request: web.Request, name: str, ref: str) -> web.Respons
         # no manifest can carry that tag: a read answers 404, the only failure end-3 lists
         raise ManifestUnknown(ref) from None
     m = await registry.get_manifest(repo, ref)
-    request.setdefault("cache", "hit")
+    _notes(request).setdefault("cache", "hit")
     headers = {
         **API_VERSION,
         CONTENT_DIGEST: str(m.digest),
@@ -540,12 +553,28 @@ def add_routes(app: web.Application) -> None:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request, and the request metrics (after the body was sent)."""
+    """One line per request, and the request metrics (after the body was sent).
+
+    aiohttp calls it for every request: the metrics are always kept; the line is written when
+    the ``regproxy.access`` logger is enabled for INFO (``log.access``).
+    """
+
+    _children: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # noqa: RUF012 - a cache
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        route = request.get("route", "base" if request.path.startswith("/v2") else "other")
-        metrics.REQUESTS.labels(route, request.method, str(response.status)).inc()
-        metrics.REQUEST_SECONDS.labels(route).observe(time)
+        notes: dict[str, str] = request.get("notes") or {}
+        route = notes.get("route") or ("base" if request.path.startswith("/v2") else "other")
+        key = (route, request.method, response.status)
+        children = self._children.get(key)
+        if children is None:  # labels() is slow; a route/method/status set is small
+            children = (
+                metrics.REQUESTS.labels(route, request.method, str(response.status)),
+                metrics.REQUEST_SECONDS.labels(route),
+            )
+            if len(self._children) < 4096:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(time)
         if not self.logger.isEnabledFor(logging.INFO):
             return
         self.logger.info(
@@ -553,13 +582,13 @@ class AccessLogger(AbstractAccessLogger):
             "upstream=%s error=%s remote=%s",
             request.method,
             request.path,
-            request.get("repo", "-"),
+            notes.get("repo", "-"),
             response.status,
             response.body_length,
             time * 1000,
-            request.get("cache", "-"),
-            request.get("upstream", "-"),
-            request.get("error", "-"),
+            notes.get("cache", "-"),
+            notes.get("upstream", "-"),
+            notes.get("error", "-"),
             request.remote,
         )
 

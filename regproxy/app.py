@@ -116,6 +116,12 @@ async def _instance_header(request: web.Request, response: web.StreamResponse) -
     response.headers[INSTANCE_HEADER] = request.app[INSTANCE_KEY]
 
 
+def _access_logger(config: Config) -> logging.Logger:
+    logger = logging.getLogger("regproxy.access")
+    logger.setLevel(logging.INFO if config.log.access else logging.WARNING)
+    return logger
+
+
 def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[api.error_middleware], client_max_size=8 * 1024 * 1024)
     app[CONFIG_KEY] = config
@@ -163,7 +169,9 @@ async def serve(
     runner = web.AppRunner(
         app,
         access_log_class=api.AccessLogger,
-        access_log=logging.getLogger("regproxy.access") if config.log.access else None,
+        # always given: the access logger also keeps the request metrics; log.access only
+        # decides whether it writes lines
+        access_log=_access_logger(config),
         shutdown_timeout=config.shutdown_timeout,
         handle_signals=False,
     )

@@ -384,7 +384,7 @@ def challenge(request: web.Request, detail: str) -> web.Response:
 
 
 def _refuse(request: web.Request, exc: OCIError, headers: Mapping[str, str]) -> web.Response:
-    request["error"] = exc.code
+    request.setdefault("notes", {})["error"] = exc.code
     resp = error_response(exc, request)
     resp.headers.update(headers)
     return resp

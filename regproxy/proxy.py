@@ -29,12 +29,18 @@ from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest, is_digest_reference
 from regproxy.peers import Peers
-from regproxy.registry import LOCAL_ONLY, Blob, Manifest, Registry
+from regproxy.registry import LOCAL_ONLY, Blob, Manifest, Registry, note
 from regproxy.store import Store
 from regproxy.upstream import UpstreamClient
 
 log = logging.getLogger("regproxy.proxy")
 T = TypeVar("T")
+
+
+def _count(kind: str, result: str, upstream: str) -> None:
+    """A cache hit, miss or stale answer: counted, and noted for the access log."""
+    metrics.CACHE.labels(kind, result, upstream).inc()
+    note(cache=result, upstream=upstream)
 
 
 class ProxyRegistry(Registry):
@@ -110,10 +116,10 @@ class ProxyRegistry(Registry):
         if found is not None:
             row, checked = found
             if client is None or is_digest_reference(reference):
-                metrics.CACHE.labels("manifest", "hit", label).inc()
+                _count("manifest", "hit", label)
                 return await self.manifest_body(repo, row)
             if time.time() - checked < self.config.tag_ttl:
-                metrics.CACHE.labels("manifest", "hit", label).inc()
+                _count("manifest", "hit", label)
                 return await self.manifest_body(repo, row)
             try:
                 fresh = await self._single(
@@ -122,7 +128,7 @@ class ProxyRegistry(Registry):
                 )
             except (TimeoutError, UpstreamError) as exc:
                 metrics.STALE_SERVED.labels(label).inc()
-                metrics.CACHE.labels("manifest", "stale", label).inc()
+                _count("manifest", "stale", label)
                 log.warning(
                     "tag.stale repo=%s tag=%s digest=%s upstream=%s error=%s",
                     repo,
@@ -133,11 +139,11 @@ class ProxyRegistry(Registry):
                 )
                 return await self.manifest_body(repo, row)
             if fresh is None:  # gone upstream, or unchanged: what we hold is the answer
-                metrics.CACHE.labels("manifest", "hit", label).inc()
+                _count("manifest", "hit", label)
                 return await self.manifest_body(repo, row)
-            metrics.CACHE.labels("manifest", "miss", label).inc()
+            _count("manifest", "miss", label)
             return fresh
-        metrics.CACHE.labels("manifest", "miss", label).inc()
+        _count("manifest", "miss", label)
         peers = self._peers()
         if peers is not None and (client is None or is_digest_reference(reference)):
             # digests from the cluster first; tags from the cluster when no upstream may answer
@@ -265,24 +271,24 @@ class ProxyRegistry(Registry):
         blob = await self.local_blob(repo, digest)
         label = repo.host or "local"
         if blob is not None:
-            metrics.CACHE.labels("blob", "hit", label).inc()
+            _count("blob", "hit", label)
             return blob
         if self.upstream(repo) is None and self._peers() is None:
             # nothing would fetch it: a pushed or imported repository holds what it was given
             # (a DELETE must stick, and repositories do not see each other's blobs)
             await self._known_or_unknown_name(repo)
-            metrics.CACHE.labels("blob", "miss", label).inc()
+            _count("blob", "miss", label)
             raise BlobUnknown(str(digest))
         # a miss we would fetch: verified bytes already here under another name serve at once
         if await self.mount_blob(repo, digest, None):
             blob = await self.local_blob(repo, digest)
             if blob is not None:
-                metrics.CACHE.labels("blob", "hit", label).inc()
+                _count("blob", "hit", label)
                 return blob
         if LOCAL_ONLY.get():
             # a peer gets committed content only: never a transfer in flight, which could be
             # fed by that same peer (two hosts tailing each other would wait forever)
-            metrics.CACHE.labels("blob", "miss", label).inc()
+            _count("blob", "miss", label)
             raise BlobUnknown(str(digest))
         transfer = self.fetcher.get(digest)
         if transfer is None:
@@ -291,11 +297,11 @@ class ProxyRegistry(Registry):
         if transfer is None:
             if not sources:
                 await self._known_or_unknown_name(repo)
-                metrics.CACHE.labels("blob", "miss", label).inc()
+                _count("blob", "miss", label)
                 raise BlobUnknown(str(digest))
             await self._ensure_repo(repo)
             transfer = self.fetcher.start(digest, sources, repo.canonical)
-        metrics.CACHE.labels("blob", "miss", label).inc()
+        _count("blob", "miss", label)
         size = await transfer.wait_size()
         return Blob(digest, size, stream=transfer)
 

@@ -47,6 +47,17 @@ V = TypeVar("V")
 
 #: set for requests that must be answered from the local store only (requests from peers)
 LOCAL_ONLY: ContextVar[bool] = ContextVar("regproxy_local_only", default=False)
+#: what a request's lookup found (cache: hit|miss|stale, upstream: host), for the access log
+NOTES: ContextVar[dict[str, str] | None] = ContextVar("regproxy_notes", default=None)
+
+
+def note(**items: str) -> None:
+    """Record facts about the current request for its access-log line (no-op outside one)."""
+    notes = NOTES.get()
+    if notes is not None:
+        notes.update(items)
+
+
 SMALL_OBJECT: Final = 64 * 1024  # served from memory at or below this size
 SMALL_CACHE_BYTES: Final = 32 * 1024 * 1024
 TAG_CACHE_SECONDS: Final = 1.0  # another process (import, gc) may move a tag

@@ -143,8 +143,13 @@ async def send_file(
             os.close(sock_fd)
             os.close(file_fd)
         if not isinstance(exc, asyncio.CancelledError):
-            log.warning("blob.aborted digest=%s repo=%s error=%r", digest, request.get("repo"), exc)
-            request["error"] = "aborted"
+            log.warning(
+                "blob.aborted digest=%s repo=%s error=%r",
+                digest,
+                (request.get("notes") or {}).get("repo"),
+                exc,
+            )
+            request.setdefault("notes", {})["error"] = "aborted"
         transport.abort()  # never leave a response with missing bytes on a kept-alive connection
         if isinstance(exc, asyncio.CancelledError):
             raise
@@ -178,8 +183,13 @@ async def _send_file_tls(
             offset += len(chunk)
             count -= len(chunk)
     except EOFError as exc:
-        log.warning("blob.aborted digest=%s repo=%s error=%r", digest, request.get("repo"), exc)
-        request["error"] = "aborted"
+        log.warning(
+            "blob.aborted digest=%s repo=%s error=%r",
+            digest,
+            (request.get("notes") or {}).get("repo"),
+            exc,
+        )
+        request.setdefault("notes", {})["error"] = "aborted"
         if request.transport is not None:
             request.transport.abort()  # never end a response with missing bytes
         return resp

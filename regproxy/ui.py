@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import importlib.resources
 import itertools
@@ -850,13 +851,19 @@ async def _changer(request: web.Request, form: Mapping[str, Any] | None) -> Sess
     return session
 
 
-@web.middleware
-async def refusals(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        resp: web.StreamResponse = await handler(request)
-        return resp
-    except Refused as exc:
-        return _refused(request, exc.why, exc.status)
+def refusals(handler: Any) -> Any:
+    """Answer a page's Refused (a wrapper per UI route, not a middleware every /v2 request
+    would pay for)."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            resp: web.StreamResponse = await handler(request)
+            return resp
+        except Refused as exc:
+            return _refused(request, exc.why, exc.status)
+
+    return guarded
 
 
 async def change(request: web.Request) -> web.StreamResponse:
@@ -989,24 +996,23 @@ def setup(app: web.Application, config: Config, health: Health) -> None:
     ui = UI(config, health)
     app[UI_KEY] = ui
     app[auth.UI_SESSIONS_KEY] = ui.sessions
-    app.middlewares.append(refusals)
     app.cleanup_ctx.append(_history_ctx)
     r = app.router
-    r.add_get(PREFIX, to_overview)
-    r.add_get(PREFIX + "/", overview)
-    r.add_get(PREFIX + "/login", login_page)
-    r.add_post(PREFIX + "/login", login_post)
-    r.add_post(PREFIX + "/logout", logout)
-    r.add_get(PREFIX + "/projects", projects_page)
-    r.add_get(PREFIX + "/repositories", repositories_page)
-    r.add_get(PREFIX + "/repositories/{name:.+}", repository_page)
-    r.add_get(PREFIX + "/manifests/{ref:.+}", manifest_page)
-    r.add_get(PREFIX + "/upload", upload_page)
-    r.add_post(PREFIX + "/upload", upload_post)
-    r.add_post(PREFIX + "/{action:pin|unpin|delete}", change)
-    r.add_get(PREFIX + "/static/{file}", static)
-    r.add_get(PREFIX + "/api/overview", api_overview)
-    r.add_get(PREFIX + "/api/projects", api_projects)
-    r.add_get(PREFIX + "/api/repositories", api_repositories)
-    r.add_get(PREFIX + "/api/repositories/{name:.+}/tags", api_tags)
-    r.add_get(PREFIX + "/api/manifests/{ref:.+}", api_manifest)
+    r.add_get(PREFIX, refusals(to_overview))
+    r.add_get(PREFIX + "/", refusals(overview))
+    r.add_get(PREFIX + "/login", refusals(login_page))
+    r.add_post(PREFIX + "/login", refusals(login_post))
+    r.add_post(PREFIX + "/logout", refusals(logout))
+    r.add_get(PREFIX + "/projects", refusals(projects_page))
+    r.add_get(PREFIX + "/repositories", refusals(repositories_page))
+    r.add_get(PREFIX + "/repositories/{name:.+}", refusals(repository_page))
+    r.add_get(PREFIX + "/manifests/{ref:.+}", refusals(manifest_page))
+    r.add_get(PREFIX + "/upload", refusals(upload_page))
+    r.add_post(PREFIX + "/upload", refusals(upload_post))
+    r.add_post(PREFIX + "/{action:pin|unpin|delete}", refusals(change))
+    r.add_get(PREFIX + "/static/{file}", refusals(static))
+    r.add_get(PREFIX + "/api/overview", refusals(api_overview))
+    r.add_get(PREFIX + "/api/projects", refusals(api_projects))
+    r.add_get(PREFIX + "/api/repositories", refusals(api_repositories))
+    r.add_get(PREFIX + "/api/repositories/{name:.+}/tags", refusals(api_tags))
+    r.add_get(PREFIX + "/api/manifests/{ref:.+}", refusals(api_manifest))
