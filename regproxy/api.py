@@ -18,6 +18,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from regproxy import metrics, sendfile
 from regproxy.errors import (
+    BlobUnknown,
     BlobUploadInvalid,
     DigestInvalid,
     ManifestTooLarge,
@@ -271,7 +272,18 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
             metrics.SERVED_BYTES.labels("blob", "disk").inc(
                 blob.size if rng is None else rng[1] - rng[0] + 1
             )
-        return await sendfile.send_file(request, blob.digest, blob.size, blob.file, headers, rng)
+        try:
+            return await sendfile.send_file(
+                request, blob.digest, blob.size, blob.file, headers, rng
+            )
+        except BlobUnknown:
+            # listed but gone from disk (fsck, eviction, damage): forget it, and answer as for
+            # any miss (a repository with an upstream or peers fetches it again)
+            if _notes(request).get("lost"):
+                raise
+            _notes(request)["lost"] = "1"
+            await registry.forget_lost_blob(repo, d)
+            return await get_blob(request, name, digest)
     return await _stream_blob(request, blob, headers, rng)
 
 

@@ -21,13 +21,10 @@ from regproxy.config import Config
 from regproxy.errors import ConfigError
 from regproxy.evict import Evictor
 from regproxy.health import Health
-from regproxy.index import Index
 from regproxy.names import NameResolver
 from regproxy.peers import INSTANCE_HEADER, Peers
 from regproxy.prefetch import Prefetcher
-from regproxy.proxy import ProxyRegistry
-from regproxy.registry import Registry
-from regproxy.store import Store
+from regproxy.proxy import ProxyRegistry, build_registry
 from regproxy.tls import ServerTLS
 from regproxy.tls import reload_all as reload_tls
 
@@ -40,11 +37,6 @@ HEALTH_KEY: Final = web.AppKey("health", Health)
 PREFETCH_KEY: Final = web.AppKey("prefetch", Prefetcher)
 HOUSEKEEPING_SECONDS: Final = 10.0
 _BACKGROUND: set[asyncio.Task[None]] = set()
-
-
-def build_registry(config: Config) -> Registry:
-    root = config.storage.root
-    return ProxyRegistry(Store(root), Index(root / "index.db"), config)
 
 
 async def _housekeeping(app: web.Application) -> None:

@@ -457,14 +457,20 @@ class Importer:
 
     async def _commit(self, stage: _Stage, loop: Any) -> ImportSummary:
         extra: dict[Digest, bytes] = {}
-        if "index.json" in stage.small:
-            images = _images_from_oci(stage, self.resolver, self.name)
-        elif "manifest.json" in stage.small:
-            images, extra = _images_from_docker(stage, self.resolver, self.name)
-        else:
-            raise BundleError(
-                "not a bundle: no index.json (OCI) and no manifest.json (docker save)"
-            )
+        try:
+            if "index.json" in stage.small:
+                images = _images_from_oci(stage, self.resolver, self.name)
+            elif "manifest.json" in stage.small:
+                images, extra = _images_from_docker(stage, self.resolver, self.name)
+            else:
+                raise BundleError(
+                    "not a bundle: no index.json (OCI) and no manifest.json (docker save)"
+                )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            # index.json / manifest.json of an unexpected shape: the bundle's fault, not ours
+            raise BundleError(f"the bundle's index is malformed: {exc!r}") from None
+        except OCIError as exc:  # a bad name or digest in the index
+            raise BundleError(f"the bundle's index names something invalid: {exc}") from None
         graphs = [await loop.run_in_executor(None, _walk, stage, img, extra) for img in images]
         # everything is verified and complete: commit
         summary = ImportSummary()

@@ -47,7 +47,7 @@ class _Progress:
 
 
 async def run_import(config: Config, paths: list[Path], name: str | None) -> int:
-    from regproxy.app import build_registry
+    from regproxy.proxy import build_registry
 
     registry = build_registry(config)
     await registry.open(sweep=False)
@@ -74,7 +74,7 @@ async def run_import(config: Config, paths: list[Path], name: str | None) -> int
 
 
 async def run_export(config: Config, names: list[str], output: Path, platform: str | None) -> int:
-    from regproxy.app import build_registry
+    from regproxy.proxy import build_registry
 
     registry = build_registry(config)
     await registry.open(sweep=False)

@@ -135,7 +135,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 async def run_cli(config: Config, args: argparse.Namespace) -> int:
-    from regproxy.app import build_registry  # the daemon's own wiring, without the daemon
+    from regproxy.proxy import build_registry
 
     resolver = NameResolver(config)
     registry = build_registry(config)

@@ -436,7 +436,7 @@ def _load_refs(args: argparse.Namespace, config: PrefetchConfig) -> list[str]:
 async def run_cli(config: Config, args: argparse.Namespace) -> int:
     """``regproxy prefetch``: exit 0 when every image is in the store and pinned, 1 when some
     failed, 2 for bad arguments."""
-    from regproxy.app import build_registry  # the daemon's own wiring, without the daemon
+    from regproxy.proxy import build_registry
 
     try:
         refs = _load_refs(args, config.prefetch)

@@ -216,7 +216,10 @@ class ProxyRegistry(Registry):
         """HEAD the tag upstream; GET only when it moved. None: keep what we have."""
         head = await client.head_manifest(repo.path, tag)
         if head is None:
+            # what we hold stays the answer; confirm it for a tag_ttl, so a tag that upstream
+            # dropped does not cost a HEAD on every request
             log.info("tag.gone_upstream repo=%s tag=%s upstream=%s", repo, tag, client.name)
+            await self.mark_tag_checked(repo, tag)
             return None
         if head.digest is not None and str(head.digest) == have:
             await self.mark_tag_checked(repo, tag)
@@ -343,3 +346,9 @@ class ProxyRegistry(Registry):
         if last:
             tags = [t for t in tags if t > last]
         return tags if n is None else tags[:n]
+
+
+def build_registry(config: Config) -> ProxyRegistry:
+    """The daemon's registry over the configured store (also used by the CLI tools)."""
+    root = config.storage.root
+    return ProxyRegistry(Store(root), Index(root / "index.db"), config)

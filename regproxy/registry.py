@@ -221,6 +221,10 @@ class Registry:
             return Blob(digest, size, data=data)
         return Blob(digest, size, file=self.store.blob_path(digest))
 
+    async def forget_lost_blob(self, repo: RepoName, digest: Digest) -> None:
+        """A blob file the index listed was not on disk when it was opened."""
+        await self._lost(repo, digest)
+
     async def _lost(self, repo: RepoName, digest: Digest) -> None:
         """The index says we have it but the file is gone (fsck, manual damage): forget it."""
         log.warning("store.missing digest=%s repo=%s", digest, repo)

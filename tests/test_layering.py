@@ -31,6 +31,17 @@ FORBIDDEN = {
     "fetch": {"api", "app", "cli", "registry", "proxy", "index", "upstream"},
     "proxy": {"api", "app", "cli", "ui"},
     "upstream": {"api", "app", "cli", "registry", "proxy", "store", "index", "fetch", "ui"},
+    # tools and background work over the store: no HTTP layer above them
+    "bundle": {"api", "app", "cli", "ui", "admin", "auth", "upstream"},
+    "evict": {"api", "app", "cli", "ui", "admin", "auth", "upstream"},
+    "maintenance": {"api", "app", "cli", "ui", "admin", "auth", "upstream", "proxy", "fetch"},
+    "prefetch": {"api", "app", "cli", "ui", "admin", "auth", "store", "index"},
+    "pins": {"api", "app", "cli", "ui", "admin", "auth", "upstream", "fetch"},
+    "ui_queries": {"api", "app", "cli", "ui", "admin", "store", "upstream", "fetch"},
+    "containerd": {"api", "app", "ui", "registry", "store", "index", "upstream"},
+    "systemd": {"*"},
+    "tls": {"api", "app", "cli", "ui", "registry", "store", "index", "upstream"},
+    "health": {"app", "cli", "ui", "store", "index"},
 }
 #: third-party modules only some of ours may use
 HTTP_SERVER = {"api", "app", "ui", "auth", "web", "admin", "health", "sendfile"}

@@ -234,3 +234,15 @@ def test_upload_over_http_imports_streamed(tmp_path: Path, bundles, daemon_facto
     status, _, resp = http("POST", f"{proxy.url}/admin/import", b"not a tar at all")
     assert status == 400
     assert json.loads(resp)["errors"][0]["code"] == "BUNDLE_INVALID"
+    # an index of an unexpected shape is the bundle's fault: 400, never a 500
+    import io
+
+    for index in (b'{"manifests": [42]}', b'{"manifests": [{"digest": "md5:abc"}]}', b"[]"):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo("index.json")
+            info.size = len(index)
+            tar.addfile(info, io.BytesIO(index))
+        status, _, resp = http("POST", f"{proxy.url}/admin/import", buf.getvalue())
+        assert status == 400, (index, resp)
+        assert json.loads(resp)["errors"][0]["code"] == "BUNDLE_INVALID"

@@ -185,3 +185,43 @@ def test_same_name_pushed_and_pulled_share_one_namespace(
     with urllib.request.urlopen(f"{proxy.url}/v2/spectro-images/up.test/team/app/tags/list") as r:
         tags = json.loads(r.read())["tags"]
     assert {"v1", "multi", "v2s2"} <= set(tags)  # upstream's list merged with the local one
+
+
+def test_blob_file_lost_from_disk_is_fetched_again(
+    tmp_path: Path, registry_factory, daemon_factory
+) -> None:
+    """The index lists a blob whose file is gone: an upstream repository fetches it again, a
+    pushed one answers BLOB_UNKNOWN; neither gets a broken response."""
+    up = registry_factory()
+    img = make_image("amd64", layer_sizes=(300_000,))
+    layout = tmp_path / "layout"
+    write_layout(layout, {"v1": img})
+    skopeo(
+        "copy", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{up.hostport}/team/app:v1"
+    )
+    proxy = daemon_factory(proxy_cfg(up.hostport))
+    layer = img.layers[0]
+    d = sha(layer)
+    url = f"{proxy.url}/v2/up.test/team/app/blobs/{d}"
+    import urllib.request
+
+    with urllib.request.urlopen(url) as r:
+        assert r.read() == layer
+    stored = proxy.root / "store" / "blobs" / "sha256" / d[7:9] / d[7:]
+    stored.unlink()
+    with urllib.request.urlopen(url) as r:  # cached lookups still say "here": fetched again
+        assert r.read() == layer
+    assert up.requests("GET", f"/blobs/{d}") == 2
+    assert "store.missing" in proxy.log()
+
+    # a pushed (local-only) repository has nowhere to fetch from: a clean 404
+    from tests.peers import http
+
+    status, _, _ = http(
+        "POST", f"{proxy.url}/v2/spectro-images/mine/blobs/uploads/?digest={d}", layer
+    )
+    assert status == 201
+    assert http("GET", f"{proxy.url}/v2/spectro-images/mine/blobs/{d}")[2] == layer
+    stored.unlink()
+    status, _, body = http("GET", f"{proxy.url}/v2/spectro-images/mine/blobs/{d}")
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
