@@ -282,8 +282,9 @@ class ProxyRegistry(Registry):
             await self._known_or_unknown_name(repo)
             _count("blob", "miss", label)
             raise BlobUnknown(str(digest))
-        # a miss we would fetch: verified bytes already here under another name serve at once
-        if await self.mount_blob(repo, digest, None):
+        # a miss we would fetch from an upstream: verified bytes already here under another
+        # name serve at once (not for local-only names: there a DELETE sticks on this host)
+        if repo.host is not None and await self.mount_blob(repo, digest, None):
             blob = await self.local_blob(repo, digest)
             if blob is not None:
                 _count("blob", "hit", label)

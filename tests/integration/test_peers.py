@@ -202,3 +202,23 @@ async def test_lying_peer_is_never_stored_and_next_source_used(daemon_factory) -
     finally:
         await liar.stop()
         await good.stop()
+
+
+def test_blob_delete_sticks_in_a_local_repository_with_peers(daemon_factory) -> None:
+    """Peers configured: a pushed repository's deleted blob is not linked back from the store."""
+    lonely = f"http://127.0.0.1:{free_port()}"  # a peer that is down
+    proxy = daemon_factory({"peers": {"urls": [lonely], "timeout": "0.5s"}})
+    data = os.urandom(5000)
+    d = sha(data)
+    assert (
+        http("POST", f"{proxy.url}/v2/spectro-images/mine/blobs/uploads/?digest={d}", data)[0]
+        == 201
+    )
+    assert (
+        http("POST", f"{proxy.url}/v2/spectro-images/other/blobs/uploads/?digest={d}", data)[0]
+        == 201
+    )
+    assert http("DELETE", f"{proxy.url}/v2/spectro-images/mine/blobs/{d}")[0] == 202
+    status, _, body = http("GET", f"{proxy.url}/v2/spectro-images/mine/blobs/{d}")
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert http("GET", f"{proxy.url}/v2/spectro-images/other/blobs/{d}")[2] == data
