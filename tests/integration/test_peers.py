@@ -54,21 +54,21 @@ def three(daemon_factory, sync: list[bool], extra: dict | None = None):
 def test_air_gapped_cluster_shares_what_one_host_holds(
     tmp_path: Path, daemon_factory, containerd
 ) -> None:
+    """A bundle imported on A only; B and C (sync disabled) serve it; A stops, B serves C."""
     a, b, c = three(daemon_factory, [False, False, False])
-    img1, img2 = make_image("amd64"), make_image("amd64")
+    img1, img2 = make_image("amd64"), make_image("amd64", layer_sizes=(3000, 90_000))
     layout = tmp_path / "layout"
     write_layout(layout, {"one": img1, "two": img2})
-    for tag in ("one", "two"):
-        skopeo(
-            "copy",
-            "--dest-tls-verify=false",
-            f"oci:{layout}:{tag}",
-            f"docker://{a.hostport}/docker.io/team/app:{tag}",
-        )
+    bundle = tmp_path / "bundle.tar"
+    skopeo("copy", f"oci:{layout}:one", f"oci-archive:{bundle}:docker.io/team/app:one")
+    status, _, body = http("POST", f"{a.url}/admin/import", bundle.read_bytes())
+    assert status == 200, body
+    bundle2 = tmp_path / "bundle2.tar"
+    skopeo("copy", f"oci:{layout}:two", f"oci-archive:{bundle2}:docker.io/team/app:two")
+    assert http("POST", f"{a.url}/admin/import", bundle2.read_bytes())[0] == 200
 
-    # C, never given anything, serves both by tag and by digest (skopeo)
-    for tag, img in (("one", img1), ("two", img2)):
-        assert sha(skopeo_raw(f"{c.hostport}/docker.io/team/app:{tag}")) == img.digest
+    # C, never given anything: skopeo by tag and by digest
+    assert sha(skopeo_raw(f"{c.hostport}/docker.io/team/app:one")) == img1.digest
     out = tmp_path / "out"
     skopeo(
         "copy",
@@ -77,34 +77,31 @@ def test_air_gapped_cluster_shares_what_one_host_holds(
         f"dir:{out}",
     )
     assert sha((out / "manifest.json").read_bytes()) == img1.digest
-    # and containerd on C's side, through hosts.toml for docker.io (?ns=docker.io)
+    # and containerd on C's side, by tag and by digest, through hosts.toml (?ns=docker.io)
     hosts = tmp_path / "hosts"
     write_hosts_toml(hosts, "docker.io", c.url)
     containerd.pull(hosts, "docker.io/team/app:one")
-    # B takes img2 as well; then A goes away and C's next miss (img2's layers) comes from B
+    containerd.pull(hosts, f"docker.io/team/app@{img1.digest}")
+    assert img1.digest in containerd.ctr("images", "ls").stdout
+    # B pulls the second image (from A); then A goes away: C's next miss comes from B
     skopeo(
         "copy",
         "--src-tls-verify=false",
         f"docker://{b.hostport}/docker.io/team/app:two",
         f"dir:{tmp_path / 'b2'}",
     )
-    fresh = daemon_factory(
-        {
-            "content": {"sync": {"enable": False}},
-            "peers": {"urls": [a.url, b.url], "timeout": "1s"},
-        },
-        name="D",
-    )
     a.stop()
     out2 = tmp_path / "out2"
     skopeo(
         "copy",
         "--src-tls-verify=false",
-        f"docker://{fresh.hostport}/docker.io/team/app:two",
+        f"docker://{c.hostport}/docker.io/team/app:two",
         f"dir:{out2}",
     )
     assert sha((out2 / "manifest.json").read_bytes()) == img2.digest
-    assert re.search(rf"fetch.committed .*source=http://127.0.0.1:{b.port}", fresh.log())
+    for blob in img2.layers:
+        assert (out2 / sha(blob)[7:]).read_bytes() == blob
+    assert re.search(rf"fetch.committed .*source=http://127.0.0.1:{b.port}", c.log())
 
 
 def test_pulled_on_three_hosts_crosses_upstream_once(
