@@ -143,13 +143,7 @@ async def send_file(
             os.close(sock_fd)
             os.close(file_fd)
         if not isinstance(exc, asyncio.CancelledError):
-            log.warning(
-                "blob.aborted digest=%s repo=%s error=%r",
-                digest,
-                (request.get("notes") or {}).get("repo"),
-                exc,
-            )
-            request.setdefault("notes", {})["error"] = "aborted"
+            _note_aborted(request, digest, exc)
         transport.abort()  # never leave a response with missing bytes on a kept-alive connection
         if isinstance(exc, asyncio.CancelledError):
             raise
@@ -183,13 +177,7 @@ async def _send_file_tls(
             offset += len(chunk)
             count -= len(chunk)
     except EOFError as exc:
-        log.warning(
-            "blob.aborted digest=%s repo=%s error=%r",
-            digest,
-            (request.get("notes") or {}).get("repo"),
-            exc,
-        )
-        request.setdefault("notes", {})["error"] = "aborted"
+        _note_aborted(request, digest, exc)
         if request.transport is not None:
             request.transport.abort()  # never end a response with missing bytes
         return resp
@@ -197,3 +185,14 @@ async def _send_file_tls(
         os.close(file_fd)
     await resp.write_eof()
     return resp
+
+
+def _note_aborted(request: web.Request, digest: Digest, exc: BaseException) -> None:
+    """Log a blob response cut short and mark it in the access notes."""
+    log.warning(
+        "blob.aborted digest=%s repo=%s error=%r",
+        digest,
+        (request.get("notes") or {}).get("repo"),
+        exc,
+    )
+    request.setdefault("notes", {})["error"] = "aborted"
