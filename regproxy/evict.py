@@ -82,16 +82,7 @@ class Plan:
 
 def pinned_closure(snap: UsageSnapshot) -> set[str]:
     """Every digest reachable from a pinned repository manifest."""
-    children = _children(snap)
-    todo = [d for _, d, _, pinned in snap.rows if pinned]
-    seen: set[str] = set()
-    while todo:
-        d = todo.pop()
-        if d in seen:
-            continue
-        seen.add(d)
-        todo.extend(children.get(d, ()))
-    return seen
+    return _reachable(snap, [d for _, d, _, pinned in snap.rows if pinned])
 
 
 def _children(snap: UsageSnapshot) -> dict[str, list[str]]:
@@ -111,8 +102,13 @@ def _size(snap: UsageSnapshot, digest: str) -> int:
 
 def live_set(snap: UsageSnapshot) -> set[str]:
     """Every digest reachable from some repository manifest row."""
+    return _reachable(snap, [d for _, d, _, _ in snap.rows])
+
+
+def _reachable(snap: UsageSnapshot, roots: list[str]) -> set[str]:
+    """``roots`` and every digest they reference, directly or through child manifests."""
     children = _children(snap)
-    todo = [d for _, d, _, _ in snap.rows]
+    todo = list(roots)
     seen: set[str] = set()
     while todo:
         d = todo.pop()
