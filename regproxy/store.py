@@ -21,19 +21,38 @@ The store knows nothing of HTTP, repositories or tags.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from regproxy.errors import DigestMismatch, StorageFull
 from regproxy.oci import ALGORITHMS, Digest
 
 LAYOUT_VERSION: Final = 1
+#: start writeback every this many bytes, so a commit's fsync of a large blob is short
+WRITEBACK_EVERY: Final = 32 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE: Final = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], fn)
+
+
+_sync_file_range: Final = _load_sync_file_range()
 log = logging.getLogger("regproxy.store")
 
 
@@ -64,6 +83,7 @@ class BlobWriter:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_EXCL)
         self._fd: int | None = os.open(path, flags, 0o644)
         self.size = os.fstat(self._fd).st_size
+        self._flushed = self.size
         self._hasher: Any = Digest("sha256", "").hasher()
         if self.size:
             # resumed upload without its hash state (e.g. after a restart): hash what is there
@@ -91,6 +111,17 @@ class BlobWriter:
         except OSError as exc:
             raise _disk_error(exc, f"writing {self.path.name}") from exc
         self.size += len(data)
+        if self.size - self._flushed >= WRITEBACK_EVERY:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Ask the kernel to start writing what we wrote so far (non-blocking), so the fsync at
+        commit has little left to do. Linux only; elsewhere a no-op."""
+        if _sync_file_range is None or self._fd is None:
+            return
+        start = self._flushed
+        _sync_file_range(self._fd, start, self.size - start, _SYNC_FILE_RANGE_WRITE)
+        self._flushed = self.size
 
     def hash(self, data: bytes | bytearray | memoryview) -> None:
         self._hasher.update(data)
