@@ -36,7 +36,6 @@ import hashlib
 import http.client
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -50,15 +49,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+if __package__ in (None, ""):  # run as a file: the repository root is not on sys.path yet
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.peers import Daemon, DockerRegistry, stop_process  # noqa: E402
+from benchmarks import common
+from benchmarks.common import (
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    WRK_DONE,
+    BenchError,
+    GiB,
+    MiB,
+    check_tools,
+    load_1m,
+    print_log_tails,
+    report,
+    request,
+    run_summary,
+)
+from tests.peers import Daemon, DockerRegistry, stop_process
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 # what containerd sends on a tag HEAD
 ACCEPT = ", ".join(
     [
@@ -72,22 +83,7 @@ ACCEPT = ", ".join(
 REPO = "bench/pull"
 TAG = "latest"
 ALIAS = "up.test"
-KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 SERVERS = ("regproxy", "registry")
-
-# wrk prints one JSON line at the end of a run (latencies in microseconds).
-WRK_DONE = """
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '\\nBENCH {"requests":%d,"bytes":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
-    '"max_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}\\n',
-    summary.requests, summary.bytes, summary.duration,
-    latency:percentile(50), latency:percentile(99), latency.max,
-    e.connect, e.read, e.write, e.status, e.timeout))
-end
-"""
 
 # Goals of issue 3.
 GOAL_COLD_RATIO = 0.8  # client GB/s, regproxy/registry
@@ -98,10 +94,6 @@ GOAL_TAG_RATIO = 10.0
 
 # 127.0.0.1 - - [24/Nov/2026:11:28:12 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"
 ACCESS_LINE = re.compile(rb'^\S+ \S+ \S+ \[[^\]]*\] "([A-Z]+) (\S+) [^"]*" (\d{3}) (\d+|-)')
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -118,23 +110,6 @@ class Settings:
 
 
 # --- plain HTTP -----------------------------------------------------------------------------------
-def request(
-    port: int,
-    method: str,
-    path: str,
-    body: Any = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 300,
-) -> tuple[int, http.client.HTTPMessage, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
-
-
 def _location(headers: http.client.HTTPMessage) -> str:
     loc = headers.get("Location") or ""
     if loc.startswith("http"):
@@ -310,13 +285,6 @@ def blob_bytes(hits: list[Hit], digest: str) -> int:
 
 
 # --- the servers ----------------------------------------------------------------------------------
-def vm_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise BenchError(f"no {key} in /proc/{pid}/status")
-
-
 class Server:
     """One server under test on a store of its own; ``fresh()`` starts it on an empty one."""
 
@@ -373,8 +341,8 @@ class Server:
         self.stop()
         self.start()
 
-    def log_tail(self) -> str:
-        return self.proc_obj.log()[-2000:] if self.proc_obj is not None else ""
+    def log(self) -> str:
+        return self.proc_obj.log() if self.proc_obj is not None else ""
 
     def blob_url(self, digest: str) -> str:
         if self.name == "regproxy":
@@ -408,7 +376,7 @@ class Server:
         return data.exists
 
     def peak_rss_mb(self) -> float:
-        return vm_kb(self.pid, "VmHWM") / 1024
+        return common.peak_rss_mb(self.pid)
 
 
 # --- clients --------------------------------------------------------------------------------------
@@ -492,25 +460,9 @@ def herd(url: str, size: int, clients: int, timeout: float) -> float:
 def run_wrk(
     url: str, concurrency: int, seconds: float, headers: dict[str, str], script: Path
 ) -> dict[str, float]:
-    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s"]
-    cmd += ["--timeout", "5s", "--latency", "-s", str(script)]
-    for k, v in headers.items():
-        cmd += ["-H", f"{k}: {v}"]
-    cmd.append(url)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
-    if proc.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
-    r = json.loads(line[len("BENCH ") :])
-    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
-    if errors or not r["requests"]:
-        raise BenchError(f"wrk saw errors against {url}: {r}")
-    return {
-        "req_s": r["requests"] / (r["duration_us"] / 1e6),
-        "p50_ms": r["p50_us"] / 1000,
-        "p99_ms": r["p99_us"] / 1000,
-        "requests": r["requests"],
-    }
+    """The figures the tag cells keep from a wrk run."""
+    r = common.run_wrk(url, concurrency, seconds, headers, script)
+    return {k: r[k] for k in ("req_s", "p50_ms", "p99_ms", "requests")}
 
 
 def run_ab_head(
@@ -566,21 +518,6 @@ class Figures:
         return max(vals) if vals else float("nan")
 
 
-def check_tools() -> None:
-    tools = {
-        "wrk": "wrk",
-        "ab": "apache2-utils",
-        "curl": "curl",
-        "docker-registry": "docker-registry",
-    }
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        raise SystemExit(
-            f"bench_pull: missing {', '.join(missing)} on PATH; install with "
-            f"`apt-get install -y {' '.join(tools[t] for t in missing)}` (Debian) and run again"
-        )
-
-
 def wait_calm(limit: float, threshold: float) -> None:
     deadline = time.monotonic() + limit
     load = os.getloadavg()[0]
@@ -614,9 +551,12 @@ def py_spy(pid: int, out: Path | None) -> Iterator[None]:
 
 
 def bench(settings: Settings, profile: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    check_tools()
+    check_tools(
+        "bench_pull",
+        {"wrk": "wrk", "ab": "apache2-utils", "curl": "curl", "docker-registry": "docker-registry"},
+    )
     started_at = time.time()
-    load_start = round(os.getloadavg()[0], 2)
+    load_start = load_1m()
     fig = Figures()
     kinds: dict[str, dict[str, int]] = {}  # upstream requests by kind, in the (d) cells
     say: Callable[[str], None] = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
@@ -766,10 +706,7 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                         )
             tag_rss = {name: servers[name].peak_rss_mb() for name in SERVERS}
         except BaseException:
-            for srv in servers.values():
-                tail = srv.log_tail()
-                if tail:
-                    print(f"--- {srv.name} log (tail) ---\n{tail}", file=sys.stderr)
+            print_log_tails({srv.name: srv.log() for srv in servers.values()})
             raise
         finally:
             for srv in servers.values():
@@ -785,14 +722,7 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
         for key, runs in fig.runs.items()
     }
     return {
-        "loadavg_1m_start_end": [load_start, round(os.getloadavg()[0], 2)],
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
-        "seconds": round(time.time() - started_at, 1),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "kernel": platform.release(),
-        },
+        **run_summary(started_at, load_start),
         "settings": asdict(settings),
         "tag_phase_peak_rss_mb": tag_rss,
         "medians": medians,
@@ -952,13 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench_pull: {exc}", file=sys.stderr)
         return 1
-    print()
-    print(render(result))
-    if args.json:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        out = RESULTS_DIR / f"pull-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {out}")
+    report(render(result), result, "pull" if args.json else None)
     return 0
 
 

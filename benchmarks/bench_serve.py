@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
 import json
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,42 +28,37 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+if __package__ in (None, ""):  # run as a file: the repository root is not on sys.path yet
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.peers import Daemon, DockerRegistry, started  # noqa: E402
+from benchmarks.common import (
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    WRK_DONE,
+    BenchError,
+    GiB,
+    KiB,
+    MiB,
+    check_tools,
+    load_1m,
+    peak_rss_mb,
+    print_log_tails,
+    report,
+    request,
+    run_summary,
+    run_wrk,
+)
+from tests.peers import Daemon, DockerRegistry, started
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 REPO = "bench/serve"
 TAG = "bench"
-KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-
-# wrk prints one JSON line at the end of a run (latencies in microseconds).
-WRK_LUA = """
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '\\nBENCH {"requests":%d,"bytes":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
-    '"max_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}\\n',
-    summary.requests, summary.bytes, summary.duration,
-    latency:percentile(50), latency:percentile(99), latency.max,
-    e.connect, e.read, e.write, e.status, e.timeout))
-end
-"""
 
 # Goals of issue 2: regproxy/peer req/s ratio per case; p99 at c=8; peak RSS.
 GOAL_RATIO = {"blob 4KiB": 10.0, "manifest digest": 10.0, "manifest tag": 10.0, "blob 1MiB": 2.0}
 GOAL_STREAM_RATIO = 1.0
 GOAL_P99_C8_MS = 5.0
 GOAL_RSS_MB = 100.0
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 # --- content --------------------------------------------------------------------------------------
@@ -124,26 +116,9 @@ def make_content(workdir: Path, big_size: int) -> Content:
     return Content(small, medium, big_path, big_digest, config, manifest)
 
 
-def _request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | Any = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 300,
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
-
-
 def _push_blob(port: int, digest: str, body: bytes | Path) -> None:
     """POST then PUT ?digest= with the whole body: the upload both servers accept."""
-    status, headers, text = _request(port, "POST", f"/v2/{REPO}/blobs/uploads/")
+    status, headers, text = request(port, "POST", f"/v2/{REPO}/blobs/uploads/")
     if status != 202:
         raise BenchError(f"POST upload on :{port} answered {status}: {text[:200]!r}")
     location = headers.get("Location") or headers.get("location") or ""
@@ -154,7 +129,7 @@ def _push_blob(port: int, digest: str, body: bytes | Path) -> None:
     if isinstance(body, Path):
         size = body.stat().st_size
         with open(body, "rb") as f:
-            status, _, text = _request(
+            status, _, text = request(
                 port,
                 "PUT",
                 url,
@@ -162,7 +137,7 @@ def _push_blob(port: int, digest: str, body: bytes | Path) -> None:
                 headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
             )
     else:
-        status, _, text = _request(
+        status, _, text = request(
             port, "PUT", url, body=body, headers={"Content-Type": "application/octet-stream"}
         )
     if status != 201:
@@ -173,7 +148,7 @@ def push_content(port: int, content: Content) -> None:
     for data in (content.config, content.small, content.medium):
         _push_blob(port, Content.digest(data), data)
     _push_blob(port, content.big_digest, content.big_path)
-    status, _, text = _request(
+    status, _, text = request(
         port,
         "PUT",
         f"/v2/{REPO}/manifests/{TAG}",
@@ -185,13 +160,6 @@ def push_content(port: int, content: Content) -> None:
 
 
 # --- measuring ------------------------------------------------------------------------------------
-def _status_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise BenchError(f"no {key} in /proc/{pid}/status")
-
-
 def reset_peak_rss(pid: int) -> bool:
     """Reset VmHWM (``5`` > clear_refs, Linux >= 4.0; needs to own the process)."""
     try:
@@ -199,10 +167,6 @@ def reset_peak_rss(pid: int) -> bool:
         return True
     except OSError:
         return False
-
-
-def peak_rss_mb(pid: int) -> float:
-    return _status_kb(pid, "VmHWM") / 1024
 
 
 @dataclass
@@ -215,42 +179,6 @@ class Cell:
 
     def median(self, key: str) -> float:
         return statistics.median(r[key] for r in self.runs) if self.runs else float("nan")
-
-
-def run_wrk(
-    url: str, concurrency: int, seconds: float, headers: dict[str, str], script: Path
-) -> dict[str, float]:
-    cmd = [
-        "wrk",
-        "-t1",
-        f"-c{concurrency}",
-        f"-d{max(1, round(seconds))}s",
-        "--timeout",
-        "5s",
-        "--latency",
-        "-s",
-        str(script),
-    ]
-    for k, v in headers.items():
-        cmd += ["-H", f"{k}: {v}"]
-    cmd.append(url)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
-    if proc.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
-    r = json.loads(line[len("BENCH ") :])
-    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
-    if errors or not r["requests"]:
-        raise BenchError(f"wrk saw errors against {url}: {r}")
-    secs = r["duration_us"] / 1e6
-    return {
-        "req_s": r["requests"] / secs,
-        "gb_s": r["bytes"] / secs / 1e9,
-        "p50_ms": r["p50_us"] / 1000,
-        "p99_ms": r["p99_us"] / 1000,
-        "max_ms": r["max_us"] / 1000,
-        "requests": r["requests"],
-    }
 
 
 def run_curl(url: str, timeout: float) -> dict[str, float]:
@@ -297,15 +225,6 @@ class Settings:
     budget: float  # seconds for the whole measuring phase
 
 
-def check_tools() -> None:
-    missing = [t for t in ("wrk", "curl", "docker-registry") if shutil.which(t) is None]
-    if missing:
-        raise SystemExit(
-            f"bench_serve: missing {', '.join(missing)} on PATH; install with "
-            f"`apt-get install -y {' '.join(missing)}` (Debian) and run again"
-        )
-
-
 def servers(tmp: Path) -> tuple[Daemon, DockerRegistry]:
     daemon = Daemon(
         tmp / "regproxy",
@@ -320,9 +239,9 @@ def servers(tmp: Path) -> tuple[Daemon, DockerRegistry]:
 
 
 def bench(settings: Settings, progress: bool = True) -> dict[str, Any]:
-    check_tools()
+    check_tools("bench_serve", {t: t for t in ("wrk", "curl", "docker-registry")})
     started_at = time.time()
-    load_start = round(os.getloadavg()[0], 2)
+    load_start = load_1m()
     deadline = time.monotonic() + settings.budget
     cells: list[Cell] = []
     with tempfile.TemporaryDirectory(prefix="regproxy-bench-") as tmpdir:
@@ -346,7 +265,7 @@ def bench(settings: Settings, progress: bool = True) -> dict[str, Any]:
                         print(f"pushed to {name} on :{port}", flush=True)
                 content.big_path.unlink()
                 script = tmp / "report.lua"
-                script.write_text(WRK_LUA)
+                script.write_text(WRK_DONE)
                 accept = {"Accept": f"{OCI_MANIFEST}, application/vnd.oci.image.index.v1+json"}
                 cases = [
                     ("blob 4KiB", f"/v2/{REPO}/blobs/{Content.digest(content.small)}", {}),
@@ -397,20 +316,10 @@ def bench(settings: Settings, progress: bool = True) -> dict[str, Any]:
                         )
                 overall = {name: peak_rss_mb(pid) for name, pid in pids.items()}
         except BaseException:
-            for name, srv in (("regproxy", daemon), ("registry", peer)):
-                tail = srv.log()[-2000:]
-                if tail:
-                    print(f"--- {name} log (tail) ---\n{tail}", file=sys.stderr)
+            print_log_tails({"regproxy": daemon.log(), "registry": peer.log()})
             raise
     return {
-        "loadavg_1m_start_end": [load_start, round(os.getloadavg()[0], 2)],
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
-        "seconds": round(time.time() - started_at, 1),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "kernel": platform.release(),
-        },
+        **run_summary(started_at, load_start),
         "settings": asdict(settings),
         "peak_rss_mb_since_last_reset": overall,
         "cells": [
@@ -519,13 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench_serve: {exc}", file=sys.stderr)
         return 1
-    print()
-    print(render(result))
-    if args.json:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        out = RESULTS_DIR / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {out}")
+    report(render(result), result, "serve" if args.json else None)
     return 0
 
 

@@ -1,0 +1,143 @@
+"""What bench_serve and bench_pull share: plain HTTP, tool checks, wrk runs, /proc figures,
+the machine summary and the report's printing."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+# wrk prints one JSON line at the end of a run (latencies in microseconds).
+WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\\nBENCH {"requests":%d,"bytes":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
+    '"max_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}\\n',
+    summary.requests, summary.bytes, summary.duration,
+    latency:percentile(50), latency:percentile(99), latency.max,
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
+def check_tools(prog: str, tools: dict[str, str]) -> None:
+    """Exit with an install hint when a tool (key) is not on PATH; values are Debian packages."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        raise SystemExit(
+            f"{prog}: missing {', '.join(missing)} on PATH; install with "
+            f"`apt-get install -y {' '.join(tools[t] for t in missing)}` (Debian) and run again"
+        )
+
+
+def status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise BenchError(f"no {key} in /proc/{pid}/status")
+
+
+def peak_rss_mb(pid: int) -> float:
+    return status_kb(pid, "VmHWM") / 1024
+
+
+def run_wrk(
+    url: str, concurrency: int, seconds: float, headers: dict[str, str], script: Path
+) -> dict[str, float]:
+    """One wrk run with ``script`` = WRK_DONE; any error counted by wrk is a BenchError."""
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s"]
+    cmd += ["--timeout", "5s", "--latency", "-s", str(script)]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    cmd.append(url)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
+    r = json.loads(line[len("BENCH ") :])
+    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    if errors or not r["requests"]:
+        raise BenchError(f"wrk saw errors against {url}: {r}")
+    secs = r["duration_us"] / 1e6
+    return {
+        "req_s": r["requests"] / secs,
+        "gb_s": r["bytes"] / secs / 1e9,
+        "p50_ms": r["p50_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "max_ms": r["max_us"] / 1000,
+        "requests": r["requests"],
+    }
+
+
+def load_1m() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def run_summary(started_at: float, load_start: float) -> dict[str, Any]:
+    """The head of a result: load average at start/end, when, how long, which machine."""
+    return {
+        "loadavg_1m_start_end": [load_start, load_1m()],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
+        "seconds": round(time.time() - started_at, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+        },
+    }
+
+
+def print_log_tails(logs: dict[str, str]) -> None:
+    """The last 2000 characters of each server's log (name -> whole log) on stderr."""
+    for name, log in logs.items():
+        tail = log[-2000:]
+        if tail:
+            print(f"--- {name} log (tail) ---\n{tail}", file=sys.stderr)
+
+
+def report(text: str, result: dict[str, Any], json_prefix: str | None) -> None:
+    """Print the rendered report; with a prefix also write the result to RESULTS_DIR."""
+    print()
+    print(text)
+    if json_prefix is not None:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        out = RESULTS_DIR / f"{json_prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {out}")
