@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from tests.images import Image, write_layout
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -236,6 +238,13 @@ def skopeo(
     if check and proc.returncode != 0:
         raise AssertionError(f"skopeo {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def push_image(img: Image, layout: Path, dest: str, *copy_args: str) -> None:
+    """Write ``img`` as tag v1 of an OCI layout at ``layout`` and skopeo copy it to
+    ``docker://{dest}`` over plain HTTP; ``copy_args``: more flags (``--dest-creds``, ...)."""
+    write_layout(layout, {"v1": img})
+    skopeo("copy", "--dest-tls-verify=false", *copy_args, f"oci:{layout}:v1", f"docker://{dest}")
 
 
 def skopeo_raw(ref: str) -> bytes:

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from tests.conftest import needs_registry
-from tests.images import make_image, write_layout
-from tests.peers import REPO_ROOT, Containerd, Daemon, DockerRegistry, have, skopeo
+from tests.images import make_image
+from tests.peers import REPO_ROOT, Containerd, Daemon, DockerRegistry, have, push_image
 
 pytestmark = [pytest.mark.peers]
 
@@ -102,14 +102,7 @@ def test_ctr_pulls_through_regproxy_with_generated_files(
 ) -> None:
     upstream = registry_factory()
     img = make_image("amd64")
-    layout = tmp_path / "layout"
-    write_layout(layout, {"v1": img})
-    skopeo(
-        "copy",
-        "--dest-tls-verify=false",
-        f"oci:{layout}:v1",
-        f"docker://{upstream.hostport}/team/app:v1",
-    )
+    push_image(img, tmp_path / "layout", f"{upstream.hostport}/team/app:v1")
     d = daemon_factory({"upstreams": {upstream.hostport: {"url": upstream.url}, "*.pkg.dev": {}}})
     hosts_dir = tmp_path / "certs.d"
     out = _containerd_config(d.root / "regproxy.yaml", "--dir", str(hosts_dir), "--url", d.url)

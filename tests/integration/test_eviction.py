@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.images import Image, make_image, write_layout
-from tests.peers import Daemon, http, skopeo
+from tests.images import Image, make_image
+from tests.peers import Daemon, http, push_image, skopeo
 
 pytestmark = pytest.mark.peers
 LAYER = 600_000  # bytes of random payload: one image is ~600 kB in the store
@@ -56,14 +56,7 @@ def test_lru_unpinned_go_pinned_and_recent_stay(
     for i in range(5):
         img = make_image(layer_sizes=(LAYER,))
         images[f"a{i}"] = img
-        layout = tmp_path / f"layout-a{i}"
-        write_layout(layout, {"v1": img})
-        skopeo(
-            "copy",
-            "--dest-tls-verify=false",
-            f"oci:{layout}:v1",
-            f"docker://{up.hostport}/team/a{i}:v1",
-        )
+        push_image(img, tmp_path / f"layout-a{i}", f"{up.hostport}/team/a{i}:v1")
     proxy = daemon_factory(
         {
             "upstreams": {up.hostport: {"url": up.url, "alias": "up.test"}},
@@ -73,13 +66,8 @@ def test_lru_unpinned_go_pinned_and_recent_stay(
     )
     # a pushed image is pinned: it is the oldest content and must survive
     pinned = make_image(layer_sizes=(LAYER,))
-    layout = tmp_path / "layout-pinned"
-    write_layout(layout, {"v1": pinned})
-    skopeo(
-        "copy",
-        "--dest-tls-verify=false",
-        f"oci:{layout}:v1",
-        f"docker://{proxy.hostport}/spectro-images/mine/pinned:v1",
+    push_image(
+        pinned, tmp_path / "layout-pinned", f"{proxy.hostport}/spectro-images/mine/pinned:v1"
     )
     # 4 images, ~2.4 MB: under the limit
     for name in ("a0", "a1", "a2"):
@@ -146,14 +134,7 @@ def test_disk_full_fails_cleanly_and_keeps_what_was_stored(
         up = registry_factory()
         small, big = make_image(layer_sizes=(300_000,)), make_image(layer_sizes=(8_000_000,))
         for name, img in (("small", small), ("big", big)):
-            layout = tmp_path / f"layout-{name}"
-            write_layout(layout, {"v1": img})
-            skopeo(
-                "copy",
-                "--dest-tls-verify=false",
-                f"oci:{layout}:v1",
-                f"docker://{up.hostport}/team/{name}:v1",
-            )
+            push_image(img, tmp_path / f"layout-{name}", f"{up.hostport}/team/{name}:v1")
         proxy = daemon_factory(
             {
                 "upstreams": {up.hostport: {"url": up.url, "alias": "up.test"}},

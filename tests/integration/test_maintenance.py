@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.images import make_image, write_layout
-from tests.peers import REPO_ROOT, Daemon, http, skopeo
+from tests.images import make_image
+from tests.peers import REPO_ROOT, Daemon, http, push_image, skopeo
 
 pytestmark = pytest.mark.peers
 
@@ -64,11 +64,7 @@ def state(d: Daemon) -> tuple[list[tuple[str, int]], dict[str, list[tuple]]]:
 def upstream_image(tmp_path: Path, registry_factory):
     up = registry_factory()
     img = make_image(layer_sizes=(2048, 200_000))  # one small layer, one served from a file
-    layout = tmp_path / "layout"
-    write_layout(layout, {"v1": img})
-    skopeo(
-        "copy", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{up.hostport}/team/app:v1"
-    )
+    push_image(img, tmp_path / "layout", f"{up.hostport}/team/app:v1")
     return up, img
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.images import make_image, write_layout
-from tests.peers import http, skopeo
+from tests.images import make_image
+from tests.peers import http, push_image
 
 pytestmark = pytest.mark.peers
 
@@ -40,11 +40,7 @@ def test_metrics_after_hits_misses_and_a_stale_tag(
 ) -> None:
     up = registry_factory()
     img = make_image("amd64", layer_sizes=(100_000,))
-    layout = tmp_path / "layout"
-    write_layout(layout, {"v1": img})
-    skopeo(
-        "copy", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{up.hostport}/team/app:v1"
-    )
+    push_image(img, tmp_path / "layout", f"{up.hostport}/team/app:v1")
     proxy = daemon_factory(
         {
             "upstreams": {

@@ -15,7 +15,7 @@ import pytest
 
 from tests.fakes import BlobFault, FakeUpstream
 from tests.images import make_image, write_layout
-from tests.peers import free_port, http, skopeo, skopeo_raw, write_hosts_toml
+from tests.peers import free_port, http, push_image, skopeo, skopeo_raw, write_hosts_toml
 
 pytestmark = pytest.mark.peers
 
@@ -109,11 +109,7 @@ def test_pulled_on_three_hosts_crosses_upstream_once(
 ) -> None:
     up = registry_factory()
     img = make_image("amd64", layer_sizes=(300_000, 2_000_000))
-    layout = tmp_path / "layout"
-    write_layout(layout, {"v1": img})
-    skopeo(
-        "copy", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{up.hostport}/team/app:v1"
-    )
+    push_image(img, tmp_path / "layout", f"{up.hostport}/team/app:v1")
     nodes = three(
         daemon_factory,
         [True, True, True],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.images import make_image, make_index, write_layout
-from tests.peers import Containerd, make_htpasswd, skopeo, skopeo_raw, write_hosts_toml
+from tests.peers import Containerd, make_htpasswd, push_image, skopeo, skopeo_raw, write_hosts_toml
 
 pytestmark = pytest.mark.peers
 
@@ -116,15 +116,12 @@ def test_upstream_with_basic_auth(tmp_path: Path, registry_factory, daemon_facto
     htpasswd = make_htpasswd(tmp_path / "htpasswd", "puller", "s3cret-pass")
     up = registry_factory(htpasswd=htpasswd)
     img = make_image("amd64")
-    layout = tmp_path / "layout"
-    write_layout(layout, {"v1": img})
-    skopeo(
-        "copy",
-        "--dest-tls-verify=false",
+    push_image(
+        img,
+        tmp_path / "layout",
+        f"{up.hostport}/private/app:v1",
         "--dest-creds",
         "puller:s3cret-pass",
-        f"oci:{layout}:v1",
-        f"docker://{up.hostport}/private/app:v1",
     )
     cfg = {
         "upstreams": {
@@ -194,11 +191,7 @@ def test_blob_file_lost_from_disk_is_fetched_again(
     pushed one answers BLOB_UNKNOWN; neither gets a broken response."""
     up = registry_factory()
     img = make_image("amd64", layer_sizes=(300_000,))
-    layout = tmp_path / "layout"
-    write_layout(layout, {"v1": img})
-    skopeo(
-        "copy", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{up.hostport}/team/app:v1"
-    )
+    push_image(img, tmp_path / "layout", f"{up.hostport}/team/app:v1")
     proxy = daemon_factory(proxy_cfg(up.hostport))
     layer = img.layers[0]
     d = sha(layer)

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import needs_registry
-from tests.images import make_image, write_layout
-from tests.peers import Daemon, DockerRegistry, free_port, have, http, skopeo
+from tests.images import make_image
+from tests.peers import Daemon, DockerRegistry, free_port, have, http, push_image
 
 
 def _readyz(d: Daemon) -> tuple[int, dict[str, Any]]:
@@ -82,13 +82,7 @@ def test_upstream_state_is_reported_not_required(
 ) -> None:
     up = registry_factory()
     img = make_image("amd64")
-    write_layout(tmp_path / "layout", {"v1": img})
-    skopeo(
-        "copy",
-        "--dest-tls-verify=false",
-        f"oci:{tmp_path / 'layout'}:v1",
-        f"docker://{up.hostport}/team/app:v1",
-    )
+    push_image(img, tmp_path / "layout", f"{up.hostport}/team/app:v1")
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     d = daemon_factory(
         {
@@ -144,13 +138,7 @@ def test_prefetch_required_for_ready(
     assert body["checks"]["store_writable"] is True
 
     up = registry_factory(port=port)
-    write_layout(tmp_path / "layout", {"v1": make_image("amd64")})
-    skopeo(
-        "copy",
-        "--dest-tls-verify=false",
-        f"oci:{tmp_path / 'layout'}:v1",
-        f"docker://{up.hostport}/team/app:v1",
-    )
+    push_image(make_image("amd64"), tmp_path / "layout", f"{up.hostport}/team/app:v1")
     deadline = time.monotonic() + 30  # the prefetcher's backoff decides when it tries again
     while time.monotonic() < deadline and _readyz(d)[0] != 200:
         time.sleep(0.2)
