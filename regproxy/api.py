@@ -211,9 +211,8 @@ async def catalog(request: web.Request) -> web.Response:
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    notes: dict[str, str] = {}
+    notes = _notes(request)  # the one per-request store (auth may have put the user in it)
     NOTES.set(notes)
-    request["notes"] = notes  # the one per-request store: aiohttp's __setitem__ is not free
     if request.headers.get(PEER_HEADER):
         # a peer asks: answer from the local store only, never forward (no circles)
         LOCAL_ONLY.set(True)
@@ -591,7 +590,7 @@ class AccessLogger(AbstractAccessLogger):
             return
         self.logger.info(
             "request method=%s path=%s repo=%s status=%d bytes=%d duration_ms=%.1f cache=%s "
-            "upstream=%s error=%s remote=%s",
+            "upstream=%s error=%s user=%s remote=%s",
             request.method,
             request.path,
             notes.get("repo", "-"),
@@ -601,6 +600,7 @@ class AccessLogger(AbstractAccessLogger):
             notes.get("cache", "-"),
             notes.get("upstream", "-"),
             notes.get("error", "-"),
+            notes.get("user", "-"),
             request.remote,
         )
 

@@ -280,6 +280,16 @@ USERS_KEY: Final = web.AppKey("users", UserDB)
 USER: Final[ContextVar[str | None]] = ContextVar("regproxy_user", default=None)
 
 
+def _logged_in(request: web.Request, user: str) -> None:
+    """The request's user: for handlers (USER) and for its access-log line (notes)."""
+    USER.set(user)
+    notes = request.get("notes")
+    if notes is None:
+        notes = {}
+        request["notes"] = notes
+    notes["user"] = user
+
+
 # --- for the web page (and anything else that logs people in) ------------------------------------
 async def check_login(
     app: web.Application, user: str, password: str, *, remote: str | None = None
@@ -334,7 +344,7 @@ async def _ui_guard(
                 return web.json_response({"error": "wrong user name or password"}, status=401)
             user = creds[0]
     if user is not None:
-        USER.set(user)
+        _logged_in(request, user)
         return await handler(request)
     await db.refresh()
     if not db.enabled and db.anonymous_read:
@@ -405,7 +415,7 @@ async def auth_middleware(
         user, password = creds
         if not await db.login(user, password, remote=request.remote, via="registry"):
             return challenge(request, "wrong user name or password")
-        USER.set(user)
+        _logged_in(request, user)
         if need == "write" and not db.may_change_content(user):
             return _refuse(request, Denied(f"{user!r} may not change content"), {})
         return await handler(request)

@@ -85,6 +85,14 @@ def test_push_needs_a_login_and_wrong_passwords_are_slow_and_unlogged(
     log = d.log()
     assert "auth.login_failed user='alice' remote=127.0.0.1" in log
     assert WRONG not in log and PASSWORD not in log
+    # the access log names who pushed
+    assert any(
+        "method=PUT" in line
+        and "/manifests/v1" in line
+        and "status=201" in line
+        and "user=alice" in line
+        for line in log.splitlines()
+    ), log
     # ... and a right password is not slowed
     t0 = time.monotonic()
     status, _, _ = http("GET", f"{d.url}/v2/", headers=basic("alice", PASSWORD))
