@@ -29,6 +29,7 @@ from regproxy.errors import (
     SizeInvalid,
     TagInvalid,
     Unsupported,
+    UpstreamError,
 )
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MAX_MANIFEST_BYTES, OCI_INDEX, Digest, is_digest_reference, validate_tag
@@ -251,7 +252,15 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
     registry, _ = _ctx(request)
     repo = _repo(request, name)
     d = _digest(digest)
-    blob = await registry.get_blob(repo, d)
+    try:
+        blob = await registry.get_blob(repo, d)
+    except UpstreamError as exc:
+        if request.method != "HEAD":
+            raise
+        # HEAD is how a pushing client asks "do you have it?": with the upstream unreachable
+        # the honest answer for this host is no, so the client uploads (a 502 fails the push)
+        log.info("blob.head_unknown digest=%s repo=%s upstream_error=%s", d, repo, exc)
+        raise BlobUnknown(str(d)) from None
     _notes(request).setdefault("cache", "hit")
     headers = _blob_headers(blob)
     rng = _parse_range(request.headers.get("Range"), blob.size)

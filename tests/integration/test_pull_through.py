@@ -218,3 +218,30 @@ def test_blob_file_lost_from_disk_is_fetched_again(
     stored.unlink()
     status, _, body = http("GET", f"{proxy.url}/v2/spectro-images/mine/blobs/{d}")
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+def test_push_into_an_upstream_name_while_the_upstream_is_down(
+    tmp_path: Path, daemon_factory
+) -> None:
+    """Pushed, imported and pulled content share one namespace: a push under an upstream's name
+    works when that upstream cannot be reached (skopeo's HEAD must not become a 502)."""
+    from tests.peers import free_port
+
+    down = f"127.0.0.1:{free_port()}"  # nothing listens here
+    proxy = daemon_factory(
+        {
+            "upstreams": {
+                down: {"url": f"http://{down}", "alias": "down.test", "connect_timeout": "1s"}
+            }
+        }
+    )
+    a, b = make_image("amd64"), make_image("arm64")
+    idx = make_index({"amd64": a, "arm64": b})
+    layout = tmp_path / "layout"
+    write_layout(layout, {"multi": (idx, [a, b])})
+    dest = f"docker://{proxy.hostport}/down.test/team/app:multi"
+    skopeo("copy", "--all", "--dest-tls-verify=false", f"oci:{layout}:multi", dest)
+    assert sha(skopeo_raw(f"{proxy.hostport}/down.test/team/app:multi")) == sha(idx)
+    out = tmp_path / "out"
+    skopeo("copy", "--all", "--src-tls-verify=false", dest, f"dir:{out}")
+    assert sha((out / "manifest.json").read_bytes()) == sha(idx)
