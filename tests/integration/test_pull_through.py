@@ -245,3 +245,17 @@ def test_push_into_an_upstream_name_while_the_upstream_is_down(
     out = tmp_path / "out"
     skopeo("copy", "--all", "--src-tls-verify=false", dest, f"dir:{out}")
     assert sha((out / "manifest.json").read_bytes()) == sha(idx)
+
+
+def test_push_into_an_upstream_name_that_the_upstream_holds(
+    tmp_path: Path, upstream_with_images, daemon_factory
+) -> None:
+    """skopeo's HEAD finds the blobs (they come from upstream), it skips their upload, and the
+    manifest PUT waits for those transfers instead of failing with MANIFEST_BLOB_UNKNOWN."""
+    up = upstream_with_images
+    proxy = daemon_factory(proxy_cfg(up.hostport))
+    src = f"docker://{up.hostport}/team/app:v1"
+    dest = f"docker://{proxy.hostport}/up.test/team/app:pushed"
+    skopeo("copy", "--src-tls-verify=false", "--dest-tls-verify=false", src, dest)
+    want = sha(skopeo_raw(f"{up.hostport}/team/app:v1"))
+    assert sha(skopeo_raw(f"{proxy.hostport}/up.test/team/app:pushed")) == want
