@@ -28,9 +28,9 @@ from regproxy.errors import (
 from regproxy.fetch import Fetcher, Source, Stream
 from regproxy.index import Index
 from regproxy.names import RepoName
-from regproxy.oci import Digest, is_digest_reference, parse_manifest
+from regproxy.oci import Digest, is_digest_reference
 from regproxy.peers import Peers
-from regproxy.registry import LOCAL_ONLY, Blob, Manifest, PutResult, Registry, note
+from regproxy.registry import LOCAL_ONLY, Blob, Manifest, Registry, note
 from regproxy.store import Store
 from regproxy.upstream import UpstreamClient
 
@@ -270,36 +270,14 @@ class ProxyRegistry(Registry):
         assert row is not None
         return await self.manifest_body(repo, row[0])
 
-    async def put_manifest(
-        self,
-        repo: RepoName,
-        reference: str,
-        body: bytes,
-        content_type: str | None,
-        *,
-        verify_refs: bool = True,
-        pinned: bool = True,
-        checked: float | None = None,
-    ) -> PutResult:
+    async def _blobs_settled(self, digests: list[Digest]) -> None:
         """A push whose blobs are still arriving from upstream (a client's HEAD started them)
         waits for those transfers before the references are checked."""
-        if verify_refs and self.fetcher.inflight:
-            with contextlib.suppress(OCIError):
-                parsed = parse_manifest(body, content_type)
-                for desc in parsed.blobs:
-                    transfer = self.fetcher.get(desc.digest)
-                    if transfer is not None:
-                        with contextlib.suppress(OCIError):
-                            await transfer.wait_done()
-        return await super().put_manifest(
-            repo,
-            reference,
-            body,
-            content_type,
-            verify_refs=verify_refs,
-            pinned=pinned,
-            checked=checked,
-        )
+        for digest in digests:
+            transfer = self.fetcher.get(digest)
+            if transfer is not None:
+                with contextlib.suppress(OCIError):
+                    await transfer.wait_done()
 
     # --- blobs ---------------------------------------------------------------------------------------
     async def get_blob(self, repo: RepoName, digest: Digest) -> Blob:

@@ -469,6 +469,10 @@ class Registry:
             raise ManifestUnknown(reference)
         return await self.manifest_body(repo, found[0])
 
+    async def _blobs_settled(self, digests: list[Digest]) -> None:
+        """Before a manifest's references are checked: a subclass may wait for blobs still on
+        their way into the store (pull-through). Nothing is in flight here."""
+
     async def put_manifest(
         self,
         repo: RepoName,
@@ -492,6 +496,7 @@ class Registry:
             digest = Digest.of(body)
         parsed = parse_manifest(body, content_type)
         if verify_refs:
+            await self._blobs_settled([b.digest for b in parsed.blobs])
             missing = await self._db(
                 self.index.missing_blobs, repo.canonical, [str(b.digest) for b in parsed.blobs]
             )
