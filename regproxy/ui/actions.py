@@ -1,0 +1,130 @@
+"""Changes from the page: pin, unpin, delete, and a bundle upload streamed into the importer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import BodyPartReader, web
+
+from regproxy import pins
+from regproxy.api import RESOLVER_KEY
+from regproxy.bundle import BundleError, Importer
+from regproxy.errors import OCIError
+from regproxy.oci import is_digest_reference
+from regproxy.ui.base import (
+    changer,
+    json_response,
+    manifest_url,
+    refused,
+    registry_of,
+    render,
+    repo_url,
+    resolve,
+    ui_of,
+    wants_json,
+)
+
+log = logging.getLogger("regproxy.ui")
+
+
+async def change(request: web.Request) -> web.StreamResponse:
+    """POST /ui/pin, /ui/unpin, /ui/delete: ``repo`` and ``ref`` (a tag or a digest)."""
+    form = await request.post()
+    session = await changer(request, form)
+    action = request.match_info["action"]
+    name, ref = str(form.get("repo", "")), str(form.get("ref", ""))
+    repo = resolve(request, name)
+    registry = registry_of(request)
+    try:
+        if action == "pin":
+            done = await pins.pin(registry, repo, ref)
+            msg = f"Pinned {repo.canonical}{_sep(ref)}{ref} ({len(done)} manifest(s))."
+        elif action == "unpin":
+            done = await pins.unpin(registry, repo, ref)
+            msg = f"Unpinned {repo.canonical}{_sep(ref)}{ref} ({len(done)} manifest(s))."
+        else:
+            await registry.delete_manifest(repo, ref)
+            what = "manifest" if is_digest_reference(ref) else "tag"
+            msg = (
+                f"Deleted {what} {repo.canonical}{_sep(ref)}{ref}; unreferenced bytes go at the "
+                "next eviction or gc."
+            )
+    except OCIError as exc:
+        return refused(request, f"{action} {repo.canonical}{_sep(ref)}{ref}: {exc}", 404)
+    ui_of(request).counts_cache = None
+    log.info("ui.%s user=%r repo=%s ref=%s", action, session.user, repo.canonical, ref)
+    if wants_json(request):
+        return json_response({"ok": True, "message": msg})
+    session.flash.append(msg)
+    back = repo_url(repo.canonical)
+    if action != "delete" and is_digest_reference(ref):
+        back = manifest_url(repo.canonical, ref)
+    raise web.HTTPSeeOther(back)
+
+
+def _sep(ref: str) -> str:
+    return "@" if is_digest_reference(ref) else ":"
+
+
+# --- upload a bundle ------------------------------------------------------------------------------------
+async def upload_page(request: web.Request) -> web.Response:
+    return render(request, "upload.html")
+
+
+async def upload_post(request: web.Request) -> web.StreamResponse:
+    """A multipart form (csrf, optional name, then the file), streamed into the importer."""
+    if not request.content_type.startswith("multipart/"):
+        await changer(request, None)  # a token in X-CSRF-Token, or refused first
+        return refused(request, "a multipart/form-data upload is expected", 400)
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    file_part: BodyPartReader | None = None
+    while True:
+        part = await reader.next()
+        if part is None:
+            break
+        if not isinstance(part, BodyPartReader):
+            continue
+        if part.filename is not None or part.name == "bundle":
+            file_part = part
+            break
+        fields[str(part.name)] = (await part.read(decode=True))[:4096].decode("utf-8", "replace")
+    session = await changer(request, fields)  # before a byte of the file is read
+    if file_part is None:
+        return refused(request, "no bundle file in the form", 400)
+    name = fields.get("name", "").strip() or None
+    importer = Importer(registry_of(request), request.app[RESOLVER_KEY], name=name)
+    part = file_part
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while True:
+            chunk = await part.read_chunk(1024 * 1024)
+            if not chunk:
+                return
+            yield chunk
+
+    try:
+        summary = await importer.import_stream(chunks())
+    except BundleError as exc:
+        log.warning("import.refused user=%r remote=%s error=%s", session.user, request.remote, exc)
+        if wants_json(request):
+            return json_response({"error": str(exc)}, status=400)
+        return render(request, "upload.html", status=400, error=str(exc))
+    ui_of(request).counts_cache = None
+    log.info("import.ui user=%r remote=%s %s", session.user, request.remote, summary)
+    result = summary.to_json()
+    if wants_json(request):
+        return json_response(result)
+    return render(request, "upload.html", summary=result, links=_image_links(result["images"]))
+
+
+def _image_links(images: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for image in images:
+        name = image.split("@", 1)[0]
+        last = name.rsplit("/", 1)
+        if ":" in last[-1]:
+            name = name.rsplit(":", 1)[0]
+        out.append((image, repo_url(name)))
+    return out

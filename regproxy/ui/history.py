@@ -1,0 +1,82 @@
+"""The counters the overview charts, sampled every :data:`SAMPLE_SECONDS` for 24 hours."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Final
+
+from regproxy import metrics
+
+#: the overview's chart: one sample of the counters every 10 minutes, for 24 hours
+SAMPLE_SECONDS: Final = 600.0
+SAMPLES: Final = 144
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    t: float
+    hits: float
+    misses: float
+    served_disk: float
+    served_remote: float  # from upstream transfers and peers, as they arrived
+    fetched: float
+
+
+def metric_sum(metric: Any, **match: str) -> float:
+    total = 0.0
+    for family in metric.collect():
+        for s in family.samples:
+            if s.name.endswith("_created"):
+                continue
+            if all(s.labels.get(k) == v for k, v in match.items()):
+                total += s.value
+    return total
+
+
+def sample_now(now: float | None = None) -> Sample:
+    return Sample(
+        t=time.time() if now is None else now,
+        hits=metric_sum(metrics.CACHE, result="hit"),
+        misses=metric_sum(metrics.CACHE, result="miss") + metric_sum(metrics.CACHE, result="stale"),
+        served_disk=metric_sum(metrics.SERVED_BYTES, source="disk"),
+        served_remote=metric_sum(metrics.SERVED_BYTES, source="upstream")
+        + metric_sum(metrics.SERVED_BYTES, source="peer"),
+        fetched=metric_sum(metrics.FETCHED_BYTES),
+    )
+
+
+class History:
+    """A ring of counter samples, one per :data:`SAMPLE_SECONDS`, for the overview's chart."""
+
+    def __init__(self) -> None:
+        self.samples: deque[Sample] = deque(maxlen=SAMPLES + 1)
+        self.samples.append(sample_now())
+
+    def record(self) -> None:
+        self.samples.append(sample_now())
+
+    def intervals(self) -> list[dict[str, float]]:
+        """Per interval (the last one still open, up to now): bytes from disk and fetched."""
+        points = [*self.samples, sample_now()]
+        out = []
+        for a, b in itertools.pairwise(points):
+            out.append(
+                {
+                    "start": a.t,
+                    "end": b.t,
+                    "served_disk": max(0.0, b.served_disk - a.served_disk),
+                    "fetched": max(0.0, b.fetched - a.fetched),
+                    "hits": max(0.0, b.hits - a.hits),
+                    "misses": max(0.0, b.misses - a.misses),
+                }
+            )
+        return out[-SAMPLES:]
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_SECONDS)
+            self.record()

@@ -1,0 +1,107 @@
+"""The overview: the store, the cache's counters, the upstreams, the last 24 hours."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from regproxy import metrics
+from regproxy.ui import queries
+from regproxy.ui.base import (
+    TOTALS_TTL,
+    json_response,
+    registry_of,
+    render,
+    ui_of,
+)
+from regproxy.ui.charts import chart
+from regproxy.ui.history import metric_sum, sample_now
+
+
+# --- the overview ----------------------------------------------------------------------------------
+async def overview_data(request: web.Request) -> dict[str, Any]:
+    ui = ui_of(request)
+    registry = registry_of(request)
+    index = registry.index
+    loop = asyncio.get_running_loop()
+    now = time.time()
+    total, free = await loop.run_in_executor(None, registry.store.disk_usage)
+    if ui.counts_cache is None or now - ui.counts_cache[0] > TOTALS_TTL:
+        counts = await registry.index_call(queries.totals, index)
+        counts["store_bytes"] = await registry.index_call(index.store_bytes)
+        counts["pinned_bytes"] = await registry.index_call(index.pinned_bytes)
+        ui.counts_cache = (now, counts)
+    counts = ui.counts_cache[1]
+    storage = ui.config.storage
+    limit = storage.max_size.resolve(total) if storage.max_size else None
+    floor = storage.min_free.resolve(total) if storage.min_free else 0
+    s = sample_now(now)
+    lookups = s.hits + s.misses
+    ui.health.upstreams.sample(now)
+    seen = ui.health.upstreams.to_json()
+    upstreams = []
+    matched: set[str] = set()
+    for u in ui.config.upstreams:
+        hosts = [
+            {"source": src, **st}
+            for src, st in seen.items()
+            if u.matches(src) or src == u.alias or (u.url and src in u.url)
+        ]
+        matched.update(h["source"] for h in hosts)
+        upstreams.append(
+            {
+                "pattern": u.pattern,
+                "url": u.url or None,
+                "alias": u.alias,
+                "mirrors": list(u.mirrors),
+                "sources": hosts,
+            }
+        )
+    others = [{"source": src, **st} for src, st in seen.items() if src not in matched]
+    intervals = ui.history.intervals()
+    return {
+        "time": now,
+        "sync": ui.config.sync_enable,
+        "project": ui.config.project,
+        "store": {
+            "used": counts["store_bytes"],
+            "limit": limit,
+            "min_free": floor,
+            "filesystem": total,
+            "free": free,
+            "pinned": counts["pinned_bytes"],
+        },
+        "counts": {k: counts[k] for k in ("repositories", "tags", "manifests", "blobs")},
+        "cache": {
+            "hits": s.hits,
+            "misses": s.misses,
+            "hit_ratio": (s.hits / lookups) if lookups else None,
+            "served_from_disk": s.served_disk,
+            "served_from_upstream": s.served_remote,
+            "fetched_upstream": s.fetched,
+            "inflight_fetches": metric_sum(metrics.INFLIGHT_FETCHES),
+        },
+        "upstreams": upstreams,
+        "other_sources": others,
+        "history": intervals,
+    }
+
+
+async def overview(request: web.Request) -> web.Response:
+    data = await overview_data(request)
+    store = data["store"]
+    used_of = store["limit"] or store["filesystem"] or 1
+    return render(
+        request,
+        "overview.html",
+        d=data,
+        used_pct=min(100.0, 100.0 * store["used"] / used_of) if used_of else 0.0,
+        chart=chart(data["history"], data["time"]),
+    )
+
+
+async def api_overview(request: web.Request) -> web.Response:
+    return json_response(await overview_data(request))

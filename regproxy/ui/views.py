@@ -1,0 +1,254 @@
+"""Projects, repositories, a repository's tags and a manifest: as pages and as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+from aiohttp import web
+
+from regproxy.errors import OCIError
+from regproxy.oci import INDEX_TYPES, Digest, is_digest_reference, parse_manifest
+from regproxy.registry import Registry
+from regproxy.ui import queries
+from regproxy.ui.base import (
+    PREFIX,
+    json_response,
+    manifest_url,
+    page_args,
+    page_link,
+    registry_of,
+    render,
+    repo_url,
+    resolve,
+    ui_of,
+)
+from regproxy.ui.format import platform_str
+
+
+# --- projects and repositories -------------------------------------------------------------------
+async def projects_page(request: web.Request) -> web.Response:
+    rows = await registry_of(request).index_call(queries.projects, registry_of(request).index)
+    return render(request, "projects.html", projects=rows)
+
+
+async def api_projects(request: web.Request) -> web.Response:
+    rows = await registry_of(request).index_call(queries.projects, registry_of(request).index)
+    return json_response({"projects": [{"name": p, "repositories": n} for p, n in rows]})
+
+
+async def _repositories(request: web.Request) -> dict[str, Any]:
+    registry = registry_of(request)
+    await registry.flush_access()  # last pulled: what was served until now
+    page, per = page_args(request)
+    q = request.query.get("q", "").strip()[:200] or None
+    project = request.query.get("project", "").strip()[:200] or None
+    rows, total = await registry.index_call(
+        queries.repositories,
+        registry.index,
+        project=project,
+        q=q,
+        limit=per,
+        offset=(page - 1) * per,
+    )
+    return {
+        "q": q or "",
+        "project_filter": project or "",
+        "page": page,
+        "per_page": per,
+        "pages": max(1, math.ceil(total / per)),
+        "total": total,
+        "rows": rows,
+    }
+
+
+async def repositories_page(request: web.Request) -> web.Response:
+    data = await _repositories(request)
+    return render(
+        request,
+        "repositories.html",
+        r=data,
+        prev_url=page_link(request, data["page"] - 1) if data["page"] > 1 else None,
+        next_url=page_link(request, data["page"] + 1) if data["page"] < data["pages"] else None,
+        repo_url=repo_url,
+    )
+
+
+async def api_repositories(request: web.Request) -> web.Response:
+    data = await _repositories(request)
+    data["repositories"] = [r.to_json() for r in data.pop("rows")]
+    data.pop("project_filter")
+    data["project"] = request.query.get("project") or None
+    return json_response(data)
+
+
+# --- a repository's tags -----------------------------------------------------------------------------
+async def _read_manifest(registry: Registry, digest: str) -> bytes | None:
+    """A manifest's own bytes by digest (one file, never a scan); None when it is gone."""
+    try:
+        d = Digest.parse(digest)
+        return await asyncio.get_running_loop().run_in_executor(None, registry.store.read, d)
+    except (OCIError, OSError):
+        return None
+
+
+async def _platforms(registry: Registry, digest: str, media_type: str) -> list[str]:
+    if media_type not in INDEX_TYPES:
+        return []
+    body = await _read_manifest(registry, digest)
+    if body is None:
+        return []
+    try:
+        parsed = parse_manifest(body, media_type)
+    except OCIError:
+        return []
+    return [platform_str(m.platform) for m in parsed.manifests if m.platform]
+
+
+async def _tags(request: web.Request, name: str) -> dict[str, Any]:
+    ui = ui_of(request)
+    registry = registry_of(request)
+    await registry.flush_access()  # last pulled: what was served until now
+    repo = resolve(request, name)
+    info = await registry.index_call(queries.repository, registry.index, repo.canonical)
+    if info is None:
+        raise web.HTTPNotFound(text=f"no repository {repo.canonical}")
+    page, per = page_args(request)
+    tags, total = await registry.index_call(
+        queries.repo_tags, registry.index, repo.canonical, limit=per, offset=(page - 1) * per
+    )
+    other = await registry.index_call(queries.untagged, registry.index, repo.canonical, limit=100)
+    now = time.time()
+    for row in (*tags, *other):
+        row.platforms.extend(await _platforms(registry, row.digest, row.media_type))
+    if not repo.is_local:
+        for row in tags:
+            row.stale = row.checked is not None and now - row.checked > ui.config.tag_ttl
+    return {
+        "repository": info,
+        "upstream": repo.host,
+        "page": page,
+        "per_page": per,
+        "pages": max(1, math.ceil(total / per)),
+        "total": total,
+        "tags": tags,
+        "untagged": other,
+        "tag_ttl": ui.config.tag_ttl,
+    }
+
+
+async def repository_page(request: web.Request) -> web.Response:
+    data = await _tags(request, request.match_info["name"])
+    return render(
+        request,
+        "repository.html",
+        r=data,
+        manifest_url=manifest_url,
+        prev_url=page_link(request, data["page"] - 1) if data["page"] > 1 else None,
+        next_url=page_link(request, data["page"] + 1) if data["page"] < data["pages"] else None,
+    )
+
+
+async def api_tags(request: web.Request) -> web.Response:
+    data = await _tags(request, request.match_info["name"])
+    return json_response(
+        {
+            "repository": data["repository"].to_json(),
+            "page": data["page"],
+            "per_page": data["per_page"],
+            "pages": data["pages"],
+            "total": data["total"],
+            "tags": [t.to_json() for t in data["tags"]],
+            "untagged": [t.to_json() for t in data["untagged"]],
+        }
+    )
+
+
+# --- a manifest ------------------------------------------------------------------------------------------
+async def _manifest(request: web.Request) -> dict[str, Any]:
+    name, at, digest = request.match_info["ref"].rpartition("@")
+    if not at or not is_digest_reference(digest):
+        raise web.HTTPNotFound(text="name@digest expected")
+    registry = registry_of(request)
+    repo = resolve(request, name)
+    info = await registry.index_call(queries.manifest_info, registry.index, repo.canonical, digest)
+    if info is None:
+        raise web.HTTPNotFound(text=f"{repo.canonical}@{digest} is not in the store")
+    body = await _read_manifest(registry, digest)
+    platforms: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
+    config: dict[str, Any] | None = None
+    if body is not None:
+        try:
+            parsed = parse_manifest(body, info.media_type)
+        except OCIError:
+            parsed = None
+        if parsed is not None:
+            for m in parsed.manifests:
+                platforms.append(
+                    {
+                        "platform": platform_str(m.platform) if m.platform else None,
+                        "digest": str(m.digest),
+                        "media_type": m.media_type,
+                        "size": m.size,
+                        "held": str(m.digest) in info.children_held,
+                    }
+                )
+            for i, b in enumerate(parsed.blobs):
+                entry = {
+                    "digest": str(b.digest),
+                    "media_type": b.media_type,
+                    "size": b.size,
+                    "held": info.blob_sizes.get(str(b.digest)) is not None,
+                }
+                if i == 0 and not parsed.is_index and "config" in b.media_type:
+                    config = entry
+                else:
+                    layers.append(entry)
+    return {
+        "repository": repo.canonical,
+        "digest": digest,
+        "media_type": info.media_type,
+        "artifact_type": info.artifact_type,
+        "size": info.size,
+        "total_size": info.total_size,
+        "subject": info.subject,
+        "annotations": info.annotations or {},
+        "cached": info.cached,
+        "last_pulled": info.last_access,
+        "pinned": info.pinned,
+        "tags": info.tags,
+        "platforms": platforms,
+        "config": config,
+        "layers": layers,
+        "referrers": [
+            {"digest": d, "media_type": mt, "artifact_type": at_, "size": sz}
+            for d, mt, at_, sz in info.referrers
+        ],
+    }
+
+
+async def manifest_page(request: web.Request) -> web.Response:
+    data = await _manifest(request)
+    return render(request, "manifest.html", m=data, manifest_url=manifest_url, repo_url=repo_url)
+
+
+async def api_manifest(request: web.Request) -> web.Response:
+    return json_response(await _manifest(request))
+
+
+# --- the rest ----------------------------------------------------------------------------------------
+async def static(request: web.Request) -> web.Response:
+    item = ui_of(request).static.get(request.match_info["file"])
+    if item is None:
+        raise web.HTTPNotFound()
+    resp = web.Response(body=item[0], content_type=item[1])
+    resp.headers["Cache-Control"] = "max-age=3600"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    return resp
+
+
+async def to_overview(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound(f"{PREFIX}/")
