@@ -350,9 +350,12 @@ class Evictor:
         limit = storage.max_size.resolve(total) if storage.max_size else None
         floor = storage.min_free.resolve(total) if storage.min_free else 0
         need = max(0, store_bytes - limit if limit is not None else 0, floor - free)
+        metrics.STORE_LIMIT_BYTES.set(limit or 0)
+        metrics.STORE_FS_FREE_BYTES.set(free)
         if full or need:
             metrics.PINNED_BYTES.set(await reg.index_call(index.pinned_bytes))
         if need <= 0:
+            metrics.EVICT_SHORT_BYTES.set(0)
             return None
         await reg.flush_access()
         p = await reg.index_call(
@@ -374,6 +377,7 @@ class Evictor:
         metrics.EVICTED_BYTES.inc(p.freed)
         metrics.STORE_BYTES.set(max(0, store_bytes - p.freed))
         metrics.PINNED_BYTES.set(p.pinned_bytes)
+        metrics.EVICT_SHORT_BYTES.set(p.short)
         now = time.monotonic()
         if p.freed == 0 and now - self._stuck_logged < STUCK_LOG_SECONDS:
             return p  # nothing may go yet (pinned, in use, recent): say so once a minute

@@ -31,6 +31,7 @@ log = logging.getLogger("regproxy.health")
 
 CHECK_TIMEOUT: Final = 5.0  # a disk or index that takes longer than this is not ready
 SAMPLE_SECONDS: Final = 5.0  # how often upstream metrics are read into the last known state
+READY_EVERY: Final = 6  # samples between readiness checks for ``regproxy_ready`` (30s)
 #: error kinds that mean the host did not answer at all (others: it answered, with an error)
 UNREACHABLE_KINDS: Final = frozenset({"connect", "timeout"})
 
@@ -165,6 +166,7 @@ class Health:
             **(extra or {}),
         }
         ready = all(checks.values())
+        metrics.READY.set(1 if store_err is None and index_err is None and not self.draining else 0)
         body: dict[str, Any] = {"ready": ready, "checks": checks}
         errors = {
             k: v
@@ -195,6 +197,16 @@ class Health:
         self.draining = True
 
     async def _sampler(self) -> None:
+        """Upstream state every SAMPLE_SECONDS; readiness (``regproxy_ready``) every READY_EVERY
+        samples, so a host that nothing probes still reports it to Prometheus."""
+        n = 0
         while True:
+            try:
+                if n % READY_EVERY == 0:
+                    await self.check()
+                else:
+                    self.upstreams.sample()
+            except Exception:  # the sampler must outlive any one failed check
+                log.exception("health.sample_failed")
+            n += 1
             await asyncio.sleep(SAMPLE_SECONDS)
-            self.upstreams.sample()

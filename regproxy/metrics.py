@@ -78,6 +78,28 @@ PINNED_BYTES: Final = Gauge(
 EVICTED_BYTES: Final = Counter(
     "regproxy_evicted_bytes_total", "Bytes removed by eviction", registry=REGISTRY
 )
+STORE_LIMIT_BYTES: Final = Gauge(
+    "regproxy_store_limit_bytes",
+    "storage.max_size in bytes (a percentage resolved on the store's filesystem); 0: no limit",
+    registry=REGISTRY,
+)
+STORE_FS_FREE_BYTES: Final = Gauge(
+    "regproxy_store_filesystem_free_bytes",
+    "Free bytes on the store's filesystem at the last eviction check",
+    registry=REGISTRY,
+)
+EVICT_SHORT_BYTES: Final = Gauge(
+    "regproxy_evict_short_bytes",
+    "Bytes still over storage.max_size (or under storage.min_free) after the last eviction "
+    "check, because nothing more was evictable (pinned, in use); 0 when within the limits",
+    registry=REGISTRY,
+)
+READY: Final = Gauge(
+    "regproxy_ready",
+    "1 when the store takes writes, the index answers and the listener is up (checked on "
+    "every /readyz and every 30s), else 0",
+    registry=REGISTRY,
+)
 PEER_REQUESTS: Final = Counter(
     "regproxy_peer_requests_total",
     "Requests to the cluster's peers, by peer and result (hit, miss, error)",

@@ -96,6 +96,9 @@ def test_lru_unpinned_go_pinned_and_recent_stay(
     assert metric(proxy, "regproxy_evicted_bytes_total") >= 2 * LAYER
     assert metric(proxy, "regproxy_pinned_bytes") >= LAYER
     assert metric(proxy, "regproxy_store_bytes") <= 2_800_000
+    assert metric(proxy, "regproxy_store_limit_bytes") == 2_800_000
+    assert metric(proxy, "regproxy_evict_short_bytes") == 0  # what had to go could go
+    assert metric(proxy, "regproxy_store_filesystem_free_bytes") > 0
 
     # every kept image still pulls, from the store (no new upstream blob GETs)
     before = {n: up.requests("GET", f"/blobs/{sha(images[n].layers[0])}") for n in images}

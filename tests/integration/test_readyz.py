@@ -21,6 +21,12 @@ def _readyz(d: Daemon) -> tuple[int, dict[str, Any]]:
     return status, json.loads(body)
 
 
+def _ready_metric(d: Daemon) -> float:
+    _, _, body = http("GET", f"{d.url}/metrics")
+    line = next(x for x in body.decode().splitlines() if x.startswith("regproxy_ready "))
+    return float(line.split()[1])
+
+
 def test_ready_and_not_ready_when_the_store_takes_no_writes(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
@@ -43,11 +49,13 @@ def test_ready_and_not_ready_when_the_store_takes_no_writes(
         assert body["checks"]["store_writable"] is False
         assert body["checks"]["index_open"] is True
         assert "store_writable" in body["errors"]
+        assert _ready_metric(d) == 0  # what the alert on lost readiness reads
     finally:
         tmp.unlink()
         tmp.mkdir()
     status, body = _readyz(d)
     assert status == 200, body
+    assert _ready_metric(d) == 1
     # /healthz stays what it was: alive
     assert http("GET", f"{d.url}/healthz")[0] == 200
 
