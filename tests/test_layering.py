@@ -33,6 +33,13 @@ FORBIDDEN = {
     "upstream": {"api", "app", "cli", "registry", "proxy", "store", "index", "fetch", "ui"},
     # tools and background work over the store: no HTTP layer above them
     "bundle": {"api", "app", "cli", "ui", "admin", "auth", "upstream"},
+    # the importer's parts: staging and docker archives know no registry; export knows no import
+    "bundle_stage": {"api", "app", "cli", "ui", "admin", "auth", "upstream", "registry", "proxy"}
+    | {"fetch", "bundle", "bundle_docker", "bundle_export"},
+    "bundle_docker": {"api", "app", "cli", "ui", "admin", "auth", "upstream", "registry", "proxy"}
+    | {"fetch", "bundle", "bundle_export"},
+    "bundle_export": {"api", "app", "cli", "ui", "admin", "auth", "upstream", "bundle"}
+    | {"bundle_docker"},
     "evict": {"api", "app", "cli", "ui", "admin", "auth", "upstream"},
     "maintenance": {"api", "app", "cli", "ui", "admin", "auth", "upstream", "proxy", "fetch"},
     "prefetch": {"api", "app", "cli", "ui", "admin", "auth", "store", "index"},
