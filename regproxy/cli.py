@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log.level, config.log.format)
     if args.command == "check-config":
         print(config)
+        print(f"policy: enforce {', '.join(config.policy.enforce)}")
+        for i, rule in enumerate(config.policy.rules, 1):
+            print(f"  rule {i}: {rule}")
         return 0
     if args.command == "import":
         return int(run(bundle_cli.run_import(config, args.paths, args.name)))

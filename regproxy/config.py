@@ -241,6 +241,36 @@ class PrefetchConfig:
     required_for_ready: bool = False
 
 
+ENFORCEMENT_POINTS: Final = ("pull-through", "import", "push")
+REQUIREMENTS: Final = ("none", "sigstore")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    """``match`` a glob over ``<upstream>/<path>`` (or a project path); ``require`` none|sigstore."""
+
+    match: str
+    require: str = "none"
+    #: trusted public keys (regproxy.cosign.PublicKey), loaded and checked at start-up
+    keys: tuple[Any, ...] = ()
+
+    def __str__(self) -> str:
+        keys = ", ".join(str(k) for k in self.keys)
+        return f"{self.match} -> {self.require}" + (f" [{keys}]" if keys else "")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """The signature policy: first matching rule wins; no match allows."""
+
+    rules: tuple[PolicyRule, ...] = ()
+    enforce: tuple[str, ...] = ("pull-through",)
+
+    @property
+    def active(self) -> bool:
+        return any(r.require != "none" for r in self.rules)
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "INFO"
@@ -264,6 +294,7 @@ class Config:
     prefetch: PrefetchConfig = PrefetchConfig()
     log: LogConfig = LogConfig()
     shutdown_timeout: float = 30.0
+    policy: PolicyConfig = PolicyConfig()
 
     def upstream_for(self, host: str) -> UpstreamConfig | None:
         """The entry for a host: exact names first, then patterns, then ``*``."""
@@ -328,6 +359,7 @@ _SCHEMA: Final[dict[str, Any]] = {
     },
     "log": {"level": _level, "format": _log_format, "access": _bool},
     "shutdown_timeout": parse_duration,
+    "policy": "POLICY",
 }
 _UPSTREAM_SCHEMA: Final[dict[str, Parser]] = {
     "url": _str,
@@ -357,6 +389,8 @@ def _walk(raw: Any, schema: dict[str, Any], prefix: str, out: dict[str, Any]) ->
         spec = schema[key]
         if spec == "UPSTREAMS":
             out[path] = _upstreams(value)
+        elif spec == "POLICY":
+            out[path] = _policy(value)
         elif isinstance(spec, dict):
             _walk(value, spec, f"{path}.", out)
         else:
@@ -405,14 +439,64 @@ def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
     return tuple(out)
 
 
+def _policy(raw: Any) -> PolicyConfig:
+    """``policy: {rules: [{match, require, keys}], enforce: [...]}``; key files are read here,
+    so an unusable one stops start-up with one line naming it."""
+    if raw is None:
+        return PolicyConfig()
+    if not isinstance(raw, dict):
+        raise ConfigError("policy", "must be a mapping with rules and enforce")
+    for key in raw:
+        if key not in ("rules", "enforce"):
+            raise ConfigError(f"policy.{key}", "unknown key (allowed here: enforce, rules)")
+    enforce = _parse("policy.enforce", _str_list, raw.get("enforce", ["pull-through"]))
+    for point in enforce:
+        if point not in ENFORCEMENT_POINTS:
+            raise ConfigError(
+                "policy.enforce", f"{point!r} is not one of {', '.join(ENFORCEMENT_POINTS)}"
+            )
+    rules_raw = raw.get("rules") or []
+    if not isinstance(rules_raw, list):
+        raise ConfigError("policy.rules", "must be a list of {match, require, keys}")
+    from regproxy.cosign import KeyFileError, load_public_key  # pure; only the policy needs it
+
+    rules = []
+    for i, item in enumerate(rules_raw):
+        where = f"policy.rules[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(where, "must be a mapping of match, require, keys")
+        for key in item:
+            if key not in ("match", "require", "keys"):
+                raise ConfigError(
+                    f"{where}.{key}", "unknown key (allowed here: keys, match, require)"
+                )
+        match = _parse(f"{where}.match", _str, item.get("match"))
+        require = _parse(f"{where}.require", _str, item.get("require", "none")).lower()
+        if require not in REQUIREMENTS:
+            raise ConfigError(f"{where}.require", f"{require!r} is not one of none, sigstore")
+        paths = _parse(f"{where}.keys", _str_list, item.get("keys"))
+        if require == "sigstore" and not paths:
+            raise ConfigError(f"{where}.keys", "require: sigstore needs at least one public key")
+        if require == "none" and paths:
+            raise ConfigError(f"{where}.keys", "keys are only for require: sigstore")
+        keys = []
+        for path in paths:
+            try:
+                keys.append(load_public_key(Path(path).expanduser()))
+            except KeyFileError as exc:
+                raise ConfigError(f"{where}.keys", str(exc)) from None
+        rules.append(PolicyRule(match, require, tuple(keys)))
+    return PolicyConfig(tuple(rules), tuple(dict.fromkeys(enforce)))
+
+
 def _env_overrides(schema: dict[str, Any], prefix: str, env: Mapping[str, str]) -> dict[str, Any]:
-    """``REGPROXY_<SECTION>_<KEY>`` for every leaf key (upstreams are file-only)."""
+    """``REGPROXY_<SECTION>_<KEY>`` for every leaf key (upstreams and policy are file-only)."""
     found: dict[str, Any] = {}
     for key, spec in schema.items():
         path = f"{prefix}{key}"
         if isinstance(spec, dict):
             found.update(_env_overrides(spec, f"{path}.", env))
-        elif spec != "UPSTREAMS":
+        elif spec not in ("UPSTREAMS", "POLICY"):
             name = "REGPROXY_" + path.replace(".", "_").upper()
             if name in env:
                 found[path] = _parse(f"{path} (from {name})", _from_env(spec), env[name])
@@ -505,4 +589,5 @@ def _build(flat: dict[str, Any]) -> Config:
         prefetch=PrefetchConfig(**sub("prefetch.")),
         log=LogConfig(**sub("log.")),
         shutdown_timeout=flat.get("shutdown_timeout", 30.0),
+        policy=flat.get("policy", PolicyConfig()),
     )
