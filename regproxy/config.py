@@ -164,6 +164,23 @@ def _images(v: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+_TARGET_RE: Final = re.compile(
+    r"^(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$|^\[[0-9a-f:.]+\](:\d{1,5})?$"
+)
+
+
+def _target_pattern(v: str) -> str:
+    """An ``allow_redirect_to`` entry: ``host``, ``host:port``, ``*.domain[:port]``, ``[v6]:port``."""
+    t = v.strip().lower()
+    if not _TARGET_RE.match(t):
+        raise ValueError(f"has {v!r}: each entry is host, host:port, *.domain or *.domain:port")
+    return t
+
+
+def _targets(v: Any) -> tuple[str, ...]:
+    return tuple(_target_pattern(t) for t in _str_list(v))
+
+
 # --- dataclasses -------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
@@ -179,6 +196,10 @@ class UpstreamConfig:
     alias: str | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    #: more targets this upstream's requests may reach although their address is not public
+    #: (``host:port``, ``host`` or ``*.domain``, with or without ``:port``): the private object
+    #: storage an on-site registry redirects blob GETs to, a token server on another port
+    allow_redirect_to: tuple[str, ...] = ()
 
     def url_for(self, host: str) -> str:
         """The base URL for a concrete host this entry matched."""
@@ -372,6 +393,7 @@ _UPSTREAM_SCHEMA: Final[dict[str, Parser]] = {
     "alias": _opt_str,
     "connect_timeout": parse_duration,
     "read_timeout": parse_duration,
+    "allow_redirect_to": _targets,
 }
 _HOST_PATTERN_RE: Final = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?)$")
 

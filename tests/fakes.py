@@ -9,6 +9,7 @@ import hashlib
 import re
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +25,9 @@ class BlobFault:
     cut_at: int | None = None  # close the connection after this many bytes (once per request)
     cuts: int = 1  # how many requests get cut
     corrupt: bool = False  # flip one byte in the middle
-    delay: float = 0.0  # seconds between 64 KiB chunks
+    delay: float = 0.0  # seconds between chunks
     honor_range: bool = True
+    step: int = 64 * 1024  # chunk size (1 with a delay: a dripping upstream)
 
 
 @dataclass
@@ -34,6 +36,12 @@ class FakeUpstream:
     manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
     blob_faults: dict[str, BlobFault] = field(default_factory=dict)
     manifest_status: int | None = None  # answer every manifest request with this status
+    #: digest -> Location: blob GETs (and HEADs) answered with a 307 there
+    blob_redirects: dict[str, str] = field(default_factory=dict)
+    #: answers tags/list instead of the default handler (request, repository)
+    tags_handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]] | None = None
+    #: extra headers on every manifest answer (rate-limit headers, Retry-After)
+    manifest_headers: dict[str, str] = field(default_factory=dict)
     token_ttl: float | None = None  # require Bearer tokens living this long
     connections: int = 0
     requests: Counter[str] = field(default_factory=Counter)
@@ -134,6 +142,8 @@ class FakeUpstream:
         m = re.match(r"^(.+)/(manifests|blobs)/([^/]+)$", path)
         if m is None:
             tl = re.match(r"^(.+)/tags/list$", path)
+            if tl and self.tags_handler is not None:
+                return await self.tags_handler(request, tl.group(1))
             if tl:
                 tags = sorted({t for (r, t) in self.manifests if r == tl.group(1) and ":" not in t})
                 return web.json_response({"name": tl.group(1), "tags": tags})
@@ -143,16 +153,22 @@ class FakeUpstream:
             return self._challenge(f"repository:{repo}:pull")
         if kind == "manifests":
             if self.manifest_status is not None:
-                return web.Response(status=self.manifest_status)
+                return web.Response(status=self.manifest_status, headers=self.manifest_headers)
             item = self.manifests.get((repo, ref))
             if item is None:
                 return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
             body, mt = item
-            headers = {"Docker-Content-Digest": digest_of(body), "Content-Type": mt}
+            headers = {
+                "Docker-Content-Digest": digest_of(body),
+                "Content-Type": mt,
+                **self.manifest_headers,
+            }
             if request.method == "HEAD":
                 headers["Content-Length"] = str(len(body))
                 return web.Response(headers=headers)
             return web.Response(body=body, headers=headers)
+        if ref in self.blob_redirects:
+            raise web.HTTPTemporaryRedirect(self.blob_redirects[ref])
         data = self.blobs.get(ref)
         if data is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
@@ -182,7 +198,7 @@ class FakeUpstream:
             fault.cuts -= 1
             cut = max(fault.cut_at - start, 0)
         sent = 0
-        step = 64 * 1024
+        step = fault.step
         while sent < len(body):
             chunk = body[sent : sent + step]
             if cut is not None and sent + len(chunk) > cut:

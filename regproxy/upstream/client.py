@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import re
@@ -33,7 +32,6 @@ from typing import Any, Final, TypeVar
 
 import aiohttp
 from aiohttp import hdrs
-from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from regproxy import __version__, metrics
@@ -48,6 +46,7 @@ from regproxy.upstream.auth import (
     normalize_registry_host,
     parse_www_authenticate,
 )
+from regproxy.upstream.guard import AddressGuard, AddressRefused, GuardedResolver
 
 log = logging.getLogger("regproxy.upstream")
 
@@ -143,37 +142,6 @@ class _Base:
         self.tokens = TokenCache()
 
 
-class _PublicResolver(AbstractResolver):
-    """Resolves like aiohttp, then refuses any name with a non-public address (the ``*`` entry)."""
-
-    def __init__(self, allowed_hosts: frozenset[str]) -> None:
-        self._inner = aiohttp.ThreadedResolver()
-        self._allowed = allowed_hosts
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        if host.rstrip(".").lower() not in self._allowed:
-            for r in results:
-                if not _is_public(r["host"]):
-                    raise OSError(f"{host} resolves to a non-public address ({r['host']})")
-        return results
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-def _is_public(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
 def _ssl_context(config: UpstreamConfig) -> ssl.SSLContext | bool:
     if not config.tls_verify:
         return False
@@ -220,8 +188,10 @@ class UpstreamClient:
         upstream = _Base(upstream_url, Credentials.from_config(config, host), is_mirror=False)
         upstream.label = host
         self._bases: tuple[_Base, ...] = (*mirrors, upstream)
-        #: mirror hosts are the admin's own choice: the public-only rule is for the named host
-        self._trusted_hosts = frozenset((b.url.host or "").lower() for b in mirrors)
+        # every hop is checked; the config names the mirrors and, unless this is the '*'
+        # entry (any host a client names), the upstream itself
+        named = [b.url for b in mirrors] + ([] if public_only else [upstream.url])
+        self.guard = AddressGuard(named, config.allow_redirect_to, https_only=public_only)
         #: sent with every request (peers mark their requests with these)
         self.extra_headers = dict(extra_headers or {})
         self._timeout = aiohttp.ClientTimeout(
@@ -246,14 +216,11 @@ class UpstreamClient:
         return self._session
 
     def _make_session(self) -> aiohttp.ClientSession:
-        resolver: AbstractResolver | None = (
-            _PublicResolver(self._trusted_hosts) if self.public_only else None
-        )
         connector = aiohttp.TCPConnector(
             ssl=_ssl_context(self.config),
             limit=0,
             limit_per_host=LIMIT_PER_HOST,
-            resolver=resolver,
+            resolver=GuardedResolver(self.guard),
             ttl_dns_cache=60,
         )
         return aiohttp.ClientSession(
@@ -523,37 +490,34 @@ class UpstreamClient:
         return resp
 
     async def _check_target(self, base: _Base, url: URL) -> None:
-        """The ``*`` entry reaches public HTTPS hosts only.
+        """The address guard (regproxy.upstream.guard) for one hop, before it is sent.
 
-        IP literals are checked here (aiohttp does not resolve them); names are checked by our
-        session's :class:`_PublicResolver` on every connect, or here with a lookup of our own
-        when the session was given to us (weaker: the name could resolve differently later).
+        IP literals and schemes are checked here; names by our session's resolver on every
+        connect, or here with a lookup of our own when the session was given to us (weaker:
+        the name could resolve differently later; only peers share a session).
         """
-        host = (url.host or "").lower()
-        if not self.public_only or host in self._trusted_hosts:
-            return
-        if url.scheme != "https":
-            raise self._denied(base, f"{url.scheme}:// to {host} (a '*' upstream is https only)")
-        try:
-            ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
-        except ValueError:
-            pass
-        else:
-            if not _is_public(host.strip("[]")):
-                raise self._denied(base, f"{host} is not a public address")
-            return
-        if self._own_session:
+        reason = self.guard.refusal(url)
+        if reason is not None:
+            raise self._denied(base, f"{url.scheme}://{url.host_port_subcomponent}", reason)
+        host = url.host or ""
+        port = url.port or 0
+        if self._own_session or self.guard.trusted(host, port):
             return
         with self._io_errors(base, f"resolve {host}"):
             infos = await asyncio.get_running_loop().getaddrinfo(
-                host, url.port or 443, type=socket.SOCK_STREAM
+                host, port, type=socket.SOCK_STREAM
             )
-        for info in infos:
-            address = str(info[4][0])
-            if not _is_public(address):
-                raise self._denied(base, f"{host} resolves to a non-public address ({address})")
+            self.guard.vet_infos(host, port, (str(i[4][0]) for i in infos))
 
-    def _denied(self, base: _Base, detail: str) -> UpstreamError:
+    def _denied(self, base: _Base, target: str, detail: str) -> UpstreamError:
+        """A hop the address guard refused: logged, counted (kind=denied), never sent."""
+        log.warning(
+            "upstream.refused host=%s source=%s target=%s reason=%s",
+            self.name,
+            base.source,
+            mask_credentials(target),
+            detail,
+        )
         return self._fail(base, UpstreamError(base.label, f"refused: {detail}", kind="denied"))
 
     @contextlib.contextmanager
@@ -566,6 +530,9 @@ class UpstreamClient:
         except TimeoutError as exc:
             raise self._fail(base, UpstreamTimeout(base.label, f"{what}: timed out")) from exc
         except (aiohttp.ClientError, OSError) as exc:
+            refused = _refusal_of(exc)
+            if refused is not None:
+                raise self._denied(base, what, str(refused)) from exc
             detail = mask_credentials(str(exc) or type(exc).__name__)
             raise self._fail(
                 base, UpstreamError(base.label, f"{what}: {detail}", kind="connect")
@@ -698,6 +665,18 @@ class UpstreamClient:
             "upstream.token host=%s realm=%s scope=%s", self.name, url.with_query(None), scope
         )
         return doc
+
+
+def _refusal_of(exc: BaseException) -> AddressRefused | None:
+    """The guard's refusal behind an aiohttp connect error (our resolver raised it)."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, AddressRefused):
+            return seen
+        seen = getattr(seen, "os_error", None) or seen.__cause__
+    return None
 
 
 def _scope(repo: str) -> str:
