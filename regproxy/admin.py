@@ -11,9 +11,10 @@ from typing import Final
 
 from aiohttp import web
 
-from regproxy.api import REGISTRY_KEY, RESOLVER_KEY, error_response
 from regproxy.bundle import BundleError, Importer
 from regproxy.errors import OCIError
+from regproxy.web_errors import error_response
+from regproxy.web_keys import REGISTRY_KEY, RESOLVER_KEY
 
 log = logging.getLogger("regproxy.admin")
 IMPORT_PATH: Final = "/admin/import"

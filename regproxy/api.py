@@ -5,7 +5,6 @@ Endpoints end-1 ... end-13 of https://github.com/opencontainers/distribution-spe
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -31,15 +30,17 @@ from regproxy.errors import (
     Unsupported,
     UpstreamError,
 )
+from regproxy.headers import API_VERSION, CONTENT_DIGEST, PEER_HEADER
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MAX_MANIFEST_BYTES, OCI_INDEX, Digest, is_digest_reference, validate_tag
 from regproxy.registry import LOCAL_ONLY, NOTES, Blob, Registry, check_range
+from regproxy.web_errors import NotFound
+from regproxy.web_keys import REGISTRY_KEY, RESOLVER_KEY
+from regproxy.web_keys import notes as _notes
 
 log = logging.getLogger("regproxy.api")
 access_log = logging.getLogger("regproxy.access")
 
-API_VERSION: Final = {"Docker-Distribution-API-Version": "registry/2.0"}
-CONTENT_DIGEST: Final = "Docker-Content-Digest"
 _ROUTES: Final = [
     ("upload", re.compile(r"^(?P<name>.+)/blobs/uploads/(?P<uid>[^/]*)$")),
     ("blob", re.compile(r"^(?P<name>.+)/blobs/(?P<digest>[^/]+)$")),
@@ -51,11 +52,6 @@ _RANGE_RE: Final = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CONTENT_RANGE_RE: Final = re.compile(r"^(?:bytes )?(\d+)-(\d+)$")
 CHUNK: Final = 256 * 1024
 
-#: marks a request from a cluster peer (see regproxy.peers, which sends it)
-PEER_HEADER: Final = "Regproxy-Peer"
-REGISTRY_KEY: Final = web.AppKey("registry", Registry)
-RESOLVER_KEY: Final = web.AppKey("resolver", NameResolver)
-
 
 class PaginationInvalid(OCIError):
     code, http_status, message = (
@@ -63,61 +59,6 @@ class PaginationInvalid(OCIError):
         400,
         "invalid number of results requested",
     )
-
-
-def error_response(exc: OCIError, request: web.Request | None = None) -> web.Response:
-    headers = dict(API_VERSION)
-    if isinstance(exc, RangeNotSatisfiable):
-        if exc.size is not None:
-            headers["Content-Range"] = f"bytes */{exc.size}"
-        else:
-            headers["Range"] = f"0-{max(exc.offset - 1, 0)}"
-    body = json.dumps({"errors": [exc.to_json()]}).encode()
-    return web.Response(
-        status=exc.http_status, body=body, content_type="application/json", headers=headers
-    )
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except OCIError as exc:
-        _notes(request)["error"] = exc.code
-        if exc.http_status >= 500:
-            log.warning("request.failed path=%s error=%s", request.path, exc)
-        return error_response(exc, request)
-    except web.HTTPException as exc:
-        if exc.status == 404 and request.path.startswith("/v2"):
-            return error_response(_NotFound(request.path))
-        if exc.status == 405 and request.path.startswith("/v2"):
-            return error_response(Unsupported(f"{request.method} {request.path}"))
-        raise
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
-    except Exception:
-        log.exception("request.crashed method=%s path=%s", request.method, request.path)
-        _notes(request)["error"] = "internal"
-        return error_response(_Internal("internal error; see the regproxy log"))
-
-
-class _Internal(OCIError):
-    code, http_status, message = "UNKNOWN", 500, "internal server error"
-
-
-class _NotFound(OCIError):
-    code, http_status, message = "NOT_FOUND", 404, "no such endpoint"
-
-
-def _notes(request: web.BaseRequest) -> dict[str, str]:
-    """Facts about this request for its access-log line (route, repo, cache, upstream, error)."""
-    notes: dict[str, str] | None = request.get("notes")
-    if notes is None:
-        notes = {}
-        request["notes"] = notes
-    return notes
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -233,7 +174,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             raise Unsupported(f"{request.method} is not allowed on {kind}")
         return await handler(request, **{k: unquote(v) for k, v in m.groupdict().items()})
     notes["route"] = "unknown"
-    raise _NotFound(request.path)
+    raise NotFound(request.path)
 
 
 # --- blobs -----------------------------------------------------------------------------------------
@@ -614,4 +555,4 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
-__all__: list[str] = ["AccessLogger", "add_routes", "error_middleware"]
+__all__: list[str] = ["AccessLogger", "add_routes"]

@@ -20,27 +20,31 @@ from regproxy import admin, api, auth, metrics, ui
 from regproxy.config import Config
 from regproxy.errors import ConfigError
 from regproxy.evict import Evictor
+from regproxy.headers import INSTANCE_HEADER
 from regproxy.health import Health
 from regproxy.names import NameResolver
-from regproxy.peers import INSTANCE_HEADER, Peers
+from regproxy.peers import Peers
 from regproxy.prefetch import Prefetcher
 from regproxy.proxy import ProxyRegistry, build_registry
 from regproxy.tls import ServerTLS
 from regproxy.tls import reload_all as reload_tls
+from regproxy.web_errors import error_middleware
+from regproxy.web_keys import (
+    CONFIG_KEY,
+    HEALTH_KEY,
+    INSTANCE_KEY,
+    PREFETCH_KEY,
+    REGISTRY_KEY,
+    RESOLVER_KEY,
+)
 
 log = logging.getLogger("regproxy")
-CONFIG_KEY: Final = web.AppKey("config", Config)
-INSTANCE_KEY: Final = web.AppKey("instance", str)
-HEALTH_KEY: Final = web.AppKey("health", Health)
-#: the prefetcher; ``app[PREFETCH_KEY].prefetch_done`` is what /readyz consults when
-#: ``prefetch.required_for_ready`` is true (True at once when prefetch.images is empty)
-PREFETCH_KEY: Final = web.AppKey("prefetch", Prefetcher)
 HOUSEKEEPING_SECONDS: Final = 10.0
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 async def _housekeeping(app: web.Application) -> None:
-    registry = app[api.REGISTRY_KEY]
+    registry = app[REGISTRY_KEY]
     config = app[CONFIG_KEY]
     while True:
         await asyncio.sleep(HOUSEKEEPING_SECONDS)
@@ -52,7 +56,7 @@ async def _housekeeping(app: web.Application) -> None:
 
 
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
-    registry = app[api.REGISTRY_KEY]
+    registry = app[REGISTRY_KEY]
     await registry.open()
     if isinstance(registry, ProxyRegistry):
         registry.peers = Peers(app[CONFIG_KEY], app[INSTANCE_KEY])
@@ -67,7 +71,7 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _evict_ctx(app: web.Application) -> AsyncIterator[None]:
     """Keep the store under storage.max_size and above min_free (regproxy.evict)."""
-    evictor = Evictor(app[api.REGISTRY_KEY], app[CONFIG_KEY])
+    evictor = Evictor(app[REGISTRY_KEY], app[CONFIG_KEY])
     evictor.start()
     yield
     await evictor.stop()
@@ -115,18 +119,16 @@ def _access_logger(config: Config) -> logging.Logger:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[api.error_middleware], client_max_size=8 * 1024 * 1024)
+    app = web.Application(middlewares=[error_middleware], client_max_size=8 * 1024 * 1024)
     app[CONFIG_KEY] = config
     app[INSTANCE_KEY] = uuid.uuid4().hex
-    app[api.REGISTRY_KEY] = build_registry(config)
-    app[api.RESOLVER_KEY] = NameResolver(config)
+    app[REGISTRY_KEY] = build_registry(config)
+    app[RESOLVER_KEY] = NameResolver(config)
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(_evict_ctx)  # stops before the registry closes
-    auth.setup(app, config.auth)  # after api.error_middleware: refusals are OCI errors
+    auth.setup(app, config.auth)  # after error_middleware: refusals are OCI errors
     try:
-        app[PREFETCH_KEY] = Prefetcher(
-            app[api.REGISTRY_KEY], app[api.RESOLVER_KEY], config.prefetch
-        )
+        app[PREFETCH_KEY] = Prefetcher(app[REGISTRY_KEY], app[RESOLVER_KEY], config.prefetch)
     except ValueError as exc:
         raise ConfigError("prefetch.platforms", str(exc)) from None
     app.cleanup_ctx.append(_prefetch_ctx)
@@ -135,7 +137,7 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(_instance_header)
     app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
-    app[HEALTH_KEY] = Health(app[api.REGISTRY_KEY], config)
+    app[HEALTH_KEY] = Health(app[REGISTRY_KEY], config)
     app.cleanup_ctx.append(app[HEALTH_KEY].lifespan)
     ui.setup(app, config, app[HEALTH_KEY])  # the web page at /ui (sessions for auth's rules)
     app.on_shutdown.append(app[HEALTH_KEY].on_shutdown)

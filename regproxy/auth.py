@@ -57,9 +57,9 @@ import bcrypt
 from aiohttp import BasicAuth, hdrs, web
 
 from regproxy import metrics
-from regproxy.api import error_response
 from regproxy.config import AuthConfig
 from regproxy.errors import Denied, OCIError, Unauthorized
+from regproxy.web_errors import error_response
 
 log = logging.getLogger("regproxy.auth")
 

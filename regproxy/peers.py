@@ -23,12 +23,12 @@ from regproxy import metrics
 from regproxy.config import Config, UpstreamConfig
 from regproxy.errors import BlobUnknown, UpstreamError
 from regproxy.fetch import Source, Stream
+from regproxy.headers import INSTANCE_HEADER, PEER_HEADER
 from regproxy.oci import Digest
 from regproxy.upstream import ManifestGet, UpstreamClient
+from regproxy.upstream.session import shared_session
 
 log = logging.getLogger("regproxy.peers")
-PEER_HEADER: Final = "Regproxy-Peer"
-INSTANCE_HEADER: Final = "Regproxy-Instance"
 BACKOFF_SECONDS: Final = 30.0
 T = TypeVar("T")
 
@@ -73,12 +73,7 @@ class Peers:
     async def start(self) -> None:
         if not self.enabled:
             return
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=16),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
+        self._session = shared_session(limit_per_host=16)
         await self.refresh()
         self._task = asyncio.create_task(self._refresh_loop())
 

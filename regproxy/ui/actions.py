@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from aiohttp import BodyPartReader, web
 
 from regproxy import pins
-from regproxy.api import RESOLVER_KEY
 from regproxy.bundle import BundleError, Importer
 from regproxy.errors import OCIError
 from regproxy.oci import is_digest_reference
@@ -24,6 +23,7 @@ from regproxy.ui.base import (
     ui_of,
     wants_json,
 )
+from regproxy.web_keys import RESOLVER_KEY
 
 log = logging.getLogger("regproxy.ui")
 

@@ -14,7 +14,6 @@ import jinja2
 from aiohttp import web
 
 from regproxy import auth
-from regproxy.api import REGISTRY_KEY, RESOLVER_KEY
 from regproxy.config import Config
 from regproxy.errors import OCIError
 from regproxy.health import Health
@@ -23,6 +22,7 @@ from regproxy.registry import Registry
 from regproxy.ui.format import ago, human_bytes, iso, kind, short_digest
 from regproxy.ui.history import History
 from regproxy.ui.sessions import Session, Sessions
+from regproxy.web_keys import REGISTRY_KEY, RESOLVER_KEY
 
 log = logging.getLogger("regproxy.ui")
 

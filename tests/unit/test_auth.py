@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from regproxy import api, auth, metrics
+from regproxy import auth, metrics, web_errors
 from regproxy.auth import UserDB, parse_htpasswd, verify_password
 from regproxy.config import AuthConfig
 
@@ -217,7 +217,7 @@ async def _ok(request: web.Request) -> web.Response:
 
 
 def _app(config: AuthConfig, sleeps: Sleeps) -> web.Application:
-    app = web.Application(middlewares=[api.error_middleware])
+    app = web.Application(middlewares=[web_errors.error_middleware])
     auth.setup(app, config)
     app[auth.USERS_KEY] = UserDB(config, sleep=sleeps)
     app.router.add_route("*", "/v2/", _ok)

@@ -1,0 +1,13 @@
+"""HTTP header names and fixed header sets, in one place (as aiohttp's ``hdrs``)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: every /v2/ answer carries it (distribution's clients look for it)
+API_VERSION: Final = {"Docker-Distribution-API-Version": "registry/2.0"}
+CONTENT_DIGEST: Final = "Docker-Content-Digest"
+#: marks a request from a cluster peer: answered from the local store only (regproxy.peers)
+PEER_HEADER: Final = "Regproxy-Peer"
+#: every answer names the instance, so a host recognises itself in a peer list
+INSTANCE_HEADER: Final = "Regproxy-Instance"

@@ -1,0 +1,66 @@
+"""OCI errors rendered once (``{"errors": [...]}``), and the middleware that renders them.
+
+Every HTTP module answers a refusal through :func:`error_response`; an exception that is not an
+:class:`~regproxy.errors.OCIError` becomes a 500 with a logged traceback, never a leaked aiohttp page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from regproxy.errors import OCIError, RangeNotSatisfiable, Unsupported
+from regproxy.headers import API_VERSION
+from regproxy.web_keys import notes
+
+log = logging.getLogger("regproxy.api")
+
+
+class InternalError(OCIError):
+    code, http_status, message = "UNKNOWN", 500, "internal server error"
+
+
+class NotFound(OCIError):
+    code, http_status, message = "NOT_FOUND", 404, "no such endpoint"
+
+
+def error_response(exc: OCIError, request: web.Request | None = None) -> web.Response:
+    headers = dict(API_VERSION)
+    if isinstance(exc, RangeNotSatisfiable):
+        if exc.size is not None:
+            headers["Content-Range"] = f"bytes */{exc.size}"
+        else:
+            headers["Range"] = f"0-{max(exc.offset - 1, 0)}"
+    body = json.dumps({"errors": [exc.to_json()]}).encode()
+    return web.Response(
+        status=exc.http_status, body=body, content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except OCIError as exc:
+        notes(request)["error"] = exc.code
+        if exc.http_status >= 500:
+            log.warning("request.failed path=%s error=%s", request.path, exc)
+        return error_response(exc, request)
+    except web.HTTPException as exc:
+        if exc.status == 404 and request.path.startswith("/v2"):
+            return error_response(NotFound(request.path))
+        if exc.status == 405 and request.path.startswith("/v2"):
+            return error_response(Unsupported(f"{request.method} {request.path}"))
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("request.crashed method=%s path=%s", request.method, request.path)
+        notes(request)["error"] = "internal"
+        return error_response(InternalError("internal error; see the regproxy log"))
