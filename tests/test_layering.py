@@ -44,7 +44,7 @@ LAYERS: dict[str, Layer] = {
     "oci": _layer("oci", "base"),
     # pure signature verification: no internal imports at all
     "signatures": _layer("cosign"),
-    "config": _layer("config", "base oci"),
+    "config": _layer("config", "base oci signatures"),
     "names": _layer("names", "base oci config"),
     # the disk: blobs (store) and metadata (index) know neither each other nor HTTP
     "store": _layer("store", "base oci"),
