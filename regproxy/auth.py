@@ -27,11 +27,21 @@ The rules, for ``/v2``, ``/metrics``, ``/admin`` and ``/ui`` (everything else is
 
 A wrong password is answered after :data:`FAILURE_DELAY` (an ``asyncio.sleep``: the loop goes on
 serving), counted in ``regproxy_login_failures_total`` and logged with the user name and the
-remote address, never the password. bcrypt is slow on purpose, so it runs on a small thread pool of
-its own (guesses cannot starve the executor that the store uses), and a success is remembered for
-:data:`CACHE_TTL` so a pulling containerd does not pay bcrypt per request. The cache holds no
+remote address, never the password. At most :data:`MAX_DELAYED` refusals wait out that delay at
+once; beyond, a refusal is answered at once (the budget below still counts it), so the delay
+cannot be used to pile up waiting requests. bcrypt is slow on purpose, so it runs on a small thread
+pool of its own (guesses cannot starve the executor that the store uses), at most
+:data:`MAX_CHECKS` distinct checks queued or running (beyond: ``429``), and a success is remembered
+for :data:`CACHE_TTL` so a pulling containerd does not pay bcrypt per request. The cache holds no
 password: its keys are HMAC-SHA256 digests under a key made at start-up, over the user, the
 password tried and the stored hash (so a changed or removed user stops matching at once).
+
+Each client address has a budget of refused logins (``auth.login_failures_per_minute``, see
+:mod:`regproxy.login_budget`): once spent, every login from it (registry, web page, its JSON) is
+``429 TOOMANYREQUESTS`` with ``Retry-After`` until the window frees a slot, even with the right
+password, counted in ``regproxy_login_throttled_total``. A password longer than
+:data:`MAX_PASSWORD_BYTES` bytes is refused, never truncated: bcrypt would read only its first 72
+bytes, so any suffix would do.
 
 :func:`check_login` is the one check; the web page calls it for its own login form.
 """
@@ -58,7 +68,8 @@ from aiohttp import BasicAuth, hdrs, web
 
 from regproxy import metrics
 from regproxy.config import AuthConfig
-from regproxy.errors import Denied, OCIError, Unauthorized
+from regproxy.errors import Denied, OCIError, TooManyRequests, Unauthorized
+from regproxy.login_budget import LoginBudget, client_key
 from regproxy.web_errors import error_response
 
 log = logging.getLogger("regproxy.auth")
@@ -70,8 +81,12 @@ CACHE_TTL: Final = 300.0
 CACHE_SIZE: Final = 1024
 #: the htpasswd file is stat()ed at most this often
 RELOAD_CHECK_SECONDS: Final = 1.0
-#: bcrypt uses the first 72 bytes of a password (htpasswd hashed no more); bcrypt>=5 refuses longer
+#: bcrypt reads the first 72 bytes of a password and ignores the rest: a longer one is refused
 MAX_PASSWORD_BYTES: Final = 72
+#: distinct password checks queued or running on the bcrypt threads, for all clients together
+MAX_CHECKS: Final = 64
+#: refusals waiting out FAILURE_DELAY at once; beyond, refusals are answered without the delay
+MAX_DELAYED: Final = 256
 BCRYPT_PREFIXES: Final = ("$2y$", "$2b$", "$2a$")
 BCRYPT_THREADS: Final = 2
 #: the paths this module guards; the rest (/, /healthz, the web page) decide for themselves
@@ -120,8 +135,11 @@ def parse_htpasswd(text: str, source: str = "htpasswd") -> dict[str, bytes]:
 
 
 def verify_password(password: str, hashed: bytes) -> bool:
-    """Blocking bcrypt check (``$2y$``, ``$2b$``, ``$2a$``); a malformed hash never matches."""
-    secret = password.encode("utf-8")[:MAX_PASSWORD_BYTES]
+    """Blocking bcrypt check (``$2y$``, ``$2b$``, ``$2a$``); a malformed hash never matches, and
+    neither does a password longer than bcrypt reads (:data:`MAX_PASSWORD_BYTES`)."""
+    secret = password.encode("utf-8")
+    if len(secret) > MAX_PASSWORD_BYTES:
+        return False
     try:
         return bcrypt.checkpw(secret, hashed)
     except ValueError:
@@ -153,6 +171,8 @@ class UserDB:
         self._cache: OrderedDict[bytes, float] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[bool]] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self.budget = LoginBudget(config.login_failures_per_minute, clock=clock)
+        self._delayed = 0
 
     # --- who exists ------------------------------------------------------------------------------
     @property
@@ -229,9 +249,11 @@ class UserDB:
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
 
-    async def verify(self, user: str, password: str) -> bool:
+    async def verify(self, user: str, password: str, *, client: str | None = None) -> bool:
         """True if the password is the user's; bcrypt runs off the loop, once per attempt at a
-        time (concurrent requests with the same credentials share one check)."""
+        time (concurrent requests with the same credentials share one check). With ``client``,
+        a new check is admitted by that client's budget and its outcome counted there; raises
+        :class:`TooManyRequests` when the budget or the bcrypt queue is full."""
         await self.refresh()
         known = self._users.get(user)
         hashed = known if known is not None else _DUMMY_HASH
@@ -240,33 +262,70 @@ class UserDB:
             return True
         fut = self._inflight.get(key)
         if fut is None:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    BCRYPT_THREADS, thread_name_prefix="regproxy-bcrypt"
-                )
-            loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(self._pool, verify_password, password, hashed)
-            self._inflight[key] = fut
-            fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
+            fut = self._start_check(key, password, hashed, known is not None, client)
         ok = await asyncio.shield(fut) and known is not None
         if ok:
             self._remember(key)
         return ok
 
+    def _start_check(
+        self, key: bytes, password: str, hashed: bytes, known: bool, client: str | None
+    ) -> asyncio.Future[bool]:
+        if len(self._inflight) >= MAX_CHECKS:
+            metrics.LOGIN_THROTTLED.labels("busy").inc()
+            raise TooManyRequests("too many logins are being checked", retry_after=1)
+        if client is not None and (wait := self.budget.admit(client)) is not None:
+            raise self._throttled(client, wait)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(BCRYPT_THREADS, thread_name_prefix="regproxy-bcrypt")
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._pool, verify_password, password, hashed)
+        self._inflight[key] = fut
+
+        def done(f: asyncio.Future[bool]) -> None:
+            self._inflight.pop(key, None)
+            if client is not None:
+                right = not f.cancelled() and f.exception() is None and f.result() and known
+                self.budget.finish(client, failed=not right)
+
+        fut.add_done_callback(done)
+        return fut
+
+    def _throttled(self, client: str, wait: int) -> TooManyRequests:
+        metrics.LOGIN_THROTTLED.labels("budget").inc()
+        return TooManyRequests(
+            f"too many failed logins from {client}: try again in {wait}s", retry_after=wait
+        )
+
     async def login(self, user: str, password: str, *, remote: str | None, via: str) -> bool:
-        """:meth:`verify`, and for a refusal: the count, the log line, the delay."""
-        if await self.verify(user, password):
+        """:meth:`verify` within the client's budget, and for a refusal: the count, the log
+        line, the delay. Raises :class:`TooManyRequests` (with ``retry_after``) when the
+        client's budget is spent, whatever the password."""
+        client = client_key(remote)
+        wait = self.budget.spent(client)
+        if wait is not None:
+            raise self._throttled(client, wait)
+        too_long = len(password.encode("utf-8")) > MAX_PASSWORD_BYTES
+        if too_long:
+            self.budget.refused(client)
+        elif await self.verify(user, password, client=client):
             return True
         metrics.LOGIN_FAILURES.inc()
         known = user in self._users
+        reason = "unknown user" if not known else "wrong password"
         log.warning(
             "auth.login_failed user=%r remote=%s via=%s reason=%s",
             user,
             remote or "-",
             via,
-            "wrong password" if known else "unknown user",
+            f"password longer than {MAX_PASSWORD_BYTES} bytes" if too_long else reason,
         )
-        await self._sleep(self.failure_delay)
+        if self._delayed < MAX_DELAYED:
+            self._delayed += 1
+            try:
+                await self._sleep(self.failure_delay)
+            finally:
+                self._delayed -= 1
         return False
 
     def close(self) -> None:
@@ -295,7 +354,9 @@ async def check_login(
     app: web.Application, user: str, password: str, *, remote: str | None = None
 ) -> bool:
     """The one login check: True for a configured user's right password. A refusal is counted,
-    logged without the password, and answered only after :data:`FAILURE_DELAY`."""
+    logged without the password, and answered only after :data:`FAILURE_DELAY`. Raises
+    :class:`~regproxy.errors.TooManyRequests` (``retry_after``) while the client's budget of
+    refused logins is spent."""
     return await app[USERS_KEY].login(user, password, remote=remote, via="ui")
 
 
@@ -340,7 +401,13 @@ async def _ui_guard(
     if user is None and api and request.method in READ_METHODS:
         creds = _credentials(request)
         if creds is not None:
-            if not await db.login(creds[0], creds[1], remote=request.remote, via="ui-api"):
+            try:
+                ok = await db.login(creds[0], creds[1], remote=request.remote, via="ui-api")
+            except TooManyRequests as exc:
+                return web.json_response(
+                    {"error": str(exc.detail)}, status=429, headers=retry_after(exc)
+                )
+            if not ok:
                 return web.json_response({"error": "wrong user name or password"}, status=401)
             user = creds[0]
     if user is not None:
@@ -387,6 +454,11 @@ def _credentials(request: web.Request) -> tuple[str, str] | None:
     return creds.login, creds.password
 
 
+def retry_after(exc: TooManyRequests) -> dict[str, str]:
+    """The ``Retry-After`` header of a refusal (RFC 9110 10.2.3: seconds)."""
+    return {hdrs.RETRY_AFTER: str(exc.retry_after or 1)}
+
+
 def challenge(request: web.Request, detail: str) -> web.Response:
     """401 with the OCI error body and the Basic challenge clients answer."""
     realm = request.app[USERS_KEY].config.realm.replace("\\", "\\\\").replace('"', '\\"')
@@ -413,7 +485,11 @@ async def auth_middleware(
     creds = _credentials(request)
     if creds is not None:
         user, password = creds
-        if not await db.login(user, password, remote=request.remote, via="registry"):
+        try:
+            ok = await db.login(user, password, remote=request.remote, via="registry")
+        except TooManyRequests as exc:
+            return _refuse(request, exc, retry_after(exc))
+        if not ok:
             return challenge(request, "wrong user name or password")
         _logged_in(request, user)
         if need == "write" and not db.may_change_content(user):
@@ -471,6 +547,7 @@ __all__: list[str] = [
     "check_login",
     "may_change_content",
     "parse_htpasswd",
+    "retry_after",
     "setup",
     "verify_password",
 ]

@@ -147,6 +147,14 @@ def _users(v: Any) -> dict[str, str]:
     return dict(v)
 
 
+def _count(v: Any) -> int:
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return v
+
+
 def _images(v: Any) -> tuple[str, ...]:
     """Plain references, or the ``- image: REF`` entries of a pack's content.images."""
     if v is None:
@@ -242,6 +250,8 @@ class AuthConfig:
     users: Mapping[str, str] = field(default_factory=dict)
     anonymous_pull: bool = True
     realm: str = "regproxy"
+    #: refused logins per client address per minute before 429 (0: no budget)
+    login_failures_per_minute: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +380,7 @@ _SCHEMA: Final[dict[str, Any]] = {
         "users": _users,
         "anonymous_pull": _bool,
         "realm": _str,
+        "login_failures_per_minute": _count,
     },
     "tls": {"cert": _opt_str, "key": _opt_str},
     "prefetch": {
@@ -596,6 +607,9 @@ def _build(flat: dict[str, Any]) -> Config:
     peers = sub("peers.")
     if peers.get("scheme", "http") not in ("http", "https"):
         raise ConfigError("peers.scheme", "must be http or https")
+    if len((peers.get("password") or "").encode()) > 72:
+        # the peers check it with bcrypt, which reads 72 bytes; regproxy refuses longer ones
+        raise ConfigError("peers.password", "is longer than 72 bytes, which no login accepts")
     return Config(
         storage=StorageConfig(root=root, **storage),
         listen_host=host,

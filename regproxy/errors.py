@@ -136,6 +136,10 @@ class Unsupported(OCIError):
 class TooManyRequests(OCIError):
     code, http_status, message = "TOOMANYREQUESTS", 429, "too many requests"
 
+    def __init__(self, detail: Any = None, *, retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after  # seconds, for the Retry-After header
+
 
 class StorageFull(OCIError):
     code, http_status, message = "UNKNOWN", 507, "insufficient storage on the registry host"

@@ -114,6 +114,13 @@ PEER_SERVED: Final = Counter(
 LOGIN_FAILURES: Final = Counter(
     "regproxy_login_failures_total", "Refused logins (registry and web page)", registry=REGISTRY
 )
+LOGIN_THROTTLED: Final = Counter(
+    "regproxy_login_throttled_total",
+    "Logins answered 429 without a password check, by reason (budget: the client's refused "
+    "logins per minute are spent; busy: too many checks queued)",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 PREFETCH_IMAGES: Final = Gauge(
     "regproxy_prefetch_images",

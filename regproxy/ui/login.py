@@ -9,6 +9,7 @@ import secrets
 from aiohttp import web
 
 from regproxy import auth
+from regproxy.errors import TooManyRequests
 from regproxy.ui.base import (
     PREFIX,
     checked,
@@ -68,18 +69,27 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     user = str(form.get("username", ""))[:256]
     password = str(form.get("password", ""))
     target = _safe_next(str(form.get("next", "")))
-    if not user or not await auth.check_login(request.app, user, password, remote=request.remote):
+    error, status, headers = "Wrong user name or password.", 401, {}
+    try:
+        ok = bool(user) and await auth.check_login(
+            request.app, user, password, remote=request.remote
+        )
+    except TooManyRequests as exc:  # this address's budget of refused logins is spent
+        ok, status, headers = False, 429, auth.retry_after(exc)
+        error = f"Too many failed logins from your address: try again in {headers['Retry-After']}s."
+    if not ok:
         fresh = secrets.token_urlsafe(24)
         resp = render(
             request,
             "login.html",
-            status=401,
+            status=status,
             login_token=fresh,
             next=target,
-            error="Wrong user name or password.",
+            error=error,
             users=request.app[auth.USERS_KEY].enabled,
             username=user,
         )
+        resp.headers.update(headers)
         _cookie(resp, request, LOGIN_COOKIE, fresh, 3600)
         return resp
     ui = ui_of(request)
