@@ -13,6 +13,7 @@ from regproxy import __version__, bundle_cli, pins, prefetch
 from regproxy.config import Config, load_config
 from regproxy.errors import ConfigError, ConfigMissing
 from regproxy.log import setup_logging
+from regproxy.schema import IndexVersionError
 
 log = logging.getLogger("regproxy")
 
@@ -89,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"regproxy: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log.level, config.log.format)
+    try:
+        return _command(config, args)
+    except IndexVersionError as exc:  # a store from a newer release: one line, no traceback
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 2
+
+
+def _command(config: Config, args: argparse.Namespace) -> int:
     if args.command == "check-config":
         print(config)
         print(f"policy: enforce {', '.join(config.policy.enforce)}")

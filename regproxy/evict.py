@@ -336,13 +336,12 @@ class Evictor:
     async def check(self, *, full: bool = True) -> Plan | None:
         """One round: measure, and evict when over the limit or under the floor."""
         reg = self.registry
-        index = reg.index
-        version = await reg.index_call(index.data_version)
+        version = await reg.db.write(Index.data_version)
         if self._data_version is not None and version != self._data_version:
             log.info("index.changed_elsewhere dropping cached lookups")
             reg.drop_cached()
         self._data_version = version
-        store_bytes = await reg.index_call(index.store_bytes)
+        store_bytes = await reg.db.read(Index.store_bytes)
         metrics.STORE_BYTES.set(store_bytes)
         loop = asyncio.get_running_loop()
         total, free = await loop.run_in_executor(None, reg.store.disk_usage)
@@ -353,14 +352,13 @@ class Evictor:
         metrics.STORE_LIMIT_BYTES.set(limit or 0)
         metrics.STORE_FS_FREE_BYTES.set(free)
         if full or need:
-            metrics.PINNED_BYTES.set(await reg.index_call(index.pinned_bytes))
+            metrics.PINNED_BYTES.set(await reg.db.read(Index.pinned_bytes))
         if need <= 0:
             metrics.EVICT_SHORT_BYTES.set(0)
             return None
         await reg.flush_access()
-        p = await reg.index_call(
+        p = await reg.db.write(
             evict_in_index,
-            index,
             need,
             in_use=self.in_use,
             loose_age=storage.upload_ttl,

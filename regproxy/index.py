@@ -1,7 +1,9 @@
 """The metadata index: SQLite in WAL mode beside the blobs. Synchronous, one connection.
 
-Callers run every method on one dedicated thread (see ``registry.Registry._db``), never on the
-event loop thread. Start-up, listing, eviction and the UI read this, never the blob tree.
+The daemon never calls it from the event loop: :class:`regproxy.async_index.AsyncIndex` runs
+every method on the index's writer thread, or on a reader thread with a read-only
+:class:`Index` of its own. Start-up, listing, eviction and the UI read this, never the blob
+tree. The schema and its migrations are in :mod:`regproxy.schema`.
 """
 
 from __future__ import annotations
@@ -14,33 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS repos(
-  name TEXT PRIMARY KEY, host TEXT, path TEXT, created REAL NOT NULL, last_access REAL);
-CREATE TABLE IF NOT EXISTS blobs(
-  digest TEXT PRIMARY KEY, size INTEGER NOT NULL, created REAL NOT NULL, last_access REAL);
-CREATE TABLE IF NOT EXISTS repo_blobs(
-  repo TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY(repo, digest)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS repo_blobs_digest ON repo_blobs(digest);
-CREATE TABLE IF NOT EXISTS manifests(
-  digest TEXT PRIMARY KEY, media_type TEXT NOT NULL, size INTEGER NOT NULL,
-  artifact_type TEXT, subject TEXT, annotations TEXT, created REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS manifests_subject ON manifests(subject);
-CREATE TABLE IF NOT EXISTS repo_manifests(
-  repo TEXT NOT NULL, digest TEXT NOT NULL, created REAL NOT NULL, last_access REAL,
-  pinned INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(repo, digest)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS repo_manifests_digest ON repo_manifests(digest);
-CREATE TABLE IF NOT EXISTS manifest_refs(
-  parent TEXT NOT NULL, child TEXT NOT NULL, kind TEXT NOT NULL,
-  PRIMARY KEY(parent, child)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS manifest_refs_child ON manifest_refs(child);
-CREATE TABLE IF NOT EXISTS tags(
-  repo TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL,
-  updated REAL NOT NULL, checked REAL NOT NULL, PRIMARY KEY(repo, tag)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS tags_digest ON tags(repo, digest);
-CREATE TABLE IF NOT EXISTS uploads(
-  uuid TEXT PRIMARY KEY, repo TEXT NOT NULL, started REAL NOT NULL, updated REAL NOT NULL);
-"""
+from regproxy import schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,18 +45,18 @@ class ManifestRecord:
 
 
 class Index:
-    def __init__(self, path: Path) -> None:
+    """One connection to the index. ``readonly``: a reader beside the writer (never migrates,
+    refuses writes)."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
+        self.readonly = readonly
         self._db: sqlite3.Connection | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(SCHEMA)
+            self._db = schema.connect(self.path, readonly=self.readonly)
         return self._db
 
     def open(self) -> None:
@@ -460,15 +436,22 @@ class Index:
 
 
 class _Transaction:
+    """``BEGIN IMMEDIATE`` .. ``COMMIT``; inside a transaction already, it joins that one (so
+    several calls that each write in a transaction can be grouped into one)."""
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+        self.outer = False
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.outer = True
         return self.db
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if self.outer:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
 def _manifest_row(row: Sequence[Any]) -> ManifestRow:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from regproxy.config import Config
 from regproxy.errors import ManifestUnknown, OCIError
-from regproxy.index import PinRow
+from regproxy.index import Index, PinRow
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import INDEX_TYPES
+from regproxy.registry import Registry
 
 
 @dataclass
@@ -50,7 +52,7 @@ class PinnedImage:
         }
 
 
-async def resolve(registry: Any, repo: RepoName, reference: str) -> str:
+async def resolve(registry: Registry, repo: RepoName, reference: str) -> str:
     """The digest a tag or digest names in the local store (pins never fetch)."""
     found = await registry.local_manifest(repo, reference)
     if found is None:
@@ -58,43 +60,46 @@ async def resolve(registry: Any, repo: RepoName, reference: str) -> str:
     return str(found[0].digest)
 
 
-async def _tree(registry: Any, digest: str) -> list[str]:
+async def _tree(registry: Registry, digest: str) -> list[str]:
     """The digest and every manifest under it (an index's children), depth-first."""
     out = [digest]
-    for child in await registry._db(registry.index.manifest_children, digest):
+    for child in await registry.db.read(Index.manifest_children, digest):
         if child not in out:
             out += [d for d in await _tree(registry, child) if d not in out]
     return out
 
 
-async def pin(registry: Any, repo: RepoName, reference: str) -> list[str]:
+async def pin_digests(registry: Registry, repo: RepoName, digests: Sequence[str]) -> int:
+    """Pin these manifests of the repository (prefetch pins what it fetched); rows changed."""
+    return await registry.db.write(Index.pin_manifests, repo.canonical, digests, True)
+
+
+async def pin(registry: Registry, repo: RepoName, reference: str) -> list[str]:
     """Pin a manifest and its children; the digests pinned (held in the repository)."""
     digest = await resolve(registry, repo, reference)
     digests = await _tree(registry, digest)
-    await registry._db(registry.index.pin_manifests, repo.canonical, digests, True)
-    held = await registry._db(registry.index.list_pins, repo.canonical)
+    await registry.db.write(Index.pin_manifests, repo.canonical, digests, True)
+    held = await registry.db.read(Index.list_pins, repo.canonical)
     pinned = {r.digest for r in held}
     return [d for d in digests if d in pinned]
 
 
-async def unpin(registry: Any, repo: RepoName, reference: str) -> list[str]:
+async def unpin(registry: Registry, repo: RepoName, reference: str) -> list[str]:
     """Unpin a manifest, and its children that no other pinned manifest lists; the digests."""
     digest = await resolve(registry, repo, reference)
     out: list[str] = []
-    if await registry._db(registry.index.pin_manifests, repo.canonical, [digest], False):
+    if await registry.db.write(Index.pin_manifests, repo.canonical, [digest], False):
         out.append(digest)
     for child in (await _tree(registry, digest))[1:]:
-        if await registry._db(registry.index.pinned_parents, repo.canonical, child):
+        if await registry.db.read(Index.pinned_parents, repo.canonical, child):
             continue
-        if await registry._db(registry.index.pin_manifests, repo.canonical, [child], False):
+        if await registry.db.write(Index.pin_manifests, repo.canonical, [child], False):
             out.append(child)
     return out
 
 
-async def list_pins(registry: Any, repo: RepoName | None = None) -> list[PinnedImage]:
-    rows: list[PinRow] = await registry._db(
-        registry.index.list_pins, repo.canonical if repo else None
-    )
+async def list_pins(registry: Registry, repo: RepoName | None = None) -> list[PinnedImage]:
+    rows: list[PinRow] = await registry.db.read(Index.list_pins, repo.canonical if repo else None)
     by_key = {(r.repo, r.digest): r for r in rows}
     child_of: dict[tuple[str, str], list[PinRow]] = {}
     listed: set[tuple[str, str]] = set()
@@ -103,7 +108,7 @@ async def list_pins(registry: Any, repo: RepoName | None = None) -> list[PinnedI
             continue
         kids = [
             by_key[(r.repo, c)]
-            for c in await registry._db(registry.index.manifest_children, r.digest)
+            for c in await registry.db.read(Index.manifest_children, r.digest)
             if (r.repo, c) in by_key
         ]
         child_of[(r.repo, r.digest)] = kids

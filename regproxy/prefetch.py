@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import yaml
 
-from regproxy import metrics
+from regproxy import metrics, pins
 from regproxy.config import Config, PrefetchConfig
 from regproxy.errors import OCIError, UpstreamError
 from regproxy.names import NameResolver, RepoName
@@ -162,7 +162,8 @@ class Prefetcher:
     """Prefetch images into a registry (a :class:`regproxy.proxy.ProxyRegistry` normally).
 
     ``registry`` is duck-typed to what the daemon and the CLI both have: ``get_manifest``,
-    ``get_blob``, ``local_blob``, ``mount_blob``, ``_db`` and ``index``.
+    ``get_blob``, ``local_blob``, ``mount_blob`` and ``db`` (pinning goes through
+    :func:`regproxy.pins.pin_digests`).
     """
 
     def __init__(
@@ -206,9 +207,7 @@ class Prefetcher:
             top = await self.registry.get_manifest(repo, reference)
             res.digest = str(top.digest)
             digests = await self._walk(repo, top, res, 0)
-            await self.registry._db(
-                self.registry.index.pin_manifests, repo.canonical, digests, True
-            )
+            await pins.pin_digests(self.registry, repo, digests)
             res.pinned = digests
             res.ok = True
         except asyncio.CancelledError:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from regproxy import metrics
+from regproxy.async_index import AsyncIndex
 from regproxy.config import Config
 from regproxy.errors import (
     BlobUnknown,
@@ -45,8 +46,8 @@ def _count(kind: str, result: str, upstream: str) -> None:
 
 
 class ProxyRegistry(Registry):
-    def __init__(self, store: Store, index: Index, config: Config) -> None:
-        super().__init__(store, index)
+    def __init__(self, store: Store, db: AsyncIndex, config: Config) -> None:
+        super().__init__(store, db)
         self.config = config
         self.fetcher = Fetcher(store, self._on_fetched)
         self._clients: dict[str, UpstreamClient] = {}
@@ -333,7 +334,7 @@ class ProxyRegistry(Registry):
         return sources
 
     async def _on_fetched(self, digest: Digest, size: int, repo: str, source: str) -> None:
-        await self._db(self.index.add_blob, repo, str(digest), size)
+        await self.db.write(Index.add_blob, repo, str(digest), size)
 
     # --- listings ------------------------------------------------------------------------------------
     async def list_tags(self, repo: RepoName, n: int | None, last: str | None) -> list[str]:
@@ -349,7 +350,7 @@ class ProxyRegistry(Registry):
             log.warning("tags.upstream_failed repo=%s upstream=%s error=%s", repo, client.name, exc)
             remote = None
         local = (
-            await self._db(self.index.list_tags, repo.canonical, None, None) if local_exists else []
+            await self.db.read(Index.list_tags, repo.canonical, None, None) if local_exists else []
         )
         if remote is None and not local_exists:
             raise NameUnknown(repo.canonical)
@@ -362,4 +363,4 @@ class ProxyRegistry(Registry):
 def build_registry(config: Config) -> ProxyRegistry:
     """The daemon's registry over the configured store (also used by the CLI tools)."""
     root = config.storage.root
-    return ProxyRegistry(Store(root), Index(root / "index.db"), config)
+    return ProxyRegistry(Store(root), AsyncIndex(root / "index.db"), config)

@@ -1,7 +1,8 @@
 """The registry: OCI semantics over the store and the index. Knows no HTTP.
 
-Every blocking call runs off the event loop: index calls on one dedicated thread (SQLite likes
-one writer), file calls on the default executor. Small immutable objects (manifests, small
+Every blocking call runs off the event loop: index calls through the one async facade
+(:class:`~regproxy.async_index.AsyncIndex`: changes on its writer thread, lookups on its
+readers), file calls on the default executor. Small immutable objects (manifests, small
 blobs) and positive lookups are cached in memory, bounded, so the hot path of a warm cache does
 no disk I/O and no thread hop.
 """
@@ -15,13 +16,13 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
 
 from regproxy import metrics
+from regproxy.async_index import AsyncIndex
 from regproxy.errors import (
     BlobUnknown,
     BlobUploadInvalid,
@@ -142,10 +143,10 @@ class Upload:
 
 
 class Registry:
-    def __init__(self, store: Store, index: Index) -> None:
+    def __init__(self, store: Store, db: AsyncIndex) -> None:
         self.store = store
-        self.index = index
-        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="regproxy-index")
+        #: the index, for every module: ``await registry.db.read(Index.x, ...)`` / ``.write``
+        self.db = db
         self._uploads: dict[str, Upload] = {}
         self._small: LRU[str, bytes] = LRU(100_000, SMALL_CACHE_BYTES)
         self._blob_links: LRU[tuple[str, str], int] = LRU(200_000)
@@ -154,9 +155,14 @@ class Registry:
         self._access: dict[tuple[str, str], float] = {}
 
     # --- plumbing ---------------------------------------------------------------------------------
+    @property
+    def index(self) -> Index:
+        """The writer's :class:`Index`, for :meth:`_db` calls (new code: :attr:`db`)."""
+        return self.db.writer_index
+
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        call = functools.partial(fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._db_thread, call)
+        """``fn`` (a method of :attr:`index`) on the writer thread (new code: :attr:`db`)."""
+        return await self.db.call_on_writer(fn, *args, **kwargs)
 
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = functools.partial(fn, *args, **kwargs)
@@ -168,8 +174,8 @@ class Registry:
         Tools that run beside a live daemon (import, prefetch, pin) open with ``sweep=False``.
         """
         removed = await self._io(self.store.open, sweep=sweep)
-        await self._db(self.index.open)
-        cleared = await self._db(self.index.clear_uploads) if sweep else 0
+        await self.db.open()
+        cleared = await self.db.write(Index.clear_uploads) if sweep else 0
         log.info(
             "registry.open root=%s swept_tmp=%d cleared_uploads=%d",
             self.store.root,
@@ -182,8 +188,7 @@ class Registry:
             up.writer.close()
         self._uploads.clear()
         await self.flush_access()
-        await self._db(self.index.close)
-        self._db_thread.shutdown(wait=True)
+        await self.db.close()
 
     def _touch(self, repo: str, digest: str) -> None:
         self._access[(repo, digest)] = time.time()
@@ -193,10 +198,10 @@ class Registry:
             return
         items = [(r, d, t) for (r, d), t in self._access.items()]
         self._access = {}
-        await self._db(self.index.touch, items)
+        await self.db.write(Index.touch, items)
 
     async def _ensure_repo(self, name: RepoName) -> None:
-        await self._db(self.index.ensure_repo, name.canonical, name.host, name.path)
+        await self.db.write(Index.ensure_repo, name.canonical, name.host, name.path)
 
     # --- blobs ------------------------------------------------------------------------------------
     async def local_blob(self, repo: RepoName, digest: Digest) -> Blob | None:
@@ -204,7 +209,7 @@ class Registry:
         key = (repo.canonical, str(digest))
         size = self._blob_links.get(key)
         if size is None:
-            size = await self._db(self.index.blob_in_repo, repo.canonical, str(digest))
+            size = await self.db.read(Index.blob_in_repo, repo.canonical, str(digest))
             if size is None:
                 return None
             self._blob_links.put(key, size)
@@ -229,7 +234,7 @@ class Registry:
         """The index says we have it but the file is gone (fsck, manual damage): forget it."""
         log.warning("store.missing digest=%s repo=%s", digest, repo)
         self._blob_links.pop((repo.canonical, str(digest)))
-        await self._db(self.index.unlink_blob, repo.canonical, str(digest))
+        await self.db.write(Index.unlink_blob, repo.canonical, str(digest))
         return None
 
     async def get_blob(self, repo: RepoName, digest: Digest) -> Blob:
@@ -241,7 +246,7 @@ class Registry:
     async def delete_blob(self, repo: RepoName, digest: Digest) -> None:
         key = (repo.canonical, str(digest))
         self._blob_links.pop(key)
-        gone = await self._db(self.index.unlink_blob, repo.canonical, str(digest))
+        gone = await self.db.write(Index.unlink_blob, repo.canonical, str(digest))
         self._blob_links.pop(key)  # a lookup queued before the delete may have cached it again
         if not gone:
             raise BlobUnknown(str(digest))
@@ -250,13 +255,13 @@ class Registry:
         """Cross-repository mount; without a source, any repository's copy will do."""
         if (
             source is not None
-            and await self._db(self.index.blob_in_repo, source.canonical, str(digest)) is None
+            and await self.db.read(Index.blob_in_repo, source.canonical, str(digest)) is None
         ):
             return False
         if await self._io(self.store.stat, digest) is None:
             return False
         await self._ensure_repo(repo)
-        return await self._db(self.index.link_blob, repo.canonical, str(digest)) is not None
+        return await self.db.write(Index.link_blob, repo.canonical, str(digest)) is not None
 
     async def commit_blob(
         self, repo: RepoName, writer: BlobWriter, digest: Digest, source: str = ""
@@ -267,14 +272,14 @@ class Registry:
         except DigestMismatch as exc:
             raise DigestInvalid(str(digest), f"content hashes to {exc.actual}") from None
         await self._ensure_repo(repo)
-        await self._db(self.index.add_blob, repo.canonical, str(digest), size)
+        await self.db.write(Index.add_blob, repo.canonical, str(digest), size)
         self._blob_links.put((repo.canonical, str(digest)), size)
         return size
 
     async def index_blob(self, repo: RepoName, digest: Digest, size: int) -> None:
         """Record a blob that is durable in the store as part of a repository (import)."""
         await self._ensure_repo(repo)
-        await self._db(self.index.add_blob, repo.canonical, str(digest), size)
+        await self.db.write(Index.add_blob, repo.canonical, str(digest), size)
         self._blob_links.put((repo.canonical, str(digest)), size)
 
     # --- uploads ----------------------------------------------------------------------------------
@@ -434,7 +439,7 @@ class Registry:
             key = (repo.canonical, reference)
             row = self._manifests.get(key)
             if row is None:
-                row = await self._db(self.index.manifest_in_repo, repo.canonical, reference)
+                row = await self.db.read(Index.manifest_in_repo, repo.canonical, reference)
                 if row is None:
                     return None
                 self._manifests.put(key, row)
@@ -443,7 +448,7 @@ class Registry:
         cached = self._tags.get((repo.canonical, reference))
         if cached is not None and now - cached[1] < TAG_CACHE_SECONDS:
             return cached[0], cached[0].checked
-        row = await self._db(self.index.resolve_tag, repo.canonical, reference)
+        row = await self.db.read(Index.resolve_tag, repo.canonical, reference)
         if row is None:
             self._tags.pop((repo.canonical, reference))
             return None
@@ -497,13 +502,13 @@ class Registry:
         parsed = parse_manifest(body, content_type)
         if verify_refs:
             await self._blobs_settled([b.digest for b in parsed.blobs])
-            missing = await self._db(
-                self.index.missing_blobs, repo.canonical, [str(b.digest) for b in parsed.blobs]
+            missing = await self.db.read(
+                Index.missing_blobs, repo.canonical, [str(b.digest) for b in parsed.blobs]
             )
             if missing:
                 raise ManifestBlobUnknown(missing[0])
             children = [str(m.digest) for m in parsed.manifests]
-            missing = await self._db(self.index.missing_manifests, repo.canonical, children)
+            missing = await self.db.read(Index.missing_manifests, repo.canonical, children)
             if missing:
                 raise ManifestBlobUnknown(missing[0])
         await self._io(self.store.write_bytes, digest, body)
@@ -518,8 +523,8 @@ class Registry:
             blobs=[str(b.digest) for b in parsed.blobs],
             children=[str(m.digest) for m in parsed.manifests],
         )
-        await self._db(
-            self.index.add_manifest, repo.canonical, rec, tag=tag, pinned=pinned, checked=checked
+        await self.db.write(
+            Index.add_manifest, repo.canonical, rec, tag=tag, pinned=pinned, checked=checked
         )
         self._small.put(str(digest), body, len(body))
         if tag is not None:
@@ -527,14 +532,14 @@ class Registry:
         return PutResult(digest, parsed.subject.digest if parsed.subject else None)
 
     async def mark_tag_checked(self, repo: RepoName, tag: str) -> None:
-        await self._db(self.index.set_tag_checked, repo.canonical, tag, time.time())
+        await self.db.write(Index.set_tag_checked, repo.canonical, tag, time.time())
         self._tags.pop((repo.canonical, tag))
 
     async def delete_manifest(self, repo: RepoName, reference: str) -> None:
         if is_digest_reference(reference):
             self._manifests.pop((repo.canonical, reference))
             self._tags.drop_where(lambda k: k[0] == repo.canonical)
-            gone = await self._db(self.index.delete_manifest, repo.canonical, reference)
+            gone = await self.db.write(Index.delete_manifest, repo.canonical, reference)
             # lookups queued on the index thread before the delete may have cached it again
             self._manifests.pop((repo.canonical, reference))
             self._tags.drop_where(lambda k: k[0] == repo.canonical)
@@ -543,27 +548,27 @@ class Registry:
             return
         validate_tag(reference)
         self._tags.pop((repo.canonical, reference))
-        gone = await self._db(self.index.delete_tag, repo.canonical, reference)
+        gone = await self.db.write(Index.delete_tag, repo.canonical, reference)
         self._tags.pop((repo.canonical, reference))
         if not gone:
             raise ManifestUnknown(reference)
 
     # --- listings -------------------------------------------------------------------------------------
     async def repo_exists(self, repo: RepoName) -> bool:
-        return await self._db(self.index.repo_exists, repo.canonical)
+        return await self.db.read(Index.repo_exists, repo.canonical)
 
     async def list_tags(self, repo: RepoName, n: int | None, last: str | None) -> list[str]:
         if not await self.repo_exists(repo):
             raise NameUnknown(repo.canonical)
-        return await self._db(self.index.list_tags, repo.canonical, n, last)
+        return await self.db.read(Index.list_tags, repo.canonical, n, last)
 
     async def catalog(self, n: int | None, last: str | None) -> list[str]:
-        return await self._db(self.index.catalog, n, last)
+        return await self.db.read(Index.catalog, n, last)
 
     async def referrers(
         self, repo: RepoName, subject: Digest, artifact_type: str | None
     ) -> list[Descriptor]:
-        rows = await self._db(self.index.referrers, repo.canonical, str(subject))
+        rows = await self.db.read(Index.referrers, repo.canonical, str(subject))
         out = []
         for r in rows:
             if artifact_type and r.artifact_type != artifact_type:
@@ -577,8 +582,8 @@ class Registry:
 
     # --- eviction, gc, fsck (regproxy.evict) -----------------------------------------------------
     async def index_call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` on the index thread (every index call of the daemon goes through it)."""
-        return await self._db(fn, *args, **kwargs)
+        """Run ``fn`` on the index's writer thread (older callers; new code: :attr:`db`)."""
+        return await self.db.call_on_writer(fn, *args, **kwargs)
 
     def drop_cached(
         self,

@@ -48,7 +48,10 @@ LAYERS: dict[str, Layer] = {
     "names": _layer("names", "base oci config"),
     # the disk: blobs (store) and metadata (index) know neither each other nor HTTP
     "store": _layer("store", "base oci"),
-    "index": _layer("index", "base oci config"),
+    # the index: its schema and migrations, its queries, the one async facade over them
+    "schema": _layer("schema", "base"),
+    "index": _layer("index", "base oci config schema"),
+    "facade": _layer("async_index", "base index"),
     # the web page's parts that know no HTTP: its index queries, formatting, charts, history
     "queries": _layer("ui.queries", "base oci index"),
     "ui_model": _layer("ui.format ui.history ui.charts", "base"),
@@ -56,17 +59,17 @@ LAYERS: dict[str, Layer] = {
     "transfer": _layer("fetch", "base oci store"),
     "upstream": _layer("upstream", "base oci config names"),
     "peers": _layer("peers", "base oci config transfer upstream"),
-    "registry": _layer("registry", f"{_MODEL} store index"),
-    "proxy": _layer("proxy", f"{_MODEL} store index transfer upstream peers registry"),
+    "registry": _layer("registry", f"{_MODEL} store index facade"),
+    "proxy": _layer("proxy", f"{_MODEL} store index facade transfer upstream peers registry"),
     # tools and background work over the store: no HTTP layer, no upstream of their own
-    "gc": _layer("evict", f"{_MODEL} store index transfer registry"),
+    "gc": _layer("evict", f"{_MODEL} store index facade transfer registry"),
     # the importer's parts: staging and docker archives know no registry; export knows no import
     "staging": _layer("bundle_stage", f"{_MODEL} store"),
     "archives": _layer("bundle_docker", f"{_MODEL} staging"),
     "export": _layer("bundle_export", f"{_MODEL} staging registry"),
     "tools": _layer(
         "bundle containerd health maintenance pins prefetch tls",
-        f"{_MODEL} store index transfer registry proxy gc staging archives export",
+        f"{_MODEL} store index facade transfer registry proxy gc staging archives export",
     ),
     # the HTTP layer: shared keys and error rendering low, handlers above them
     "keys": _layer("web_keys", f"{_MODEL} registry tools"),
@@ -76,13 +79,15 @@ LAYERS: dict[str, Layer] = {
     # nothing imports app but the command line, and nothing imports the command line
     "app": _layer(
         "app",
-        f"{_MODEL} store index transfer upstream peers registry proxy gc tools keys web auth "
+        f"{_MODEL} store index facade transfer upstream peers registry proxy gc tools keys web "
+        "auth "
         "queries ui_model handlers",
     ),
     "commands": _layer("bundle_cli", f"{_MODEL} registry proxy tools"),
     "cli": _layer(
         "cli",
-        f"{_MODEL} store index transfer upstream peers registry proxy gc tools app commands",
+        f"{_MODEL} schema store index facade transfer upstream peers registry proxy gc tools app "
+        "commands",
     ),
     "main": _layer("__main__", "cli"),
 }
@@ -91,7 +96,7 @@ LAYERS: dict[str, Layer] = {
 #: layers that may import them
 THIRD_PARTY: dict[str, frozenset[str]] = {
     "aiohttp.web": frozenset({"keys", "web", "auth", "handlers", "app"}),
-    "sqlite3": frozenset({"index"}),
+    "sqlite3": frozenset({"schema", "index"}),
     "bcrypt": frozenset({"auth"}),
     "jinja2": frozenset({"handlers"}),
     "yaml": frozenset({"config", "tools"}),

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from regproxy import pins
+from regproxy.async_index import AsyncIndex
 from regproxy.config import PrefetchConfig, config_from_dict
 from regproxy.errors import ManifestUnknown, UpstreamError
 from regproxy.index import Index
@@ -120,14 +121,12 @@ class FakeRegistry:
         self.blob_requests: list[str] = []
         self.transfers: list[_Transfer] = []
         self.pinned: list[tuple[str, list[str], bool]] = []
-        self.index = self  # the Prefetcher calls registry._db(registry.index.pin_manifests, ...)
+        self.db = self  # the Prefetcher pins through pins.pin_digests: registry.db.write(...)
 
-    def pin_manifests(self, repo: str, digests: list[str], pinned: bool) -> int:
+    async def write(self, fn: Any, repo: str, digests: list[str], pinned: bool) -> int:
+        assert fn is Index.pin_manifests
         self.pinned.append((repo, digests, pinned))
         return len(digests)
-
-    async def _db(self, fn: Any, *args: Any) -> Any:
-        return fn(*args)
 
     async def get_manifest(self, repo: Any, reference: str) -> Manifest:
         if self.down > 0:
@@ -224,7 +223,7 @@ def test_nothing_to_prefetch_is_done() -> None:
 # --- pins over a real store ------------------------------------------------------------------------
 @pytest.fixture
 async def registry(tmp_path: Path) -> Any:
-    reg = Registry(Store(tmp_path / "store"), Index(tmp_path / "index.db"))
+    reg = Registry(Store(tmp_path / "store"), AsyncIndex(tmp_path / "index.db"))
     await reg.open()
     yield reg
     await reg.close()
@@ -255,7 +254,7 @@ async def test_pin_unpin_keeps_a_child_another_pinned_index_lists(registry: Regi
 
     # unpinning "both" leaves a (still listed by the pinned "one"), unpins b
     assert sorted(await pins.unpin(registry, repo, "both")) == sorted([pins_digest(both), b.digest])
-    rows = await registry._db(registry.index.list_pins, None)
+    rows = await registry.db.read(Index.list_pins, None)
     assert {r.digest for r in rows} == {pins_digest(one), a.digest}
     with pytest.raises(ManifestUnknown):
         await pins.pin(registry, repo, "nope")

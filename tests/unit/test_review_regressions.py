@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from regproxy.async_index import AsyncIndex
 from regproxy.errors import BlobUploadUnknown, OCIError
 from regproxy.fetch import Transfer
-from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest
 from regproxy.registry import Registry
@@ -24,7 +24,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 @pytest.fixture
 async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
     root = tmp_path / "store"
-    reg = Registry(Store(root), Index(root / "index.db"))
+    reg = Registry(Store(root), AsyncIndex(root / "index.db"))
     await reg.open()
     yield reg
     await reg.close()

@@ -1,0 +1,96 @@
+"""The one async facade over the metadata index that every module of the daemon uses.
+
+SQLite in WAL mode has one writer and any number of readers that never wait for it. So:
+
+* :meth:`AsyncIndex.write` runs a function on the index's only writer thread, with the one
+  read-write :class:`~regproxy.index.Index` (every change, and reads that must see a change in
+  the same transaction);
+* :meth:`AsyncIndex.read` runs it on one of a few reader threads, each with a read-only
+  connection of its own: lookups, listings and the web page's queries go on while the writer
+  is busy (an eviction batch, a burst of commits), and they see every committed change.
+
+The function gets the thread's :class:`~regproxy.index.Index` as its first argument, so
+``await db.read(Index.resolve_tag, repo, tag)`` and ``await db.read(ui_queries.totals)`` are
+typed calls. Nothing else in the daemon opens the index or owns a thread for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Concatenate, Final, ParamSpec, TypeVar
+
+from regproxy.index import Index
+
+P = ParamSpec("P")
+T = TypeVar("T")
+#: reader threads (each holds one read-only connection and its page cache)
+READERS: Final = 2
+
+
+class AsyncIndex:
+    def __init__(self, path: Path, *, readers: int = READERS) -> None:
+        self.path = path
+        self._writer_index = Index(path)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="regproxy-index")
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="regproxy-index-read")
+        self._local = threading.local()
+        self._reader_indexes: list[Index] = []
+        self._lock = threading.Lock()
+
+    async def open(self) -> None:
+        """Open (create or upgrade, see :mod:`regproxy.schema`) the index on the writer."""
+        await self.write(Index.open)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.write(Index.close)
+        await loop.run_in_executor(None, self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._lock:
+            for ix in self._reader_indexes:
+                ix.close()
+            self._reader_indexes.clear()
+
+    async def write(
+        self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """``fn(index, ...)`` on the writer thread (changes; reads inside a change)."""
+        call = functools.partial(fn, self._writer_index, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._writer, call)
+
+    async def read(
+        self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """``fn(index, ...)`` on a reader thread with a read-only connection: never waits for
+        the writer, and sees every change committed before it started."""
+        call = functools.partial(self._on_reader, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._readers, call)
+
+    def _on_reader(
+        self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        ix: Index | None = getattr(self._local, "index", None)
+        if ix is None:
+            ix = Index(self.path, readonly=True)
+            self._local.index = ix
+            with self._lock:
+                self._reader_indexes.append(ix)
+        return fn(ix, *args, **kwargs)
+
+    async def call_on_writer(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run any callable on the writer thread (``Registry``'s older ``_db`` calls)."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._writer, call)
+
+    @property
+    def writer_index(self) -> Index:
+        """The writer's :class:`Index`: only for functions sent through :meth:`call_on_writer`."""
+        return self._writer_index

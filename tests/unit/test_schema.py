@@ -1,0 +1,164 @@
+"""Schema versions: a store written before versioning is upgraded in place, a newer one refused."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+from regproxy import cli, schema
+from regproxy.async_index import AsyncIndex
+from regproxy.index import Index
+from regproxy.names import RepoName
+from regproxy.registry import Registry
+from regproxy.store import Store
+
+#: the index schema of every release before versioning, verbatim (user_version 0): a fixture,
+#: deliberately not imported from regproxy.schema
+V1_DDL = """
+CREATE TABLE IF NOT EXISTS repos(
+  name TEXT PRIMARY KEY, host TEXT, path TEXT, created REAL NOT NULL, last_access REAL);
+CREATE TABLE IF NOT EXISTS blobs(
+  digest TEXT PRIMARY KEY, size INTEGER NOT NULL, created REAL NOT NULL, last_access REAL);
+CREATE TABLE IF NOT EXISTS repo_blobs(
+  repo TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY(repo, digest)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS repo_blobs_digest ON repo_blobs(digest);
+CREATE TABLE IF NOT EXISTS manifests(
+  digest TEXT PRIMARY KEY, media_type TEXT NOT NULL, size INTEGER NOT NULL,
+  artifact_type TEXT, subject TEXT, annotations TEXT, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS manifests_subject ON manifests(subject);
+CREATE TABLE IF NOT EXISTS repo_manifests(
+  repo TEXT NOT NULL, digest TEXT NOT NULL, created REAL NOT NULL, last_access REAL,
+  pinned INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(repo, digest)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS repo_manifests_digest ON repo_manifests(digest);
+CREATE TABLE IF NOT EXISTS manifest_refs(
+  parent TEXT NOT NULL, child TEXT NOT NULL, kind TEXT NOT NULL,
+  PRIMARY KEY(parent, child)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS manifest_refs_child ON manifest_refs(child);
+CREATE TABLE IF NOT EXISTS tags(
+  repo TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL,
+  updated REAL NOT NULL, checked REAL NOT NULL, PRIMARY KEY(repo, tag)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_digest ON tags(repo, digest);
+CREATE TABLE IF NOT EXISTS uploads(
+  uuid TEXT PRIMARY KEY, repo TEXT NOT NULL, started REAL NOT NULL, updated REAL NOT NULL);
+"""
+
+REPO = "spectro-images/docker.io/library/app"
+PUSHED = "spectro-images/mine/pushed"
+M1, M2, IDX = (f"sha256:{c * 64}" for c in "abc")
+L1, L2, L3 = (f"sha256:{c * 64}" for c in "def")
+
+
+def v1_store(root: Path) -> Path:
+    """A store as the unversioned release wrote it: an image pulled through, an index with one
+    child held by a pushed (pinned) repository, a loose blob, a pending upload."""
+    Store(root).open()
+    path = root / "index.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(V1_DDL)
+    db.execute("BEGIN")
+    for name, host, p in ((REPO, "docker.io", "library/app"), (PUSHED, None, "mine/pushed")):
+        db.execute("INSERT INTO repos VALUES(?,?,?,?,?)", (name, host, p, 100.0, None))
+    for d, size in ((L1, 1000), (L2, 2000), (L3, 3000), (M1, 300)):
+        db.execute("INSERT INTO blobs VALUES(?,?,?,?)", (d, size, 100.0, None))
+    db.executemany("INSERT INTO repo_blobs VALUES(?,?)", [(REPO, L1), (REPO, L2), (PUSHED, L3)])
+    oci = "application/vnd.oci.image.manifest.v1+json"
+    for d, mt, size in ((M1, oci, 300), (M2, oci, 400), (IDX, "application/x-index", 200)):
+        db.execute(
+            "INSERT INTO manifests VALUES(?,?,?,?,?,?,?)", (d, mt, size, None, None, None, 100.0)
+        )
+    db.executemany(
+        "INSERT INTO repo_manifests VALUES(?,?,?,?,?)",
+        [(REPO, M1, 100.0, 150.0, 0), (PUSHED, IDX, 100.0, None, 1), (PUSHED, M2, 100.0, None, 1)],
+    )
+    db.executemany(
+        "INSERT INTO manifest_refs VALUES(?,?,?)",
+        [(M1, L1, "blob"), (M1, L2, "blob"), (IDX, M2, "manifest"), (M2, L2, "blob")],
+    )
+    db.executemany(
+        "INSERT INTO tags VALUES(?,?,?,?,?)",
+        [(REPO, "v1", M1, 100.0, 120.0), (PUSHED, "latest", IDX, 100.0, 100.0)],
+    )
+    db.execute("INSERT INTO uploads VALUES('u1', ?, 100.0, 100.0)", (PUSHED,))
+    db.execute("COMMIT")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    db.close()
+    return path
+
+
+async def test_a_store_from_before_versioning_is_upgraded_in_place(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    path = v1_store(root)
+    reg = Registry(Store(root), AsyncIndex(path))
+    await reg.open(sweep=False)
+    try:
+        found = await reg.db.read(Index.resolve_tag, REPO, "v1")
+        assert found is not None and found.digest == M1 and found.checked == 120.0
+        assert await reg.catalog(None, None) == [REPO, PUSHED]
+        assert await reg.db.read(Index.list_tags, PUSHED, None, None) == ["latest"]
+        pins = await reg.db.read(Index.list_pins, None)
+        assert {(p.repo, p.digest) for p in pins} == {(PUSHED, IDX), (PUSHED, M2)}
+        assert await reg.db.read(Index.blob_in_repo, REPO, L2) == 2000
+        assert await reg.db.read(Index.upload_ids) == {"u1"}
+        # and it takes writes in the new schema
+        await reg.db.write(Index.ensure_repo, "spectro-images/new", None, "new")
+        assert await reg.repo_exists(RepoName("spectro-images/new"))
+    finally:
+        await reg.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "tags_by_digest" in indexes and "tags_digest" not in indexes
+        plan = " ".join(
+            str(r) for r in db.execute("EXPLAIN QUERY PLAN DELETE FROM tags WHERE digest=?", (M1,))
+        )
+        assert "tags_by_digest" in plan, plan  # no scan of every tag per evicted manifest
+        nulls = db.execute(
+            "SELECT (SELECT count(*) FROM repo_manifests WHERE last_access IS NULL) + "
+            "(SELECT count(*) FROM blobs WHERE last_access IS NULL)"
+        ).fetchone()[0]
+        assert nulls == 0
+    finally:
+        db.close()
+    # opening again is a no-op: the version is current
+    ix = Index(path)
+    ix.open()
+    assert schema.user_version(ix.db) == schema.SCHEMA_VERSION
+    ix.close()
+
+
+def test_a_new_store_has_the_current_schema(tmp_path: Path) -> None:
+    ix = Index(tmp_path / "index.db")
+    ix.open()
+    try:
+        assert schema.user_version(ix.db) == schema.SCHEMA_VERSION
+        ix.ensure_repo("spectro-images/x", None, "x")
+        assert ix.repo_exists("spectro-images/x")
+    finally:
+        ix.close()
+
+
+def test_a_store_from_a_newer_release_is_refused_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "store"
+    path = v1_store(root)
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 7}")
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(schema.IndexVersionError):
+        Index(path).open()
+    conf = tmp_path / "regproxy.yaml"
+    conf.write_text(yaml.safe_dump({"storage": {"root": str(root)}, "listen": "127.0.0.1:0"}))
+    for command in ("gc", "serve"):
+        capsys.readouterr()
+        assert cli.main(["--config", str(conf), command]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        want = f"schema version {schema.SCHEMA_VERSION + 7}, newer than the"
+        assert len(err) == 1 and want in err[0] and "newer release" in err[0], err
+    assert path.read_bytes() == before  # untouched
