@@ -581,10 +581,6 @@ class Registry:
         return out
 
     # --- eviction, gc, fsck (regproxy.evict) -----------------------------------------------------
-    async def index_call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` on the index's writer thread (older callers; new code: :attr:`db`)."""
-        return await self.db.call_on_writer(fn, *args, **kwargs)
-
     def drop_cached(
         self,
         rows: Iterable[tuple[str, str]] | None = None,

@@ -67,26 +67,30 @@ LAYERS: dict[str, Layer] = {
     "staging": _layer("bundle_stage", f"{_MODEL} store"),
     "archives": _layer("bundle_docker", f"{_MODEL} staging"),
     "export": _layer("bundle_export", f"{_MODEL} staging registry"),
+    # pins: what eviction keeps (the command, the web page and prefetch pin through it)
+    "pinning": _layer("pins", f"{_MODEL} index facade registry proxy"),
     "tools": _layer(
-        "bundle containerd health maintenance pins prefetch tls",
-        f"{_MODEL} store index facade transfer registry proxy gc staging archives export",
+        "bundle containerd health maintenance prefetch tls",
+        f"{_MODEL} store index facade transfer registry proxy gc pinning staging archives export",
     ),
     # the HTTP layer: shared keys and error rendering low, handlers above them
     "keys": _layer("web_keys", f"{_MODEL} registry tools"),
     "web": _layer("web_errors sendfile", f"{_MODEL} keys"),
     "auth": _layer("auth", f"{_MODEL} keys web"),
-    "handlers": _layer("api admin ui", f"{_MODEL} registry queries ui_model tools keys web auth"),
+    "handlers": _layer(
+        "api admin ui", f"{_MODEL} registry queries ui_model pinning tools keys web auth"
+    ),
     # nothing imports app but the command line, and nothing imports the command line
     "app": _layer(
         "app",
-        f"{_MODEL} store index facade transfer upstream peers registry proxy gc tools keys web "
+        f"{_MODEL} store index facade transfer upstream peers registry proxy gc pinning tools keys web "
         "auth "
         "queries ui_model handlers",
     ),
-    "commands": _layer("bundle_cli", f"{_MODEL} registry proxy tools"),
+    "commands": _layer("bundle_cli", f"{_MODEL} registry proxy pinning tools"),
     "cli": _layer(
         "cli",
-        f"{_MODEL} schema store index facade transfer upstream peers registry proxy gc tools app "
+        f"{_MODEL} schema store index facade transfer upstream peers registry proxy gc pinning tools app "
         "commands",
     ),
     "main": _layer("__main__", "cli"),

@@ -25,14 +25,11 @@ from regproxy.ui.history import metric_sum, sample_now
 async def overview_data(request: web.Request) -> dict[str, Any]:
     ui = ui_of(request)
     registry = registry_of(request)
-    index = registry.index
     loop = asyncio.get_running_loop()
     now = time.time()
     total, free = await loop.run_in_executor(None, registry.store.disk_usage)
     if ui.counts_cache is None or now - ui.counts_cache[0] > TOTALS_TTL:
-        counts = await registry.index_call(queries.totals, index)
-        counts["store_bytes"] = await registry.index_call(index.store_bytes)
-        counts["pinned_bytes"] = await registry.index_call(index.pinned_bytes)
+        counts = await registry.db.read(queries.totals)
         ui.counts_cache = (now, counts)
     counts = ui.counts_cache[1]
     storage = ui.config.storage

@@ -1,7 +1,7 @@
 """The web page's questions to the metadata index (SQLite): bounded, paginated, no blob tree.
 
-Every function takes the :class:`~regproxy.index.Index` and runs on the index thread
-(``registry.index_call``), never on the event loop. Lists are paginated with LIMIT/OFFSET over
+Every function takes the :class:`~regproxy.index.Index` and runs on an index reader thread
+(``registry.db.read(queries.x, ...)``), never on the event loop. Lists are paginated with LIMIT/OFFSET over
 the primary keys, and the per-row figures (tags, sizes) are computed for the rows of one page
 only, so a page costs the same with 10 or 10,000 repositories.
 """
@@ -314,4 +314,6 @@ def totals(index: Index) -> dict[str, int]:
         "tags": int(row[1]),
         "manifests": int(row[2]),
         "blobs": int(row[3]),
+        "store_bytes": index.store_bytes(),
+        "pinned_bytes": index.pinned_bytes(),
     }

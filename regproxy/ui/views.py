@@ -30,12 +30,12 @@ from regproxy.ui.format import platform_str
 
 # --- projects and repositories -------------------------------------------------------------------
 async def projects_page(request: web.Request) -> web.Response:
-    rows = await registry_of(request).index_call(queries.projects, registry_of(request).index)
+    rows = await registry_of(request).db.read(queries.projects)
     return render(request, "projects.html", projects=rows)
 
 
 async def api_projects(request: web.Request) -> web.Response:
-    rows = await registry_of(request).index_call(queries.projects, registry_of(request).index)
+    rows = await registry_of(request).db.read(queries.projects)
     return json_response({"projects": [{"name": p, "repositories": n} for p, n in rows]})
 
 
@@ -45,9 +45,8 @@ async def _repositories(request: web.Request) -> dict[str, Any]:
     page, per = page_args(request)
     q = request.query.get("q", "").strip()[:200] or None
     project = request.query.get("project", "").strip()[:200] or None
-    rows, total = await registry.index_call(
+    rows, total = await registry.db.read(
         queries.repositories,
-        registry.index,
         project=project,
         q=q,
         limit=per,
@@ -112,14 +111,14 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     registry = registry_of(request)
     await registry.flush_access()  # last pulled: what was served until now
     repo = resolve(request, name)
-    info = await registry.index_call(queries.repository, registry.index, repo.canonical)
+    info = await registry.db.read(queries.repository, repo.canonical)
     if info is None:
         raise web.HTTPNotFound(text=f"no repository {repo.canonical}")
     page, per = page_args(request)
-    tags, total = await registry.index_call(
-        queries.repo_tags, registry.index, repo.canonical, limit=per, offset=(page - 1) * per
+    tags, total = await registry.db.read(
+        queries.repo_tags, repo.canonical, limit=per, offset=(page - 1) * per
     )
-    other = await registry.index_call(queries.untagged, registry.index, repo.canonical, limit=100)
+    other = await registry.db.read(queries.untagged, repo.canonical, limit=100)
     now = time.time()
     for row in (*tags, *other):
         row.platforms.extend(await _platforms(registry, row.digest, row.media_type))
@@ -173,7 +172,7 @@ async def _manifest(request: web.Request) -> dict[str, Any]:
         raise web.HTTPNotFound(text="name@digest expected")
     registry = registry_of(request)
     repo = resolve(request, name)
-    info = await registry.index_call(queries.manifest_info, registry.index, repo.canonical, digest)
+    info = await registry.db.read(queries.manifest_info, repo.canonical, digest)
     if info is None:
         raise web.HTTPNotFound(text=f"{repo.canonical}@{digest} is not in the store")
     body = await _read_manifest(registry, digest)
