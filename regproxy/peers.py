@@ -218,3 +218,13 @@ class Peers:
             return None
         peer, got = found[0]
         return peer.url, got
+
+    async def referrers(self, repo: str, digest: Digest) -> list[bytes]:
+        """Every usable peer's referrers index for a manifest (each from its local store)."""
+        if not self.usable():
+            return []
+
+        async def get(p: Peer) -> bytes | None:
+            return await p.client.get_referrers(repo, digest)
+
+        return [body for _peer, body in await self._ask_all(get, f"referrers {repo}@{digest}")]

@@ -29,8 +29,9 @@ from regproxy.errors import (
 from regproxy.fetch import Fetcher, Source, Stream
 from regproxy.index import Index
 from regproxy.names import RepoName
-from regproxy.oci import Digest, is_digest_reference
+from regproxy.oci import Descriptor, Digest, is_digest_reference
 from regproxy.peers import Peers
+from regproxy.referrers import Referrers
 from regproxy.registry import LOCAL_ONLY, Blob, Manifest, Registry, note
 from regproxy.store import Store
 from regproxy.upstream import UpstreamClient
@@ -54,6 +55,8 @@ class ProxyRegistry(Registry):
         self._manifest_flights: dict[tuple[str, str], asyncio.Future[Any]] = {}
         #: the cluster's other hosts, asked before any upstream (None: no peers configured)
         self.peers: Peers | None = None
+        #: referrers pulled through (upstream API or tag schema) and merged with local ones
+        self.referrer_index = Referrers(self)
 
     async def close(self) -> None:
         if self.peers is not None:
@@ -81,6 +84,10 @@ class ProxyRegistry(Registry):
         if LOCAL_ONLY.get() or self.peers is None or not self.peers.enabled:
             return None
         return self.peers
+
+    def active_peers(self) -> Peers | None:
+        """The peers this request may ask (None for a peer's own request, or without peers)."""
+        return self._peers()
 
     async def _known_or_unknown_name(self, repo: RepoName) -> None:
         """A host no upstream entry matches is never dialled: NAME_UNKNOWN when nothing is local."""
@@ -337,6 +344,11 @@ class ProxyRegistry(Registry):
         await self.db.write(Index.add_blob, repo, str(digest), size)
 
     # --- listings ------------------------------------------------------------------------------------
+    async def referrers(
+        self, repo: RepoName, subject: Digest, artifact_type: str | None
+    ) -> list[Descriptor]:
+        return await self.referrer_index.lookup(repo, subject, artifact_type)
+
     async def list_tags(self, repo: RepoName, n: int | None, last: str | None) -> list[str]:
         client = self.upstream(repo)
         local_exists = await self.repo_exists(repo)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 from collections import Counter
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 def digest_of(data: bytes) -> str:
@@ -43,6 +46,9 @@ class FakeUpstream:
     #: extra headers on every manifest answer (rate-limit headers, Retry-After)
     manifest_headers: dict[str, str] = field(default_factory=dict)
     token_ttl: float | None = None  # require Bearer tokens living this long
+    referrers_api: bool = (
+        False  # answer /referrers/<digest> (OCI 1.1); else 404 as distribution 2.8
+    )
     connections: int = 0
     requests: Counter[str] = field(default_factory=Counter)
     token_requests: int = 0
@@ -141,6 +147,9 @@ class FakeUpstream:
         self.requests[f"{request.method} /v2/{path}"] += 1
         m = re.match(r"^(.+)/(manifests|blobs)/([^/]+)$", path)
         if m is None:
+            rf = re.match(r"^(.+)/referrers/([^/]+)$", path)
+            if rf and self.referrers_api:
+                return self._referrers(rf.group(1), rf.group(2))
             tl = re.match(r"^(.+)/tags/list$", path)
             if tl and self.tags_handler is not None:
                 return await self.tags_handler(request, tl.group(1))
@@ -173,6 +182,24 @@ class FakeUpstream:
         if data is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
         return await self._serve_blob(request, ref, data)
+
+    def _referrers(self, repo: str, subject: str) -> web.Response:
+        found = []
+        for (r, ref), (body, mt) in self.manifests.items():
+            if r != repo or ref != digest_of(body):
+                continue
+            doc = json.loads(body)
+            if (doc.get("subject") or {}).get("digest") != subject:
+                continue
+            desc = {"mediaType": mt, "digest": ref, "size": len(body)}
+            art = doc.get("artifactType") or doc.get("config", {}).get("mediaType")
+            if art:
+                desc["artifactType"] = art
+            if doc.get("annotations"):
+                desc["annotations"] = doc["annotations"]
+            found.append(desc)
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        return web.Response(body=json.dumps(index).encode(), content_type=OCI_INDEX)
 
     async def _serve_blob(self, request: web.Request, ref: str, data: bytes) -> web.StreamResponse:
         fault = self.blob_faults.get(ref, BlobFault())

@@ -38,7 +38,7 @@ from regproxy import __version__, metrics
 from regproxy.config import UpstreamConfig
 from regproxy.errors import BlobUnknown, DigestInvalid, UpstreamError, UpstreamTimeout
 from regproxy.log import mask_credentials
-from regproxy.oci import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, Digest
+from regproxy.oci import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX, Digest
 from regproxy.upstream.auth import (
     Credentials,
     TokenCache,
@@ -385,6 +385,24 @@ class UpstreamClient:
             return tags
 
         return await self._each_base(op, path)
+
+    async def get_referrers(self, path: str, digest: Digest) -> bytes | None:
+        """The referrers index of a manifest (OCI 1.1 ``/referrers/<digest>``), its bytes as
+        served; None when the registry has no referrers API (404, as distribution 2.8)."""
+
+        async def op(base: _Base) -> bytes | None:
+            url = self._url(base, f"{path}/referrers/{digest}")
+            resp = await self._send(base, "GET", url, path, {hdrs.ACCEPT: OCI_INDEX})
+            try:
+                if resp.status == 404:
+                    return None
+                if resp.status != 200:
+                    raise self._status_error(base, resp, "GET referrers")
+                return await self._read_capped(base, resp, MAX_MANIFEST_BYTES, "referrers")
+            finally:
+                resp.release()
+
+        return await self._each_base(op, f"{path}@{digest} referrers")
 
     # --- mirrors, then the upstream --------------------------------------------------------------
     async def _each_base(self, op: Callable[[_Base], Awaitable[T | None]], what: str) -> T | None:
