@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Concatenate, Final, ParamSpec, TypeVar
 
 from regproxy.index import Index
+from regproxy.index import call as index_call
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -62,8 +63,9 @@ class AsyncIndex:
     async def write(
         self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """``fn(index, ...)`` on the writer thread (changes; reads inside a change)."""
-        call = functools.partial(fn, self._writer_index, *args, **kwargs)
+        """``fn(index, ...)`` on the writer thread (changes; reads inside a change); a full disk
+        is :class:`~regproxy.errors.StorageFull` (see :func:`regproxy.index.call`)."""
+        call = functools.partial(index_call, fn, self._writer_index, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._writer, call)
 
     async def read(
@@ -87,7 +89,7 @@ class AsyncIndex:
 
     async def call_on_writer(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run any callable on the writer thread (``Registry``'s older ``_db`` calls)."""
-        call = functools.partial(fn, *args, **kwargs)
+        call = functools.partial(index_call, fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._writer, call)
 
     @property

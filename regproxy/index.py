@@ -3,20 +3,25 @@
 The daemon never calls it from the event loop: :class:`regproxy.async_index.AsyncIndex` runs
 every method on the index's writer thread, or on a reader thread with a read-only
 :class:`Index` of its own. Start-up, listing, eviction and the UI read this, never the blob
-tree. The schema and its migrations are in :mod:`regproxy.schema`.
+tree. The schema and its migrations are in :mod:`regproxy.schema`. A write on a full disk is
+:class:`~regproxy.errors.StorageFull` (507), as a blob write is: see :func:`call`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from regproxy import schema
+from regproxy.errors import StorageFull
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,8 +455,32 @@ class _Transaction:
         return self.db
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        if self.outer:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if not self.outer:
+            return
+        # SQLite may have rolled back already (a full disk does that): never leave a transaction
+        # open on the one connection, nor hide the first error behind "no transaction is active"
+        try:
+            if exc_type is None:
+                self.db.execute("COMMIT")
+        finally:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+
+
+def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run one function on the index; a full disk (SQLite's ``SQLITE_FULL``, or ``ENOSPC``/
+    ``EDQUOT`` from a file it writes) is raised as :class:`StorageFull`, which the API answers
+    with 507. :class:`~regproxy.async_index.AsyncIndex` runs every write through it."""
+    try:
+        return fn(*args, **kwargs)
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_FULL:
+            raise
+        raise StorageFull(f"the metadata index could not be written: {exc}") from exc
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StorageFull(f"the metadata index could not be written: {exc.strerror}") from exc
 
 
 def _manifest_row(row: Sequence[Any]) -> ManifestRow:

@@ -1,0 +1,121 @@
+"""An index write on a full disk is 507, like a blob write, and the index works again once there
+is room: an in-process daemon whose store is on a small tmpfs (needs root to mount; unmounted
+by the test, also when it fails)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from regproxy.app import create_app
+from regproxy.config import config_from_dict
+
+pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+REPO = "/v2/spectro-images/team/app"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr!r}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Take every free byte of the filesystem (a file written until ENOSPC)."""
+    with open(path, "wb", buffering=0) as f:
+        for size in (1 << 20, 1 << 12, 1 << 9, 1):
+            try:
+                for _ in range(1 << 14):  # bounded: 3 MiB fills long before
+                    f.write(b"\0" * size)
+            except OSError:
+                continue
+
+
+async def test_index_writes_on_a_full_disk_are_507_and_recover(tmpfs: Path) -> None:
+    config = config_from_dict(
+        {
+            "storage": {"root": str(tmpfs / "store"), "min_free": 0},
+            "content": {"sync": {"enable": False}},
+            "log": {"access": False},
+        }
+    )
+    layer, cfg = b"layer bytes " * 100, b'{"architecture":"amd64","os":"linux"}'
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": sha(cfg),
+                "size": len(cfg),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": sha(layer),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    headers = {"Content-Type": OCI_MANIFEST}
+    client: TestClient[Any, Any] = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        for blob in (layer, cfg):
+            resp = await client.post(f"{REPO}/blobs/uploads/?digest={sha(blob)}", data=blob)
+            assert resp.status == 201, await resp.text()
+        assert (
+            await client.put(f"{REPO}/manifests/v0", data=manifest, headers=headers)
+        ).status == 201
+
+        fill(tmpfs / "filler")
+        statuses: list[int] = []
+        for i in range(300):  # each new tag is an index write and nothing else
+            resp = await client.put(f"{REPO}/manifests/t{i}", data=manifest, headers=headers)
+            statuses.append(resp.status)
+            if resp.status != 201:
+                break
+        assert statuses[-1] == 507, statuses
+        error = (await resp.json())["errors"][0]
+        assert "insufficient storage" in error["message"], error
+        # an index-only blob mount too
+        resp = await client.post(
+            f"/v2/spectro-images/team/other/blobs/uploads/?mount={sha(layer)}&from=spectro-images/team/app"
+        )
+        assert resp.status in (201, 507), await resp.text()
+
+        (tmpfs / "filler").unlink()
+        # room again: the index takes writes (no transaction was left open) and lost nothing
+        resp = await client.put(f"{REPO}/manifests/after", data=manifest, headers=headers)
+        assert resp.status == 201, await resp.text()
+        tags = (await (await client.get(f"{REPO}/tags/list")).json())["tags"]
+        assert "v0" in tags and "after" in tags
+        assert f"t{len(statuses) - 1}" not in tags  # the refused tag was not half-written
+        resp = await client.get(f"{REPO}/manifests/after", headers={"Accept": OCI_MANIFEST})
+        assert resp.status == 200 and await resp.read() == manifest
+    finally:
+        await client.close()
