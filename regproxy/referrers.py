@@ -27,14 +27,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
+from regproxy.async_index import AsyncIndex
+from regproxy.config import Config
 from regproxy.errors import ManifestUnknown, OCIError, TagInvalid, UpstreamError
+from regproxy.index import Index, ManifestRow
 from regproxy.names import RepoName
 from regproxy.oci import OCI_INDEX, Descriptor, Digest, parse_manifest, validate_tag
-
-if TYPE_CHECKING:
-    from regproxy.proxy import ProxyRegistry
+from regproxy.peers import Peers
+from regproxy.registry import Manifest
+from regproxy.upstream import UpstreamClient
 
 log = logging.getLogger("regproxy.referrers")
 
@@ -108,6 +111,25 @@ def merge(*groups: list[Descriptor]) -> list[Descriptor]:
     return out
 
 
+class Host(Protocol):
+    """What referrers need of the registry that composes them (regproxy.proxy.ProxyRegistry)."""
+
+    config: Config
+    db: AsyncIndex
+
+    def upstream(self, repo: RepoName) -> UpstreamClient | None: ...
+
+    def active_peers(self) -> Peers | None: ...
+
+    async def get_manifest(self, repo: RepoName, reference: str) -> Manifest: ...
+
+    async def local_manifest(
+        self, repo: RepoName, reference: str
+    ) -> tuple[ManifestRow, float] | None: ...
+
+    async def manifest_body(self, repo: RepoName, row: ManifestRow) -> Manifest: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     descs: tuple[Descriptor, ...]
@@ -117,9 +139,7 @@ class _Entry:
 class Referrers:
     """The referrers of a manifest in one repository: local, plus upstream's or the peers'."""
 
-    def __init__(
-        self, registry: ProxyRegistry, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, registry: Host, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.clock = clock
         self._cache: dict[tuple[str, str], _Entry] = {}
@@ -139,7 +159,7 @@ class Referrers:
     async def local(self, repo: RepoName, subject: Digest) -> list[Descriptor]:
         """What this host holds: subject manifests, the tag schema index, cosign's tags."""
         reg = self.registry
-        rows = await reg.index_call(reg.index.referrers, repo.canonical, str(subject))
+        rows = await reg.db.read(Index.referrers, repo.canonical, str(subject))
         out = [
             Descriptor(r.media_type, Digest.parse(r.digest), r.size, r.artifact_type, r.annotations)
             for r in rows[:MAX_REFERRERS]

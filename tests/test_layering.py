@@ -60,7 +60,11 @@ LAYERS: dict[str, Layer] = {
     "upstream": _layer("upstream", "base oci config names"),
     "peers": _layer("peers", "base oci config transfer upstream"),
     "registry": _layer("registry", f"{_MODEL} store index facade"),
-    "proxy": _layer("proxy", f"{_MODEL} store index facade transfer upstream peers registry"),
+    # referrers pulled through: composed into proxy (a Protocol names what it needs of it)
+    "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),
+    "proxy": _layer(
+        "proxy", f"{_MODEL} store index facade transfer upstream peers registry referrers"
+    ),
     # tools and background work over the store: no HTTP layer, no upstream of their own
     "gc": _layer("evict", f"{_MODEL} store index facade transfer registry"),
     # the importer's parts: staging and docker archives know no registry; export knows no import
