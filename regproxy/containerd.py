@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Final
 
 from regproxy.config import Config
 from regproxy.names import DOCKER_HUB, normalize_host
@@ -141,39 +141,3 @@ def apply(files: list[HostsFile], directory: Path, *, dry_run: bool = False) -> 
             _write_atomic(path, f.text)
         changes.append(Change(path, "created" if old is None else "replaced", backup))
     return changes
-
-
-def report(changes: list[Change], skipped: list[str], out: TextIO, *, dry_run: bool) -> None:
-    verb = "would be " if dry_run else ""
-    for c in changes:
-        if c.action == "unchanged":
-            print(f"unchanged  {c.path}", file=out)
-        elif c.backup is not None:
-            print(f"{verb}replaced {c.path} (previous file kept as {c.backup.name})", file=out)
-        else:
-            print(f"{verb}created  {c.path}", file=out)
-    for pattern in skipped:
-        print(
-            f"skipped    upstream {pattern!r}: a pattern names no host directory (--default covers it)",
-            file=out,
-        )
-    if not changes:
-        print("no concrete upstream hosts configured (use --default for every registry)", file=out)
-    elif all(c.action == "unchanged" for c in changes):
-        print("nothing changed: every hosts.toml already points at regproxy", file=out)
-
-
-def run(
-    config: Config,
-    directory: str,
-    url: str | None,
-    *,
-    default: bool,
-    ca: str | None,
-    dry_run: bool,
-    out: TextIO,
-) -> int:
-    files, skipped = plan(config, url or default_url(config), default=default, ca=ca)
-    changes = apply(files, Path(directory), dry_run=dry_run)
-    report(changes, skipped, out, dry_run=dry_run)
-    return 0

@@ -9,17 +9,13 @@ through the manifests that list them (eviction's rule, see ``regproxy.evict``).
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from regproxy.config import Config
-from regproxy.errors import ManifestUnknown, OCIError
+from regproxy.errors import ManifestUnknown
 from regproxy.index import Index, PinRow
-from regproxy.names import NameResolver, RepoName
+from regproxy.names import RepoName
 from regproxy.oci import INDEX_TYPES
 from regproxy.registry import Registry
 
@@ -122,69 +118,3 @@ async def list_pins(registry: Registry, repo: RepoName | None = None) -> list[Pi
         size = r.size + r.blob_bytes + sum(k.size + k.blob_bytes for k in kids)
         out.append(PinnedImage(r.repo, r.digest, r.media_type, r.tags, size, kids))
     return out
-
-
-# --- ``regproxy pin | unpin | pins`` -------------------------------------------------------------
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    for cmd, what in (("pin", "pin"), ("unpin", "unpin")):
-        p = sub.add_parser(
-            cmd,
-            help=f"{what} images in the store (an index with its platforms)",
-            description=f"{what.capitalize()} NAME[:TAG|@DIGEST] (an index and its children). "
-            "Pinned content is never evicted.",
-        )
-        p.add_argument("refs", nargs="+", metavar="NAME[:TAG|@DIGEST]")
-    p = sub.add_parser("pins", help="list pinned images: repository, tags, digest, size")
-    p.add_argument("name", nargs="?", help="only this repository")
-    p.add_argument("--json", action="store_true", help="one JSON document")
-
-
-async def run_cli(config: Config, args: argparse.Namespace) -> int:
-    from regproxy.proxy import build_registry
-
-    resolver = NameResolver(config)
-    registry = build_registry(config)
-    await registry.open(sweep=False)
-    try:
-        if args.command == "pins":
-            repo = resolver.parse_reference(args.name)[0] if args.name else None
-            _print_pins(await list_pins(registry, repo), args.json)
-            return 0
-        failed = 0
-        for ref in args.refs:
-            try:
-                repo, reference = resolver.parse_reference(ref)
-                digest = await resolve(registry, repo, reference)
-                change = pin if args.command == "pin" else unpin
-                done = await change(registry, repo, reference)
-            except OCIError as exc:
-                print(f"regproxy {args.command}: {ref}: {exc}", file=sys.stderr)
-                failed += 1
-                continue
-            print(f"{args.command}ned {repo.canonical}@{digest} ({len(done)} manifest(s))")
-        return 1 if failed else 0
-    finally:
-        await registry.close()
-
-
-def _print_pins(images: list[PinnedImage], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps([i.to_json() for i in images], indent=2))
-        return
-    rows = [("REPOSITORY", "TAGS", "DIGEST", "SIZE")]
-    for i in images:
-        kind = f" (index, {len(i.children)} platform(s))" if i.is_index else ""
-        rows.append((i.repo, ",".join(i.tags) or "-", i.digest, _human(i.size) + kind))
-    widths = [max(len(r[c]) for r in rows) for c in range(3)]
-    for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in range(3)) + "  " + r[3])
-    print(f"{len(images)} pinned image(s)")
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"

@@ -39,8 +39,8 @@ def _layer(modules: str, may_import: str = "") -> Layer:
 #: give it a layer of its own (and name that layer in the ``may_import`` of the layers above).
 _MODEL = "base oci config names"
 LAYERS: dict[str, Layer] = {
-    # leaves any module may import: the version, errors, header names, logging, metrics
-    "base": _layer(". errors headers log metrics systemd login_budget"),
+    # leaves any module may import: the version, errors, header names, logging, metrics, units
+    "base": _layer(". errors headers log metrics systemd login_budget units"),
     "oci": _layer("oci", "base"),
     # pure signature verification: no internal imports at all
     "signatures": _layer("cosign"),
@@ -87,15 +87,13 @@ LAYERS: dict[str, Layer] = {
     # nothing imports app but the command line, and nothing imports the command line
     "app": _layer(
         "app",
-        f"{_MODEL} store index facade transfer upstream peers registry proxy gc pinning tools keys web "
-        "auth "
-        "queries ui_model handlers",
+        f"{_MODEL} store index facade transfer upstream peers registry proxy gc pinning tools "
+        "keys web auth queries ui_model handlers",
     ),
-    "commands": _layer("bundle_cli", f"{_MODEL} registry proxy pinning tools"),
     "cli": _layer(
         "cli",
-        f"{_MODEL} schema store index facade transfer upstream peers registry proxy gc pinning tools app "
-        "commands",
+        f"{_MODEL} schema store index facade transfer upstream peers registry proxy gc pinning "
+        "tools app",
     ),
     "main": _layer("__main__", "cli"),
 }
@@ -107,7 +105,7 @@ THIRD_PARTY: dict[str, frozenset[str]] = {
     "sqlite3": frozenset({"schema", "index"}),
     "bcrypt": frozenset({"auth"}),
     "jinja2": frozenset({"handlers"}),
-    "yaml": frozenset({"config", "tools"}),
+    "yaml": frozenset({"config", "tools", "cli"}),
     "prometheus_client": frozenset({"base"}),
     "uvloop": frozenset({"cli"}),
     "cryptography": frozenset({"signatures"}),

@@ -19,9 +19,10 @@ from regproxy.errors import OCIError
 from regproxy.health import Health
 from regproxy.names import RepoName
 from regproxy.registry import Registry
-from regproxy.ui.format import ago, human_bytes, iso, kind, short_digest
+from regproxy.ui.format import ago, iso, kind, short_digest
 from regproxy.ui.history import History
 from regproxy.ui.sessions import Session, Sessions
+from regproxy.units import human_bytes
 from regproxy.web_keys import REGISTRY_KEY, RESOLVER_KEY
 
 log = logging.getLogger("regproxy.ui")

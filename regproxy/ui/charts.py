@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from regproxy.ui.format import human_bytes
 from regproxy.ui.history import SAMPLE_SECONDS, SAMPLES
+from regproxy.units import human_bytes
 
 
 def chart(intervals: list[dict[str, float]], now: float) -> dict[str, Any]:

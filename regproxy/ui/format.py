@@ -8,17 +8,6 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
 def ago(t: float | None, now: float | None = None) -> str:
     if not t:
         return "never"

@@ -384,9 +384,13 @@ def test_bad_config_exits_2_with_one_line_naming_the_key(
 ) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
-    for command in ("serve", "check-config"):
-        proc = _regproxy("--config", str(cfg), command)
-        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+    for args in (
+        ("--config", str(cfg), "serve"),
+        ("serve", "--config", str(cfg)),  # as daemons are started: the option after the command
+        ("check-config", "-c", str(cfg)),
+    ):
+        proc = _regproxy(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1, proc.stderr
         assert key in lines[0], lines[0]

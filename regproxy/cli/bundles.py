@@ -8,19 +8,26 @@ import time
 from pathlib import Path
 
 from regproxy.bundle import BundleError, Exporter, Importer
+from regproxy.cli.common import SubParsers, run
 from regproxy.config import Config
 from regproxy.errors import OCIError
 from regproxy.names import NameResolver
 
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("import", help="import OCI layouts/archives and docker-save archives")
+def add_parsers(sub: SubParsers, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "import", parents=[common], help="import OCI layouts/archives and docker-save archives"
+    )
     p.add_argument("paths", nargs="+", type=Path, help="bundle files or OCI layout directories")
     p.add_argument("--name", help="repository (and tag) for images the bundle does not name")
-    p = sub.add_parser("export", help="write images as an OCI archive")
+    p.set_defaults(run=lambda config, args: run(run_import(config, args.paths, args.name)))
+    p = sub.add_parser("export", parents=[common], help="write images as an OCI archive")
     p.add_argument("names", nargs="+", help="image references (docker.io/library/nginx:1.25)")
     p.add_argument("-o", "--output", type=Path, required=True, help="the archive to write")
     p.add_argument("--platform", help="only this platform of an index (linux/amd64)")
+    p.set_defaults(
+        run=lambda config, args: run(run_export(config, args.names, args.output, args.platform))
+    )
 
 
 class _Progress:

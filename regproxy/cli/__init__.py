@@ -1,0 +1,56 @@
+"""The ``regproxy`` command line: parse, load the config, run one command, return its exit code.
+
+Exit codes: 0 ok, 1 a missing config file (or a command's own failure), 2 an invalid config or
+invalid arguments. ``--config`` is accepted before and after the command
+(``regproxy --config F serve`` and ``regproxy serve --config F``). Each command lives in a
+module of this package with ``add_parsers(sub, common)``, which sets ``run(config, args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from regproxy import __version__
+from regproxy.cli import bundles, checks, containerd, pins, prefetch, serve, store
+from regproxy.cli.common import Command
+from regproxy.config import load_config
+from regproxy.errors import ConfigError, ConfigMissing
+from regproxy.log import setup_logging
+from regproxy.schema import IndexVersionError
+
+#: every module that adds commands, in the order ``--help`` lists them
+_COMMANDS = (serve, checks, containerd, bundles, prefetch, pins, store)
+_CONFIG_HELP = "YAML config file (default: built-in defaults); before or after the command"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="regproxy", description="node-local OCI registry cache")
+    p.add_argument("--version", action="version", version=f"regproxy {__version__}")
+    p.add_argument("--config", "-c", help=_CONFIG_HELP)
+    # the same option after the command: SUPPRESS keeps a value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=_CONFIG_HELP)
+    sub = p.add_subparsers(dest="command", required=True)
+    for module in _COMMANDS:
+        module.add_parsers(sub, common)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigMissing as exc:
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log.level, config.log.format)
+    command: Command = args.run
+    try:
+        return command(config, args)
+    except IndexVersionError as exc:  # a store from a newer release: one line, no traceback
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,79 @@
+"""``regproxy pin | unpin | pins``: pin images by hand, and list what is pinned."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from regproxy.cli.common import SubParsers, run
+from regproxy.config import Config
+from regproxy.errors import OCIError
+from regproxy.names import NameResolver
+from regproxy.pins import PinnedImage, list_pins, pin, resolve, unpin
+from regproxy.units import human_bytes
+
+
+def add_parsers(sub: SubParsers, common: argparse.ArgumentParser) -> None:
+    for cmd, what in (("pin", "pin"), ("unpin", "unpin")):
+        p = sub.add_parser(
+            cmd,
+            parents=[common],
+            help=f"{what} images in the store (an index with its platforms)",
+            description=f"{what.capitalize()} NAME[:TAG|@DIGEST] (an index and its children). "
+            "Pinned content is never evicted.",
+        )
+        p.add_argument("refs", nargs="+", metavar="NAME[:TAG|@DIGEST]")
+        p.set_defaults(run=_run)
+    p = sub.add_parser(
+        "pins", parents=[common], help="list pinned images: repository, tags, digest, size"
+    )
+    p.add_argument("name", nargs="?", help="only this repository")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.set_defaults(run=_run)
+
+
+def _run(config: Config, args: argparse.Namespace) -> int:
+    return run(_pins(config, args))
+
+
+async def _pins(config: Config, args: argparse.Namespace) -> int:
+    from regproxy.proxy import build_registry
+
+    resolver = NameResolver(config)
+    registry = build_registry(config)
+    await registry.open(sweep=False)
+    try:
+        if args.command == "pins":
+            repo = resolver.parse_reference(args.name)[0] if args.name else None
+            _print_pins(await list_pins(registry, repo), args.json)
+            return 0
+        failed = 0
+        for ref in args.refs:
+            try:
+                repo, reference = resolver.parse_reference(ref)
+                digest = await resolve(registry, repo, reference)
+                change = pin if args.command == "pin" else unpin
+                done = await change(registry, repo, reference)
+            except OCIError as exc:
+                print(f"regproxy {args.command}: {ref}: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            print(f"{args.command}ned {repo.canonical}@{digest} ({len(done)} manifest(s))")
+        return 1 if failed else 0
+    finally:
+        await registry.close()
+
+
+def _print_pins(images: list[PinnedImage], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([i.to_json() for i in images], indent=2))
+        return
+    rows = [("REPOSITORY", "TAGS", "DIGEST", "SIZE")]
+    for i in images:
+        kind = f" (index, {len(i.children)} platform(s))" if i.is_index else ""
+        rows.append((i.repo, ",".join(i.tags) or "-", i.digest, human_bytes(i.size) + kind))
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in range(3)) + "  " + r[3])
+    print(f"{len(images)} pinned image(s)")
