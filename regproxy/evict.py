@@ -356,23 +356,7 @@ class Evictor:
         if need <= 0:
             metrics.EVICT_SHORT_BYTES.set(0)
             return None
-        await reg.flush_access()
-        p = await reg.db.write(
-            evict_in_index,
-            need,
-            in_use=self.in_use,
-            loose_age=storage.upload_ttl,
-            busy=self._busy(),
-        )
-        reg.drop_cached(p.rows, [*p.manifests, *p.blobs])
-        inflight = self._busy()  # a fetch that started meanwhile replaces the file itself
-        doomed = [Digest.parse(d) for d in dict.fromkeys([*p.manifests, *p.blobs])]
-        await loop.run_in_executor(
-            None, _delete_files, reg, [d for d in doomed if str(d) not in inflight]
-        )
-        for e in p.evicted:
-            log.info("evict.manifest repo=%s digest=%s bytes=%d", e.repo or "-", e.digest, e.bytes)
-        metrics.EVICTED_BYTES.inc(p.freed)
+        p = await self.evict(need)
         metrics.STORE_BYTES.set(max(0, store_bytes - p.freed))
         metrics.PINNED_BYTES.set(p.pinned_bytes)
         metrics.EVICT_SHORT_BYTES.set(p.short)
@@ -389,6 +373,28 @@ class Evictor:
             floor,
             p.short,
         )
+        return p
+
+    async def evict(self, need: int) -> Plan:
+        """Evict until ``need`` bytes are freed or nothing more may go."""
+        reg = self.registry
+        await reg.flush_access()
+        p = await reg.db.write(
+            evict_in_index,
+            need,
+            in_use=self.in_use,
+            loose_age=self.config.storage.upload_ttl,
+            busy=self._busy(),
+        )
+        reg.drop_cached(p.rows, [*p.manifests, *p.blobs])
+        inflight = self._busy()  # a fetch that started meanwhile replaces the file itself
+        doomed = [Digest.parse(d) for d in dict.fromkeys([*p.manifests, *p.blobs])]
+        await asyncio.get_running_loop().run_in_executor(
+            None, _delete_files, reg, [d for d in doomed if str(d) not in inflight]
+        )
+        for e in p.evicted:
+            log.info("evict.manifest repo=%s digest=%s bytes=%d", e.repo or "-", e.digest, e.bytes)
+        metrics.EVICTED_BYTES.inc(p.freed)
         return p
 
 

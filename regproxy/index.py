@@ -287,13 +287,14 @@ class Index:
         """``with index.transaction():`` one write transaction around several calls below."""
         return self._tx()
 
+    def totals(self) -> Totals:
+        """What the store holds (one row, kept by the schema's triggers: no scan)."""
+        row = self.db.execute(f"SELECT {', '.join(schema.TOTALS_COLUMNS)} FROM totals").fetchone()
+        return Totals(*(int(v) for v in row))
+
     def store_bytes(self) -> int:
         """Bytes of every blob and manifest file the index knows (each digest counted once)."""
-        row = self.db.execute(
-            "SELECT COALESCE(SUM(size), 0) FROM "
-            "(SELECT digest, size FROM blobs UNION SELECT digest, size FROM manifests)"
-        ).fetchone()
-        return int(row[0])
+        return int(self.db.execute("SELECT stored_bytes FROM totals").fetchone()[0])
 
     def usage_snapshot(self) -> UsageSnapshot:
         """Everything eviction and gc decide on, read in one go (no blob tree scan)."""
@@ -366,13 +367,12 @@ class Index:
 
     def pinned_bytes(self) -> int:
         """Bytes reachable from pinned repository manifests (an index's children included)."""
-        row = self.db.execute(
-            "WITH RECURSIVE p(d) AS (SELECT digest FROM repo_manifests WHERE pinned=1 "
-            "UNION SELECT child FROM manifest_refs JOIN p ON parent = p.d) "
-            "SELECT COALESCE(SUM(size), 0) FROM (SELECT digest, size FROM blobs "
-            "UNION SELECT digest, size FROM manifests) WHERE digest IN p"
-        ).fetchone()
-        return int(row[0])
+        return int(self.db.execute("SELECT pinned_bytes FROM totals").fetchone()[0])
+
+    def recount(self) -> Totals:
+        """:meth:`totals` counted again from every row (a full pass: fsck and tests)."""
+        sums = schema.recount(self.db)
+        return Totals(*(sums[c] for c in schema.TOTALS_COLUMNS))
 
     def data_version(self) -> int:
         """Changes when another connection (gc, fsck, import) committed to the database."""
@@ -486,6 +486,20 @@ def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 def _manifest_row(row: Sequence[Any]) -> ManifestRow:
     ann = json.loads(row[5]) if row[5] else None
     return ManifestRow(row[0], row[1], int(row[2]), row[3], row[4], ann)
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """What the store holds (see :data:`regproxy.schema.TOTALS_COLUMNS`)."""
+
+    stored_bytes: int
+    stored_count: int
+    pinned_bytes: int
+    pinned_count: int
+    blobs: int
+    manifests: int
+    tags: int
+    repos: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from regproxy.errors import RegproxyError
 log = logging.getLogger("regproxy.index")
 
 #: the schema version this code writes
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 #: version 1: the schema of every store written before versioning (user_version 0)
 V1: Final = (
@@ -80,8 +80,192 @@ def _v2(db: sqlite3.Connection) -> None:
     db.execute("UPDATE blobs SET last_access = created WHERE last_access IS NULL")
 
 
+# --- version 3: running totals and reference counts, kept by triggers -----------------------------
+#
+# ``refs`` has a row for every digest that is stored (a blobs or manifests row: ``size``) or that
+# something still references:
+#
+#   live(d)   = repository rows (repo_manifests) naming d + live manifests listing d
+#   pinned(d) = pinned repository rows naming d + pinned manifests listing d   (pinned <= live)
+#
+# A manifest "listing" d is a manifest_refs row (an index's children, a manifest's config and
+# layers). When live (or pinned) of a manifest crosses zero, its children's counts change by one:
+# the triggers cascade (``PRAGMA recursive_triggers``, set by :func:`connect`). A stored digest
+# with live = 0 is garbage (the partial index ``refs_unreferenced`` finds it at once); a row that
+# is neither stored nor referenced is deleted. ``totals`` (one row) sums what the index holds, in
+# the same transaction as every change: no query ever sums the index again.
+
+#: what the store holds, as :class:`regproxy.index.Totals` reads it
+TOTALS_COLUMNS: Final = (
+    "stored_bytes",  # distinct digests with a file (blobs and manifests rows), and their bytes
+    "stored_count",
+    "pinned_bytes",  # stored digests reachable from a pinned repository row
+    "pinned_count",
+    "blobs",
+    "manifests",
+    "tags",
+    "repos",  # repositories holding at least one manifest
+)
+
+_F_NEW = "COALESCE(NEW.size, 0)"
+_F_OLD = "COALESCE(OLD.size, 0)"
+_PIN_NEW = f"CASE WHEN NEW.pinned > 0 THEN {_F_NEW} ELSE 0 END"
+_PIN_OLD = f"CASE WHEN OLD.pinned > 0 THEN {_F_OLD} ELSE 0 END"
+_HELD_NEW = "(NEW.size IS NOT NULL)"
+_HELD_OLD = "(OLD.size IS NOT NULL)"
+
+#: name -> body of every trigger of the current schema
+TRIGGERS: Final[dict[str, str]] = {
+    # files: a digest is stored while a blobs or a manifests row names it
+    "blobs_added": "AFTER INSERT ON blobs BEGIN UPDATE totals SET blobs = blobs + 1;"
+    " INSERT INTO refs(digest, size) VALUES (NEW.digest, NEW.size)"
+    " ON CONFLICT(digest) DO UPDATE SET size = excluded.size WHERE size IS NULL; END",
+    "blobs_removed": "AFTER DELETE ON blobs BEGIN UPDATE totals SET blobs = blobs - 1;"
+    " UPDATE refs SET size = NULL WHERE digest = OLD.digest"
+    " AND NOT EXISTS (SELECT 1 FROM manifests WHERE digest = OLD.digest); END",
+    "manifests_added": "AFTER INSERT ON manifests BEGIN UPDATE totals SET manifests = manifests + 1;"
+    " INSERT INTO refs(digest, size) VALUES (NEW.digest, NEW.size)"
+    " ON CONFLICT(digest) DO UPDATE SET size = excluded.size WHERE size IS NULL; END",
+    "manifests_removed": "AFTER DELETE ON manifests BEGIN"
+    " UPDATE totals SET manifests = manifests - 1;"
+    " UPDATE refs SET size = NULL WHERE digest = OLD.digest"
+    " AND NOT EXISTS (SELECT 1 FROM blobs WHERE digest = OLD.digest); END",
+    "tags_added": "AFTER INSERT ON tags BEGIN UPDATE totals SET tags = tags + 1; END",
+    "tags_removed": "AFTER DELETE ON tags BEGIN UPDATE totals SET tags = tags - 1; END",
+    # repository rows: one live (and, pinned, one pinned) reference each
+    "rows_added": "AFTER INSERT ON repo_manifests BEGIN"
+    " INSERT INTO refs(digest, live, pinned) VALUES (NEW.digest, 1, NEW.pinned <> 0)"
+    " ON CONFLICT(digest) DO UPDATE SET live = live + 1, pinned = pinned + excluded.pinned;"
+    " UPDATE repos SET manifests = manifests + 1 WHERE name = NEW.repo; END",
+    "rows_removed": "AFTER DELETE ON repo_manifests BEGIN"
+    " UPDATE refs SET live = live - 1, pinned = pinned - (OLD.pinned <> 0)"
+    " WHERE digest = OLD.digest;"
+    " UPDATE repos SET manifests = manifests - 1 WHERE name = OLD.repo; END",
+    "rows_pinned": "AFTER UPDATE OF pinned ON repo_manifests"
+    " WHEN (OLD.pinned <> 0) <> (NEW.pinned <> 0) BEGIN"
+    " UPDATE refs SET pinned = pinned + (NEW.pinned <> 0) - (OLD.pinned <> 0)"
+    " WHERE digest = NEW.digest; END",
+    "repos_held": "AFTER UPDATE OF manifests ON repos"
+    " WHEN (OLD.manifests > 0) <> (NEW.manifests > 0) BEGIN"
+    " UPDATE totals SET repos = repos + (NEW.manifests > 0) - (OLD.manifests > 0); END",
+    # a manifest listing a digest: one reference while the manifest is live (pinned)
+    "lists_added": "AFTER INSERT ON manifest_refs BEGIN"
+    " INSERT INTO refs(digest, live, pinned)"
+    " SELECT NEW.child, 1, p.pinned > 0 FROM refs p WHERE p.digest = NEW.parent AND p.live > 0"
+    " ON CONFLICT(digest) DO UPDATE SET live = live + 1, pinned = pinned + excluded.pinned; END",
+    "lists_removed": "AFTER DELETE ON manifest_refs BEGIN"
+    " UPDATE refs SET live = live - 1,"
+    " pinned = pinned - (SELECT p.pinned > 0 FROM refs p WHERE p.digest = OLD.parent)"
+    " WHERE digest = OLD.child"
+    " AND EXISTS (SELECT 1 FROM refs p WHERE p.digest = OLD.parent AND p.live > 0); END",
+    # the cascade: a manifest that becomes (un)referenced (un)references what it lists
+    "refs_new_live": "AFTER INSERT ON refs WHEN NEW.live > 0 BEGIN"
+    " INSERT INTO refs(digest, live, pinned)"
+    " SELECT child, 1, NEW.pinned > 0 FROM manifest_refs WHERE parent = NEW.digest"
+    " ON CONFLICT(digest) DO UPDATE SET live = live + 1, pinned = pinned + excluded.pinned; END",
+    "refs_live": "AFTER UPDATE OF live ON refs WHEN OLD.live = 0 AND NEW.live > 0 BEGIN"
+    " INSERT INTO refs(digest, live) SELECT child, 1 FROM manifest_refs"
+    " WHERE parent = NEW.digest ON CONFLICT(digest) DO UPDATE SET live = live + 1; END",
+    "refs_dead": "AFTER UPDATE OF live ON refs WHEN OLD.live > 0 AND NEW.live = 0 BEGIN"
+    " UPDATE refs SET live = live - 1"
+    " WHERE digest IN (SELECT child FROM manifest_refs WHERE parent = NEW.digest); END",
+    "refs_pinned": "AFTER UPDATE OF pinned ON refs WHEN OLD.pinned = 0 AND NEW.pinned > 0 BEGIN"
+    " UPDATE refs SET pinned = pinned + 1"
+    " WHERE digest IN (SELECT child FROM manifest_refs WHERE parent = NEW.digest); END",
+    "refs_unpinned": "AFTER UPDATE OF pinned ON refs WHEN OLD.pinned > 0 AND NEW.pinned = 0 BEGIN"
+    " UPDATE refs SET pinned = pinned - 1"
+    " WHERE digest IN (SELECT child FROM manifest_refs WHERE parent = NEW.digest); END",
+    "refs_forgotten": "AFTER UPDATE ON refs"
+    " WHEN NEW.live = 0 AND NEW.pinned = 0 AND NEW.size IS NULL BEGIN"
+    " DELETE FROM refs WHERE digest = NEW.digest; END",
+    # the totals follow every refs row
+    "totals_added": "AFTER INSERT ON refs BEGIN UPDATE totals SET"
+    f" stored_bytes = stored_bytes + {_F_NEW}, stored_count = stored_count + {_HELD_NEW},"
+    f" pinned_bytes = pinned_bytes + {_PIN_NEW},"
+    f" pinned_count = pinned_count + (NEW.pinned > 0 AND {_HELD_NEW}); END",
+    "totals_removed": "AFTER DELETE ON refs BEGIN UPDATE totals SET"
+    f" stored_bytes = stored_bytes - {_F_OLD}, stored_count = stored_count - {_HELD_OLD},"
+    f" pinned_bytes = pinned_bytes - {_PIN_OLD},"
+    f" pinned_count = pinned_count - (OLD.pinned > 0 AND {_HELD_OLD}); END",
+    "totals_changed": "AFTER UPDATE ON refs"
+    " WHEN OLD.size IS NOT NEW.size OR (OLD.pinned > 0) <> (NEW.pinned > 0) BEGIN"
+    " UPDATE totals SET"
+    f" stored_bytes = stored_bytes + {_F_NEW} - {_F_OLD},"
+    f" stored_count = stored_count + {_HELD_NEW} - {_HELD_OLD},"
+    f" pinned_bytes = pinned_bytes + {_PIN_NEW} - {_PIN_OLD},"
+    f" pinned_count = pinned_count + (NEW.pinned > 0 AND {_HELD_NEW})"
+    f" - (OLD.pinned > 0 AND {_HELD_OLD}); END",
+}
+
+
+def _v3(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE repos ADD COLUMN manifests INTEGER NOT NULL DEFAULT 0")
+    db.execute(
+        "CREATE TABLE refs(digest TEXT PRIMARY KEY, live INTEGER NOT NULL DEFAULT 0,"
+        " pinned INTEGER NOT NULL DEFAULT 0, size INTEGER) WITHOUT ROWID"
+    )
+    db.execute("CREATE INDEX refs_unreferenced ON refs(digest) WHERE live = 0")
+    columns = ", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in TOTALS_COLUMNS)
+    db.execute(f"CREATE TABLE totals(id INTEGER PRIMARY KEY CHECK (id = 0), {columns})")
+    db.execute("INSERT INTO totals(id) VALUES (0)")
+    rebuild_counts(db)
+
+
+def rebuild_counts(db: sqlite3.Connection) -> None:
+    """Compute ``refs``, ``repos.manifests`` and ``totals`` from the rows, and (re)install the
+    triggers that keep them (a migration; ``fsck --repair`` after a drift). In a transaction."""
+    for name in TRIGGERS:
+        db.execute(f"DROP TRIGGER IF EXISTS {name}")
+    db.execute("DELETE FROM refs")
+    db.execute(
+        "UPDATE repos SET manifests = (SELECT count(*) FROM repo_manifests WHERE repo = name)"
+    )
+    db.execute(
+        "INSERT INTO refs(digest, size) SELECT digest, max(size) FROM "
+        "(SELECT digest, size FROM blobs UNION ALL SELECT digest, size FROM manifests) "
+        "GROUP BY digest"
+    )
+    for column, rows in (("live", "1"), ("pinned", "pinned <> 0")):
+        db.execute(
+            f"WITH RECURSIVE s(d) AS (SELECT digest FROM repo_manifests WHERE {rows} "
+            "UNION SELECT child FROM manifest_refs JOIN s ON parent = s.d), "
+            "uses(d) AS (SELECT digest FROM repo_manifests WHERE "
+            f"{rows} UNION ALL SELECT child FROM manifest_refs WHERE parent IN s) "
+            f"INSERT INTO refs(digest, {column}) SELECT d, count(*) FROM uses WHERE true "
+            f"GROUP BY d ON CONFLICT(digest) DO UPDATE SET {column} = excluded.{column}"
+        )
+    sums = recount(db)
+    db.execute(
+        "UPDATE totals SET " + ", ".join(f"{c} = ?" for c in TOTALS_COLUMNS),
+        [sums[c] for c in TOTALS_COLUMNS],
+    )
+    for name, body in TRIGGERS.items():
+        db.execute(f"CREATE TRIGGER {name} {body}")
+
+
+def recount(db: sqlite3.Connection) -> dict[str, int]:
+    """The totals, counted from the rows themselves (a full pass: tests, fsck, migrations)."""
+    row = db.execute(
+        "WITH RECURSIVE p(d) AS (SELECT digest FROM repo_manifests WHERE pinned <> 0 "
+        "UNION SELECT child FROM manifest_refs JOIN p ON parent = p.d), "
+        "stored(digest, size) AS (SELECT digest, max(size) FROM "
+        "(SELECT digest, size FROM blobs UNION ALL SELECT digest, size FROM manifests) "
+        "GROUP BY digest) "
+        "SELECT (SELECT COALESCE(sum(size), 0) FROM stored), (SELECT count(*) FROM stored), "
+        "(SELECT COALESCE(sum(size), 0) FROM stored WHERE digest IN p), "
+        "(SELECT count(*) FROM stored WHERE digest IN p), "
+        "(SELECT count(*) FROM blobs), (SELECT count(*) FROM manifests), "
+        "(SELECT count(*) FROM tags), "
+        "(SELECT count(*) FROM repos WHERE name IN (SELECT repo FROM repo_manifests))"
+    ).fetchone()
+    return {c: int(v) for c, v in zip(TOTALS_COLUMNS, row, strict=True)}
+
+
 #: (version it brings the schema to, what it does), in order; append, never edit a released one
-MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] = ((2, _v2),)
+MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] = (
+    (2, _v2),
+    (3, _v3),
+)
 
 
 def user_version(db: sqlite3.Connection) -> int:
@@ -151,6 +335,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
             return db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA recursive_triggers=ON")  # the reference counts cascade
         migrate(db, path)
     except BaseException:
         db.close()

@@ -303,17 +303,13 @@ def manifest_info(index: Index, repo: str, digest: str) -> ManifestInfo | None:
 
 
 def totals(index: Index) -> dict[str, int]:
-    """Counts for the overview (a few aggregate queries over the index, no blob tree)."""
-    row = index.db.execute(
-        "SELECT (SELECT count(*) FROM repos WHERE EXISTS "
-        " (SELECT 1 FROM repo_manifests m WHERE m.repo = repos.name)), "
-        "(SELECT count(*) FROM tags), (SELECT count(*) FROM manifests), (SELECT count(*) FROM blobs)"
-    ).fetchone()
+    """Counts for the overview: the index's running totals (one row, no scan)."""
+    t = index.totals()
     return {
-        "repositories": int(row[0]),
-        "tags": int(row[1]),
-        "manifests": int(row[2]),
-        "blobs": int(row[3]),
-        "store_bytes": index.store_bytes(),
-        "pinned_bytes": index.pinned_bytes(),
+        "repositories": t.repos,
+        "tags": t.tags,
+        "manifests": t.manifests,
+        "blobs": t.blobs,
+        "store_bytes": t.stored_bytes,
+        "pinned_bytes": t.pinned_bytes,
     }
