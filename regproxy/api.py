@@ -33,9 +33,10 @@ from regproxy.errors import (
 from regproxy.headers import API_VERSION, CONTENT_DIGEST, PEER_HEADER
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MAX_MANIFEST_BYTES, OCI_INDEX, Digest, is_digest_reference, validate_tag
+from regproxy.policy import cosign_tag_subject
 from regproxy.registry import LOCAL_ONLY, NOTES, Blob, Registry, check_range
 from regproxy.web_errors import NotFound
-from regproxy.web_keys import REGISTRY_KEY, RESOLVER_KEY
+from regproxy.web_keys import POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 from regproxy.web_keys import notes as _notes
 
 log = logging.getLogger("regproxy.api")
@@ -404,6 +405,8 @@ async def get_manifest(request: web.Request, name: str, ref: str) -> web.Respons
         # no manifest can carry that tag: a read answers 404, the only failure end-3 lists
         raise ManifestUnknown(ref) from None
     m = await registry.get_manifest(repo, ref)
+    if not LOCAL_ONLY.get():  # a peer's request: the asking host applies its own policy
+        await request.app[POLICY_KEY].enforce(repo, m)
     _notes(request).setdefault("cache", "hit")
     headers = {
         **API_VERSION,
@@ -433,6 +436,9 @@ async def put_manifest(request: web.Request, name: str, ref: str) -> web.Respons
     result = await registry.put_manifest(
         repo, ref, bytes(body), request.headers.get("Content-Type")
     )
+    subject = result.subject or cosign_tag_subject(ref)
+    if subject is not None:  # a signature (or other referrer) arrived: decide again
+        request.app[POLICY_KEY].forget(subject)
     headers = {
         **API_VERSION,
         "Location": f"/v2/{_where(request, name, repo)}/manifests/{result.digest}",

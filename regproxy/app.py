@@ -24,6 +24,7 @@ from regproxy.headers import INSTANCE_HEADER
 from regproxy.health import Health
 from regproxy.names import NameResolver
 from regproxy.peers import Peers
+from regproxy.policy import Policy
 from regproxy.prefetch import Prefetcher
 from regproxy.proxy import ProxyRegistry, build_registry
 from regproxy.tls import ServerTLS
@@ -33,6 +34,7 @@ from regproxy.web_keys import (
     CONFIG_KEY,
     HEALTH_KEY,
     INSTANCE_KEY,
+    POLICY_KEY,
     PREFETCH_KEY,
     REGISTRY_KEY,
     RESOLVER_KEY,
@@ -122,7 +124,9 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=8 * 1024 * 1024)
     app[CONFIG_KEY] = config
     app[INSTANCE_KEY] = uuid.uuid4().hex
-    app[REGISTRY_KEY] = build_registry(config)
+    registry = build_registry(config)
+    app[REGISTRY_KEY] = registry
+    app[POLICY_KEY] = Policy(registry)  # the signature policy, checked before manifests are served
     app[RESOLVER_KEY] = NameResolver(config)
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(_evict_ctx)  # stops before the registry closes

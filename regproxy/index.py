@@ -412,6 +412,18 @@ class Index:
             )
         ]
 
+    def index_parents(self, repo: str, digest: str, limit: int = 16) -> list[str]:
+        """Manifests of the repository that list ``digest`` as a child (its indexes)."""
+        return [
+            r[0]
+            for r in self.db.execute(
+                "SELECT x.parent FROM manifest_refs x JOIN repo_manifests r "
+                "ON r.digest = x.parent AND r.repo=? "
+                "WHERE x.child=? AND x.kind='manifest' ORDER BY x.parent LIMIT ?",
+                (repo, digest, limit),
+            )
+        ]
+
     def list_pins(self, repo: str | None = None) -> list[PinRow]:
         """Every pinned manifest (of one repository, or all), with its tags and blob bytes."""
         q = (

@@ -138,6 +138,13 @@ PREFETCH_FAILURES: Final = Counter(
     "Failed attempts to prefetch an image (each retry counts)",
     registry=REGISTRY,
 )
+POLICY_DECISIONS: Final = Counter(
+    "regproxy_policy_decisions_total",
+    "Signature policy answers for manifests under a rule that requires a signature, by rule "
+    "(its match) and result (allowed, denied)",
+    ["rule", "result"],
+    registry=REGISTRY,
+)
 
 
 def render() -> bytes:

@@ -12,6 +12,7 @@ from aiohttp import web
 from regproxy.config import Config
 from regproxy.health import Health
 from regproxy.names import NameResolver
+from regproxy.policy import Policy
 from regproxy.prefetch import Prefetcher
 from regproxy.registry import Registry
 
@@ -24,6 +25,8 @@ HEALTH_KEY: Final = web.AppKey("health", Health)
 #: the prefetcher; ``app[PREFETCH_KEY].prefetch_done`` is what /readyz consults when
 #: ``prefetch.required_for_ready`` is true (True at once when prefetch.images is empty)
 PREFETCH_KEY: Final = web.AppKey("prefetch", Prefetcher)
+#: the signature policy (regproxy.policy), consulted before a manifest is served
+POLICY_KEY: Final = web.AppKey("policy", Policy)
 
 
 def notes(request: web.BaseRequest) -> dict[str, str]:

@@ -215,3 +215,47 @@ def sbom_referrer(subject_digest: str, subject_size: int) -> tuple[bytes, dict[s
         }
     ).encode()
     return manifest, {sha256(EMPTY_JSON): EMPTY_JSON, sha256(doc): doc}
+
+
+def push_artifact(
+    base_url: str,
+    repo: str,
+    manifest: bytes,
+    blobs: dict[str, bytes],
+    ref: str | None = None,
+    media_type: str = OCI_MANIFEST,
+) -> str:
+    """Push blobs (POST then PUT, which docker-registry 2.8 needs) and a manifest over HTTP."""
+    from tests.peers import http
+
+    for digest, data in blobs.items():
+        status, headers, body = http("POST", f"{base_url}/v2/{repo}/blobs/uploads/")
+        assert status == 202, (status, body)
+        loc = headers["Location"]
+        loc = loc if loc.startswith("http") else base_url + loc
+        sep = "&" if "?" in loc else "?"
+        status, _, body = http(
+            "PUT",
+            f"{loc}{sep}digest={digest}",
+            body=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert status == 201, (status, body)
+    digest = sha256(manifest)
+    status, _, body = http(
+        "PUT",
+        f"{base_url}/v2/{repo}/manifests/{ref or digest}",
+        body=manifest,
+        headers={"Content-Type": media_type},
+    )
+    assert status == 201, (status, body)
+    return digest
+
+
+def registries_d(path: Path, *hosts: str) -> Path:
+    """A registries.d of the test's own: sigstore attachments for these hosts (skopeo reads
+    and writes ``sha256-<hex>.sig`` manifests there)."""
+    path.mkdir(parents=True, exist_ok=True)
+    docker = {h: {"use-sigstore-attachments": True} for h in hosts}
+    (path / "test.yaml").write_text(json.dumps({"docker": docker}))
+    return path

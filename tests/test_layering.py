@@ -65,6 +65,8 @@ LAYERS: dict[str, Layer] = {
     "proxy": _layer(
         "proxy", f"{_MODEL} store index facade transfer upstream peers registry referrers"
     ),
+    # the signature policy: rules, decisions, verification through the referrers
+    "policy": _layer("policy", f"{_MODEL} signatures index facade registry referrers"),
     # tools and background work over the store: no HTTP layer, no upstream of their own
     "gc": _layer("evict", f"{_MODEL} store index facade transfer registry"),
     # the importer's parts: staging and docker archives know no registry; export knows no import
@@ -78,17 +80,17 @@ LAYERS: dict[str, Layer] = {
         f"{_MODEL} store index facade transfer registry proxy gc pinning staging archives export",
     ),
     # the HTTP layer: shared keys and error rendering low, handlers above them
-    "keys": _layer("web_keys", f"{_MODEL} registry tools"),
+    "keys": _layer("web_keys", f"{_MODEL} registry tools policy"),
     "web": _layer("web_errors sendfile", f"{_MODEL} keys"),
     "auth": _layer("auth", f"{_MODEL} keys web"),
     "handlers": _layer(
-        "api admin ui", f"{_MODEL} registry queries ui_model pinning tools keys web auth"
+        "api admin ui", f"{_MODEL} registry queries ui_model pinning tools keys web auth policy"
     ),
     # nothing imports app but the command line, and nothing imports the command line
     "app": _layer(
         "app",
         f"{_MODEL} store index facade transfer upstream peers registry proxy gc pinning tools "
-        "keys web auth queries ui_model handlers",
+        "keys web auth queries ui_model handlers policy",
     ),
     "cli": _layer(
         "cli",

@@ -1,0 +1,349 @@
+"""The signature policy: which manifests may be served, decided once per digest and rule.
+
+``policy.rules`` map names to a requirement; the first rule whose ``match`` glob matches one of
+the repository's names wins (``<upstream>/<path>`` with the upstream's config key or its
+``alias``, or the canonical project path), and no match allows. Under ``require: sigstore`` a
+manifest is served only when a signature of it verifies (regproxy.cosign) with one of the rule's
+keys; signatures are found through its referrers (regproxy.referrers: the referrers API, the tag
+schema, cosign's ``sha256-<hex>.sig`` tag), fetched like any content. A child of an index is
+also served when an index of the repository that lists it is allowed (clients verify the index,
+whose digest covers its children).
+
+What is checked (``policy.enforce``): ``pull-through`` for manifests of upstream names and
+``push`` for those of local-only names, whenever a client pulls them (GET or HEAD), whatever way
+they came to the host; ``import`` is the bundle importer's own check (:meth:`Policy.check` too).
+An artifact (an image manifest without a single filesystem layer: signatures, SBOMs,
+attestations) runs nothing and is never refused, so clients can always fetch signatures.
+
+Decisions are cached per digest and rule: an allowed digest for good (bounded), a denial for
+``tag_ttl`` (a signature may arrive later), forgotten at once when a referrer of the digest is
+stored here. Each answer is counted (``regproxy_policy_decisions_total{rule,result}``); each
+fresh denial is logged ``policy.denied`` with the rule and the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol
+
+from regproxy import metrics
+from regproxy.async_index import AsyncIndex
+from regproxy.config import Config, PolicyRule
+from regproxy.cosign import (
+    BUNDLE_PREFIX,
+    MAX_SIGNATURE_BLOB,
+    SIMPLESIGNING,
+    NotASignature,
+    PublicKey,
+    signature_layers,
+    verify_layer,
+)
+from regproxy.errors import Denied, OCIError
+from regproxy.index import Index
+from regproxy.names import RepoName
+from regproxy.oci import INDEX_TYPES, Descriptor, Digest
+from regproxy.referrers import COSIGN_SUFFIXES, Referrers
+from regproxy.registry import Blob, Manifest
+
+log = logging.getLogger("regproxy.policy")
+
+ALLOWED_CACHE: Final = 50_000
+DENIED_CACHE: Final = 10_000
+MAX_CANDIDATES: Final = 16
+MAX_PARENTS: Final = 8
+#: artifact types of referrers that may be signatures (None: a referrer that names none)
+SIGNATURE_TYPES: Final = frozenset(
+    {SIMPLESIGNING, "application/vnd.dev.cosign.artifact.sig.v1+json"}
+)
+#: layer media types a runtime unpacks into a filesystem
+_FS_LAYER_PREFIXES: Final = (
+    "application/vnd.oci.image.layer.",
+    "application/vnd.docker.image.rootfs.",
+)
+
+
+class Host(Protocol):
+    """What the policy needs of the registry (regproxy.proxy.ProxyRegistry)."""
+
+    config: Config
+    db: AsyncIndex
+    referrer_index: Referrers
+
+    async def get_manifest(self, repo: RepoName, reference: str) -> Manifest: ...
+
+    async def get_blob(self, repo: RepoName, digest: Digest) -> Blob: ...
+
+    async def local_blob(self, repo: RepoName, digest: Digest) -> Blob | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    rule: str  # the rule's match, "-" when none applies
+    reason: str
+    key: PublicKey | None = None
+
+
+def is_artifact(body: bytes, media_type: str) -> bool:
+    """An image manifest without one filesystem layer (a signature, SBOM, attestation)."""
+    if media_type in INDEX_TYPES:
+        return False
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    layers = doc.get("layers") if isinstance(doc, dict) else None
+    if not isinstance(layers, list):
+        return False
+    for layer in layers:
+        mt = layer.get("mediaType") if isinstance(layer, dict) else None
+        if not isinstance(mt, str) or mt.startswith(_FS_LAYER_PREFIXES):
+            return False
+    return True
+
+
+def may_be_signature(desc: Descriptor) -> bool:
+    art = desc.artifact_type
+    return art is None or art in SIGNATURE_TYPES or art.startswith(BUNDLE_PREFIX)
+
+
+class Policy:
+    def __init__(self, registry: Host, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry = registry
+        self.config = registry.config
+        self.rules = self.config.policy.rules
+        self.enforce_points = frozenset(self.config.policy.enforce)
+        self.clock = clock
+        self._aliases: dict[str, list[str]] = {}
+        for u in self.config.upstreams:
+            if u.alias and "*" not in u.pattern:
+                self._aliases.setdefault(u.pattern, []).append(u.alias)
+        self._allowed: OrderedDict[tuple[str, int], Decision] = OrderedDict()
+        self._denied: dict[tuple[str, int], tuple[Decision, float]] = {}
+        self._flights: dict[tuple[str, int], asyncio.Future[Decision]] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.config.policy.active
+
+    # --- which rule --------------------------------------------------------------------------------
+    def names_of(self, repo: RepoName) -> list[str]:
+        """Every name a rule may match the repository by."""
+        if repo.host is None:
+            return [repo.canonical]
+        names = [f"{repo.host}/{repo.path}"]
+        names += [f"{a}/{repo.path}" for a in self._aliases.get(repo.host, [])]
+        names.append(repo.canonical)
+        return names
+
+    def rule_for(self, repo: RepoName) -> tuple[int, PolicyRule] | None:
+        names = self.names_of(repo)
+        for i, rule in enumerate(self.rules):
+            if any(fnmatch.fnmatchcase(n, rule.match) for n in names):
+                return i, rule
+        return None
+
+    def applies_to(self, repo: RepoName) -> bool:
+        """Whether serving this repository's manifests is an enforcement point."""
+        point = "push" if repo.host is None else "pull-through"
+        return point in self.enforce_points
+
+    # --- the decision ------------------------------------------------------------------------------
+    async def enforce(self, repo: RepoName, manifest: Manifest) -> None:
+        """Raise 403 DENIED unless the policy lets this manifest be served."""
+        if not self.active or not self.applies_to(repo):
+            return
+        if is_artifact(manifest.body, manifest.media_type):
+            return
+        decision = await self.check(repo, manifest.digest)
+        if not decision.allowed:
+            raise Denied(f"policy rule {decision.rule!r}: {manifest.digest}: {decision.reason}")
+
+    async def check(self, repo: RepoName, digest: Digest, *, depth: int = 0) -> Decision:
+        found = self.rule_for(repo)
+        if found is None or found[1].require == "none":
+            return Decision(True, found[1].match if found else "-", "no signature required")
+        index, rule = found
+        key = (str(digest), index)
+        decision = self._cached(key)
+        if decision is None:
+            decision = await self._single(key, lambda: self._decide(repo, digest, rule, depth))
+            self._remember(key, decision)
+            self._log(repo, digest, decision)
+        metrics.POLICY_DECISIONS.labels(
+            rule.match, "allowed" if decision.allowed else "denied"
+        ).inc()
+        return decision
+
+    def forget(self, digest: Digest | str) -> None:
+        """A referrer (or cosign tag) of ``digest`` was stored here: decide again."""
+        d = str(digest)
+        for key in [k for k in self._denied if k[0] == d]:
+            self._denied.pop(key, None)
+
+    def _cached(self, key: tuple[str, int]) -> Decision | None:
+        allowed = self._allowed.get(key)
+        if allowed is not None:
+            self._allowed.move_to_end(key)
+            return allowed
+        denied = self._denied.get(key)
+        if denied is not None:
+            if self.clock() < denied[1]:
+                return denied[0]
+            self._denied.pop(key, None)
+        return None
+
+    def _remember(self, key: tuple[str, int], decision: Decision) -> None:
+        if decision.allowed:
+            self._allowed[key] = decision
+            while len(self._allowed) > ALLOWED_CACHE:
+                self._allowed.popitem(last=False)
+            return
+        if len(self._denied) >= DENIED_CACHE:
+            self._denied.clear()
+        self._denied[key] = (decision, self.clock() + self.config.tag_ttl)
+
+    async def _single(
+        self, key: tuple[str, int], make: Callable[[], Awaitable[Decision]]
+    ) -> Decision:
+        fut = self._flights.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._flights[key] = fut
+        try:
+            result = await make()
+            fut.set_result(result)
+            return result
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()
+            raise
+        finally:
+            self._flights.pop(key, None)
+
+    def _log(self, repo: RepoName, digest: Digest, decision: Decision) -> None:
+        if decision.allowed:
+            log.info(
+                "policy.allowed repo=%s digest=%s rule=%s reason=%s",
+                repo,
+                digest,
+                decision.rule,
+                decision.reason,
+            )
+        else:
+            log.warning(
+                "policy.denied repo=%s digest=%s rule=%s upstream=%s reason=%s",
+                repo,
+                digest,
+                decision.rule,
+                repo.host or "local",
+                decision.reason,
+            )
+
+    async def _decide(
+        self, repo: RepoName, digest: Digest, rule: PolicyRule, depth: int
+    ) -> Decision:
+        reasons: list[str] = []
+        try:
+            signed = await self._signed(repo, digest, rule.keys, reasons)
+        except OCIError as exc:  # the upstream could not list or serve the signatures
+            reasons.append(f"signatures unavailable: {exc}")
+            signed = None
+        if signed is not None:
+            return Decision(True, rule.match, f"signed by {signed.path}", signed)
+        if depth == 0:
+            parents = await self.registry.db.read(
+                Index.index_parents, repo.canonical, str(digest), MAX_PARENTS
+            )
+            for parent in parents:
+                got = await self.check(repo, Digest.parse(parent), depth=1)
+                if got.allowed:
+                    return Decision(
+                        True, rule.match, f"listed by the signed index {parent}", got.key
+                    )
+        return Decision(False, rule.match, _best(reasons))
+
+    async def _signed(
+        self, repo: RepoName, digest: Digest, keys: tuple[PublicKey, ...], reasons: list[str]
+    ) -> PublicKey | None:
+        descs = await self.registry.referrer_index.lookup(repo, digest)
+        candidates = [d for d in descs if may_be_signature(d)][:MAX_CANDIDATES]
+        for desc in candidates:
+            try:
+                m = await self.registry.get_manifest(repo, str(desc.digest))
+                layers = signature_layers(m.body)
+            except NotASignature as exc:
+                reasons.append(f"{desc.digest}: {exc}")
+                continue
+            except OCIError as exc:
+                reasons.append(f"{desc.digest}: {exc}")
+                continue
+            for layer in layers:
+                blob = await self._blob(repo, layer.digest, layer.size, reasons)
+                if blob is None:
+                    continue
+                verdict = verify_layer(layer, blob, str(digest), keys)
+                if verdict.ok:
+                    return verdict.key
+                reasons.append(verdict.reason)
+        return None
+
+    async def _blob(
+        self, repo: RepoName, digest: str, size: int, reasons: list[str]
+    ) -> bytes | None:
+        """A signature layer's bytes (at most MAX_SIGNATURE_BLOB), fetched like any blob."""
+        try:
+            d = Digest.parse(digest)
+            blob = await self.registry.get_blob(repo, d)
+            if blob.stream is not None:
+                await blob.stream.wait_done()
+                blob = await self.registry.local_blob(repo, d) or blob
+        except OCIError as exc:
+            reasons.append(f"signature blob {digest}: {exc}")
+            return None
+        if blob.size > MAX_SIGNATURE_BLOB or blob.size != size:
+            reasons.append(f"signature blob {digest}: {blob.size} bytes")
+            return None
+        if blob.data is not None:
+            return blob.data
+        if blob.file is not None:
+            path: Path = blob.file
+            try:
+                return await asyncio.to_thread(path.read_bytes)
+            except OSError as exc:
+                reasons.append(f"signature blob {digest}: {exc.strerror}")
+        return None
+
+
+def _best(reasons: list[str]) -> str:
+    """The most telling reason for a denial."""
+    if not reasons:
+        return "no signature found (referrers, sha256-<hex>.sig)"
+    for words in ("for another manifest", "signed by", "keyless", "not signed by a trusted key"):
+        for r in reasons:
+            if words in r:
+                return r
+    return reasons[0]
+
+
+def cosign_tag_subject(tag: str) -> str | None:
+    """The subject digest a cosign tag (``sha256-<hex>.sig``) or tag schema index names."""
+    base = tag
+    for suffix in COSIGN_SUFFIXES:
+        base = base.removesuffix(suffix)
+    alg, sep, hex_part = base.partition("-")
+    if not sep or alg not in ("sha256", "sha512"):
+        return None
+    try:
+        return str(Digest.parse(f"{alg}:{hex_part}"))
+    except OCIError:
+        return None
