@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-PKGS="docker-registry skopeo containerd apache2-utils systemd ca-certificates openssl zstd curl chromium chromium-driver"
+PKGS="docker-registry skopeo containerd apache2-utils systemd ca-certificates openssl zstd curl chromium chromium-driver iproute2 prometheus"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
