@@ -157,6 +157,8 @@ def _walk(stage: Stage, image: Image, extra: dict[Digest, bytes]) -> _Graph:
             parsed = parse_manifest(body, None)
         except OCIError as exc:
             raise BundleError(f"{label}: manifest {digest} is invalid: {exc.detail}") from None
+        except RecursionError:  # JSON nested deeper than the parser goes
+            raise BundleError(f"{label}: manifest {digest} is invalid: nested too deep") from None
         if media_type in MANIFEST_TYPES and parsed.media_type != media_type:
             raise BundleError(
                 f"{label}: {by} says {digest} is a {media_type}, the manifest is a "

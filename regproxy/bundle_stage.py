@@ -37,6 +37,14 @@ _NAMED_BY_DIGEST: Final = re.compile(
     r"^(?:sha256:)?([0-9a-f]{64})(?:\.tar|\.tar\.gz|\.tgz|\.json)?\Z"
 )
 
+#: tarfile reads an extended header (a GNU long name, PAX records) whole into memory: a bundle's
+#: may be this large at most (real ones are a few hundred bytes)
+MAX_EXTENDED_HEADER: Final = 1024 * 1024
+_EXTENDED: Final = frozenset(
+    {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE}
+    | {tarfile.SOLARIS_XHDTYPE}
+)
+
 Progress = Callable[[int, int], None]  # (bytes read so far, files staged so far)
 
 
@@ -201,11 +209,23 @@ def _open_archive(path: Path) -> tuple[IO[bytes], subprocess.Popen[bytes] | None
     return f, None
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A bundle's tar headers (``tarinfo=`` of :func:`tarfile.open`): an extended header larger
+    than :data:`MAX_EXTENDED_HEADER` is refused before tarfile reads it into memory."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> _BoundedTarInfo:
+        info = super().frombuf(buf, encoding, errors)
+        if info.type in _EXTENDED and info.size > MAX_EXTENDED_HEADER:
+            raise tarfile.HeaderError(f"an extended header of {info.size} bytes")
+        return info
+
+
 def stage_archive(stage: Stage, path: Path) -> None:
     stream, proc = _open_archive(path)
     try:
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_BoundedTarInfo) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue

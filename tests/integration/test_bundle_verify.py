@@ -338,3 +338,35 @@ def test_the_cli_names_the_lie_and_exits_1(tmp_path: Path, archives: dict[str, A
     assert proc.returncode == 1, proc.stdout + proc.stderr
     layer = archives["entry"]["Layers"][0]
     assert f"{bundle}: refused: manifest.json entry 0: layer {layer!r} is damaged" in proc.stderr
+
+
+# --- hostile archives: refused as the bundle's fault, never a crash or a memory spike -------------------
+async def test_hostile_archive_shapes_are_refused(tmp_path: Path, baseline: Path) -> None:
+    before = state(baseline)
+    # a GNU long name of 2 MiB: tarfile would read it whole into memory
+    long_name = tmp_path / "long-name.tar"
+    with tarfile.open(long_name, "w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("n" * (2 * 1024 * 1024))
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(BundleError, match="extended header of 2097153 bytes"):
+        await import_bundle(baseline, long_name)
+    # a manifest nested 100,000 levels deep
+    nested = b'{"schemaVersion": 2, "config": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": sha(nested),
+                "size": len(nested),
+                "annotations": {"org.opencontainers.image.ref.name": "docker.io/team/deep:1"},
+            }
+        ],
+    }
+    deep = write_tar(
+        tmp_path / "deep.tar",
+        {"index.json": json.dumps(index).encode(), "blobs/sha256/" + sha(nested)[7:]: nested},
+    )
+    with pytest.raises(BundleError, match="is invalid"):
+        await import_bundle(baseline, deep)
+    assert state(baseline) == before
