@@ -128,7 +128,7 @@ find_python() {
   done
   echo "regproxy install: error: regproxy $VERSION needs Python 3.11 or 3.12 with its venv module; found:" >&2
   printf '%s' "$found" >&2
-  echo "Install it from the host's OS packages (Debian 12, Ubuntu 24.04: apt-get install python3 python3-venv;" >&2
+  echo "Install it from the host's OS packages (Debian 12, Ubuntu 24.04: apt-get install python3;" >&2
   echo "RHEL/Rocky/Alma 9: dnf install python3.11), or name one with --python PATH." >&2
   exit 1
 }
