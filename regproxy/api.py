@@ -5,20 +5,22 @@ Endpoints end-1 ... end-13 of https://github.com/opencontainers/distribution-spe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 from urllib.parse import quote, unquote
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from regproxy import metrics, sendfile
+from regproxy.connections import http_limits
 from regproxy.errors import (
     BlobUnknown,
     BlobUploadInvalid,
+    BodyTimeout,
     DigestInvalid,
     ManifestTooLarge,
     ManifestUnknown,
@@ -40,7 +42,6 @@ from regproxy.web_keys import POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 from regproxy.web_keys import notes as _notes
 
 log = logging.getLogger("regproxy.api")
-access_log = logging.getLogger("regproxy.access")
 
 _ROUTES: Final = [
     ("upload", re.compile(r"^(?P<name>.+)/blobs/uploads/(?P<uid>[^/]*)$")),
@@ -49,8 +50,10 @@ _ROUTES: Final = [
     ("tags", re.compile(r"^(?P<name>.+)/tags/list$")),
     ("referrers", re.compile(r"^(?P<name>.+)/referrers/(?P<digest>[^/]+)$")),
 ]
-_RANGE_RE: Final = re.compile(r"^bytes=(\d*)-(\d*)$")
-_CONTENT_RANGE_RE: Final = re.compile(r"^(?:bytes )?(\d+)-(\d+)$")
+_RANGE_RE: Final = re.compile(r"^bytes=(\d*)-(\d*)$", re.ASCII)
+_CONTENT_RANGE_RE: Final = re.compile(r"^(?:bytes )?(\d+)-(\d+)$", re.ASCII)
+#: byte positions are int64 on the wire (what distribution parses); longer numbers are refused
+_MAX_POSITION_DIGITS: Final = 19
 CHUNK: Final = 256 * 1024
 
 
@@ -88,8 +91,10 @@ def _page(request: web.Request) -> tuple[int | None, str | None]:
     n_text = request.query.get("n")
     n: int | None = None
     if n_text is not None:
-        if not n_text.isdigit() or int(n_text) > 100_000:
-            raise PaginationInvalid(f"n={n_text!r} must be an integer 0..100000")
+        if not (n_text.isascii() and n_text.isdigit() and len(n_text) <= 6) or (
+            int(n_text) > 100_000
+        ):
+            raise PaginationInvalid(f"n={n_text[:20]!r} must be an integer 0..100000")
         n = int(n_text)
     return n, request.query.get("last")
 
@@ -106,7 +111,10 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not m or (not m.group(1) and not m.group(2)):
         if "," in header:
             return None  # several ranges: we answer with the whole blob, as RFC 9110 allows
-        raise RangeNotSatisfiable(f"malformed Range {header!r}", size=size)
+        raise RangeNotSatisfiable(f"malformed Range {header[:80]!r}", size=size)
+    if max(len(m.group(1)), len(m.group(2))) > _MAX_POSITION_DIGITS:
+        # beyond int64: no blob is that long; distribution answers 416 too
+        raise RangeNotSatisfiable("range position out of bounds", size=size)
     if not m.group(1):  # suffix: last N bytes
         n = int(m.group(2))
         if n == 0:
@@ -116,7 +124,19 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_any():
+    """The request body as it arrives; a body that stalls for ``http.read_timeout`` fails (408)
+    and its connection is closed (aiohttp has no deadline for request bodies)."""
+    timeout = http_limits(request.app).read_timeout
+    content = request.content
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await content.readany()
+        except TimeoutError:
+            metrics.SLOW_CLIENTS_CUT.labels("read").inc()
+            raise BodyTimeout(f"no body bytes for {timeout:.0f}s") from None
+        if not chunk:
+            return
         yield chunk
 
 
@@ -124,8 +144,8 @@ def _content_length(request: web.Request) -> int | None:
     cl = request.headers.get("Content-Length")
     if cl is None:
         return None
-    if not cl.isdigit():
-        raise SizeInvalid(f"Content-Length {cl!r}")
+    if not (cl.isascii() and cl.isdigit() and len(cl) <= _MAX_POSITION_DIGITS):
+        raise SizeInvalid(f"Content-Length {cl[:40]!r}")
     return int(cl)
 
 
@@ -218,10 +238,6 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
         headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
         return web.Response(status=206, body=blob.data[start : end + 1], headers=headers)
     if blob.file is not None:
-        if request.method != "HEAD":
-            metrics.SERVED_BYTES.labels("blob", "disk").inc(
-                blob.size if rng is None else rng[1] - rng[0] + 1
-            )
         try:
             return await sendfile.send_file(
                 request, blob.digest, blob.size, blob.file, headers, rng
@@ -256,19 +272,20 @@ async def _stream_blob(
         await resp.write_eof()
         return resp
     source = _notes(request).get("source", "upstream")
+    sent = 0
     try:
         async for chunk in blob.stream.read_range(start, end, blob.size):
-            await resp.write(chunk)
+            await sendfile.write_with_deadline(request, resp, chunk)
+            sent += len(chunk)
             metrics.SERVED_BYTES.labels("blob", source).inc(len(chunk))
-    except OCIError as exc:
+    except (OCIError, *sendfile.CLIENT_GONE, sendfile.Stalled) as exc:
         # Never finish a response with wrong or missing bytes: cut the connection.
-        log.warning(
-            "blob.aborted digest=%s repo=%s error=%s", blob.digest, _notes(request).get("repo"), exc
-        )
-        _notes(request)["error"] = "aborted"
+        sendfile.note_cut(request, blob.digest, exc)
         if request.transport is not None:
             request.transport.abort()
         return resp
+    finally:
+        sendfile.note_body(request, sent)
     await resp.write_eof()
     return resp
 
@@ -331,8 +348,12 @@ def _content_range(request: web.Request) -> tuple[int | None, int | None]:
     if header is None:
         return None, None
     m = _CONTENT_RANGE_RE.match(header.strip())
-    if not m or int(m.group(2)) < int(m.group(1)):
-        raise BlobUploadInvalid(f"malformed Content-Range {header!r}")
+    if (
+        not m
+        or max(len(m.group(1)), len(m.group(2))) > _MAX_POSITION_DIGITS
+        or int(m.group(2)) < int(m.group(1))
+    ):
+        raise BlobUploadInvalid(f"malformed Content-Range {header[:80]!r}")
     start, end = int(m.group(1)), int(m.group(2))
     cl = _content_length(request)
     if cl is not None and cl != end - start + 1:
@@ -429,7 +450,7 @@ async def put_manifest(request: web.Request, name: str, ref: str) -> web.Respons
     if cl is not None and cl > MAX_MANIFEST_BYTES:
         raise ManifestTooLarge(f"{cl} bytes; the limit is {MAX_MANIFEST_BYTES}")
     body = bytearray()
-    async for chunk in request.content.iter_any():
+    async for chunk in _body_chunks(request):
         body += chunk
         if len(body) > MAX_MANIFEST_BYTES:
             raise ManifestTooLarge(f"the limit is {MAX_MANIFEST_BYTES} bytes")
@@ -511,7 +532,6 @@ _HANDLERS: Final[dict[tuple[str, str], Handler]] = {
 
 
 def add_routes(app: web.Application) -> None:
-    sendfile.setup(app)
     app.router.add_get("/v2/", v2_base)
     app.router.add_get("/v2", v2_base)
     app.router.add_get("/v2/_catalog", catalog)
@@ -519,46 +539,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("*", r"/v2/{path:[\s\S]+}", dispatch)
 
 
-class AccessLogger(AbstractAccessLogger):
-    """One line per request, and the request metrics (after the body was sent).
-
-    aiohttp calls it for every request: the metrics are always kept; the line is written when
-    the ``regproxy.access`` logger is enabled for INFO (``log.access``).
-    """
-
-    _children: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # noqa: RUF012 - a cache
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        notes: dict[str, str] = request.get("notes") or {}
-        route = notes.get("route") or ("base" if request.path.startswith("/v2") else "other")
-        key = (route, request.method, response.status)
-        children = self._children.get(key)
-        if children is None:  # labels() is slow; a route/method/status set is small
-            children = (
-                metrics.REQUESTS.labels(route, request.method, str(response.status)),
-                metrics.REQUEST_SECONDS.labels(route),
-            )
-            if len(self._children) < 4096:
-                self._children[key] = children
-        children[0].inc()
-        children[1].observe(time)
-        if not self.logger.isEnabledFor(logging.INFO):
-            return
-        self.logger.info(
-            "request method=%s path=%s repo=%s status=%d bytes=%d duration_ms=%.1f cache=%s "
-            "upstream=%s error=%s user=%s remote=%s",
-            request.method,
-            request.path,
-            notes.get("repo", "-"),
-            response.status,
-            response.body_length,
-            time * 1000,
-            notes.get("cache", "-"),
-            notes.get("upstream", "-"),
-            notes.get("error", "-"),
-            notes.get("user", "-"),
-            request.remote,
-        )
-
-
-__all__: list[str] = ["AccessLogger", "add_routes"]
+__all__: list[str] = ["add_routes"]

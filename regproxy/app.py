@@ -17,7 +17,14 @@ from typing import Final
 from aiohttp import web
 
 from regproxy import admin, api, auth, metrics, ui
+from regproxy.access import AccessLogger
 from regproxy.config import Config
+from regproxy.connections import (
+    HTTP_KEY,
+    ConnectionGuard,
+    default_max_connections,
+    raise_nofile_limit,
+)
 from regproxy.errors import ConfigError
 from regproxy.evict import Evictor
 from regproxy.headers import INSTANCE_HEADER
@@ -123,6 +130,7 @@ def _access_logger(config: Config) -> logging.Logger:
 def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=8 * 1024 * 1024)
     app[CONFIG_KEY] = config
+    app[HTTP_KEY] = config.http
     app[INSTANCE_KEY] = uuid.uuid4().hex
     registry = build_registry(config)
     app[REGISTRY_KEY] = registry
@@ -163,30 +171,39 @@ async def serve(
 ) -> None:
     """Run until ``stop`` is set (or SIGTERM/SIGINT when run from the CLI), then shut down."""
     stop = stop or asyncio.Event()
+    nofile = raise_nofile_limit()
+    max_connections = config.http.max_connections or default_max_connections(nofile)
     app = create_app(config)
     runner = web.AppRunner(
         app,
-        access_log_class=api.AccessLogger,
+        access_log_class=AccessLogger,
         # always given: the access logger also keeps the request metrics; log.access only
         # decides whether it writes lines
         access_log=_access_logger(config),
         shutdown_timeout=config.shutdown_timeout,
+        keepalive_timeout=config.http.keepalive_timeout,
         handle_signals=False,
     )
     await runner.setup()
+    assert runner.server is not None
     server_tls = ServerTLS.from_config(config.tls)  # referenced while serving: SIGHUP reloads it
-    site = web.TCPSite(
-        runner,
-        config.listen_host,
-        config.listen_port,
-        ssl_context=server_tls.context if server_tls else None,
-        backlog=1024,
-        reuse_address=True,
-    )
-    await site.start()
-    port = config.listen_port
-    if runner.addresses:  # the bound port when listen asks for port 0
-        port = runner.addresses[0][1]
+    # the listener is ours, not a web.TCPSite: each connection goes through the guard
+    # (regproxy.connections), which hands it on to aiohttp's protocol for it
+    guard = ConnectionGuard(runner.server, config.http, max_connections)
+    try:
+        listener = await asyncio.get_running_loop().create_server(
+            guard,
+            config.listen_host,
+            config.listen_port,
+            ssl=server_tls.context if server_tls else None,
+            ssl_handshake_timeout=config.http.header_timeout if server_tls else None,
+            backlog=1024,
+            reuse_address=True,
+        )
+    except BaseException:
+        await runner.cleanup()
+        raise
+    port = listener.sockets[0].getsockname()[1] if listener.sockets else config.listen_port
     log.info(
         "listening address=%s:%d tls=%s sync=%s store=%s",
         config.listen_host,
@@ -194,6 +211,16 @@ async def serve(
         config.tls.enabled,
         config.sync_enable,
         config.storage.root,
+    )
+    log.info(
+        "limits nofile=%d max_connections=%d header_timeout=%.0fs keepalive_timeout=%.0fs "
+        "write_timeout=%.0fs read_timeout=%.0fs",
+        nofile,
+        max_connections,
+        config.http.header_timeout,
+        config.http.keepalive_timeout,
+        config.http.write_timeout,
+        config.http.read_timeout,
     )
     if on_ready is not None:
         result = on_ready(port)
@@ -203,6 +230,7 @@ async def serve(
         await stop.wait()
     finally:
         log.info("shutdown.start timeout=%.0fs", config.shutdown_timeout)
+        listener.close()  # no new connections; the open ones are drained by the runner
         await runner.cleanup()
         log.info("shutdown.done")
 

@@ -109,6 +109,20 @@ def _str_list(v: Any) -> tuple[str, ...]:
     raise ValueError("must be a list of strings")
 
 
+def _positive_count(v: Any) -> int:
+    n = _count(v)
+    if n < 1:
+        raise ValueError("must be at least 1")
+    return n
+
+
+def _timeout(v: Any) -> float:
+    seconds = parse_duration(v)
+    if seconds <= 0:
+        raise ValueError("must be a duration above 0, e.g. 10s")
+    return seconds
+
+
 def _listen(v: Any) -> tuple[str, int]:
     text = _str(v)
     host, sep, port = text.rpartition(":")
@@ -303,6 +317,22 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """Limits on what one client connection may hold (README "Connections and slow clients")."""
+
+    #: a new connection must have sent its first request's headers within this
+    header_timeout: float = 10.0
+    #: an idle connection between requests is closed after this
+    keepalive_timeout: float = 75.0
+    #: a response that makes no progress for this long is dropped
+    write_timeout: float = 60.0
+    #: a request body that makes no progress for this long fails with 408
+    read_timeout: float = 60.0
+    #: above this many open connections new ones get 503; 0 = sized from RLIMIT_NOFILE
+    max_connections: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "INFO"
     format: str = "text"
@@ -326,6 +356,7 @@ class Config:
     log: LogConfig = LogConfig()
     shutdown_timeout: float = 30.0
     policy: PolicyConfig = PolicyConfig()
+    http: HttpConfig = HttpConfig()
 
     def upstream_for(self, host: str) -> UpstreamConfig | None:
         """The entry for a host: exact names first, then patterns, then ``*``."""
@@ -392,6 +423,13 @@ _SCHEMA: Final[dict[str, Any]] = {
     "log": {"level": _level, "format": _log_format, "access": _bool},
     "shutdown_timeout": parse_duration,
     "policy": "POLICY",
+    "http": {
+        "header_timeout": _timeout,
+        "keepalive_timeout": _timeout,
+        "write_timeout": _timeout,
+        "read_timeout": _timeout,
+        "max_connections": _count,
+    },
 }
 _UPSTREAM_SCHEMA: Final[dict[str, Parser]] = {
     "url": _str,
@@ -626,4 +664,5 @@ def _build(flat: dict[str, Any]) -> Config:
         log=LogConfig(**sub("log.")),
         shutdown_timeout=flat.get("shutdown_timeout", 30.0),
         policy=flat.get("policy", PolicyConfig()),
+        http=HttpConfig(**sub("http.")),
     )

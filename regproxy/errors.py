@@ -133,6 +133,12 @@ class Unsupported(OCIError):
     code, http_status, message = "UNSUPPORTED", 405, "the operation is unsupported"
 
 
+class BodyTimeout(OCIError):
+    """A request body that stopped arriving (``http.read_timeout``)."""
+
+    code, http_status, message = "BLOB_UPLOAD_INVALID", 408, "the request body stopped arriving"
+
+
 class TooManyRequests(OCIError):
     code, http_status, message = "TOOMANYREQUESTS", 429, "too many requests"
 

@@ -145,6 +145,22 @@ POLICY_DECISIONS: Final = Counter(
     ["rule", "result"],
     registry=REGISTRY,
 )
+CONNECTIONS_OPEN: Final = Gauge(
+    "regproxy_http_connections", "Client connections open (admitted)", registry=REGISTRY
+)
+CONNECTIONS_SHED: Final = Counter(
+    "regproxy_http_connections_shed_total",
+    "Connections answered 503 and closed because http.max_connections were open",
+    registry=REGISTRY,
+)
+SLOW_CLIENTS_CUT: Final = Counter(
+    "regproxy_http_slow_clients_cut_total",
+    "Connections closed for making no progress, by phase (header: request headers not in within "
+    "http.header_timeout; read: a request body stalled for http.read_timeout; write: a response "
+    "the client took nothing of for http.write_timeout)",
+    ["phase"],
+    registry=REGISTRY,
+)
 
 
 def render() -> bytes:

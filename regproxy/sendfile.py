@@ -1,90 +1,205 @@
-"""Blob files to clients with sendfile(2), off the event loop (the HTTP side of serving a file).
+"""Blob files to clients, driven by the event loop (the HTTP side of serving a file).
 
-uvloop has no ``loop.sendfile``, so aiohttp's ``FileResponse`` falls back to reading the file in
-chunks through the executor and writing them from Python. Here a response costs one executor hop
-to open the file and one to send it. Over TLS the bytes must go through the TLS transport, so
-they are read with ``pread`` off the loop instead.
+No thread and no slot is tied to a client's pace:
+
+- Plain HTTP: ``sendfile(2)`` on the connection's non-blocking socket, called from the loop
+  until the socket buffer is full (``EAGAIN``); then the response waits for the socket to become
+  writable (``loop.add_writer`` on a duplicate of its descriptor: the transport owns the
+  original). No byte passes through Python. A fast client gets at most ``TURN`` bytes per wake-up
+  before the loop serves others.
+- TLS: the bytes must go through the TLS transport; they are read with ``pread`` and written
+  with the transport's flow control.
+
+The disk must not stall the loop either: before a ``WINDOW`` of the file is sent, a
+``preadv(RWF_NOWAIT)`` probe asks whether its pages are in the page cache; if not, a worker
+thread reads the window in first (a bounded disk read, not the client's pace).
+
+A response that makes no progress for ``http.write_timeout`` is dropped; a client that hangs up
+is one access line (``error=client_gone``), and the access line counts the body bytes sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
-import select
-import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
 from aiohttp import web
 
+from regproxy import metrics
+from regproxy.connections import http_limits
 from regproxy.errors import BlobUnknown
 from regproxy.oci import Digest
 
 log = logging.getLogger("regproxy.api")
-CHUNK: Final = 256 * 1024
-SENDFILE_THREADS: Final = 64  # one per blob being sent; the threads sleep in poll(2)
-SENDFILE_STALL_SECONDS: Final = 60.0  # a client that takes nothing for this long is cut off
+CHUNK: Final = 256 * 1024  # TLS: bytes per pread + write
+WINDOW: Final = 1024 * 1024  # bytes checked for page-cache residency at once
+TURN: Final = 4 * 1024 * 1024  # bytes sent to one client per wake-up before yielding
+#: a client gone away: the socket errors of a peer that reset or closed its end
+CLIENT_GONE: Final = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
-class _Sender:
-    """Blob bodies with sendfile(2), off the event loop.
+class Stalled(TimeoutError):
+    """The client took no bytes for ``http.write_timeout``."""
 
-    uvloop has no ``loop.sendfile``, so aiohttp's ``FileResponse`` falls back to reading the file
-    in 256 KiB chunks through the executor and writing them from Python (plus two executor hops
-    for stat and open). Here each response costs one hop to open the file and one to send it: a
-    worker thread calls ``sendfile`` on a dup of the connection's socket until the range is sent,
-    waiting in ``poll`` while the socket buffer is full. No bytes pass through Python.
-    """
+
+class _ShortFile(EOFError):
+    """The blob file ended before its recorded size (damage on disk)."""
+
+
+class _Sent:
+    """Body bytes that reached the socket so far."""
+
+    __slots__ = ("n",)
 
     def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(SENDFILE_THREADS, thread_name_prefix="regproxy-sendfile")
-        self.stopping = threading.Event()
+        self.n = 0
 
-    def close(self) -> None:
-        self.stopping.set()
-        self.pool.shutdown(wait=True, cancel_futures=True)
 
-    @staticmethod
-    def open(path: Path) -> int:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def note_body(request: web.BaseRequest, sent: int) -> None:
+    """The body bytes of this response, for its access line."""
+    request.setdefault("notes", {})["body_bytes"] = str(sent)
 
-    def send(self, sock_fd: int, file_fd: int, offset: int, count: int) -> None:
-        """Blocking: copy ``count`` bytes at ``offset``; closes both descriptors."""
+
+def note_cut(request: web.BaseRequest, digest: Digest, exc: BaseException) -> None:
+    """Mark a response cut short in its access line; log it unless the client just left.
+
+    A client that hangs up or stops reading is routine (one access line, at INFO); a blob file
+    shorter than its record is damage (a WARNING as well).
+    """
+    notes = request.setdefault("notes", {})
+    if isinstance(exc, CLIENT_GONE):
+        notes["error"] = "client_gone"
+    elif isinstance(exc, Stalled):
+        notes["error"] = "client_stalled"
+        metrics.SLOW_CLIENTS_CUT.labels("write").inc()
+    else:
+        notes["error"] = "aborted"
+        log.warning("blob.aborted digest=%s repo=%s error=%r", digest, notes.get("repo"), exc)
+
+
+# --- the disk side ----------------------------------------------------------------------------------
+_probe = bytearray(1)
+_nowait: bool = hasattr(os, "RWF_NOWAIT")
+
+
+def _cached(fd: int, offset: int, count: int) -> bool:
+    """Whether the first and last byte of a range are in the page cache (no disk wait)."""
+    global _nowait
+    if not _nowait:
+        return True
+    try:
+        for pos in (offset, offset + count - 1):
+            os.preadv(fd, [_probe], pos, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    except OSError as exc:  # a filesystem without RWF_NOWAIT: assume cached from now on
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        _nowait = False
+    return True
+
+
+def _read_in(fd: int, offset: int, count: int) -> None:
+    """Bring a range into the page cache (on a worker thread: it waits for the disk)."""
+    os.preadv(fd, [bytearray(count)], offset)
+
+
+async def _warm(loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: int) -> None:
+    if not _cached(fd, offset, count):
+        await loop.run_in_executor(None, _read_in, fd, offset, count)
+
+
+async def _read(loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: int) -> bytes:
+    """``count`` bytes at ``offset``: on the loop when they are cached, else on a worker."""
+    if _nowait:
+        buf = bytearray(count)
         try:
-            poller = select.poll()
-            poller.register(sock_fd, select.POLLOUT)
-            idle = 0.0
-            while count > 0:
-                try:
-                    n = os.sendfile(sock_fd, file_fd, offset, count)
-                except BlockingIOError:
-                    if self.stopping.is_set() or idle >= SENDFILE_STALL_SECONDS:
-                        raise TimeoutError("client stopped reading") from None
-                    if not poller.poll(1000):
-                        idle += 1.0
-                    continue
-                if n == 0:
-                    raise EOFError("blob file is shorter than its recorded size")
-                offset += n
-                count -= n
-                idle = 0.0
-        finally:
-            os.close(sock_fd)
-            os.close(file_fd)
+            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            pass
+        except OSError:
+            pass  # unsupported here: the worker reads it
+        else:
+            return bytes(buf[:n]) if n < count else bytes(buf)
+    return await loop.run_in_executor(None, os.pread, fd, count, offset)
 
 
-SENDER_KEY: Final = web.AppKey("sender", _Sender)
+# --- the socket side -------------------------------------------------------------------------------
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Wait until the socket takes bytes again (or has failed: the next send says how)."""
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
 
 
-async def _close_sender(app: web.Application) -> None:
-    await asyncio.get_running_loop().run_in_executor(None, app[SENDER_KEY].close)
+@contextlib.asynccontextmanager
+async def _progress_within(seconds: float) -> AsyncIterator[None]:
+    """Raise Stalled when the block takes longer than ``seconds`` (http.write_timeout)."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise Stalled(f"the client took nothing for {seconds:.0f}s") from None
 
 
-def setup(app: web.Application) -> None:
-    app[SENDER_KEY] = _Sender()
-    app.on_cleanup.append(_close_sender)
+async def _sendfile(
+    request: web.Request, sock_fd: int, file_fd: int, offset: int, count: int, sent: _Sent
+) -> None:
+    """Copy ``count`` bytes at ``offset`` to the socket."""
+    loop = asyncio.get_running_loop()
+    timeout = http_limits(request.app).write_timeout
+    out = os.dup(sock_fd)  # the loop watches the transport's own descriptor; we watch a twin
+    try:
+        warm_until = offset
+        while count > 0:
+            if offset >= warm_until:
+                window = min(WINDOW, count)
+                await _warm(loop, file_fd, offset, window)
+                warm_until = offset + window
+            turn = 0
+            try:
+                while count > 0 and offset < warm_until and turn < TURN:
+                    n = os.sendfile(out, file_fd, offset, min(count, warm_until - offset))
+                    if n == 0:
+                        raise _ShortFile("blob file is shorter than its recorded size")
+                    offset += n
+                    count -= n
+                    sent.n += n
+                    turn += n
+            except BlockingIOError:
+                async with _progress_within(timeout):
+                    await _writable(loop, out)
+                continue
+            if turn >= TURN:
+                await asyncio.sleep(0)  # let the other connections have the loop
+    finally:
+        os.close(out)
+
+
+async def write_with_deadline(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+    """``resp.write`` (which waits while the transport's buffer is full), bounded by
+    ``http.write_timeout``: a client that takes nothing for that long raises Stalled."""
+    async with _progress_within(http_limits(request.app).write_timeout):
+        await resp.write(data)
+
+
+# --- responses -------------------------------------------------------------------------------------
+def _open(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 async def send_file(
@@ -95,7 +210,7 @@ async def send_file(
     headers: dict[str, str],
     rng: tuple[int, int] | None,
 ) -> web.StreamResponse:
-    """A committed blob file: headers through aiohttp, the body with sendfile (see _Sender)."""
+    """A committed blob file: status and headers through aiohttp, the body as described above."""
     start, end = rng if rng is not None else (0, size - 1)
     count = end - start + 1
     if rng is not None:
@@ -104,95 +219,75 @@ async def send_file(
     if request.method == "HEAD" or count <= 0:
         headers["Content-Length"] = str(max(count, 0))
         return web.Response(status=status, headers=headers)
-    sender = request.app[SENDER_KEY]
     loop = asyncio.get_running_loop()
     try:
-        file_fd = await loop.run_in_executor(sender.pool, sender.open, path)
+        file_fd = await loop.run_in_executor(None, _open, path)
     except FileNotFoundError:
         raise BlobUnknown(str(digest)) from None
-    if request.transport is not None and request.transport.get_extra_info("ssl_object"):
-        return await _send_file_tls(request, digest, file_fd, status, headers, start, count)
-    try:
-        resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_length = count
-        writer = await resp.prepare(request)
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if transport is None or sock is None or writer is None:
-            raise ConnectionResetError("connection lost")
-        send_headers = getattr(writer, "send_headers", None)
-        if send_headers is not None:  # aiohttp >= 3.10 holds headers back until the body
-            send_headers()
-        for _ in range(int(SENDFILE_STALL_SECONDS * 100)):
-            if transport.is_closing():
-                raise ConnectionResetError("connection lost")
-            if not transport.get_write_buffer_size():
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise TimeoutError("client stopped reading")
-        sock_fd = os.dup(sock.fileno())
-    except BaseException:
-        os.close(file_fd)
-        raise
-    future = sender.pool.submit(sender.send, sock_fd, file_fd, start, count)
-    try:
-        await asyncio.wrap_future(future)
-    except BaseException as exc:
-        if future.cancel():  # never started: the descriptors are still ours
-            os.close(sock_fd)
-            os.close(file_fd)
-        if not isinstance(exc, asyncio.CancelledError):
-            _note_aborted(request, digest, exc)
-        transport.abort()  # never leave a response with missing bytes on a kept-alive connection
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        return resp
-    await resp.write_eof()
-    return resp
-
-
-async def _send_file_tls(
-    request: web.Request,
-    digest: Digest,
-    file_fd: int,
-    status: int,
-    headers: dict[str, str],
-    offset: int,
-    count: int,
-) -> web.StreamResponse:
-    """TLS: sendfile(2) on the socket would bypass the TLS layer, so the bytes go through the
-    transport, read with ``pread`` off the loop. Closes ``file_fd``."""
-    loop = asyncio.get_running_loop()
-    pool = request.app[SENDER_KEY].pool
     resp = web.StreamResponse(status=status, headers=headers)
     resp.content_length = count
+    sent = _Sent()
     try:
         await resp.prepare(request)
-        while count > 0:
-            chunk = await loop.run_in_executor(pool, os.pread, file_fd, min(CHUNK, count), offset)
-            if not chunk:
-                raise EOFError("blob file is shorter than its recorded size")
-            await resp.write(chunk)
-            offset += len(chunk)
-            count -= len(chunk)
-    except EOFError as exc:
-        _note_aborted(request, digest, exc)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.get_extra_info("ssl_object") is not None:
+            await _send_chunks(request, resp, file_fd, start, count, sent)
+        else:
+            # the headers must be on the wire before the body goes around the transport
+            await write_with_deadline(request, resp, b"")
+            await _flushed(request, transport)
+            await _sendfile(request, sock.fileno(), file_fd, start, count, sent)
+    except (*CLIENT_GONE, Stalled, _ShortFile) as exc:
+        note_cut(request, digest, exc)
         if request.transport is not None:
-            request.transport.abort()  # never end a response with missing bytes
+            request.transport.abort()  # never leave a response with missing bytes
         return resp
     finally:
         os.close(file_fd)
+        note_body(request, sent.n)
+        metrics.SERVED_BYTES.labels("blob", "disk").inc(sent.n)
     await resp.write_eof()
     return resp
 
 
-def _note_aborted(request: web.Request, digest: Digest, exc: BaseException) -> None:
-    """Log a blob response cut short and mark it in the access notes."""
-    log.warning(
-        "blob.aborted digest=%s repo=%s error=%r",
-        digest,
-        (request.get("notes") or {}).get("repo"),
-        exc,
-    )
-    request.setdefault("notes", {})["error"] = "aborted"
+async def _flushed(request: web.Request, transport: asyncio.Transport) -> None:
+    """Wait until the transport has handed every byte it holds to the kernel."""
+    if not transport.get_write_buffer_size():
+        return
+    sock = transport.get_extra_info("socket")
+    out = os.dup(sock.fileno())
+    try:
+        loop = asyncio.get_running_loop()
+        async with _progress_within(http_limits(request.app).write_timeout):
+            while transport.get_write_buffer_size():
+                if transport.is_closing():
+                    raise ConnectionResetError("connection lost")
+                # the socket turns writable when the kernel has room: the transport's own
+                # writer runs on that same wake-up, so its buffer shrinks by the next check
+                await _writable(loop, out)
+                await asyncio.sleep(0)
+    finally:
+        os.close(out)
+
+
+async def _send_chunks(
+    request: web.Request,
+    resp: web.StreamResponse,
+    file_fd: int,
+    offset: int,
+    count: int,
+    sent: _Sent,
+) -> None:
+    """TLS (or no socket to hand): the bytes go through the transport, a chunk at a time."""
+    loop = asyncio.get_running_loop()
+    while count > 0:
+        chunk = await _read(loop, file_fd, offset, min(CHUNK, count))
+        if not chunk:
+            raise _ShortFile("blob file is shorter than its recorded size")
+        await write_with_deadline(request, resp, chunk)
+        offset += len(chunk)
+        count -= len(chunk)
+        sent.n += len(chunk)

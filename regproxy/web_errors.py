@@ -10,14 +10,17 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from aiohttp import web
 
-from regproxy.errors import OCIError, RangeNotSatisfiable, Unsupported
+from regproxy.errors import BodyTimeout, OCIError, RangeNotSatisfiable, Unsupported
 from regproxy.headers import API_VERSION
 from regproxy.web_keys import notes
 
 log = logging.getLogger("regproxy.api")
+#: the access-log status of a request whose client hung up before its answer (nginx's 499)
+CLIENT_CLOSED: Final = 499
 
 
 class InternalError(OCIError):
@@ -36,9 +39,12 @@ def error_response(exc: OCIError, request: web.Request | None = None) -> web.Res
         else:
             headers["Range"] = f"0-{max(exc.offset - 1, 0)}"
     body = json.dumps({"errors": [exc.to_json()]}).encode()
-    return web.Response(
+    resp = web.Response(
         status=exc.http_status, body=body, content_type="application/json", headers=headers
     )
+    if isinstance(exc, BodyTimeout):
+        resp.force_close()  # the rest of a stalled body is not waited for
+    return resp
 
 
 @web.middleware
@@ -58,8 +64,14 @@ async def error_middleware(
         if exc.status == 405 and request.path.startswith("/v2"):
             return error_response(Unsupported(f"{request.method} {request.path}"))
         raise
-    except (ConnectionResetError, asyncio.CancelledError):
+    except asyncio.CancelledError:
         raise
+    except ConnectionError:
+        if request.transport is not None and not request.transport.is_closing():
+            raise
+        # the client hung up (mid-body, or before its answer): its access line says so
+        notes(request)["error"] = "client_gone"
+        return web.Response(status=CLIENT_CLOSED)
     except Exception:
         log.exception("request.crashed method=%s path=%s", request.method, request.path)
         notes(request)["error"] = "internal"

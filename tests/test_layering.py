@@ -81,16 +81,19 @@ LAYERS: dict[str, Layer] = {
     ),
     # the HTTP layer: shared keys and error rendering low, handlers above them
     "keys": _layer("web_keys", f"{_MODEL} registry tools policy"),
-    "web": _layer("web_errors sendfile", f"{_MODEL} keys"),
+    # connections: the guard in front of aiohttp's protocol, the http limits' app key
+    "serving": _layer("connections", f"{_MODEL}"),
+    "web": _layer("web_errors sendfile access", f"{_MODEL} keys serving"),
     "auth": _layer("auth", f"{_MODEL} keys web"),
     "handlers": _layer(
-        "api admin ui", f"{_MODEL} registry queries ui_model pinning tools keys web auth policy"
+        "api admin ui",
+        f"{_MODEL} registry queries ui_model pinning tools keys serving web auth policy",
     ),
     # nothing imports app but the command line, and nothing imports the command line
     "app": _layer(
         "app",
         f"{_MODEL} store index facade transfer upstream peers registry proxy gc pinning tools "
-        "keys web auth queries ui_model handlers policy",
+        "keys serving web auth queries ui_model handlers policy",
     ),
     "cli": _layer(
         "cli",
@@ -103,7 +106,7 @@ LAYERS: dict[str, Layer] = {
 #: third-party modules (a prefix: "aiohttp.web" also covers aiohttp.web_response) -> the only
 #: layers that may import them
 THIRD_PARTY: dict[str, frozenset[str]] = {
-    "aiohttp.web": frozenset({"keys", "web", "auth", "handlers", "app"}),
+    "aiohttp.web": frozenset({"keys", "serving", "web", "auth", "handlers", "app"}),
     "sqlite3": frozenset({"schema", "index"}),
     "bcrypt": frozenset({"auth"}),
     "jinja2": frozenset({"handlers"}),

@@ -1,0 +1,219 @@
+"""Client connections: how many may be open, and how long one may take to ask (HTTP layer).
+
+aiohttp's server makes one ``RequestHandler`` protocol per connection. :class:`ConnectionGuard`
+is the protocol factory handed to ``loop.create_server`` instead: each connection gets a small
+:class:`_Guarded` protocol that passes every event on to the ``RequestHandler`` it makes, and
+adds what aiohttp lacks:
+
+- **a connection limit** (``http.max_connections``): above it, a new connection is answered
+  ``503`` with ``Retry-After`` and closed, before any handler exists for it; sized by default
+  from ``RLIMIT_NOFILE`` so it bites long before descriptors run out;
+- **a header timeout** (``http.header_timeout``): a connection that has not sent its first
+  request's headers (up to the empty line that ends them) within it is closed. Between requests
+  of a kept-alive connection, aiohttp's own ``keepalive_timeout`` closes it when the next
+  request's headers do not arrive.
+
+Response and body deadlines (``http.write_timeout``, ``http.read_timeout``) belong to the
+requests themselves (regproxy.sendfile, regproxy.api).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+from collections.abc import Callable
+from typing import Final, cast
+
+from aiohttp import web
+
+from regproxy import metrics
+from regproxy.config import HttpConfig
+
+log = logging.getLogger("regproxy")
+HTTP_KEY: Final = web.AppKey("http", HttpConfig)
+_DEFAULT: Final = HttpConfig()
+#: descriptors kept for everything but client sockets: blob and temp files, upstream and peer
+#: connections, the index, logs
+NOFILE_RESERVE: Final = 256
+#: a connection may hold three descriptors while it is sent a blob: its socket, a twin of it
+#: that the event loop watches, and the blob file
+FDS_PER_CONNECTION: Final = 3
+#: no more than this by default, however high the descriptor limit (memory stays bounded)
+MAX_CONNECTIONS_CAP: Final = 16384
+RETRY_AFTER_SECONDS: Final = 1
+#: a refused connection is kept this long at most, so that the client reads the 503 before the
+#: close (closing with its request unread would reset the connection and lose the answer)
+LINGER_SECONDS: Final = 1.0
+LINGER_MAX: Final = 256
+
+
+def http_limits(app: web.Application) -> HttpConfig:
+    """The ``http`` section of the config the app was made with (defaults without one)."""
+    return app.get(HTTP_KEY) or _DEFAULT
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("limits.nofile_not_raised soft=%d hard=%d error=%s", soft, hard, exc)
+    return soft
+
+
+def default_max_connections(nofile: int) -> int:
+    """Connections that fit in ``nofile`` descriptors with room for everything else."""
+    reserve = min(NOFILE_RESERVE, nofile // 4)
+    return max(8, min(MAX_CONNECTIONS_CAP, (nofile - reserve) // FDS_PER_CONNECTION))
+
+
+def _refusal() -> bytes:
+    body = json.dumps(
+        {
+            "errors": [
+                {
+                    "code": "UNAVAILABLE",
+                    "message": "too many connections; retry later",
+                    "detail": None,
+                }
+            ]
+        }
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        f"Retry-After: {RETRY_AFTER_SECONDS}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_REFUSAL: Final = _refusal()
+
+
+class ConnectionGuard:
+    """The protocol factory for the listener: counts connections and sheds them above the limit.
+
+    ``handler_factory`` makes aiohttp's per-connection protocol (``runner.server``).
+    """
+
+    def __init__(
+        self,
+        handler_factory: Callable[[], asyncio.Protocol],
+        config: HttpConfig,
+        max_connections: int,
+    ) -> None:
+        self.handler_factory = handler_factory
+        self.header_timeout = config.header_timeout
+        self.max_connections = max_connections
+        self.open = 0
+        self.lingering = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Guarded(self)
+
+    def admit(self) -> bool:
+        if self.open >= self.max_connections:
+            metrics.CONNECTIONS_SHED.inc()
+            return False
+        self.open += 1
+        metrics.CONNECTIONS_OPEN.set(self.open)
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+        metrics.CONNECTIONS_OPEN.set(self.open)
+
+
+class _Guarded(asyncio.Protocol):
+    """One connection: the guard's bookkeeping around aiohttp's protocol for it."""
+
+    __slots__ = ("guard", "inner", "lingers", "refused", "tail", "timer", "transport")
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self.guard = guard
+        self.inner: asyncio.Protocol | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.tail = b""
+        self.transport: asyncio.Transport | None = None
+        self.refused = False
+        self.lingers = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream transport (uvloop's is not an asyncio.Transport subclass, only alike)
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        loop = asyncio.get_running_loop()
+        if not self.guard.admit():
+            self.refused = True
+            transport.write(_REFUSAL)
+            if self.guard.lingering >= LINGER_MAX:
+                transport.close()
+                return
+            self.guard.lingering += 1
+            self.lingers = True
+            self.timer = loop.call_later(LINGER_SECONDS, transport.close)
+            return
+        self.timer = loop.call_later(self.guard.header_timeout, self._header_timeout)
+        self.inner = self.guard.handler_factory()
+        self.inner.connection_made(transport)
+
+    def _header_timeout(self) -> None:
+        self.timer = None
+        metrics.SLOW_CLIENTS_CUT.labels("header").inc()
+        log.debug("connection.header_timeout remote=%s", self._peer())
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _peer(self) -> object:
+        return self.transport.get_extra_info("peername") if self.transport else None
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            # what the refused client sent: drop it; it has had its answer, close now
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.timer is not None:
+            # the headers end at the first empty line ("\r\n\r\n", or a bare "\n\n")
+            seen = self.tail + data
+            if b"\n\r\n" in seen or b"\n\n" in seen:
+                self.timer.cancel()
+                self.timer = None
+                self.tail = b""
+            else:
+                self.tail = seen[-2:]
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            return self.inner.eof_received()
+        return None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.refused:
+            if self.lingers:
+                self.guard.lingering -= 1
+            return
+        self.guard.release()
+        inner, self.inner = self.inner, None
+        if inner is not None:
+            inner.connection_lost(exc)
