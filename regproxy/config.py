@@ -242,6 +242,8 @@ class StorageConfig:
     root: Path
     max_size: SizeLimit = SizeLimit()
     min_free: SizeLimit = SizeLimit(fraction=0.05)
+    #: where eviction stops once above max_size: bytes, or a fraction of max_size
+    evict_to: SizeLimit = SizeLimit(fraction=0.9)
     upload_ttl: float = 86400.0
     evict_interval: float = 60.0
 
@@ -390,6 +392,7 @@ _SCHEMA: Final[dict[str, Any]] = {
         "root": _str,
         "max_size": _size_limit,
         "min_free": _size_limit,
+        "evict_to": _size_limit,
         "upload_ttl": parse_duration,
         "evict_interval": parse_duration,
     },
@@ -648,6 +651,9 @@ def _build(flat: dict[str, Any]) -> Config:
     if len((peers.get("password") or "").encode()) > 72:
         # the peers check it with bcrypt, which reads 72 bytes; regproxy refuses longer ones
         raise ConfigError("peers.password", "is longer than 72 bytes, which no login accepts")
+    low, high = storage.get("evict_to", SizeLimit()), storage.get("max_size", SizeLimit())
+    if low.bytes and high.bytes and low.bytes > high.bytes:
+        raise ConfigError("storage.evict_to", f"{low.bytes} bytes is above max_size ({high.bytes})")
     return Config(
         storage=StorageConfig(root=root, **storage),
         listen_host=host,

@@ -247,13 +247,25 @@ class Index:
 
     # --- access times -----------------------------------------------------------------------------
     def touch(self, items: Iterable[tuple[str, str, float]]) -> None:
+        """Record accesses, in one transaction (the registry batches them). A manifest's access
+        is also its unit's (see regproxy.evict_batch): the index of the repository listing it
+        and the subject it refers to are touched too, so eviction orders units by their use."""
         with self._tx() as db:
             for repo, digest, t in items:
-                db.execute(
+                cur = db.execute(
                     "UPDATE repo_manifests SET last_access=? WHERE repo=? AND digest=?",
                     (t, repo, digest),
                 )
-                db.execute("UPDATE blobs SET last_access=? WHERE digest=?", (t, digest))
+                if cur.rowcount:
+                    db.execute(
+                        "UPDATE repo_manifests SET last_access = max(last_access, :t) "
+                        "WHERE repo = :repo AND (digest IN (SELECT parent FROM manifest_refs "
+                        " WHERE child = :d AND kind = 'manifest') "
+                        " OR digest = (SELECT subject FROM manifests WHERE digest = :d))",
+                        {"t": t, "repo": repo, "d": digest},
+                    )
+                else:
+                    db.execute("UPDATE blobs SET last_access=? WHERE digest=?", (t, digest))
                 db.execute("UPDATE repos SET last_access=? WHERE name=?", (t, repo))
 
     # --- uploads ----------------------------------------------------------------------------------
@@ -368,6 +380,11 @@ class Index:
     def pinned_bytes(self) -> int:
         """Bytes reachable from pinned repository manifests (an index's children included)."""
         return int(self.db.execute("SELECT pinned_bytes FROM totals").fetchone()[0])
+
+    def is_stored(self, digest: str) -> bool:
+        """A blobs or manifests row names the digest (its file belongs to the store)."""
+        row = self.db.execute("SELECT size FROM refs WHERE digest=?", (digest,)).fetchone()
+        return row is not None and row[0] is not None
 
     def recount(self) -> Totals:
         """:meth:`totals` counted again from every row (a full pass: fsck and tests)."""

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from regproxy.config import Config
-from regproxy.evict import live_set
 from regproxy.index import Index
 from regproxy.oci import Digest
 from regproxy.store import Store
@@ -122,30 +121,33 @@ def gc(config: Config, *, dry_run: bool = False, now: float | None = None) -> Gc
     report = GcReport(dry_run)
     try:
         # index first: unreferenced manifests and blobs, expired uploads
-        with index.transaction():
-            snap = index.usage_snapshot()
-            live = live_set(snap)
-            report.manifests = sorted(
-                (d, size) for d, (size, _, _) in snap.manifests.items() if d not in live
-            )
-            report.blobs = sorted(
-                (d, size)
-                for d, (size, last) in snap.blobs.items()
-                if d not in live and last < now - ttl
-            )
+        with index.transaction() as db:
+            # what nothing references: the reference counts the index keeps (refs.live = 0)
+            report.manifests = db.execute(
+                "SELECT f.digest, m.size FROM refs f JOIN manifests m ON m.digest = f.digest "
+                "WHERE f.live = 0 ORDER BY f.digest"
+            ).fetchall()
+            report.blobs = db.execute(
+                "SELECT f.digest, b.size FROM refs f JOIN blobs b ON b.digest = f.digest "
+                "WHERE f.live = 0 AND COALESCE(b.last_access, b.created) < ? ORDER BY f.digest",
+                (now - ttl,),
+            ).fetchall()
             expired = index.uploads_before(now - ttl)
             report.uploads = [u for u, _ in expired]
             if not dry_run:
                 index.forget([], [d for d, _ in report.manifests], [d for d, _ in report.blobs])
                 for uid in report.uploads:
                     index.remove_upload(uid)
+                # a manifest's digest may also be a blob row that stays (import indexes every
+                # manifest as a blob; a recent one is kept): the file is theirs in common
+                doomed = [
+                    d
+                    for d, _ in [*report.manifests, *report.blobs]
+                    if db.execute("SELECT 1 FROM refs WHERE digest=?", (d,)).fetchone() is None
+                ]
         if not dry_run:
-            # a manifest's digest may also be a blob row that stays (import indexes every
-            # manifest as a blob; a recent one is kept): the file is theirs in common
-            kept = set(snap.blobs) - {d for d, _ in report.blobs}
-            for d, _ in [*report.manifests, *report.blobs]:
-                if d not in kept:
-                    store.delete(Digest.parse(d))
+            for d in doomed:
+                store.delete(Digest.parse(d))
             for uid in report.uploads:
                 store.remove_temp(uid)
         # then files: temp files nobody owns, blob files the index does not know
@@ -166,9 +168,8 @@ def gc(config: Config, *, dry_run: bool = False, now: float | None = None) -> Gc
             else:
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
-        known = set(snap.blobs) | set(snap.manifests)  # removed ones: files already gone
         for digest, size in store.iter_blobs():
-            if str(digest) in known:
+            if index.is_stored(str(digest)):
                 continue
             mtime = _mtime(store.blob_path(digest))
             if mtime is None or mtime >= now - stray:

@@ -32,7 +32,7 @@ from regproxy.names import RepoName
 from regproxy.oci import Descriptor, Digest, is_digest_reference
 from regproxy.peers import Peers
 from regproxy.referrers import Referrers
-from regproxy.registry import LOCAL_ONLY, Blob, Manifest, Registry, note
+from regproxy.registry import LOCAL_ONLY, Blob, Manifest, ManifestGone, Registry, note
 from regproxy.store import Store
 from regproxy.upstream import UpstreamClient
 
@@ -119,6 +119,14 @@ class ProxyRegistry(Registry):
 
     # --- manifests -------------------------------------------------------------------------------
     async def get_manifest(self, repo: RepoName, reference: str) -> Manifest:
+        try:
+            return await self._get_manifest(repo, reference)
+        except ManifestGone:
+            # its file went between the lookup and the read (evicted): the lookup misses now,
+            # so this fetches it again (upstream names) or is a 404, as if never here
+            return await self._get_manifest(repo, reference)
+
+    async def _get_manifest(self, repo: RepoName, reference: str) -> Manifest:
         found = await self.local_manifest(repo, reference)
         client = self.upstream(repo)
         label = repo.host or "local"
@@ -342,6 +350,7 @@ class ProxyRegistry(Registry):
 
     async def _on_fetched(self, digest: Digest, size: int, repo: str, source: str) -> None:
         await self.db.write(Index.add_blob, repo, str(digest), size)
+        self._stored()
 
     # --- listings ------------------------------------------------------------------------------------
     async def referrers(

@@ -107,6 +107,11 @@ class LRU(Generic[K, V]):
         self.weight = 0
 
 
+class ManifestGone(ManifestUnknown):
+    """A manifest's file went between its lookup and the read (evicted, or lost): for a local
+    repository a 404 like any unknown manifest; a pull-through looks it up again (a miss)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Blob:
     """A blob ready to serve: small ones carry their bytes, big ones a file for sendfile."""
@@ -153,6 +158,7 @@ class Registry:
         self._manifests: LRU[tuple[str, str], ManifestRow] = LRU(50_000)
         self._tags: LRU[tuple[str, str], tuple[ManifestRow, float]] = LRU(50_000)
         self._access: dict[tuple[str, str], float] = {}
+        self._stored_listeners: list[Callable[[], None]] = []
 
     # --- plumbing ---------------------------------------------------------------------------------
     @property
@@ -274,6 +280,7 @@ class Registry:
         await self._ensure_repo(repo)
         await self.db.write(Index.add_blob, repo.canonical, str(digest), size)
         self._blob_links.put((repo.canonical, str(digest)), size)
+        self._stored()
         return size
 
     async def index_blob(self, repo: RepoName, digest: Digest, size: int) -> None:
@@ -281,6 +288,7 @@ class Registry:
         await self._ensure_repo(repo)
         await self.db.write(Index.add_blob, repo.canonical, str(digest), size)
         self._blob_links.put((repo.canonical, str(digest)), size)
+        self._stored()
 
     # --- uploads ----------------------------------------------------------------------------------
     async def start_upload(self, repo: RepoName) -> str:
@@ -462,11 +470,24 @@ class Registry:
             try:
                 body = await self._io(self.store.read, digest)
             except FileNotFoundError:
-                log.warning("store.missing manifest=%s repo=%s", row.digest, repo)
-                raise ManifestUnknown(row.digest) from None
+                await self._manifest_gone(repo, row.digest)
+                raise ManifestGone(row.digest) from None
             self._small.put(row.digest, body, len(body))
         self._touch(repo.canonical, row.digest)
         return Manifest(digest, row.media_type, row.size, body)
+
+    async def _manifest_gone(self, repo: RepoName, digest: str) -> None:
+        """The file of a manifest just looked up is not there: evicted since the lookup (its row
+        went first), or lost (the row is still there: forget it, as a lost blob is). Either way
+        every cached lookup of it goes, so the next lookup misses."""
+        self._manifests.pop((repo.canonical, digest))
+        self._tags.drop_where(lambda k: k[0] == repo.canonical)
+        held = await self.db.read(Index.manifest_in_repo, repo.canonical, digest) is not None
+        if held and await self._io(self.store.stat, Digest.parse(digest)) is None:
+            log.warning("store.missing manifest=%s repo=%s", digest, repo)
+            await self.db.write(Index.delete_manifest, repo.canonical, digest)
+        else:
+            log.info("manifest.gone_since_lookup digest=%s repo=%s", digest, repo)
 
     async def get_manifest(self, repo: RepoName, reference: str) -> Manifest:
         found = await self.local_manifest(repo, reference)
@@ -527,6 +548,7 @@ class Registry:
             Index.add_manifest, repo.canonical, rec, tag=tag, pinned=pinned, checked=checked
         )
         self._small.put(str(digest), body, len(body))
+        self._stored()
         if tag is not None:
             self._tags.pop((repo.canonical, tag))
         return PutResult(digest, parsed.subject.digest if parsed.subject else None)
@@ -585,8 +607,12 @@ class Registry:
         self,
         rows: Iterable[tuple[str, str]] | None = None,
         digests: Iterable[str] | None = None,
+        *,
+        tags: Iterable[tuple[str, str]] = (),
+        links: Iterable[tuple[str, str]] = (),
     ) -> None:
-        """Forget cached lookups of evicted repository manifests and deleted digests.
+        """Forget cached lookups of what eviction removed: repository manifest rows, deleted
+        digests, (repo, tag) and (repo, blob) pairs; each by its key (no walk over a cache).
 
         Without arguments everything cached goes (another process changed the index).
         """
@@ -594,17 +620,22 @@ class Registry:
             for cache in (self._small, self._blob_links, self._manifests, self._tags):
                 cache.clear()
             return
-        rows = list(rows or ())
-        gone = set(digests or ())
-        repos = {r for r, _ in rows}
-        for repo, digest in rows:
-            self._manifests.pop((repo, digest))
-        for digest in gone:
+        for key in rows or ():
+            self._manifests.pop(key)
+        for digest in digests or ():
             self._small.pop(digest)
-        self._manifests.drop_where(lambda k: k[1] in gone)
-        self._tags.drop_where(lambda k: k[0] in repos)
-        if gone:
-            self._blob_links.drop_where(lambda k: k[1] in gone)
+        for key in tags:
+            self._tags.pop(key)
+        for key in links:
+            self._blob_links.pop(key)
+
+    def subscribe_stored(self, callback: Callable[[], None]) -> None:
+        """``callback()`` after new content is indexed (eviction checks its limits soon)."""
+        self._stored_listeners.append(callback)
+
+    def _stored(self) -> None:
+        for callback in self._stored_listeners:
+            callback()
 
 
 def check_range(size: int, start: int, end: int | None) -> tuple[int, int]:

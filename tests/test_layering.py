@@ -68,7 +68,9 @@ LAYERS: dict[str, Layer] = {
     # the signature policy: rules, decisions, verification through the referrers
     "policy": _layer("policy", f"{_MODEL} signatures index facade registry referrers"),
     # tools and background work over the store: no HTTP layer, no upstream of their own
-    "gc": _layer("evict", f"{_MODEL} store index facade transfer registry"),
+    # one eviction batch in SQL, on the index's writer
+    "evict_sql": _layer("evict_batch", "base index"),
+    "gc": _layer("evict", f"{_MODEL} store index facade evict_sql transfer registry"),
     # the importer's parts: staging and docker archives know no registry; export knows no import
     "staging": _layer("bundle_stage", f"{_MODEL} store"),
     "archives": _layer("bundle_docker", f"{_MODEL} staging"),

@@ -162,6 +162,8 @@ def test_unknown_key(tmp_path: Path, doc: Any, key: str) -> None:
         ({"storage": {"max_size": "lots"}}, "storage.max_size"),
         ({"storage": {"max_size": "150%"}}, "storage.max_size"),
         ({"storage": {"min_free": "-5%"}}, "storage.min_free"),
+        ({"storage": {"max_size": 100, "evict_to": 200}}, "storage.evict_to"),
+        ({"storage": {"evict_to": "200%"}}, "storage.evict_to"),
         ({"storage": {"upload_ttl": "soon"}}, "storage.upload_ttl"),
         ({"storage": {"upload_ttl": -1}}, "storage.upload_ttl"),
         ({"storage": {"root": ""}}, "storage.root"),

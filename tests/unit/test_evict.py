@@ -1,82 +1,229 @@
-"""The eviction plan on a hand-made index snapshot (regproxy.evict.plan is pure)."""
+"""Eviction between watermarks over a real store and index, in-process (regproxy.evict)."""
 
 from __future__ import annotations
 
-from regproxy.evict import pinned_closure, plan
-from regproxy.index import UsageSnapshot
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
-NOW = 10_000.0
+import pytest
 
+from regproxy.async_index import AsyncIndex
+from regproxy.config import config_from_dict
+from regproxy.evict import Evictor, Watermarks
+from regproxy.index import Index
+from regproxy.names import RepoName
+from regproxy.oci import Digest
+from regproxy.registry import Registry
+from regproxy.store import Store
 
-def snapshot() -> UsageSnapshot:
-    # r/a: m1 -> b1, b2 (oldest) ; r/b: m2 -> b2, b3 ; r/p: m3 pinned -> b4, b1
-    # r/i: index i1 -> c1 (b5), c2 (b6); the children are rows of r/i too; loose blob b7
-    rows = [
-        ("r/a", "m1", 100.0, False),
-        ("r/b", "m2", 200.0, False),
-        ("r/p", "m3", 50.0, True),
-        ("r/i", "i1", 300.0, False),
-        ("r/i", "c1", 150.0, False),
-        ("r/i", "c2", 160.0, False),
-    ]
-    manifests = {d: (10, None, 1.0) for d in ("m1", "m2", "m3", "i1", "c1", "c2")}
-    manifests["sig"] = (5, "m2", 1.0)
-    rows.append(("r/b", "sig", 20.0, False))  # a referrer of m2: goes with m2
-    refs = [
-        ("m1", "b1", "blob"),
-        ("m1", "b2", "blob"),
-        ("m2", "b2", "blob"),
-        ("m2", "b3", "blob"),
-        ("m3", "b4", "blob"),
-        ("m3", "b1", "blob"),
-        ("i1", "c1", "manifest"),
-        ("i1", "c2", "manifest"),
-        ("c1", "b5", "blob"),
-        ("c2", "b6", "blob"),
-    ]
-    blobs = {f"b{i}": (1000 * i, 10.0) for i in range(1, 8)}
-    return UsageSnapshot(rows, manifests, refs, blobs)
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+LAYER = 10_000
+NOW = 2_000_000_000.0  # the evictor's clock; every access below is long before it
 
 
-def test_pinned_closure_and_bytes() -> None:
-    snap = snapshot()
-    assert pinned_closure(snap) == {"m3", "b4", "b1"}
-    assert plan(snap, 0, now=NOW).pinned_bytes == 10 + 4000 + 1000
+def up(path: str) -> RepoName:
+    return RepoName(f"spectro-images/docker.io/{path}", "docker.io", path)
 
 
-def test_lru_unit_goes_with_exclusive_blobs_only() -> None:
-    p = plan(snapshot(), 1, now=NOW, loose_age=1e9)
-    assert p.rows == [("r/a", "m1")]
-    # b1 is kept by the pinned m3, b2 by m2: only the manifest file goes
-    assert p.manifests == ["m1"] and p.blobs == []
-    assert p.freed == 10
+def desc(data: bytes, media_type: str) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": str(Digest.of(data)), "size": len(data)}
 
 
-def test_index_goes_with_children_and_referrer_with_subject() -> None:
-    p = plan(snapshot(), 10**9, now=NOW, loose_age=1e9)
-    assert sorted(p.rows) == sorted(
-        [
-            ("r/a", "m1"),
-            ("r/b", "m2"),
-            ("r/b", "sig"),
-            ("r/i", "i1"),
-            ("r/i", "c1"),
-            ("r/i", "c2"),
-        ]
+def manifest(config: bytes, layers: list[bytes], subject: bytes | None = None) -> bytes:
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": desc(config, "application/vnd.oci.image.config.v1+json"),
+        "layers": [desc(b, "application/vnd.oci.image.layer.v1.tar") for b in layers],
+    }
+    if subject is not None:
+        doc["subject"] = desc(subject, OCI_MANIFEST)
+    return json.dumps(doc).encode()
+
+
+async def chunks(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+class Shop:
+    """A registry with images stored the way pulls and pushes store them, and access times
+    set by hand (the LRU order)."""
+
+    def __init__(self, reg: Registry) -> None:
+        self.reg = reg
+
+    async def image(
+        self,
+        repo: RepoName,
+        tag: str,
+        layers: list[bytes],
+        *,
+        pinned: bool = False,
+        subject: bytes | None = None,
+        at: float | None = None,
+    ) -> bytes:
+        config = json.dumps({"for": tag, "repo": repo.canonical, "s": bool(subject)}).encode()
+        for b in (config, *layers):
+            await self.reg.put_blob(repo, Digest.of(b), chunks(b), len(b))
+        body = manifest(config, layers, subject)
+        ref = str(Digest.of(body)) if subject is not None else tag
+        await self.reg.put_manifest(repo, ref, body, OCI_MANIFEST, pinned=pinned)
+        if at is not None:
+            await self.touch(repo, body, at)
+        return body
+
+    async def index(self, repo: RepoName, tag: str, children: list[bytes], at: float) -> bytes:
+        body = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [
+                    {**desc(c, OCI_MANIFEST), "platform": {"os": "linux", "architecture": a}}
+                    for c, a in zip(children, ("amd64", "arm64"), strict=False)
+                ],
+            }
+        ).encode()
+        await self.reg.put_manifest(repo, tag, body, OCI_INDEX, pinned=False)
+        for b in (body, *children):
+            await self.touch(repo, b, at)
+        return body
+
+    async def touch(self, repo: RepoName, body: bytes, at: float) -> None:
+        await self.reg.flush_access()
+        await self.reg.db.write(
+            lambda ix: ix.db.execute(
+                "UPDATE repo_manifests SET last_access=? WHERE repo=? AND digest=?",
+                (at, repo.canonical, str(Digest.of(body))),
+            )
+        )
+
+    def has_file(self, data: bytes) -> bool:
+        return self.reg.store.stat(Digest.of(data)) is not None
+
+    async def held(self, repo: RepoName, body: bytes) -> bool:
+        return (
+            await self.reg.db.read(Index.manifest_in_repo, repo.canonical, str(Digest.of(body)))
+            is not None
+        )
+
+
+@pytest.fixture
+async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
+    root = tmp_path / "store"
+    reg = Registry(Store(root), AsyncIndex(root / "index.db"))
+    await reg.open()
+    yield Shop(reg)
+    await reg.close()
+
+
+def layer(name: str) -> bytes:
+    return (name.encode() * LAYER)[:LAYER]
+
+
+async def test_eviction_runs_between_the_watermarks_and_keeps_pinned_and_shared(
+    shop: Shop, tmp_path: Path
+) -> None:
+    shared, pinned_layer = layer("shared"), layer("pinned-too")
+    # pinned: a pushed image, the oldest of all; its layer is also in an unpinned image
+    pushed = await shop.image(
+        RepoName("spectro-images/mine/app"), "v1", [pinned_layer], pinned=True, at=100.0
     )
-    assert "m3" not in p.manifests and "b4" not in p.blobs and "b1" not in p.blobs
-    assert sorted(p.blobs) == ["b2", "b3", "b5", "b6"]
-    assert p.short > 0
-    assert [e.digest for e in p.evicted] == ["m1", "m2", "i1"]  # by last access
+    old = [
+        await shop.image(up(f"team/u{i}"), "v1", [layer(f"u{i}")], at=200.0 + i) for i in range(6)
+    ]
+    # shares the pinned layer (it stays) and "shared" with a newer image (it stays too)
+    mixed = await shop.image(up("team/mixed"), "v1", [pinned_layer, shared], at=150.0)
+    newer = await shop.image(up("team/newer"), "v1", [shared], at=900.0)
+    # an index (with two children) and a signature of u0 go as units with their roots
+    kids = [await shop.image(up("team/multi"), f"c{i}", [layer(f"kid{i}")]) for i in range(2)]
+    multi = await shop.index(up("team/multi"), "latest", kids, at=205.5)
+    sig = await shop.image(up("team/u0"), "sig", [layer("sig")], subject=old[0], at=950.0)
+    recent = await shop.image(up("team/recent"), "v1", [layer("recent")], at=NOW - 1)
+
+    totals = await shop.reg.db.read(Index.totals)
+    high = totals.stored_bytes - 4 * LAYER  # a limit the store is above
+    config = config_from_dict(
+        {
+            "storage": {
+                "root": str(tmp_path / "store"),
+                "max_size": high,
+                "evict_to": "50%",
+                "min_free": 0,
+            }
+        }
+    )
+    evictor = Evictor(shop.reg, config, clock=lambda: NOW)
+    r = await evictor.check()
+    assert r is not None and r.freed > 0 and r.short == 0
+    after = await shop.reg.db.read(Index.totals)
+    low = int(high * 0.5)
+    # between the watermarks: at or under evict_to, and no more than one unit under it
+    assert after.stored_bytes <= low
+    assert after.stored_bytes > low - 3 * LAYER - 2000
+    assert after == await shop.reg.db.read(Index.recount)
+
+    # least recently used first: mixed (150), u0 (200, its signature with it), u1, ...
+    assert not await shop.held(up("team/mixed"), mixed)
+    assert not await shop.held(up("team/u0"), old[0]) and not await shop.held(up("team/u0"), sig)
+    assert not shop.has_file(old[0]) and not shop.has_file(layer("u0"))
+    assert not shop.has_file(sig) and not shop.has_file(layer("sig"))
+    # the index went with both children (at 205.5, after u1..u5), which it stopped after
+    assert not await shop.held(up("team/multi"), multi)
+    assert not any([await shop.held(up("team/multi"), k) for k in kids])
+    assert not shop.has_file(layer("kid0")) and not shop.has_file(multi)
+    # pinned, shared with a kept manifest, and recent content stayed, with their files
+    assert await shop.held(RepoName("spectro-images/mine/app"), pushed)
+    assert shop.has_file(pushed) and shop.has_file(pinned_layer)
+    assert await shop.held(up("team/newer"), newer) and shop.has_file(shared)
+    assert await shop.held(up("team/recent"), recent) and shop.has_file(layer("recent"))
+    # every blob the index still lists is on disk
+    for d, size in await shop.reg.db.read(
+        lambda ix: ix.db.execute("SELECT digest, size FROM refs WHERE size IS NOT NULL").fetchall()
+    ):
+        assert shop.reg.store.stat(Digest.parse(d)) == size, d
+
+    # under the low watermark now: the next check evicts nothing
+    assert await evictor.check() is None
 
 
-def test_recent_and_busy_are_kept_and_loose_blobs_age() -> None:
-    snap = snapshot()
-    p = plan(snap, 10**9, now=205.0, in_use=10.0, loose_age=1e9)
-    assert {r for r, _ in p.rows} == {"r/a"}  # m2 was used 5 s ago, i1 later still
-    p = plan(snap, 10**9, now=NOW, busy={"b5"}, loose_age=1e9)
-    assert {r for r, _ in p.rows} == {"r/a", "r/b"}  # i1's child c1 needs b5: being fetched
-    p = plan(snap, 10**9, now=NOW, loose_age=100.0)
-    assert "b7" in p.blobs  # no manifest references it, and it is old
-    p = plan(snap, 10**9, now=NOW, loose_age=NOW)
-    assert "b7" not in p.blobs
+async def test_nothing_pinned_referenced_or_in_use_goes_even_when_short(
+    shop: Shop, tmp_path: Path
+) -> None:
+    a = await shop.image(
+        RepoName("spectro-images/mine/a"), "v1", [layer("a")], pinned=True, at=100.0
+    )
+    now = time.time()  # the loose blob's access time is the real time of its push
+    b = await shop.image(up("team/b"), "v1", [layer("b")], at=now - 2)  # in use
+    loose = layer("loose")  # a blob nothing references, pushed just now (upload_ttl guards it)
+    await shop.reg.put_blob(up("team/b"), Digest.of(loose), chunks(loose), len(loose))
+    config = config_from_dict(
+        {"storage": {"root": str(tmp_path / "store"), "max_size": 1000, "min_free": 0}}
+    )
+    r = await Evictor(shop.reg, config, clock=lambda: now).check()
+    assert r is not None and r.freed == 0 and r.short > 0
+    assert await shop.held(RepoName("spectro-images/mine/a"), a) and shop.has_file(layer("a"))
+    assert await shop.held(up("team/b"), b) and shop.has_file(loose)
+    # once the loose blob is older than upload_ttl it goes first
+    later = now + 86400 * 2
+    r = await Evictor(shop.reg, config, clock=lambda: later).evict(1)
+    assert r.loose == 1 and not shop.has_file(loose)
+    assert await shop.held(up("team/b"), b)
+
+
+def test_watermarks() -> None:
+    storage = config_from_dict(
+        {"storage": {"root": "/x", "max_size": "1000", "min_free": "10%"}}
+    ).storage
+    marks = Watermarks.of(storage, 10_000)
+    assert (marks.limit, marks.low, marks.floor, marks.floor_target) == (1000, 900, 1000, 1111)
+    assert marks.need(stored=1000, free=5000) == 0  # at the limit: nothing to do
+    assert marks.need(stored=1001, free=5000) == 101  # above it: down to evict_to
+    assert marks.need(stored=500, free=999) == 112  # under min_free: up to min_free / 0.9
+    absolute = config_from_dict(
+        {"storage": {"root": "/x", "max_size": "1000", "evict_to": 500, "min_free": 0}}
+    ).storage
+    assert Watermarks.of(absolute, 10_000).low == 500

@@ -1,0 +1,229 @@
+"""One eviction batch, planned and applied in SQL on the index's writer (``AsyncIndex.write``).
+
+A batch is one short write transaction: it walks a page of candidates with a ``LIMIT``, drops
+what may go, and stops after :data:`BUDGET_SECONDS` (lookups run on the index's readers
+meanwhile, and the writer's other work queues behind one batch at most). Nothing is loaded
+whole: the least recently used order is an index (``repo_manifests_lru``), references are the
+counts the schema's triggers keep (``refs``, see :mod:`regproxy.schema`), and the caller carries
+a keyset cursor from one batch to the next.
+
+Two kinds of candidates, in this order:
+
+* **loose content**: a stored digest nothing references (``refs.live = 0``: a blob pulled by
+  digest alone, a push whose manifest never came, what a ``DELETE`` left), once not accessed for
+  ``storage.upload_ttl``; in digest order;
+* **units**, least recently used first: an unpinned repository manifest that no other manifest of
+  its repository lists (not an index's child) and that is not the referrer of one (a signature
+  goes with its subject), with the rows of its repository it brings in (an index's children, its
+  referrers). Skipped: a unit reachable from a pinned row anywhere (``refs.pinned``), a unit
+  with a row accessed in the last ``in_use`` seconds (the walk ends there: the rest is newer),
+  and a unit whose removal would delete a digest being fetched or a blob accessed that recently.
+
+Dropping a unit's rows lowers the reference counts (triggers); every digest under it whose count
+reaches zero and that is stored is then deleted from the index (blob, repository links, manifest,
+its reference rows) and returned for the caller to unlink, after the transaction commits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Final
+
+from regproxy.index import Index
+
+#: how long one batch may hold the index's writer
+BUDGET_SECONDS: Final = 0.02
+#: candidates read per query
+PAGE: Final = 64
+
+#: the unit of a repository manifest: itself, the manifests of the repository it lists, and the
+#: referrers of the repository whose subject it is, recursively
+_UNIT = (
+    "WITH RECURSIVE u(d) AS (SELECT :root "
+    "UNION SELECT x.child FROM manifest_refs x JOIN u ON x.parent = u.d "
+    " JOIN repo_manifests r ON r.repo = :repo AND r.digest = x.child WHERE x.kind = 'manifest' "
+    "UNION SELECT m.digest FROM manifests m JOIN u ON m.subject = u.d "
+    " JOIN repo_manifests r ON r.repo = :repo AND r.digest = m.digest) "
+    "SELECT u.d, r.last_access, r.pinned, COALESCE(f.pinned, 0) FROM u "
+    "JOIN repo_manifests r ON r.repo = :repo AND r.digest = u.d "
+    "LEFT JOIN refs f ON f.digest = u.d"
+)
+#: stored digests under the dropped rows that nothing references any more
+_DEAD = (
+    "WITH RECURSIVE t(d) AS (SELECT j.value FROM json_each(?) j "
+    " JOIN refs f ON f.digest = j.value WHERE f.live = 0 "
+    "UNION SELECT x.child FROM manifest_refs x JOIN t ON x.parent = t.d "
+    " JOIN refs f ON f.digest = x.child WHERE f.live = 0) "
+    "SELECT f.digest, f.size, b.last_access, m.digest IS NOT NULL FROM t "
+    "JOIN refs f ON f.digest = t.d LEFT JOIN blobs b ON b.digest = t.d "
+    "LEFT JOIN manifests m ON m.digest = t.d WHERE f.size IS NOT NULL"
+)
+#: the child of an index, or a referrer, of the same repository: part of another unit
+_MEMBER = (
+    "SELECT EXISTS (SELECT 1 FROM manifest_refs x JOIN repo_manifests p "
+    " ON p.repo = :repo AND p.digest = x.parent WHERE x.child = :d AND x.kind = 'manifest') "
+    "OR EXISTS (SELECT 1 FROM manifests m JOIN repo_manifests s "
+    " ON s.repo = :repo AND s.digest = m.subject WHERE m.digest = :d AND m.subject <> :d)"
+)
+
+
+@dataclass
+class Evicted:
+    """One evicted unit (``repo`` "" for loose content), and the bytes its removal freed."""
+
+    repo: str
+    digest: str
+    bytes: int
+
+
+@dataclass
+class Batch:
+    evicted: list[Evicted] = field(default_factory=list)
+    freed: int = 0
+    #: digests whose files go (after the commit)
+    files: list[str] = field(default_factory=list)
+    #: what the registry may have cached: repository rows, tags, blob links that went
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    tags: list[tuple[str, str]] = field(default_factory=list)
+    links: list[tuple[str, str]] = field(default_factory=list)
+    #: where the next batch goes on (loose: a digest; units: last access, repo, digest)
+    after_digest: str = ""
+    after_row: tuple[float, str, str] = (float("-inf"), "", "")
+    #: no candidate of this kind is left (or the rest is in use)
+    exhausted: bool = False
+
+
+def _forget(index: Index, dead: list[tuple[str, int, bool]], batch: Batch) -> None:
+    """Delete stored, unreferenced digests from the index (their rows, links, references)."""
+    db = index.db
+    for digest, size, is_manifest in dead:
+        batch.links += [
+            (r, digest)
+            for (r,) in db.execute("SELECT repo FROM repo_blobs WHERE digest=?", (digest,))
+        ]
+        db.execute("DELETE FROM repo_blobs WHERE digest=?", (digest,))
+        db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+        if is_manifest:
+            batch.tags += [
+                (r, t)
+                for r, t in db.execute("SELECT repo, tag FROM tags WHERE digest=?", (digest,))
+            ]
+            db.execute("DELETE FROM tags WHERE digest=?", (digest,))
+            db.execute("DELETE FROM manifest_refs WHERE parent=?", (digest,))
+            db.execute("DELETE FROM manifests WHERE digest=?", (digest,))
+        batch.files.append(digest)
+        batch.freed += size
+
+
+def evict_loose(
+    index: Index,
+    need: int,
+    after: str,
+    *,
+    before: float,
+    busy: Collection[str],
+    budget: float = BUDGET_SECONDS,
+) -> Batch:
+    """Stored digests nothing references, last accessed (a manifest: stored) before ``before``,
+    in digest order after ``after``."""
+    started = time.monotonic()
+    batch = Batch(after_digest=after)
+    with index.transaction() as db:
+        while batch.freed < need and time.monotonic() - started < budget:
+            page = db.execute(
+                "SELECT f.digest, f.size, COALESCE(b.last_access, b.created, m.created), "
+                "m.digest IS NOT NULL FROM refs f LEFT JOIN blobs b ON b.digest = f.digest "
+                "LEFT JOIN manifests m ON m.digest = f.digest "
+                "WHERE f.live = 0 AND f.digest > ? AND f.size IS NOT NULL "
+                "ORDER BY f.digest LIMIT ?",
+                (batch.after_digest, PAGE),
+            ).fetchall()
+            if not page:
+                batch.exhausted = True
+                break
+            for digest, size, last, is_manifest in page:
+                batch.after_digest = digest
+                if digest in busy or (last or 0.0) >= before:
+                    continue
+                _forget(index, [(digest, int(size), bool(is_manifest))], batch)
+                batch.evicted.append(Evicted("", digest, int(size)))
+                if batch.freed >= need or time.monotonic() - started >= budget:
+                    break
+    return batch
+
+
+def evict_lru(
+    index: Index,
+    need: int,
+    after: tuple[float, str, str],
+    *,
+    now: float,
+    in_use: float,
+    busy: Collection[str],
+    budget: float = BUDGET_SECONDS,
+) -> Batch:
+    """Least recently used units after the cursor ``after`` (last access, repo, digest)."""
+    started = time.monotonic()
+    recent = now - in_use
+    batch = Batch(after_row=after)
+    with index.transaction() as db:
+        while batch.freed < need and time.monotonic() - started < budget:
+            page = db.execute(
+                "SELECT last_access, repo, digest FROM repo_manifests INDEXED BY repo_manifests_lru "
+                "WHERE pinned = 0 AND (last_access, repo, digest) > (?, ?, ?) "
+                "ORDER BY last_access, repo, digest LIMIT ?",
+                (*batch.after_row, PAGE),
+            ).fetchall()
+            if not page:
+                batch.exhausted = True
+                break
+            for last, repo, digest in page:
+                if last >= recent:
+                    batch.exhausted = True  # the rest is in use or newer
+                    return batch
+                batch.after_row = (last, repo, digest)
+                _unit(index, repo, digest, recent, busy, batch)
+                if batch.freed >= need or time.monotonic() - started >= budget:
+                    break
+    return batch
+
+
+def _unit(
+    index: Index, repo: str, root: str, recent: float, busy: Collection[str], batch: Batch
+) -> None:
+    """Evict one unit if it may go (see the module docstring)."""
+    db = index.db
+    if db.execute(_MEMBER, {"repo": repo, "d": root}).fetchone()[0]:
+        return
+    members = db.execute(_UNIT, {"root": root, "repo": repo}).fetchall()
+    if not members or any(m[3] > 0 for m in members if m[0] == root):
+        return  # gone meanwhile, or reachable from a pinned row
+    if max(m[1] or 0.0 for m in members) >= recent:
+        return
+    drop = [d for d, _, row_pinned, pinned in members if not row_pinned and not pinned]
+    db.execute("SAVEPOINT unit")
+    tags: list[tuple[str, str]] = []
+    for d in drop:
+        tags += [
+            (repo, t)
+            for (t,) in db.execute("SELECT tag FROM tags WHERE repo=? AND digest=?", (repo, d))
+        ]
+        db.execute("DELETE FROM tags WHERE repo=? AND digest=?", (repo, d))
+        db.execute("DELETE FROM repo_manifests WHERE repo=? AND digest=?", (repo, d))
+    dead = [
+        (d, int(size), last, bool(is_manifest))
+        for d, size, last, is_manifest in db.execute(_DEAD, (json.dumps(drop),))
+    ]
+    if any(d in busy or (last or 0.0) >= recent for d, _, last, _ in dead):
+        db.execute("ROLLBACK TO unit")
+        db.execute("RELEASE unit")
+        return
+    freed_before = batch.freed
+    _forget(index, [(d, size, m) for d, size, _, m in dead], batch)
+    db.execute("RELEASE unit")
+    batch.rows += [(repo, d) for d in drop]
+    batch.tags += tags
+    batch.evicted.append(Evicted(repo, root, batch.freed - freed_before))
