@@ -14,7 +14,7 @@ from aiohttp import web
 from regproxy.bundle import BundleError, Importer
 from regproxy.errors import OCIError
 from regproxy.web_errors import error_response
-from regproxy.web_keys import REGISTRY_KEY, RESOLVER_KEY
+from regproxy.web_keys import POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 
 log = logging.getLogger("regproxy.admin")
 IMPORT_PATH: Final = "/admin/import"
@@ -33,7 +33,10 @@ async def import_bundle(request: web.Request) -> web.Response:
     """POST a bundle (OCI archive, gzip/zstd, docker-save tar): streamed to disk, imported,
     answered with the import summary as JSON. ``?name=`` names images the bundle does not."""
     importer = Importer(
-        request.app[REGISTRY_KEY], request.app[RESOLVER_KEY], name=request.query.get("name")
+        request.app[REGISTRY_KEY],
+        request.app[RESOLVER_KEY],
+        name=request.query.get("name"),
+        policy=request.app[POLICY_KEY],
     )
     try:
         summary = await importer.import_stream(_chunks(request))

@@ -45,6 +45,7 @@ from regproxy.errors import OCIError
 from regproxy.index import ManifestRow
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MANIFEST_TYPES, Digest, ParsedManifest, parse_manifest
+from regproxy.policy import ImportedImage, Policy
 from regproxy.registry import Registry
 
 log = logging.getLogger("regproxy.bundle")
@@ -186,11 +187,14 @@ class Importer:
         *,
         name: str | None = None,
         progress: Progress | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.registry = registry
         self.resolver = resolver
         self.name = name
         self.progress = progress
+        #: the signature policy: with ``enforce: [import]`` an unsigned image refuses the bundle
+        self.policy = policy
 
     async def import_path(self, path: Path) -> ImportSummary:
         loop = asyncio.get_running_loop()
@@ -235,6 +239,8 @@ class Importer:
     async def _commit(self, stage: Stage, loop: Any) -> ImportSummary:
         images, extra = await loop.run_in_executor(None, _images, stage, self.resolver, self.name)
         graphs = [await loop.run_in_executor(None, _walk, stage, img, extra) for img in images]
+        if self.policy is not None:
+            await self._check_policy(stage, images, graphs, loop)
         # everything is verified and complete: commit
         summary = ImportSummary()
         committed: set[Digest] = set()
@@ -258,6 +264,30 @@ class Importer:
                 f"{img.repo.canonical}{':' + img.tag if img.tag else '@' + str(img.top)}"
             )
         return summary
+
+    async def _check_policy(
+        self, stage: Stage, images: list[Image], graphs: list[_Graph], loop: Any
+    ) -> None:
+        """The policy's import check, before anything is committed (signatures from the
+        bundle itself, or the store)."""
+        assert self.policy is not None
+        bundle = {str(d): body for g in graphs for d, body, _ in g.manifests}
+        tags = {(i.repo.canonical, i.tag): str(i.top) for i in images if i.tag}
+        tops = []
+        for img, graph in zip(images, graphs, strict=True):
+            for digest, body, parsed in graph.manifests:
+                if digest == img.top:
+                    label = f"{img.repo.canonical}{':' + img.tag if img.tag else '@' + str(digest)}"
+                    tops.append(ImportedImage(img.repo, digest, body, parsed.media_type, label))
+
+        async def read_blob(digest: str) -> bytes | None:
+            d = Digest.parse(digest)
+            if not stage.has(d):
+                return None
+            data: bytes = await loop.run_in_executor(None, stage.bytes_of, d)
+            return data
+
+        await self.policy.check_import(tops, bundle, tags, read_blob)
 
     async def _commit_blob(
         self,

@@ -18,6 +18,7 @@ from typing import Any
 from regproxy.bundle_stage import CONTAINERD_NAME, REF_NAME, BundleError
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import OCI_INDEX, Digest, ParsedManifest, parse_manifest
+from regproxy.referrers import Referrers
 from regproxy.registry import Registry
 
 
@@ -27,6 +28,8 @@ class ExportImage:
     digest: Digest
     media_type: str
     size: int
+    #: a signature, SBOM or attestation of an image (named for regproxy import, not containerd)
+    referrer: bool = False
 
 
 def full_reference(repo: RepoName, tag: str | None, digest: Digest) -> str:
@@ -44,11 +47,18 @@ def _platform_matches(desc_platform: dict[str, Any] | None, want: str) -> bool:
 
 class Exporter:
     def __init__(
-        self, registry: Registry, resolver: NameResolver, *, platform: str | None = None
+        self,
+        registry: Registry,
+        resolver: NameResolver,
+        *,
+        platform: str | None = None,
+        referrers: Referrers | None = None,
     ) -> None:
         self.registry = registry
         self.resolver = resolver
         self.platform = platform
+        #: when given, each image's referrers (and theirs) are exported with it
+        self.referrers = referrers
 
     async def export(self, refs: list[str], out: Path) -> list[ExportImage]:
         loop = asyncio.get_running_loop()
@@ -70,10 +80,13 @@ class Exporter:
                 body, digest, media_type = child.body, child.digest, child.media_type
                 parsed = parse_manifest(body, media_type)
             tag = None if reference.startswith("sha") and ":" in reference else reference
+            before = set(manifests)
             await self._collect(repo, digest, body, parsed, manifests, blobs)
             entries.append(
                 ExportImage(full_reference(repo, tag, digest), digest, media_type, len(body))
             )
+            tree = [str(d) for d in manifests if d not in before]
+            entries += await self._attached(repo, tree, manifests, blobs)
         await loop.run_in_executor(None, self._write, out, entries, manifests, blobs)
         return entries
 
@@ -99,6 +112,29 @@ class Exporter:
             if blob.stream is not None:
                 await blob.stream.wait_done()
             blobs[b.digest] = b.size
+
+    async def _attached(
+        self,
+        repo: RepoName,
+        tree: list[str],
+        manifests: dict[Digest, bytes],
+        blobs: dict[Digest, int],
+    ) -> list[ExportImage]:
+        """The referrers of an image's manifests, as entries named ``host/path@digest`` (or
+        cosign's tag, ``host/path:sha256-<hex>.sig``), so that an import restores them."""
+        if self.referrers is None or not tree:
+            return []
+        out = []
+        for a in await self.referrers.attached(repo, tree, fetch=True):
+            m = await self.registry.get_manifest(repo, a.digest)
+            parsed = parse_manifest(m.body, m.media_type)
+            await self._collect(repo, m.digest, m.body, parsed, manifests, blobs)
+            out.append(
+                ExportImage(
+                    full_reference(repo, a.tag, m.digest), m.digest, m.media_type, m.size, True
+                )
+            )
+        return out
 
     def _write(
         self,
@@ -127,7 +163,11 @@ class Exporter:
                             "mediaType": e.media_type,
                             "digest": str(e.digest),
                             "size": e.size,
-                            "annotations": {REF_NAME: e.ref, CONTAINERD_NAME: e.ref},
+                            "annotations": (
+                                {REF_NAME: e.ref}
+                                if e.referrer
+                                else {REF_NAME: e.ref, CONTAINERD_NAME: e.ref}
+                            ),
                         }
                         for e in entries
                     ],

@@ -286,6 +286,8 @@ class PrefetchConfig:
     interval: float = 3600.0
     platforms: tuple[str, ...] = ()
     required_for_ready: bool = False
+    #: take each image's referrers along (signatures, SBOMs, attestations, and theirs)
+    referrers: bool = True
 
 
 ENFORCEMENT_POINTS: Final = ("pull-through", "import", "push")
@@ -422,6 +424,7 @@ _SCHEMA: Final[dict[str, Any]] = {
         "interval": parse_duration,
         "platforms": _str_list,
         "required_for_ready": _bool,
+        "referrers": _bool,
     },
     "log": {"level": _level, "format": _log_format, "access": _bool},
     "shutdown_timeout": parse_duration,

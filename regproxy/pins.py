@@ -17,6 +17,7 @@ from regproxy.errors import ManifestUnknown
 from regproxy.index import Index, PinRow
 from regproxy.names import RepoName
 from regproxy.oci import INDEX_TYPES
+from regproxy.proxy import ProxyRegistry
 from regproxy.registry import Registry
 
 
@@ -70,10 +71,20 @@ async def pin_digests(registry: Registry, repo: RepoName, digests: Sequence[str]
     return await registry.db.write(Index.pin_manifests, repo.canonical, digests, True)
 
 
+async def _attached(registry: Registry, repo: RepoName, digests: list[str]) -> list[str]:
+    """The referrers the store holds for these manifests (and theirs): signatures, SBOMs and
+    attestations are pinned and unpinned with their image."""
+    if not isinstance(registry, ProxyRegistry):
+        return []
+    found = await registry.referrer_index.attached(repo, digests, fetch=False)
+    return [a.digest for a in found if a.digest not in digests]
+
+
 async def pin(registry: Registry, repo: RepoName, reference: str) -> list[str]:
-    """Pin a manifest and its children; the digests pinned (held in the repository)."""
+    """Pin a manifest, its children and their referrers; the digests pinned."""
     digest = await resolve(registry, repo, reference)
     digests = await _tree(registry, digest)
+    digests += await _attached(registry, repo, digests)
     await registry.db.write(Index.pin_manifests, repo.canonical, digests, True)
     held = await registry.db.read(Index.list_pins, repo.canonical)
     pinned = {r.digest for r in held}
@@ -86,7 +97,8 @@ async def unpin(registry: Registry, repo: RepoName, reference: str) -> list[str]
     out: list[str] = []
     if await registry.db.write(Index.pin_manifests, repo.canonical, [digest], False):
         out.append(digest)
-    for child in (await _tree(registry, digest))[1:]:
+    tree = await _tree(registry, digest)
+    for child in tree[1:] + await _attached(registry, repo, tree):
         if await registry.db.read(Index.pinned_parents, repo.canonical, child):
             continue
         if await registry.db.write(Index.pin_manifests, repo.canonical, [child], False):

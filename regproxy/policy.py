@@ -47,10 +47,10 @@ from regproxy.cosign import (
     verify_layer,
 )
 from regproxy.errors import Denied, OCIError
-from regproxy.index import Index
+from regproxy.index import Index, ManifestRow
 from regproxy.names import RepoName
 from regproxy.oci import INDEX_TYPES, Descriptor, Digest
-from regproxy.referrers import COSIGN_SUFFIXES, Referrers
+from regproxy.referrers import COSIGN_SUFFIXES, Referrers, cosign_tags
 from regproxy.registry import Blob, Manifest
 
 log = logging.getLogger("regproxy.policy")
@@ -82,6 +82,12 @@ class Host(Protocol):
     async def get_blob(self, repo: RepoName, digest: Digest) -> Blob: ...
 
     async def local_blob(self, repo: RepoName, digest: Digest) -> Blob | None: ...
+
+    async def local_manifest(
+        self, repo: RepoName, reference: str
+    ) -> tuple[ManifestRow, float] | None: ...
+
+    async def manifest_body(self, repo: RepoName, row: ManifestRow) -> Manifest: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,23 +279,28 @@ class Policy:
         return Decision(False, rule.match, _best(reasons))
 
     async def _signed(
-        self, repo: RepoName, digest: Digest, keys: tuple[PublicKey, ...], reasons: list[str]
+        self,
+        repo: RepoName,
+        digest: Digest,
+        keys: tuple[PublicKey, ...],
+        reasons: list[str],
+        source: Source | None = None,
     ) -> PublicKey | None:
-        descs = await self.registry.referrer_index.lookup(repo, digest)
-        candidates = [d for d in descs if may_be_signature(d)][:MAX_CANDIDATES]
-        for desc in candidates:
+        source = source or _Pulled(self.registry)
+        for name, body in await source.candidates(repo, digest, reasons):
             try:
-                m = await self.registry.get_manifest(repo, str(desc.digest))
-                layers = signature_layers(m.body)
+                layers = signature_layers(body)
             except NotASignature as exc:
-                reasons.append(f"{desc.digest}: {exc}")
-                continue
-            except OCIError as exc:
-                reasons.append(f"{desc.digest}: {exc}")
+                reasons.append(f"{name}: {exc}")
                 continue
             for layer in layers:
-                blob = await self._blob(repo, layer.digest, layer.size, reasons)
+                try:
+                    blob = await source.blob(repo, layer.digest, layer.size)
+                except (OCIError, OSError) as exc:
+                    reasons.append(f"signature blob {layer.digest}: {exc}")
+                    continue
                 if blob is None:
+                    reasons.append(f"signature blob {layer.digest}: missing")
                     continue
                 verdict = verify_layer(layer, blob, str(digest), keys)
                 if verdict.ok:
@@ -297,31 +308,159 @@ class Policy:
                 reasons.append(verdict.reason)
         return None
 
-    async def _blob(
-        self, repo: RepoName, digest: str, size: int, reasons: list[str]
-    ) -> bytes | None:
-        """A signature layer's bytes (at most MAX_SIGNATURE_BLOB), fetched like any blob."""
-        try:
-            d = Digest.parse(digest)
-            blob = await self.registry.get_blob(repo, d)
-            if blob.stream is not None:
-                await blob.stream.wait_done()
-                blob = await self.registry.local_blob(repo, d) or blob
-        except OCIError as exc:
-            reasons.append(f"signature blob {digest}: {exc}")
-            return None
-        if blob.size > MAX_SIGNATURE_BLOB or blob.size != size:
-            reasons.append(f"signature blob {digest}: {blob.size} bytes")
-            return None
-        if blob.data is not None:
-            return blob.data
-        if blob.file is not None:
-            path: Path = blob.file
-            try:
-                return await asyncio.to_thread(path.read_bytes)
-            except OSError as exc:
-                reasons.append(f"signature blob {digest}: {exc.strerror}")
+    # --- the importer's check (policy.enforce: import) ----------------------------------------------
+    async def check_import(
+        self,
+        images: list[ImportedImage],
+        bundle: dict[str, bytes],
+        tags: dict[tuple[str, str], str],
+        read_blob: Callable[[str], Awaitable[bytes | None]],
+    ) -> None:
+        """Before an import commits: refuse (403 DENIED) when an image under a ``sigstore``
+        rule has no signature that verifies, in the bundle (``bundle``: manifests by digest,
+        ``tags``: (repository, tag) -> digest, ``read_blob``: its staged blobs) or the store."""
+        if not self.active or "import" not in self.enforce_points:
+            return
+        for img in images:
+            found = self.rule_for(img.repo)
+            if found is None or found[1].require == "none":
+                continue
+            rule = found[1]
+            if is_artifact(img.body, img.media_type):
+                continue
+            reasons: list[str] = []
+            source = _Imported(self.registry, bundle, tags, read_blob)
+            key = await self._signed(img.repo, img.digest, rule.keys, reasons, source)
+            decision = (
+                Decision(True, rule.match, f"signed by {key.path}", key)
+                if key is not None
+                else Decision(False, rule.match, _best(reasons))
+            )
+            result = "allowed" if decision.allowed else "denied"
+            metrics.POLICY_DECISIONS.labels(rule.match, result).inc()
+            self._log(img.repo, img.digest, decision)
+            if not decision.allowed:
+                raise Denied(
+                    f"policy rule {rule.match!r}: import of {img.label}: {decision.reason}"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedImage:
+    """An image of a bundle, as the import check sees it."""
+
+    repo: RepoName
+    digest: Digest
+    body: bytes
+    media_type: str
+    label: str
+
+
+class Source(Protocol):
+    """Where signatures of a manifest are looked for."""
+
+    async def candidates(
+        self, repo: RepoName, digest: Digest, reasons: list[str]
+    ) -> list[tuple[str, bytes]]: ...
+
+    async def blob(self, repo: RepoName, digest: str, size: int) -> bytes | None: ...
+
+
+async def _read(
+    registry: Host, repo: RepoName, digest: str, size: int, *, fetch: bool
+) -> bytes | None:
+    """A signature layer's bytes (at most MAX_SIGNATURE_BLOB): fetched like any blob, or only
+    from the store."""
+    d = Digest.parse(digest)
+    if fetch:
+        blob: Blob | None = await registry.get_blob(repo, d)
+        if blob is not None and blob.stream is not None:
+            await blob.stream.wait_done()
+            blob = await registry.local_blob(repo, d)
+    else:
+        blob = await registry.local_blob(repo, d)
+    if blob is None:
         return None
+    if blob.size > MAX_SIGNATURE_BLOB or blob.size != size:
+        raise OSError(f"{blob.size} bytes")
+    if blob.data is not None:
+        return blob.data
+    if blob.file is not None:
+        path: Path = blob.file
+        return await asyncio.to_thread(path.read_bytes)
+    return None
+
+
+class _Pulled:
+    """Signatures through the referrers, pulled through like any content (serving)."""
+
+    def __init__(self, registry: Host) -> None:
+        self.registry = registry
+
+    async def candidates(
+        self, repo: RepoName, digest: Digest, reasons: list[str]
+    ) -> list[tuple[str, bytes]]:
+        descs = await self.registry.referrer_index.lookup(repo, digest)
+        out = []
+        for desc in [d for d in descs if may_be_signature(d)][:MAX_CANDIDATES]:
+            try:
+                m = await self.registry.get_manifest(repo, str(desc.digest))
+            except OCIError as exc:
+                reasons.append(f"{desc.digest}: {exc}")
+                continue
+            out.append((str(desc.digest), m.body))
+        return out
+
+    async def blob(self, repo: RepoName, digest: str, size: int) -> bytes | None:
+        return await _read(self.registry, repo, digest, size, fetch=True)
+
+
+class _Imported:
+    """Signatures a bundle brings (referrers of the image, cosign's .sig tag), then the store's."""
+
+    def __init__(
+        self,
+        registry: Host,
+        bundle: dict[str, bytes],
+        tags: dict[tuple[str, str], str],
+        read_blob: Callable[[str], Awaitable[bytes | None]],
+    ) -> None:
+        self.registry = registry
+        self.bundle = bundle
+        self.tags = tags
+        self.read_blob = read_blob
+
+    async def candidates(
+        self, repo: RepoName, digest: Digest, reasons: list[str]
+    ) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        for d, body in self.bundle.items():
+            try:
+                doc = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            subject = doc.get("subject") if isinstance(doc, dict) else None
+            if isinstance(subject, dict) and subject.get("digest") == str(digest):
+                out.append((d, body))
+        for tag in cosign_tags(digest):
+            tagged = self.tags.get((repo.canonical, tag))
+            if tagged is not None and tagged in self.bundle:
+                out.append((tagged, self.bundle[tagged]))
+        for desc in await self.registry.referrer_index.local(repo, digest):
+            if may_be_signature(desc) and str(desc.digest) not in self.bundle:
+                found = await self.registry.local_manifest(repo, str(desc.digest))
+                if found is not None:
+                    m = await self.registry.manifest_body(repo, found[0])
+                    out.append((str(desc.digest), m.body))
+        return out[:MAX_CANDIDATES]
+
+    async def blob(self, repo: RepoName, digest: str, size: int) -> bytes | None:
+        if size > MAX_SIGNATURE_BLOB:
+            raise OSError(f"{size} bytes")
+        data = await self.read_blob(digest)
+        if data is not None:
+            return data
+        return await _read(self.registry, repo, digest, size, fetch=False)
 
 
 def _best(reasons: list[str]) -> str:

@@ -132,6 +132,8 @@ class ImageResult:
     error: str = ""
     seconds: float = 0.0
     pinned: list[str] = field(default_factory=list)
+    #: referrers (signatures, SBOMs, attestations) taken along
+    referrers: int = 0
 
 
 @dataclass
@@ -201,6 +203,7 @@ class Prefetcher:
             top = await self.registry.get_manifest(repo, reference)
             res.digest = str(top.digest)
             digests = await self._walk(repo, top, res, 0)
+            digests += await self._referrers(repo, digests, res)
             await pins.pin_digests(self.registry, repo, digests)
             res.pinned = digests
             res.ok = True
@@ -215,6 +218,16 @@ class Prefetcher:
             res.error = _describe(exc)
         res.seconds = time.monotonic() - started
         return res
+
+    async def _referrers(self, repo: RepoName, digests: list[str], res: ImageResult) -> list[str]:
+        """``prefetch.referrers``: the image's signatures, SBOMs, attestations (and theirs),
+        fetched with their blobs, to be pinned with it (regproxy.referrers)."""
+        index = getattr(self.registry, "referrer_index", None)
+        if not self.config.referrers or index is None:
+            return []
+        found = await index.attached(repo, digests, fetch=True)
+        res.referrers = len(found)
+        return [a.digest for a in found]
 
     async def _walk(self, repo: RepoName, manifest: Any, res: ImageResult, depth: int) -> list[str]:
         """Fetch what a manifest needs; the digests of every manifest to pin."""
@@ -270,13 +283,14 @@ class Prefetcher:
             self.state[res.ref] = "done"
             log.info(
                 "prefetch.image ref=%s repo=%s digest=%s manifests=%d blobs=%d bytes=%d "
-                "fetched_bytes=%d seconds=%.2f",
+                "referrers=%d fetched_bytes=%d seconds=%.2f",
                 res.ref,
                 res.repo,
                 res.digest,
                 res.manifests,
                 res.blobs,
                 res.total_bytes,
+                res.referrers,
                 res.fetched_bytes,
                 res.seconds,
             )

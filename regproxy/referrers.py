@@ -25,7 +25,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -36,12 +36,16 @@ from regproxy.index import Index, ManifestRow
 from regproxy.names import RepoName
 from regproxy.oci import OCI_INDEX, Descriptor, Digest, parse_manifest, validate_tag
 from regproxy.peers import Peers
-from regproxy.registry import Manifest
+from regproxy.registry import Blob, Manifest
 from regproxy.upstream import UpstreamClient
 
 log = logging.getLogger("regproxy.referrers")
 
 MAX_REFERRERS: Final = 1000
+#: travel: referrers of referrers this deep, this many per image, this many blobs each
+MAX_DEPTH: Final = 3
+MAX_ATTACHED: Final = 256
+MAX_ATTACHED_BLOBS: Final = 64
 CACHE_ENTRIES: Final = 10_000
 #: cosign's tags beside the image, and the artifact type each stands for
 COSIGN_SUFFIXES: Final = {
@@ -128,6 +132,23 @@ class Host(Protocol):
     ) -> tuple[ManifestRow, float] | None: ...
 
     async def manifest_body(self, repo: RepoName, row: ManifestRow) -> Manifest: ...
+
+    async def get_blob(self, repo: RepoName, digest: Digest) -> Blob: ...
+
+    async def local_blob(self, repo: RepoName, digest: Digest) -> Blob | None: ...
+
+    async def mount_blob(self, repo: RepoName, digest: Digest, source: RepoName | None) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """A referrer that travels with its subject (prefetch, pin, export)."""
+
+    subject: str
+    digest: str
+    media_type: str
+    #: cosign's tag for it (``sha256-<hex>.sig``), which must travel as that tag
+    tag: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +312,72 @@ class Referrers:
             for body in await peers.referrers(repo.canonical, subject)
         ]
         return merge(*groups)
+
+    # --- travel: prefetch, pin, export take an image's referrers (and theirs) -------------------
+    async def attached(
+        self,
+        repo: RepoName,
+        roots: Sequence[str],
+        *,
+        fetch: bool,
+        depth: int = MAX_DEPTH,
+        limit: int = MAX_ATTACHED,
+    ) -> list[Attached]:
+        """The referrers of ``roots`` and their referrers, ``depth`` levels down.
+
+        ``fetch``: pulled through (referrers lookup, each manifest and its blobs made local);
+        otherwise only what the store holds (pins never fetch). A referrer that cannot be
+        fetched is logged and left out: the image itself does not fail for it.
+        """
+        reg = self.registry
+        seen = set(roots)
+        out: list[Attached] = []
+        frontier = list(roots)
+        for _ in range(depth):
+            following: list[str] = []
+            for subject in frontier:
+                d = Digest.parse(subject)
+                descs = await (self.lookup(repo, d) if fetch else self.local(repo, d))
+                tags: dict[str, str] = {}
+                for tag in cosign_tags(d):
+                    found = await reg.local_manifest(repo, tag)
+                    if found is not None:
+                        tags[found[0].digest] = tag
+                for desc in descs:
+                    digest = str(desc.digest)
+                    if digest in seen:
+                        continue
+                    seen.add(digest)
+                    if not await self._have(repo, desc, fetch):
+                        continue
+                    out.append(Attached(subject, digest, desc.media_type, tags.get(digest)))
+                    following.append(digest)
+                    if len(out) >= limit:
+                        log.warning(
+                            "referrers.too_many repo=%s roots=%s limit=%d", repo, roots[0], limit
+                        )
+                        return out
+            frontier = following
+        return out
+
+    async def _have(self, repo: RepoName, desc: Descriptor, fetch: bool) -> bool:
+        """Whether the referrer's manifest (and, when fetching, its blobs) is local now."""
+        reg = self.registry
+        if not fetch:
+            return await reg.local_manifest(repo, str(desc.digest)) is not None
+        try:
+            m = await reg.get_manifest(repo, str(desc.digest))
+            parsed = parse_manifest(m.body, m.media_type)
+            for b in parsed.blobs[:MAX_ATTACHED_BLOBS]:
+                blob = await reg.get_blob(repo, b.digest)
+                if blob.stream is not None:
+                    await blob.stream.wait_done()
+                    if await reg.local_blob(repo, b.digest) is None:
+                        await reg.mount_blob(repo, b.digest, None)
+        except (OCIError, TimeoutError) as exc:
+            log.warning("referrers.fetch_failed repo=%s digest=%s error=%s", repo, desc.digest, exc)
+            return False
+        return True
 
     def forget(self, repo: RepoName, subject: Digest) -> None:
         """Drop the cached remote answer (a referrer was just stored here)."""

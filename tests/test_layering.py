@@ -74,12 +74,13 @@ LAYERS: dict[str, Layer] = {
     # the importer's parts: staging and docker archives know no registry; export knows no import
     "staging": _layer("bundle_stage", f"{_MODEL} store"),
     "archives": _layer("bundle_docker", f"{_MODEL} staging"),
-    "export": _layer("bundle_export", f"{_MODEL} staging registry"),
+    "export": _layer("bundle_export", f"{_MODEL} staging registry referrers"),
     # pins: what eviction keeps (the command, the web page and prefetch pin through it)
     "pinning": _layer("pins", f"{_MODEL} index facade registry proxy"),
     "tools": _layer(
         "bundle containerd health maintenance prefetch tls",
-        f"{_MODEL} store index facade transfer registry proxy gc pinning staging archives export",
+        f"{_MODEL} store index facade transfer registry proxy gc pinning staging archives export "
+        "policy",
     ),
     # the HTTP layer: shared keys and error rendering low, handlers above them
     "keys": _layer("web_keys", f"{_MODEL} registry tools policy"),
@@ -100,7 +101,7 @@ LAYERS: dict[str, Layer] = {
     "cli": _layer(
         "cli",
         f"{_MODEL} schema store index facade transfer upstream peers registry proxy gc pinning "
-        "tools app",
+        "tools app policy",
     ),
     "main": _layer("__main__", "cli"),
 }

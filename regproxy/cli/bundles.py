@@ -12,6 +12,7 @@ from regproxy.cli.common import SubParsers, run
 from regproxy.config import Config
 from regproxy.errors import OCIError
 from regproxy.names import NameResolver
+from regproxy.policy import Policy
 
 
 def add_parsers(sub: SubParsers, common: argparse.ArgumentParser) -> None:
@@ -64,7 +65,11 @@ async def run_import(config: Config, paths: list[Path], name: str | None) -> int
             progress = _Progress(str(path))
             try:
                 summary = await Importer(
-                    registry, NameResolver(config), name=name, progress=progress
+                    registry,
+                    NameResolver(config),
+                    name=name,
+                    progress=progress,
+                    policy=Policy(registry),  # policy.enforce: import
                 ).import_path(path)
             except (BundleError, OCIError) as exc:
                 progress.end()
@@ -86,9 +91,12 @@ async def run_export(config: Config, names: list[str], output: Path, platform: s
     registry = build_registry(config)
     await registry.open(sweep=False)
     try:
-        entries = await Exporter(registry, NameResolver(config), platform=platform).export(
-            names, output
-        )
+        entries = await Exporter(
+            registry,
+            NameResolver(config),
+            platform=platform,
+            referrers=registry.referrer_index,  # signatures, SBOMs, attestations travel along
+        ).export(names, output)
     except (BundleError, OCIError) as exc:
         print(f"regproxy export: {exc}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ from regproxy.ui.base import (
     ui_of,
     wants_json,
 )
-from regproxy.web_keys import RESOLVER_KEY
+from regproxy.web_keys import POLICY_KEY, RESOLVER_KEY
 
 log = logging.getLogger("regproxy.ui")
 
@@ -94,7 +94,9 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
     if file_part is None:
         return refused(request, "no bundle file in the form", 400)
     name = fields.get("name", "").strip() or None
-    importer = Importer(registry_of(request), request.app[RESOLVER_KEY], name=name)
+    importer = Importer(
+        registry_of(request), request.app[RESOLVER_KEY], name=name, policy=request.app[POLICY_KEY]
+    )
     part = file_part
 
     async def chunks() -> AsyncIterator[bytes]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 
 from regproxy.cosign import load_public_key, verify_simple_signing
 from tests.images import make_image, write_layout
-from tests.peers import DockerRegistry, error_codes, http, skopeo, skopeo_raw
+from tests.peers import REPO_ROOT, DockerRegistry, error_codes, http, skopeo, skopeo_raw
 from tests.signing import (
     Key,
     bundle_referrer,
@@ -269,3 +271,100 @@ def test_a_rule_matches_the_upstream_key_form_and_unmatched_names_pass(
             headers={"Accept": OCI_MANIFEST},
         )
         assert status == want, tag
+
+
+def regproxy_cli(cfg: dict, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    path = root / "cli.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**cfg, "storage": {"root": str(root / "store")}}))
+    return subprocess.run(
+        [sys.executable, "-m", "regproxy", "--config", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+
+
+def test_air_gap_export_import_keeps_signatures_and_the_policy(
+    tmp_path: Path, upstream: Upstream, daemon_factory
+) -> None:
+    cfg = policy_config(upstream)
+    base = f"{upstream.registry.hostport}/team/app"
+    # the connected host: export pulls the images and their referrers through
+    connected = tmp_path / "connected"
+    bundle = tmp_path / "bundle.tar"
+    done = regproxy_cli(
+        cfg, connected, "export", f"{base}:v1", f"{base}:unsigned", "-o", str(bundle)
+    )
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(bundle) as tar:
+        index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
+    names = [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]]
+    signed = upstream.digests["v1"]
+    assert f"{base}:sha256-{signed[7:]}.sig" in names
+    sig = next(d for d, art in upstream.referrers.items() if art.endswith("simplesigning.v1+json"))
+    assert {f"{base}@{d}" for d in upstream.referrers if d != sig} <= set(names)
+
+    # the air-gapped host: sync off, the same policy
+    gapped = {**cfg, "content": {"sync": {"enable": False}}}
+    imported = regproxy_cli(gapped, tmp_path / "gapped", "import", str(bundle))
+    assert imported.returncode == 0, imported.stderr
+    proxy = daemon_factory({**gapped, "storage": {"root": str(tmp_path / "gapped" / "store")}})
+    rd = registries_d(tmp_path / "rd-gapped", proxy.hostport)
+    out = tmp_path / "pulled"
+    skopeo_with(
+        rd,
+        "copy",
+        "--src-tls-verify=false",
+        f"docker://{proxy.hostport}/up.test/team/app:v1",
+        f"dir:{out}",
+    )
+    assert sha256((out / "manifest.json").read_bytes()) == signed and read_dir_signatures(out)
+    status, _, body = http(
+        "GET",
+        f"{proxy.url}/v2/up.test/team/app/manifests/unsigned",
+        headers={"Accept": OCI_MANIFEST},
+    )
+    assert status == 403 and "no signature found" in body.decode()
+    status, _, body = http("GET", f"{proxy.url}/v2/up.test/team/app/referrers/{signed}")
+    assert {m["digest"] for m in json.loads(body)["manifests"]} == set(upstream.referrers)
+
+    # enforce: import refuses the bundle for its unsigned image, before anything is stored
+    strict = {**gapped, "policy": {**gapped["policy"], "enforce": ["pull-through", "import"]}}
+    refused = regproxy_cli(strict, tmp_path / "strict", "import", str(bundle))
+    assert refused.returncode == 1, refused.stdout
+    assert "spectro-images/up.test/team/app:unsigned" in refused.stderr
+    assert "no signature found" in refused.stderr
+    assert not [p for p in (tmp_path / "strict" / "store" / "blobs").rglob("*") if p.is_file()]
+    only_signed = tmp_path / "signed.tar"
+    assert (
+        regproxy_cli(cfg, connected, "export", f"{base}:v1", "-o", str(only_signed)).returncode == 0
+    )
+    accepted = regproxy_cli(strict, tmp_path / "strict", "import", str(only_signed))
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_prefetch_takes_the_signatures_along(
+    tmp_path: Path, upstream: Upstream, daemon_factory
+) -> None:
+    cfg = policy_config(upstream)
+    root = tmp_path / "node"
+    done = regproxy_cli(cfg, root, "prefetch", f"{upstream.registry.hostport}/team/app:v1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    upstream.registry.stop()  # from now on the node has only what prefetch brought
+    proxy = daemon_factory(
+        {**cfg, "content": {"sync": {"enable": False}}, "storage": {"root": str(root / "store")}}
+    )
+    status, headers, _ = http(
+        "GET", f"{proxy.url}/v2/up.test/team/app/manifests/v1", headers={"Accept": OCI_MANIFEST}
+    )
+    assert status == 200 and headers["Docker-Content-Digest"] == upstream.digests["v1"]
+    status, _, body = http(
+        "GET", f"{proxy.url}/v2/up.test/team/app/referrers/{upstream.digests['v1']}"
+    )
+    assert {m["digest"] for m in json.loads(body)["manifests"]} == set(upstream.referrers)
+    pins = regproxy_cli(cfg, root, "pins", "--json")
+    pinned = {p["digest"] for p in json.loads(pins.stdout)}
+    assert set(upstream.referrers) <= pinned, pins.stdout
