@@ -86,7 +86,8 @@ class Index:
         return self.db.execute("SELECT 1 FROM repos WHERE name=?", (name,)).fetchone() is not None
 
     def catalog(self, n: int | None, last: str | None) -> list[str]:
-        q = "SELECT name FROM repos WHERE name > ? AND EXISTS (SELECT 1 FROM repo_manifests m WHERE m.repo = repos.name) ORDER BY name"
+        """Repositories holding content, by name after ``last`` (a keyset page)."""
+        q = "SELECT name FROM repos WHERE name > ? AND manifests > 0 ORDER BY name"
         args: list[Any] = [last or ""]
         if n is not None:
             q += " LIMIT ?"
@@ -441,21 +442,33 @@ class Index:
             )
         ]
 
-    def list_pins(self, repo: str | None = None) -> list[PinRow]:
-        """Every pinned manifest (of one repository, or all), with its tags and blob bytes."""
+    def list_pins(
+        self,
+        repo: str | None = None,
+        *,
+        after: tuple[str, str] = ("", ""),
+        limit: int | None = None,
+    ) -> list[PinRow]:
+        """Pinned manifests (of one repository, or all) by (repo, digest) after ``after``, a
+        keyset page of ``limit`` rows, each with its tags and blob bytes."""
         q = (
             "SELECT r.repo, r.digest, m.media_type, m.size, "
             "(SELECT group_concat(t.tag, ',') FROM tags t "
             " WHERE t.repo = r.repo AND t.digest = r.digest), "
             "(SELECT COALESCE(SUM(b.size), 0) FROM manifest_refs x "
             " JOIN blobs b ON b.digest = x.child WHERE x.parent = r.digest AND x.kind='blob') "
-            "FROM repo_manifests r JOIN manifests m ON m.digest = r.digest WHERE r.pinned=1"
+            "FROM repo_manifests r INDEXED BY repo_manifests_pinned "
+            "JOIN manifests m ON m.digest = r.digest "
+            "WHERE r.pinned <> 0 AND (r.repo, r.digest) > (?, ?)"
         )
-        args: list[Any] = []
+        args: list[Any] = list(after)
         if repo is not None:
             q += " AND r.repo=?"
             args.append(repo)
         q += " ORDER BY r.repo, r.digest"
+        if limit is not None:
+            q += " LIMIT ?"
+            args.append(limit)
         return [
             PinRow(
                 row[0],

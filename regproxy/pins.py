@@ -9,9 +9,9 @@ through the manifests that list them (eviction's rule, see ``regproxy.evict``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from regproxy.errors import ManifestUnknown
 from regproxy.index import Index, PinRow
@@ -19,6 +19,9 @@ from regproxy.names import RepoName
 from regproxy.oci import INDEX_TYPES
 from regproxy.proxy import ProxyRegistry
 from regproxy.registry import Registry
+
+#: pinned rows read per query
+PIN_PAGE: Final = 500
 
 
 @dataclass
@@ -106,8 +109,34 @@ async def unpin(registry: Registry, repo: RepoName, reference: str) -> list[str]
     return out
 
 
+async def iter_pins(registry: Registry, repo: RepoName | None = None) -> AsyncIterator[PinnedImage]:
+    """Pinned images in (repository, digest) order, read in keyset pages of the index, one
+    repository at a time (an index and its children are grouped within a repository)."""
+    after = ("", "")
+    pending: list[PinRow] = []  # the rows of one repository
+    while True:
+        rows = await registry.db.read(
+            Index.list_pins, repo.canonical if repo else None, after=after, limit=PIN_PAGE
+        )
+        for r in rows:
+            if pending and r.repo != pending[0].repo:
+                for image in await _images(registry, pending):
+                    yield image
+                pending = []
+            pending.append(r)
+        if len(rows) < PIN_PAGE:
+            break
+        after = (rows[-1].repo, rows[-1].digest)
+    for image in await _images(registry, pending):
+        yield image
+
+
 async def list_pins(registry: Registry, repo: RepoName | None = None) -> list[PinnedImage]:
-    rows: list[PinRow] = await registry.db.read(Index.list_pins, repo.canonical if repo else None)
+    return [image async for image in iter_pins(registry, repo)]
+
+
+async def _images(registry: Registry, rows: list[PinRow]) -> list[PinnedImage]:
+    """The pinned rows of one repository as images: an index with its pinned children."""
     by_key = {(r.repo, r.digest): r for r in rows}
     child_of: dict[tuple[str, str], list[PinRow]] = {}
     listed: set[tuple[str, str]] = set()

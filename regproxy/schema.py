@@ -23,7 +23,7 @@ from regproxy.errors import RegproxyError
 log = logging.getLogger("regproxy.index")
 
 #: the schema version this code writes
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 
 #: version 1: the schema of every store written before versioning (user_version 0)
 V1: Final = (
@@ -271,11 +271,19 @@ def _v4(db: sqlite3.Connection) -> None:
     )
 
 
+def _v5(db: sqlite3.Connection) -> None:
+    """Pinned rows by (repo, digest): ``regproxy pins`` pages through them without a scan."""
+    db.execute(
+        "CREATE INDEX repo_manifests_pinned ON repo_manifests(repo, digest) WHERE pinned <> 0"
+    )
+
+
 #: (version it brings the schema to, what it does), in order; append, never edit a released one
 MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] = (
     (2, _v2),
     (3, _v3),
     (4, _v4),
+    (5, _v5),
 )
 
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import AsyncIterator
+from typing import Final
 
 from regproxy.cli.common import SubParsers, run
 from regproxy.config import Config
 from regproxy.errors import OCIError
 from regproxy.names import NameResolver
-from regproxy.pins import PinnedImage, list_pins, pin, resolve, unpin
+from regproxy.pins import PinnedImage, iter_pins, pin, resolve, unpin
 from regproxy.units import human_bytes
+
+#: images printed with one column alignment
+PRINT_BLOCK: Final = 1000
 
 
 def add_parsers(sub: SubParsers, common: argparse.ArgumentParser) -> None:
@@ -46,7 +51,7 @@ async def _pins(config: Config, args: argparse.Namespace) -> int:
     try:
         if args.command == "pins":
             repo = resolver.parse_reference(args.name)[0] if args.name else None
-            _print_pins(await list_pins(registry, repo), args.json)
+            await _print_pins(iter_pins(registry, repo), args.json)
             return 0
         failed = 0
         for ref in args.refs:
@@ -65,15 +70,30 @@ async def _pins(config: Config, args: argparse.Namespace) -> int:
         await registry.close()
 
 
-def _print_pins(images: list[PinnedImage], as_json: bool) -> None:
+async def _print_pins(images: AsyncIterator[PinnedImage], as_json: bool) -> None:
+    """As the index yields them: a JSON array, or a table aligned per block of images."""
+    n = 0
     if as_json:
-        print(json.dumps([i.to_json() for i in images], indent=2))
+        print("[")
+        async for i in images:
+            print(("," if n else "") + json.dumps(i.to_json(), indent=2))
+            n += 1
+        print("]")
         return
     rows = [("REPOSITORY", "TAGS", "DIGEST", "SIZE")]
-    for i in images:
+
+    def flush() -> None:
+        widths = [max(len(r[c]) for r in rows) for c in range(3)]
+        for r in rows:
+            print("  ".join(r[c].ljust(widths[c]) for c in range(3)) + "  " + r[3])
+        rows.clear()
+
+    async for i in images:
         kind = f" (index, {len(i.children)} platform(s))" if i.is_index else ""
         rows.append((i.repo, ",".join(i.tags) or "-", i.digest, human_bytes(i.size) + kind))
-    widths = [max(len(r[c]) for r in rows) for c in range(3)]
-    for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in range(3)) + "  " + r[3])
-    print(f"{len(images)} pinned image(s)")
+        n += 1
+        if len(rows) >= PRINT_BLOCK:
+            flush()
+    if rows:
+        flush()
+    print(f"{n} pinned image(s)")

@@ -8,7 +8,7 @@ import importlib.resources
 import logging
 from collections.abc import Mapping
 from typing import Any, Final
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import jinja2
 from aiohttp import web
@@ -167,12 +167,6 @@ def repo_url(name: str) -> str:
 
 def manifest_url(name: str, digest: str) -> str:
     return f"{PREFIX}/manifests/{quote(name)}@{digest}"
-
-
-def page_link(request: web.Request, page: int) -> str:
-    params = {k: v for k, v in request.query.items() if k != "page" and v}
-    params["page"] = str(page)
-    return f"{request.path}?{urlencode(params)}"
 
 
 # --- changes: a session, its CSRF token, a user who may change content --------------------------------

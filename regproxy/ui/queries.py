@@ -1,18 +1,21 @@
 """The web page's questions to the metadata index (SQLite): bounded, paginated, no blob tree.
 
 Every function takes the :class:`~regproxy.index.Index` and runs on an index reader thread
-(``registry.db.read(queries.x, ...)``), never on the event loop. Lists are paginated with LIMIT/OFFSET over
-the primary keys, and the per-row figures (tags, sizes) are computed for the rows of one page
-only, so a page costs the same with 10 or 10,000 repositories.
+(``registry.db.read(queries.x, ...)``), never on the event loop. Lists are paginated by key
+(``after``/``before`` the name of a row, a range over the primary key with a ``LIMIT``: no
+``OFFSET`` scan), and the per-row figures (tags, sizes) are computed for the rows of one page
+only, so the 500th page costs what the first does, with 10 or 100,000 repositories.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from regproxy.index import Index
+
+T = TypeVar("T")
 
 #: digests under a manifest (itself, an index's children), for sizes
 _TREE = "WITH RECURSIVE t(d) AS (SELECT ? UNION SELECT child FROM manifest_refs JOIN t ON parent = t.d) "
@@ -83,8 +86,43 @@ def _like(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+@dataclass(slots=True)
+class Page(Generic[T]):
+    """One page of a list in key order, and the keys to ask for the pages around it."""
+
+    rows: list[T]
+    #: how many rows the whole list has
+    total: int
+    #: ``after=`` for the next page (the last row's key), None on the last page
+    next_after: str | None
+    #: ``before=`` for the previous page (the first row's key), None on the first page
+    prev_before: str | None
+
+
+def _keyset(
+    column: str, after: str | None, before: str | None, limit: int
+) -> tuple[str, str, list[Any], bool]:
+    """(condition, order, arguments, reversed): a page after or before a key, LIMIT one more
+    than the page to learn whether another follows."""
+    if before is not None:
+        return f"{column} < ?", f"{column} DESC", [before, limit + 1], True
+    return f"{column} > ?", column, [after or "", limit + 1], False
+
+
+def _page(
+    rows: list[Any], key: Any, limit: int, reverse: bool, cursor: bool, total: int
+) -> Page[Any]:
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if reverse:
+        rows.reverse()
+    nxt = key(rows[-1]) if rows and (more or reverse) else None
+    prev = key(rows[0]) if rows and ((more and reverse) or (cursor and not reverse)) else None
+    return Page(rows, total, nxt, prev)
+
+
 def _where(project: str | None, q: str | None) -> tuple[str, list[Any]]:
-    where = ["EXISTS (SELECT 1 FROM repo_manifests m WHERE m.repo = repos.name)"]
+    where = ["manifests > 0"]  # repositories holding content (a count the index keeps)
     args: list[Any] = []
     if project:
         # a range over the primary key: "<project>/" <= name < "<project>0" ('0' follows '/')
@@ -101,35 +139,47 @@ def projects(index: Index) -> list[tuple[str, int]]:
     rows = index.db.execute(
         "SELECT CASE WHEN instr(name, '/') > 0 THEN substr(name, 1, instr(name, '/') - 1) "
         "ELSE name END AS p, count(*) FROM repos "
-        "WHERE EXISTS (SELECT 1 FROM repo_manifests m WHERE m.repo = repos.name) "
-        "GROUP BY p ORDER BY p"
+        "WHERE manifests > 0 GROUP BY p ORDER BY p"
     ).fetchall()
     return [(str(p), int(n)) for p, n in rows]
 
 
 def repositories(
-    index: Index, *, project: str | None, q: str | None, limit: int, offset: int
-) -> tuple[list[RepoRow], int]:
-    """One page of repositories (by name) that hold content, and how many match in all."""
+    index: Index,
+    *,
+    project: str | None,
+    q: str | None,
+    limit: int,
+    after: str | None = None,
+    before: str | None = None,
+) -> Page[RepoRow]:
+    """One page of repositories (by name) that hold content, after or before a name, and how
+    many match in all (the index's running total when nothing filters)."""
     where, args = _where(project, q)
-    total = int(index.db.execute(f"SELECT count(*) FROM repos WHERE {where}", args).fetchone()[0])
+    if project or q:
+        total = int(
+            index.db.execute(f"SELECT count(*) FROM repos WHERE {where}", args).fetchone()[0]
+        )
+    else:
+        total = index.totals().repos
+    cond, order, more, reverse = _keyset("name", after, before, limit)
     rows = index.db.execute(
-        "WITH page AS (SELECT name, host, path, created, last_access FROM repos "
-        f"WHERE {where} ORDER BY name LIMIT ? OFFSET ?) "
+        "WITH page AS (SELECT name, host, path, created, last_access, manifests FROM repos "
+        f"WHERE {where} AND {cond} ORDER BY {order} LIMIT ?) "
         "SELECT name, host, path, created, last_access, "
-        "(SELECT count(*) FROM tags t WHERE t.repo = page.name), "
-        "(SELECT count(*) FROM repo_manifests rm WHERE rm.repo = page.name), "
+        "(SELECT count(*) FROM tags t WHERE t.repo = page.name), manifests, "
         "(SELECT COALESCE(SUM(b.size), 0) FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest "
         " WHERE rb.repo = page.name) + "
         "(SELECT COALESCE(SUM(m.size), 0) FROM repo_manifests rm JOIN manifests m "
         " ON m.digest = rm.digest WHERE rm.repo = page.name) "
-        "FROM page ORDER BY name",
-        [*args, limit, offset],
+        f"FROM page ORDER BY {order}",
+        [*args, *more],
     ).fetchall()
-    return [
+    repos = [
         RepoRow(r[0], r[1], r[2] or "", float(r[3]), r[4], int(r[5]), int(r[6]), int(r[7]))
         for r in rows
-    ], total
+    ]
+    return _page(repos, lambda r: r.name, limit, reverse, after is not None, total)
 
 
 def repository(index: Index, name: str) -> RepoRow | None:
@@ -168,16 +218,19 @@ def tree_size(index: Index, digest: str) -> int:
     return int(row[0])
 
 
-def repo_tags(index: Index, repo: str, *, limit: int, offset: int) -> tuple[list[TagRow], int]:
-    """One page of a repository's tags (by name), and the number of tags."""
+def repo_tags(
+    index: Index, repo: str, *, limit: int, after: str | None = None, before: str | None = None
+) -> Page[TagRow]:
+    """One page of a repository's tags (by name) after or before a tag, and the number of tags."""
     total = int(index.db.execute("SELECT count(*) FROM tags WHERE repo=?", (repo,)).fetchone()[0])
+    cond, order, more, reverse = _keyset("t.tag", after, before, limit)
     rows = index.db.execute(
         "SELECT t.tag, t.digest, m.media_type, m.artifact_type, rm.created, rm.last_access, "
         "t.updated, t.checked, COALESCE(rm.pinned, 0) FROM tags t "
         "JOIN manifests m ON m.digest = t.digest "
         "LEFT JOIN repo_manifests rm ON rm.repo = t.repo AND rm.digest = t.digest "
-        "WHERE t.repo=? ORDER BY t.tag LIMIT ? OFFSET ?",
-        (repo, limit, offset),
+        f"WHERE t.repo=? AND {cond} ORDER BY {order} LIMIT ?",
+        (repo, *more),
     ).fetchall()
     out = [
         TagRow(
@@ -192,9 +245,9 @@ def repo_tags(index: Index, repo: str, *, limit: int, offset: int) -> tuple[list
             r[7],
             bool(r[8]),
         )
-        for r in rows
+        for r in rows[: limit + 1]
     ]
-    return out, total
+    return _page(out, lambda t: t.tag, limit, reverse, after is not None, total)
 
 
 def untagged(index: Index, repo: str, *, limit: int) -> list[TagRow]:

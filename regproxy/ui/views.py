@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -18,7 +19,6 @@ from regproxy.ui.base import (
     json_response,
     manifest_url,
     page_args,
-    page_link,
     registry_of,
     render,
     repo_url,
@@ -39,27 +39,54 @@ async def api_projects(request: web.Request) -> web.Response:
     return json_response({"projects": [{"name": p, "repositories": n} for p, n in rows]})
 
 
+def _cursor(request: web.Request) -> tuple[int, dict[str, str]]:
+    """(page number, ``after``/``before`` key) of a keyset page: the key says where the page is
+    (queries.Page), the number is only shown ("page 3 of 9") and carried by the links. Without
+    a key it is the first page."""
+    page, _ = page_args(request)
+    for key in ("before", "after"):
+        value = request.query.get(key)
+        if value:
+            return page, {key: value[:512]}
+    return 1, {}
+
+
+def _paged(request: web.Request, page: int, per: int, found: queries.Page[Any]) -> dict[str, Any]:
+    """The page's numbers and its links to the pages around it (``after=``/``before=``)."""
+    pages = max(1, math.ceil(found.total / per))
+    page = min(page, pages)
+
+    def link(number: int, **cursor: str) -> str:
+        params = {
+            k: v for k, v in request.query.items() if k not in ("page", "after", "before") and v
+        }
+        return f"{request.path}?{urlencode({**params, **cursor, 'page': str(number)})}"
+
+    return {
+        "page": page,
+        "per_page": per,
+        "pages": pages,
+        "total": found.total,
+        "next": found.next_after,
+        "prev": found.prev_before,
+        "next_url": link(page + 1, after=found.next_after) if found.next_after else None,
+        "prev_url": link(max(1, page - 1), before=found.prev_before) if found.prev_before else None,
+    }
+
+
 async def _repositories(request: web.Request) -> dict[str, Any]:
     registry = registry_of(request)
     await registry.flush_access()  # last pulled: what was served until now
-    page, per = page_args(request)
+    _, per = page_args(request)
+    page, cursor = _cursor(request)
     q = request.query.get("q", "").strip()[:200] or None
     project = request.query.get("project", "").strip()[:200] or None
-    rows, total = await registry.db.read(
-        queries.repositories,
-        project=project,
-        q=q,
-        limit=per,
-        offset=(page - 1) * per,
-    )
+    found = await registry.db.read(queries.repositories, project=project, q=q, limit=per, **cursor)
     return {
         "q": q or "",
         "project_filter": project or "",
-        "page": page,
-        "per_page": per,
-        "pages": max(1, math.ceil(total / per)),
-        "total": total,
-        "rows": rows,
+        **_paged(request, page, per, found),
+        "rows": found.rows,
     }
 
 
@@ -69,8 +96,8 @@ async def repositories_page(request: web.Request) -> web.Response:
         request,
         "repositories.html",
         r=data,
-        prev_url=page_link(request, data["page"] - 1) if data["page"] > 1 else None,
-        next_url=page_link(request, data["page"] + 1) if data["page"] < data["pages"] else None,
+        prev_url=data["prev_url"],
+        next_url=data["next_url"],
         repo_url=repo_url,
     )
 
@@ -79,6 +106,8 @@ async def api_repositories(request: web.Request) -> web.Response:
     data = await _repositories(request)
     data["repositories"] = [r.to_json() for r in data.pop("rows")]
     data.pop("project_filter")
+    data.pop("next_url")
+    data.pop("prev_url")
     data["project"] = request.query.get("project") or None
     return json_response(data)
 
@@ -114,10 +143,10 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     info = await registry.db.read(queries.repository, repo.canonical)
     if info is None:
         raise web.HTTPNotFound(text=f"no repository {repo.canonical}")
-    page, per = page_args(request)
-    tags, total = await registry.db.read(
-        queries.repo_tags, repo.canonical, limit=per, offset=(page - 1) * per
-    )
+    _, per = page_args(request)
+    page, cursor = _cursor(request)
+    found = await registry.db.read(queries.repo_tags, repo.canonical, limit=per, **cursor)
+    tags = found.rows
     other = await registry.db.read(queries.untagged, repo.canonical, limit=100)
     now = time.time()
     for row in (*tags, *other):
@@ -128,10 +157,7 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     return {
         "repository": info,
         "upstream": repo.host,
-        "page": page,
-        "per_page": per,
-        "pages": max(1, math.ceil(total / per)),
-        "total": total,
+        **_paged(request, page, per, found),
         "tags": tags,
         "untagged": other,
         "tag_ttl": ui.config.tag_ttl,
@@ -145,8 +171,8 @@ async def repository_page(request: web.Request) -> web.Response:
         "repository.html",
         r=data,
         manifest_url=manifest_url,
-        prev_url=page_link(request, data["page"] - 1) if data["page"] > 1 else None,
-        next_url=page_link(request, data["page"] + 1) if data["page"] < data["pages"] else None,
+        prev_url=data["prev_url"],
+        next_url=data["next_url"],
     )
 
 
@@ -159,6 +185,8 @@ async def api_tags(request: web.Request) -> web.Response:
             "per_page": data["per_page"],
             "pages": data["pages"],
             "total": data["total"],
+            "next": data["next"],
+            "prev": data["prev"],
             "tags": [t.to_json() for t in data["tags"]],
             "untagged": [t.to_json() for t in data["untagged"]],
         }

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import bcrypt
@@ -319,11 +320,31 @@ async def test_ten_thousand_repositories_answer_fast_without_the_blob_tree(
     monkeypatch.setattr(Store, "iter_blobs", no_scan)
     monkeypatch.setattr(os, "walk", no_scan)
     monkeypatch.setattr(os, "scandir", no_scan)
+    names = sorted(
+        f"{'spectro-images' if i % 10 else 'other-project'}/docker.io/team/repo-{i:05d}"
+        for i in range(10_000)
+    )
     client = await _client(root)
     try:
         assert (await login(client)).status == 303
+        # keyset pages: the 150th page is the 50 names after the 7450th, with links both ways
+        page150 = f"/ui/api/repositories?after={quote(names[149 * 50 - 1])}&page=150"
+        body = await (await client.get(page150)).json()
+        assert [r["name"] for r in body["repositories"]] == names[149 * 50 : 150 * 50]
+        assert (body["page"], body["pages"], body["total"]) == (150, 200, 10_000)
+        assert body["next"] == names[150 * 50 - 1] and body["prev"] == names[149 * 50]
+        back = await (
+            await client.get(f"/ui/api/repositories?before={quote(body['prev'])}&page=149")
+        ).json()
+        assert [r["name"] for r in back["repositories"]] == names[148 * 50 : 149 * 50]
+        last = await (
+            await client.get(f"/ui/api/repositories?after={quote(names[-3])}&page=200")
+        ).json()
+        assert len(last["repositories"]) == 2 and last["next"] is None
+        first = await (await client.get("/ui/api/repositories")).json()
+        assert first["prev"] is None and first["page"] == 1
         checks = [
-            ("/ui/api/repositories?page=150", lambda b: len(b["repositories"]) == 50),
+            (page150, lambda b: len(b["repositories"]) == 50),
             ("/ui/api/repositories?q=repo-0999", lambda b: b["total"] == 10),
             ("/ui/api/repositories?project=other-project&page=3", lambda b: b["total"] == 1000),
             ("/ui/api/projects", lambda b: len(b["projects"]) == 2),
@@ -336,8 +357,9 @@ async def test_ten_thousand_repositories_answer_fast_without_the_blob_tree(
             assert resp.status == 200, path
             assert ok(await resp.json()), path
             assert elapsed < 1.0, (path, elapsed)
+        page199 = f"/ui/repositories?after={quote(names[198 * 50 - 1])}&page=199"
         for path in (
-            "/ui/repositories?page=199",
+            page199,
             "/ui/repositories?q=repo-09",
             "/ui/projects",
             "/ui/",
@@ -348,8 +370,9 @@ async def test_ten_thousand_repositories_answer_fast_without_the_blob_tree(
             elapsed = time.monotonic() - t0
             assert resp.status == 200, path
             assert elapsed < 1.0, (path, elapsed)
-        text = await (await client.get("/ui/repositories?page=199")).text()
+        text = await (await client.get(page199)).text()
         assert "page 199 of 200" in text and "repo-09" in text
+        assert "page=200" in text and "page=198" in text  # the links to the pages around it
     finally:
         await client.close()
 

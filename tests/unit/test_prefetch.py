@@ -262,3 +262,28 @@ async def test_pin_unpin_keeps_a_child_another_pinned_index_lists(registry: Regi
 
 def pins_digest(body: bytes) -> str:
     return str(Digest.of(body))
+
+
+async def test_pins_are_listed_in_keyset_pages_with_indexes_grouped_across_pages(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolver = NameResolver(config_from_dict({}))
+    for n in range(4):
+        repo, _ = resolver.parse_reference(f"ghcr.io/o/app{n}")
+        a, b = make_image("amd64", layer_sizes=(10,)), make_image("arm64", layer_sizes=(10,))
+        both = make_index({"amd64": a, "arm64": b})
+        for m in (a, b):
+            for blob in (m.config, *m.layers):
+                await registry.put_blob(repo, Digest.of(blob), _one(blob), len(blob))
+            await registry.put_manifest(repo, m.digest, m.manifest, None, pinned=False)
+        await registry.put_manifest(repo, "v1", both, None, verify_refs=False, pinned=False)
+        await pins.pin(registry, repo, "v1")
+    whole = await pins.list_pins(registry)
+    monkeypatch.setattr(pins, "PIN_PAGE", 2)  # an index and its children split over pages
+    paged = await pins.list_pins(registry)
+    assert [i.to_json() for i in paged] == [i.to_json() for i in whole]
+    assert len(paged) == 4 and all(i.is_index and len(i.children) == 2 for i in paged)
+
+
+async def _one(data: bytes) -> Any:
+    yield data
