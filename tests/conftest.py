@@ -1,10 +1,11 @@
-"""Fixtures that start real processes on loopback and always stop them."""
+"""Fixtures that start real processes on loopback and always stop them; the fast/process marks."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
@@ -67,3 +68,79 @@ def containerd(tmp_path: Path) -> Iterator[Containerd]:
     import shutil
 
     shutil.rmtree(c.root, ignore_errors=True)
+
+
+# --- the fast tier: ``python -m pytest -m fast`` runs every test that starts no subprocess -------
+#: fixtures that start a process (a regproxy daemon, docker-registry, containerd); a test that
+#: uses one of them, directly or through another fixture, is not fast
+PROCESS_FIXTURES: Final = frozenset({"daemon", "daemon_factory", "registry_factory", "containerd"})
+#: audit events of starting a process (https://docs.python.org/3/library/audit_events.html)
+_SPAWN_EVENTS: Final = frozenset(
+    {"subprocess.Popen", "os.posix_spawn", "os.fork", "os.forkpty", "os.system", "os.exec"}
+)
+
+
+class _SpawnWatch:
+    """Which test is running, whether it is fast, and whether it started a process."""
+
+    def __init__(self) -> None:
+        self.fast = False
+        self.spawned: set[str] = set()
+        self.current: str | None = None
+
+    def audit(self, event: str, args: tuple[Any, ...]) -> None:
+        if event not in _SPAWN_EVENTS or self.current is None:
+            return
+        self.spawned.add(self.current)
+        if self.fast:
+            raise RuntimeError(
+                f"{self.current} is marked fast but started a process ({event} {args[:1]!r}): "
+                "mark it `process` (pytest.mark.process), or test it in-process"
+            )
+
+
+_WATCH = _SpawnWatch()
+sys.addaudithook(_WATCH.audit)
+
+
+def is_process_test(item: pytest.Item) -> bool:
+    return bool(
+        PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))
+        or item.get_closest_marker("process")
+        or item.get_closest_marker("peers")
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if is_process_test(item):
+            item.add_marker(pytest.mark.process)
+        else:
+            item.add_marker(pytest.mark.fast)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    _WATCH.current, _WATCH.fast = item.nodeid, item.get_closest_marker("fast") is not None
+    try:
+        return (yield)
+    finally:
+        _WATCH.current, _WATCH.fast = None, False
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Name the process tests that started no process (they belong in the fast tier)."""
+    stats = terminalreporter.stats
+    passed = {r.nodeid for r in stats.get("passed", []) if r.when == "call"}
+    idle = sorted(n for n in passed if n not in _WATCH.spawned and n in _PROCESS_IDS)
+    if idle:
+        terminalreporter.write_line(
+            f"{len(idle)} test(s) marked process started no process: " + " ".join(idle[:20])
+        )
+
+
+_PROCESS_IDS: set[str] = set()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _PROCESS_IDS.update(i.nodeid for i in session.items if i.get_closest_marker("process"))

@@ -13,6 +13,7 @@ Third-party rules: only the HTTP layers import ``aiohttp.web``; only ``upstream/
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,12 @@ CLIENT_OPENERS = frozenset({"ClientSession", "TCPConnector"})
 CLIENT_LAYERS = frozenset({"upstream"})
 
 
+@functools.lru_cache(maxsize=512)
+def _walk(source: str) -> tuple[ast.AST, ...]:
+    """Every node of a module's tree (parsed once per source text)."""
+    return tuple(ast.walk(ast.parse(source)))
+
+
 def _known_modules() -> dict[str, Path]:
     """Every module of the package by dotted name relative to ``regproxy`` ("" the package)."""
     out: dict[str, Path] = {}
@@ -179,7 +186,7 @@ def resolve_imports(
     def rel(dotted: str) -> str:
         return dotted.removeprefix(ROOT).removeprefix(".")
 
-    for node in ast.walk(ast.parse(source)):
+    for node in _walk(source):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 is_ours = alias.name == ROOT or alias.name.startswith(ROOT + ".")
@@ -210,7 +217,7 @@ def resolve_imports(
 def _opens_clients(source: str) -> set[str]:
     """Calls of (or imports of) ``aiohttp.ClientSession`` and kin."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in _walk(source):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("aiohttp"):
             found.update(a.name for a in node.names if a.name in CLIENT_OPENERS)
         elif isinstance(node, ast.Call):
@@ -223,7 +230,7 @@ def _opens_clients(source: str) -> set[str]:
 
 def _uses_aiohttp_web(source: str) -> bool:
     """``aiohttp.web.X`` reached through a plain ``import aiohttp``."""
-    for node in ast.walk(ast.parse(source)):
+    for node in _walk(source):
         if (
             isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Name)

@@ -19,6 +19,8 @@ import pytest
 from tests.images import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZ, OCI_MANIFEST, sha256
 from tests.peers import Daemon, error_codes, http
 
+pytestmark = pytest.mark.process  # every test here talks to a regproxy daemon
+
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"

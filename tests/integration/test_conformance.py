@@ -41,6 +41,8 @@ import pytest
 from tests.images import layer_tar, sha256
 from tests.peers import Daemon
 
+pytestmark = pytest.mark.process  # every test here starts a process
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"

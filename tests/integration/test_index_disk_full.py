@@ -17,7 +17,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from regproxy.app import create_app
 from regproxy.config import config_from_dict
 
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+pytestmark = [
+    pytest.mark.process,  # mounts a tmpfs
+    pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning"),
+]
 REPO = "/v2/spectro-images/team/app"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 

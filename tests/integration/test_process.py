@@ -21,6 +21,8 @@ import pytest
 
 from tests.peers import REPO_ROOT, Daemon, free_port, http, stop_process, wait_http
 
+pytestmark = pytest.mark.process  # every test here starts a process
+
 MiB = 1 << 20
 REPO = "spectro-images/crash/app"
 _BLOCK = os.urandom(MiB)

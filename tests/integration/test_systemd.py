@@ -46,6 +46,7 @@ def _installed_copy(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.skipif(not have("systemd-analyze"), reason="systemd missing")
+@pytest.mark.process
 def test_unit_verifies(tmp_path: Path) -> None:
     text = UNIT.read_text()
     assert f"ExecStart={SHIPPED_EXEC} --config /etc/regproxy/regproxy.yaml serve" in text

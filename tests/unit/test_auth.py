@@ -47,6 +47,7 @@ class Sleeps:
 
 
 # --- parsing --------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_parse_htpasswd_keeps_bcrypt_lines_only(caplog: pytest.LogCaptureFixture) -> None:
     alice = htpasswd_line("alice", "wonder")
     text = "\n".join(
@@ -68,6 +69,7 @@ def test_parse_htpasswd_keeps_bcrypt_lines_only(caplog: pytest.LogCaptureFixture
     assert "W6ph5" not in caplog.text and "$apr1$" not in caplog.text  # no hash in the log
 
 
+@pytest.mark.process
 def test_htpasswd_2y_hash_verifies() -> None:
     hashed = htpasswd_line("alice", "wonder").split(":", 1)[1].encode()
     assert hashed.startswith(b"$2y$")
@@ -88,6 +90,7 @@ def test_verify_password_2b_long_and_malformed() -> None:
 
 
 # --- reloads ----------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_reload_follows_the_file(tmp_path: Path) -> None:
     path = tmp_path / "htpasswd"
     path.write_text(htpasswd_line("alice", "a") + "\n")
@@ -110,6 +113,7 @@ def test_reload_follows_the_file(tmp_path: Path) -> None:
     assert not db.reload_if_changed()
 
 
+@pytest.mark.process
 def test_file_user_wins_over_config_user(tmp_path: Path) -> None:
     path = tmp_path / "htpasswd"
     path.write_text(htpasswd_line("alice", "from-file") + "\n")
@@ -126,6 +130,7 @@ def test_missing_file_means_no_users_but_auth_on(tmp_path: Path) -> None:
     assert not UserDB(AuthConfig()).enabled
 
 
+@pytest.mark.process
 async def test_refresh_is_throttled_and_sees_changes(tmp_path: Path) -> None:
     path = tmp_path / "htpasswd"
     path.write_text(htpasswd_line("alice", "a") + "\n")

@@ -68,6 +68,7 @@ def test_bad_policy_names_the_key(tmp_path: Path, policy: Any, key: str) -> None
     assert err.value.key == key, str(err.value)
 
 
+@pytest.mark.process
 def test_unparseable_key_file_stops_start_up_with_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "broken.pub"
     bad.write_text(
@@ -98,6 +99,7 @@ def test_unparseable_key_file_stops_start_up_with_one_line(tmp_path: Path) -> No
         assert "policy.rules[0].keys" in lines[0] and str(bad) in lines[0], lines[0]
 
 
+@pytest.mark.process
 def test_check_config_shows_the_policy(tmp_path: Path) -> None:
     pub = make_key().write_public(tmp_path / "team.pub")
     cfg = tmp_path / "regproxy.yaml"
