@@ -34,7 +34,14 @@ from regproxy.errors import (
 )
 from regproxy.headers import API_VERSION, CONTENT_DIGEST, PEER_HEADER
 from regproxy.names import NameResolver, RepoName
-from regproxy.oci import MAX_MANIFEST_BYTES, OCI_INDEX, Digest, is_digest_reference, validate_tag
+from regproxy.oci import (
+    MAX_MANIFEST_BYTES,
+    MAX_TAGS,
+    OCI_INDEX,
+    Digest,
+    is_digest_reference,
+    validate_tag,
+)
 from regproxy.policy import cosign_tag_subject
 from regproxy.registry import LOCAL_ONLY, NOTES, Blob, Registry, check_range
 from regproxy.web_errors import NotFound
@@ -215,7 +222,10 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
     repo = _repo(request, name)
     d = _digest(digest)
     try:
-        blob = await registry.get_blob(repo, d)
+        if request.method == "HEAD":  # asks upstream with a HEAD too: nothing is downloaded
+            blob = await registry.head_blob(repo, d)
+        else:
+            blob = await registry.get_blob(repo, d)
     except UpstreamError as exc:
         if request.method != "HEAD":
             raise
@@ -483,9 +493,11 @@ async def list_tags(request: web.Request, name: str) -> web.Response:
     registry, _ = _ctx(request)
     repo = _repo(request, name)
     n, last = _page(request)
-    tags = await registry.list_tags(repo, None if n is None else n + 1, last)
+    # without n, at most MAX_TAGS (more are paged with Link, which clients follow)
+    n = MAX_TAGS if n is None else min(n, MAX_TAGS)
+    tags = await registry.list_tags(repo, n + 1, last)
     headers = dict(API_VERSION)
-    if n is not None and len(tags) > n:
+    if len(tags) > n:
         tags = tags[:n]
         if tags:  # n=0 asks for nothing, and there is no last tag to continue from
             # keep ?ns=: without it the next page would resolve to another repository

@@ -78,6 +78,13 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     await registry.close()
 
 
+async def _begin_shutdown(app: web.Application) -> None:
+    """Shutdown starts: in-flight transfers drain within shutdown_timeout from now."""
+    registry = app[REGISTRY_KEY]
+    if isinstance(registry, ProxyRegistry):
+        registry.begin_shutdown()
+
+
 async def _evict_ctx(app: web.Application) -> AsyncIterator[None]:
     """Keep the store under storage.max_size and above min_free (regproxy.evict)."""
     evictor = Evictor(app[REGISTRY_KEY], app[CONFIG_KEY])
@@ -153,6 +160,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(app[HEALTH_KEY].lifespan)
     ui.setup(app, config, app[HEALTH_KEY])  # the web page at /ui (sessions for auth's rules)
     app.on_shutdown.append(app[HEALTH_KEY].on_shutdown)
+    app.on_shutdown.append(_begin_shutdown)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
     return app

@@ -199,6 +199,22 @@ def _target_pattern(v: str) -> str:
     return t
 
 
+def _rate(v: Any) -> float:
+    """Bytes per second: ``1KiB/s``, ``512KB/s``, a number; 0 turns the check off."""
+    text = v.strip().removesuffix("/s") if isinstance(v, str) else v
+    try:
+        return float(parse_size(text))
+    except ValueError:
+        raise ValueError("must be a rate such as 1KiB/s, 100KB/s or bytes per second") from None
+
+
+def _positive(v: Any) -> int:
+    n = _count(v)
+    if n < 1:
+        raise ValueError("must be a whole number, 1 or more")
+    return n
+
+
 def _targets(v: Any) -> tuple[str, ...]:
     return tuple(_target_pattern(t) for t in _str_list(v))
 
@@ -222,6 +238,14 @@ class UpstreamConfig:
     #: (``host:port``, ``host`` or ``*.domain``, with or without ``:port``): the private object
     #: storage an on-site registry redirects blob GETs to, a token server on another port
     allow_redirect_to: tuple[str, ...] = ()
+    #: a transfer (blob, manifest, tags page, token) averaging less than this (bytes/s) over
+    #: ``min_rate_window`` is dropped: a stall detector, not a speed test. 0 turns it off.
+    min_rate: float = 1024.0
+    min_rate_window: float = 60.0
+    #: no single transfer from this upstream (its mirrors too) takes longer than this
+    max_transfer_time: float = 6 * 3600.0
+    #: requests in flight at once to this upstream; more wait in a fair queue
+    max_connections: int = 16
 
     def url_for(self, host: str) -> str:
         """The base URL for a concrete host this entry matched."""
@@ -449,6 +473,10 @@ _UPSTREAM_SCHEMA: Final[dict[str, Parser]] = {
     "connect_timeout": parse_duration,
     "read_timeout": parse_duration,
     "allow_redirect_to": _targets,
+    "min_rate": _rate,
+    "min_rate_window": parse_duration,
+    "max_transfer_time": parse_duration,
+    "max_connections": _positive,
 }
 _HOST_PATTERN_RE: Final = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?)$")
 

@@ -166,8 +166,18 @@ class UpstreamTimeout(UpstreamError):
     http_status = 504
     message = "upstream registry timed out"
 
+    def __init__(self, upstream: str, detail: str, *, kind: str = "timeout") -> None:
+        super().__init__(upstream, detail, kind=kind)
+
+
+class UpstreamTooSlow(UpstreamTimeout):
+    """Below the source's minimum rate or past its max_transfer_time: the source is dropped
+    for this fetch (a cut connection is resumed; a stall is not)."""
+
+    message = "upstream registry too slow"
+
     def __init__(self, upstream: str, detail: str) -> None:
-        super().__init__(upstream, detail, kind="timeout")
+        super().__init__(upstream, detail, kind="slow")
 
 
 class DigestMismatch(RegproxyError):

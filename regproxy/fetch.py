@@ -6,7 +6,13 @@ digest, the first and all that come before the end, reads the growing file as by
 (zot's InFlightBlobCopier), Range included. The final byte of any response is held back until
 the digest has been verified, so a client never receives a complete response with wrong bytes:
 on a mismatch or a failure every open response is cut instead. A cut transfer is resumed with a
-Range request where the source allows it, then the next source is tried.
+Range request where the source allows it (after a backoff with jitter), then the next source is
+tried.
+
+Every source has a deadline (regproxy.deadline): its body must keep ``min_rate`` over ``window``
+and the whole transfer from it must end within ``max_time``. A source that is too slow is
+dropped for this fetch — a stall is not resumed, the next source is tried or the fetch fails —
+and the in-flight entry is released either way, so the next request starts afresh.
 """
 
 from __future__ import annotations
@@ -23,14 +29,16 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from regproxy import metrics
-from regproxy.errors import BlobUnknown, DigestMismatch, OCIError, UpstreamError
+from regproxy.deadline import DEFAULT_LIMITS, DEFAULT_TIMING, Pace, Timing, TransferLimits, backoff
+from regproxy.errors import BlobUnknown, DigestMismatch, OCIError, UpstreamError, UpstreamTooSlow
 from regproxy.oci import Digest
 from regproxy.store import BlobWriter, Store
 
 log = logging.getLogger("regproxy.fetch")
 READ_CHUNK: Final = 256 * 1024
 MAX_ATTEMPTS_PER_SOURCE: Final = 3
-_TASKS: set[asyncio.Task[Any]] = set()
+#: failures worth another attempt at the same source (a refusal, auth or 4xx will not change)
+_TRANSIENT: Final = frozenset({"connect", "timeout", "5xx", "error"})
 
 
 class Stream(Protocol):
@@ -54,6 +62,8 @@ class Source:
     open: Callable[[Digest, int], Awaitable[Stream]]
     #: called when this source sent bytes that did not match the digest
     on_bad: Callable[[], None] | None = None
+    #: how slow it may be, and for how long
+    limits: TransferLimits = DEFAULT_LIMITS
 
 
 class TransferFailed(OCIError):
@@ -194,10 +204,14 @@ class Fetcher:
         self,
         store: Store,
         on_commit: Callable[[Digest, int, str, str], Awaitable[None]],
+        *,
+        timing: Timing = DEFAULT_TIMING,
     ) -> None:
         self.store = store
         self.on_commit = on_commit
+        self.timing = timing
         self.inflight: dict[Digest, Transfer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         # one thread each for file writes and hashing: ordered per transfer, parallel to each other
         self._write_thread = ThreadPoolExecutor(2, thread_name_prefix="regproxy-fetch-write")
         self._hash_thread = ThreadPoolExecutor(2, thread_name_prefix="regproxy-fetch-hash")
@@ -214,9 +228,29 @@ class Fetcher:
         self.inflight[digest] = t
         metrics.INFLIGHT_FETCHES.set(len(self.inflight))
         task = asyncio.create_task(self._run(t, sources, repo), name=f"fetch {digest}")
-        _TASKS.add(task)
-        task.add_done_callback(_TASKS.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return t
+
+    async def drain(self, within: float) -> None:
+        """Shutdown: let the transfers in flight finish ``within`` seconds, then cut the rest
+        (their temp files removed, their waiters failed) and log how many were cut."""
+        tasks = [task for task in self._tasks if not task.done()]
+        cut: set[asyncio.Task[None]] = set()
+        if tasks:
+            log.info("shutdown.draining transfers=%d within_s=%.0f", len(tasks), within)
+            _, cut = await asyncio.wait(tasks, timeout=max(within, 0.0))
+            for task in cut:
+                task.cancel()
+            await asyncio.gather(*cut, return_exceptions=True)
+            log.log(
+                logging.WARNING if cut else logging.INFO,
+                "shutdown.transfers finished=%d cut=%d",
+                len(tasks) - len(cut),
+                len(cut),
+            )
+        self._write_thread.shutdown(wait=True)
+        self._hash_thread.shutdown(wait=True)
 
     async def _run(self, t: Transfer, sources: list[Source], repo: str) -> None:
         loop = asyncio.get_running_loop()
@@ -229,6 +263,8 @@ class Fetcher:
                     await self._from_source(t, source)
                 except (BlobUnknown, UpstreamError) as exc:
                     last = exc
+                    if isinstance(exc, UpstreamTooSlow):  # the transports count the others
+                        metrics.UPSTREAM_ERRORS.labels(source.name, exc.kind).inc()
                     if not isinstance(exc, BlobUnknown):
                         log.warning(
                             "fetch.source_failed digest=%s repo=%s source=%s error=%s",
@@ -314,62 +350,100 @@ class Fetcher:
         await t._notify()
 
     async def _from_source(self, t: Transfer, source: Source) -> None:
-        """Copy from one source, resuming with Range after a cut, a few attempts at most."""
-        loop = asyncio.get_running_loop()
-        assert t.writer is not None
+        """Copy from one source; a cut is resumed with Range after a backoff, a few attempts at
+        most; a source too slow for its limits is dropped at once (UpstreamTooSlow)."""
+        deadline = self.timing.now() + source.limits.max_time
         attempts = 0
         while True:
             attempts += 1
-            offset = t.written
-            stream = await source.open(t.digest, offset)
             try:
-                t.source, t.kind = stream.source, source.kind
-                if t.size is None or (t.written == 0 and stream.size != t.size):
-                    # nothing written yet (the first source, or a fresh file after one that
-                    # lied): this source's size holds; readers sized otherwise are cut
-                    t.size = stream.size
-                    await t._notify()
-                elif stream.size != t.size:
-                    raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
-                skip = offset - stream.offset  # source ignored our Range: drop what we have
-                fetched = metrics.FETCHED_BYTES.labels(source.name)
-                # one write (with its hashing) in flight while the next chunk arrives
-                pending: asyncio.Future[Any] | None = None
-                queued = 0
-                try:
-                    async for chunk in stream.chunks():
-                        if skip > 0:
-                            if len(chunk) <= skip:
-                                skip -= len(chunk)
-                                continue
-                            chunk, skip = chunk[skip:], 0
-                        if t.written + queued + len(chunk) > t.size:
-                            raise UpstreamError(source.name, f"sent more than {t.size} bytes")
-                        if pending is not None:
-                            await self._landed(t, pending)
-                        t.recent = (t.written, chunk)
-                        writer = t.writer
-                        pending = asyncio.gather(  # file and hash side by side, in order
-                            loop.run_in_executor(self._write_thread, writer.write_unhashed, chunk),
-                            loop.run_in_executor(self._hash_thread, writer.hash, chunk),
-                        )
-                        queued = len(chunk)
-                        fetched.inc(len(chunk))
-                finally:
-                    if pending is not None:
-                        await self._landed(t, pending)
-                if t.written == t.size:
-                    return
-                raise UpstreamError(source.name, f"body ended at {t.written} of {t.size}")
-            except UpstreamError:
-                if attempts >= MAX_ATTEMPTS_PER_SOURCE:
+                await self._attempt(t, source, deadline)
+                return
+            except UpstreamTooSlow:
+                raise
+            except UpstreamError as exc:
+                if attempts >= MAX_ATTEMPTS_PER_SOURCE or exc.kind not in _TRANSIENT:
                     raise
+                delay = backoff(attempts, self.timing.random)
                 log.info(
-                    "fetch.resume digest=%s source=%s offset=%d attempt=%d",
+                    "fetch.resume digest=%s source=%s offset=%d attempt=%d backoff_s=%.2f error=%s",
                     t.digest,
                     source.name,
                     t.written,
                     attempts + 1,
+                    delay,
+                    exc,
                 )
+                await self.timing.sleep(delay)
+
+    async def _attempt(self, t: Transfer, source: Source, deadline: float) -> None:
+        """One request to the source: open, then copy until the end, the pace kept throughout."""
+        loop = asyncio.get_running_loop()
+        assert t.writer is not None
+        offset = t.written
+        opening = asyncio.timeout(max(0.0, deadline - self.timing.now()))
+        try:
+            async with opening:
+                stream = await source.open(t.digest, offset)
+        except TimeoutError:
+            if not opening.expired():
+                raise
+            raise UpstreamTooSlow(source.name, "no answer within max_transfer_time") from None
+        try:
+            pace = Pace(source.limits, self.timing.now, deadline)
+            t.source, t.kind = stream.source, source.kind
+            if t.size is None or (t.written == 0 and stream.size != t.size):
+                # nothing written yet (the first source, or a fresh file after one that
+                # lied): this source's size holds; readers sized otherwise are cut
+                t.size = stream.size
+                await t._notify()
+            elif stream.size != t.size:
+                raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
+            skip = offset - stream.offset  # source ignored our Range: drop what we have
+            fetched = metrics.FETCHED_BYTES.labels(source.name)
+            # one write (with its hashing) in flight while the next chunk arrives
+            pending: asyncio.Future[Any] | None = None
+            queued = 0
+            chunks = aiter(stream.chunks())
+            try:
+                while True:
+                    # only the wait for bytes is timed: a write in flight is never cut
+                    watchdog = asyncio.timeout(pace.time_left())
+                    try:
+                        async with watchdog:
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        if not watchdog.expired():
+                            raise
+                        stalled = pace.shortfall() or "no progress"
+                        raise UpstreamTooSlow(source.name, stalled) from None
+                    pace.add(len(chunk))
+                    why = pace.shortfall()
+                    if why is not None:
+                        raise UpstreamTooSlow(source.name, why)
+                    if skip > 0:
+                        if len(chunk) <= skip:
+                            skip -= len(chunk)
+                            continue
+                        chunk, skip = chunk[skip:], 0
+                    if t.written + queued + len(chunk) > t.size:
+                        raise UpstreamError(source.name, f"sent more than {t.size} bytes")
+                    if pending is not None:
+                        await self._landed(t, pending)
+                    t.recent = (t.written, chunk)
+                    writer = t.writer
+                    pending = asyncio.gather(  # file and hash side by side, in order
+                        loop.run_in_executor(self._write_thread, writer.write_unhashed, chunk),
+                        loop.run_in_executor(self._hash_thread, writer.hash, chunk),
+                    )
+                    queued = len(chunk)
+                    fetched.inc(len(chunk))
             finally:
-                await stream.close()
+                if pending is not None:
+                    await self._landed(t, pending)
+            if t.written != t.size:
+                raise UpstreamError(source.name, f"body ended at {t.written} of {t.size}")
+        finally:
+            await stream.close()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Final
+import contextlib
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -56,6 +57,19 @@ STALE_SERVED: Final = Counter(
     "regproxy_stale_tags_served_total",
     "Tags served from the store because the upstream could not confirm them",
     ["upstream"],
+    registry=REGISTRY,
+)
+UPSTREAM_QUEUE: Final = Gauge(
+    "regproxy_upstream_queue_length",
+    "Requests waiting for one of an upstream's max_connections, by upstream",
+    ["upstream"],
+    registry=REGISTRY,
+)
+UPSTREAM_QUEUE_SECONDS: Final = Histogram(
+    "regproxy_upstream_queue_wait_seconds",
+    "Time a request waited for one of an upstream's max_connections, by upstream",
+    ["upstream"],
+    buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     registry=REGISTRY,
 )
 INFLIGHT_FETCHES: Final = Gauge(
@@ -161,6 +175,33 @@ SLOW_CLIENTS_CUT: Final = Counter(
     ["phase"],
     registry=REGISTRY,
 )
+
+
+#: metrics with a label naming an upstream host: (metric, its label names, that label)
+_BY_UPSTREAM: Final[tuple[tuple[Any, tuple[str, ...], str], ...]] = (
+    (CACHE, ("kind", "result", "upstream"), "upstream"),
+    (FETCHED_BYTES, ("source",), "source"),
+    (UPSTREAM_ERRORS, ("source", "kind"), "source"),
+    (UPSTREAM_SECONDS, ("source",), "source"),
+    (STALE_SERVED, ("upstream",), "upstream"),
+    (UPSTREAM_QUEUE, ("upstream",), "upstream"),
+    (UPSTREAM_QUEUE_SECONDS, ("upstream",), "upstream"),
+)
+
+
+def forget_upstream(host: str) -> None:
+    """Drop every label set naming ``host`` (a ``"*"`` host whose client was dropped), so the
+    hosts anonymous clients name cannot grow the metrics without bound."""
+    for metric, names, key in _BY_UPSTREAM:
+        combos = {
+            tuple(sample.labels[n] for n in names)
+            for family in metric.collect()
+            for sample in family.samples
+            if sample.labels.get(key) == host and all(n in sample.labels for n in names)
+        }
+        for combo in combos:
+            with contextlib.suppress(KeyError):
+                metric.remove(*combo)
 
 
 def render() -> bytes:

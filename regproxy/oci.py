@@ -31,6 +31,10 @@ MANIFEST_ACCEPT: Final = ", ".join(
     [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST, "*/*;q=0.1"]
 )
 MAX_MANIFEST_BYTES: Final = 4 * 1024 * 1024
+#: a tags/list answer holds at most this many tags (more are paged with a Link header)
+MAX_TAGS: Final = 10_000
+#: JSON from outside (manifests, tag pages, tokens) may nest this deep; OCI documents need ~5
+MAX_JSON_DEPTH: Final = 64
 
 # --- grammar -----------------------------------------------------------------------------------
 # \Z, not $: $ also matches before a trailing newline, and "a\n" is no name or tag
@@ -96,6 +100,42 @@ def validate_tag(tag: str) -> str:
     if not TAG_RE.match(tag):
         raise TagInvalid(tag)
     return tag
+
+
+# --- JSON from outside ---------------------------------------------------------------------------
+class JSONInvalid(ValueError):
+    """A JSON body that is not valid, or nests deeper than allowed."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+_STRING_RE: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(body: bytes) -> int:
+    """How deep a JSON text nests (brackets inside strings do not count); linear, no recursion."""
+    depth = deepest = 0
+    for c in _STRING_RE.sub(b"", body).translate(None, _NOT_BRACKETS):
+        if c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def load_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for bodies from outside: nesting is checked before parsing, so a
+    document nested 100,000 levels deep is a clean JSONInvalid, never a RecursionError."""
+    if json_depth(body) > max_depth:
+        raise JSONInvalid(f"JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise JSONInvalid("not valid JSON") from None
 
 
 # --- manifests ---------------------------------------------------------------------------------
@@ -171,9 +211,9 @@ def parse_manifest(body: bytes, content_type: str | None) -> ParsedManifest:
     if len(body) > MAX_MANIFEST_BYTES:
         raise ManifestInvalid(f"larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ManifestInvalid("body is not valid JSON") from None
+        doc = load_json(body)
+    except JSONInvalid as exc:
+        raise ManifestInvalid(f"body is {exc.detail}") from None
     if not isinstance(doc, dict):
         raise ManifestInvalid("body is not a JSON object")
     ct = (content_type or "").split(";")[0].strip()

@@ -186,6 +186,16 @@ class Peers:
             sources.append(self._source(peer, repo))
         return sources
 
+    async def blob_size(self, repo: str, digest: Digest) -> int | None:
+        """The size the first peer that holds the blob answers a HEAD with, or None."""
+
+        async def head(p: Peer) -> int | None:
+            size = await p.client.head_blob(repo, digest)
+            return None if size is None or size < 0 else size
+
+        found = await self._ask_all(head, f"HEAD {repo}@{digest}")
+        return found[0][1] if found else None
+
     def _source(self, peer: Peer, repo: str) -> Source:
         async def open_blob(digest: Digest, offset: int) -> Stream:
             try:

@@ -4,6 +4,11 @@ A local-first decorator over :class:`Registry` (distribution's proxy design): a 
 the host. Manifests by digest are immutable and never re-checked; a tag older than ``tag_ttl``
 is confirmed with a HEAD upstream, and served stale when the upstream cannot answer. Blob misses
 go through the single-flight :class:`Fetcher`. With sync disabled no upstream is ever dialled.
+
+Manifest fills, tag re-checks and tag lists are single flights too, each in a task of its own:
+the first requester hanging up cancels nobody else's answer. A miss stores nothing about the
+name: a repository row is written with the first content stored under it, so misses on names
+that do not exist upstream leave no trace.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, TypeVar
 from regproxy import metrics
 from regproxy.async_index import AsyncIndex
 from regproxy.config import Config
+from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -29,15 +35,18 @@ from regproxy.errors import (
 from regproxy.fetch import Fetcher, Source, Stream
 from regproxy.index import Index
 from regproxy.names import RepoName
-from regproxy.oci import Descriptor, Digest, is_digest_reference
+from regproxy.oci import MAX_TAGS, Descriptor, Digest, is_digest_reference
 from regproxy.peers import Peers
 from regproxy.referrers import Referrers
-from regproxy.registry import LOCAL_ONLY, Blob, Manifest, ManifestGone, Registry, note
+from regproxy.registry import LOCAL_ONLY, LRU, Blob, Manifest, ManifestGone, Registry, note
 from regproxy.store import Store
-from regproxy.upstream import UpstreamClient
+from regproxy.upstream import TagPage, UpstreamClient
+from regproxy.upstream.pool import ClientPool
 
 log = logging.getLogger("regproxy.proxy")
 T = TypeVar("T")
+#: the detached single flights (manifest fills, tag checks, tag lists)
+_FLIGHTS: set[asyncio.Task[Any]] = set()
 
 
 def _count(kind: str, result: str, upstream: str) -> None:
@@ -47,23 +56,40 @@ def _count(kind: str, result: str, upstream: str) -> None:
 
 
 class ProxyRegistry(Registry):
-    def __init__(self, store: Store, db: AsyncIndex, config: Config) -> None:
+    def __init__(
+        self, store: Store, db: AsyncIndex, config: Config, *, timing: Timing = DEFAULT_TIMING
+    ) -> None:
         super().__init__(store, db)
         self.config = config
-        self.fetcher = Fetcher(store, self._on_fetched)
-        self._clients: dict[str, UpstreamClient] = {}
-        self._manifest_flights: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self.timing = timing
+        self.fetcher = Fetcher(store, self._on_fetched, timing=timing)
+        self.clients = ClientPool(config, timing=timing)
+        self._flights: dict[tuple[str, ...], asyncio.Task[Any]] = {}
+        #: names of blobs being fetched, so the first commit can create the repository row
+        self._fill_names: LRU[str, RepoName] = LRU(4096)
+        #: when shutdown began (the clock of ``timing``): transfers drain until the timeout
+        self._shutdown_started: float | None = None
         #: the cluster's other hosts, asked before any upstream (None: no peers configured)
         self.peers: Peers | None = None
         #: referrers pulled through (upstream API or tag schema) and merged with local ones
         self.referrer_index = Referrers(self)
 
+    def begin_shutdown(self) -> None:
+        """The daemon stops taking requests: in-flight transfers get ``shutdown_timeout`` from now."""
+        if self._shutdown_started is None:
+            self._shutdown_started = self.timing.now()
+
     async def close(self) -> None:
+        started = self._shutdown_started
+        left = self.config.shutdown_timeout
+        if started is not None:
+            left = max(0.0, left - (self.timing.now() - started))
+        await self.fetcher.drain(left)
+        for task in list(_FLIGHTS):
+            task.cancel()
         if self.peers is not None:
             await self.peers.close()
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+        await self.clients.close()
         await super().close()
 
     # --- upstream selection ------------------------------------------------------------------------
@@ -71,14 +97,14 @@ class ProxyRegistry(Registry):
         """The client for the repository's host, or None: local-only, sync off or not configured."""
         if repo.host is None or not self.config.sync_enable or LOCAL_ONLY.get():
             return None
-        client = self._clients.get(repo.host)
-        if client is None:
-            entry = self.config.upstream_for(repo.host)
-            if entry is None:
-                return None
-            client = UpstreamClient(repo.host, entry, public_only=entry.pattern == "*")
-            self._clients[repo.host] = client
-        return client
+        return self.clients.get(repo.host)
+
+    def _label(self, repo: RepoName) -> str:
+        """The upstream label of metrics: a configured host, else ``local`` (hosts no entry
+        matches come from clients, and must not grow the label sets)."""
+        if repo.host is not None and self.config.upstream_for(repo.host) is not None:
+            return repo.host
+        return "local"
 
     def _peers(self) -> Peers | None:
         if LOCAL_ONLY.get() or self.peers is None or not self.peers.enabled:
@@ -99,23 +125,29 @@ class ProxyRegistry(Registry):
         ):
             raise NameUnknown(f"{repo.canonical}: no upstream is configured for {repo.host}")
 
-    async def _single(self, key: tuple[str, str], make: Callable[[], Awaitable[T]]) -> T:
-        """Coalesce concurrent identical upstream manifest requests into one."""
-        fut = self._manifest_flights.get(key)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._manifest_flights[key] = fut
-        try:
-            result = await make()
-            fut.set_result(result)
-            return result
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waited
-            raise
-        finally:
-            self._manifest_flights.pop(key, None)
+    async def _single(self, key: tuple[str, ...], make: Callable[[], Awaitable[T]]) -> T:
+        """Coalesce concurrent identical upstream requests into one, run in a task of its own:
+        a requester that goes away (cancelled) leaves the others their answer. The work is
+        bounded by the upstream's own time limits."""
+        task = self._flights.get(key)
+        if task is None:
+
+            async def run() -> T:
+                return await make()
+
+            task = asyncio.get_running_loop().create_task(run(), name=f"single {key}")
+            self._flights[key] = task
+            _FLIGHTS.add(task)
+            task.add_done_callback(lambda t: self._flight_done(key, t))
+        result: T = await asyncio.shield(task)
+        return result
+
+    def _flight_done(self, key: tuple[str, ...], task: asyncio.Task[Any]) -> None:
+        _FLIGHTS.discard(task)
+        if self._flights.get(key) is task:
+            del self._flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when nobody waited
 
     # --- manifests -------------------------------------------------------------------------------
     async def get_manifest(self, repo: RepoName, reference: str) -> Manifest:
@@ -129,7 +161,7 @@ class ProxyRegistry(Registry):
     async def _get_manifest(self, repo: RepoName, reference: str) -> Manifest:
         found = await self.local_manifest(repo, reference)
         client = self.upstream(repo)
-        label = repo.host or "local"
+        label = self._label(repo)
         if found is not None:
             row, checked = found
             if client is None or is_digest_reference(reference):
@@ -286,19 +318,35 @@ class ProxyRegistry(Registry):
         assert row is not None
         return await self.manifest_body(repo, row[0])
 
-    async def _blobs_settled(self, digests: list[Digest]) -> None:
-        """A push whose blobs are still arriving from upstream (a client's HEAD started them)
-        waits for those transfers before the references are checked."""
-        for digest in digests:
-            transfer = self.fetcher.get(digest)
-            if transfer is not None:
-                with contextlib.suppress(OCIError):
-                    await transfer.wait_done()
+    async def _blobs_settled(self, repo: RepoName, digests: list[Digest]) -> None:
+        """Before a pushed manifest's references are checked: blobs that this repository's
+        upstream (or a peer) holds are fetched now. A pushing client's HEAD found them there and
+        skipped their upload; a HEAD does not fetch (it asks upstream with a HEAD)."""
+        missing = await self.db.read(Index.missing_blobs, repo.canonical, [str(d) for d in digests])
+
+        async def settle(digest: Digest) -> None:
+            with contextlib.suppress(OCIError):
+                blob = await self.get_blob(repo, digest)
+                if blob.stream is not None:
+                    await blob.stream.wait_done()
+
+        await asyncio.gather(*(settle(Digest.parse(d)) for d in missing))
 
     # --- blobs ---------------------------------------------------------------------------------------
-    async def get_blob(self, repo: RepoName, digest: Digest) -> Blob:
+    async def _local_or_mounted(self, repo: RepoName, digest: Digest) -> Blob | None:
+        """Committed here: in this repository, or (for an upstream name) under another name."""
         blob = await self.local_blob(repo, digest)
-        label = repo.host or "local"
+        if blob is not None or (self.upstream(repo) is None and self._peers() is None):
+            return blob
+        # a miss we would fetch from an upstream: verified bytes already here under another
+        # name serve at once (not for local-only names: there a DELETE sticks on this host)
+        if repo.host is not None and await self.mount_blob(repo, digest, None):
+            return await self.local_blob(repo, digest)
+        return None
+
+    async def get_blob(self, repo: RepoName, digest: Digest) -> Blob:
+        label = self._label(repo)
+        blob = await self._local_or_mounted(repo, digest)
         if blob is not None:
             _count("blob", "hit", label)
             return blob
@@ -308,13 +356,6 @@ class ProxyRegistry(Registry):
             await self._known_or_unknown_name(repo)
             _count("blob", "miss", label)
             raise BlobUnknown(str(digest))
-        # a miss we would fetch from an upstream: verified bytes already here under another
-        # name serve at once (not for local-only names: there a DELETE sticks on this host)
-        if repo.host is not None and await self.mount_blob(repo, digest, None):
-            blob = await self.local_blob(repo, digest)
-            if blob is not None:
-                _count("blob", "hit", label)
-                return blob
         if LOCAL_ONLY.get():
             # a peer gets committed content only: never a transfer in flight, which could be
             # fed by that same peer (two hosts tailing each other would wait forever)
@@ -329,11 +370,44 @@ class ProxyRegistry(Registry):
                 await self._known_or_unknown_name(repo)
                 _count("blob", "miss", label)
                 raise BlobUnknown(str(digest))
-            await self._ensure_repo(repo)
+            # no repository row yet: the commit writes it (a miss upstream leaves nothing)
+            self._fill_names.put(repo.canonical, repo)
             transfer = self.fetcher.start(digest, sources, repo.canonical)
         _count("blob", "miss", label)
         size = await transfer.wait_size()
         return Blob(digest, size, stream=transfer)
+
+    async def head_blob(self, repo: RepoName, digest: Digest) -> Blob:
+        """HEAD: what we hold, a transfer's size, else the peers' or the upstream's answer to a
+        HEAD of their own. Nothing is downloaded for a HEAD."""
+        label = self._label(repo)
+        blob = await self._local_or_mounted(repo, digest)
+        if blob is not None:
+            _count("blob", "hit", label)
+            return blob
+        client = self.upstream(repo)
+        peers = self._peers()
+        if LOCAL_ONLY.get() or (client is None and peers is None):
+            if not LOCAL_ONLY.get():
+                await self._known_or_unknown_name(repo)
+            _count("blob", "miss", label)
+            raise BlobUnknown(str(digest))
+        _count("blob", "miss", label)
+        transfer = self.fetcher.get(digest)
+        if transfer is not None:
+            return Blob(digest, await transfer.wait_size())
+        if peers is not None:
+            held = await peers.blob_size(repo.canonical, digest)
+            if held is not None:
+                return Blob(digest, held)
+        if client is None:
+            raise BlobUnknown(str(digest))
+        size = await client.head_blob(repo.path, digest)
+        if size is None:
+            raise BlobUnknown(str(digest))
+        if size < 0:  # the upstream did not say: only a GET can tell
+            return await self.get_blob(repo, digest)
+        return Blob(digest, size)
 
     async def _sources(self, repo: RepoName, digest: Digest) -> list[Source]:
         peers = self._peers()
@@ -345,10 +419,13 @@ class ProxyRegistry(Registry):
             async def open_upstream(digest: Digest, offset: int) -> Stream:
                 return await client.open_blob(path, digest, offset)
 
-            sources.append(Source(client.name, "upstream", open_upstream))
+            limits = client.transport.limits
+            sources.append(Source(client.name, "upstream", open_upstream, limits=limits))
         return sources
 
     async def _on_fetched(self, digest: Digest, size: int, repo: str, source: str) -> None:
+        name = self._fill_names.get(repo) or RepoName(repo)
+        await self._ensure_repo(name)
         await self.db.write(Index.add_blob, repo, str(digest), size)
         self._stored()
 
@@ -359,26 +436,33 @@ class ProxyRegistry(Registry):
         return await self.referrer_index.lookup(repo, subject, artifact_type)
 
     async def list_tags(self, repo: RepoName, n: int | None, last: str | None) -> list[str]:
+        """Upstream's tags (``n``/``last`` passed through, coalesced) merged with ours; when the
+        upstream fails, ours if we have any, else its error (502)."""
         client = self.upstream(repo)
         local_exists = await self.repo_exists(repo)
         if client is None:
             if not local_exists:
                 await self._known_or_unknown_name(repo)
             return await super().list_tags(repo, n, last)
+        want = n if n is not None else MAX_TAGS
+        remote: TagPage | None
         try:
-            remote = await client.list_tags(repo.path)
+            remote = await self._single(
+                ("tags", repo.canonical, str(want), last or ""),
+                lambda: client.list_tags(repo.path, want, last),
+            )
         except UpstreamError as exc:
+            if not local_exists:
+                raise
             log.warning("tags.upstream_failed repo=%s upstream=%s error=%s", repo, client.name, exc)
             remote = None
-        local = (
-            await self.db.read(Index.list_tags, repo.canonical, None, None) if local_exists else []
-        )
         if remote is None and not local_exists:
             raise NameUnknown(repo.canonical)
-        tags = sorted(set(local) | set(remote or []))
-        if last:
-            tags = [t for t in tags if t > last]
-        return tags if n is None else tags[:n]
+        local = (
+            await self.db.read(Index.list_tags, repo.canonical, want, last) if local_exists else []
+        )
+        tags = sorted(set(local) | set(remote.tags if remote is not None else ()))
+        return tags[:want]
 
 
 def build_registry(config: Config) -> ProxyRegistry:

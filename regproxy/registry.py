@@ -495,7 +495,11 @@ class Registry:
             raise ManifestUnknown(reference)
         return await self.manifest_body(repo, found[0])
 
-    async def _blobs_settled(self, digests: list[Digest]) -> None:
+    async def head_blob(self, repo: RepoName, digest: Digest) -> Blob:
+        """What a HEAD answers with (a subclass may ask elsewhere without fetching)."""
+        return await self.get_blob(repo, digest)
+
+    async def _blobs_settled(self, repo: RepoName, digests: list[Digest]) -> None:
         """Before a manifest's references are checked: a subclass may wait for blobs still on
         their way into the store (pull-through). Nothing is in flight here."""
 
@@ -522,7 +526,7 @@ class Registry:
             digest = Digest.of(body)
         parsed = parse_manifest(body, content_type)
         if verify_refs:
-            await self._blobs_settled([b.digest for b in parsed.blobs])
+            await self._blobs_settled(repo, [b.digest for b in parsed.blobs])
             missing = await self.db.read(
                 Index.missing_blobs, repo.canonical, [str(b.digest) for b in parsed.blobs]
             )

@@ -43,6 +43,10 @@ class FakeUpstream:
     blob_redirects: dict[str, str] = field(default_factory=dict)
     #: answers tags/list instead of the default handler (request, repository)
     tags_handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]] | None = None
+    #: manifest requests wait for this before they are answered (set it to let them through)
+    manifest_gate: asyncio.Event | None = None
+    #: set whenever a manifest request arrives
+    manifest_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     #: extra headers on every manifest answer (rate-limit headers, Retry-After)
     manifest_headers: dict[str, str] = field(default_factory=dict)
     token_ttl: float | None = None  # require Bearer tokens living this long
@@ -153,7 +157,7 @@ class FakeUpstream:
             tl = re.match(r"^(.+)/tags/list$", path)
             if tl and self.tags_handler is not None:
                 return await self.tags_handler(request, tl.group(1))
-            if tl:
+            if tl and any(r == tl.group(1) for r, _ in self.manifests):
                 tags = sorted({t for (r, t) in self.manifests if r == tl.group(1) and ":" not in t})
                 return web.json_response({"name": tl.group(1), "tags": tags})
             return web.json_response({"errors": [{"code": "NAME_UNKNOWN"}]}, status=404)
@@ -161,6 +165,9 @@ class FakeUpstream:
         if not self._authorized(request):
             return self._challenge(f"repository:{repo}:pull")
         if kind == "manifests":
+            self.manifest_arrived.set()
+            if self.manifest_gate is not None:
+                await self.manifest_gate.wait()
             if self.manifest_status is not None:
                 return web.Response(status=self.manifest_status, headers=self.manifest_headers)
             item = self.manifests.get((repo, ref))

@@ -41,7 +41,7 @@ def _layer(modules: str, may_import: str = "") -> Layer:
 _MODEL = "base oci config names"
 LAYERS: dict[str, Layer] = {
     # leaves any module may import: the version, errors, header names, logging, metrics, units
-    "base": _layer(". errors headers log metrics systemd login_budget units"),
+    "base": _layer(". errors headers log metrics systemd login_budget units deadline"),
     "oci": _layer("oci", "base"),
     # pure signature verification: no internal imports at all
     "signatures": _layer("cosign"),

@@ -1,5 +1,6 @@
 """The upstream registries: the only package that opens HTTP client connections."""
 
-from regproxy.upstream.client import BlobStream, ManifestGet, ManifestHead, UpstreamClient
+from regproxy.upstream.answers import BlobStream, ManifestGet, ManifestHead, TagPage
+from regproxy.upstream.client import UpstreamClient
 
-__all__ = ["BlobStream", "ManifestGet", "ManifestHead", "UpstreamClient"]
+__all__ = ["BlobStream", "ManifestGet", "ManifestHead", "TagPage", "UpstreamClient"]

@@ -18,6 +18,7 @@ import binascii
 import json
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -139,6 +140,8 @@ def _entry_credentials(entry: Mapping[str, Any], key: str, name: str) -> Credent
 TokenKey = tuple[str, str, str]  # (realm, service, scope)
 DEFAULT_EXPIRES_IN: Final = 60.0
 DEFAULT_THRESHOLD: Final = 10.0
+#: tokens kept per upstream base: scopes are per repository, and clients name repositories
+MAX_TOKENS: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +157,7 @@ class TokenCache:
     cache's clock, so a skewed upstream clock does not matter; the threshold is at most half the
     lifetime, so short-lived tokens are still used). However many requests need a token at once,
     one fetch runs per key: the others wait on its lock and find the token when they get it.
+    At most ``max_tokens`` tokens are kept, least recently used first out.
     """
 
     def __init__(
@@ -161,10 +165,12 @@ class TokenCache:
         *,
         threshold: float = DEFAULT_THRESHOLD,
         clock: Callable[[], float] = time.monotonic,
+        max_tokens: int = MAX_TOKENS,
     ) -> None:
         self._threshold = threshold
         self._clock = clock
-        self._tokens: dict[TokenKey, Token] = {}
+        self._max = max_tokens
+        self._tokens: OrderedDict[TokenKey, Token] = OrderedDict()
         self._locks: dict[TokenKey, asyncio.Lock] = {}
         #: token fetches done (tests and logs)
         self.fetches = 0
@@ -174,7 +180,11 @@ class TokenCache:
         tok = self._tokens.get(key)
         if tok is None or self._clock() >= tok.expires_at:
             return None
+        self._tokens.move_to_end(key)
         return tok.value
+
+    def __len__(self) -> int:
+        return len(self._tokens)
 
     def invalidate(self, key: TokenKey, value: str | None = None) -> None:
         """Forget the token (only if it is still ``value``, so a fresh one survives a stale 401)."""
@@ -189,15 +199,22 @@ class TokenCache:
         if value is not None:
             return value
         lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            value = self.peek(key)  # someone else may have fetched it while we waited
-            if value is not None:
-                return value
-            doc = await fetch()
-            self.fetches += 1
-            tok = self._token_from(doc)
-            self._tokens[key] = tok
-            return tok.value
+        try:
+            async with lock:
+                value = self.peek(key)  # someone else may have fetched it while we waited
+                if value is not None:
+                    return value
+                doc = await fetch()
+                self.fetches += 1
+                tok = self._token_from(doc)
+                self._tokens[key] = tok
+                self._tokens.move_to_end(key)
+                while len(self._tokens) > self._max:
+                    self._tokens.popitem(last=False)
+                return tok.value
+        finally:
+            if not lock.locked() and self._locks.get(key) is lock:
+                del self._locks[key]  # nobody holds it: a later fetch makes a new one
 
     def _token_from(self, doc: Mapping[str, Any]) -> Token:
         value = doc.get("token") or doc.get("access_token")

@@ -8,19 +8,31 @@ injected.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from regproxy import metrics
 from regproxy.app import create_app
 from regproxy.config import config_from_dict
-from tests.fakes import FakeUpstream
+from regproxy.deadline import Timing, TransferLimits
+from regproxy.errors import OCIError
+from regproxy.fetch import Fetcher, Source
+from regproxy.names import RepoName
+from regproxy.oci import Digest
+from regproxy.proxy import ProxyRegistry
+from regproxy.store import Store
+from regproxy.web_keys import REGISTRY_KEY, RESOLVER_KEY
+from tests.fakes import BlobFault, FakeUpstream, digest_of
 
 # api keeps per-request facts under plain string keys (request["error"]), as test_auth says
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
@@ -117,3 +129,358 @@ async def test_allow_redirect_to_lets_a_listed_target_through(
         resp = await client.get(f"/v2/{ALIAS}/app/blobs/{d2}")
         assert resp.status == 502
         assert (await resp.json())["errors"][0]["code"] == "UNKNOWN"
+
+
+# --- deadlines, backoff, the connection queue -------------------------------------------------------
+async def read_or_cut(client: TestClient[Any, Any], method: str, path: str) -> tuple[int, bytes]:
+    """Status and body; a response cut mid-body (the transfer failed) is status -1."""
+    try:
+        resp = await client.request(method, path)
+        return resp.status, await resp.read()
+    except aiohttp.ClientPayloadError:
+        return -1, b""
+
+
+async def test_dripping_upstream_is_dropped_and_the_next_get_starts_afresh(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    data = os.urandom(4000)
+    d = upstream.add_blob(data)
+    upstream.blob_faults[d] = BlobFault(step=1, delay=0.2)  # 5 bytes a second
+    settings = {"min_rate": "1KiB/s", "min_rate_window": "1s"}
+    async with proxy(tmp_path / "store", upstream, **settings) as client:
+        path = f"/v2/{ALIAS}/app/blobs/{d}"
+        status, body = await read_or_cut(client, "GET", path)
+        assert status in (-1, 502, 504) and body != data
+        # a stall is not resumed within the fetch: one upstream GET, and the entry is gone
+        assert upstream.count("GET", f"/blobs/{d}") == 1
+        assert errors(upstream.hostport, "slow") >= 1
+        upstream.blob_faults.pop(d)  # the upstream recovers
+        status, body = await read_or_cut(client, "GET", path)
+        assert status == 200 and body == data
+        assert upstream.count("GET", f"/blobs/{d}") == 2
+
+
+async def test_200_concurrent_cold_pulls_queue_for_16_connections(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    blobs = [os.urandom(32 * 1024) for _ in range(200)]
+    digests = [upstream.add_blob(b) for b in blobs]
+    for d in digests:  # each transfer takes a while: the queue is what lets all 200 through
+        upstream.blob_faults[d] = BlobFault(step=8 * 1024, delay=0.02)
+    # a connect timeout far shorter than the wait for a free connection
+    settings = {"connect_timeout": "0.5s", "max_connections": 16}
+    async with proxy(tmp_path / "store", upstream, **settings) as client:
+        results = await asyncio.gather(
+            *(read_or_cut(client, "GET", f"/v2/{ALIAS}/app/blobs/{d}") for d in digests)
+        )
+    assert [s for s, _ in results] == [200] * 200
+    assert all(body == blob for (_, body), blob in zip(results, blobs, strict=True))
+    assert upstream.connections <= 16
+    waited = metrics.REGISTRY.get_sample_value(
+        "regproxy_upstream_queue_wait_seconds_count", {"upstream": upstream.hostport}
+    )
+    assert waited is not None and waited > 0
+
+
+# --- the fetcher on an injected clock (no waiting for deadlines or backoffs) ------------------------
+@dataclass
+class FakeTime:
+    """A clock that only moves when told; sleeps are recorded and move it."""
+
+    now: float = 1000.0
+    slept: list[float] = field(default_factory=list)
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def timing(self) -> Timing:
+        return Timing(now=lambda: self.now, sleep=self.sleep, random=lambda: 0.5)
+
+
+@dataclass
+class Chunks:
+    """A blob body from a fake source: each chunk moves the clock by ``tick`` seconds."""
+
+    size: int
+    parts: list[bytes]
+    clock: FakeTime
+    tick: float = 0.0
+    offset: int = 0
+    source: str = "fake"
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            self.clock.now += self.tick
+            yield part
+
+    async def close(self) -> None:
+        return None
+
+
+async def fetch_with(tmp_path: Path, time: FakeTime, sources: list[Source], digest: Digest) -> str:
+    store = Store(tmp_path / "store")
+    store.open()
+    committed: list[str] = []
+
+    async def on_commit(d: Digest, size: int, repo: str, source: str) -> None:
+        committed.append(source)
+
+    fetcher = Fetcher(store, on_commit, timing=time.timing())
+    transfer = fetcher.start(digest, sources, "spectro-images/fake.test/app")
+    try:
+        await transfer.wait_done()
+    finally:
+        await fetcher.drain(5)
+    return committed[0]
+
+
+async def test_a_stalled_source_is_dropped_for_the_next_on_the_clock(tmp_path: Path) -> None:
+    data = os.urandom(64 * 1024)
+    digest = Digest.parse(digest_of(data))
+    time = FakeTime()
+    limits = TransferLimits(min_rate=1024, window=60, max_time=3600)
+    opened: list[str] = []
+
+    def source(name: str, stream: Callable[[int], Chunks]) -> Source:
+        async def open_(d: Digest, offset: int) -> Chunks:
+            opened.append(name)
+            return stream(offset)
+
+        return Source(name, "upstream", open_, limits=limits)
+
+    # 64 bytes a minute (one byte a second of clock), far below 1 KiB/s over 60 s
+    drip = source(
+        "drip",
+        lambda off: Chunks(len(data), [data[i : i + 1] for i in range(off, len(data))], time, 1.0),
+    )
+    good = source("good", lambda off: Chunks(len(data), [data], time))
+    got = await fetch_with(tmp_path, time, [drip, good], digest)
+    assert got == "fake"
+    assert opened == ["drip", "good"]  # a stall is not retried within the fetch
+    assert time.slept == []  # and no backoff was waited for it
+    assert 60 <= time.now - 1000.0 < 70  # dropped once the window showed the shortfall
+
+
+async def test_cut_transfers_back_off_between_attempts(tmp_path: Path) -> None:
+    data = os.urandom(64 * 1024)
+    digest = Digest.parse(digest_of(data))
+    time = FakeTime()
+    attempts: list[int] = []
+
+    async def open_(d: Digest, offset: int) -> Chunks:
+        attempts.append(offset)
+        # the first two answers are cut after 1000 bytes: a cut is resumed with a Range
+        end = len(data) if len(attempts) > 2 else offset + 1000
+        return Chunks(len(data), [data[offset:end]], time, offset=offset)
+
+    got = await fetch_with(tmp_path, time, [Source("cutting", "upstream", open_)], digest)
+    assert got == "fake"
+    assert attempts == [0, 1000, 2000]
+    # no back-to-back retries: exponential, half fixed and half jittered (jitter pinned at 0.5)
+    assert time.slept == [pytest.approx(0.375), pytest.approx(0.75)]
+
+
+async def test_shutdown_drains_within_the_timeout_and_cuts_the_rest(
+    tmp_path: Path, caplog: Any
+) -> None:
+    data = os.urandom(1000)
+    digest = Digest.parse(digest_of(data))
+    store = Store(tmp_path / "store")
+    store.open()
+    never = asyncio.Event()
+
+    async def hang(d: Digest, offset: int) -> Chunks:
+        await never.wait()  # an upstream that never answers
+        raise AssertionError("unreachable")
+
+    async def on_commit(d: Digest, size: int, repo: str, source: str) -> None:
+        raise AssertionError("nothing commits")
+
+    fetcher = Fetcher(store, on_commit)
+    transfer = fetcher.start(digest, [Source("hung", "upstream", hang)], "spectro-images/x/app")
+    await fetcher.drain(0.05)
+    with pytest.raises(OCIError):
+        await transfer.wait_done()
+    assert fetcher.inflight == {}
+    assert "shutdown.transfers finished=0 cut=1" in caplog.text
+    assert not any((tmp_path / "store" / "tmp").iterdir())
+
+
+# --- bounded memory: tags lists and manifest nesting ------------------------------------------------
+def registry_of(client: TestClient[Any, Any]) -> ProxyRegistry:
+    registry = client.server.app[REGISTRY_KEY]
+    assert isinstance(registry, ProxyRegistry)
+    return registry
+
+
+def repo_of(client: TestClient[Any, Any], path: str) -> RepoName:
+    return client.server.app[RESOLVER_KEY].resolve(f"{ALIAS}/{path}")
+
+
+async def test_tags_from_a_hostile_upstream_stay_bounded(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    asked: list[dict[str, str]] = []
+
+    async def huge(request: web.Request, repo: str) -> web.StreamResponse:
+        asked.append(dict(request.query))
+        # 3 MB of tags on every page, and always a next page
+        tags = [f"t{i:07d}" for i in range(300_000)]
+        link = f'</v2/{repo}/tags/list?page={len(asked)}>; rel="next"'
+        return web.json_response({"name": repo, "tags": tags}, headers={"Link": link})
+
+    upstream.tags_handler = huge
+    async with proxy(tmp_path / "store", upstream) as client:
+        resp = await client.get(f"/v2/{ALIAS}/app/tags/list")
+        assert resp.status == 502
+        assert (await resp.json())["errors"][0]["code"] == "UNKNOWN"
+    assert len(asked) == 1  # the first page was over 1 MiB: nothing more was asked or kept
+
+
+async def test_tags_pages_are_passed_through_merged_and_coalesced(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    asked: list[dict[str, str]] = []
+    gate = asyncio.Event()
+
+    async def endless(request: web.Request, repo: str) -> web.StreamResponse:
+        asked.append(dict(request.query))
+        await gate.wait()
+        page = int(request.query.get("page", "0"))
+        tags = [f"p{page:04d}-{i:04d}" for i in range(1000)]  # honest pages, but no end
+        link = f'</v2/{repo}/tags/list?page={page + 1}>; rel="next"'
+        return web.json_response({"name": repo, "tags": tags}, headers={"Link": link})
+
+    upstream.tags_handler = endless
+    async with proxy(tmp_path / "store", upstream) as client:
+        # identical requests in flight at once: one upstream request
+        registry = registry_of(client)
+        repo = repo_of(client, "app")
+        calls = [asyncio.create_task(registry.list_tags(repo, 6, None)) for _ in range(5)]
+        await asyncio.sleep(0)
+        await registry.index_call(lambda: None)  # every call is past its index lookup
+        gate.set()
+        answers = await asyncio.gather(*calls)
+        assert all(a == [f"p0000-{i:04d}" for i in range(6)] for a in answers)
+        assert len(asked) == 1 and asked[0]["n"] == "6"
+        # n and last from the client go upstream; the answer is paged with Link
+        resp = await client.get(
+            f"/v2/{ALIAS}/app/tags/list", params={"n": "3", "last": "p0000-0004"}
+        )
+        assert (await resp.json())["tags"] == ["p0000-0005", "p0000-0006", "p0000-0007"]
+        assert "last=p0000-0007" in resp.headers["Link"]
+        assert asked[-1] == {"n": "4", "last": "p0000-0004"}
+        # no n: at most 10,000 tags, a Link for the rest, and a bounded number of pages
+        before = len(asked)
+        resp = await client.get(f"/v2/{ALIAS}/app/tags/list")
+        tags = (await resp.json())["tags"]
+        assert len(tags) == 10_000 and tags == sorted(tags)
+        assert "Link" in resp.headers
+        assert len(asked) - before == 11
+
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DEEP = (
+    b'{"schemaVersion":2,"mediaType":"'
+    + OCI_MANIFEST.encode()
+    + b'","config":'
+    + b"[" * 100_000
+    + b"]" * 100_000
+    + b',"layers":[]}'
+)
+
+
+async def test_a_manifest_nested_100000_deep_is_refused_not_a_500(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    digest = upstream.add_manifest("app", "deep", DEEP, OCI_MANIFEST)
+    async with proxy(tmp_path / "store", upstream) as client:
+        resp = await client.put(
+            "/v2/spectro-images/mine/manifests/deep",
+            data=DEEP,
+            headers={"Content-Type": OCI_MANIFEST},
+        )
+        assert resp.status == 400
+        assert (await resp.json())["errors"][0]["code"] == "MANIFEST_INVALID"
+        for ref in ("deep", digest):
+            resp = await client.get(f"/v2/{ALIAS}/app/manifests/{ref}")
+            assert resp.status == 502, ref
+            assert (await resp.json())["errors"][0]["code"] == "UNKNOWN"
+
+
+# --- HEAD, detached manifest fills, misses ----------------------------------------------------------
+def on_disk(root: Path, digest: str) -> bool:
+    return any(p.name == digest.split(":")[1] for p in (root / "blobs").rglob("*"))
+
+
+async def test_head_on_a_missing_blob_is_a_head_upstream(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    data = os.urandom(300_000)
+    d = upstream.add_blob(data)
+    async with proxy(tmp_path / "store", upstream) as client:
+        resp = await client.head(f"/v2/{ALIAS}/app/blobs/{d}")
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(len(data))
+        assert resp.headers["Docker-Content-Digest"] == d
+        resp = await client.head(f"/v2/{ALIAS}/app/blobs/{digest_of(b'not there')}")
+        assert resp.status == 404
+    assert upstream.count("HEAD", f"/blobs/{d}") == 1
+    assert upstream.count("GET", "/blobs/") == 0  # nothing was downloaded
+    assert not on_disk(tmp_path / "store", d)
+
+
+async def test_cancelling_the_first_manifest_requester_fails_nobody_else(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    config = b'{"architecture":"amd64","os":"linux"}'
+    upstream.add_blob(config)
+    body = (
+        b'{"schemaVersion":2,"mediaType":"' + OCI_MANIFEST.encode() + b'","config":'
+        b'{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"'
+        + digest_of(config).encode()
+        + b'","size":'
+        + str(len(config)).encode()
+        + b'},"layers":[]}'
+    )
+    upstream.add_manifest("app", "v1", body, OCI_MANIFEST)
+    upstream.manifest_gate = asyncio.Event()
+    async with proxy(tmp_path / "store", upstream) as client:
+        registry = registry_of(client)
+        repo = repo_of(client, "app")
+        first = asyncio.create_task(registry.get_manifest(repo, "v1"))
+        await upstream.manifest_arrived.wait()
+        second = asyncio.create_task(registry.get_manifest(repo, "v1"))
+        await registry.index_call(lambda: None)  # the second is past its local lookup
+        await asyncio.sleep(0)
+        first.cancel()
+        upstream.manifest_gate.set()
+        got = await second
+        assert got.body == body
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    assert upstream.count("GET", "/manifests/v1") == 1
+
+
+async def test_misses_on_names_that_do_not_exist_leave_nothing(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    missing = digest_of(b"nowhere")
+    async with proxy(tmp_path / "store", upstream) as client:
+        registry = registry_of(client)
+        for i in range(20):
+            base = f"/v2/{ALIAS}/random-{i}"
+            for method, path in (
+                ("GET", f"{base}/manifests/latest"),
+                ("HEAD", f"{base}/manifests/latest"),
+                ("GET", f"{base}/blobs/{missing}"),
+                ("HEAD", f"{base}/blobs/{missing}"),
+                ("GET", f"{base}/tags/list"),
+            ):
+                resp = await client.request(method, path)
+                assert resp.status == 404, (method, path, resp.status)
+            assert not await registry.index_call(
+                registry.index.repo_exists, repo_of(client, f"random-{i}").canonical
+            )

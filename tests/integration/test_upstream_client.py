@@ -168,8 +168,13 @@ async def test_open_blob_full_and_with_offset(upstream: Upstream) -> None:
 async def test_list_tags(upstream: Upstream) -> None:
     client = upstream.client()
     try:
-        assert sorted(await client.list_tags(upstream.repo) or []) == ["latest", "v1", "v2"]
-        assert await client.list_tags("team/nothing") is None
+        page = await client.list_tags(upstream.repo, 100)
+        assert page is not None and not page.more
+        assert sorted(page.tags) == ["latest", "v1", "v2"]
+        # n and last: the first after "latest", and upstream has more
+        page = await client.list_tags(upstream.repo, 1, last="latest")
+        assert page is not None and page.tags == ["v1"] and page.more
+        assert await client.list_tags("team/nothing", 100) is None
     finally:
         await client.close()
 
@@ -519,7 +524,7 @@ async def test_every_mirror_fails_then_upstream_answers_or_its_error_is_raised()
             assert info.value.kind == "5xx"
             origin.status = 403
             with pytest.raises(UpstreamError) as info:
-                await client.list_tags("lib/app")
+                await client.list_tags("lib/app", 100)
             assert info.value.kind == "auth"
             origin.status = 400
             with pytest.raises(UpstreamError) as info:
@@ -540,10 +545,18 @@ async def test_tags_pagination() -> None:
     async with serve(reg.app()) as url:
         client = client_for(url)
         try:
-            assert await client.list_tags("lib/app") == [t for page in pages for t in page]
+            got = await client.list_tags("lib/app", 100)
+            assert got is not None and not got.more
+            assert got.tags == [t for page in pages for t in page]
+            assert len(reg.requests) == 4
+            assert "n=100" in reg.requests[0][1]  # n goes upstream
+            # five wanted: Link is followed only until they are in hand
+            got = await client.list_tags("lib/app", 5)
+            assert got is not None and got.more
+            assert got.tags == [t for page in pages for t in page][:5]
+            assert len(reg.requests) == 6
         finally:
             await client.close()
-        assert len(reg.requests) == 4
 
 
 async def test_timeouts_and_connect_errors() -> None:

@@ -282,3 +282,19 @@ async def test_response_without_token_raises() -> None:
 
     with pytest.raises(ValueError, match="token"):
         await cache.get(KEY, fetch)
+
+
+async def test_token_cache_is_bounded_least_recently_used_first_out() -> None:
+    cache = TokenCache(max_tokens=3)
+
+    async def fetch() -> dict[str, object]:
+        return {"token": "t", "expires_in": 300}
+
+    for repo in ("a", "b", "c"):
+        await cache.get(("realm", "svc", f"repository:{repo}:pull"), fetch)
+    assert cache.peek(("realm", "svc", "repository:a:pull")) == "t"  # a is now the newest
+    await cache.get(("realm", "svc", "repository:d:pull"), fetch)
+    assert len(cache) == 3
+    assert cache.peek(("realm", "svc", "repository:b:pull")) is None  # b went first
+    assert cache.peek(("realm", "svc", "repository:a:pull")) == "t"
+    assert cache._locks == {}  # no lock is kept for keys nobody is fetching

@@ -1,0 +1,146 @@
+"""What upstream answers become: manifest heads and bodies, blob streams, tag pages.
+
+The parsing here is bounded whatever the upstream sends: JSON goes through
+:func:`regproxy.oci.load_json` (size and nesting limits, never a RecursionError), a tag page
+keeps at most what was asked for, and only strings that are tags.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from aiohttp import hdrs
+
+from regproxy.errors import DigestInvalid
+from regproxy.oci import TAG_RE, Digest, JSONInvalid, load_json
+
+CHUNK_SIZE: Final = 1024 * 1024
+_CONTENT_RANGE_RE: Final = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestHead:
+    digest: Digest | None
+    media_type: str
+    size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestGet:
+    body: bytes
+    media_type: str
+    #: of the body, with the algorithm of the reference or the header (sha256 otherwise)
+    digest: Digest
+
+
+@dataclass(frozen=True, slots=True)
+class TagPage:
+    """Tags of one upstream ``tags/list`` answer, and whether upstream has more after them."""
+
+    tags: list[str]
+    more: bool
+
+
+class BlobStream:
+    """An open upstream blob response. ``await close()`` it (or use ``async with``).
+
+    It holds one of the upstream's connection slots until closed.
+    """
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        *,
+        size: int,
+        offset: int,
+        source: str,
+        guard: Callable[[str], AbstractContextManager[None]],
+        release: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._response = response
+        self._guard = guard
+        self._release = release
+        #: total blob size
+        self.size = size
+        #: where this body starts in the blob (0 when the server ignored our Range)
+        self.offset = offset
+        #: the base URL that answered (a mirror or the upstream), credentials masked
+        self.source = source
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive (up to 1 MiB); a cut body raises UpstreamError."""
+        with self._guard("blob body"):
+            async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+                yield chunk
+
+    async def close(self) -> None:
+        try:
+            if self._response.content.at_eof():
+                self._response.release()  # read to the end: the connection may be reused
+            else:
+                self._response.close()  # a half-read body must not go back to the pool
+        finally:
+            self._release()
+
+    async def __aenter__(self) -> BlobStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def media_type(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip()
+
+
+def digest_header(value: str | None) -> Digest | None:
+    if not value:
+        return None
+    try:
+        return Digest.parse(value.strip())
+    except DigestInvalid:
+        return None
+
+
+def body_media_type(body: bytes) -> str:
+    """The ``mediaType`` a manifest body declares, or "" (also for bodies that are no JSON)."""
+    try:
+        doc = load_json(body)
+    except JSONInvalid:
+        return ""
+    mt = doc.get("mediaType") if isinstance(doc, dict) else None
+    return mt if isinstance(mt, str) else ""
+
+
+def tags_of(body: bytes, limit: int, after: str | None = None) -> list[str]:
+    """At most ``limit`` tags (after ``after``, for upstreams that ignore ``last``) of a
+    ``tags/list`` body; ValueError names what is wrong with it."""
+    try:
+        doc = load_json(body)
+    except JSONInvalid as exc:
+        raise ValueError(f"tags/list: {exc.detail}") from None
+    tags = doc.get("tags") if isinstance(doc, dict) else None
+    if tags is None:
+        return []
+    if not isinstance(tags, list):
+        raise ValueError("tags/list has no tags array")
+    wanted = (t for t in tags if isinstance(t, str) and TAG_RE.match(t))
+    return [t for t in wanted if after is None or t > after][: max(limit, 0)]
+
+
+def blob_extent(resp: aiohttp.ClientResponse) -> tuple[int, int]:
+    """(total size, offset of this body) from Content-Range (206) or Content-Length (200);
+    ValueError when the answer does not say."""
+    if resp.status == 206:
+        m = _CONTENT_RANGE_RE.match(resp.headers.get(hdrs.CONTENT_RANGE, ""))
+        if m and m.group(3) != "*":
+            return int(m.group(3)), int(m.group(1))
+        raise ValueError("206 without a usable Content-Range")
+    if resp.content_length is None:
+        raise ValueError("blob response without Content-Length")
+    return resp.content_length, 0
