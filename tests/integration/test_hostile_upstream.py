@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from regproxy import metrics
 from regproxy.app import create_app
+from regproxy.async_index import READERS
 from regproxy.config import config_from_dict
 from regproxy.deadline import Timing, TransferLimits
 from regproxy.errors import OCIError
 from regproxy.fetch import Fetcher, Source
+from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest
 from regproxy.proxy import ProxyRegistry
@@ -319,6 +322,16 @@ def repo_of(client: TestClient[Any, Any], path: str) -> RepoName:
     return client.server.app[RESOLVER_KEY].resolve(f"{ALIAS}/{path}")
 
 
+async def index_settled(registry: ProxyRegistry) -> None:
+    """Every index call queued before this one has finished, and its caller has moved on:
+    the reader threads all meet at a barrier, then the writer answers."""
+    barrier = threading.Barrier(READERS, timeout=30)
+    await asyncio.gather(*(registry.db.read(lambda ix: barrier.wait()) for _ in range(READERS)))
+    await registry.db.write(lambda ix: None)
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
 async def test_tags_from_a_hostile_upstream_stay_bounded(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
@@ -359,8 +372,7 @@ async def test_tags_pages_are_passed_through_merged_and_coalesced(
         registry = registry_of(client)
         repo = repo_of(client, "app")
         calls = [asyncio.create_task(registry.list_tags(repo, 6, None)) for _ in range(5)]
-        await asyncio.sleep(0)
-        await registry.index_call(lambda: None)  # every call is past its index lookup
+        await index_settled(registry)  # every call is past its index lookups
         gate.set()
         answers = await asyncio.gather(*calls)
         assert all(a == [f"p0000-{i:04d}" for i in range(6)] for a in answers)
@@ -453,8 +465,7 @@ async def test_cancelling_the_first_manifest_requester_fails_nobody_else(
         first = asyncio.create_task(registry.get_manifest(repo, "v1"))
         await upstream.manifest_arrived.wait()
         second = asyncio.create_task(registry.get_manifest(repo, "v1"))
-        await registry.index_call(lambda: None)  # the second is past its local lookup
-        await asyncio.sleep(0)
+        await index_settled(registry)  # the second is past its local lookup
         first.cancel()
         upstream.manifest_gate.set()
         got = await second
@@ -481,6 +492,5 @@ async def test_misses_on_names_that_do_not_exist_leave_nothing(
             ):
                 resp = await client.request(method, path)
                 assert resp.status == 404, (method, path, resp.status)
-            assert not await registry.index_call(
-                registry.index.repo_exists, repo_of(client, f"random-{i}").canonical
-            )
+            canonical = repo_of(client, f"random-{i}").canonical
+            assert not await registry.db.read(Index.repo_exists, canonical)
