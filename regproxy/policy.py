@@ -308,6 +308,40 @@ class Policy:
                 reasons.append(verdict.reason)
         return None
 
+    # --- the web page: what the store says, never fetching ------------------------------------------
+    async def status(
+        self, repo: RepoName, digest: str, *, depth: int = 0
+    ) -> SignatureStatus | None:
+        """Whether the store holds a signature of the manifest: by the keys of the rule that
+        requires one, else by any key the policy names. None: no key is configured."""
+        found = self.rule_for(repo)
+        rule = found[1].match if found and found[1].require == "sigstore" else None
+        keys = found[1].keys if found and found[1].keys else self._all_keys()
+        if not keys:
+            return None
+        reasons: list[str] = []
+        source = _Imported(self.registry, {}, {}, _nothing)
+        key = await self._signed(repo, Digest.parse(digest), keys, reasons, source)
+        if key is not None:
+            return SignatureStatus(True, rule, f"signed by {key.path}", key.path, key.fingerprint)
+        if depth == 0:
+            for parent in await self.registry.db.read(
+                Index.index_parents, repo.canonical, digest, MAX_PARENTS
+            ):
+                got = await self.status(repo, parent, depth=1)
+                if got is not None and got.signed:
+                    return SignatureStatus(
+                        True, rule, f"listed by the signed index {parent}", got.key, got.fingerprint
+                    )
+        return SignatureStatus(False, rule, _best(reasons))
+
+    def _all_keys(self) -> tuple[PublicKey, ...]:
+        seen: dict[str, PublicKey] = {}
+        for r in self.rules:
+            for k in r.keys:
+                seen.setdefault(k.fingerprint, k)
+        return tuple(seen.values())
+
     # --- the importer's check (policy.enforce: import) ----------------------------------------------
     async def check_import(
         self,
@@ -343,6 +377,31 @@ class Policy:
                 raise Denied(
                     f"policy rule {rule.match!r}: import of {img.label}: {decision.reason}"
                 )
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureStatus:
+    """What the web page shows of a manifest's signature."""
+
+    signed: bool
+    rule: str | None  # the match of the rule that requires a signature here, if one does
+    reason: str
+    key: str | None = None  # the key file
+    fingerprint: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "signed": self.signed,
+            "rule": self.rule,
+            "reason": self.reason,
+            "key": self.key,
+            "key_name": Path(self.key).name if self.key else None,
+            "fingerprint": self.fingerprint,
+        }
+
+
+async def _nothing(digest: str) -> bytes | None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)

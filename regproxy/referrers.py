@@ -91,6 +91,23 @@ def cosign_descriptor(tag: str, media_type: str, digest: Digest, body: bytes) ->
     return Descriptor(media_type, digest, len(body), artifact or None)
 
 
+def kind_of(desc: Descriptor) -> str:
+    """signature | attestation | sbom | other, from a referrer's artifact type (the web page)."""
+    art = (desc.artifact_type or "").lower()
+    predicate = (desc.annotations or {}).get("dev.sigstore.bundle.predicateType")
+    if art in (COSIGN_SUFFIXES[".sig"], "application/vnd.dev.cosign.artifact.sig.v1+json"):
+        return "signature"
+    if art.startswith("application/vnd.dev.sigstore.bundle"):
+        if predicate in (None, "https://sigstore.dev/cosign/sign/v1"):
+            return "signature"
+        return "sbom" if "spdx" in predicate or "cyclonedx" in predicate else "attestation"
+    if any(word in art for word in ("spdx", "cyclonedx", "sbom", "syft")):
+        return "sbom"
+    if "dsse" in art or "in-toto" in art or "attestation" in art or "provenance" in art:
+        return "attestation"
+    return "other"
+
+
 def descriptors_of_index(body: bytes, where: str) -> list[Descriptor]:
     """The manifests of a referrers index (an upstream's answer or a tag schema index)."""
     try:

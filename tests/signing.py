@@ -182,7 +182,7 @@ def dsse_bundle(
 
 
 def bundle_referrer(
-    subject_digest: str, subject_size: int, bundle: bytes
+    subject_digest: str, subject_size: int, bundle: bytes, predicate: str | None = None
 ) -> tuple[bytes, dict[str, bytes]]:
     """The OCI 1.1 referrer manifest cosign v3 attaches a bundle with, and its blobs."""
     manifest = json.dumps(
@@ -193,7 +193,10 @@ def bundle_referrer(
             "config": {"mediaType": OCI_EMPTY, "digest": sha256(EMPTY_JSON), "size": 2},
             "layers": [{"mediaType": BUNDLE, "digest": sha256(bundle), "size": len(bundle)}],
             "subject": {"mediaType": OCI_MANIFEST, "digest": subject_digest, "size": subject_size},
-            "annotations": {"dev.sigstore.bundle.content": "dsse-envelope"},
+            "annotations": {
+                "dev.sigstore.bundle.content": "dsse-envelope",
+                **({"dev.sigstore.bundle.predicateType": predicate} if predicate else {}),
+            },
         }
     ).encode()
     return manifest, {sha256(EMPTY_JSON): EMPTY_JSON, sha256(bundle): bundle}

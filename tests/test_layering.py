@@ -91,7 +91,7 @@ LAYERS: dict[str, Layer] = {
     "auth": _layer("auth", f"{_MODEL} keys web"),
     "handlers": _layer(
         "api admin ui",
-        f"{_MODEL} registry queries ui_model pinning tools keys serving web auth policy",
+        f"{_MODEL} registry queries ui_model pinning tools keys serving web auth policy referrers",
     ),
     # nothing imports app but the command line, and nothing imports the command line
     "app": _layer(

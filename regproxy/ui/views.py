@@ -11,7 +11,10 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from regproxy.errors import OCIError
+from regproxy.names import RepoName
 from regproxy.oci import INDEX_TYPES, Digest, is_digest_reference, parse_manifest
+from regproxy.policy import SignatureStatus, is_artifact
+from regproxy.referrers import kind_of
 from regproxy.registry import Registry
 from regproxy.ui import queries
 from regproxy.ui.base import (
@@ -26,6 +29,7 @@ from regproxy.ui.base import (
     ui_of,
 )
 from regproxy.ui.format import platform_str
+from regproxy.web_keys import POLICY_KEY
 
 
 # --- projects and repositories -------------------------------------------------------------------
@@ -135,6 +139,32 @@ async def _platforms(registry: Registry, digest: str, media_type: str) -> list[s
     return [platform_str(m.platform) for m in parsed.manifests if m.platform]
 
 
+async def _signature(
+    request: web.Request, repo: RepoName, digest: str, media_type: str
+) -> SignatureStatus | None:
+    """Whether the store holds a signature of an image (artifacts and no keys: None)."""
+    policy = request.app[POLICY_KEY]
+    body = await _read_manifest(registry_of(request), digest)
+    if body is None or is_artifact(body, media_type):
+        return None
+    return await policy.status(repo, digest)
+
+
+async def _referrers(request: web.Request, repo: RepoName, digest: str) -> list[dict[str, Any]]:
+    """Signatures, SBOMs, attestations the store holds for a manifest (cosign's tags too)."""
+    found = await request.app[POLICY_KEY].registry.referrer_index.local(repo, Digest.parse(digest))
+    return [
+        {
+            "digest": str(d.digest),
+            "media_type": d.media_type,
+            "artifact_type": d.artifact_type,
+            "size": d.size,
+            "kind": kind_of(d),
+        }
+        for d in found[:200]
+    ]
+
+
 async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     ui = ui_of(request)
     registry = registry_of(request)
@@ -154,6 +184,11 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     if not repo.is_local:
         for row in tags:
             row.stale = row.checked is not None and now - row.checked > ui.config.tag_ttl
+    signatures = {}
+    for row in tags:
+        status = await _signature(request, repo, row.digest, row.media_type)
+        if status is not None:
+            signatures[row.digest] = status.to_json()
     return {
         "repository": info,
         "upstream": repo.host,
@@ -161,6 +196,8 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
         "tags": tags,
         "untagged": other,
         "tag_ttl": ui.config.tag_ttl,
+        #: digest -> what the store says of its signature (regproxy.policy; empty: no keys)
+        "signatures": signatures,
     }
 
 
@@ -187,7 +224,9 @@ async def api_tags(request: web.Request) -> web.Response:
             "total": data["total"],
             "next": data["next"],
             "prev": data["prev"],
-            "tags": [t.to_json() for t in data["tags"]],
+            "tags": [
+                {**t.to_json(), "signature": data["signatures"].get(t.digest)} for t in data["tags"]
+            ],
             "untagged": [t.to_json() for t in data["untagged"]],
         }
     )
@@ -204,6 +243,7 @@ async def _manifest(request: web.Request) -> dict[str, Any]:
     if info is None:
         raise web.HTTPNotFound(text=f"{repo.canonical}@{digest} is not in the store")
     body = await _read_manifest(registry, digest)
+    signature = await _signature(request, repo, digest, info.media_type)
     platforms: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
     config: dict[str, Any] | None = None
@@ -250,10 +290,8 @@ async def _manifest(request: web.Request) -> dict[str, Any]:
         "platforms": platforms,
         "config": config,
         "layers": layers,
-        "referrers": [
-            {"digest": d, "media_type": mt, "artifact_type": at_, "size": sz}
-            for d, mt, at_, sz in info.referrers
-        ],
+        "referrers": await _referrers(request, repo, digest),
+        "signature": signature.to_json() if signature is not None else None,
     }
 
 
