@@ -309,51 +309,6 @@ class Index:
         """Bytes of every blob and manifest file the index knows (each digest counted once)."""
         return int(self.db.execute("SELECT stored_bytes FROM totals").fetchone()[0])
 
-    def usage_snapshot(self) -> UsageSnapshot:
-        """Everything eviction and gc decide on, read in one go (no blob tree scan)."""
-        db = self.db
-        return UsageSnapshot(
-            rows=[
-                (r, d, float(a or c), bool(p))
-                for r, d, a, c, p in db.execute(
-                    "SELECT repo, digest, last_access, created, pinned FROM repo_manifests"
-                )
-            ],
-            manifests={
-                d: (int(s), subj, float(c))
-                for d, s, subj, c in db.execute(
-                    "SELECT digest, size, subject, created FROM manifests"
-                )
-            },
-            refs=[
-                (p, c, k) for p, c, k in db.execute("SELECT parent, child, kind FROM manifest_refs")
-            ],
-            blobs={
-                d: (int(s), float(a or c))
-                for d, s, a, c in db.execute("SELECT digest, size, last_access, created FROM blobs")
-            },
-        )
-
-    def forget(
-        self, rows: Iterable[tuple[str, str]], manifests: Iterable[str], blobs: Iterable[str]
-    ) -> None:
-        """Drop repository manifest rows (and their tags), manifests and blobs from the index.
-
-        Call inside :meth:`transaction`; the caller deletes the files afterwards.
-        """
-        db = self.db
-        for repo, digest in rows:
-            db.execute("DELETE FROM repo_manifests WHERE repo=? AND digest=?", (repo, digest))
-            db.execute("DELETE FROM tags WHERE repo=? AND digest=?", (repo, digest))
-        for digest in manifests:
-            db.execute("DELETE FROM repo_manifests WHERE digest=?", (digest,))
-            db.execute("DELETE FROM tags WHERE digest=?", (digest,))
-            db.execute("DELETE FROM manifest_refs WHERE parent=?", (digest,))
-            db.execute("DELETE FROM manifests WHERE digest=?", (digest,))
-        for digest in blobs:
-            db.execute("DELETE FROM repo_blobs WHERE digest=?", (digest,))
-            db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
-
     def manifest_users(self, digest: str) -> list[tuple[str, str]]:
         """(repo, manifest digest) of every repository manifest that references ``digest``."""
         return [
@@ -555,17 +510,3 @@ class PinRow:
     tags: list[str]
     #: bytes of the blobs the manifest lists that the store holds (config and layers)
     blob_bytes: int
-
-
-@dataclass(slots=True)
-class UsageSnapshot:
-    """The index's view of what is stored, for eviction and gc (see Index.usage_snapshot)."""
-
-    #: (repo, digest, last access or created, pinned) of every repository manifest
-    rows: list[tuple[str, str, float, bool]]
-    #: manifest digest -> (size, subject, created)
-    manifests: dict[str, tuple[int, str | None, float]]
-    #: (parent, child, kind "blob" | "manifest")
-    refs: list[tuple[str, str, str]]
-    #: blob digest -> (size, last access or created)
-    blobs: dict[str, tuple[int, float]]

@@ -1,12 +1,14 @@
-"""``regproxy gc`` and ``regproxy fsck``: offline or beside a running daemon.
+"""``regproxy gc``: remove what nothing needs, offline or beside a running daemon.
 
-Both open the store without sweeping ``tmp/`` and the index with their own SQLite connection
-(WAL: the daemon keeps serving). The daemon notices that another process changed the index at
-its next eviction tick (``storage.evict_interval``) and drops its cached lookups.
+gc opens the store without sweeping ``tmp/`` and the index through its own
+:class:`~regproxy.async_index.AsyncIndex` (WAL: the daemon keeps serving). Every change is a
+short transaction of at most :data:`GC_PAGE` rows, so the daemon's writes go on between them;
+the daemon notices that another process changed the index at its next eviction tick
+(``storage.evict_interval``) and drops its cached lookups. It removes, in the durability order
+(index rows, then files):
 
-**gc** removes, in the durability order (index rows, then files):
-
-* manifests that no repository holds any more (``DELETE`` by digest leaves the bytes behind);
+* manifests that no repository holds any more (``DELETE`` by digest leaves the bytes), found by
+  the reference counts the index keeps (``refs.live = 0``), not by a walk over every row;
 * blobs that no manifest of any repository references, once not accessed for
   ``storage.upload_ttl`` (a push uploads its blobs before its manifest; a repository link alone
   does not keep a blob, so a direct blob pull is reclaimed the same way);
@@ -15,30 +17,38 @@ its next eviction tick (``storage.evict_interval``) and drops its cached lookups
   (a crash's leftovers, when the daemon is not running to sweep them at start-up);
 * files under ``blobs/`` that the index does not know (a crash between rename and index row),
   older than ``min(upload_ttl, 1h)`` so a commit in progress in a running daemon is left alone.
+  The tree is walked one directory at a time and each directory's names are looked up in the
+  index in one query: memory stays flat at a million files.
 
-**fsck** re-hashes every blob and manifest file. A file whose bytes do not match its name is
-removed from the index (its blob row and repository links; for a manifest also its repository
-rows and tags) and then moved to ``quarantine/``; the next pull fetches it again. Index rows
-whose file is missing are removed the same way. Exit status 1 when anything was found.
+Each row is checked again inside the transaction that removes it (the daemon may have used it
+meanwhile). ``--dry-run`` only reads. A progress line is shown on a terminal.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
+from regproxy.async_index import AsyncIndex
 from regproxy.config import Config
+from regproxy.errors import DigestInvalid
 from regproxy.index import Index
-from regproxy.oci import Digest
+from regproxy.oci import ALGORITHMS, Digest
+from regproxy.progress import Progress
 from regproxy.store import Store
 
 log = logging.getLogger("regproxy.maintenance")
 STRAY_SECONDS: Final = 3600.0
+#: rows read or removed per index query / transaction
+GC_PAGE: Final = 500
 
 
 @dataclass
@@ -49,6 +59,8 @@ class GcReport:
     uploads: list[str] = field(default_factory=list)
     temp_files: list[tuple[str, int]] = field(default_factory=list)
     orphans: list[tuple[str, int]] = field(default_factory=list)
+    #: files under blobs/ looked at
+    files: int = 0
 
     @property
     def bytes(self) -> int:
@@ -62,48 +74,17 @@ class GcReport:
         out += [f"{verb} upload {u}" for u in self.uploads]
         out += [f"{verb} temp file {name} ({n} bytes)" for name, n in self.temp_files]
         out += [f"{verb} orphan file {d} ({n} bytes)" for d, n in self.orphans]
-        out.append(
+        out.append(self.summary())
+        return out
+
+    def summary(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        return (
             f"gc{' (dry run)' if self.dry_run else ''}: {len(self.manifests)} manifests, "
             f"{len(self.blobs)} blobs, {len(self.uploads)} uploads, "
             f"{len(self.temp_files)} temp files, {len(self.orphans)} orphan files, "
-            f"{self.bytes} bytes {verb}"
+            f"{self.bytes} bytes {verb} ({self.files} files checked)"
         )
-        return out
-
-
-@dataclass
-class Damage:
-    digest: str
-    problem: str  # "mismatch" | "missing"
-    kind: str  # "blob" | "manifest"
-    size: int
-    users: list[tuple[str, str]]  # (repo, manifest) that reference it
-    moved_to: str | None = None
-
-
-@dataclass
-class FsckReport:
-    checked: int = 0
-    bytes: int = 0
-    damaged: list[Damage] = field(default_factory=list)
-
-    def lines(self) -> list[str]:
-        out = []
-        for d in self.damaged:
-            where = f" -> {d.moved_to}" if d.moved_to else ""
-            out.append(f"{d.problem} {d.kind} {d.digest} ({d.size} bytes){where}")
-            out += [f"  referenced by {repo}@{m}" for repo, m in d.users]
-        status = f"{len(self.damaged)} damaged" if self.damaged else "clean"
-        out.append(f"fsck: {self.checked} files, {self.bytes} bytes checked, {status}")
-        return out
-
-
-def _open(config: Config) -> tuple[Store, Index]:
-    store = Store(config.storage.root)
-    store.open(sweep=False)  # a running daemon's temp files are not ours to sweep
-    index = Index(config.storage.root / "index.db")
-    index.open()
-    return store, index
 
 
 def _mtime(path: os.PathLike[str] | str) -> float | None:
@@ -113,122 +94,204 @@ def _mtime(path: os.PathLike[str] | str) -> float | None:
         return None
 
 
-def gc(config: Config, *, dry_run: bool = False, now: float | None = None) -> GcReport:
+# --- on the index --------------------------------------------------------------------------------
+_UNREFERENCED: Final = {
+    "manifest": "SELECT f.digest, m.size FROM refs f JOIN manifests m ON m.digest = f.digest "
+    "WHERE f.live = 0 AND f.digest > :after ORDER BY f.digest LIMIT :limit",
+    "blob": "SELECT f.digest, b.size FROM refs f JOIN blobs b ON b.digest = f.digest "
+    "WHERE f.live = 0 AND f.digest > :after AND COALESCE(b.last_access, b.created) < :before "
+    "ORDER BY f.digest LIMIT :limit",
+}
+
+
+def unreferenced(
+    index: Index, kind: str, after: str, before: float, limit: int = GC_PAGE
+) -> list[tuple[str, int]]:
+    """A page of stored manifests (or blobs last accessed before ``before``) that nothing
+    references, by digest after ``after``."""
+    sql = _UNREFERENCED[kind]
+    args = {"after": after, "before": before, "limit": limit}
+    return [(d, int(n)) for d, n in index.db.execute(sql, args)]
+
+
+def drop_unreferenced(
+    index: Index, kind: str, digests: Sequence[str], before: float
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """Remove these rows if they are still unreferenced (and old); (removed, files to unlink:
+    digests no longer stored at all). One transaction."""
+    removed: list[tuple[str, int]] = []
+    with index.transaction() as db:
+        sql = _UNREFERENCED[kind].replace("f.digest > :after", "f.digest = :d")
+        for d in digests:
+            row = db.execute(sql, {"d": d, "before": before, "limit": 1}).fetchone()
+            if row is None:
+                continue  # referenced or used again meanwhile
+            if kind == "manifest":
+                db.execute("DELETE FROM tags WHERE digest=?", (d,))
+                db.execute("DELETE FROM manifest_refs WHERE parent=?", (d,))
+                db.execute("DELETE FROM manifests WHERE digest=?", (d,))
+            else:
+                db.execute("DELETE FROM repo_blobs WHERE digest=?", (d,))
+                db.execute("DELETE FROM blobs WHERE digest=?", (d,))
+            removed.append((d, int(row[1])))
+        # a manifest's digest may also be a blob row that stays (import indexes every manifest
+        # as a blob; a recent one is kept): the file is theirs in common
+        gone = [d for d, _ in removed if not index.is_stored(d)]
+    return removed, gone
+
+
+def known(index: Index, digests: Sequence[str]) -> set[str]:
+    """Which of these digests the index stores (one query for a directory's names)."""
+    out: set[str] = set()
+    for i in range(0, len(digests), GC_PAGE):
+        chunk = digests[i : i + GC_PAGE]
+        marks = ",".join("?" * len(chunk))
+        out.update(
+            d
+            for (d,) in index.db.execute(
+                f"SELECT digest FROM refs WHERE digest IN ({marks}) AND size IS NOT NULL", chunk
+            )
+        )
+    return out
+
+
+def expire_uploads(index: Index, uids: Sequence[str]) -> None:
+    with index.transaction():
+        for uid in uids:
+            index.remove_upload(uid)
+
+
+# --- on the files ------------------------------------------------------------------------------------
+def _delete(store: Store, digests: Sequence[str], still_stored: Callable[[str], bool]) -> None:
+    for d in digests:
+        if not still_stored(d):
+            store.delete(Digest.parse(d))
+
+
+def _list_dir(path: Path) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(path) if e.is_file(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _sweep_temp(
+    store: Store, sessions: set[str], cutoff: float, dry_run: bool
+) -> list[tuple[str, int]]:
+    """Temp files no upload session names and nobody wrote to since ``cutoff``."""
+    out = []
+    for entry in sorted(store.tmp.iterdir()):
+        mtime = _mtime(entry)
+        if entry.name in sessions or mtime is None or mtime >= cutoff:
+            continue
+        is_dir = entry.is_dir()
+        size = 0 if is_dir else entry.stat().st_size
+        out.append((entry.name + ("/" if is_dir else ""), size))
+        if dry_run:
+            continue
+        if is_dir:
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+    return out
+
+
+def _orphans(
+    store: Store, alg: str, names: list[str], stored: set[str], cutoff: float, dry_run: bool
+) -> list[tuple[str, int]]:
+    """Files of one directory the index does not know, older than ``cutoff``."""
+    out = []
+    for name in names:
+        d = f"{alg}:{name}"
+        if d in stored:
+            continue
+        try:
+            digest = Digest.parse(d)
+        except DigestInvalid:
+            continue  # not a name the store writes: not ours to remove
+        path = store.blob_path(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_mtime >= cutoff:
+            continue
+        out.append((d, st.st_size))
+        if not dry_run:
+            store.delete(digest)
+    return out
+
+
+# --- the command ----------------------------------------------------------------------------------------
+async def gc(
+    config: Config,
+    *,
+    dry_run: bool = False,
+    now: float | None = None,
+    progress: Progress | None = None,
+) -> GcReport:
     now = time.time() if now is None else now
     ttl = config.storage.upload_ttl
-    stray = min(ttl, STRAY_SECONDS)
-    store, index = _open(config)
+    stray = now - min(ttl, STRAY_SECONDS)
+    progress = progress or Progress("gc", enabled=False)
+    root = config.storage.root
+    loop = asyncio.get_running_loop()
+    store = Store(root)
+    await loop.run_in_executor(None, lambda: store.open(sweep=False))  # not ours to sweep
+    db = AsyncIndex(root / "index.db")
+    await db.open()
     report = GcReport(dry_run)
     try:
-        # index first: unreferenced manifests and blobs, expired uploads
-        with index.transaction() as db:
-            # what nothing references: the reference counts the index keeps (refs.live = 0)
-            report.manifests = db.execute(
-                "SELECT f.digest, m.size FROM refs f JOIN manifests m ON m.digest = f.digest "
-                "WHERE f.live = 0 ORDER BY f.digest"
-            ).fetchall()
-            report.blobs = db.execute(
-                "SELECT f.digest, b.size FROM refs f JOIN blobs b ON b.digest = f.digest "
-                "WHERE f.live = 0 AND COALESCE(b.last_access, b.created) < ? ORDER BY f.digest",
-                (now - ttl,),
-            ).fetchall()
-            expired = index.uploads_before(now - ttl)
-            report.uploads = [u for u, _ in expired]
-            if not dry_run:
-                index.forget([], [d for d, _ in report.manifests], [d for d, _ in report.blobs])
-                for uid in report.uploads:
-                    index.remove_upload(uid)
-                # a manifest's digest may also be a blob row that stays (import indexes every
-                # manifest as a blob; a recent one is kept): the file is theirs in common
-                doomed = [
-                    d
-                    for d, _ in [*report.manifests, *report.blobs]
-                    if db.execute("SELECT 1 FROM refs WHERE digest=?", (d,)).fetchone() is None
-                ]
-        if not dry_run:
-            for d in doomed:
-                store.delete(Digest.parse(d))
+        # index first: what nothing references, page by page, each page its own transaction
+        for kind, found in (("manifest", report.manifests), ("blob", report.blobs)):
+            after = ""
+            while True:
+                page = await db.read(unreferenced, kind, after, now - ttl)
+                if not page:
+                    break
+                after = page[-1][0]
+                if dry_run:
+                    found.extend(page)
+                    continue
+                removed, gone = await db.write(
+                    drop_unreferenced, kind, [d for d, _ in page], now - ttl
+                )
+                found.extend(removed)
+                stored = await db.read(known, gone)  # stored again meanwhile: not ours
+                await loop.run_in_executor(None, _delete, store, gone, stored.__contains__)
+                progress.update(f"{len(report.manifests)} manifests, {len(report.blobs)} blobs")
+        expired = await db.read(Index.uploads_before, now - ttl)
+        report.uploads = [u for u, _ in expired]
+        if not dry_run and report.uploads:
+            await db.write(expire_uploads, report.uploads)
             for uid in report.uploads:
-                store.remove_temp(uid)
+                await loop.run_in_executor(None, store.remove_temp, uid)
         # then files: temp files nobody owns, blob files the index does not know
-        sessions = index.upload_ids()
-        for entry in sorted(store.tmp.iterdir()):
-            mtime = _mtime(entry)
-            if entry.name in sessions or mtime is None or mtime >= now - stray:
-                continue
-            if entry.name in report.uploads:
-                continue
-            is_dir = entry.is_dir()
-            size = 0 if is_dir else entry.stat().st_size
-            report.temp_files.append((entry.name + ("/" if is_dir else ""), size))
-            if dry_run:
-                continue
-            if is_dir:
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
-        for digest, size in store.iter_blobs():
-            if index.is_stored(str(digest)):
-                continue
-            mtime = _mtime(store.blob_path(digest))
-            if mtime is None or mtime >= now - stray:
-                continue
-            report.orphans.append((str(digest), size))
-            if not dry_run:
-                store.delete(digest)
+        sessions = await db.read(Index.upload_ids) | set(report.uploads)
+        report.temp_files = await loop.run_in_executor(
+            None, _sweep_temp, store, sessions, stray, dry_run
+        )
+        for alg in ALGORITHMS:
+            base = store.blobs / alg
+            subdirs = await loop.run_in_executor(None, _subdirs, base)
+            for sub in subdirs:
+                names = await loop.run_in_executor(None, _list_dir, base / sub)
+                report.files += len(names)
+                stored = await db.read(known, [f"{alg}:{n}" for n in names])
+                report.orphans += await loop.run_in_executor(
+                    None, _orphans, store, alg, names, stored, stray, dry_run
+                )
+                progress.update(f"{report.files} files checked, {len(report.orphans)} orphans")
     finally:
-        index.close()
-    log.info("gc.done %s", report.lines()[-1])
+        progress.done()
+        await db.close()
+    log.info("gc.done %s", report.summary())
     return report
 
 
-def fsck(config: Config) -> FsckReport:
-    store, index = _open(config)
-    report = FsckReport()
+def _subdirs(base: Path) -> list[str]:
     try:
-        snap = index.usage_snapshot()
-        on_disk: set[str] = set()
-        for digest, size in store.iter_blobs():
-            d = str(digest)
-            on_disk.add(d)
-            report.checked += 1
-            report.bytes += size
-            try:
-                ok = store.verify(digest)
-            except FileNotFoundError:  # removed meanwhile (a running daemon evicted it)
-                on_disk.discard(d)
-                continue
-            if not ok:
-                kind = "manifest" if d in snap.manifests else "blob"
-                report.damaged.append(Damage(d, "mismatch", kind, size, index.manifest_users(d)))
-        for d, (size, _, _) in snap.manifests.items():
-            if d not in on_disk and store.stat(Digest.parse(d)) is None:
-                report.damaged.append(
-                    Damage(d, "missing", "manifest", size, index.manifest_users(d))
-                )
-        for d, (size, _) in snap.blobs.items():
-            if d not in on_disk and d not in snap.manifests and store.stat(Digest.parse(d)) is None:
-                report.damaged.append(Damage(d, "missing", "blob", size, index.manifest_users(d)))
-        if report.damaged:
-            # index first (nothing may point to a file that is going), then the files
-            with index.transaction():
-                manifests = [x.digest for x in report.damaged if x.kind == "manifest"]
-                index.forget([], manifests, [x.digest for x in report.damaged])
-            for x in report.damaged:
-                if x.problem == "mismatch":
-                    try:
-                        x.moved_to = str(store.move_aside(Digest.parse(x.digest)))
-                    except FileNotFoundError:
-                        x.moved_to = None
-                log.error(
-                    "fsck.%s kind=%s digest=%s bytes=%d quarantine=%s",
-                    x.problem,
-                    x.kind,
-                    x.digest,
-                    x.size,
-                    x.moved_to or "-",
-                )
-    finally:
-        index.close()
-    return report
+        return sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []

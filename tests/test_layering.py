@@ -41,7 +41,7 @@ def _layer(modules: str, may_import: str = "") -> Layer:
 _MODEL = "base oci config names"
 LAYERS: dict[str, Layer] = {
     # leaves any module may import: the version, errors, header names, logging, metrics, units
-    "base": _layer(". errors headers log metrics systemd login_budget units deadline"),
+    "base": _layer(". errors headers log metrics systemd progress login_budget units deadline"),
     "oci": _layer("oci", "base"),
     # pure signature verification: no internal imports at all
     "signatures": _layer("cosign"),
@@ -79,9 +79,9 @@ LAYERS: dict[str, Layer] = {
     # pins: what eviction keeps (the command, the web page and prefetch pin through it)
     "pinning": _layer("pins", f"{_MODEL} index facade registry proxy"),
     "tools": _layer(
-        "bundle containerd health maintenance prefetch tls",
-        f"{_MODEL} store index facade transfer registry proxy gc pinning staging archives export "
-        "policy",
+        "bundle containerd fsck health maintenance prefetch tls",
+        f"{_MODEL} schema store index facade transfer registry proxy gc pinning staging archives "
+        "export policy",
     ),
     # the HTTP layer: shared keys and error rendering low, handlers above them
     "keys": _layer("web_keys", f"{_MODEL} registry tools policy"),

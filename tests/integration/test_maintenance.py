@@ -60,6 +60,13 @@ def state(d: Daemon) -> tuple[list[tuple[str, int]], dict[str, list[tuple]]]:
     return files, rows
 
 
+def contents(d: Daemon) -> tuple[list[tuple[str, int]], dict[str, list[tuple]]]:
+    """Files and what the index holds, without access times (the daemon flushes those)."""
+    files, rows = state(d)
+    keys = {t: sorted({r[:2] for r in v}) for t, v in rows.items()}
+    return files, keys
+
+
 @pytest.fixture
 def upstream_image(tmp_path: Path, registry_factory):
     up = registry_factory()
@@ -87,10 +94,15 @@ def test_fsck_quarantines_damage_and_the_next_pull_fetches_again(
     path.write_bytes(bytes(data))
     gets = up.requests("GET", f"/blobs/{layer}")
 
-    r = cli(proxy, "fsck")
+    before = contents(proxy)
+    r = cli(proxy, "fsck")  # reports, changes nothing
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"mismatch blob {layer}" in r.stdout
-    assert "referenced by spectro-images/" in r.stdout
+    assert "referenced by spectro-images/" in r.stdout and "fsck --repair" in r.stdout
+    assert contents(proxy) == before
+    r = cli(proxy, "fsck", "--repair")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"mismatch blob {layer}" in r.stdout and "removed from the index" in r.stdout
     quarantined = proxy.root / "store" / "quarantine" / f"sha256-{layer.split(':')[1]}"
     assert quarantined.read_bytes() == bytes(data)
     assert not path.exists()

@@ -187,7 +187,7 @@ class World:
 
     async def gc(self) -> None:
         await self.reg.flush_access()
-        maintenance.gc(self.config, now=None)
+        await maintenance.gc(self.config)
 
 
 @pytest.fixture

@@ -159,7 +159,8 @@ async def test_gc_of_a_deleted_manifest_keeps_the_file_of_a_blob_with_the_same_d
     the manifest, gc drops the manifest; the blob row (recent, so kept) must keep its file:
     never an index row without its bytes."""
     from regproxy.config import load_config
-    from regproxy.maintenance import fsck, gc
+    from regproxy.fsck import fsck
+    from regproxy.maintenance import gc
 
     cfg = b"{}"
     await registry.put_blob(REPO, digest(cfg), body(cfg), len(cfg))
@@ -172,8 +173,8 @@ async def test_gc_of_a_deleted_manifest_keeps_the_file_of_a_blob_with_the_same_d
     await registry.put_manifest(REPO, str(md), m, OCI_MANIFEST)
     await registry.delete_manifest(REPO, str(md))
     config = load_config(None, env={"REGPROXY_STORAGE_ROOT": str(registry.store.root)})
-    report = gc(config)
+    report = await gc(config)
     assert [d for d, _ in report.manifests] == [str(md)]
     assert str(md) not in [d for d, _ in report.blobs]  # recent: the blob row stays
     assert registry.store.stat(md) == len(m), "gc removed the file of a blob it kept"
-    assert not fsck(config).damaged
+    assert not (await fsck(config)).damaged

@@ -1,0 +1,358 @@
+"""``regproxy fsck [--repair]``: re-hash everything the index says the store holds.
+
+fsck walks the index (every stored digest, in keyset pages: memory stays flat) and hashes the
+files on a few threads at once, a batch of files per task; a large file is read ahead on one
+thread while the previous chunk is hashed on another, so reading and hashing overlap (the
+benchmark compares it with ``sha256sum`` on the same files). It runs beside a working daemon:
+
+* a file that is missing or does not hash to its name is **checked again** before it is called
+  damaged: if the index no longer stores the digest (evicted, collected meanwhile) or the file
+  hashes right now (fetched again meanwhile) it is not damage;
+* plain ``fsck`` changes nothing: it prints what it found, with the manifests that reference
+  it, and exits 1;
+* ``fsck --repair`` removes each damaged digest from the index (its blob row and repository
+  links; a manifest also its repository rows, tags and references), in a transaction that
+  checks once more that the row is still there and the file is still the one found damaged (same
+  inode and mtime), then moves the file to ``quarantine/``; the next pull fetches it again. It
+  never removes what the daemon changed meanwhile.
+
+It also recounts the index's running totals from the rows and reports a difference; ``--repair``
+rebuilds them (this holds the index's writer for as long as the recount takes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from regproxy import schema
+from regproxy.async_index import AsyncIndex
+from regproxy.config import Config
+from regproxy.index import Index, Totals
+from regproxy.oci import Digest
+from regproxy.progress import Progress, rate
+from regproxy.store import Store
+
+log = logging.getLogger("regproxy.fsck")
+#: stored digests read per index query
+PAGE: Final = 1000
+#: a hashing task: this many files, or this many bytes
+BATCH_FILES: Final = 64
+BATCH_BYTES: Final = 64 * 1024 * 1024
+CHUNK: Final = 1024 * 1024
+#: files larger than this are read ahead on another thread while the last chunk is hashed
+READ_AHEAD_ABOVE: Final = 8 * 1024 * 1024
+
+#: (inode, size, mtime_ns): which file was hashed
+Ident = tuple[int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Hashed:
+    digest: str
+    hexdigest: str | None  # None: no such file
+    size: int
+    ident: Ident | None
+
+    @property
+    def ok(self) -> bool:
+        return self.hexdigest is not None and self.hexdigest == self.digest.partition(":")[2]
+
+
+def _ident(st: os.stat_result) -> Ident:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_ahead(f: Any, h: Any, reader: ThreadPoolExecutor) -> int:
+    """Hash ``f`` with the next chunk read on ``reader`` while this one is hashed."""
+    bufs = (bytearray(CHUNK), bytearray(CHUNK))
+    total, i = 0, 0
+    pending = reader.submit(f.readinto, bufs[0])
+    while n := pending.result():
+        current = memoryview(bufs[i])[:n]
+        i ^= 1
+        pending = reader.submit(f.readinto, bufs[i])
+        h.update(current)  # releases the GIL: the read above goes on meanwhile
+        total += n
+    return total
+
+
+def hash_file(
+    path: Path, algorithm: str, reader: ThreadPoolExecutor | None = None
+) -> tuple[str | None, int, Ident | None]:
+    """(hex digest, bytes read, identity) of a file; (None, 0, None) when it is not there."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            h = hashlib.new(algorithm)
+            if reader is not None and st.st_size > READ_AHEAD_ABOVE:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                n = _read_ahead(f, h, reader)
+            else:
+                buf = bytearray(min(CHUNK, max(st.st_size, 1)))
+                view, n = memoryview(buf), 0
+                while k := f.readinto(buf):
+                    h.update(view[:k])
+                    n += k
+            return h.hexdigest(), n, _ident(st)
+    except FileNotFoundError:
+        return None, 0, None
+
+
+class Hasher:
+    """Hashes batches of stored digests on its own threads (each with a read-ahead helper)."""
+
+    def __init__(self, store: Store, workers: int) -> None:
+        self.store = store
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="regproxy-fsck")
+        self.readers = ThreadPoolExecutor(workers, thread_name_prefix="regproxy-fsck-read")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.readers.shutdown(wait=True)
+
+    def hash_batch(self, items: list[tuple[str, int]]) -> list[Hashed]:
+        out = []
+        for d, _ in items:
+            digest = Digest.parse(d)
+            hexd, n, ident = hash_file(self.store.blob_path(digest), digest.algorithm, self.readers)
+            out.append(Hashed(d, hexd, n, ident))
+        return out
+
+    async def run(self, items: list[tuple[str, int]]) -> list[Hashed]:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.hash_batch, items)
+
+
+@dataclass
+class Damage:
+    digest: str
+    problem: str  # "mismatch" | "missing"
+    kind: str  # "blob" | "manifest"
+    size: int
+    users: list[tuple[str, str]]  # (repo, manifest) that reference it
+    ident: Ident | None = None  # the damaged file (mismatch)
+    repaired: bool = False
+    moved_to: str | None = None
+
+
+@dataclass
+class FsckReport:
+    repair: bool = False
+    checked: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    damaged: list[Damage] = field(default_factory=list)
+    #: suspicious at first, fine on the second look (evicted or fetched again meanwhile)
+    changed_meanwhile: int = 0
+    #: (kept, counted) of running totals that differ from a recount
+    drift: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = []
+        for d in self.damaged:
+            if self.repair:
+                where = f" -> {d.moved_to}" if d.moved_to else ""
+                done = (
+                    "removed from the index" + where if d.repaired else "left (changed meanwhile)"
+                )
+                out.append(f"{d.problem} {d.kind} {d.digest} ({d.size} bytes): {done}")
+            else:
+                out.append(f"{d.problem} {d.kind} {d.digest} ({d.size} bytes)")
+            out += [f"  referenced by {repo}@{m}" for repo, m in d.users]
+        for name, (kept, counted) in sorted(self.drift.items()):
+            fixed = " (rebuilt)" if self.repair else ""
+            out.append(f"totals drift {name}: kept {kept}, counted {counted}{fixed}")
+        status = f"{len(self.damaged)} damaged" if self.damaged else "clean"
+        if self.drift:
+            status += f", {len(self.drift)} totals drifted"
+        if self.damaged and not self.repair:
+            status += " (nothing changed; run fsck --repair to remove the damage)"
+        out.append(
+            f"fsck: {self.checked} files, {self.bytes} bytes checked in {self.seconds:.1f}s "
+            f"({rate(self.bytes, self.seconds) / 1e6:.0f} MB/s), {status}"
+        )
+        return out
+
+
+# --- on the index --------------------------------------------------------------------------------
+def stored_page(index: Index, after: str, limit: int = PAGE) -> list[tuple[str, int]]:
+    return [
+        (d, int(n))
+        for d, n in index.db.execute(
+            "SELECT digest, size FROM refs WHERE digest > ? AND size IS NOT NULL "
+            "ORDER BY digest LIMIT ?",
+            (after, limit),
+        )
+    ]
+
+
+def describe(index: Index, digest: str) -> tuple[int | None, str, list[tuple[str, str]]]:
+    """(stored size or None, kind, users) of a digest, as the index says now."""
+    row = index.db.execute("SELECT size FROM refs WHERE digest=?", (digest,)).fetchone()
+    manifest = index.db.execute("SELECT 1 FROM manifests WHERE digest=?", (digest,)).fetchone()
+    size = None if row is None or row[0] is None else int(row[0])
+    return size, "manifest" if manifest else "blob", index.manifest_users(digest)
+
+
+def forget_damaged(index: Index, damage: Damage, path: Path) -> bool:
+    """Remove a damaged digest from the index if it is still stored and its file is still the
+    one found damaged (or still missing). One transaction; True when removed."""
+    with index.transaction() as db:
+        row = db.execute("SELECT size FROM refs WHERE digest=?", (damage.digest,)).fetchone()
+        if row is None or row[0] is None:
+            return False  # gone meanwhile (evicted, collected)
+        try:
+            now: Ident | None = _ident(path.stat())
+        except FileNotFoundError:
+            now = None
+        if now != (damage.ident if damage.problem == "mismatch" else None):
+            return False  # the daemon wrote it again meanwhile
+        d = damage.digest
+        db.execute("DELETE FROM tags WHERE digest=?", (d,))
+        db.execute("DELETE FROM repo_manifests WHERE digest=?", (d,))
+        db.execute("DELETE FROM manifest_refs WHERE parent=?", (d,))
+        db.execute("DELETE FROM manifests WHERE digest=?", (d,))
+        db.execute("DELETE FROM repo_blobs WHERE digest=?", (d,))
+        db.execute("DELETE FROM blobs WHERE digest=?", (d,))
+    return True
+
+
+def rebuild_totals(index: Index) -> None:
+    with index.transaction() as db:
+        schema.rebuild_counts(db)
+
+
+def drift(index: Index) -> dict[str, tuple[int, int]]:
+    kept, counted = index.totals(), index.recount()
+    return {
+        name: (getattr(kept, name), getattr(counted, name))
+        for name in Totals.__dataclass_fields__
+        if getattr(kept, name) != getattr(counted, name)
+    }
+
+
+# --- the command --------------------------------------------------------------------------------------
+async def fsck(
+    config: Config,
+    *,
+    repair: bool = False,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    hasher: Callable[[Store, int], Hasher] = Hasher,
+) -> FsckReport:
+    """Check every stored digest; with ``repair`` remove what is damaged (see the module)."""
+    started = time.monotonic()
+    progress = progress or Progress("fsck", enabled=False)
+    root = config.storage.root
+    store = Store(root)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: store.open(sweep=False))
+    db = AsyncIndex(root / "index.db")
+    await db.open()
+    work = hasher(store, workers or min(4, os.cpu_count() or 2))
+    report = FsckReport(repair)
+    suspicious: list[Hashed] = []
+    try:
+        expected = await db.read(Index.totals)
+        pending: set[asyncio.Future[list[Hashed]]] = set()
+
+        async def collect(until: int) -> None:
+            while len(pending) > until:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    pending.discard(fut)
+                    for h in fut.result():
+                        report.checked += 1
+                        report.bytes += h.size
+                        if not h.ok:
+                            suspicious.append(h)
+                elapsed = time.monotonic() - started
+                progress.update(
+                    f"{report.checked}/{expected.stored_count} files, "
+                    f"{report.bytes / 1e9:.1f}/{expected.stored_bytes / 1e9:.1f} GB, "
+                    f"{rate(report.bytes, elapsed) / 1e6:.0f} MB/s, {len(suspicious)} suspicious"
+                )
+
+        after = ""
+        while page := await db.read(stored_page, after):
+            after = page[-1][0]
+            batch: list[tuple[str, int]] = []
+            size = 0
+            for item in page:
+                batch.append(item)
+                size += item[1]
+                if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+                    pending.add(asyncio.ensure_future(work.run(batch)))
+                    batch, size = [], 0
+                    await collect(2 * work.workers)
+            if batch:
+                pending.add(asyncio.ensure_future(work.run(batch)))
+                await collect(2 * work.workers)
+        await collect(0)
+        for h in suspicious:
+            await _confirm(db, store, work, h, report)
+        report.drift = await db.read(drift)
+        if repair:
+            for damage in report.damaged:
+                await _repair(db, store, damage)
+            if report.drift:
+                await db.write(rebuild_totals)
+    finally:
+        progress.done()
+        work.close()
+        await db.close()
+    report.seconds = time.monotonic() - started
+    for x in report.damaged:
+        log.error(
+            "fsck.%s kind=%s digest=%s bytes=%d repaired=%s quarantine=%s",
+            x.problem,
+            x.kind,
+            x.digest,
+            x.size,
+            x.repaired,
+            x.moved_to or "-",
+        )
+    return report
+
+
+async def _confirm(
+    db: AsyncIndex, store: Store, work: Hasher, first: Hashed, report: FsckReport
+) -> None:
+    """A second look at a suspicious digest against the live index and the file as it is now."""
+    size, kind, users = await db.read(describe, first.digest)
+    if size is None:
+        report.changed_meanwhile += 1  # no longer stored: evicted or collected meanwhile
+        return
+    (again,) = await work.run([(first.digest, size)])
+    if again.ok:
+        report.changed_meanwhile += 1  # written again meanwhile, with the right bytes
+        return
+    problem = "missing" if again.hexdigest is None else "mismatch"
+    report.damaged.append(Damage(first.digest, problem, kind, size, users, again.ident))
+
+
+async def _repair(db: AsyncIndex, store: Store, damage: Damage) -> None:
+    digest = Digest.parse(damage.digest)
+    path = store.blob_path(digest)
+    damage.repaired = await db.write(forget_damaged, damage, path)
+    if not damage.repaired or damage.problem != "mismatch":
+        return
+
+    def move() -> str | None:
+        try:
+            if _ident(path.stat()) != damage.ident:
+                return None  # replaced after the index forgot it: the new file is not ours
+            return str(store.move_aside(digest))
+        except FileNotFoundError:
+            return None
+
+    damage.moved_to = await asyncio.get_running_loop().run_in_executor(None, move)

@@ -1,0 +1,193 @@
+"""fsck beside a working daemon (in-process): damage is reported, plain fsck changes nothing,
+--repair removes only what is still damaged, and nothing the daemon changed meanwhile is
+called damaged or removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from regproxy.async_index import AsyncIndex
+from regproxy.config import Config, config_from_dict
+from regproxy.fsck import Hashed, Hasher, fsck
+from regproxy.index import Index
+from regproxy.names import RepoName
+from regproxy.oci import Digest
+from regproxy.registry import Registry
+from regproxy.store import Store
+
+REPO = RepoName("spectro-images/docker.io/team/app", "docker.io", "team/app")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+LAYERS = [os.urandom(3000), os.urandom(9_000_000)]  # a small one and one read ahead
+
+
+async def chunks(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Registry, Config]]:
+    """The daemon's registry with one image pulled through and a loose blob."""
+    root = tmp_path / "store"
+    reg = Registry(Store(root), AsyncIndex(root / "index.db"))
+    await reg.open()
+    config_blob = b'{"os": "linux"}'
+    for b in (config_blob, *LAYERS, b"loose"):
+        await reg.put_blob(REPO, Digest.of(b), chunks(b), len(b))
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "a/b", "digest": str(Digest.of(config_blob)), "size": 15},
+            "layers": [
+                {"mediaType": "a/c", "digest": str(Digest.of(b)), "size": len(b)} for b in LAYERS
+            ],
+        }
+    ).encode()
+    await reg.put_manifest(REPO, "v1", manifest, OCI_MANIFEST, pinned=False)
+    yield reg, config_from_dict({"storage": {"root": str(root)}})
+    await reg.close()
+
+
+def snapshot(root: Path) -> tuple[dict[str, bytes], dict[str, list[Any]]]:
+    files = {p.name: p.read_bytes() for p in (root / "blobs").rglob("*") if p.is_file()}
+    db = sqlite3.connect(root / "index.db")
+    try:
+        tables = ("blobs", "repo_blobs", "manifests", "repo_manifests", "tags", "refs", "totals")
+        rows = {t: sorted(db.execute(f"SELECT * FROM {t}").fetchall()) for t in tables}
+    finally:
+        db.close()
+    return files, rows
+
+
+def damage(store: Store, data: bytes) -> Path:
+    path = store.blob_path(Digest.of(data))
+    bad = bytearray(path.read_bytes())
+    bad[len(bad) // 2] ^= 0xFF
+    path.write_bytes(bytes(bad))
+    return path
+
+
+def rewrite(store: Store, data: bytes) -> None:
+    """The daemon fetched it again: a new file with the right bytes, renamed into place."""
+    tmp = store.temp_path()
+    tmp.write_bytes(data)
+    os.replace(tmp, store.blob_path(Digest.of(data)))
+
+
+class Meddling(Hasher):
+    """Hashes as fsck does; around the hashes of one digest, the daemon does something."""
+
+    def __init__(
+        self,
+        store: Store,
+        workers: int,
+        target: str,
+        before_first: Callable[[], None] | None = None,
+        after: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(store, workers)
+        self.target, self.before_first, self.after, self.seen = target, before_first, after, 0
+
+    def hash_batch(self, items: list[tuple[str, int]]) -> list[Hashed]:
+        out = []
+        for item in items:
+            if item[0] == self.target and self.before_first is not None:
+                self.before_first()
+                self.before_first = None
+            out += super().hash_batch([item])
+            if item[0] == self.target:
+                self.seen += 1
+                if self.after is not None:
+                    self.after(self.seen)
+        return out
+
+
+async def test_damage_is_reported_without_a_change_and_repair_removes_it(daemon) -> None:
+    reg, config = daemon
+    root = config.storage.root
+    clean = await fsck(config)
+    totals = await reg.db.read(Index.totals)
+    assert not clean.damaged and not clean.drift and clean.checked == totals.stored_count
+    assert clean.bytes == totals.stored_bytes
+
+    path = damage(reg.store, LAYERS[1])
+    before = snapshot(root)
+    found = await fsck(config)
+    assert [(d.problem, d.kind, d.digest) for d in found.damaged] == [
+        ("mismatch", "blob", str(Digest.of(LAYERS[1])))
+    ]
+    assert found.damaged[0].users and found.damaged[0].users[0][0] == REPO.canonical
+    assert snapshot(root) == before  # plain fsck changes nothing
+
+    repaired = await fsck(config, repair=True)
+    assert [d.repaired for d in repaired.damaged] == [True]
+    moved = repaired.damaged[0].moved_to
+    assert moved is not None and Path(moved).read_bytes() == before[0][path.name]
+    assert not path.exists()
+    assert await reg.db.read(Index.blob_in_repo, REPO.canonical, str(Digest.of(LAYERS[1]))) is None
+    assert await reg.db.read(Index.totals) == await reg.db.read(Index.recount)
+    assert not (await fsck(config)).damaged
+
+
+async def test_content_evicted_while_fsck_runs_is_not_damage(daemon) -> None:
+    reg, config = daemon
+    root = config.storage.root
+    loose = str(Digest.of(b"loose"))
+
+    def evict() -> None:  # another writer: the index rows first, then the file
+        ix = Index(root / "index.db")
+        try:
+            with ix.transaction() as db:
+                db.execute("DELETE FROM repo_blobs WHERE digest=?", (loose,))
+                db.execute("DELETE FROM blobs WHERE digest=?", (loose,))
+        finally:
+            ix.close()
+        reg.store.delete(Digest.parse(loose))
+
+    report = await fsck(
+        config, repair=True, hasher=lambda s, n: Meddling(s, n, loose, before_first=evict)
+    )
+    assert not report.damaged and report.changed_meanwhile == 1
+    assert await reg.db.read(Index.totals) == await reg.db.read(Index.recount)
+
+
+async def test_damage_fetched_again_while_fsck_runs_is_left_alone(daemon) -> None:
+    reg, config = daemon
+    layer = LAYERS[0]
+    target = str(Digest.of(layer))
+    damage(reg.store, layer)
+
+    # fixed between the walk's hash and the second look: not damage at all
+    report = await fsck(
+        config,
+        repair=True,
+        hasher=lambda s, n: Meddling(
+            s, n, target, after=lambda seen: rewrite(reg.store, layer) if seen == 1 else None
+        ),
+    )
+    assert not report.damaged and report.changed_meanwhile == 1
+    assert reg.store.read(Digest.parse(target)) == layer
+
+    # fixed after the second look, before the repair: reported, but nothing is removed
+    damage(reg.store, layer)
+    before = snapshot(config.storage.root)
+    report = await fsck(
+        config,
+        repair=True,
+        hasher=lambda s, n: Meddling(
+            s, n, target, after=lambda seen: rewrite(reg.store, layer) if seen == 2 else None
+        ),
+    )
+    assert [(d.digest, d.repaired, d.moved_to) for d in report.damaged] == [(target, False, None)]
+    assert "left (changed meanwhile)" in "\n".join(report.lines())
+    after = snapshot(config.storage.root)
+    assert after[1] == before[1]  # the index is untouched
+    assert reg.store.read(Digest.parse(target)) == layer
+    assert await reg.db.read(Index.blob_in_repo, REPO.canonical, target) == len(layer)
