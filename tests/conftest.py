@@ -70,6 +70,14 @@ def containerd(tmp_path: Path) -> Iterator[Containerd]:
     shutil.rmtree(c.root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def release_builds(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The offline release archive, built twice as it is and once as a newer version."""
+    from tests.release import make_builds
+
+    return make_builds(tmp_path_factory)
+
+
 # --- the fast tier: ``python -m pytest -m fast`` runs every test that starts no subprocess -------
 #: fixtures that start a process (a regproxy daemon, docker-registry, containerd); a test that
 #: uses one of them, directly or through another fixture, is not fast

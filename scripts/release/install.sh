@@ -18,6 +18,7 @@
 #   --python PYTHON     the interpreter to use (default: python3, python3.12, python3.11 on PATH)
 #   --rollback          make the previous version current again (and restart the service)
 set -euo pipefail
+umask 022  # the venv must be readable by the service's user whatever root's umask is
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 VERSION="$(cat "$HERE/VERSION")"
@@ -67,14 +68,16 @@ linked() { [ -L "$OPT/$1" ] && readlink "$OPT/$1" || true; }
 
 service() {  # restart the service on the current version; 0 when it is up
   [ "$SYSTEMD" = 1 ] || return 0
-  systemctl daemon-reload
-  systemctl enable --quiet regproxy.service
-  systemctl restart regproxy.service
+  # 9>&-: the install lock is ours, not for anything systemctl may leave running
+  systemctl daemon-reload 9>&-
+  systemctl enable --quiet regproxy.service 9>&-
+  systemctl restart regproxy.service 9>&-
 }
 
-as_service_user() {  # run a command as the service's user (root with --no-systemd)
-  if [ "$SYSTEMD" = 1 ] && command -v runuser >/dev/null && id regproxy >/dev/null 2>&1; then
-    runuser -u regproxy -- "$@"
+as_service_user() {  # run a command as the service does: its user, its $STATE_DIRECTORY
+  if [ "$SYSTEMD" = 1 ]; then
+    # StateDirectory=regproxy: the unit's default storage.root, which a plain runuser lacks
+    runuser -u regproxy -- env STATE_DIRECTORY="$STATE" "$@"
   else
     "$@"
   fi

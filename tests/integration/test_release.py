@@ -19,86 +19,42 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-import regproxy
-from tests.images import make_image, write_layout
-from tests.peers import REPO_ROOT, skopeo, stop_process
+from tests.peers import REPO_ROOT, stop_process
+from tests.release import (
+    HOST_ENV,
+    IMAGE,
+    NEWER,
+    PORT,
+    VERSION,
+    Builds,
+    make_bundle,
+    ok,
+    python,
+    run,
+    unpack,
+)
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(900)]
 
-BUILD = REPO_ROOT / "scripts" / "build-release.sh"
-VERSION = regproxy.__version__
-NEWER = f"{VERSION}.post1"  # the "next release": same tree, built with --version
-IMAGE = "docker.io/team/app:v1"
-PORT = 30003  # the real port: the namespace has nothing else listening
-#: what install.sh sees: a plain host's PATH and nothing of this machine's pip config
-HOST_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "LANG": "C.UTF-8",
-}
 
-
-def run(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, (
-        f"{proc.args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    )
-    return proc.stdout
-
-
-@dataclass
-class Builds:
-    first: Path  # VERSION
-    again: Path  # VERSION, built a second time from the same cache
-    newer: Path  # NEWER
-
-
-def build(out: Path, *args: str) -> Path:
-    """One build; with a cold cache it downloads (and fails if the index is unreachable)."""
-    proc = run([str(BUILD), "--out", str(out), *args], timeout=600, cwd=REPO_ROOT)
-    ok(proc)
-    return Path(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory) -> Builds:
-    root = tmp_path_factory.mktemp("release")
-    return Builds(
-        first=build(root / "a"),
-        again=build(root / "b"),
-        newer=build(root / "c", "--version", NEWER),
-    )
-
-
-def unpack(archive: Path, into: Path) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="tar")
-    (top,) = into.iterdir()
-    return top
-
-
-def test_two_builds_of_one_commit_are_byte_identical(builds: Builds) -> None:
-    assert builds.first.name == f"regproxy-{VERSION}-linux-x86_64.tar.gz"
-    assert builds.first.read_bytes() == builds.again.read_bytes()
-    assert builds.newer.name == f"regproxy-{NEWER}-linux-x86_64.tar.gz"
+def test_two_builds_of_one_commit_are_byte_identical(release_builds: Builds) -> None:
+    assert release_builds.first.name == f"regproxy-{VERSION}-linux-x86_64.tar.gz"
+    assert release_builds.first.read_bytes() == release_builds.again.read_bytes()
+    assert release_builds.newer.name == f"regproxy-{NEWER}-linux-x86_64.tar.gz"
 
 
 def test_archive_holds_wheels_for_311_and_312_licences_and_checksums(
-    builds: Builds, tmp_path: Path
+    release_builds: Builds, tmp_path: Path
 ) -> None:
-    with tarfile.open(builds.first) as tar:
+    with tarfile.open(release_builds.first) as tar:
         members = tar.getmembers()
     assert all(m.uid == 0 and m.gid == 0 and m.uname in ("", "root") for m in members)
     assert len({m.mtime for m in members}) == 1  # one fixed time for every entry
-    top = unpack(builds.first, tmp_path)
+    top = unpack(release_builds.first, tmp_path)
     assert top.name == f"regproxy-{VERSION}-linux-x86_64"
     assert (top / "VERSION").read_text().strip() == VERSION
     for script in ("install.sh", "uninstall.sh"):
@@ -207,19 +163,6 @@ def host(tmp_path: Path) -> Iterator[Host]:
         h.close()
 
 
-def python(minor: int) -> str | None:
-    """A CPython 3.<minor> on this machine (Debian's, else pyenv's), or None."""
-    cands = [shutil.which(f"python3.{minor}") or "", f"/usr/bin/python3.{minor}"]
-    cands += sorted(
-        glob.glob(os.path.expanduser(f"~/.pyenv/versions/3.{minor}.*/bin/python3.{minor}"))
-    )
-    probe = "import sys, venv; print(sys.version_info[1])"
-    for c in cands:
-        if c and os.access(c, os.X_OK) and run([c, "-c", probe]).stdout.strip() == str(minor):
-            return c
-    return None
-
-
 def pull(host: Host, out: Path) -> str:
     """skopeo copy of the bundle's image from the installed daemon; its manifest digest."""
     shutil.rmtree(out, ignore_errors=True)
@@ -240,13 +183,13 @@ def installed_version(host: Host, prefix: Path) -> str:
 
 
 def test_install_upgrade_rollback_without_network(
-    builds: Builds, host: Host, tmp_path: Path
+    release_builds: Builds, host: Host, tmp_path: Path
 ) -> None:
-    img = make_image(layer_sizes=(300_000,))
-    write_layout(tmp_path / "layout", {"v1": img})
-    bundle = tmp_path / "bundle.tar"
-    skopeo("copy", f"oci:{tmp_path / 'layout'}:v1", f"oci-archive:{bundle}:{IMAGE}")
-    old, new = unpack(builds.first, tmp_path / "old"), unpack(builds.newer, tmp_path / "new")
+    img, bundle = make_bundle(tmp_path)
+    old, new = (
+        unpack(release_builds.first, tmp_path / "old"),
+        unpack(release_builds.newer, tmp_path / "new"),
+    )
     prefix = tmp_path / "host"
     opt, conf = prefix / "opt/regproxy", prefix / "etc/regproxy/regproxy.yaml"
 
@@ -315,8 +258,8 @@ def test_install_upgrade_rollback_without_network(
     assert conf.is_file() and blob.is_file()
 
 
-def test_install_says_what_is_missing(builds: Builds, host: Host, tmp_path: Path) -> None:
-    top = unpack(builds.first, tmp_path / "a")
+def test_install_says_what_is_missing(release_builds: Builds, host: Host, tmp_path: Path) -> None:
+    top = unpack(release_builds.first, tmp_path / "a")
     prefix = tmp_path / "host"
     fake = tmp_path / "python-old"
     fake.write_text("#!/bin/sh\necho 3.9.18\n")
