@@ -81,7 +81,9 @@ def release_builds(tmp_path_factory: pytest.TempPathFactory) -> Any:
 # --- the fast tier: ``python -m pytest -m fast`` runs every test that starts no subprocess -------
 #: fixtures that start a process (a regproxy daemon, docker-registry, containerd); a test that
 #: uses one of them, directly or through another fixture, is not fast
-PROCESS_FIXTURES: Final = frozenset({"daemon", "daemon_factory", "registry_factory", "containerd"})
+PROCESS_FIXTURES: Final = frozenset(
+    {"daemon", "daemon_factory", "registry_factory", "containerd", "release_builds"}
+)
 #: audit events of starting a process (https://docs.python.org/3/library/audit_events.html)
 _SPAWN_EVENTS: Final = frozenset(
     {"subprocess.Popen", "os.posix_spawn", "os.fork", "os.forkpty", "os.system", "os.exec"}

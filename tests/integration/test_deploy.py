@@ -193,6 +193,7 @@ def _promtool(*args: str, cwd: Path) -> str:
 
 
 @pytest.mark.process
+@pytest.mark.process  # promtool
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     """Each query, with Grafana's variables filled in, as a recording rule promtool parses."""
     rules = []
@@ -237,6 +238,7 @@ def test_alert_rules_schema_and_metrics(exported: set[str]) -> None:
 
 
 @pytest.mark.process
+@pytest.mark.process  # promtool
 def test_alert_rules_pass_promtool_and_their_unit_tests(exported: set[str]) -> None:
     out = _promtool("check", "rules", ALERTS.name, cwd=ALERTS.parent)
     assert "SUCCESS" in out
