@@ -208,6 +208,17 @@ def _rate(v: Any) -> float:
         raise ValueError("must be a rate such as 1KiB/s, 100KB/s or bytes per second") from None
 
 
+def _per_second(v: Any) -> float:
+    text = v.strip().removesuffix("/s") if isinstance(v, str) else v
+    try:
+        rate = float(text)
+    except (TypeError, ValueError):
+        rate = -1.0
+    if isinstance(v, bool) or not rate >= 0:
+        raise ValueError("must be a number of requests per second, 0 for no limit")
+    return rate
+
+
 def _positive(v: Any) -> int:
     n = _count(v)
     if n < 1:
@@ -246,6 +257,11 @@ class UpstreamConfig:
     max_transfer_time: float = 6 * 3600.0
     #: requests in flight at once to this upstream; more wait in a fair queue
     max_connections: int = 16
+    #: requests started per second at most (0: no limit); more wait in the same queue
+    max_requests_per_second: float = 0.0
+    #: below this many pulls left (Docker Hub's ratelimit-remaining), tags are served stale
+    #: instead of re-fetched with GET (0: never)
+    ratelimit_reserve: int = 10
 
     def url_for(self, host: str) -> str:
         """The base URL for a concrete host this entry matched."""
@@ -477,6 +493,8 @@ _UPSTREAM_SCHEMA: Final[dict[str, Parser]] = {
     "min_rate_window": parse_duration,
     "max_transfer_time": parse_duration,
     "max_connections": _positive,
+    "max_requests_per_second": _per_second,
+    "ratelimit_reserve": _count,
 }
 _HOST_PATTERN_RE: Final = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?)$")
 

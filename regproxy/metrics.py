@@ -72,6 +72,12 @@ UPSTREAM_QUEUE_SECONDS: Final = Histogram(
     buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     registry=REGISTRY,
 )
+UPSTREAM_RATELIMIT: Final = Gauge(
+    "regproxy_upstream_ratelimit_remaining",
+    "Pulls left by the upstream's own count (Docker Hub's ratelimit-remaining), by upstream",
+    ["upstream"],
+    registry=REGISTRY,
+)
 INFLIGHT_FETCHES: Final = Gauge(
     "regproxy_inflight_fetches", "Upstream blob transfers in progress", registry=REGISTRY
 )
@@ -186,6 +192,7 @@ _BY_UPSTREAM: Final[tuple[tuple[Any, tuple[str, ...], str], ...]] = (
     (STALE_SERVED, ("upstream",), "upstream"),
     (UPSTREAM_QUEUE, ("upstream",), "upstream"),
     (UPSTREAM_QUEUE_SECONDS, ("upstream",), "upstream"),
+    (UPSTREAM_RATELIMIT, ("upstream",), "upstream"),
 )
 
 

@@ -81,8 +81,11 @@ class FakeUpstream:
         return d
 
     def count(self, method: str, fragment: str) -> int:
+        """Requests seen with this method ("" for any) whose path holds ``fragment``."""
         return sum(
-            n for k, n in self.requests.items() if k.startswith(method + " ") and fragment in k
+            n
+            for k, n in self.requests.items()
+            if (k.startswith(method + " ") if method else True) and fragment in k
         )
 
     async def start(self) -> FakeUpstream:

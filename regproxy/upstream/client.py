@@ -109,6 +109,16 @@ class UpstreamClient:
     async def close(self) -> None:
         await self.transport.close()
 
+    def pulls_left(self) -> int | None:
+        """What the upstream last said of its rate limit (Docker Hub), or None."""
+        upstream = self._bases[-1]
+        return upstream.ratelimit[0] if upstream.ratelimit is not None else None
+
+    def below_reserve(self) -> bool:
+        """Fewer pulls left than ``ratelimit_reserve``: tags are not re-fetched with GET."""
+        left = self.pulls_left()
+        return left is not None and left < self.config.ratelimit_reserve
+
     # --- the public operations -------------------------------------------------------------------
     async def head_manifest(self, path: str, reference: str) -> ManifestHead | None:
         """HEAD a manifest (a tag check that Docker Hub does not count as a pull); None on 404."""

@@ -1,10 +1,12 @@
-"""How many requests one upstream gets at once: ``max_connections`` slots, a fair queue for more.
+"""How many requests one upstream gets: ``max_connections`` slots at once, at most
+``max_requests_per_second`` started, and a fair queue for the rest.
 
 A slot is held for a whole logical request: its auth, its redirects and, for a blob, until the
 body is closed. Waiting for a slot is queued in arrival order and is not a connect timeout (the
 connect timeout is the TCP/TLS connect alone): 200 cold pulls from one upstream with 16 slots
 all go through, 16 at a time. What bounds the wait is the waiter's own deadline (a blob
-transfer's ``max_transfer_time``), because every slot holder is itself bounded.
+transfer's ``max_transfer_time``), because every slot holder is itself bounded. With a request
+rate, each request that gets a slot is given the next free start time, in queue order.
 
 The queue length and the wait are exported per upstream.
 """
@@ -12,11 +14,10 @@ The queue length and the wait are exported per upstream.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
-from collections.abc import Callable
 
 from regproxy import metrics
+from regproxy.deadline import DEFAULT_TIMING, Timing
 
 
 class Slot:
@@ -34,14 +35,19 @@ class Slot:
 
 
 class Slots:
-    """``limit`` slots handed out first come, first served."""
+    """``limit`` slots handed out first come, first served; ``rate`` starts per second (0: any)."""
 
-    def __init__(self, limit: int, label: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, limit: int, label: str, *, rate: float = 0.0, timing: Timing = DEFAULT_TIMING
+    ) -> None:
         self.limit = limit
         self.label = label
-        self._clock = clock
+        self.rate = rate
+        self._timing = timing
         self._free = limit
         self._waiters: deque[asyncio.Future[None]] = deque()
+        #: the clock time the next request may start at (with a rate)
+        self._next_start = 0.0
 
     @property
     def in_use(self) -> int:
@@ -52,14 +58,36 @@ class Slots:
         return sum(1 for w in self._waiters if not w.done())
 
     async def acquire(self) -> Slot:
+        started = self._timing.now()
+        slot: Slot | None = None
+        delay = 0.0
         if self._free > 0 and not self._waiters:
             self._free -= 1
-            return Slot(self)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        started = self._clock()
+            slot = Slot(self)
+            delay = self._start_delay()
+            if delay <= 0:
+                return slot
         queue = metrics.UPSTREAM_QUEUE.labels(self.label)
         queue.inc()
+        try:
+            if slot is None:
+                slot = await self._wait_turn()
+                delay = self._start_delay()
+            if delay > 0:
+                await self._timing.sleep(delay)
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
+        finally:
+            queue.dec()
+            waited = self._timing.now() - started
+            metrics.UPSTREAM_QUEUE_SECONDS.labels(self.label).observe(waited)
+        return slot
+
+    async def _wait_turn(self) -> Slot:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
         try:
             await fut
         except asyncio.CancelledError:
@@ -68,10 +96,16 @@ class Slots:
             else:
                 self._drop(fut)
             raise
-        finally:
-            queue.dec()
-            metrics.UPSTREAM_QUEUE_SECONDS.labels(self.label).observe(self._clock() - started)
         return Slot(self)
+
+    def _start_delay(self) -> float:
+        """With a rate: book the next start time, in queue order; seconds until it comes."""
+        if self.rate <= 0:
+            return 0.0
+        now = self._timing.now()
+        start = max(now, self._next_start)
+        self._next_start = start + 1.0 / self.rate
+        return start - now
 
     def _drop(self, fut: asyncio.Future[None]) -> None:
         try:

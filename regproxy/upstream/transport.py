@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import email.utils
 import logging
 import socket
 import ssl
@@ -46,12 +48,25 @@ MAX_REDIRECTS: Final = 5
 MAX_TOKEN_BYTES: Final = 1024 * 1024
 USER_AGENT: Final = f"regproxy/{__version__}"
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+#: the longest a Retry-After holds an upstream
+MAX_HOLD: Final = 3600.0
 
 
 class Base:
     """One base URL (mirror or upstream) and what we learnt of its auth."""
 
-    __slots__ = ("basic", "bearer", "creds", "is_mirror", "label", "source", "tokens", "url")
+    __slots__ = (
+        "basic",
+        "bearer",
+        "creds",
+        "held_until",
+        "is_mirror",
+        "label",
+        "ratelimit",
+        "source",
+        "tokens",
+        "url",
+    )
 
     def __init__(self, url: str, creds: Credentials | None, *, is_mirror: bool) -> None:
         u = URL(url.rstrip("/"))
@@ -66,6 +81,10 @@ class Base:
         self.bearer: tuple[str, str] | None = None  # (realm, service) once challenged
         self.basic = False  # a Basic challenge was seen
         self.tokens = TokenCache()
+        #: no request before this (the clock of the transport's timing): a 429/503 Retry-After
+        self.held_until = 0.0
+        #: (remaining, limit) from the last answer with Docker Hub's rate-limit headers
+        self.ratelimit: tuple[int, int | None] | None = None
 
 
 class Held:
@@ -104,6 +123,28 @@ def _scope(repo: str) -> str:
     return f"repository:{repo}:pull"
 
 
+def retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` asks for: delta-seconds or an HTTP-date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return (when - datetime.datetime.now(datetime.UTC)).total_seconds()
+
+
+def _leading_int(value: str | None) -> int | None:
+    """``76;w=21600`` -> 76."""
+    head = (value or "").split(";", 1)[0].strip()
+    return int(head) if head.isdigit() else None
+
+
 def _refusal_of(exc: BaseException) -> AddressRefused | None:
     """The guard's refusal behind an aiohttp connect error (our resolver raised it)."""
     seen: BaseException | None = exc
@@ -134,7 +175,9 @@ class Transport:
         self.guard = guard
         self.timing = timing
         self.extra_headers = dict(extra_headers or {})
-        self.slots = Slots(config.max_connections, name, timing.now)
+        self.slots = Slots(
+            config.max_connections, name, rate=config.max_requests_per_second, timing=timing
+        )
         self.limits = TransferLimits(
             config.min_rate, config.min_rate_window, config.max_transfer_time
         )
@@ -189,7 +232,18 @@ class Transport:
     async def send(
         self, base: Base, method: str, url: URL, repo: str, headers: Mapping[str, str]
     ) -> Held:
-        """Send in one of the upstream's slots; the caller releases (or closes) what it gets."""
+        """Send in one of the upstream's slots; the caller releases (or closes) what it gets.
+
+        While the base is held by a Retry-After, nothing is sent: an UpstreamError (kind
+        ``held``) at once."""
+        wait = base.held_until - self.timing.now()
+        if wait > 0:
+            raise self.fail(
+                base,
+                UpstreamError(
+                    base.label, f"asked to wait {wait:.0f}s more (Retry-After)", kind="held"
+                ),
+            )
         slot = await self.slots.acquire()
         try:
             return Held(await self._send(base, method, url, repo, headers), slot)
@@ -260,6 +314,7 @@ class Transport:
                 )
         elapsed = self.timing.now() - started
         metrics.UPSTREAM_SECONDS.labels(base.label).observe(elapsed)
+        self._note_limits(base, resp)
         log.debug(
             "upstream.request host=%s source=%s method=%s path=%s status=%d ms=%.1f",
             self.name,
@@ -290,6 +345,40 @@ class Transport:
                 host, port, type=socket.SOCK_STREAM
             )
             self.guard.vet_infos(host, port, (str(i[4][0]) for i in infos))
+
+    def _note_limits(self, base: Base, resp: aiohttp.ClientResponse) -> None:
+        """Retry-After on a 429/503 holds the base; Docker Hub's rate-limit headers are kept
+        (``ratelimit-remaining: 76;w=21600``) and exported."""
+        if resp.status in (429, 503):
+            wait = retry_after(resp.headers.get(hdrs.RETRY_AFTER))
+            if wait is not None and wait > 0:
+                base.held_until = self.timing.now() + min(wait, MAX_HOLD)
+                log.warning(
+                    "upstream.retry_after host=%s source=%s status=%d seconds=%.0f",
+                    self.name,
+                    base.source,
+                    resp.status,
+                    min(wait, MAX_HOLD),
+                )
+        remaining = _leading_int(resp.headers.get("ratelimit-remaining"))
+        if remaining is None:
+            return
+        limit = _leading_int(resp.headers.get("ratelimit-limit"))
+        before = base.ratelimit[0] if base.ratelimit is not None else None
+        base.ratelimit = (remaining, limit)
+        metrics.UPSTREAM_RATELIMIT.labels(base.label).set(remaining)
+        reserve = self.config.ratelimit_reserve
+        if remaining < reserve and (before is None or before >= reserve):
+            log.warning(
+                "upstream.ratelimit_low host=%s source=%s remaining=%d limit=%s reserve=%d "
+                "ratelimit_source=%s",
+                self.name,
+                base.source,
+                remaining,
+                limit,
+                reserve,
+                resp.headers.get("docker-ratelimit-source", ""),
+            )
 
     def _denied(self, base: Base, target: str, detail: str) -> UpstreamError:
         """A hop the address guard refused: logged, counted (kind=denied), never sent."""
