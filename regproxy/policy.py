@@ -56,6 +56,7 @@ from regproxy.registry import Blob, Manifest
 log = logging.getLogger("regproxy.policy")
 
 ALLOWED_CACHE: Final = 50_000
+RULE_CACHE: Final = 16_384
 DENIED_CACHE: Final = 10_000
 MAX_CANDIDATES: Final = 16
 MAX_PARENTS: Final = 8
@@ -135,6 +136,7 @@ class Policy:
         self._allowed: OrderedDict[tuple[str, int], Decision] = OrderedDict()
         self._denied: dict[tuple[str, int], tuple[Decision, float]] = {}
         self._flights: dict[tuple[str, int], asyncio.Future[Decision]] = {}
+        self._rule_of: dict[str, tuple[int, PolicyRule] | None] = {}
 
     @property
     def active(self) -> bool:
@@ -151,11 +153,20 @@ class Policy:
         return names
 
     def rule_for(self, repo: RepoName) -> tuple[int, PolicyRule] | None:
+        """The first rule that matches (memoized: pure for a given config)."""
+        key = repo.canonical
+        if key in self._rule_of:
+            return self._rule_of[key]
+        found = None
         names = self.names_of(repo)
         for i, rule in enumerate(self.rules):
             if any(fnmatch.fnmatchcase(n, rule.match) for n in names):
-                return i, rule
-        return None
+                found = (i, rule)
+                break
+        if len(self._rule_of) >= RULE_CACHE:
+            self._rule_of.clear()
+        self._rule_of[key] = found
+        return found
 
     def applies_to(self, repo: RepoName) -> bool:
         """Whether serving this repository's manifests is an enforcement point."""
@@ -166,6 +177,13 @@ class Policy:
     async def enforce(self, repo: RepoName, manifest: Manifest) -> None:
         """Raise 403 DENIED unless the policy lets this manifest be served."""
         if not self.active or not self.applies_to(repo):
+            return
+        found = self.rule_for(repo)
+        if found is None or found[1].require == "none":
+            return
+        allowed = self._allowed.get((str(manifest.digest), found[0]))
+        if allowed is not None:  # the hot path: decided before, for good
+            metrics.POLICY_DECISIONS.labels(found[1].match, "allowed").inc()
             return
         if is_artifact(manifest.body, manifest.media_type):
             return

@@ -216,3 +216,36 @@ async def test_sync_disabled_answers_from_the_store(tmp_path: Path) -> None:
         # a malformed digest is the digest's error, not a 404 or a 500
         r = await client.get("/v2/docker.io/team/app/referrers/sha256:nothex")
         assert r.status == 400
+
+
+async def test_sync_disabled_asks_the_peers(tmp_path: Path) -> None:
+    def raw(name: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "storage": {"root": str(tmp_path / name)},
+            "content": {"sync": {"enable": False}},
+            "log": {"access": False},
+            **extra,
+        }
+
+    async with TestClient(
+        TestServer(create_app(config_from_dict(raw("a"))), host="127.0.0.1")
+    ) as a:
+        subject = "sha256:" + "2" * 64
+        manifest, blobs = sbom_referrer(subject, 100)
+        for d, data in blobs.items():
+            r = await a.post(f"/v2/docker.io/team/app/blobs/uploads/?digest={d}", data=data)
+            assert r.status == 201
+        r = await a.put(
+            f"/v2/docker.io/team/app/manifests/{digest_of(manifest)}",
+            data=manifest,
+            headers={"Content-Type": OCI_MANIFEST},
+        )
+        assert r.status == 201
+        peer = f"http://127.0.0.1:{a.server.port}"
+        app_b = create_app(config_from_dict(raw("b", peers={"urls": [peer], "timeout": "5s"})))
+        async with TestClient(TestServer(app_b, host="127.0.0.1")) as b:
+            doc, _ = await referrers(b, "docker.io/team/app", subject)
+            assert [m["digest"] for m in doc["manifests"]] == [digest_of(manifest)]
+            assert doc["manifests"][0]["artifactType"] == "application/spdx+json"
+            r = await b.get(f"/v2/docker.io/team/app/manifests/{digest_of(manifest)}")
+            assert r.status == 200  # and the manifest itself comes from the peer
