@@ -205,7 +205,7 @@ def signature_layers(manifest: bytes) -> list[SignatureLayer]:
         raise NotASignature(f"signature manifest of {len(manifest)} bytes is too large")
     try:
         doc = json.loads(manifest)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser
         raise NotASignature("signature manifest is not JSON") from None
     layers = doc.get("layers") if isinstance(doc, dict) else None
     if not isinstance(layers, list):
@@ -297,7 +297,7 @@ def verify_simple_signing(
         return Verdict(False, "not signed by a trusted key")
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser
         return Verdict(False, f"signed by {key.path}, but the payload is not JSON", key)
     critical = _get(doc, "critical")
     kind = _get(critical, "type")
@@ -323,7 +323,7 @@ def verify_bundle(bundle: bytes, digest: str, keys: tuple[PublicKey, ...]) -> Ve
         return Verdict(False, "sigstore bundle too large")
     try:
         doc = json.loads(bundle)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser
         return Verdict(False, "sigstore bundle is not JSON")
     if not isinstance(doc, dict):
         return Verdict(False, "sigstore bundle is not a JSON object")
@@ -364,7 +364,7 @@ def _verify_dsse(env: dict[str, Any], digest: str, keys: tuple[PublicKey, ...]) 
         )
     try:
         statement = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser
         return Verdict(False, f"signed by {key.path}, but the statement is not JSON", key)
     if not isinstance(statement, dict):
         return Verdict(False, f"signed by {key.path}, but the statement is not an object", key)

@@ -105,7 +105,7 @@ def is_artifact(body: bytes, media_type: str) -> bool:
         return False
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser
         return False
     layers = doc.get("layers") if isinstance(doc, dict) else None
     if not isinstance(layers, list):
@@ -514,7 +514,7 @@ class _Imported:
         for d, body in self.bundle.items():
             try:
                 doc = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser
                 continue
             subject = doc.get("subject") if isinstance(doc, dict) else None
             if isinstance(subject, dict) and subject.get("digest") == str(digest):

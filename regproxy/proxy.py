@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from regproxy import metrics
 from regproxy.async_index import AsyncIndex
@@ -33,6 +33,7 @@ from regproxy.errors import (
     UpstreamError,
 )
 from regproxy.fetch import Fetcher, Source, Stream
+from regproxy.flights import SingleFlights
 from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import MAX_TAGS, Descriptor, Digest, is_digest_reference
@@ -45,8 +46,6 @@ from regproxy.upstream.pool import ClientPool
 
 log = logging.getLogger("regproxy.proxy")
 T = TypeVar("T")
-#: the detached single flights (manifest fills, tag checks, tag lists)
-_FLIGHTS: set[asyncio.Task[Any]] = set()
 
 
 def _count(kind: str, result: str, upstream: str) -> None:
@@ -64,7 +63,7 @@ class ProxyRegistry(Registry):
         self.timing = timing
         self.fetcher = Fetcher(store, self._on_fetched, timing=timing)
         self.clients = ClientPool(config, timing=timing)
-        self._flights: dict[tuple[str, ...], asyncio.Task[Any]] = {}
+        self._flights = SingleFlights("upstream")
         #: names of blobs being fetched, so the first commit can create the repository row
         self._fill_names: LRU[str, RepoName] = LRU(4096)
         #: when shutdown began (the clock of ``timing``): transfers drain until the timeout
@@ -85,8 +84,7 @@ class ProxyRegistry(Registry):
         if started is not None:
             left = max(0.0, left - (self.timing.now() - started))
         await self.fetcher.drain(left)
-        for task in list(_FLIGHTS):
-            task.cancel()
+        self._flights.cancel_all()
         if self.peers is not None:
             await self.peers.close()
         await self.clients.close()
@@ -129,25 +127,7 @@ class ProxyRegistry(Registry):
         """Coalesce concurrent identical upstream requests into one, run in a task of its own:
         a requester that goes away (cancelled) leaves the others their answer. The work is
         bounded by the upstream's own time limits."""
-        task = self._flights.get(key)
-        if task is None:
-
-            async def run() -> T:
-                return await make()
-
-            task = asyncio.get_running_loop().create_task(run(), name=f"single {key}")
-            self._flights[key] = task
-            _FLIGHTS.add(task)
-            task.add_done_callback(lambda t: self._flight_done(key, t))
-        result: T = await asyncio.shield(task)
-        return result
-
-    def _flight_done(self, key: tuple[str, ...], task: asyncio.Task[Any]) -> None:
-        _FLIGHTS.discard(task)
-        if self._flights.get(key) is task:
-            del self._flights[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: no "never retrieved" warning when nobody waited
+        return await self._flights.run(key, make)
 
     # --- manifests -------------------------------------------------------------------------------
     async def get_manifest(self, repo: RepoName, reference: str) -> Manifest:

@@ -32,6 +32,7 @@ from typing import Final, Protocol
 from regproxy.async_index import AsyncIndex
 from regproxy.config import Config
 from regproxy.errors import ManifestUnknown, OCIError, TagInvalid, UpstreamError
+from regproxy.flights import SingleFlights
 from regproxy.index import Index, ManifestRow
 from regproxy.names import RepoName
 from regproxy.oci import OCI_INDEX, Descriptor, Digest, parse_manifest, validate_tag
@@ -181,7 +182,7 @@ class Referrers:
         self.registry = registry
         self.clock = clock
         self._cache: dict[tuple[str, str], _Entry] = {}
-        self._flights: dict[tuple[str, str], asyncio.Future[list[Descriptor]]] = {}
+        self._flights = SingleFlights("referrers")
 
     async def lookup(
         self, repo: RepoName, subject: Digest, artifact_type: str | None = None
@@ -252,21 +253,8 @@ class Referrers:
     async def _single(
         self, key: tuple[str, str], make: Callable[[], Awaitable[list[Descriptor]]]
     ) -> list[Descriptor]:
-        fut = self._flights.get(key)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._flights[key] = fut
-        try:
-            result = await make()
-            fut.set_result(result)
-            return result
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()
-            raise
-        finally:
-            self._flights.pop(key, None)
+        """One fill per key at a time, detached from the first requester (regproxy.flights)."""
+        return await self._flights.run(key, make)
 
     async def _from_upstream(self, repo: RepoName, subject: Digest) -> list[Descriptor]:
         client = self.registry.upstream(repo)

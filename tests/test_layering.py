@@ -41,7 +41,9 @@ def _layer(modules: str, may_import: str = "") -> Layer:
 _MODEL = "base oci config names"
 LAYERS: dict[str, Layer] = {
     # leaves any module may import: the version, errors, header names, logging, metrics, units
-    "base": _layer(". errors headers log metrics systemd progress login_budget units deadline"),
+    "base": _layer(
+        ". errors headers log metrics systemd progress login_budget units deadline flights"
+    ),
     "oci": _layer("oci", "base"),
     # pure signature verification: no internal imports at all
     "signatures": _layer("cosign"),
