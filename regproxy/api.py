@@ -347,9 +347,11 @@ async def post_upload(request: web.Request, name: str, uid: str) -> web.Response
             return _blob_created(_where(request, name, repo), digest)
     elif "digest" in q:
         digest = _digest(q["digest"])
-        await registry.put_blob(repo, digest, _body_chunks(request), _content_length(request))
+        await registry.uploads.monolithic(
+            repo, digest, _body_chunks(request), _content_length(request)
+        )
         return _blob_created(_where(request, name, repo), digest)
-    new = await registry.start_upload(repo)
+    new = await registry.uploads.start(repo)
     return web.Response(status=202, headers=_upload_headers(_where(request, name, repo), new, 0))
 
 
@@ -378,8 +380,8 @@ async def patch_upload(request: web.Request, name: str, uid: str) -> web.Respons
         raise Unsupported("PATCH needs an upload session id")
     start, end = _content_range(request)
     if start is None:
-        registry.upload_offset(repo, uid)  # 404 for an unknown session before reading a body
-    offset = await registry.append_upload(repo, uid, _body_chunks(request), start=start, end=end)
+        registry.uploads.offset(repo, uid)  # 404 for an unknown session before reading a body
+    offset = await registry.uploads.append(repo, uid, _body_chunks(request), start=start, end=end)
     return web.Response(
         status=202, headers=_upload_headers(_where(request, name, repo), uid, offset)
     )
@@ -390,22 +392,22 @@ async def put_upload(request: web.Request, name: str, uid: str) -> web.Response:
     repo = _repo(request, name)
     if not uid:
         raise Unsupported("PUT needs an upload session id")
-    registry.upload_offset(repo, uid)
+    registry.uploads.offset(repo, uid)
     if "digest" not in request.query:
         raise DigestInvalid("", "the digest query parameter is required to finish an upload")
     digest = _digest(request.query["digest"])
     start, _end = _content_range(request)
-    if start is not None and start != registry.upload_offset(repo, uid):
-        raise RangeNotSatisfiable("chunk out of order", offset=registry.upload_offset(repo, uid))
+    if start is not None and start != registry.uploads.offset(repo, uid):
+        raise RangeNotSatisfiable("chunk out of order", offset=registry.uploads.offset(repo, uid))
     chunks = _body_chunks(request) if _has_body(request) else None
-    await registry.finish_upload(repo, uid, digest, chunks)
+    await registry.uploads.finish(repo, uid, digest, chunks)
     return _blob_created(_where(request, name, repo), digest)
 
 
 async def get_upload(request: web.Request, name: str, uid: str) -> web.Response:
     registry, _ = _ctx(request)
     repo = _repo(request, name)
-    offset = registry.upload_offset(repo, uid)
+    offset = registry.uploads.offset(repo, uid)
     return web.Response(
         status=204, headers=_upload_headers(_where(request, name, repo), uid, offset)
     )
@@ -414,7 +416,7 @@ async def get_upload(request: web.Request, name: str, uid: str) -> web.Response:
 async def delete_upload(request: web.Request, name: str, uid: str) -> web.Response:
     registry, _ = _ctx(request)
     repo = _repo(request, name)
-    await registry.cancel_upload(repo, uid)
+    await registry.uploads.cancel(repo, uid)
     return web.Response(status=204, headers=API_VERSION)
 
 

@@ -59,7 +59,7 @@ async def _housekeeping(app: web.Application) -> None:
         await asyncio.sleep(HOUSEKEEPING_SECONDS)
         try:
             await registry.flush_access()
-            await registry.expire_uploads(config.storage.upload_ttl)
+            await registry.uploads.expire(config.storage.upload_ttl)
         except Exception:
             log.exception("housekeeping.failed")
 
@@ -222,13 +222,14 @@ async def serve(
     )
     log.info(
         "limits nofile=%d max_connections=%d header_timeout=%.0fs keepalive_timeout=%.0fs "
-        "write_timeout=%.0fs read_timeout=%.0fs",
+        "write_timeout=%.0fs read_timeout=%.0fs max_upload_sessions=%d",
         nofile,
         max_connections,
         config.http.header_timeout,
         config.http.keepalive_timeout,
         config.http.write_timeout,
         config.http.read_timeout,
+        config.uploads.max_sessions,
     )
     if on_ready is not None:
         result = on_ready(port)

@@ -377,6 +377,12 @@ class HttpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadsConfig:
+    #: open upload sessions at once; a POST beyond this gets 429 TOOMANYREQUESTS
+    max_sessions: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "INFO"
     format: str = "text"
@@ -401,6 +407,7 @@ class Config:
     shutdown_timeout: float = 30.0
     policy: PolicyConfig = PolicyConfig()
     http: HttpConfig = HttpConfig()
+    uploads: UploadsConfig = UploadsConfig()
 
     def upstream_for(self, host: str) -> UpstreamConfig | None:
         """The entry for a host: exact names first, then patterns, then ``*``."""
@@ -476,6 +483,7 @@ _SCHEMA: Final[dict[str, Any]] = {
         "read_timeout": _timeout,
         "max_connections": _count,
     },
+    "uploads": {"max_sessions": _positive_count},
 }
 _UPSTREAM_SCHEMA: Final[dict[str, Parser]] = {
     "url": _str,
@@ -720,4 +728,5 @@ def _build(flat: dict[str, Any]) -> Config:
         shutdown_timeout=flat.get("shutdown_timeout", 30.0),
         policy=flat.get("policy", PolicyConfig()),
         http=HttpConfig(**sub("http.")),
+        uploads=UploadsConfig(**sub("uploads.")),
     )

@@ -58,7 +58,7 @@ class ProxyRegistry(Registry):
     def __init__(
         self, store: Store, db: AsyncIndex, config: Config, *, timing: Timing = DEFAULT_TIMING
     ) -> None:
-        super().__init__(store, db)
+        super().__init__(store, db, max_upload_sessions=config.uploads.max_sessions)
         self.config = config
         self.timing = timing
         self.fetcher = Fetcher(store, self._on_fetched, timing=timing)

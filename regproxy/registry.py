@@ -13,20 +13,17 @@ import asyncio
 import functools
 import logging
 import time
-import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
 
-from regproxy import metrics
 from regproxy.async_index import AsyncIndex
 from regproxy.errors import (
     BlobUnknown,
     BlobUploadInvalid,
-    BlobUploadUnknown,
     DigestInvalid,
     DigestMismatch,
     ManifestBlobUnknown,
@@ -34,12 +31,12 @@ from regproxy.errors import (
     ManifestUnknown,
     NameUnknown,
     RangeNotSatisfiable,
-    SizeInvalid,
 )
 from regproxy.index import Index, ManifestRecord, ManifestRow
 from regproxy.names import RepoName
 from regproxy.oci import Descriptor, Digest, is_digest_reference, parse_manifest, validate_tag
 from regproxy.store import BlobWriter, Store
+from regproxy.uploads import DEFAULT_MAX_SESSIONS, UploadSessions
 
 log = logging.getLogger("regproxy.registry")
 T = TypeVar("T")
@@ -62,7 +59,6 @@ def note(**items: str) -> None:
 SMALL_OBJECT: Final = 64 * 1024  # served from memory at or below this size
 SMALL_CACHE_BYTES: Final = 32 * 1024 * 1024
 TAG_CACHE_SECONDS: Final = 1.0  # another process (import, gc) may move a tag
-WRITE_BUFFER: Final = 1024 * 1024
 
 
 class LRU(Generic[K, V]):
@@ -138,21 +134,15 @@ class PutResult:
     subject: Digest | None
 
 
-@dataclass
-class Upload:
-    uid: str
-    repo: str
-    writer: BlobWriter
-    lock: asyncio.Lock
-    touched: float
-
-
 class Registry:
-    def __init__(self, store: Store, db: AsyncIndex) -> None:
+    def __init__(
+        self, store: Store, db: AsyncIndex, *, max_upload_sessions: int = DEFAULT_MAX_SESSIONS
+    ) -> None:
         self.store = store
         #: the index, for every module: ``await registry.db.read(Index.x, ...)`` / ``.write``
         self.db = db
-        self._uploads: dict[str, Upload] = {}
+        #: blob upload sessions (regproxy.uploads); their commits go through :meth:`commit_blob`
+        self.uploads = UploadSessions(store, db, self.commit_blob, max_upload_sessions)
         self._small: LRU[str, bytes] = LRU(100_000, SMALL_CACHE_BYTES)
         self._blob_links: LRU[tuple[str, str], int] = LRU(200_000)
         self._manifests: LRU[tuple[str, str], ManifestRow] = LRU(50_000)
@@ -190,9 +180,7 @@ class Registry:
         )
 
     async def close(self) -> None:
-        for up in list(self._uploads.values()):
-            up.writer.close()
-        self._uploads.clear()
+        self.uploads.close()
         await self.flush_access()
         await self.db.close()
 
@@ -289,154 +277,6 @@ class Registry:
         await self.db.write(Index.add_blob, repo.canonical, str(digest), size)
         self._blob_links.put((repo.canonical, str(digest)), size)
         self._stored()
-
-    # --- uploads ----------------------------------------------------------------------------------
-    async def start_upload(self, repo: RepoName) -> str:
-        uid = str(uuid.uuid4())
-        writer = await self._io(self.store.writer, uid)
-        await self._db(self.index.add_upload, uid, repo.canonical)
-        self._uploads[uid] = Upload(uid, repo.canonical, writer, asyncio.Lock(), time.time())
-        metrics.UPLOADS_IN_PROGRESS.set(len(self._uploads))
-        return uid
-
-    def _upload(self, repo: RepoName, uid: str) -> Upload:
-        up = self._uploads.get(uid)
-        if up is None or up.repo != repo.canonical:
-            raise BlobUploadUnknown(uid)
-        return up
-
-    def _still_open(self, up: Upload) -> None:
-        """After waiting for an upload's lock: a finish, cancel or expiry may have ended it."""
-        if self._uploads.get(up.uid) is not up:
-            raise BlobUploadUnknown(up.uid)
-
-    def upload_offset(self, repo: RepoName, uid: str) -> int:
-        return self._upload(repo, uid).writer.size
-
-    async def _drain(
-        self, writer: BlobWriter, chunks: AsyncIterator[bytes], limit: int | None
-    ) -> int:
-        """Write a request body into the upload, buffered to few large executor hops."""
-        written = 0
-        buf = bytearray()
-        async for chunk in chunks:
-            buf += chunk
-            written += len(chunk)
-            if limit is not None and written > limit:
-                raise SizeInvalid(f"body longer than the declared {limit} bytes")
-            if len(buf) >= WRITE_BUFFER:
-                data, buf = bytes(buf), bytearray()
-                await self._io(writer.write, data)
-        if buf:
-            await self._io(writer.write, bytes(buf))
-        return written
-
-    async def append_upload(
-        self,
-        repo: RepoName,
-        uid: str,
-        chunks: AsyncIterator[bytes],
-        *,
-        start: int | None = None,
-        end: int | None = None,
-    ) -> int:
-        """PATCH: append a chunk; ``start``/``end`` from Content-Range must continue the upload."""
-        up = self._upload(repo, uid)
-        async with up.lock:
-            self._still_open(up)
-            offset = up.writer.size
-            if start is not None and start != offset:
-                raise RangeNotSatisfiable(
-                    f"chunk starts at {start}, upload is at {offset}", offset=offset
-                )
-            limit = None if end is None or start is None else end - start + 1
-            try:
-                written = await self._drain(up.writer, chunks, limit)
-            except BaseException:
-                await self._truncate(up, offset)
-                raise
-            if limit is not None and written != limit:
-                await self._truncate(up, offset)
-                raise SizeInvalid(f"Content-Range says {limit} bytes, body had {written}")
-            up.touched = time.time()
-            return up.writer.size
-
-    async def _truncate(self, up: Upload, offset: int) -> None:
-        """Undo a failed chunk, so a retried PATCH starts where the upload was."""
-
-        def reset() -> None:
-            up.writer.abort()
-            # rebuild from the bytes that were good: rare path, correctness over speed
-
-        if up.writer.size == offset:
-            return
-        path = up.writer.path
-
-        def cut() -> BlobWriter:
-            up.writer.close()
-            with open(path, "r+b") as f:
-                f.truncate(offset)
-            return self.store.writer(up.uid, append=True)
-
-        try:
-            up.writer = await self._io(cut)
-        except OSError:
-            await self._io(reset)
-            self._uploads.pop(up.uid, None)
-
-    async def finish_upload(
-        self, repo: RepoName, uid: str, digest: Digest, chunks: AsyncIterator[bytes] | None
-    ) -> int:
-        """PUT: take the last bytes, verify the digest, commit. A bad digest ends the upload."""
-        up = self._upload(repo, uid)
-        async with up.lock:
-            self._still_open(up)
-            try:
-                if chunks is not None:
-                    await self._drain(up.writer, chunks, None)
-                size = await self.commit_blob(repo, up.writer, digest, source=f"upload {uid}")
-            except BaseException:
-                await self._io(up.writer.abort)
-                raise
-            finally:
-                self._uploads.pop(uid, None)
-                metrics.UPLOADS_IN_PROGRESS.set(len(self._uploads))
-                await self._db(self.index.remove_upload, uid)
-        return size
-
-    async def cancel_upload(self, repo: RepoName, uid: str) -> None:
-        up = self._upload(repo, uid)
-        async with up.lock:
-            self._still_open(up)
-            self._uploads.pop(uid, None)
-            await self._io(up.writer.abort)
-            await self._db(self.index.remove_upload, uid)
-        metrics.UPLOADS_IN_PROGRESS.set(len(self._uploads))
-
-    async def put_blob(
-        self, repo: RepoName, digest: Digest, chunks: AsyncIterator[bytes], length: int | None
-    ) -> int:
-        """Monolithic upload (POST ?digest= with the body)."""
-        writer = await self._io(self.store.writer)
-        try:
-            written = await self._drain(writer, chunks, length)
-            if length is not None and written != length:
-                raise SizeInvalid(f"Content-Length {length}, body {written}")
-        except BaseException:
-            await self._io(writer.abort)
-            raise
-        return await self.commit_blob(repo, writer, digest, source="monolithic upload")
-
-    async def expire_uploads(self, ttl: float) -> int:
-        cutoff = time.time() - ttl
-        gone = [u for u in self._uploads.values() if u.touched < cutoff and not u.lock.locked()]
-        for up in gone:
-            self._uploads.pop(up.uid, None)
-            await self._io(up.writer.abort)
-            await self._db(self.index.remove_upload, up.uid)
-            log.info("upload.expired uuid=%s repo=%s", up.uid, up.repo)
-        metrics.UPLOADS_IN_PROGRESS.set(len(self._uploads))
-        return len(gone)
 
     # --- manifests ------------------------------------------------------------------------------
     async def local_manifest(

@@ -77,14 +77,26 @@ class BlobWriter:
     :attr:`path` sees every byte as soon as :meth:`write` returns.
     """
 
-    def __init__(self, store: Store, path: Path, *, append: bool = False) -> None:
+    def __init__(
+        self, store: Store, path: Path, *, append: bool = False, deferred: bool = False
+    ) -> None:
+        """``deferred``: open nothing yet (an upload session's file is created by its first
+        :meth:`reopen` and closed between requests, so an idle session holds no descriptor)."""
         self.store = store
         self.path = path
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_EXCL)
-        self._fd: int | None = os.open(path, flags, 0o644)
+        self._fd: int | None = None
+        self.size = 0
+        self._flushed = 0
+        self._hasher: Any = Digest("sha256", "").hasher()
+        if deferred:
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_EXCL)
+        try:
+            self._fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise _disk_error(exc, f"creating {path.name}") from exc
         self.size = os.fstat(self._fd).st_size
         self._flushed = self.size
-        self._hasher: Any = Digest("sha256", "").hasher()
         if self.size:
             # resumed upload without its hash state (e.g. after a restart): hash what is there
             with open(path, "rb") as f:
@@ -139,6 +151,32 @@ class BlobWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def reopen(self) -> None:
+        """Open the file for appending again after :meth:`close` (creating it if need be)."""
+        if self._fd is not None:
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise _disk_error(exc, f"opening {self.path.name}") from exc
+
+    def mark(self) -> tuple[int, Any]:
+        """The size and hash state now, for :meth:`rewind`."""
+        return self.size, self._hasher.copy()
+
+    def rewind(self, mark: tuple[int, Any]) -> None:
+        """Cut the file back to a :meth:`mark`: what was written since is undone."""
+        size, hasher = mark
+        try:
+            os.truncate(self.path, size)
+        except FileNotFoundError:
+            if size:
+                raise
+        self.size = size
+        self._flushed = min(self._flushed, size)
+        self._hasher = hasher.copy()
 
     def commit(self, expected: Digest, *, source: str = "") -> int:
         """Verify, fsync and move into place; on mismatch delete and raise DigestMismatch."""
@@ -227,8 +265,10 @@ class Store:
     def temp_path(self, name: str | None = None) -> Path:
         return self.tmp / (name or uuid.uuid4().hex)
 
-    def writer(self, name: str | None = None, *, append: bool = False) -> BlobWriter:
-        return BlobWriter(self, self.temp_path(name), append=append)
+    def writer(
+        self, name: str | None = None, *, append: bool = False, deferred: bool = False
+    ) -> BlobWriter:
+        return BlobWriter(self, self.temp_path(name), append=append, deferred=deferred)
 
     def temp_size(self, name: str) -> int | None:
         try:

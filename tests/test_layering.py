@@ -62,7 +62,9 @@ LAYERS: dict[str, Layer] = {
     "transfer": _layer("fetch", "base oci store"),
     "upstream": _layer("upstream", "base oci config names"),
     "peers": _layer("peers", "base oci config transfer upstream"),
-    "registry": _layer("registry", f"{_MODEL} store index facade"),
+    # upload sessions: temp files in the store, rows in the index (the registry composes them)
+    "uploads": _layer("uploads", f"{_MODEL} store index facade"),
+    "registry": _layer("registry", f"{_MODEL} store index facade uploads"),
     # referrers pulled through: composed into proxy (a Protocol names what it needs of it)
     "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),
     "proxy": _layer(

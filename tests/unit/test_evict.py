@@ -68,7 +68,7 @@ class Shop:
     ) -> bytes:
         config = json.dumps({"for": tag, "repo": repo.canonical, "s": bool(subject)}).encode()
         for b in (config, *layers):
-            await self.reg.put_blob(repo, Digest.of(b), chunks(b), len(b))
+            await self.reg.uploads.monolithic(repo, Digest.of(b), chunks(b), len(b))
         body = manifest(config, layers, subject)
         ref = str(Digest.of(body)) if subject is not None else tag
         await self.reg.put_manifest(repo, ref, body, OCI_MANIFEST, pinned=pinned)
@@ -199,7 +199,7 @@ async def test_nothing_pinned_referenced_or_in_use_goes_even_when_short(
     now = time.time()  # the loose blob's access time is the real time of its push
     b = await shop.image(up("team/b"), "v1", [layer("b")], at=now - 2)  # in use
     loose = layer("loose")  # a blob nothing references, pushed just now (upload_ttl guards it)
-    await shop.reg.put_blob(up("team/b"), Digest.of(loose), chunks(loose), len(loose))
+    await shop.reg.uploads.monolithic(up("team/b"), Digest.of(loose), chunks(loose), len(loose))
     config = config_from_dict(
         {"storage": {"root": str(tmp_path / "store"), "max_size": 1000, "min_free": 0}}
     )

@@ -116,7 +116,7 @@ class World:
 
     async def put_blobs(self, repo: RepoName, blobs: list[bytes]) -> None:
         for b in blobs:
-            await self.reg.put_blob(repo, Digest.of(b), body(b), len(b))
+            await self.reg.uploads.monolithic(repo, Digest.of(b), body(b), len(b))
 
     async def push(self) -> None:
         repo = self.rnd.choice(LOCAL + UPSTREAM[:1])

@@ -274,7 +274,7 @@ async def test_pins_are_listed_in_keyset_pages_with_indexes_grouped_across_pages
         both = make_index({"amd64": a, "arm64": b})
         for m in (a, b):
             for blob in (m.config, *m.layers):
-                await registry.put_blob(repo, Digest.of(blob), _one(blob), len(blob))
+                await registry.uploads.monolithic(repo, Digest.of(blob), _one(blob), len(blob))
             await registry.put_manifest(repo, m.digest, m.manifest, None, pinned=False)
         await registry.put_manifest(repo, "v1", both, None, verify_refs=False, pinned=False)
         await pins.pin(registry, repo, "v1")

@@ -44,7 +44,7 @@ async def test_blob_lookup_racing_a_delete_does_not_cache_the_deleted_blob(
 ) -> None:
     data = b"x" * 100
     d = digest(data)
-    await registry.put_blob(REPO, d, body(data), len(data))
+    await registry.uploads.monolithic(REPO, d, body(data), len(data))
     registry.drop_cached()  # a cold cache: the lookup goes to the index
     # the lookup is queued on the index thread before the delete; it must not re-cache the link
     lookup = asyncio.create_task(registry.local_blob(REPO, d))
@@ -60,7 +60,7 @@ async def test_manifest_lookup_racing_a_delete_does_not_cache_the_deleted_manife
     manifest = b'{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"a/b","digest":"%s","size":2},"layers":[]}'
     cfg = b"{}"
     cd = digest(cfg)
-    await registry.put_blob(REPO, cd, body(cfg), len(cfg))
+    await registry.uploads.monolithic(REPO, cd, body(cfg), len(cfg))
     m = manifest % (OCI_MANIFEST.encode(), str(cd).encode())
     md = digest(m)
     await registry.put_manifest(REPO, str(md), m, OCI_MANIFEST)
@@ -74,18 +74,18 @@ async def test_manifest_lookup_racing_a_delete_does_not_cache_the_deleted_manife
 
 async def test_patch_waiting_behind_a_finish_gets_upload_unknown(registry: Registry) -> None:
     data = b"y" * 1000
-    uid = await registry.start_upload(REPO)
-    await registry.append_upload(REPO, uid, body(data[:500]))
+    uid = await registry.uploads.start(REPO)
+    await registry.uploads.append(REPO, uid, body(data[:500]))
     gate = asyncio.Event()
 
     async def slow_tail() -> AsyncIterator[bytes]:
         await gate.wait()
         yield data[500:]
 
-    finish = asyncio.create_task(registry.finish_upload(REPO, uid, digest(data), slow_tail()))
+    finish = asyncio.create_task(registry.uploads.finish(REPO, uid, digest(data), slow_tail()))
     await asyncio.sleep(0.05)  # finish holds the upload's lock
-    patch = asyncio.create_task(registry.append_upload(REPO, uid, body(b"more")))
-    cancel = asyncio.create_task(registry.cancel_upload(REPO, uid))
+    patch = asyncio.create_task(registry.uploads.append(REPO, uid, body(b"more")))
+    cancel = asyncio.create_task(registry.uploads.cancel(REPO, uid))
     await asyncio.sleep(0.05)
     gate.set()
     assert await finish == len(data)
@@ -163,7 +163,7 @@ async def test_gc_of_a_deleted_manifest_keeps_the_file_of_a_blob_with_the_same_d
     from regproxy.maintenance import gc
 
     cfg = b"{}"
-    await registry.put_blob(REPO, digest(cfg), body(cfg), len(cfg))
+    await registry.uploads.monolithic(REPO, digest(cfg), body(cfg), len(cfg))
     m = (
         b'{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"a/b","digest":"%s",'
         b'"size":2},"layers":[]}' % (OCI_MANIFEST.encode(), str(digest(cfg)).encode())
