@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
-from regproxy import metrics, sendfile
+from regproxy import metrics, pins, sendfile
 from regproxy.connections import http_limits
 from regproxy.errors import (
     BlobUnknown,
@@ -43,7 +43,7 @@ from regproxy.oci import (
     validate_tag,
 )
 from regproxy.policy import cosign_tag_subject
-from regproxy.registry import LOCAL_ONLY, NOTES, Blob, Registry, check_range
+from regproxy.registry import LOCAL_ONLY, NOTES, PROBE, Blob, Registry, check_range
 from regproxy.web_errors import NotFound
 from regproxy.web_keys import POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 from regproxy.web_keys import notes as _notes
@@ -221,6 +221,8 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
     registry, _ = _ctx(request)
     repo = _repo(request, name)
     d = _digest(digest)
+    # a HEAD asks "do you have it?" (as a push does): not a pull, not a cache lookup
+    PROBE.set(request.method == "HEAD")
     try:
         if request.method == "HEAD":  # asks upstream with a HEAD too: nothing is downloaded
             blob = await registry.head_blob(repo, d)
@@ -281,13 +283,13 @@ async def _stream_blob(
     if request.method == "HEAD" or blob.size == 0:
         await resp.write_eof()
         return resp
-    source = _notes(request).get("source", "upstream")
     sent = 0
     try:
         async for chunk in blob.stream.read_range(start, end, blob.size):
             await sendfile.write_with_deadline(request, resp, chunk)
             sent += len(chunk)
-            metrics.SERVED_BYTES.labels("blob", source).inc(len(chunk))
+            # the transfer's source kind (upstream or peer), read as the bytes arrive
+            metrics.SERVED_BYTES.labels("blob", blob.stream.kind).inc(len(chunk))
     except (OCIError, *sendfile.CLIENT_GONE, sendfile.Stalled) as exc:
         # Never finish a response with wrong or missing bytes: cut the connection.
         sendfile.note_cut(request, blob.digest, exc)
@@ -486,7 +488,7 @@ async def delete_manifest(request: web.Request, name: str, ref: str) -> web.Resp
     registry, _ = _ctx(request)
     repo = _repo(request, name)
     _check_reference(ref)
-    await registry.delete_manifest(repo, ref)
+    await pins.delete(registry, repo, ref)  # a pinned index's children are unpinned with it
     return web.Response(status=202, headers={**API_VERSION, "Content-Length": "0"})
 
 

@@ -140,6 +140,10 @@ class Peers:
     def usable(self) -> list[Peer]:
         return [p for p in self._peers.values() if p.usable]
 
+    def known(self) -> list[Peer]:
+        """Every peer of the current list, this host's own entry included (for the web page)."""
+        return list(self._peers.values())
+
     def _failed(self, peer: Peer, what: str, exc: Exception) -> None:
         peer.bad_until = time.monotonic() + BACKOFF_SECONDS
         metrics.PEER_REQUESTS.labels(peer.url, "error").inc()

@@ -3,7 +3,8 @@
 Pushed and imported content is pinned when it is stored, prefetched content when its prefetch
 completes; ``regproxy pin|unpin NAME[:TAG|@DIGEST]`` sets it by hand. Pinning a manifest pins
 the children of an index that the store holds (``manifest_refs``); unpinning an index unpins
-its children unless another pinned index of the repository still lists them. Blobs are kept
+its children unless another pinned index of the repository still lists them, and so does
+deleting it (:func:`delete`, for the API and the web page). Blobs are kept
 through the manifests that list them (eviction's rule, see ``regproxy.evict``).
 """
 
@@ -16,7 +17,7 @@ from typing import Any, Final
 from regproxy.errors import ManifestUnknown
 from regproxy.index import Index, PinRow
 from regproxy.names import RepoName
-from regproxy.oci import INDEX_TYPES
+from regproxy.oci import INDEX_TYPES, is_digest_reference
 from regproxy.proxy import ProxyRegistry
 from regproxy.registry import Registry
 
@@ -106,6 +107,17 @@ async def unpin(registry: Registry, repo: RepoName, reference: str) -> list[str]
             continue
         if await registry.db.write(Index.pin_manifests, repo.canonical, [child], False):
             out.append(child)
+    return out
+
+
+async def delete(registry: Registry, repo: RepoName, reference: str) -> list[str]:
+    """Delete a tag, or a manifest by digest. A manifest is unpinned first, with the children
+    that no other pinned manifest of the repository lists (an index's platforms), so eviction
+    can reclaim them; the digests unpinned."""
+    out: list[str] = []
+    if is_digest_reference(reference) and await registry.local_manifest(repo, reference):
+        out = await unpin(registry, repo, reference)
+    await registry.delete_manifest(repo, reference)
     return out
 
 

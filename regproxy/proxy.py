@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -39,18 +40,22 @@ from regproxy.names import RepoName
 from regproxy.oci import MAX_TAGS, Descriptor, Digest, is_digest_reference
 from regproxy.peers import Peers
 from regproxy.referrers import Referrers
-from regproxy.registry import LOCAL_ONLY, LRU, Blob, Manifest, ManifestGone, Registry, note
+from regproxy.registry import LOCAL_ONLY, LRU, PROBE, Blob, Manifest, ManifestGone, Registry, note
 from regproxy.store import Store
 from regproxy.upstream import TagPage, UpstreamClient
 from regproxy.upstream.pool import ClientPool
 
 log = logging.getLogger("regproxy.proxy")
 T = TypeVar("T")
+#: how many tags served stale are remembered for the web page (the oldest are forgotten first)
+STALE_KEEP = 10_000
 
 
 def _count(kind: str, result: str, upstream: str) -> None:
-    """A cache hit, miss or stale answer: counted, and noted for the access log."""
-    metrics.CACHE.labels(kind, result, upstream).inc()
+    """A cache hit, miss or stale answer: counted (unless the request only asks whether the
+    content exists, see :data:`PROBE`), and noted for the access log."""
+    if not PROBE.get():
+        metrics.CACHE.labels(kind, result, upstream).inc()
     note(cache=result, upstream=upstream)
 
 
@@ -72,6 +77,9 @@ class ProxyRegistry(Registry):
         self.peers: Peers | None = None
         #: referrers pulled through (upstream API or tag schema) and merged with local ones
         self.referrer_index = Referrers(self)
+        #: (repository, tag) -> when it was last served stale because the upstream could not
+        #: confirm it (the web page's "stale": only while no later check confirmed the tag)
+        self.stale_served: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     def begin_shutdown(self) -> None:
         """The daemon stops taking requests: in-flight transfers get ``shutdown_timeout`` from now."""
@@ -158,6 +166,10 @@ class ProxyRegistry(Registry):
             except (TimeoutError, UpstreamError) as exc:
                 metrics.STALE_SERVED.labels(label).inc()
                 _count("manifest", "stale", label)
+                self.stale_served[(repo.canonical, reference)] = time.time()
+                self.stale_served.move_to_end((repo.canonical, reference))
+                if len(self.stale_served) > STALE_KEEP:
+                    self.stale_served.popitem(last=False)
                 log.warning(
                     "tag.stale repo=%s tag=%s digest=%s upstream=%s error=%s",
                     repo,

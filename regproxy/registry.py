@@ -45,6 +45,9 @@ V = TypeVar("V")
 
 #: set for requests that must be answered from the local store only (requests from peers)
 LOCAL_ONLY: ContextVar[bool] = ContextVar("regproxy_local_only", default=False)
+#: set for requests that only ask whether content exists (a blob HEAD, as pushing clients send):
+#: not a pull, so neither counted as a cache lookup nor recorded as an access ("last pulled")
+PROBE: ContextVar[bool] = ContextVar("regproxy_probe", default=False)
 #: what a request's lookup found (cache: hit|miss|stale, upstream: host), for the access log
 NOTES: ContextVar[dict[str, str] | None] = ContextVar("regproxy_notes", default=None)
 
@@ -185,7 +188,8 @@ class Registry:
         await self.db.close()
 
     def _touch(self, repo: str, digest: str) -> None:
-        self._access[(repo, digest)] = time.time()
+        if not PROBE.get():
+            self._access[(repo, digest)] = time.time()
 
     async def flush_access(self) -> None:
         if not self._access:
