@@ -76,6 +76,8 @@ LAYERS: dict[str, Layer] = {
     # one eviction batch in SQL, on the index's writer
     "evict_sql": _layer("evict_batch", "base index"),
     "gc": _layer("evict", f"{_MODEL} store index facade evict_sql transfer registry"),
+    # the web page's "next to evict": eviction's own plan, read on an index reader thread
+    "eviction_view": _layer("ui.evicting", "base oci index gc"),
     # the importer's parts: staging and docker archives know no registry; export knows no import
     "staging": _layer("bundle_stage", f"{_MODEL} store"),
     "archives": _layer("bundle_docker", f"{_MODEL} staging"),
@@ -95,13 +97,13 @@ LAYERS: dict[str, Layer] = {
     "auth": _layer("auth", f"{_MODEL} keys web"),
     "handlers": _layer(
         "api admin ui",
-        f"{_MODEL} registry queries ui_model pinning tools keys serving web auth policy referrers",
+        f"{_MODEL} registry queries ui_model eviction_view pinning tools keys serving web auth policy referrers",
     ),
     # nothing imports app but the command line, and nothing imports the command line
     "app": _layer(
         "app",
         f"{_MODEL} store index facade transfer upstream peers registry proxy gc pinning tools "
-        "keys serving web auth queries ui_model handlers policy",
+        "keys serving web auth queries ui_model eviction_view handlers policy",
     ),
     "cli": _layer(
         "cli",

@@ -37,7 +37,8 @@ from aiohttp import web
 from regproxy import auth
 from regproxy.config import Config
 from regproxy.health import Health
-from regproxy.ui import actions, login, overview, views
+from regproxy.prefetch import Prefetcher
+from regproxy.ui import actions, login, manifest, overview, views
 from regproxy.ui.base import PREFIX, UI, UI_KEY, refusals
 
 __all__ = ["PREFIX", "setup"]
@@ -51,9 +52,16 @@ async def _history_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def setup(app: web.Application, config: Config, health: Health) -> None:
+def setup(
+    app: web.Application,
+    config: Config,
+    health: Health,
+    *,
+    instance: str = "",
+    prefetch: Prefetcher | None = None,
+) -> None:
     """The page's state, its routes, and its sessions for auth's middleware."""
-    ui = UI(config, health)
+    ui = UI(config, health, instance=instance, prefetch=prefetch)
     app[UI_KEY] = ui
     app[auth.UI_SESSIONS_KEY] = ui.sessions
     app.cleanup_ctx.append(_history_ctx)
@@ -66,7 +74,9 @@ def setup(app: web.Application, config: Config, health: Health) -> None:
     r.add_get(PREFIX + "/projects", refusals(views.projects_page))
     r.add_get(PREFIX + "/repositories", refusals(views.repositories_page))
     r.add_get(PREFIX + "/repositories/{name:.+}", refusals(views.repository_page))
-    r.add_get(PREFIX + "/manifests/{ref:.+}", refusals(views.manifest_page))
+    r.add_get(PREFIX + "/manifests/{ref:.+}", refusals(manifest.manifest_page))
+    r.add_get(PREFIX + "/evict", refusals(views.eviction_page))
+    r.add_get(PREFIX + "/logout", refusals(login.logout_page))
     r.add_get(PREFIX + "/upload", refusals(actions.upload_page))
     r.add_post(PREFIX + "/upload", refusals(actions.upload_post))
     r.add_post(PREFIX + "/{action:pin|unpin|delete}", refusals(actions.change))
@@ -75,4 +85,6 @@ def setup(app: web.Application, config: Config, health: Health) -> None:
     r.add_get(PREFIX + "/api/projects", refusals(views.api_projects))
     r.add_get(PREFIX + "/api/repositories", refusals(views.api_repositories))
     r.add_get(PREFIX + "/api/repositories/{name:.+}/tags", refusals(views.api_tags))
-    r.add_get(PREFIX + "/api/manifests/{ref:.+}", refusals(views.api_manifest))
+    r.add_get(PREFIX + "/api/manifests/{ref:.+}", refusals(manifest.api_manifest))
+    r.add_get(PREFIX + "/api/evict", refusals(views.api_eviction))
+    r.add_get(PREFIX + "/{rest:.*}", refusals(views.not_found))  # last: what no route above is

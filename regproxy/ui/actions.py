@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import BodyPartReader, web
 
 from regproxy import pins
 from regproxy.bundle import BundleError, Importer
 from regproxy.errors import OCIError
+from regproxy.names import RepoName
 from regproxy.oci import is_digest_reference
+from regproxy.ui import queries
 from regproxy.ui.base import (
     changer,
     json_response,
@@ -29,13 +33,17 @@ log = logging.getLogger("regproxy.ui")
 
 
 async def change(request: web.Request) -> web.StreamResponse:
-    """POST /ui/pin, /ui/unpin, /ui/delete: ``repo`` and ``ref`` (a tag or a digest)."""
+    """POST /ui/pin, /ui/unpin, /ui/delete: ``repo`` and ``ref`` (a tag or a digest). A delete
+    without ``confirm=1`` answers with a page that says what it will do and asks again (the
+    page's script asks in a dialog and sends ``confirm=1`` itself)."""
     form = await request.post()
     session = await changer(request, form)
     action = request.match_info["action"]
     name, ref = str(form.get("repo", "")), str(form.get("ref", ""))
     repo = resolve(request, name)
     registry = registry_of(request)
+    if action == "delete" and form.get("confirm") != "1":
+        return await _confirm_delete(request, repo, ref)
     try:
         if action == "pin":
             done = await pins.pin(registry, repo, ref)
@@ -44,12 +52,13 @@ async def change(request: web.Request) -> web.StreamResponse:
             done = await pins.unpin(registry, repo, ref)
             msg = f"Unpinned {repo.canonical}{_sep(ref)}{ref} ({len(done)} manifest(s))."
         else:
-            await registry.delete_manifest(repo, ref)
+            unpinned = await pins.delete(registry, repo, ref)
             what = "manifest" if is_digest_reference(ref) else "tag"
-            msg = (
-                f"Deleted {what} {repo.canonical}{_sep(ref)}{ref}; unreferenced bytes go at the "
-                "next eviction or gc."
-            )
+            msg = f"Deleted {what} {repo.canonical}{_sep(ref)}{ref}"
+            children = [d for d in unpinned if d != ref]
+            if children:
+                msg += f" and unpinned {len(children)} manifest(s) it listed"
+            msg += "; the bytes no manifest references any more go at the next eviction or gc."
     except OCIError as exc:
         return refused(request, f"{action} {repo.canonical}{_sep(ref)}{ref}: {exc}", 404)
     ui_of(request).counts_cache = None
@@ -61,6 +70,27 @@ async def change(request: web.Request) -> web.StreamResponse:
     if action != "delete" and is_digest_reference(ref):
         back = manifest_url(repo.canonical, ref)
     raise web.HTTPSeeOther(back)
+
+
+async def _confirm_delete(request: web.Request, repo: RepoName, ref: str) -> web.Response:
+    if wants_json(request):
+        return refused(request, "a delete needs confirm=1", 400)
+    registry = registry_of(request)
+    found = await registry.local_manifest(repo, ref)
+    if found is None:
+        return refused(request, f"{repo.canonical}{_sep(ref)}{ref} is not in the store", 404)
+    digest = str(found[0].digest)
+    info = await registry.db.read(queries.manifest_info, repo.canonical, digest)
+    return render(
+        request,
+        "confirm.html",
+        repo=repo.canonical,
+        ref=ref,
+        what="manifest" if is_digest_reference(ref) else "tag",
+        digest=digest,
+        info=info,
+        back=repo_url(repo.canonical),
+    )
 
 
 def _sep(ref: str) -> str:
@@ -110,15 +140,23 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
         summary = await importer.import_stream(chunks())
     except BundleError as exc:
         log.warning("import.refused user=%r remote=%s error=%s", session.user, request.remote, exc)
+        why = _for_the_browser(str(exc), registry_of(request).store.tmp, file_part.filename)
         if wants_json(request):
-            return json_response({"error": str(exc)}, status=400)
-        return render(request, "upload.html", status=400, error=str(exc))
+            return json_response({"error": why}, status=400)
+        return render(request, "upload.html", status=400, error=why)
     ui_of(request).counts_cache = None
     log.info("import.ui user=%r remote=%s %s", session.user, request.remote, summary)
     result = summary.to_json()
     if wants_json(request):
         return json_response(result)
     return render(request, "upload.html", summary=result, links=_image_links(result["images"]))
+
+
+def _for_the_browser(message: str, tmp: Path, filename: str | None) -> str:
+    """The importer's message as the page's user reads it: the uploaded file's name instead of
+    the server's temp file, the form's field instead of the command line's option."""
+    message = re.sub(re.escape(str(tmp)) + r"/[^\s:'\"]*", filename or "the uploaded file", message)
+    return message.replace("with --name", "in the Name field of this form")
 
 
 def _image_links(images: list[str]) -> list[tuple[str, str]]:

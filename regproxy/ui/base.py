@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import importlib.resources
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import quote
@@ -18,8 +20,17 @@ from regproxy.config import Config
 from regproxy.errors import OCIError
 from regproxy.health import Health
 from regproxy.names import RepoName
+from regproxy.prefetch import Prefetcher
 from regproxy.registry import Registry
-from regproxy.ui.format import ago, iso, kind, short_digest
+from regproxy.ui.format import (
+    ago,
+    duration,
+    iso,
+    isoz,
+    kind,
+    plural,
+    short_digest,
+)
 from regproxy.ui.history import History
 from regproxy.ui.sessions import Session, Sessions
 from regproxy.units import human_bytes
@@ -46,7 +57,17 @@ def make_env() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(bytes=human_bytes, ago=ago, iso=iso, short=short_digest, kind=kind, q=quote)
+    env.filters.update(
+        bytes=human_bytes,
+        ago=ago,
+        iso=iso,
+        isoz=isoz,
+        short=short_digest,
+        kind=kind,
+        q=quote,
+        plural=plural,
+        duration=duration,
+    )
     return env
 
 
@@ -63,9 +84,19 @@ def load_static() -> dict[str, tuple[bytes, str]]:
 
 # --- state -------------------------------------------------------------------------------------------
 class UI:
-    def __init__(self, config: Config, health: Health) -> None:
+    def __init__(
+        self,
+        config: Config,
+        health: Health,
+        *,
+        instance: str = "",
+        prefetch: Prefetcher | None = None,
+    ) -> None:
         self.config = config
         self.health = health
+        self.instance = instance
+        self.prefetch = prefetch
+        self.started = time.time()
         self.sessions = Sessions()
         self.history = History()
         self.env = make_env()
@@ -155,10 +186,17 @@ def page_args(request: web.Request) -> tuple[int, int]:
 
 
 def resolve(request: web.Request, name: str) -> RepoName:
+    """A repository by any name the registry accepts, and by its upstream host with a port
+    (``127.0.0.1:5000/team/web``, as the containerd mirror's ``?ns=`` names it)."""
+    resolver = request.app[RESOLVER_KEY]
     try:
-        return request.app[RESOLVER_KEY].resolve(name)
+        return resolver.resolve(name)
     except OCIError:
-        raise web.HTTPNotFound(text=f"no repository {name}") from None
+        first, _, rest = name.partition("/")
+        if ":" in first and rest:
+            with contextlib.suppress(OCIError):
+                return resolver.resolve(rest, first)
+    raise Refused(f"no repository {name}", 404)
 
 
 def repo_url(name: str) -> str:

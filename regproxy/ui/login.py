@@ -102,6 +102,11 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def logout_page(request: web.Request) -> web.Response:
+    """GET /ui/logout (a link followed, a URL typed): a page with the button that logs out."""
+    return render(request, "logout.html")
+
+
 async def logout(request: web.Request) -> web.StreamResponse:
     session = await checked(request, await request.post())
     ui = ui_of(request)

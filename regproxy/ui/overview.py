@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from regproxy import metrics
+from regproxy.config import SizeLimit
 from regproxy.ui import queries
 from regproxy.ui.base import (
     TOTALS_TTL,
@@ -18,10 +19,21 @@ from regproxy.ui.base import (
     ui_of,
 )
 from regproxy.ui.charts import chart
+from regproxy.ui.format import configured_size
 from regproxy.ui.history import metric_sum, sample_now
+from regproxy.ui.status import health_data, peer_urls, peers_data
 
 
 # --- the overview ----------------------------------------------------------------------------------
+def _limit_text(size: SizeLimit, resolved: int | None) -> str | None:
+    """The limit as configured, in its units (``100 MB``, ``80% of the filesystem``)."""
+    if not size or resolved is None:
+        return None
+    if size.fraction:
+        return f"{size.fraction * 100:g}% of the filesystem"
+    return configured_size(size.bytes)
+
+
 async def overview_data(request: web.Request) -> dict[str, Any]:
     ui = ui_of(request)
     registry = registry_of(request)
@@ -38,7 +50,8 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
     s = sample_now(now)
     lookups = s.hits + s.misses
     ui.health.upstreams.sample(now)
-    seen = ui.health.upstreams.to_json()
+    peers = peer_urls(registry)
+    seen = {k: v for k, v in ui.health.upstreams.to_json().items() if k not in peers}
     upstreams = []
     matched: set[str] = set()
     for u in ui.config.upstreams:
@@ -58,18 +71,23 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
             }
         )
     others = [{"source": src, **st} for src, st in seen.items() if src not in matched]
+    fetched_peers = sum(metric_sum(metrics.FETCHED_BYTES, source=p) for p in peers)
+    peer_rows = peers_data(registry)
     intervals = ui.history.intervals()
     return {
         "time": now,
         "sync": ui.config.sync_enable,
         "project": ui.config.project,
+        "health": await health_data(ui, registry, upstreams, peer_rows),
         "store": {
             "used": counts["store_bytes"],
             "limit": limit,
+            "limit_configured": _limit_text(storage.max_size, limit),
             "min_free": floor,
             "filesystem": total,
             "free": free,
             "pinned": counts["pinned_bytes"],
+            "unreferenced": counts["unreferenced_bytes"],
         },
         "counts": {k: counts[k] for k in ("repositories", "tags", "manifests", "blobs")},
         "cache": {
@@ -77,12 +95,15 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
             "misses": s.misses,
             "hit_ratio": (s.hits / lookups) if lookups else None,
             "served_from_disk": s.served_disk,
-            "served_from_upstream": s.served_remote,
-            "fetched_upstream": s.fetched,
+            "served_from_upstream": metric_sum(metrics.SERVED_BYTES, source="upstream"),
+            "served_from_peers": metric_sum(metrics.SERVED_BYTES, source="peer"),
+            "fetched_upstream": max(0.0, s.fetched - fetched_peers),
+            "fetched_peers": fetched_peers,
             "inflight_fetches": metric_sum(metrics.INFLIGHT_FETCHES),
         },
         "upstreams": upstreams,
         "other_sources": others,
+        "peers": peer_rows,
         "history": intervals,
     }
 
@@ -97,7 +118,17 @@ async def overview(request: web.Request) -> web.Response:
         d=data,
         used_pct=min(100.0, 100.0 * store["used"] / used_of) if used_of else 0.0,
         chart=chart(data["history"], data["time"]),
+        refresh=_refresh(request),
     )
+
+
+def _refresh(request: web.Request) -> int:
+    """``?refresh=N``: the page reloads itself every N seconds (10..3600; 0 or absent: never)."""
+    try:
+        n = int(request.query.get("refresh", "0"))
+    except ValueError:
+        return 0
+    return 0 if n <= 0 else max(10, min(3600, n))
 
 
 async def api_overview(request: web.Request) -> web.Response:

@@ -1,17 +1,19 @@
 """The web page's questions to the metadata index (SQLite): bounded, paginated, no blob tree.
 
 Every function takes the :class:`~regproxy.index.Index` and runs on an index reader thread
-(``registry.db.read(queries.x, ...)``), never on the event loop. Lists are paginated by key
-(``after``/``before`` the name of a row, a range over the primary key with a ``LIMIT``: no
-``OFFSET`` scan), and the per-row figures (tags, sizes) are computed for the rows of one page
-only, so the 500th page costs what the first does, with 10 or 100,000 repositories.
+(``registry.db.read(queries.x, ...)``), never on the event loop. Lists in name order are
+paginated by key (``after``/``before`` the name of a row, a range with a ``LIMIT``: no ``OFFSET``
+scan), and the per-row figures (tags, sizes) are computed for the rows of one page only, so the
+500th page costs what the first does, with 10 or 100,000 repositories. The other orders (size,
+last pull; the operator's triage views) are numbered pages (``OFFSET``) over the matching rows.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from regproxy.index import Index
 
@@ -19,6 +21,72 @@ T = TypeVar("T")
 
 #: digests under a manifest (itself, an index's children), for sizes
 _TREE = "WITH RECURSIVE t(d) AS (SELECT ? UNION SELECT child FROM manifest_refs JOIN t ON parent = t.d) "
+#: bytes a repository's manifests reach (``{repo}``: the SQL naming the repository): what a
+#: delete takes away at once, though the files go at the next eviction or gc
+_REPO_SIZE = (
+    "(WITH RECURSIVE t(d) AS (SELECT digest FROM repo_manifests WHERE repo = {repo} "
+    "UNION SELECT child FROM manifest_refs JOIN t ON parent = t.d) "
+    "SELECT (SELECT COALESCE(SUM(size), 0) FROM blobs WHERE digest IN t) + "
+    "(SELECT COALESCE(SUM(size), 0) FROM manifests WHERE digest IN t))"
+)
+#: how the repository list may be ordered (``sort=``)
+REPO_SORTS: Final = {
+    "name": "name",
+    "size": "size DESC, name",
+    "pulled": "last_access IS NULL, last_access DESC, name",
+}
+#: how a repository's tags may be ordered (``sort=``); ``name`` orders numbers as numbers
+TAG_SORTS: Final = {
+    "name": "t.tag COLLATE natsort",
+    "pulled": "pulled IS NULL, pulled DESC, t.tag COLLATE natsort",
+    "cached": "COALESCE(rm.created, t.updated) DESC, t.tag COLLATE natsort",
+    "updated": "t.updated DESC, t.tag COLLATE natsort",
+}
+#: tag filters (``show=``)
+TAG_FILTERS: Final = {
+    "all": "",
+    "pinned": " AND COALESCE(rm.pinned, 0) = 1",
+    "cached": " AND COALESCE(rm.pinned, 0) = 0",
+}
+_PARTS = re.compile(r"(\d+)")
+
+
+def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders the numbers inside a name as numbers: 1.9 before 1.10."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in _PARTS.split(text) if part
+    )
+
+
+def _natural(a: str, b: str) -> int:
+    ka, kb = natural_key(a), natural_key(b)
+    return (ka > kb) - (ka < kb)
+
+
+def _collations(index: Index) -> None:
+    index.db.create_collation("natsort", _natural)
+
+
+#: config media types of plain images: what the index records as their "artifact type" (the
+#: OCI fallback to the config's type), which the page does not show as one
+IMAGE_CONFIGS: Final = frozenset(
+    {
+        "application/vnd.oci.image.config.v1+json",
+        "application/vnd.docker.container.image.v1+json",
+    }
+)
+
+
+def artifact(artifact_type: str | None) -> str | None:
+    return None if artifact_type in IMAGE_CONFIGS else artifact_type
+
+
+def pulled(last_access: float | None, created: float | None) -> float | None:
+    """When content was last served: a manifest's access time starts at its arrival (a push, a
+    fetch), which is not a pull."""
+    if last_access is None or (created is not None and last_access <= created):
+        return None
+    return float(last_access)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +156,14 @@ def _like(text: str) -> str:
 
 @dataclass(slots=True)
 class Page(Generic[T]):
-    """One page of a list in key order, and the keys to ask for the pages around it."""
+    """One page of a list, and the keys to ask for the pages around it (name order)."""
 
     rows: list[T]
     #: how many rows the whole list has
     total: int
-    #: ``after=`` for the next page (the last row's key), None on the last page
+    #: ``after=`` for the next page (the last row's key), None on the last page or by number
     next_after: str | None
-    #: ``before=`` for the previous page (the first row's key), None on the first page
+    #: ``before=`` for the previous page (the first row's key), None on the first or by number
     prev_before: str | None
 
 
@@ -152,9 +220,12 @@ def repositories(
     limit: int,
     after: str | None = None,
     before: str | None = None,
+    sort: str = "name",
+    offset: int = 0,
 ) -> Page[RepoRow]:
-    """One page of repositories (by name) that hold content, after or before a name, and how
-    many match in all (the index's running total when nothing filters)."""
+    """One page of repositories that hold content, and how many match in all (the index's
+    running total when nothing filters). By name: after or before a name. By size or last
+    pull: ``offset`` rows in (sizing every matching repository)."""
     where, args = _where(project, q)
     if project or q:
         total = int(
@@ -162,23 +233,34 @@ def repositories(
         )
     else:
         total = index.totals().repos
-    cond, order, more, reverse = _keyset("name", after, before, limit)
+    if sort in REPO_SORTS and sort != "name":
+        order = REPO_SORTS[sort]
+        page = (
+            "SELECT name, host, path, created, last_access, manifests, "
+            f"{_REPO_SIZE.format(repo='repos.name')} AS size FROM repos WHERE {where} "
+            f"ORDER BY {order} LIMIT ? OFFSET ?"
+        )
+        size, params, reverse = "page.size", [*args, limit, offset], False
+    else:
+        cond, order, more, reverse = _keyset("name", after, before, limit)
+        page = (
+            "SELECT name, host, path, created, last_access, manifests FROM repos "
+            f"WHERE {where} AND {cond} ORDER BY {order} LIMIT ?"
+        )
+        size, params = _REPO_SIZE.format(repo="page.name"), [*args, *more]
     rows = index.db.execute(
-        "WITH page AS (SELECT name, host, path, created, last_access, manifests FROM repos "
-        f"WHERE {where} AND {cond} ORDER BY {order} LIMIT ?) "
+        f"WITH page AS ({page}) "
         "SELECT name, host, path, created, last_access, "
         "(SELECT count(*) FROM tags t WHERE t.repo = page.name), manifests, "
-        "(SELECT COALESCE(SUM(b.size), 0) FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest "
-        " WHERE rb.repo = page.name) + "
-        "(SELECT COALESCE(SUM(m.size), 0) FROM repo_manifests rm JOIN manifests m "
-        " ON m.digest = rm.digest WHERE rm.repo = page.name) "
-        f"FROM page ORDER BY {order}",
-        [*args, *more],
+        f"{size} AS size FROM page ORDER BY {order}",
+        params,
     ).fetchall()
     repos = [
         RepoRow(r[0], r[1], r[2] or "", float(r[3]), r[4], int(r[5]), int(r[6]), int(r[7]))
         for r in rows
     ]
+    if sort in REPO_SORTS and sort != "name":
+        return Page(repos, total, None, None)
     return _page(repos, lambda r: r.name, limit, reverse, after is not None, total)
 
 
@@ -190,11 +272,8 @@ def repository(index: Index, name: str) -> RepoRow | None:
         return None
     counts = index.db.execute(
         "SELECT (SELECT count(*) FROM tags WHERE repo=?), "
-        "(SELECT count(*) FROM repo_manifests WHERE repo=?), "
-        "(SELECT COALESCE(SUM(b.size), 0) FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest "
-        " WHERE rb.repo=?) + (SELECT COALESCE(SUM(m.size), 0) FROM repo_manifests rm "
-        " JOIN manifests m ON m.digest = rm.digest WHERE rm.repo=?)",
-        (name, name, name, name),
+        "(SELECT count(*) FROM repo_manifests WHERE repo=?), " + _REPO_SIZE.format(repo="?"),
+        (name, name, name),
     ).fetchone()
     return RepoRow(
         row[0],
@@ -219,34 +298,63 @@ def tree_size(index: Index, digest: str) -> int:
 
 
 def repo_tags(
-    index: Index, repo: str, *, limit: int, after: str | None = None, before: str | None = None
+    index: Index,
+    repo: str,
+    *,
+    limit: int,
+    after: str | None = None,
+    before: str | None = None,
+    sort: str = "name",
+    offset: int = 0,
+    show: str = "all",
+    only: list[str] | None = None,
 ) -> Page[TagRow]:
-    """One page of a repository's tags (by name) after or before a tag, and the number of tags."""
-    total = int(index.db.execute("SELECT count(*) FROM tags WHERE repo=?", (repo,)).fetchone()[0])
-    cond, order, more, reverse = _keyset("t.tag", after, before, limit)
+    """One page of a repository's tags, and how many match. By name (numbers as numbers):
+    after or before a tag; by :data:`TAG_SORTS`' others: ``offset`` rows in. ``show``:
+    :data:`TAG_FILTERS`; ``only``: just these tags (the stale ones)."""
+    _collations(index)
+    where = "t.repo=?" + TAG_FILTERS.get(show, "")
+    args: list[Any] = [repo]
+    if only is not None:
+        where += f" AND t.tag IN ({','.join('?' * len(only))})"
+        args += only
+    base = (
+        "FROM tags t JOIN manifests m ON m.digest = t.digest "
+        "LEFT JOIN repo_manifests rm ON rm.repo = t.repo AND rm.digest = t.digest "
+    )
+    total = int(index.db.execute(f"SELECT count(*) {base} WHERE {where}", args).fetchone()[0])
+    by_name = sort not in TAG_SORTS or sort == "name"
+    if by_name:
+        cond, order, more, reverse = _keyset(TAG_SORTS["name"], after, before, limit)
+        where, params = f"{where} AND {cond}", [*args, *more]
+        tail = f"ORDER BY {order} LIMIT ?"
+    else:
+        reverse, params = False, [*args, limit, offset]
+        tail = f"ORDER BY {TAG_SORTS[sort]} LIMIT ? OFFSET ?"
     rows = index.db.execute(
         "SELECT t.tag, t.digest, m.media_type, m.artifact_type, rm.created, rm.last_access, "
-        "t.updated, t.checked, COALESCE(rm.pinned, 0) FROM tags t "
-        "JOIN manifests m ON m.digest = t.digest "
-        "LEFT JOIN repo_manifests rm ON rm.repo = t.repo AND rm.digest = t.digest "
-        f"WHERE t.repo=? AND {cond} ORDER BY {order} LIMIT ?",
-        (repo, *more),
+        "t.updated, t.checked, COALESCE(rm.pinned, 0), "
+        "CASE WHEN rm.last_access > rm.created THEN rm.last_access END AS pulled "
+        f"{base} WHERE {where} {tail}",
+        params,
     ).fetchall()
     out = [
         TagRow(
             r[0],
             r[1],
             r[2],
-            r[3],
+            artifact(r[3]),
             tree_size(index, r[1]),
             float(r[4] or r[6]),
-            r[5],
+            r[9],
             r[6],
             r[7],
             bool(r[8]),
         )
         for r in rows[: limit + 1]
     ]
+    if not by_name:
+        return Page(out, total, None, None)
     return _page(out, lambda t: t.tag, limit, reverse, after is not None, total)
 
 
@@ -266,10 +374,10 @@ def untagged(index: Index, repo: str, *, limit: int) -> list[TagRow]:
             None,
             r[0],
             r[1],
-            r[2],
+            artifact(r[2]),
             tree_size(index, r[0]),
             float(r[3]),
-            r[4],
+            pulled(r[4], r[3]),
             None,
             None,
             bool(r[5]),
@@ -294,8 +402,8 @@ class ManifestInfo:
     total_size: int
     #: digest -> size of the blobs it lists that the store holds (None: not held)
     blob_sizes: dict[str, int | None]
-    #: digests of manifests it lists that the repository holds
-    children_held: set[str]
+    #: manifests it lists that the repository holds -> their bytes with their blobs
+    children_held: dict[str, int]
     #: manifests of this repository whose subject is this one (signatures, SBOMs)
     referrers: list[tuple[str, str, str | None, int]]
 
@@ -316,7 +424,7 @@ def manifest_info(index: Index, repo: str, digest: str) -> ManifestInfo | None:
         )
     ]
     blobs: dict[str, int | None] = {}
-    children: set[str] = set()
+    children: dict[str, int] = {}
     for child, kind, bsize, held in index.db.execute(
         "SELECT x.child, x.kind, b.size, "
         "EXISTS (SELECT 1 FROM repo_manifests r WHERE r.repo=? AND r.digest = x.child) "
@@ -326,7 +434,7 @@ def manifest_info(index: Index, repo: str, digest: str) -> ManifestInfo | None:
         if kind == "blob":
             blobs[child] = None if bsize is None else int(bsize)
         elif held:
-            children.add(child)
+            children[child] = tree_size(index, child)
     referrers = [
         (r[0], r[1], r[2], int(r[3]))
         for r in index.db.execute(
@@ -341,11 +449,11 @@ def manifest_info(index: Index, repo: str, digest: str) -> ManifestInfo | None:
         digest=digest,
         media_type=row[0],
         size=int(row[1]),
-        artifact_type=row[2],
+        artifact_type=artifact(row[2]),
         subject=row[3],
         annotations=json.loads(row[4]) if row[4] else None,
         cached=float(row[5]),
-        last_access=row[6],
+        last_access=pulled(row[6], row[5]),
         pinned=bool(row[7]),
         tags=tags,
         total_size=tree_size(index, digest),
@@ -356,8 +464,13 @@ def manifest_info(index: Index, repo: str, digest: str) -> ManifestInfo | None:
 
 
 def totals(index: Index) -> dict[str, int]:
-    """Counts for the overview: the index's running totals (one row, no scan)."""
+    """Counts for the overview: the index's running totals (one row, no scan), and the bytes no
+    repository manifest reaches any more (deleted, or a push without its manifest): still on
+    disk and in the store's size until the next eviction or gc (``refs.live = 0``, an index)."""
     t = index.totals()
+    loose = index.db.execute(
+        "SELECT COALESCE(SUM(size), 0) FROM refs WHERE live = 0 AND size IS NOT NULL"
+    ).fetchone()
     return {
         "repositories": t.repos,
         "tags": t.tags,
@@ -365,4 +478,5 @@ def totals(index: Index) -> dict[str, int]:
         "blobs": t.blobs,
         "store_bytes": t.stored_bytes,
         "pinned_bytes": t.pinned_bytes,
+        "unreferenced_bytes": int(loose[0]),
     }

@@ -1,24 +1,17 @@
-"""Projects, repositories, a repository's tags and a manifest: as pages and as JSON."""
+"""Projects, repositories, a repository's tags, what eviction takes next: pages and JSON."""
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlencode
 
 from aiohttp import web
 
-from regproxy.errors import OCIError
-from regproxy.names import RepoName
-from regproxy.oci import INDEX_TYPES, Digest, is_digest_reference, parse_manifest
-from regproxy.policy import SignatureStatus, is_artifact
-from regproxy.referrers import kind_of
-from regproxy.registry import Registry
 from regproxy.ui import queries
 from regproxy.ui.base import (
     PREFIX,
+    Refused,
     json_response,
     manifest_url,
     page_args,
@@ -28,13 +21,20 @@ from regproxy.ui.base import (
     resolve,
     ui_of,
 )
-from regproxy.ui.format import platform_str
-from regproxy.web_keys import POLICY_KEY
+from regproxy.ui.evicting import eviction_order
+from regproxy.ui.manifest import platforms_of, signature_of
+from regproxy.ui.pulls import commands
+
+#: rows of the "next to be evicted" view
+EVICT_ROWS: Final = 50
 
 
 # --- projects and repositories -------------------------------------------------------------------
 async def projects_page(request: web.Request) -> web.Response:
     rows = await registry_of(request).db.read(queries.projects)
+    if len(rows) == 1 and not request.query.get("all"):
+        # one project (the usual host): its repositories are the page to show
+        raise web.HTTPSeeOther(f"{PREFIX}/repositories?{urlencode({'project': rows[0][0]})}")
     return render(request, "projects.html", projects=rows)
 
 
@@ -43,10 +43,15 @@ async def api_projects(request: web.Request) -> web.Response:
     return json_response({"projects": [{"name": p, "repositories": n} for p, n in rows]})
 
 
+def _choice(request: web.Request, key: str, allowed: Any, default: str) -> str:
+    value = request.query.get(key, default)
+    return value if value in allowed else default
+
+
 def _cursor(request: web.Request) -> tuple[int, dict[str, str]]:
-    """(page number, ``after``/``before`` key) of a keyset page: the key says where the page is
-    (queries.Page), the number is only shown ("page 3 of 9") and carried by the links. Without
-    a key it is the first page."""
+    """(page number, ``after``/``before`` key) of a page in name order: the key says where the
+    page is (queries.Page), the number is only shown ("page 3 of 9") and carried by the links.
+    Without a key it is the first page."""
     page, _ = page_args(request)
     for key in ("before", "after"):
         value = request.query.get(key)
@@ -55,8 +60,11 @@ def _cursor(request: web.Request) -> tuple[int, dict[str, str]]:
     return 1, {}
 
 
-def _paged(request: web.Request, page: int, per: int, found: queries.Page[Any]) -> dict[str, Any]:
-    """The page's numbers and its links to the pages around it (``after=``/``before=``)."""
+def _paged(
+    request: web.Request, page: int, per: int, found: queries.Page[Any], by_number: bool
+) -> dict[str, Any]:
+    """The page's numbers and its links to the pages around it: ``after=``/``before=`` in name
+    order, ``page=`` in the other orders."""
     pages = max(1, math.ceil(found.total / per))
     page = min(page, pages)
 
@@ -66,6 +74,12 @@ def _paged(request: web.Request, page: int, per: int, found: queries.Page[Any]) 
         }
         return f"{request.path}?{urlencode({**params, **cursor, 'page': str(number)})}"
 
+    if by_number:
+        nxt = link(page + 1) if page < pages else None
+        prev = link(page - 1) if page > 1 else None
+    else:
+        nxt = link(page + 1, after=found.next_after) if found.next_after else None
+        prev = link(max(1, page - 1), before=found.prev_before) if found.prev_before else None
     return {
         "page": page,
         "per_page": per,
@@ -73,25 +87,45 @@ def _paged(request: web.Request, page: int, per: int, found: queries.Page[Any]) 
         "total": found.total,
         "next": found.next_after,
         "prev": found.prev_before,
-        "next_url": link(page + 1, after=found.next_after) if found.next_after else None,
-        "prev_url": link(max(1, page - 1), before=found.prev_before) if found.prev_before else None,
+        "next_url": nxt,
+        "prev_url": prev,
     }
+
+
+def _position(request: web.Request, sort: str) -> tuple[int, dict[str, Any]]:
+    """Where the page is: a key in name order, a number (an offset) in the others."""
+    if sort == "name":
+        return _cursor(request)
+    page, per = page_args(request)
+    return page, {"offset": (page - 1) * per}
 
 
 async def _repositories(request: web.Request) -> dict[str, Any]:
     registry = registry_of(request)
     await registry.flush_access()  # last pulled: what was served until now
     _, per = page_args(request)
-    page, cursor = _cursor(request)
     q = request.query.get("q", "").strip()[:200] or None
     project = request.query.get("project", "").strip()[:200] or None
-    found = await registry.db.read(queries.repositories, project=project, q=q, limit=per, **cursor)
+    sort = _choice(request, "sort", queries.REPO_SORTS, "name")
+    page, where = _position(request, sort)
+    found = await registry.db.read(
+        queries.repositories, project=project, q=q, limit=per, sort=sort, **where
+    )
     return {
         "q": q or "",
         "project_filter": project or "",
-        **_paged(request, page, per, found),
+        "sort": sort,
+        **_paged(request, page, per, found, sort != "name"),
         "rows": found.rows,
     }
+
+
+def _sort_link(request: web.Request, key: str, value: str) -> str:
+    params = {
+        k: v for k, v in request.query.items() if k not in (key, "page", "after", "before") and v
+    }
+    params[key] = value
+    return f"{request.path}?{urlencode(params)}"
 
 
 async def repositories_page(request: web.Request) -> web.Response:
@@ -103,6 +137,7 @@ async def repositories_page(request: web.Request) -> web.Response:
         prev_url=data["prev_url"],
         next_url=data["next_url"],
         repo_url=repo_url,
+        link=lambda k, v: _sort_link(request, k, v),
     )
 
 
@@ -117,52 +152,10 @@ async def api_repositories(request: web.Request) -> web.Response:
 
 
 # --- a repository's tags -----------------------------------------------------------------------------
-async def _read_manifest(registry: Registry, digest: str) -> bytes | None:
-    """A manifest's own bytes by digest (one file, never a scan); None when it is gone."""
-    try:
-        d = Digest.parse(digest)
-        return await asyncio.get_running_loop().run_in_executor(None, registry.store.read, d)
-    except (OCIError, OSError):
-        return None
-
-
-async def _platforms(registry: Registry, digest: str, media_type: str) -> list[str]:
-    if media_type not in INDEX_TYPES:
-        return []
-    body = await _read_manifest(registry, digest)
-    if body is None:
-        return []
-    try:
-        parsed = parse_manifest(body, media_type)
-    except OCIError:
-        return []
-    return [platform_str(m.platform) for m in parsed.manifests if m.platform]
-
-
-async def _signature(
-    request: web.Request, repo: RepoName, digest: str, media_type: str
-) -> SignatureStatus | None:
-    """Whether the store holds a signature of an image (artifacts and no keys: None)."""
-    policy = request.app[POLICY_KEY]
-    body = await _read_manifest(registry_of(request), digest)
-    if body is None or is_artifact(body, media_type):
-        return None
-    return await policy.status(repo, digest)
-
-
-async def _referrers(request: web.Request, repo: RepoName, digest: str) -> list[dict[str, Any]]:
-    """Signatures, SBOMs, attestations the store holds for a manifest (cosign's tags too)."""
-    found = await request.app[POLICY_KEY].registry.referrer_index.local(repo, Digest.parse(digest))
-    return [
-        {
-            "digest": str(d.digest),
-            "media_type": d.media_type,
-            "artifact_type": d.artifact_type,
-            "size": d.size,
-            "kind": kind_of(d),
-        }
-        for d in found[:200]
-    ]
+def stale_tags(registry: Any, repo: str) -> dict[str, float]:
+    """Tags of the repository served stale (the upstream could not confirm them), and when."""
+    stale = getattr(registry, "stale_served", None) or {}
+    return {tag: when for (r, tag), when in list(stale.items()) if r == repo}
 
 
 async def _tags(request: web.Request, name: str) -> dict[str, Any]:
@@ -172,32 +165,52 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     repo = resolve(request, name)
     info = await registry.db.read(queries.repository, repo.canonical)
     if info is None:
-        raise web.HTTPNotFound(text=f"no repository {repo.canonical}")
+        raise Refused(f"no repository {repo.canonical} in the store", 404)
     _, per = page_args(request)
-    page, cursor = _cursor(request)
-    found = await registry.db.read(queries.repo_tags, repo.canonical, limit=per, **cursor)
+    sort = _choice(request, "sort", queries.TAG_SORTS, "name")
+    show = _choice(request, "show", (*queries.TAG_FILTERS, "stale"), "all")
+    page, where = _position(request, sort)
+    stale = stale_tags(registry, repo.canonical)
+    found = await registry.db.read(
+        queries.repo_tags,
+        repo.canonical,
+        limit=per,
+        sort=sort,
+        show="all" if show == "stale" else show,
+        only=sorted(stale) if show == "stale" else None,
+        **where,
+    )
     tags = found.rows
     other = await registry.db.read(queries.untagged, repo.canonical, limit=100)
-    now = time.time()
     for row in (*tags, *other):
-        row.platforms.extend(await _platforms(registry, row.digest, row.media_type))
-    if not repo.is_local:
-        for row in tags:
-            row.stale = row.checked is not None and now - row.checked > ui.config.tag_ttl
+        row.platforms.extend(await platforms_of(registry, row.digest, row.media_type))
+    for row in tags:
+        # stale: served stale since the last time the upstream confirmed the tag
+        when = stale.get(row.tag or "")
+        row.stale = when is not None and when >= (row.checked or 0.0)
+    if show == "stale":
+        found.total -= sum(1 for row in tags if not row.stale)
+        tags = found.rows = [row for row in tags if row.stale]
     signatures = {}
     for row in tags:
-        status = await _signature(request, repo, row.digest, row.media_type)
+        status = await signature_of(request, repo, row.digest, row.media_type)
         if status is not None:
             signatures[row.digest] = status.to_json()
+    tls = ui.config.tls.enabled
     return {
         "repository": info,
         "upstream": repo.host,
-        **_paged(request, page, per, found),
+        "sort": sort,
+        "show": show,
+        **_paged(request, page, per, found, sort != "name"),
         "tags": tags,
         "untagged": other,
         "tag_ttl": ui.config.tag_ttl,
         #: digest -> what the store says of its signature (regproxy.policy; empty: no keys)
         "signatures": signatures,
+        "pull": {
+            row.tag: commands(repo, row.tag, request.host, tls=tls) for row in tags if row.tag
+        },
     }
 
 
@@ -210,6 +223,7 @@ async def repository_page(request: web.Request) -> web.Response:
         manifest_url=manifest_url,
         prev_url=data["prev_url"],
         next_url=data["next_url"],
+        link=lambda k, v: _sort_link(request, k, v),
     )
 
 
@@ -218,6 +232,8 @@ async def api_tags(request: web.Request) -> web.Response:
     return json_response(
         {
             "repository": data["repository"].to_json(),
+            "sort": data["sort"],
+            "show": data["show"],
             "page": data["page"],
             "per_page": data["per_page"],
             "pages": data["pages"],
@@ -225,83 +241,39 @@ async def api_tags(request: web.Request) -> web.Response:
             "next": data["next"],
             "prev": data["prev"],
             "tags": [
-                {**t.to_json(), "signature": data["signatures"].get(t.digest)} for t in data["tags"]
+                {
+                    **t.to_json(),
+                    "signature": data["signatures"].get(t.digest),
+                    "pull": [c.to_json() for c in data["pull"].get(t.tag, [])],
+                }
+                for t in data["tags"]
             ],
             "untagged": [t.to_json() for t in data["untagged"]],
         }
     )
 
 
-# --- a manifest ------------------------------------------------------------------------------------------
-async def _manifest(request: web.Request) -> dict[str, Any]:
-    name, at, digest = request.match_info["ref"].rpartition("@")
-    if not at or not is_digest_reference(digest):
-        raise web.HTTPNotFound(text="name@digest expected")
+# --- what eviction takes next ------------------------------------------------------------------------
+async def _eviction(request: web.Request) -> dict[str, Any]:
     registry = registry_of(request)
-    repo = resolve(request, name)
-    info = await registry.db.read(queries.manifest_info, repo.canonical, digest)
-    if info is None:
-        raise web.HTTPNotFound(text=f"{repo.canonical}@{digest} is not in the store")
-    body = await _read_manifest(registry, digest)
-    signature = await _signature(request, repo, digest, info.media_type)
-    platforms: list[dict[str, Any]] = []
-    layers: list[dict[str, Any]] = []
-    config: dict[str, Any] | None = None
-    if body is not None:
-        try:
-            parsed = parse_manifest(body, info.media_type)
-        except OCIError:
-            parsed = None
-        if parsed is not None:
-            for m in parsed.manifests:
-                platforms.append(
-                    {
-                        "platform": platform_str(m.platform) if m.platform else None,
-                        "digest": str(m.digest),
-                        "media_type": m.media_type,
-                        "size": m.size,
-                        "held": str(m.digest) in info.children_held,
-                    }
-                )
-            for i, b in enumerate(parsed.blobs):
-                entry = {
-                    "digest": str(b.digest),
-                    "media_type": b.media_type,
-                    "size": b.size,
-                    "held": info.blob_sizes.get(str(b.digest)) is not None,
-                }
-                if i == 0 and not parsed.is_index and "config" in b.media_type:
-                    config = entry
-                else:
-                    layers.append(entry)
-    return {
-        "repository": repo.canonical,
-        "digest": digest,
-        "media_type": info.media_type,
-        "artifact_type": info.artifact_type,
-        "size": info.size,
-        "total_size": info.total_size,
-        "subject": info.subject,
-        "annotations": info.annotations or {},
-        "cached": info.cached,
-        "last_pulled": info.last_access,
-        "pinned": info.pinned,
-        "tags": info.tags,
-        "platforms": platforms,
-        "config": config,
-        "layers": layers,
-        "referrers": await _referrers(request, repo, digest),
-        "signature": signature.to_json() if signature is not None else None,
-    }
+    await registry.flush_access()
+    ui = ui_of(request)
+    rows = await registry.db.read(
+        eviction_order,
+        limit=EVICT_ROWS,
+        loose_age=ui.config.storage.upload_ttl,
+    )
+    return {"rows": rows, "limit": EVICT_ROWS}
 
 
-async def manifest_page(request: web.Request) -> web.Response:
-    data = await _manifest(request)
-    return render(request, "manifest.html", m=data, manifest_url=manifest_url, repo_url=repo_url)
+async def eviction_page(request: web.Request) -> web.Response:
+    data = await _eviction(request)
+    return render(request, "evict.html", e=data, manifest_url=manifest_url, repo_url=repo_url)
 
 
-async def api_manifest(request: web.Request) -> web.Response:
-    return json_response(await _manifest(request))
+async def api_eviction(request: web.Request) -> web.Response:
+    data = await _eviction(request)
+    return json_response({"next": [r.to_json() for r in data["rows"]]})
 
 
 # --- the rest ----------------------------------------------------------------------------------------
@@ -313,6 +285,10 @@ async def static(request: web.Request) -> web.Response:
     resp.headers["Cache-Control"] = "max-age=3600"
     resp.headers["X-Content-Type-Options"] = "nosniff"
     return resp
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    raise Refused(f"no page {request.path}", 404)
 
 
 async def to_overview(request: web.Request) -> web.StreamResponse:

@@ -243,10 +243,17 @@ async def test_tags_manifest_pin_unpin_delete_through_the_page(client) -> None:
     resp = await client.post("/ui/pin", data={"csrf": token, "repo": REPO, "ref": digest})
     assert resp.status == 200 and "Pinned" in await resp.text()
     resp = await client.post("/ui/delete", data={"csrf": token, "repo": REPO, "ref": "v1"})
+    assert resp.status == 200 and 'id="confirm-delete"' in await resp.text()  # asks first
+    assert (await (await client.get(f"/ui/api/repositories/{REPO}/tags")).json())["tags"]
+    resp = await client.post(
+        "/ui/delete", data={"csrf": token, "repo": REPO, "ref": "v1", "confirm": "1"}
+    )
     assert resp.status == 200 and "Deleted tag" in await resp.text()
     tags = await (await client.get(f"/ui/api/repositories/{REPO}/tags")).json()
     assert tags["tags"] == [] and tags["untagged"][0]["digest"] == digest
-    resp = await client.post("/ui/delete", data={"csrf": token, "repo": REPO, "ref": digest})
+    resp = await client.post(
+        "/ui/delete", data={"csrf": token, "repo": REPO, "ref": digest, "confirm": "1"}
+    )
     assert resp.status == 200
     repos = await (await client.get("/ui/api/repositories")).json()
     assert repos["total"] == 0

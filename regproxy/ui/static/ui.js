@@ -48,7 +48,7 @@ function showSummary(box, s) {
 }
 
 function showError(box, msg) {
-  box.replaceChildren(el("div", msg, { class: "banner err", id: "upload-error" }));
+  box.replaceChildren(el("div", msg, { class: "banner err", id: "upload-error", role: "alert" }));
 }
 
 function setupUpload() {
@@ -84,12 +84,16 @@ function setupUpload() {
         text.textContent = "Done.";
         showSummary(box, body);
       } else {
+        bar.value = 0;
+        wrap.hidden = true;
         text.textContent = "";
         showError(box, (body && body.error) || ("Upload failed: HTTP " + xhr.status));
       }
     });
     xhr.addEventListener("error", () => {
       button.disabled = false;
+      bar.value = 0;
+      wrap.hidden = true;
       showError(box, "Upload failed: the connection was lost.");
     });
     wrap.hidden = false;
@@ -100,12 +104,59 @@ function setupUpload() {
   });
 }
 
+// Asked here in a dialog, so the server's confirmation page is skipped (confirm=1); without
+// this script the first click shows that page instead.
 function setupConfirm() {
   for (const form of document.querySelectorAll("form[data-confirm]")) {
     form.addEventListener("submit", (ev) => {
-      if (!window.confirm(form.dataset.confirm)) ev.preventDefault();
+      if (!window.confirm(form.dataset.confirm)) { ev.preventDefault(); return; }
+      if (!form.querySelector("input[name=confirm]")) {
+        form.append(el("input", null, { type: "hidden", name: "confirm", value: "1" }));
+      }
     });
   }
 }
 
-document.addEventListener("DOMContentLoaded", () => { setupUpload(); setupConfirm(); });
+// Copy buttons (hidden without this script: the commands stay selectable text).
+function setupCopy() {
+  if (!navigator.clipboard && !document.queryCommandSupported) return;
+  for (const button of document.querySelectorAll("button.copy[data-copy]")) {
+    button.hidden = false;
+    button.addEventListener("click", async () => {
+      const text = button.dataset.copy;
+      let ok = false;
+      try {
+        await navigator.clipboard.writeText(text);
+        ok = true;
+      } catch (e) {
+        const area = el("textarea", null, { readonly: "", "aria-hidden": "true" });
+        area.value = text;
+        document.body.append(area);
+        area.select();
+        try { ok = document.execCommand("copy"); } catch (e2) { ok = false; }
+        area.remove();
+      }
+      const old = button.textContent;
+      button.textContent = ok ? "Copied" : "Select and copy";
+      setTimeout(() => { button.textContent = old; }, 1500);
+    });
+  }
+}
+
+// Absolute times in the browser's own time zone (the server writes UTC).
+function setupTimes() {
+  const fmt = new Intl.DateTimeFormat(undefined, {
+    year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit",
+    second: "2-digit", timeZoneName: "short",
+  });
+  for (const span of document.querySelectorAll(".abs[data-t]")) {
+    const d = new Date(span.dataset.t);
+    if (isNaN(d)) continue;
+    const prefix = span.textContent.startsWith("since ") ? "since " : "";
+    span.textContent = prefix + fmt.format(d);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  setupUpload(); setupConfirm(); setupCopy(); setupTimes();
+});

@@ -1,0 +1,121 @@
+"""The overview's one verdict and its peers panel.
+
+The verdict reads what ``/readyz`` checks (store writable, index open, listener; prefetch when
+``prefetch.required_for_ready``), then what an operator would be paged for: an upstream or peer
+that stopped answering, tags served stale, prefetch failures, a full store with nothing left to
+evict. Everything comes from state the daemon keeps anyway (health, peers, prefetcher, metrics):
+the page dials nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+from regproxy import __version__, metrics
+from regproxy.ui.base import UI
+from regproxy.ui.history import metric_sum
+
+#: tags served stale this recently make the verdict "degraded"
+STALE_RECENT_SECONDS: Final = 3600.0
+
+
+def peer_urls(registry: Any) -> set[str]:
+    peers = getattr(registry, "peers", None)
+    return {p.url for p in peers.known()} if peers is not None else set()
+
+
+def peers_data(registry: Any) -> list[dict[str, Any]]:
+    """Each peer of the list: reachable or not, and what it sent and was asked."""
+    peers = getattr(registry, "peers", None)
+    if peers is None:
+        return []
+    mono = time.monotonic()
+    out = []
+    for p in peers.known():
+        if p.is_self:
+            state = "this host"
+        elif p.bad_until > mono:
+            state = "unreachable"
+        elif p.checked:
+            state = "reachable"
+        else:
+            state = "unknown"
+        out.append(
+            {
+                "url": p.url,
+                "state": state,
+                "retry_in": max(0.0, p.bad_until - mono) if state == "unreachable" else None,
+                "bytes_from": metric_sum(metrics.FETCHED_BYTES, source=p.url),
+                "hits": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="hit"),
+                "misses": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="miss"),
+                "errors": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="error"),
+            }
+        )
+    return out
+
+
+def stale_recent(registry: Any, now: float) -> int:
+    stale = getattr(registry, "stale_served", None) or {}
+    return sum(1 for t in stale.values() if t > now - STALE_RECENT_SECONDS)
+
+
+async def health_data(
+    ui: UI, registry: Any, upstreams: list[dict[str, Any]], peers: list[dict[str, Any]]
+) -> dict[str, Any]:
+    now = time.time()
+    extra: dict[str, bool] = {}
+    prefetch = ui.prefetch
+    if prefetch is not None and ui.config.prefetch.required_for_ready:
+        extra["prefetch_done"] = prefetch.prefetch_done
+    _status, ready = await ui.health.check(extra)
+    images = sorted((prefetch.state if prefetch is not None else {}).items())
+    prefetch_counts = {
+        s: sum(1 for _, v in images if v == s) for s in ("done", "pending", "failed")
+    }
+    problems: list[str] = []
+    for name, err in ready.get("errors", {}).items():
+        problems.append(f"{name}: {err}")
+    for name, ok in ready["checks"].items():
+        if not ok and name not in ready.get("errors", {}):
+            problems.append(f"{name}: not yet" if name == "prefetch_done" else name)
+    warnings: list[str] = []
+    if ui.config.sync_enable:
+        for u in upstreams:
+            for s in u["sources"]:
+                if s["state"] == "unreachable":
+                    warnings.append(f"upstream {s['source']} is not answering")
+    for p in peers:
+        if p["state"] == "unreachable":
+            warnings.append(f"peer {p['url']} is not answering")
+    stale = stale_recent(registry, now)
+    if stale:
+        warnings.append(
+            f"{stale} tag(s) served stale in the last hour: the upstream could not confirm them"
+        )
+    if prefetch_counts["failed"]:
+        warnings.append(f"{prefetch_counts['failed']} prefetch image(s) failed")
+    short = metric_sum(metrics.EVICT_SHORT_BYTES)
+    if short:
+        warnings.append("the store is over its limit with nothing left to evict (pinned or in use)")
+    verdict = "not ready" if not ready["ready"] else ("degraded" if warnings else "healthy")
+    return {
+        "verdict": verdict,
+        "ready": ready["ready"],
+        "checks": ready["checks"],
+        "problems": problems,
+        "warnings": warnings,
+        "version": __version__,
+        "instance": ui.instance,
+        "started": ui.started,
+        "uptime": max(0.0, now - ui.started),
+        "evicted_bytes": metric_sum(metrics.EVICTED_BYTES),
+        "evict_short_bytes": short,
+        "login_failures": metric_sum(metrics.LOGIN_FAILURES),
+        "stale_tags_served": metric_sum(metrics.STALE_SERVED),
+        "peer_requests_served": metric_sum(metrics.PEER_SERVED),
+        "prefetch": {
+            "counts": prefetch_counts,
+            "images": [{"image": ref, "state": state} for ref, state in images],
+        },
+    }

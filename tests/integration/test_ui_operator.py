@@ -1,0 +1,167 @@
+"""The web page's numbers as an operator checks them (in-process daemons on 127.0.0.1): a push
+is not a pull, a deleted index takes its pins with it, "stale" means served stale, peers are
+not upstreams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from regproxy.api import REGISTRY_KEY
+from tests.fakes import FakeUpstream
+from tests.images import OCI_INDEX, OCI_MANIFEST, make_image, make_index, sha256
+from tests.uiclient import AUTH, get_json, login, post, push, put_manifest, start
+
+# api keeps per-request facts under plain string keys (request["error"]), as test_auth says
+pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+REPO = "spectro-images/team/app"
+OTHER = "spectro-images/team/base"
+
+
+async def test_a_push_moves_neither_the_hit_ratio_nor_last_pulled(tmp_path: Path) -> None:
+    client = await start(tmp_path / "store")
+    try:
+        await login(client)
+        base = make_image(layer_sizes=(3000,))
+        await push(client, OTHER, "1", base)
+        before = (await get_json(client, "/ui/api/overview"))["cache"]
+        # a push into REPO: its client HEADs the blobs here and in the repository it came from
+        # (as containers/image does to find a blob it may mount), then uploads what is missing
+        for blob in (base.config, *base.layers):
+            resp = await client.head(f"/v2/{OTHER}/blobs/{sha256(blob)}", headers=AUTH)
+            assert resp.status == 200
+        img = make_image()
+        for _ in range(5):
+            await push(client, REPO, "v1", img)
+        after = (await get_json(client, "/ui/api/overview"))["cache"]
+        assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+        assert after["hit_ratio"] == before["hit_ratio"]
+        for name in (REPO, OTHER):
+            tags = await get_json(client, f"/ui/api/repositories/{name}/tags")
+            assert tags["repository"]["last_pulled"] is None, name
+            assert all(t["last_pulled"] is None for t in tags["tags"]), name
+
+        # a pull is a pull: the manifest and its blobs are hits, and both say when
+        resp = await client.get(
+            f"/v2/{REPO}/manifests/v1", headers={"Accept": OCI_MANIFEST, **AUTH}
+        )
+        assert resp.status == 200
+        for blob in (img.config, *img.layers):
+            resp = await client.get(f"/v2/{REPO}/blobs/{sha256(blob)}", headers=AUTH)
+            assert resp.status == 200 and await resp.read() == blob
+        pulled = (await get_json(client, "/ui/api/overview"))["cache"]
+        assert pulled["hits"] == after["hits"] + 1 + 1 + len(img.layers)
+        assert pulled["misses"] == after["misses"]
+        tags = await get_json(client, f"/ui/api/repositories/{REPO}/tags")
+        assert tags["repository"]["last_pulled"] is not None
+        assert tags["tags"][0]["last_pulled"] is not None
+        other = await get_json(client, f"/ui/api/repositories/{OTHER}/tags")
+        assert other["repository"]["last_pulled"] is None
+    finally:
+        await client.close()
+
+
+async def test_deleting_a_pinned_index_unpins_its_children(tmp_path: Path) -> None:
+    client = await start(tmp_path / "store")
+    try:
+        csrf = await login(client)
+        a, b = make_image("amd64"), make_image("arm64")
+        for img in (a, b):
+            await push(client, REPO, img.digest.replace(":", "-"), img)
+        index = make_index({"amd64": a, "arm64": b})
+        digest = await put_manifest(client, REPO, "multi", index, OCI_INDEX)
+        for img in (a, b):  # the platforms' own tags go: only the index names them
+            resp = await post(
+                client,
+                "/ui/delete",
+                csrf=csrf,
+                repo=REPO,
+                ref=img.digest.replace(":", "-"),
+                confirm="1",
+            )
+            assert resp.status == 200
+        m = await get_json(client, f"/ui/api/manifests/{REPO}@{digest}")
+        assert m["pinned"] is True
+        overview = await get_json(client, "/ui/api/overview")
+        assert overview["store"]["pinned"] > 0
+        assert overview["store"]["unreferenced"] == 0
+
+        # without JavaScript, the first click asks (and says what the pin means)
+        resp = await post(client, "/ui/delete", csrf=csrf, repo=REPO, ref=digest)
+        text = await resp.text()
+        assert resp.status == 200 and 'name="confirm"' in text and "pinned" in text
+        assert (await get_json(client, f"/ui/api/manifests/{REPO}@{digest}"))["pinned"]
+
+        resp = await post(client, "/ui/delete", csrf=csrf, repo=REPO, ref=digest, confirm="1")
+        assert resp.status == 200, await resp.text()
+        assert "next eviction or gc" in await resp.text()
+        tags = await get_json(client, f"/ui/api/repositories/{REPO}/tags")
+        left = {t["digest"]: t for t in tags["untagged"]}
+        assert set(left) == {a.digest, b.digest}
+        assert not any(t["pinned"] for t in left.values())
+        overview = await get_json(client, "/ui/api/overview")
+        assert overview["store"]["pinned"] == 0
+        assert overview["store"]["unreferenced"] == len(index)
+
+        # the API's DELETE does the same
+        index2 = make_index({"amd64": a})
+        d2 = await put_manifest(client, REPO, "one", index2, OCI_INDEX)
+        resp = await post(client, "/ui/pin", csrf=csrf, repo=REPO, ref="one")  # with its child
+        assert resp.status == 200
+        assert (await get_json(client, f"/ui/api/manifests/{REPO}@{a.digest}"))["pinned"]
+        resp = await client.delete(f"/v2/{REPO}/manifests/{d2}", headers=AUTH)
+        assert resp.status == 202
+        assert not (await get_json(client, f"/ui/api/manifests/{REPO}@{a.digest}"))["pinned"]
+    finally:
+        await client.close()
+
+
+async def test_a_quiet_host_shows_no_stale_until_the_upstream_cannot_confirm(
+    tmp_path: Path,
+) -> None:
+    up = await FakeUpstream().start()
+    img = make_image()
+    for blob in (img.config, *img.layers):
+        up.add_blob(blob)
+    up.add_manifest("team/app", "v1", img.manifest, OCI_MANIFEST)
+    # tag_ttl 0: every request re-checks the tag, so "older than tag_ttl" holds at once
+    client = await start(
+        tmp_path / "store",
+        content={"sync": {"enable": True}},
+        upstreams={up.hostport: {"url": up.url, "alias": "up.test"}},
+        tag_ttl=0,
+    )
+    name = "spectro-images/up.test/team/app"
+    manifest = f"/v2/{name}/manifests/v1"
+    try:
+        await login(client)
+        assert (await client.get(manifest, headers=AUTH)).status == 200
+        assert (await client.get(manifest, headers=AUTH)).status == 200  # confirmed by a HEAD
+        tags = await get_json(client, f"/ui/api/repositories/{name}/tags")
+        assert tags["tags"][0]["stale"] is False
+        page = await (await client.get(f"/ui/repositories/{name}")).text()
+        assert 'class="pill warn"' not in page
+        overview = await get_json(client, "/ui/api/overview")
+        served_stale = overview["health"]["stale_tags_served"]
+
+        await up.stop()  # the upstream cannot confirm: the tag is served stale, and says so
+        assert (await client.get(manifest, headers=AUTH)).status == 200
+        tags = await get_json(client, f"/ui/api/repositories/{name}/tags")
+        assert tags["tags"][0]["stale"] is True
+        page = await (await client.get(f"/ui/repositories/{name}")).text()
+        assert 'class="pill warn"' in page and "the upstream could not confirm it" in page
+        only = await get_json(client, f"/ui/api/repositories/{name}/tags?show=stale")
+        assert [t["tag"] for t in only["tags"]] == ["v1"]
+        overview = await get_json(client, "/ui/api/overview")
+        assert overview["health"]["stale_tags_served"] == served_stale + 1
+
+        await up.start()  # back on its port: the next request confirms the tag
+        assert (await client.get(manifest, headers=AUTH)).status == 200
+        tags = await get_json(client, f"/ui/api/repositories/{name}/tags")
+        assert tags["tags"][0]["stale"] is False
+        registry = client.server.app[REGISTRY_KEY]
+        assert (name, "v1") in registry.stale_served  # remembered, but a later check wins
+    finally:
+        await client.close()
+        await up.stop()
