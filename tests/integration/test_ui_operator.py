@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from regproxy.api import REGISTRY_KEY
+from regproxy.web_keys import REGISTRY_KEY
 from tests.fakes import FakeUpstream
 from tests.images import OCI_INDEX, OCI_MANIFEST, make_image, make_index, sha256
 from tests.uiclient import AUTH, get_json, login, post, push, put_manifest, start
