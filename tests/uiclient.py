@@ -22,12 +22,12 @@ AUTH = {"Authorization": "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode(
 
 async def start(root: Path, **extra: Any) -> TestClient[Any, Any]:
     raw: dict[str, Any] = {
-        "storage": {"root": str(root)},
         "content": {"sync": {"enable": False}},
         "log": {"access": False},
         "auth": {"users": {"alice": HASH}},
         **extra,
     }
+    raw["storage"] = {**extra.get("storage", {}), "root": str(root)}  # never the default root
     client: TestClient[Any, Any] = TestClient(
         TestServer(create_app(config_from_dict(raw)), host="127.0.0.1")
     )

@@ -24,7 +24,6 @@ from regproxy.ui.base import (
     render,
     repo_url,
     resolve,
-    ui_of,
     wants_json,
 )
 from regproxy.web_keys import POLICY_KEY, RESOLVER_KEY
@@ -61,7 +60,6 @@ async def change(request: web.Request) -> web.StreamResponse:
             msg += "; the bytes no manifest references any more go at the next eviction or gc."
     except OCIError as exc:
         return refused(request, f"{action} {repo.canonical}{_sep(ref)}{ref}: {exc}", 404)
-    ui_of(request).counts_cache = None
     log.info("ui.%s user=%r repo=%s ref=%s", action, session.user, repo.canonical, ref)
     if wants_json(request):
         return json_response({"ok": True, "message": msg})
@@ -144,7 +142,6 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
         if wants_json(request):
             return json_response({"error": why}, status=400)
         return render(request, "upload.html", status=400, error=why)
-    ui_of(request).counts_cache = None
     log.info("import.ui user=%r remote=%s %s", session.user, request.remote, summary)
     result = summary.to_json()
     if wants_json(request):

@@ -42,8 +42,6 @@ log = logging.getLogger("regproxy.ui")
 PREFIX: Final = "/ui"
 PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 500
-#: store and pinned bytes are aggregate queries: asked at most this often
-TOTALS_TTL: Final = 10.0
 CSP: Final = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -101,7 +99,6 @@ class UI:
         self.history = History()
         self.env = make_env()
         self.static = load_static()
-        self.counts_cache: tuple[float, dict[str, int]] | None = None
 
 
 UI_KEY: Final = web.AppKey("ui", UI)
@@ -211,7 +208,7 @@ def manifest_url(name: str, digest: str) -> str:
 def refused(request: web.Request, why: str, status: int = 403) -> web.Response:
     if wants_json(request):
         return json_response({"error": why}, status=status)
-    return render(request, "error.html", status=status, message=why)
+    return render(request, "error.html", status=status, message=why, code=status)
 
 
 def wants_json(request: web.Request) -> bool:

@@ -12,7 +12,6 @@ from regproxy import metrics
 from regproxy.config import SizeLimit
 from regproxy.ui import queries
 from regproxy.ui.base import (
-    TOTALS_TTL,
     json_response,
     registry_of,
     render,
@@ -40,10 +39,7 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     now = time.time()
     total, free = await loop.run_in_executor(None, registry.store.disk_usage)
-    if ui.counts_cache is None or now - ui.counts_cache[0] > TOTALS_TTL:
-        counts = await registry.db.read(queries.totals)
-        ui.counts_cache = (now, counts)
-    counts = ui.counts_cache[1]
+    counts = await registry.db.read(queries.totals)  # running totals: one row, no scan
     storage = ui.config.storage
     limit = storage.max_size.resolve(total) if storage.max_size else None
     floor = storage.min_free.resolve(total) if storage.min_free else 0
