@@ -77,7 +77,7 @@ LAYERS: dict[str, Layer] = {
     "evict_sql": _layer("evict_batch", "base index"),
     "gc": _layer("evict", f"{_MODEL} store index facade evict_sql transfer registry"),
     # the web page's "next to evict": eviction's own plan, read on an index reader thread
-    "eviction_view": _layer("ui.evicting", "base oci index gc"),
+    "eviction_view": _layer("ui.evicting", "base oci index evict_sql"),
     # the importer's parts: staging and docker archives know no registry; export knows no import
     "staging": _layer("bundle_stage", f"{_MODEL} store"),
     "archives": _layer("bundle_docker", f"{_MODEL} staging"),

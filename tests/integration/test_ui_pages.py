@@ -14,7 +14,7 @@ import pytest
 
 from regproxy.ui.charts import chart
 from tests.images import OCI_MANIFEST, make_image, make_index, write_layout
-from tests.uiclient import get_json, login, post, push, put_manifest, start
+from tests.uiclient import AUTH, get_json, login, post, push, put_manifest, start
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 REPO = "spectro-images/team/app"
@@ -191,5 +191,34 @@ async def test_one_project_skips_the_projects_list(tmp_path: Path) -> None:
         assert 'aria-current="page">Overview' in page
         assert 'aria-label="store used' in page  # the meter has a name
         assert '<th scope="col">' in await (await client.get(f"/ui/repositories/{REPO}")).text()
+    finally:
+        await client.close()
+
+
+async def test_next_to_evict_lists_unpinned_content_least_recently_used_first(
+    tmp_path: Path,
+) -> None:
+    client = await start(tmp_path / "store")
+    try:
+        csrf = await login(client)
+        old, new, kept = make_image(), make_image(), make_image()
+        for tag, img in (("old", old), ("new", new), ("kept", kept)):
+            await push(client, REPO, tag, img)  # pushed: pinned
+        assert (await get_json(client, "/ui/api/evict"))["next"] == []
+        for tag in ("old", "new"):
+            resp = await post(client, "/ui/unpin", csrf=csrf, repo=REPO, ref=tag)
+            assert resp.status == 200
+        # "new" was pulled since: "old" goes first
+        resp = await client.get(f"/v2/{REPO}/manifests/new", headers=AUTH)
+        assert resp.status == 200
+        rows = (await get_json(client, "/ui/api/evict"))["next"]
+        assert [(r["tags"], r["digest"]) for r in rows] == [
+            (["old"], old.digest),
+            (["new"], new.digest),
+        ]
+        size = len(old.manifest) + len(old.config) + sum(len(x) for x in old.layers)
+        assert rows[0]["bytes"] == size and rows[0]["repository"] == REPO
+        page = await (await client.get("/ui/evict")).text()
+        assert old.digest[:19] in page and kept.digest[:19] not in page
     finally:
         await client.close()
