@@ -39,7 +39,7 @@ async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Registry, Config]]:
     await reg.open()
     config_blob = b'{"os": "linux"}'
     for b in (config_blob, *LAYERS, b"loose"):
-        await reg.put_blob(REPO, Digest.of(b), chunks(b), len(b))
+        await reg.uploads.monolithic(REPO, Digest.of(b), chunks(b), len(b))
     manifest = json.dumps(
         {
             "schemaVersion": 2,
