@@ -64,11 +64,6 @@ MAX_PARENTS: Final = 8
 SIGNATURE_TYPES: Final = frozenset(
     {SIMPLESIGNING, "application/vnd.dev.cosign.artifact.sig.v1+json"}
 )
-#: layer media types a runtime unpacks into a filesystem
-_FS_LAYER_PREFIXES: Final = (
-    "application/vnd.oci.image.layer.",
-    "application/vnd.docker.image.rootfs.",
-)
 
 
 class Host(Protocol):
@@ -100,19 +95,24 @@ class Decision:
 
 
 def is_artifact(body: bytes, media_type: str) -> bool:
-    """An image manifest without one filesystem layer (a signature, SBOM, attestation)."""
+    """A manifest that runs nothing: an image manifest whose layers are all JSON or text
+    documents (signatures, bundles, attestations, SBOMs), or none. Anything else (filesystem
+    layers, WebAssembly, a chart, an unknown type) is held to the rule."""
     if media_type in INDEX_TYPES:
         return False
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser
+    except (ValueError, UnicodeDecodeError):
         return False
     layers = doc.get("layers") if isinstance(doc, dict) else None
     if not isinstance(layers, list):
         return False
     for layer in layers:
         mt = layer.get("mediaType") if isinstance(layer, dict) else None
-        if not isinstance(mt, str) or mt.startswith(_FS_LAYER_PREFIXES):
+        if not isinstance(mt, str):
+            return False
+        mt = mt.split(";", 1)[0].strip().lower()
+        if not (mt.endswith("json") or mt.startswith("text/")):
             return False
     return True
 
