@@ -77,8 +77,12 @@ class UpstreamClient:
             upstream_url = DOCKER_HUB_URL
         else:
             upstream_url = config.url_for(host)
-        mirrors = [Base(m, self._mirror_credentials(m), is_mirror=True) for m in config.mirrors]
-        upstream = Base(upstream_url, Credentials.from_config(config, host), is_mirror=False)
+        mirrors = [
+            Base(m, self._mirror_credentials(m), is_mirror=True, clock=timing.now)
+            for m in config.mirrors
+        ]
+        creds = Credentials.from_config(config, host)
+        upstream = Base(upstream_url, creds, is_mirror=False, clock=timing.now)
         upstream.label = host
         self._bases: tuple[Base, ...] = (*mirrors, upstream)
         # every hop is checked; the config names the mirrors and, unless this is the '*'

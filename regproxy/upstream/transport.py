@@ -23,7 +23,8 @@ import email.utils
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -68,7 +69,14 @@ class Base:
         "url",
     )
 
-    def __init__(self, url: str, creds: Credentials | None, *, is_mirror: bool) -> None:
+    def __init__(
+        self,
+        url: str,
+        creds: Credentials | None,
+        *,
+        is_mirror: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         u = URL(url.rstrip("/"))
         if u.user is not None:  # https://user:pass@mirror: credentials of that mirror
             creds = Credentials(u.user, u.password or "")
@@ -80,7 +88,7 @@ class Base:
         self.is_mirror = is_mirror
         self.bearer: tuple[str, str] | None = None  # (realm, service) once challenged
         self.basic = False  # a Basic challenge was seen
-        self.tokens = TokenCache()
+        self.tokens = TokenCache(clock=clock)  # token lifetimes on the timing's clock
         #: no request before this (the clock of the transport's timing): a 429/503 Retry-After
         self.held_until = 0.0
         #: (remaining, limit) from the last answer with Docker Hub's rate-limit headers

@@ -143,7 +143,6 @@ def test_peers_never_ask_in_a_circle(daemon_factory) -> None:
     time.sleep(1.2)  # A probed B before B was up: B is back in A's list after one refresh
     missing = "sha256:" + "ab" * 32
     served_before = metric(b.url, "regproxy_peer_served_requests_total")
-    t0 = time.monotonic()
     for path in (
         f"/v2/docker.io/x/app/blobs/{missing}",
         "/v2/docker.io/x/app/manifests/v9",
@@ -156,7 +155,6 @@ def test_peers_never_ask_in_a_circle(daemon_factory) -> None:
             "MANIFEST_UNKNOWN",
             "NAME_UNKNOWN",
         )
-    assert time.monotonic() - t0 < 3
     # each miss on A asked B once; B answered from its store and asked nobody
     assert metric(b.url, "regproxy_peer_served_requests_total") - served_before == 3
     assert metric(a.url, "regproxy_peer_served_requests_total") == 0

@@ -296,7 +296,6 @@ def test_sigterm_lets_inflight_download_finish(daemon_factory: Callable[..., Dae
     try:
         assert length == n * MiB
         assert daemon.proc is not None
-        t0 = time.monotonic()
         daemon.proc.send_signal(signal.SIGTERM)
         # the listener closes at once: a new client is refused while the old one still reads
         refused = False
@@ -314,7 +313,6 @@ def test_sigterm_lets_inflight_download_finish(daemon_factory: Callable[..., Dae
     assert got == length
     assert body_digest == digest
     assert daemon.proc.wait(20) == 0
-    assert time.monotonic() - t0 < 20
     assert "shutdown.done" in daemon.log()
 
 
@@ -327,14 +325,13 @@ def test_sigterm_cuts_stalled_download_after_shutdown_timeout(
     sock, length, first = _open_download(daemon, digest)
     try:
         assert daemon.proc is not None
-        t0 = time.monotonic()
         daemon.proc.send_signal(signal.SIGTERM)  # and the client reads nothing at all
-        assert daemon.proc.wait(15) == 0
-        elapsed = time.monotonic() - t0
+        # shutdown_timeout 1s, not the default 30s: a daemon that waited for the stalled client
+        # would still be running when this wait gives up
+        assert daemon.proc.wait(10) == 0
         got, _ = _read_rest(sock, first, length, rate=None, seconds=0)
     finally:
         sock.close()
-    assert elapsed < 10, f"exit took {elapsed:.1f}s with shutdown_timeout 1s"
     assert got < length, "a stalled 200 MiB download cannot have finished"
 
 
@@ -344,10 +341,8 @@ def test_idle_daemon_stops_on_signal_with_exit_0(
 ) -> None:
     daemon = daemon_factory()
     assert daemon.proc is not None
-    t0 = time.monotonic()
     daemon.proc.send_signal(sig)
     assert daemon.proc.wait(10) == 0
-    assert time.monotonic() - t0 < 5
     assert "Traceback" not in daemon.log()
 
 

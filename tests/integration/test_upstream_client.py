@@ -23,6 +23,7 @@ from aiohttp import web
 
 from regproxy import metrics
 from regproxy.config import UpstreamConfig
+from regproxy.deadline import Timing
 from regproxy.errors import BlobUnknown, UpstreamError, UpstreamTimeout
 from regproxy.oci import Digest
 from regproxy.upstream import BlobStream, ManifestGet, ManifestHead, UpstreamClient
@@ -387,18 +388,21 @@ async def test_bearer_token_with_basic_credentials() -> None:
 
 
 async def test_token_expiry_and_revocation() -> None:
+    now = [1000.0]
     async with token_registry(expires_in=1) as reg:
-        client = client_for(reg.url)
+        host = reg.url.removeprefix("http://")
+        timing = Timing(now=lambda: now[0])
+        client = UpstreamClient(host, UpstreamConfig(host, url=reg.url), timing=timing)
         try:
             assert await client.head_manifest("lib/app", "v1") is not None
             assert await client.head_manifest("lib/app", "v1") is not None
             assert len(reg.tokens_issued) == 1
-            await asyncio.sleep(0.6)  # past expires_in minus the threshold (capped at half)
+            now[0] += 0.6  # past expires_in minus the threshold (capped at half)
             assert await client.head_manifest("lib/app", "v1") is not None
             assert len(reg.tokens_issued) == 2
 
             reg.expires_in = 300
-            await asyncio.sleep(0.6)
+            now[0] += 0.6
             assert await client.head_manifest("lib/app", "v1") is not None
             assert len(reg.tokens_issued) == 3
             # the server forgets every token: one 401, one new token, one retry, for all

@@ -1,0 +1,95 @@
+"""Registry: cached lookups stay right across deletes; uploads racing their own finish."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from regproxy.async_index import AsyncIndex
+from regproxy.errors import BlobUploadUnknown
+from regproxy.names import RepoName
+from regproxy.oci import Digest
+from regproxy.registry import Registry
+from regproxy.store import Store
+
+REPO = RepoName("spectro-images/app")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
+    root = tmp_path / "store"
+    reg = Registry(Store(root), AsyncIndex(root / "index.db"))
+    await reg.open()
+    yield reg
+    await reg.close()
+
+
+async def body(*parts: bytes) -> AsyncIterator[bytes]:
+    for p in parts:
+        yield p
+
+
+def digest(data: bytes) -> Digest:
+    return Digest("sha256", hashlib.sha256(data).hexdigest())
+
+
+async def test_blob_lookup_racing_a_delete_does_not_cache_the_deleted_blob(
+    registry: Registry,
+) -> None:
+    data = b"x" * 100
+    d = digest(data)
+    await registry.uploads.monolithic(REPO, d, body(data), len(data))
+    registry.drop_cached()  # a cold cache: the lookup goes to the index
+    # the lookup is queued on the index thread before the delete; it must not re-cache the link
+    lookup = asyncio.create_task(registry.local_blob(REPO, d))
+    await asyncio.sleep(0)
+    await registry.delete_blob(REPO, d)
+    await lookup
+    assert await registry.local_blob(REPO, d) is None
+
+
+async def test_manifest_lookup_racing_a_delete_does_not_cache_the_deleted_manifest(
+    registry: Registry,
+) -> None:
+    manifest = b'{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"a/b","digest":"%s","size":2},"layers":[]}'
+    cfg = b"{}"
+    cd = digest(cfg)
+    await registry.uploads.monolithic(REPO, cd, body(cfg), len(cfg))
+    m = manifest % (OCI_MANIFEST.encode(), str(cd).encode())
+    md = digest(m)
+    await registry.put_manifest(REPO, str(md), m, OCI_MANIFEST)
+    registry.drop_cached()
+    lookup = asyncio.create_task(registry.local_manifest(REPO, str(md)))
+    await asyncio.sleep(0)
+    await registry.delete_manifest(REPO, str(md))
+    await lookup
+    assert await registry.local_manifest(REPO, str(md)) is None
+
+
+async def test_patch_waiting_behind_a_finish_gets_upload_unknown(registry: Registry) -> None:
+    data = b"y" * 1000
+    uid = await registry.uploads.start(REPO)
+    await registry.uploads.append(REPO, uid, body(data[:500]))
+    gate = asyncio.Event()
+
+    async def slow_tail() -> AsyncIterator[bytes]:
+        await gate.wait()
+        yield data[500:]
+
+    finish = asyncio.create_task(registry.uploads.finish(REPO, uid, digest(data), slow_tail()))
+    await asyncio.sleep(0.05)  # finish holds the upload's lock
+    patch = asyncio.create_task(registry.uploads.append(REPO, uid, body(b"more")))
+    cancel = asyncio.create_task(registry.uploads.cancel(REPO, uid))
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await finish == len(data)
+    with pytest.raises(BlobUploadUnknown):
+        await patch
+    with pytest.raises(BlobUploadUnknown):
+        await cancel
+    assert registry.store.stat(digest(data)) == len(data)  # the committed blob is untouched
