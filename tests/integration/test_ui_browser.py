@@ -161,11 +161,13 @@ def axe_violations(driver: Any) -> list[str]:
     ]
 
 
-def check_page(driver: Any, url: str | Any, name: str) -> None:
+def check_page(driver: Any, url: str | Any, name: str, *, dark_too: bool = False) -> None:
     """The page at both widths: fits the phone, header links on screen, no serious axe finding
-    (light at both widths, dark at the desktop's), a screenshot of each width."""
+    (light at both widths; dark too, at the desktop's, for the pages with every colour), a
+    screenshot of each width."""
     problems = []
-    for size, dark in ((DESKTOP, False), (PHONE, False), (DESKTOP, True)):
+    runs = [(DESKTOP, False), (PHONE, False)] + ([(DESKTOP, True)] if dark_too else [])
+    for size, dark in runs:
         emulate(driver, size, dark=dark)
         driver.get(url) if isinstance(url, str) else url()
         wait(driver).until(EC.presence_of_element_located((By.TAG_NAME, "main")))
@@ -182,8 +184,7 @@ def check_page(driver: Any, url: str | Any, name: str) -> None:
         )
         if hidden:
             problems.append(f"{name} at {width}px: header items off screen: {hidden}")
-        if not dark:
-            shot(driver, f"{name}-{width}.png", size)
+        shot(driver, f"{name}-{width}{'-dark' if dark else ''}.png", size)
         problems += [
             f"{name} at {width}px{' dark' if dark else ''}: {v}" for v in axe_violations(driver)
         ]
@@ -334,7 +335,8 @@ def test_browser_login_pull_through_upload_logout(
         ("/ui/logout", "logout"),
         (confirm_page, "confirm-delete"),
     ):
-        check_page(d, base + path if isinstance(path, str) else path, name)
+        dark = name in ("overview", "repository-multi", "manifest", "confirm-delete")
+        check_page(d, base + path if isinstance(path, str) else path, name, dark_too=dark)
 
     # Delete with the script: one dialog, then done
     d.get(base + f"/ui/repositories/{multi}")

@@ -11,7 +11,7 @@ import pytest
 from regproxy.web_keys import REGISTRY_KEY
 from tests.fakes import FakeUpstream
 from tests.images import OCI_INDEX, OCI_MANIFEST, make_image, make_index, sha256
-from tests.uiclient import AUTH, get_json, login, post, push, put_manifest, start
+from tests.uiclient import AUTH, PASSWORD, get_json, login, post, push, put_manifest, start
 
 # api keeps per-request facts under plain string keys (request["error"]), as test_auth says
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
@@ -165,3 +165,40 @@ async def test_a_quiet_host_shows_no_stale_until_the_upstream_cannot_confirm(
     finally:
         await client.close()
         await up.stop()
+
+
+async def test_peer_bytes_are_peer_bytes_not_upstream_bytes(tmp_path: Path) -> None:
+    """A host with sync off fetches a blob from its peer: the page counts it as fetched from
+    peers (and served as it arrived from a peer), lists the peer in its panel with those bytes,
+    and never as an upstream."""
+    peer = await start(tmp_path / "peer")
+    img = make_image(layer_sizes=(50_000,))
+    try:
+        await push(peer, REPO, "v1", img)
+        peer_url = f"http://127.0.0.1:{peer.server.port}"
+        host = await start(
+            tmp_path / "host",
+            peers={"urls": [peer_url], "username": "alice", "password": PASSWORD},
+        )
+        try:
+            await login(host)
+            before = await get_json(host, "/ui/api/overview")
+            layer = img.layers[0]
+            resp = await host.get(f"/v2/{REPO}/blobs/{sha256(layer)}", headers=AUTH)
+            assert resp.status == 200 and await resp.read() == layer
+            after = await get_json(host, "/ui/api/overview")
+            cache, was = after["cache"], before["cache"]
+            assert cache["fetched_peers"] - was["fetched_peers"] == len(layer)
+            assert cache["fetched_upstream"] == was["fetched_upstream"]
+            assert cache["served_from_peers"] - was["served_from_peers"] == len(layer)
+            assert cache["served_from_upstream"] == was["served_from_upstream"]
+            (row,) = after["peers"]
+            assert row["url"] == peer_url and row["state"] == "reachable"
+            assert row["bytes_from"] == len(layer)
+            assert peer_url not in {s["source"] for s in after["other_sources"]}
+            page = await (await host.get("/ui/")).text()
+            assert 'id="peers"' in page and peer_url in page
+        finally:
+            await host.close()
+    finally:
+        await peer.close()
