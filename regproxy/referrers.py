@@ -266,7 +266,11 @@ class Referrers:
                 raise
             body = None  # 400/405/406: a registry without the API, as a 404 says
         if body is not None:
-            descs = descriptors_of_index(body, f"{client.name}/{repo.path}@{subject}")
+            # cosign's legacy .sig/.att/.sbom tags have no subject: the API never lists them
+            descs = merge(
+                descriptors_of_index(body, f"{client.name}/{repo.path}@{subject}"),
+                await self._tag_schema(repo, subject, index=False),
+            )
             log.info(
                 "referrers.fetched repo=%s digest=%s upstream=%s api=referrers count=%d",
                 repo,
@@ -285,11 +289,14 @@ class Referrers:
         )
         return descs
 
-    async def _tag_schema(self, repo: RepoName, subject: Digest) -> list[Descriptor]:
-        """The ``<alg>-<hex>`` index and cosign's tags, each through the registry (a tag like
-        any other: fetched, stored, re-checked after tag_ttl, stale when the upstream is down)."""
+    async def _tag_schema(
+        self, repo: RepoName, subject: Digest, *, index: bool = True
+    ) -> list[Descriptor]:
+        """The ``<alg>-<hex>`` index (``index``) and cosign's tags, each through the registry (a
+        tag like any other: fetched, stored, re-checked after tag_ttl, stale when the upstream
+        is down)."""
         index_tag = fallback_tag(subject)
-        tags = [index_tag, *cosign_tags(subject)]
+        tags = [index_tag, *cosign_tags(subject)] if index else cosign_tags(subject)
         results = await asyncio.gather(
             *(self.registry.get_manifest(repo, t) for t in tags), return_exceptions=True
         )

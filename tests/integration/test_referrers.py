@@ -103,6 +103,9 @@ async def test_referrers_api_upstream_merged_filtered_cached_and_stale(
     bundle = put_artifact(
         upstream, *bundle_referrer(subject, size, dsse_bundle(subject, make_key()))
     )
+    # cosign's legacy tag has no subject: the API does not list it, regproxy finds it anyway
+    sig_m, sig_b = simple_signature_manifest(subject, make_key())
+    sig = put_artifact(upstream, sig_m, sig_b, tag=f"sha256-{subject[7:]}.sig")
     client, clock = await proxy(tmp_path, upstream)
     try:
         # a referrer pushed here (an attestation of our own) is merged in
@@ -119,7 +122,7 @@ async def test_referrers_api_upstream_merged_filtered_cached_and_stale(
         local = digest_of(local_manifest)
 
         doc, _ = await referrers(client, f"fake.test/{REPO}", subject)
-        assert {m["digest"] for m in doc["manifests"]} == {sbom, bundle, local}
+        assert {m["digest"] for m in doc["manifests"]} == {sbom, bundle, local, sig}
         by = {m["digest"]: m for m in doc["manifests"]}
         assert by[bundle]["artifactType"] == "application/vnd.dev.sigstore.bundle.v0.3+json"
         assert by[sbom]["artifactType"] == "application/spdx+json"
@@ -144,7 +147,7 @@ async def test_referrers_api_upstream_merged_filtered_cached_and_stale(
         clock.now += 301
         await upstream.stop()
         doc, _ = await referrers(client, f"fake.test/{REPO}", subject)
-        assert {m["digest"] for m in doc["manifests"]} == {sbom, bundle, local}
+        assert {m["digest"] for m in doc["manifests"]} == {sbom, bundle, local, sig}
 
         # an unknown subject is an empty index, never a 404 (upstream down or not)
         doc, _ = await referrers(client, f"fake.test/{REPO}", "sha256:" + "0" * 64)
