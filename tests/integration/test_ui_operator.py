@@ -83,6 +83,7 @@ async def test_deleting_a_pinned_index_unpins_its_children(tmp_path: Path) -> No
             assert resp.status == 200
         m = await get_json(client, f"/ui/api/manifests/{REPO}@{digest}")
         assert m["pinned"] is True
+        size = (await get_json(client, f"/ui/api/repositories/{REPO}/tags"))["repository"]["size"]
         overview = await get_json(client, "/ui/api/overview")
         assert overview["store"]["pinned"] > 0
         assert overview["store"]["unreferenced"] == 0
@@ -100,6 +101,7 @@ async def test_deleting_a_pinned_index_unpins_its_children(tmp_path: Path) -> No
         left = {t["digest"]: t for t in tags["untagged"]}
         assert set(left) == {a.digest, b.digest}
         assert not any(t["pinned"] for t in left.values())
+        assert tags["repository"]["size"] == size - len(index)  # the size drops at once
         overview = await get_json(client, "/ui/api/overview")
         assert overview["store"]["pinned"] == 0
         assert overview["store"]["unreferenced"] == len(index)
@@ -144,6 +146,7 @@ async def test_a_quiet_host_shows_no_stale_until_the_upstream_cannot_confirm(
         assert 'class="pill warn"' not in page
         overview = await get_json(client, "/ui/api/overview")
         served_stale = overview["health"]["stale_tags_served"]
+        assert overview["health"]["verdict"] == "healthy", overview["health"]
 
         await up.stop()  # the upstream cannot confirm: the tag is served stale, and says so
         assert (await client.get(manifest, headers=AUTH)).status == 200
@@ -155,6 +158,10 @@ async def test_a_quiet_host_shows_no_stale_until_the_upstream_cannot_confirm(
         assert [t["tag"] for t in only["tags"]] == ["v1"]
         overview = await get_json(client, "/ui/api/overview")
         assert overview["health"]["stale_tags_served"] == served_stale + 1
+        health = overview["health"]
+        assert health["verdict"] == "degraded" and health["ready"] is True
+        assert any("served stale" in w for w in health["warnings"]), health
+        assert any(f"upstream {up.hostport} is not answering" in w for w in health["warnings"])
 
         await up.start()  # back on its port: the next request confirms the tag
         assert (await client.get(manifest, headers=AUTH)).status == 200
