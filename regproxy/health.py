@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -115,15 +116,27 @@ class UpstreamWatch:
 
 
 def _touch(tmp: Path) -> None:
-    path = tmp / f".readyz-{uuid.uuid4().hex}"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    """Write and fsync a few bytes in ``tmp/``, where uploads and fetches write.
+
+    The file is unnamed (``O_TMPFILE``): it never shows in ``tmp/``, whose emptiness means "no
+    partial upload or fetch" to the start-up sweep, ``fsck`` and the tests. A filesystem without
+    ``O_TMPFILE`` gets a named file, removed at once."""
+    path: Path | None = None
+    try:
+        fd = os.open(tmp, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        path = tmp / f".readyz-{uuid.uuid4().hex}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, b"ok")
         os.fsync(fd)
     finally:
         os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 class Health:
