@@ -111,7 +111,7 @@ async def _prefetch(config: Config, args: argparse.Namespace) -> int:
         if res.ok:
             print(
                 f"[{n}/{total}] ok      {res.ref} {res.digest} manifests={res.manifests} "
-                f"blobs={res.blobs} fetched {human_bytes(res.fetched_bytes)} of "
+                f"blobs={res.blobs} referrers={res.referrers} fetched {human_bytes(res.fetched_bytes)} of "
                 f"{human_bytes(res.total_bytes)} in {res.seconds:.1f}s",
                 flush=True,
             )

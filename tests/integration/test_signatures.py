@@ -353,6 +353,7 @@ def test_prefetch_takes_the_signatures_along(
     root = tmp_path / "node"
     done = regproxy_cli(cfg, root, "prefetch", f"{upstream.registry.hostport}/team/app:v1")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert f"referrers={len(upstream.referrers)}" in done.stdout
     upstream.registry.stop()  # from now on the node has only what prefetch brought
     proxy = daemon_factory(
         {**cfg, "content": {"sync": {"enable": False}}, "storage": {"root": str(root / "store")}}
