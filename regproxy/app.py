@@ -24,6 +24,7 @@ from regproxy.connections import (
     ConnectionGuard,
     default_max_connections,
     raise_nofile_limit,
+    server_logger,
 )
 from regproxy.errors import ConfigError
 from regproxy.evict import Evictor
@@ -191,6 +192,7 @@ async def serve(
         access_log=_access_logger(config),
         shutdown_timeout=config.shutdown_timeout,
         keepalive_timeout=config.http.keepalive_timeout,
+        logger=server_logger(),  # a request it cannot parse is the client's fault: one line
         handle_signals=False,
     )
     await runner.setup()

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Final, cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from regproxy import metrics
 from regproxy.config import HttpConfig
@@ -47,6 +48,29 @@ RETRY_AFTER_SECONDS: Final = 1
 #: close (closing with its request unread would reset the connection and lose the answer)
 LINGER_SECONDS: Final = 1.0
 LINGER_MAX: Final = 256
+
+
+class _ClientFault(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header line over 8 KiB, a bad method) at ERROR
+    with a traceback: a client's fault, answered 400. Here it is one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "request.malformed remote=%s status=%s error=%.200s"
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.args = (remote, exc.code, exc.message)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def server_logger() -> logging.Logger:
+    """The logger for aiohttp's per-connection protocol (``AppRunner(logger=...)``)."""
+    logger = logging.getLogger("regproxy.http")
+    if not any(isinstance(f, _ClientFault) for f in logger.filters):
+        logger.addFilter(_ClientFault())
+    return logger
 
 
 def http_limits(app: web.Application) -> HttpConfig:

@@ -25,10 +25,11 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         start: bool = True,
         name: str | None = None,
         env: dict[str, str] | None = None,
+        nofile: int | None = None,
     ) -> Daemon:
         root = tmp_path / (name or f"regproxy{len(started)}")
         root.mkdir(parents=True, exist_ok=True)
-        d = Daemon(root, config or {}, env=env or {})
+        d = Daemon(root, config or {}, env=env or {}, nofile=nofile)
         started.append(d)
         if start:
             d.start()

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -96,6 +97,8 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
     env: dict[str, str] = field(default_factory=dict)
+    #: RLIMIT_NOFILE (soft and hard) of the daemon process, as ``ulimit -n`` would set it
+    nofile: int | None = None
 
     def __post_init__(self) -> None:
         self.log_path = self.root / "regproxy.log"
@@ -122,12 +125,19 @@ class Daemon:
         env = {**os.environ, **self.env}
         env.pop("NOTIFY_SOCKET", None) if "NOTIFY_SOCKET" not in self.env else None
         logf = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        nofile = self.nofile
+
+        def limit() -> None:  # in the child, before exec
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "regproxy", "--config", str(path), "serve"],
             stdout=logf,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=str(REPO_ROOT),
+            preexec_fn=limit if nofile is not None else None,
         )
         logf.close()
         if wait:
