@@ -61,7 +61,6 @@ _RANGE_RE: Final = re.compile(r"^bytes=(\d*)-(\d*)$", re.ASCII)
 _CONTENT_RANGE_RE: Final = re.compile(r"^(?:bytes )?(\d+)-(\d+)$", re.ASCII)
 #: byte positions are int64 on the wire (what distribution parses); longer numbers are refused
 _MAX_POSITION_DIGITS: Final = 19
-CHUNK: Final = 256 * 1024
 
 
 class PaginationInvalid(OCIError):

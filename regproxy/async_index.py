@@ -10,7 +10,7 @@ SQLite in WAL mode has one writer and any number of readers that never wait for 
   is busy (an eviction batch, a burst of commits), and they see every committed change.
 
 The function gets the thread's :class:`~regproxy.index.Index` as its first argument, so
-``await db.read(Index.resolve_tag, repo, tag)`` and ``await db.read(ui_queries.totals)`` are
+``await db.read(Index.resolve_tag, repo, tag)`` and ``await db.read(regproxy.ui.queries.totals)`` are
 typed calls. Nothing else in the daemon opens the index or owns a thread for it.
 """
 

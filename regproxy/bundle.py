@@ -32,7 +32,6 @@ from regproxy.bundle_docker import images_from_docker
 from regproxy.bundle_export import Exporter, ExportImage, full_reference
 from regproxy.bundle_stage import (
     CONTAINERD_NAME,
-    READ,
     REF_NAME,
     BundleError,
     Image,
@@ -47,6 +46,7 @@ from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MANIFEST_TYPES, Digest, ParsedManifest, parse_manifest
 from regproxy.policy import ImportedImage, Policy
 from regproxy.registry import Registry
+from regproxy.units import BULK_CHUNK
 
 log = logging.getLogger("regproxy.bundle")
 
@@ -226,7 +226,7 @@ class Importer:
             buf = bytearray()
             async for chunk in chunks:
                 buf += chunk
-                if len(buf) >= READ:
+                if len(buf) >= BULK_CHUNK:
                     data, buf = bytes(buf), bytearray()
                     await loop.run_in_executor(None, writer.write, data)
             if buf:

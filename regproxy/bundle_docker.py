@@ -25,10 +25,11 @@ import zlib
 from pathlib import Path
 from typing import Any, Final
 
-from regproxy.bundle_stage import READ, BundleError, Image, Stage, image_for, load_json
+from regproxy.bundle_stage import BundleError, Image, Stage, image_for, load_json
 from regproxy.errors import OCIError
 from regproxy.names import NameResolver
 from regproxy.oci import OCI_MANIFEST, Digest
+from regproxy.units import BULK_CHUNK
 
 OCI_CONFIG: Final = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_TAR: Final = "application/vnd.oci.image.layer.v1.tar"
@@ -59,7 +60,7 @@ def uncompressed_digest(path: Path, kind: str, what: str) -> Digest:
     if kind == "gzip":
         try:
             with gzip.open(path, "rb") as g:
-                while chunk := g.read(READ):
+                while chunk := g.read(BULK_CHUNK):
                     h.update(chunk)
         except (OSError, EOFError, zlib.error) as exc:
             raise BundleError(f"{what} is not valid gzip: {exc}") from None
@@ -77,7 +78,7 @@ def uncompressed_digest(path: Path, kind: str, what: str) -> Digest:
         raise BundleError(f"{what} is zstd-compressed and the zstd tool is missing") from None
     with proc:
         assert proc.stdout is not None
-        while chunk := proc.stdout.read(READ):
+        while chunk := proc.stdout.read(BULK_CHUNK):
             h.update(chunk)
     if proc.returncode != 0:
         raise BundleError(f"{what} is not valid zstd (zstd exited with {proc.returncode})")

@@ -24,8 +24,8 @@ from regproxy.errors import OCIError, RegproxyError
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MAX_MANIFEST_BYTES, Digest
 from regproxy.store import BlobWriter, Store
+from regproxy.units import BULK_CHUNK
 
-READ: Final = 1024 * 1024
 SMALL_FILE: Final = MAX_MANIFEST_BYTES  # kept in memory too (index.json, manifests, configs)
 SMALL_TOTAL: Final = 64 * 1024 * 1024
 REF_NAME: Final = "org.opencontainers.image.ref.name"
@@ -107,7 +107,7 @@ class Stage:
         buf = bytearray() if keep_small else None
         writer = self.store.writer()
         try:
-            while chunk := f.read(READ):
+            while chunk := f.read(BULK_CHUNK):
                 writer.write(chunk)
                 if buf is not None:
                     buf += chunk
@@ -138,7 +138,7 @@ class Stage:
 
     @staticmethod
     def _skip(f: IO[bytes]) -> None:
-        while f.read(READ):
+        while f.read(BULK_CHUNK):
             pass
 
     def bytes_of(self, digest: Digest) -> bytes:

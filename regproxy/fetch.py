@@ -33,9 +33,9 @@ from regproxy.deadline import DEFAULT_LIMITS, DEFAULT_TIMING, Pace, Timing, Tran
 from regproxy.errors import BlobUnknown, DigestMismatch, OCIError, UpstreamError, UpstreamTooSlow
 from regproxy.oci import Digest
 from regproxy.store import BlobWriter, Store
+from regproxy.units import BLOB_CHUNK
 
 log = logging.getLogger("regproxy.fetch")
-READ_CHUNK: Final = 256 * 1024
 MAX_ATTEMPTS_PER_SOURCE: Final = 3
 #: failures worth another attempt at the same source (a refusal, auth or 4xx will not change)
 _TRANSIENT: Final = frozenset({"connect", "timeout", "5xx", "error"})
@@ -172,7 +172,7 @@ class Transfer:
                 # before the digest is verified
                 limit = end + 1 if self.committed else min(self.written, end)
                 if limit > pos:
-                    n = min(limit - pos, READ_CHUNK)
+                    n = min(limit - pos, BLOB_CHUNK)
                     recent = self.recent
                     if recent is not None and recent[0] <= pos < recent[0] + len(recent[1]):
                         # caught up with the writer: the bytes are in memory, no disk hop

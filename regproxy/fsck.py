@@ -40,6 +40,7 @@ from regproxy.index import Index, Totals
 from regproxy.oci import Digest
 from regproxy.progress import Progress, rate
 from regproxy.store import Store
+from regproxy.units import BULK_CHUNK
 
 log = logging.getLogger("regproxy.fsck")
 #: stored digests read per index query
@@ -47,7 +48,6 @@ PAGE: Final = 1000
 #: a hashing task: this many files, or this many bytes
 BATCH_FILES: Final = 64
 BATCH_BYTES: Final = 64 * 1024 * 1024
-CHUNK: Final = 1024 * 1024
 #: files larger than this are read ahead on another thread while the last chunk is hashed
 READ_AHEAD_ABOVE: Final = 8 * 1024 * 1024
 
@@ -73,7 +73,7 @@ def _ident(st: os.stat_result) -> Ident:
 
 def _read_ahead(f: Any, h: Any, reader: ThreadPoolExecutor) -> int:
     """Hash ``f`` with the next chunk read on ``reader`` while this one is hashed."""
-    bufs = (bytearray(CHUNK), bytearray(CHUNK))
+    bufs = (bytearray(BULK_CHUNK), bytearray(BULK_CHUNK))
     total, i = 0, 0
     pending = reader.submit(f.readinto, bufs[0])
     while n := pending.result():
@@ -97,7 +97,7 @@ def hash_file(
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 n = _read_ahead(f, h, reader)
             else:
-                buf = bytearray(min(CHUNK, max(st.st_size, 1)))
+                buf = bytearray(min(BULK_CHUNK, max(st.st_size, 1)))
                 view, n = memoryview(buf), 0
                 while k := f.readinto(buf):
                     h.update(view[:k])

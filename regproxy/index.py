@@ -16,12 +16,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from regproxy import schema
 from regproxy.errors import StorageFull
 
 T = TypeVar("T")
+#: the columns :func:`_manifest_row` reads, in its order (``m`` is the manifests table)
+_MANIFEST_COLUMNS: Final = (
+    "m.digest, m.media_type, m.size, m.artifact_type, m.subject, m.annotations"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +130,6 @@ class Index:
         row = self.db.execute("SELECT size FROM blobs WHERE digest=?", (digest,)).fetchone()
         return None if row is None else int(row[0])
 
-    def blob_repos(self, digest: str) -> list[str]:
-        return [
-            r[0] for r in self.db.execute("SELECT repo FROM repo_blobs WHERE digest=?", (digest,))
-        ]
-
     def unlink_blob(self, repo: str, digest: str) -> bool:
         cur = self.db.execute("DELETE FROM repo_blobs WHERE repo=? AND digest=?", (repo, digest))
         return cur.rowcount > 0
@@ -184,24 +183,16 @@ class Index:
 
     def manifest_in_repo(self, repo: str, digest: str) -> ManifestRow | None:
         row = self.db.execute(
-            "SELECT m.digest, m.media_type, m.size, m.artifact_type, m.subject, m.annotations "
+            f"SELECT {_MANIFEST_COLUMNS} "
             "FROM repo_manifests r JOIN manifests m ON m.digest = r.digest "
             "WHERE r.repo=? AND r.digest=?",
             (repo, digest),
         ).fetchone()
         return _manifest_row(row) if row else None
 
-    def manifest_any(self, digest: str) -> ManifestRow | None:
-        row = self.db.execute(
-            "SELECT digest, media_type, size, artifact_type, subject, annotations "
-            "FROM manifests WHERE digest=?",
-            (digest,),
-        ).fetchone()
-        return _manifest_row(row) if row else None
-
     def resolve_tag(self, repo: str, tag: str) -> ManifestRow | None:
         row = self.db.execute(
-            "SELECT m.digest, m.media_type, m.size, m.artifact_type, m.subject, m.annotations, "
+            f"SELECT {_MANIFEST_COLUMNS}, "
             "t.checked FROM tags t JOIN manifests m ON m.digest = t.digest "
             "WHERE t.repo=? AND t.tag=?",
             (repo, tag),
@@ -236,7 +227,7 @@ class Index:
 
     def referrers(self, repo: str, subject: str) -> list[ManifestRow]:
         rows = self.db.execute(
-            "SELECT m.digest, m.media_type, m.size, m.artifact_type, m.subject, m.annotations "
+            f"SELECT {_MANIFEST_COLUMNS} "
             "FROM manifests m JOIN repo_manifests r ON r.digest = m.digest "
             "WHERE m.subject=? AND r.repo=? ORDER BY m.digest",
             (subject, repo),
@@ -277,20 +268,8 @@ class Index:
             (uid, repo, now, now),
         )
 
-    def upload_repo(self, uid: str) -> str | None:
-        row = self.db.execute("SELECT repo FROM uploads WHERE uuid=?", (uid,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def touch_upload(self, uid: str) -> None:
-        self.db.execute("UPDATE uploads SET updated=? WHERE uuid=?", (time.time(), uid))
-
     def remove_upload(self, uid: str) -> None:
         self.db.execute("DELETE FROM uploads WHERE uuid=?", (uid,))
-
-    def expired_uploads(self, before: float) -> list[str]:
-        return [
-            r[0] for r in self.db.execute("SELECT uuid FROM uploads WHERE updated < ?", (before,))
-        ]
 
     def clear_uploads(self) -> int:
         return int(self.db.execute("DELETE FROM uploads").rowcount)

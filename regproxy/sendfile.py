@@ -35,9 +35,9 @@ from regproxy import metrics
 from regproxy.connections import http_limits
 from regproxy.errors import BlobUnknown
 from regproxy.oci import Digest
+from regproxy.units import BLOB_CHUNK
 
 log = logging.getLogger("regproxy.api")
-CHUNK: Final = 256 * 1024  # TLS: bytes per pread + write
 WINDOW: Final = 1024 * 1024  # bytes checked for page-cache residency at once
 TURN: Final = 4 * 1024 * 1024  # bytes sent to one client per wake-up before yielding
 #: a client gone away: the socket errors of a peer that reset or closed its end
@@ -284,7 +284,7 @@ async def _send_chunks(
     """TLS (or no socket to hand): the bytes go through the transport, a chunk at a time."""
     loop = asyncio.get_running_loop()
     while count > 0:
-        chunk = await _read(loop, file_fd, offset, min(CHUNK, count))
+        chunk = await _read(loop, file_fd, offset, min(BLOB_CHUNK, count))
         if not chunk:
             raise _ShortFile("blob file is shorter than its recorded size")
         await write_with_deadline(request, resp, chunk)

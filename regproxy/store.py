@@ -34,6 +34,7 @@ from typing import Any, Final, cast
 
 from regproxy.errors import DigestMismatch, StorageFull
 from regproxy.oci import ALGORITHMS, Digest
+from regproxy.units import BULK_CHUNK
 
 LAYOUT_VERSION: Final = 1
 #: start writeback every this many bytes, so a commit's fsync of a large blob is short
@@ -100,7 +101,7 @@ class BlobWriter:
         if self.size:
             # resumed upload without its hash state (e.g. after a restart): hash what is there
             with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
+                while chunk := f.read(BULK_CHUNK):
                     self._hasher.update(chunk)
 
     @property
@@ -143,7 +144,7 @@ class BlobWriter:
             return Digest("sha256", self._hasher.hexdigest())
         h = Digest(algorithm, "").hasher()
         with open(self.path, "rb") as f:
-            while chunk := f.read(1 << 20):
+            while chunk := f.read(BULK_CHUNK):
                 h.update(chunk)
         return Digest(algorithm, h.hexdigest())
 
@@ -299,7 +300,7 @@ class Store:
     def verify(self, digest: Digest) -> bool:
         h = digest.hasher()
         with open(self.blob_path(digest), "rb") as f:
-            while chunk := f.read(1 << 20):
+            while chunk := f.read(BULK_CHUNK):
                 h.update(chunk)
         return bool(h.hexdigest() == digest.hex)
 

@@ -18,8 +18,8 @@ from aiohttp import hdrs
 
 from regproxy.errors import DigestInvalid
 from regproxy.oci import TAG_RE, Digest, JSONInvalid, load_json
+from regproxy.units import BULK_CHUNK
 
-CHUNK_SIZE: Final = 1024 * 1024
 _CONTENT_RANGE_RE: Final = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
 
@@ -75,7 +75,7 @@ class BlobStream:
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive (up to 1 MiB); a cut body raises UpstreamError."""
         with self._guard("blob body"):
-            async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+            async for chunk in self._response.content.iter_chunked(BULK_CHUNK):
                 yield chunk
 
     async def close(self) -> None:
