@@ -14,11 +14,15 @@ second docker-registry with ``proxy.remoteurl`` both sit in front of it. Cases:
       req/s, p99 and upstream requests per client request (HEAD with ``ab -i -k``: wrk 4.1
       waits for a body after a HEAD that announces a Content-Length).
 
+Each figure comes with the server's CPU seconds (user + system, all threads, from /proc): per
+GiB for (a)-(c), the cold pull's counted until the blob is committed and the upstream is quiet
+(the upstream's own beside it), per request for (d).
+
 Upstream traffic is read from the upstream's access log (gorilla's combined format: one line per
 request with the body bytes written), in the window of each measurement. (a)-(c) start each
 server afresh on an empty store for every run; figures are medians of the runs.
 
-    python -m benchmarks.bench_pull                  # full run (~4-5 min on 2 cores)
+    python -m benchmarks.bench_pull                  # full run (~2.5 min on 2 cores)
     python -m benchmarks.bench_pull --quick          # smoke run (~1 min, 64/32 MiB blobs)
     python -m benchmarks.bench_pull --wait-calm 180  # first wait up to 180 s for load < 1.0
     python -m benchmarks.bench_pull --json           # also write benchmarks/results/pull-*.json
@@ -59,6 +63,7 @@ from benchmarks.common import (
     OCI_MANIFEST,
     WRK_DONE,
     BenchError,
+    CpuMeter,
     GiB,
     MiB,
     check_tools,
@@ -87,6 +92,7 @@ SERVERS = ("regproxy", "registry")
 
 # Goals of issue 3.
 GOAL_COLD_RATIO = 0.8  # client GB/s, regproxy/registry
+GOAL_COLD_CPU = 2.0  # regproxy's CPU seconds per GiB of a cold pull (issue 14)
 GOAL_COMMIT_SLACK_S = 0.05  # committed no later than this after the response ended
 GOAL_HERD_TIME_RATIO = 1.0
 GOAL_RSS_MB = 100.0
@@ -568,6 +574,8 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
         servers = {name: Server(name, tmp, upstream) for name in SERVERS}
         try:
             upstream.start()
+            assert upstream.proc is not None
+            upstream_pid = upstream.proc.pid
             uplog = AccessLog(upstream.root / "registry.log")
             say(
                 f"pushing {settings.big_size // MiB} MiB and {settings.herd_size // MiB} MiB "
@@ -590,6 +598,7 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                     srv.fresh()
                     mark = uplog.mark()
                     out = profile / f"cold-{name}.folded" if profile and run == 0 else None
+                    cpu = CpuMeter({"server": srv.pid, "upstream": upstream_pid}).start()
                     with py_spy(srv.pid, out if name == "regproxy" else None):
                         cold = pull_watching(
                             srv.blob_url(content.big),
@@ -599,6 +608,9 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                             commit_wait=120,
                         )
                     uplog.settle(quiet=1.0, limit=60)
+                    used = cpu.used()  # until committed and the upstream is quiet
+                    cold["cpu_s_gib"] = used["server"] / (content.big_size / GiB)
+                    cold["upstream_cpu_s_gib"] = used["upstream"] / (content.big_size / GiB)
                     hits = uplog.since(mark)
                     cold["upstream_x"] = blob_bytes(hits, content.big) / content.big_size
                     cold["upstream_gets"] = sum(
@@ -607,6 +619,7 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                     cold["lag_s"] = cold["commit_s"] - cold["response_end_s"]
                     cold["rss_mb"] = srv.peak_rss_mb()
                     fig.add(f"cold/{name}", cold)
+                    cpu = CpuMeter({"server": srv.pid}).start()
                     warm = pull_watching(
                         srv.blob_url(content.big),
                         content.big_size,
@@ -614,12 +627,15 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                         big_timeout,
                         commit_wait=0,
                     )
+                    warm["cpu_s_gib"] = cpu.used()["server"] / (content.big_size / GiB)
                     fig.add(f"warm/{name}", warm)
                     say(
                         f"  run {run + 1} {name:<9} cold {cold['gb_s']:.2f} GB/s, upstream "
                         f"{cold['upstream_x']:.2f}x in {cold['upstream_gets']:.0f} GETs, "
                         f"response ended {cold['response_end_s']:.2f} s, committed "
-                        f"{cold['commit_s']:.2f} s; warm {warm['gb_s']:.2f} GB/s"
+                        f"{cold['commit_s']:.2f} s, CPU {cold['cpu_s_gib']:.2f} s/GiB (upstream "
+                        f"{cold['upstream_cpu_s_gib']:.2f}); warm {warm['gb_s']:.2f} GB/s, CPU "
+                        f"{warm['cpu_s_gib']:.2f} s/GiB"
                     )
                     srv.stop()
             for run in range(settings.runs):
@@ -630,6 +646,7 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                     srv.fresh()
                     mark = uplog.mark()
                     out = profile / f"herd-{name}.folded" if profile and run == 0 else None
+                    cpu = CpuMeter({"server": srv.pid}).start()
                     with py_spy(srv.pid, out if name == "regproxy" else None):
                         total = herd(
                             srv.blob_url(content.herd),
@@ -642,6 +659,8 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                     while not committed() and time.monotonic() < limit:
                         time.sleep(0.05)
                     uplog.settle(quiet=1.0, limit=60)
+                    served = settings.herd_clients * content.herd_size / GiB
+                    herd_cpu = cpu.used()["server"]
                     hits = uplog.since(mark)
                     h = {
                         "total_s": total,
@@ -650,13 +669,14 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                             1 for hit in hits if hit.method == "GET" and content.herd in hit.path
                         ),
                         "rss_mb": srv.peak_rss_mb(),
+                        "cpu_s_gib": herd_cpu / served,
                     }
                     fig.add(f"herd/{name}", h)
                     say(
                         f"  herd {run + 1} {name:<9} {settings.herd_clients} x "
                         f"{settings.herd_size // MiB} MiB in {total:.2f} s, upstream "
                         f"{h['upstream_x']:.2f}x in {h['upstream_gets']:.0f} GETs, "
-                        f"peak RSS {h['rss_mb']:.1f} MB"
+                        f"peak RSS {h['rss_mb']:.1f} MB, CPU {h['cpu_s_gib']:.2f} s per GiB served"
                     )
                     srv.stop()
             # (d) manifests by tag, both servers fresh and primed with one GET
@@ -685,7 +705,9 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                         load(method, url, conc, settings.warmup)
                         for _ in range(settings.wrk_runs):
                             mark = uplog.mark()
+                            cpu = CpuMeter({"server": srv.pid}).start()
                             r = load(method, url, conc, settings.wrk_seconds)
+                            r["cpu_us_req"] = cpu.used()["server"] / r["requests"] * 1e6
                             uplog.settle(quiet=0.2, limit=5)
                             hits = uplog.since(mark)
                             r["upstream_per_req"] = len(hits) / r["requests"]
@@ -701,7 +723,8 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                         say(
                             f"  manifest {method:<4} c={conc:<3} {name:<9} "
                             f"{fig.median(key, 'req_s'):>8.0f} req/s, p99 "
-                            f"{fig.median(key, 'p99_ms'):6.2f} ms, upstream "
+                            f"{fig.median(key, 'p99_ms'):6.2f} ms, CPU "
+                            f"{fig.median(key, 'cpu_us_req'):.0f} us/req, upstream "
                             f"{fig.median(key, 'upstream_per_req'):.2f}/req {kinds.get(key) or ''}"
                         )
             tag_rss = {name: servers[name].peak_rss_mb() for name in SERVERS}
@@ -750,18 +773,23 @@ def render(result: dict[str, Any]) -> str:
     row("(a) cold: response ended (s)", "cold", "response_end_s", ".3f")
     row("(a) cold: blob committed (s)", "cold", "commit_s", ".3f")
     row("(a) cold: commit - end (s)", "cold", "lag_s", "+.3f", "regproxy <= 0")
+    row("(a) cold: server CPU s/GiB", "cold", "cpu_s_gib", ".2f", f"regproxy <= {GOAL_COLD_CPU}")
+    row("(a) cold: upstream's CPU s/GiB", "cold", "upstream_cpu_s_gib", ".2f")
     row("(a) cold: peak RSS (MB)", "cold", "rss_mb", ".1f")
     row(f"(b) warm {big} MiB: client GB/s", "warm", "gb_s", ".3f")
+    row("(b) warm: server CPU s/GiB", "warm", "cpu_s_gib", ".2f")
     n = s["herd_clients"]
     row(f"(c) herd {n} x {hsz} MiB: total (s)", "herd", "total_s", ".2f", "<= 1x")
     row("(c) herd: upstream bytes (x blob)", "herd", "upstream_x", ".2f", "regproxy 1x")
     row("(c) herd: upstream blob GETs", "herd", "upstream_gets", ".0f")
     row("(c) herd: peak RSS (MB)", "herd", "rss_mb", ".1f", f"regproxy < {GOAL_RSS_MB:g}")
+    row("(c) herd: server CPU s/GiB served", "herd", "cpu_s_gib", ".2f")
     for method in ("GET", "HEAD"):
         for conc in s["concurrency"]:
             key = f"tag {method} c={conc}"
             row(f"(d) {key}: req/s", key, "req_s", ".0f", f">= {GOAL_TAG_RATIO:g}x")
             row(f"(d) {key}: p99 (ms)", key, "p99_ms", ".2f")
+            row(f"(d) {key}: server CPU us/req", key, "cpu_us_req", ".0f")
             row(f"(d) {key}: upstream req/req", key, "upstream_per_req", ".3f")
     head = f"{'figure':<40} {'regproxy':>10} {'registry':>10} {'ratio':>8}  goal"
     lines = [head, "-" * (len(head) + 16)]
@@ -785,6 +813,11 @@ def render(result: dict[str, Any]) -> str:
         verdict(
             cold_ratio >= GOAL_COLD_RATIO,
             f"cold pull {cold_ratio:.2f}x the peer's GB/s (goal >= {GOAL_COLD_RATIO}x)",
+        ),
+        verdict(
+            rp("cold", "cpu_s_gib") <= GOAL_COLD_CPU,
+            f"cold pull CPU {rp('cold', 'cpu_s_gib'):.2f} s/GiB, the peer's "
+            f"{peer('cold', 'cpu_s_gib'):.2f} (goal <= {GOAL_COLD_CPU})",
         ),
         verdict(
             rp("cold", "upstream_x", worst) == 1.0 and rp("herd", "upstream_x", worst) == 1.0,
@@ -843,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, help="fresh-store runs of (a)-(c) (default 3; --quick 1)")
     p.add_argument("--big-mib", type=int, help="cold/warm blob size (default 1024; --quick 64)")
     p.add_argument("--herd-mib", type=int, help="herd blob size (default 256; --quick 32)")
-    p.add_argument("--seconds", type=float, help="seconds per wrk run (default 3; --quick 1)")
+    p.add_argument("--seconds", type=float, help="seconds per wrk run (default 1)")
     p.add_argument(
         "--wait-calm",
         type=float,
@@ -863,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = (
         Settings(64 * MiB, 32 * MiB, 16, 1, 1, 1, 0.5, (1, 8, 32), 300)
         if args.quick
-        else Settings(GiB, 256 * MiB, 16, 3, 3, 3, 1, (1, 8, 32), 900)
+        else Settings(GiB, 256 * MiB, 16, 3, 3, 1, 1, (1, 8, 32), 600)
     )
     if args.runs:
         settings.runs = max(1, min(args.runs, 10))

@@ -8,9 +8,11 @@ import json
 import os
 import platform
 import shutil
+import ssl
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +49,13 @@ def request(
     body: Any = None,
     headers: dict[str, str] | None = None,
     timeout: float = 300,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, http.client.HTTPMessage, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = (
+        http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        if tls is None
+        else http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=tls)
+    )
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -103,7 +110,72 @@ def run_wrk(
         "p99_ms": r["p99_us"] / 1000,
         "max_ms": r["max_us"] / 1000,
         "requests": r["requests"],
+        "bytes": r["bytes"],
+        "seconds": secs,
     }
+
+
+@dataclass(frozen=True)
+class TestCA:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (made by openssl)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+def make_test_ca(directory: Path) -> TestCA:
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    ext = directory / "server.ext"
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    signed = ["-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2"]
+    steps = [
+        ["req", "-x509", *ec, "-days", "2", "-subj", "/CN=regproxy bench CA", "-keyout"],
+        ["req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr)],
+        ["x509", "-req", "-in", str(csr), *signed, "-extfile", str(ext), "-out", str(cert)],
+    ]
+    steps[0] += [str(ca_key), "-out", str(ca)]
+    for args in steps:
+        proc = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise BenchError(f"openssl {args[0]} failed: {proc.stderr.strip()}")
+    return TestCA(ca, cert, key)
+
+
+_TICK: float = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far, all its threads included (the
+    thread group's figures in ``/proc/PID/stat``), plus that of its waited-for children."""
+    # the command name (field 2) may hold spaces and parentheses: split after its last ")"
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state): utime, stime, cutime, cstime are fields 14-17
+    return sum(int(f) for f in fields[11:15]) * _TICK
+
+
+class CpuMeter:
+    """CPU seconds of some processes over a stretch of time: ``start()``, then ``used()``."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = dict(pids)
+        self._at: dict[str, float] = {}
+
+    def start(self) -> CpuMeter:
+        self._at = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def used(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) - self._at[name] for name, pid in self.pids.items()}
 
 
 def load_1m() -> float:

@@ -177,10 +177,12 @@ class DockerRegistry:
     proxy_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    #: (certificate, key): serve HTTPS
+    tls: tuple[Path, Path] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def hostport(self) -> str:
@@ -199,6 +201,8 @@ class DockerRegistry:
             },
             "http": {"addr": f"127.0.0.1:{self.port}"},
         }
+        if self.tls is not None:
+            cfg["http"]["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
         if self.htpasswd is not None:
             cfg["auth"] = {"htpasswd": {"realm": "test", "path": str(self.htpasswd)}}
         if self.proxy_url:
