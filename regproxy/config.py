@@ -17,217 +17,13 @@ from typing import Any, Final
 
 import yaml
 
+from regproxy import config_values as values
+from regproxy.config_values import SizeLimit as SizeLimit
+from regproxy.config_values import parse_duration as parse_duration
+from regproxy.config_values import parse_size as parse_size
 from regproxy.errors import ConfigError, ConfigMissing
 
 DEFAULT_PORT: Final = 30003
-
-
-# --- value parsers -----------------------------------------------------------------------------
-def _bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-        return v.lower() in ("true", "yes", "on", "1")
-    raise ValueError("must be true or false")
-
-
-def _str(v: Any) -> str:
-    if isinstance(v, str) and v:
-        return v
-    if isinstance(v, int | float) and not isinstance(v, bool):
-        return str(v)
-    raise ValueError("must be a non-empty string")
-
-
-def _opt_str(v: Any) -> str | None:
-    return None if v is None or v == "" else _str(v)
-
-
-_DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def parse_duration(v: Any) -> float:
-    if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
-        return float(v)
-    m = _DURATION_RE.match(str(v)) if isinstance(v, str) else None
-    if not m:
-        raise ValueError("must be a duration such as 30s, 5m, 24h or a number of seconds")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-_SIZE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(v: Any) -> int:
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-        return v
-    m = _SIZE_RE.match(str(v)) if isinstance(v, str) else None
-    if not m:
-        raise ValueError("must be a size such as 500MiB, 200GB or a number of bytes")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = "BKMGTP".index(unit[0])
-    return int(float(m.group(1)) * base**power)
-
-
-@dataclass(frozen=True, slots=True)
-class SizeLimit:
-    """A byte count, or a fraction of the store's filesystem (``80%``). 0 means no limit."""
-
-    bytes: int = 0
-    fraction: float = 0.0
-
-    def resolve(self, filesystem_bytes: int) -> int:
-        return self.bytes or int(self.fraction * filesystem_bytes)
-
-    def __bool__(self) -> bool:
-        return bool(self.bytes or self.fraction)
-
-
-def _size_limit(v: Any) -> SizeLimit:
-    if v is None or v == 0 or v == "0":
-        return SizeLimit()
-    if isinstance(v, str) and v.strip().endswith("%"):
-        try:
-            pct = float(v.strip()[:-1])
-        except ValueError:
-            pct = -1
-        if not 0 < pct <= 100:
-            raise ValueError("a percentage must be between 0 and 100, e.g. 80%")
-        return SizeLimit(fraction=pct / 100)
-    return SizeLimit(bytes=parse_size(v))
-
-
-def _str_list(v: Any) -> tuple[str, ...]:
-    if v is None:
-        return ()
-    if isinstance(v, str):
-        return tuple(s.strip() for s in v.split(",") if s.strip())
-    if isinstance(v, list) and all(isinstance(x, str) for x in v):
-        return tuple(v)
-    raise ValueError("must be a list of strings")
-
-
-def _positive_count(v: Any) -> int:
-    n = _count(v)
-    if n < 1:
-        raise ValueError("must be at least 1")
-    return n
-
-
-def _timeout(v: Any) -> float:
-    seconds = parse_duration(v)
-    if seconds <= 0:
-        raise ValueError("must be a duration above 0, e.g. 10s")
-    return seconds
-
-
-def _listen(v: Any) -> tuple[str, int]:
-    text = _str(v)
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "0.0.0.0", text
-    host = host.strip("[]") or "0.0.0.0"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError("must be HOST:PORT with a port 0-65535, e.g. 0.0.0.0:30003")
-    return host, int(port)
-
-
-def _level(v: Any) -> str:
-    s = _str(v).upper()
-    if s not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError("must be one of debug, info, warning, error")
-    return s
-
-
-def _log_format(v: Any) -> str:
-    s = _str(v).lower()
-    if s not in ("text", "json"):
-        raise ValueError("must be text or json")
-    return s
-
-
-def _users(v: Any) -> dict[str, str]:
-    if v is None:
-        return {}
-    if not isinstance(v, dict) or not all(
-        isinstance(k, str) and isinstance(h, str) for k, h in v.items()
-    ):
-        raise ValueError("must map user names to bcrypt hashes")
-    for user, h in v.items():
-        if not h.startswith(("$2y$", "$2b$", "$2a$")):
-            raise ValueError(f"the hash of {user!r} is not bcrypt ($2y$...): store hashes only")
-    return dict(v)
-
-
-def _count(v: Any) -> int:
-    if isinstance(v, str) and v.strip().isdigit():
-        v = int(v)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ValueError("must be a whole number, 0 or more")
-    return v
-
-
-def _images(v: Any) -> tuple[str, ...]:
-    """Plain references, or the ``- image: REF`` entries of a pack's content.images."""
-    if v is None:
-        return ()
-    if not isinstance(v, list):
-        raise ValueError("must be a list of image references")
-    out = []
-    for item in v:
-        if isinstance(item, dict) and isinstance(item.get("image"), str):
-            out.append(item["image"])
-        elif isinstance(item, str):
-            out.append(item)
-        else:
-            raise ValueError("each entry must be a reference or {image: REF}")
-    return tuple(out)
-
-
-_TARGET_RE: Final = re.compile(
-    r"^(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$|^\[[0-9a-f:.]+\](:\d{1,5})?$"
-)
-
-
-def _target_pattern(v: str) -> str:
-    """An ``allow_redirect_to`` entry: ``host``, ``host:port``, ``*.domain[:port]``, ``[v6]:port``."""
-    t = v.strip().lower()
-    if not _TARGET_RE.match(t):
-        raise ValueError(f"has {v!r}: each entry is host, host:port, *.domain or *.domain:port")
-    return t
-
-
-def _rate(v: Any) -> float:
-    """Bytes per second: ``1KiB/s``, ``512KB/s``, a number; 0 turns the check off."""
-    text = v.strip().removesuffix("/s") if isinstance(v, str) else v
-    try:
-        return float(parse_size(text))
-    except ValueError:
-        raise ValueError("must be a rate such as 1KiB/s, 100KB/s or bytes per second") from None
-
-
-def _per_second(v: Any) -> float:
-    text = v.strip().removesuffix("/s") if isinstance(v, str) else v
-    try:
-        rate = float(text)
-    except (TypeError, ValueError):
-        rate = -1.0
-    if isinstance(v, bool) or not rate >= 0:
-        raise ValueError("must be a number of requests per second, 0 for no limit")
-    return rate
-
-
-def _positive(v: Any) -> int:
-    n = _count(v)
-    if n < 1:
-        raise ValueError("must be a whole number, 1 or more")
-    return n
-
-
-def _targets(v: Any) -> tuple[str, ...]:
-    return tuple(_target_pattern(t) for t in _str_list(v))
 
 
 # --- dataclasses -------------------------------------------------------------------------------
@@ -435,74 +231,74 @@ def default_storage_root() -> Path:
 # --- the schema: key path -> parser ------------------------------------------------------------
 Parser = Callable[[Any], Any]
 _SCHEMA: Final[dict[str, Any]] = {
-    "listen": _listen,
-    "content": {"sync": {"enable": _bool}, "projects": {"images": _str}},
+    "listen": values.listen,
+    "content": {"sync": {"enable": values.boolean}, "projects": {"images": values.string}},
     "storage": {
-        "root": _str,
-        "max_size": _size_limit,
-        "min_free": _size_limit,
-        "evict_to": _size_limit,
+        "root": values.string,
+        "max_size": values.size_limit,
+        "min_free": values.size_limit,
+        "evict_to": values.size_limit,
         "upload_ttl": parse_duration,
         "evict_interval": parse_duration,
     },
     "upstreams": "UPSTREAMS",
-    "default_upstream": _opt_str,
+    "default_upstream": values.optional_string,
     "tag_ttl": parse_duration,
     "peers": {
-        "urls": _str_list,
-        "dns": _opt_str,
+        "urls": values.str_list,
+        "dns": values.optional_string,
         "port": int,
-        "scheme": _str,
+        "scheme": values.string,
         "refresh": parse_duration,
-        "username": _opt_str,
-        "password": _opt_str,
+        "username": values.optional_string,
+        "password": values.optional_string,
         "timeout": parse_duration,
     },
     "auth": {
-        "htpasswd": _opt_str,
-        "users": _users,
-        "anonymous_pull": _bool,
-        "realm": _str,
-        "login_failures_per_minute": _count,
+        "htpasswd": values.optional_string,
+        "users": values.users,
+        "anonymous_pull": values.boolean,
+        "realm": values.string,
+        "login_failures_per_minute": values.count,
     },
-    "tls": {"cert": _opt_str, "key": _opt_str},
+    "tls": {"cert": values.optional_string, "key": values.optional_string},
     "prefetch": {
-        "images": _images,
+        "images": values.images,
         "interval": parse_duration,
-        "platforms": _str_list,
-        "required_for_ready": _bool,
-        "referrers": _bool,
+        "platforms": values.str_list,
+        "required_for_ready": values.boolean,
+        "referrers": values.boolean,
     },
-    "log": {"level": _level, "format": _log_format, "access": _bool},
+    "log": {"level": values.log_level, "format": values.log_format, "access": values.boolean},
     "shutdown_timeout": parse_duration,
     "policy": "POLICY",
     "http": {
-        "header_timeout": _timeout,
-        "keepalive_timeout": _timeout,
-        "write_timeout": _timeout,
-        "read_timeout": _timeout,
-        "max_connections": _count,
+        "header_timeout": values.timeout,
+        "keepalive_timeout": values.timeout,
+        "write_timeout": values.timeout,
+        "read_timeout": values.timeout,
+        "max_connections": values.count,
     },
-    "uploads": {"max_sessions": _positive_count},
+    "uploads": {"max_sessions": values.positive_count},
 }
 _UPSTREAM_SCHEMA: Final[dict[str, Parser]] = {
-    "url": _str,
-    "mirrors": _str_list,
-    "username": _opt_str,
-    "password": _opt_str,
-    "auth_file": _opt_str,
-    "tls_verify": _bool,
-    "ca_file": _opt_str,
-    "alias": _opt_str,
+    "url": values.string,
+    "mirrors": values.str_list,
+    "username": values.optional_string,
+    "password": values.optional_string,
+    "auth_file": values.optional_string,
+    "tls_verify": values.boolean,
+    "ca_file": values.optional_string,
+    "alias": values.optional_string,
     "connect_timeout": parse_duration,
     "read_timeout": parse_duration,
-    "allow_redirect_to": _targets,
-    "min_rate": _rate,
+    "allow_redirect_to": values.targets,
+    "min_rate": values.rate,
     "min_rate_window": parse_duration,
     "max_transfer_time": parse_duration,
-    "max_connections": _positive,
-    "max_requests_per_second": _per_second,
-    "ratelimit_reserve": _count,
+    "max_connections": values.positive,
+    "max_requests_per_second": values.per_second,
+    "ratelimit_reserve": values.count,
 }
 _HOST_PATTERN_RE: Final = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?)$")
 
@@ -580,7 +376,7 @@ def _policy(raw: Any) -> PolicyConfig:
     for key in raw:
         if key not in ("rules", "enforce"):
             raise ConfigError(f"policy.{key}", "unknown key (allowed here: enforce, rules)")
-    enforce = _parse("policy.enforce", _str_list, raw.get("enforce", ["pull-through"]))
+    enforce = _parse("policy.enforce", values.str_list, raw.get("enforce", ["pull-through"]))
     for point in enforce:
         if point not in ENFORCEMENT_POINTS:
             raise ConfigError(
@@ -601,11 +397,11 @@ def _policy(raw: Any) -> PolicyConfig:
                 raise ConfigError(
                     f"{where}.{key}", "unknown key (allowed here: keys, match, require)"
                 )
-        match = _parse(f"{where}.match", _str, item.get("match"))
-        require = _parse(f"{where}.require", _str, item.get("require", "none")).lower()
+        match = _parse(f"{where}.match", values.string, item.get("match"))
+        require = _parse(f"{where}.require", values.string, item.get("require", "none")).lower()
         if require not in REQUIREMENTS:
             raise ConfigError(f"{where}.require", f"{require!r} is not one of none, sigstore")
-        paths = _parse(f"{where}.keys", _str_list, item.get("keys"))
+        paths = _parse(f"{where}.keys", values.str_list, item.get("keys"))
         if require == "sigstore" and not paths:
             raise ConfigError(f"{where}.keys", "require: sigstore needs at least one public key")
         if require == "none" and paths:
@@ -640,7 +436,7 @@ def _from_env(parser: Parser) -> Parser:
     (auth.users, prefetch.images) are read as YAML, and bad YAML there is a bad value."""
 
     def parse(text: Any) -> Any:
-        if parser not in (_users, _images):
+        if parser not in (values.users, values.images):
             return parser(text)
         try:
             value = yaml.safe_load(text)

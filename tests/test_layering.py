@@ -38,7 +38,7 @@ def _layer(modules: str, may_import: str = "") -> Layer:
 
 #: Bottom to top. To place a new module: add it to the lowest layer whose imports it needs, or
 #: give it a layer of its own (and name that layer in the ``may_import`` of the layers above).
-_MODEL = "base oci config names"
+_MODEL = "base oci values config names"
 LAYERS: dict[str, Layer] = {
     # leaves any module may import: the version, errors, header names, logging, metrics, units
     "base": _layer(
@@ -47,7 +47,9 @@ LAYERS: dict[str, Layer] = {
     "oci": _layer("oci", "base"),
     # pure signature verification: no internal imports at all
     "signatures": _layer("cosign"),
-    "config": _layer("config", "base oci signatures"),
+    # the config's value parsers (durations, sizes, lists), then the config itself
+    "values": _layer("config_values", "base"),
+    "config": _layer("config", "base oci signatures values"),
     "names": _layer("names", "base oci config"),
     # the disk: blobs (store) and metadata (index) know neither each other nor HTTP
     "store": _layer("store", "base oci"),

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from regproxy import metrics
-from regproxy.config import SizeLimit
+from regproxy.config_values import SizeLimit
 from regproxy.ui import queries
 from regproxy.ui.base import (
     json_response,
