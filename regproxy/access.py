@@ -65,7 +65,7 @@ class AccessLogger(AbstractAccessLogger):
             return
         self.logger.info(
             "request method=%s path=%s repo=%s status=%d bytes=%d duration_ms=%.1f cache=%s "
-            "upstream=%s error=%s user=%s remote=%s",
+            "upstream=%s error=%s user=%s remote=%s peer=%s",
             request.method,
             request.path,
             notes.get("repo", "-"),
@@ -77,4 +77,5 @@ class AccessLogger(AbstractAccessLogger):
             notes.get("error", "-"),
             notes.get("user", "-"),
             request.remote,
+            notes.get("peer", "-"),
         )

@@ -32,7 +32,7 @@ from regproxy.errors import (
     Unsupported,
     UpstreamError,
 )
-from regproxy.headers import API_VERSION, CONTENT_DIGEST, PEER_HEADER
+from regproxy.headers import API_VERSION, CONTENT_DIGEST, PEER_FETCH, PEER_HEADER
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import (
     MAX_MANIFEST_BYTES,
@@ -43,7 +43,7 @@ from regproxy.oci import (
     validate_tag,
 )
 from regproxy.policy import cosign_tag_subject
-from regproxy.registry import LOCAL_ONLY, NOTES, PROBE, Blob, Registry, check_range
+from regproxy.registry import HOME_REQUEST, LOCAL_ONLY, NOTES, PROBE, Blob, Registry, check_range
 from regproxy.web_errors import NotFound
 from regproxy.web_keys import POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 from regproxy.web_keys import notes as _notes
@@ -182,11 +182,18 @@ async def catalog(request: web.Request) -> web.Response:
 async def dispatch(request: web.Request) -> web.StreamResponse:
     notes = _notes(request)  # the one per-request store (auth may have put the user in it)
     NOTES.set(notes)
-    if request.headers.get(PEER_HEADER):
-        # a peer asks: answer from the local store only, never forward (no circles)
+    mark = request.headers.get(PEER_HEADER)
+    if mark == PEER_FETCH:
+        # a peer asks this host as the home host: the store, a transfer in flight or this
+        # host's own upstream may answer, never another peer (regproxy.cluster)
+        HOME_REQUEST.set(True)
+        notes["peer"] = "fetch"
+        metrics.PEER_SERVED.labels("fetch").inc()
+    elif mark:
+        # a peer's lookup: answer from the local store only, never forward (no circles)
         LOCAL_ONLY.set(True)
-        notes["peer"] = "1"
-        metrics.PEER_SERVED.inc()
+        notes["peer"] = "lookup"
+        metrics.PEER_SERVED.labels("lookup").inc()
     # Route on the raw path, then decode each part: an encoded slash inside a tag or digest
     # must not shift the route (it is then invalid in its own part, with that part's error).
     path = request.rel_url.raw_path.removeprefix("/v2/")
@@ -288,7 +295,8 @@ async def _stream_blob(
             await sendfile.write_with_deadline(request, resp, chunk)
             sent += len(chunk)
             # the transfer's source kind (upstream or peer), read as the bytes arrive
-            metrics.SERVED_BYTES.labels("blob", blob.stream.kind).inc(len(chunk))
+            source = "upstream" if blob.stream.kind == "upstream" else "peer"
+            metrics.SERVED_BYTES.labels("blob", source).inc(len(chunk))
     except (OCIError, *sendfile.CLIENT_GONE, sendfile.Stalled) as exc:
         # Never finish a response with wrong or missing bytes: cut the connection.
         sendfile.note_cut(request, blob.digest, exc)
@@ -448,6 +456,8 @@ async def get_manifest(request: web.Request, name: str, ref: str) -> web.Respons
         "Content-Type": m.media_type,
         "ETag": f'"{m.digest}"',
     }
+    if m.age is not None:  # to a peer, as the tag's home host: when it was last confirmed
+        headers["Age"] = str(int(m.age))
     if request.method == "HEAD":
         headers["Content-Length"] = str(m.size)
         return web.Response(headers=headers)

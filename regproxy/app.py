@@ -26,6 +26,7 @@ from regproxy.connections import (
     raise_nofile_limit,
     server_logger,
 )
+from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import ConfigError
 from regproxy.evict import Evictor
 from regproxy.headers import INSTANCE_HEADER
@@ -69,8 +70,9 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY_KEY]
     await registry.open()
     if isinstance(registry, ProxyRegistry):
-        registry.peers = Peers(app[CONFIG_KEY], app[INSTANCE_KEY])
-        await registry.peers.start()
+        peers = Peers(app[CONFIG_KEY], app[INSTANCE_KEY], timing=registry.timing)
+        registry.attach_peers(peers)
+        await peers.start()
     task = asyncio.create_task(_housekeeping(app))
     yield
     task.cancel()
@@ -135,12 +137,13 @@ def _access_logger(config: Config) -> logging.Logger:
     return logger
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, *, timing: Timing = DEFAULT_TIMING) -> web.Application:
+    """The application; ``timing`` is where its clocks come from (tests move a fake one)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=8 * 1024 * 1024)
     app[CONFIG_KEY] = config
     app[HTTP_KEY] = config.http
     app[INSTANCE_KEY] = uuid.uuid4().hex
-    registry = build_registry(config)
+    registry = build_registry(config, timing=timing)
     app[REGISTRY_KEY] = registry
     app[POLICY_KEY] = Policy(registry)  # the signature policy, checked before manifests are served
     app[RESOLVER_KEY] = NameResolver(config)

@@ -94,6 +94,8 @@ class PeersConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     timeout: float = 2.0
+    #: a home host per digest and tag (rendezvous hashing): the cluster fetches once
+    home_hosts: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +255,7 @@ _SCHEMA: Final[dict[str, Any]] = {
         "username": values.optional_string,
         "password": values.optional_string,
         "timeout": parse_duration,
+        "home_hosts": values.boolean,
     },
     "auth": {
         "htpasswd": values.optional_string,

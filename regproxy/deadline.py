@@ -25,11 +25,13 @@ _BUCKETS: Final = 20
 
 @dataclass(frozen=True, slots=True)
 class Timing:
-    """Where time comes from: the monotonic clock, the loop's sleep, a jitter source."""
+    """Where time comes from: the monotonic clock, the loop's sleep, a jitter source, and the
+    wall clock (what is stored: when a tag was last confirmed upstream)."""
 
     now: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     random: Callable[[], float] = random.random
+    wall: Callable[[], float] = time.time
 
 
 DEFAULT_TIMING: Final = Timing()

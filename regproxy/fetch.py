@@ -58,7 +58,9 @@ class Source:
     """Somewhere a blob may come from: a peer or an upstream (with its mirrors)."""
 
     name: str
-    kind: str  # "upstream" | "peer"
+    #: "upstream"; "peer": a lookup of what a peer holds; "home": a peer asked to fetch it
+    #: (regproxy.cluster), whose answer may be a transfer of its own
+    kind: str
     open: Callable[[Digest, int], Awaitable[Stream]]
     #: called when this source sent bytes that did not match the digest
     on_bad: Callable[[], None] | None = None
@@ -85,6 +87,10 @@ class Transfer:
         self.writer: BlobWriter | None = None
         self.started = time.monotonic()
         self.waiters = 0
+        #: the kinds of its current and remaining sources: a transfer that is or may be fed
+        #: by another host's transfer ("home") is never joined by a peer's fetch request, so
+        #: no two hosts ever tail each other
+        self.kinds: frozenset[str] = frozenset()
         #: bumped when a source is abandoned and the file starts over for the next one
         self.generation = 0
         #: the chunk written last, (offset, bytes): readers that caught up take it from memory
@@ -225,6 +231,7 @@ class Fetcher:
         if t is not None:
             return t
         t = Transfer(digest, self.store)
+        t.kinds = frozenset(s.kind for s in sources)
         self.inflight[digest] = t
         metrics.INFLIGHT_FETCHES.set(len(self.inflight))
         task = asyncio.create_task(self._run(t, sources, repo), name=f"fetch {digest}")
@@ -258,19 +265,21 @@ class Fetcher:
         try:
             t.writer = await loop.run_in_executor(None, self.store.writer)
             last: OCIError = BlobUnknown(str(t.digest))
-            for source in sources:
+            for i, source in enumerate(sources):
+                t.kinds = frozenset(s.kind for s in sources[i:])
                 try:
                     await self._from_source(t, source)
                 except (BlobUnknown, UpstreamError) as exc:
                     last = exc
                     if isinstance(exc, UpstreamTooSlow):  # the transports count the others
-                        metrics.UPSTREAM_ERRORS.labels(source.name, exc.kind).inc()
+                        metrics.meters_for(source.kind).errors.labels(source.name, exc.kind).inc()
                     if not isinstance(exc, BlobUnknown):
                         log.warning(
-                            "fetch.source_failed digest=%s repo=%s source=%s error=%s",
+                            "fetch.source_failed digest=%s repo=%s source=%s kind=%s error=%s",
                             t.digest,
                             repo,
                             source.name,
+                            source.kind,
                             exc,
                         )
                     if t.written:
@@ -280,7 +289,8 @@ class Fetcher:
                     commit = functools.partial(t.writer.commit, t.digest, source=t.source)
                     await loop.run_in_executor(None, commit)
                 except DigestMismatch as exc:
-                    metrics.UPSTREAM_ERRORS.labels(source.name, "digest_mismatch").inc()
+                    meters = metrics.meters_for(source.kind)
+                    meters.errors.labels(source.name, "digest_mismatch").inc()
                     log.error(
                         "fetch.digest_mismatch digest=%s repo=%s source=%s actual=%s",
                         t.digest,
@@ -302,10 +312,12 @@ class Fetcher:
             await self.on_commit(t.digest, t.size, repo, t.source)
             t.committed = True
             log.info(
-                "fetch.committed digest=%s repo=%s source=%s bytes=%d seconds=%.2f waiters=%d",
+                "fetch.committed digest=%s repo=%s source=%s kind=%s bytes=%d seconds=%.2f "
+                "waiters=%d",
                 t.digest,
                 repo,
                 t.source,
+                t.kind,
                 t.size,
                 time.monotonic() - t.started,
                 t.waiters,
@@ -400,7 +412,7 @@ class Fetcher:
             elif stream.size != t.size:
                 raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
             skip = offset - stream.offset  # source ignored our Range: drop what we have
-            fetched = metrics.FETCHED_BYTES.labels(source.name)
+            fetched = metrics.meters_for(source.kind).fetched.labels(source.name)
             # one write (with its hashing) in flight while the next chunk arrives
             pending: asyncio.Future[Any] | None = None
             queued = 0

@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from regproxy import metrics
 from regproxy.config import Config
+from regproxy.proxy import ProxyRegistry
 from regproxy.registry import Registry
 
 log = logging.getLogger("regproxy.health")
@@ -196,7 +197,13 @@ class Health:
         self.upstreams.sample()
         body["sync"] = self.config.sync_enable
         body["upstreams"] = self.upstreams.to_json()
+        body["peers"] = self.peers()
         return (200 if ready else 503), body
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The cluster's hosts as this one sees them: up, down (and for how long), self."""
+        peers = self.registry.peers if isinstance(self.registry, ProxyRegistry) else None
+        return peers.to_json() if peers is not None and peers.enabled else []
 
     async def lifespan(self, _app: object) -> AsyncIterator[None]:
         """For ``cleanup_ctx``: sample upstream state in the background while serving."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -36,7 +37,8 @@ SERVED_BYTES: Final = Counter(
 )
 FETCHED_BYTES: Final = Counter(
     "regproxy_fetched_bytes_total",
-    "Bytes fetched from upstreams and peers, by source host",
+    "Bytes fetched from upstreams (and their mirrors), by source host; peers are "
+    "regproxy_peer_fetched_bytes_total",
     ["source"],
     registry=REGISTRY,
 )
@@ -128,7 +130,34 @@ PEER_REQUESTS: Final = Counter(
 )
 PEER_SERVED: Final = Counter(
     "regproxy_peer_served_requests_total",
-    "Requests this host answered for its peers (local store only)",
+    "Requests this host answered for its peers, by kind (lookup: from the local store only; "
+    "fetch: as the home host, which may fetch from its upstream)",
+    ["kind"],
+    registry=REGISTRY,
+)
+PEER_FETCHED_BYTES: Final = Counter(
+    "regproxy_peer_fetched_bytes_total",
+    "Blob bytes fetched from the cluster's peers, by peer",
+    ["peer"],
+    registry=REGISTRY,
+)
+PEER_SECONDS: Final = Histogram(
+    "regproxy_peer_request_duration_seconds",
+    "Peer request latency until the response headers arrived, by peer",
+    ["peer"],
+    registry=REGISTRY,
+)
+PEER_ERRORS: Final = Counter(
+    "regproxy_peer_errors_total",
+    "Failed requests to peers, by peer and kind (timeout, slow, connect, digest_mismatch, "
+    "4xx, 5xx, auth, error)",
+    ["peer", "kind"],
+    registry=REGISTRY,
+)
+PEERS: Final = Gauge(
+    "regproxy_peers",
+    "The cluster's other hosts by state (up; down: set aside until a probe finds them back)",
+    ["state"],
     registry=REGISTRY,
 )
 LOGIN_FAILURES: Final = Counter(
@@ -181,6 +210,35 @@ SLOW_CLIENTS_CUT: Final = Counter(
     ["phase"],
     registry=REGISTRY,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class SourceMeters:
+    """Where one kind of source (upstreams, peers) counts its requests: peer traffic is never
+    counted as upstream traffic."""
+
+    kind: str  # "upstream" | "peer"
+    seconds: Histogram
+    errors: Counter
+    fetched: Counter
+    queue: Gauge | None = None
+    queue_seconds: Histogram | None = None
+
+
+UPSTREAM_METERS: Final = SourceMeters(
+    "upstream",
+    UPSTREAM_SECONDS,
+    UPSTREAM_ERRORS,
+    FETCHED_BYTES,
+    UPSTREAM_QUEUE,
+    UPSTREAM_QUEUE_SECONDS,
+)
+PEER_METERS: Final = SourceMeters("peer", PEER_SECONDS, PEER_ERRORS, PEER_FETCHED_BYTES)
+
+
+def meters_for(kind: str) -> SourceMeters:
+    """The meters of a transfer source kind ("upstream", "peer", "home")."""
+    return UPSTREAM_METERS if kind == "upstream" else PEER_METERS
 
 
 #: metrics with a label naming an upstream host: (metric, its label names, that label)

@@ -1,64 +1,96 @@
-"""The cluster's other hosts, asked by digest before any upstream.
+"""The cluster's other hosts: who they are, which are up, and the requests sent to them.
 
-Peers speak the OCI API we already serve. A request to a peer carries ``Regproxy-Peer: 1``;
-a peer answers such a request from its local store only, so a miss never circles. Every
-regproxy answers with ``Regproxy-Instance: <id>``, which is how a host recognises itself in a
-peer list (a DNS name that resolves to every node includes this one).
+Peers speak the OCI API we already serve, with one of two marks (``Regproxy-Peer``):
+
+- ``1``, a *lookup*: answered from the peer's local store only (committed content, never a
+  transfer in flight), never forwarded;
+- ``fetch``, sent only to a key's home host (regproxy.cluster): the peer answers from its store,
+  from a transfer in flight, or from its own upstream through its single flight, never from
+  another peer. A request is so never forwarded twice.
+
+Every regproxy answers with ``Regproxy-Instance: <id>``. A host finds itself in the peer list by
+its listen address (an entry whose port is the listen port and whose address is one of this
+host's, so a DNS name that resolves to every node includes this one), else by that header on a
+probe. The members of the cluster (for rendezvous hashing) are the peers that are up and this
+host's own entry.
+
+Liveness (regproxy.liveness): a peer that fails a probe or a request is set aside with an
+exponential backoff (1 s at first, up to ``peers.refresh``) and probed again when it ends;
+requests skip it meanwhile, so a dead peer costs one probe per interval, not a timeout per
+request. A peer that sent wrong bytes is set aside for ``peers.refresh``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
 
 import aiohttp
+from yarl import URL
 
 from regproxy import metrics
 from regproxy.config import Config, UpstreamConfig
+from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import BlobUnknown, UpstreamError
 from regproxy.fetch import Source, Stream
-from regproxy.headers import INSTANCE_HEADER, PEER_HEADER
+from regproxy.headers import INSTANCE_HEADER, PEER_FETCH, PEER_HEADER, PEER_LOOKUP
+from regproxy.liveness import Liveness
 from regproxy.oci import Digest
-from regproxy.upstream import ManifestGet, UpstreamClient
+from regproxy.rendezvous import ranked
+from regproxy.upstream import ManifestGet, ManifestHead, UpstreamClient
 from regproxy.upstream.session import shared_session
 
 log = logging.getLogger("regproxy.peers")
-BACKOFF_SECONDS: Final = 30.0
+#: the first backoff of a peer that does not answer (doubling up to peers.refresh)
+FIRST_BACKOFF: Final = 1.0
+#: the probe loop wakes at least this often (a peer due sooner is probed sooner)
+MAX_IDLE: Final = 5.0
 T = TypeVar("T")
+_FAILURES: Final = (TimeoutError, UpstreamError, OSError)
 
 
 @dataclass
 class Peer:
     url: str
+    #: lookups: ``Regproxy-Peer: 1``
     client: UpstreamClient
-    bad_until: float = 0.0
+    #: fetch requests to the home host: ``Regproxy-Peer: fetch``
+    fetcher: UpstreamClient
     is_self: bool = False
-    checked: float = field(default=0.0)
-
-    @property
-    def usable(self) -> bool:
-        return not self.is_self and time.monotonic() >= self.bad_until
 
 
 class Peers:
-    def __init__(self, config: Config, instance_id: str) -> None:
+    def __init__(
+        self, config: Config, instance_id: str, *, timing: Timing = DEFAULT_TIMING
+    ) -> None:
         self.config = config.peers
+        self.listen = (config.listen_host, config.listen_port)
         self.instance_id = instance_id
+        self.timing = timing
+        cap = max(self.config.refresh, FIRST_BACKOFF)
+        self.liveness = Liveness(
+            timing.now, timing.random, first=FIRST_BACKOFF, cap=cap, every=self.config.refresh
+        )
         self._peers: dict[str, Peer] = {}
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._resolved_at = 0.0
 
     @property
     def enabled(self) -> bool:
         return bool(self.config.urls or self.config.dns)
 
-    def _client(self, url: str) -> UpstreamClient:
+    @property
+    def home_hosts(self) -> bool:
+        return self.config.home_hosts
+
+    def _client(self, url: str, mark: str) -> UpstreamClient:
         cfg = UpstreamConfig(
             pattern=url,
             url=url,
@@ -68,14 +100,22 @@ class Peers:
             read_timeout=max(self.config.timeout * 5, 10.0),
         )
         assert self._session is not None
-        return UpstreamClient(url, cfg, self._session, extra_headers={PEER_HEADER: "1"})
+        return UpstreamClient(
+            url,
+            cfg,
+            self._session,
+            extra_headers={PEER_HEADER: mark},
+            timing=self.timing,
+            meters=metrics.PEER_METERS,
+        )
 
+    # --- membership ------------------------------------------------------------------------------
     async def start(self) -> None:
         if not self.enabled:
             return
-        self._session = shared_session(limit_per_host=16)
+        self._session = shared_session(limit_per_host=32)
         await self.refresh()
-        self._task = asyncio.create_task(self._refresh_loop())
+        self._task = asyncio.create_task(self._loop(), name="peers")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -85,11 +125,17 @@ class Peers:
         if self._session is not None:
             await self._session.close()
 
-    async def _refresh_loop(self) -> None:
+    async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.refresh)
+            due = self.liveness.next_due()
+            now = self.timing.now()
+            wait = MAX_IDLE if due is None else min(MAX_IDLE, max(due - now, 0.05))
+            await asyncio.sleep(wait)
             try:
-                await self.refresh()
+                if self.timing.now() - self._resolved_at >= self.config.refresh:
+                    await self.refresh()
+                else:
+                    await self.probe_due()
             except Exception:
                 log.exception("peers.refresh_failed")
 
@@ -111,15 +157,52 @@ class Peers:
         return list(dict.fromkeys(urls))
 
     async def refresh(self) -> None:
-        """Re-resolve the peer list and find out which entry is this host."""
+        """Re-resolve the peer list, find this host's own entry, and probe what is due."""
         urls = await self._resolve()
+        self._resolved_at = self.timing.now()
         for url in list(self._peers):
             if url not in urls:
                 self._peers.pop(url)
         for url in urls:
             if url not in self._peers:
-                self._peers[url] = Peer(url, self._client(url))
-        await asyncio.gather(*(self._probe(p) for p in self._peers.values()))
+                peer = Peer(url, self._client(url, PEER_LOOKUP), self._client(url, PEER_FETCH))
+                peer.is_self = await self._is_own_address(url)
+                if peer.is_self:
+                    log.info("peers.self url=%s", url)
+                self._peers[url] = peer
+        self.liveness.keep(p.url for p in self._peers.values() if not p.is_self)
+        await self.probe_due()
+
+    async def _is_own_address(self, url: str) -> bool:
+        """The entry names this host: its port is ours and its address one of this host's
+        (an address we can bind is local), and we listen on it."""
+        u = URL(url)
+        host, port = u.host or "", u.port
+        listen_host, listen_port = self.listen
+        if port != listen_port or not host:
+            return False
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port)
+        except OSError:
+            return False
+        for family, _, _, _, sockaddr in infos:
+            addr = str(sockaddr[0])
+            if listen_host not in ("", "0.0.0.0", "::") and not _same_ip(addr, listen_host):
+                continue
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                try:
+                    s.bind((addr, 0))
+                except OSError:
+                    continue
+                return True
+        return False
+
+    async def probe_due(self) -> None:
+        """Probe the peers whose probe is due (a set-aside peer when its backoff ends)."""
+        due = set(self.liveness.due())
+        peers = [p for p in self._peers.values() if p.url in due and not p.is_self]
+        await asyncio.gather(*(self._probe(p) for p in peers))
+        self._export()
 
     async def _probe(self, peer: Peer) -> None:
         assert self._session is not None
@@ -127,118 +210,189 @@ class Peers:
             async with self._session.get(
                 f"{peer.url}/healthz",
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-                headers={PEER_HEADER: "1"},
+                headers={PEER_HEADER: PEER_LOOKUP},
             ) as resp:
-                peer.is_self = resp.headers.get(INSTANCE_HEADER) == self.instance_id
-                peer.checked = time.monotonic()
-                if peer.is_self:
-                    log.debug("peers.self url=%s", peer.url)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.info("peers.unreachable url=%s error=%s", peer.url, exc)
-            peer.bad_until = time.monotonic() + min(BACKOFF_SECONDS, self.config.refresh)
+                if resp.headers.get(INSTANCE_HEADER) == self.instance_id:
+                    peer.is_self = True
+                    log.info("peers.self url=%s", peer.url)
+                    self.liveness.keep(p.url for p in self._peers.values() if not p.is_self)
+                    return
+                if resp.status >= 500:
+                    raise UpstreamError(peer.url, f"/healthz answered {resp.status}")
+        except (TimeoutError, aiohttp.ClientError, OSError, UpstreamError) as exc:
+            state = self.liveness.state(peer.url)
+            was_up = state.up or not state.known
+            wait = self.liveness.failed(peer.url, str(exc) or type(exc).__name__)
+            log.log(
+                logging.INFO if was_up else logging.DEBUG,
+                "peers.unreachable url=%s error=%s next_probe_s=%.1f",
+                peer.url,
+                exc,
+                wait,
+            )
+            return
+        if not self.liveness.is_up(peer.url):
+            log.info("peers.up url=%s", peer.url)
+        self.liveness.ok(peer.url)
 
-    def usable(self) -> list[Peer]:
-        return [p for p in self._peers.values() if p.usable]
+    def _export(self) -> None:
+        up, down = self.liveness.counts()
+        metrics.PEERS.labels("up").set(up)
+        metrics.PEERS.labels("down").set(down)
+
+    @property
+    def own(self) -> Peer | None:
+        """This host's own entry in the peer list, once known."""
+        return next((p for p in self._peers.values() if p.is_self), None)
 
     def known(self) -> list[Peer]:
         """Every peer of the current list, this host's own entry included (for the web page)."""
         return list(self._peers.values())
 
-    def _failed(self, peer: Peer, what: str, exc: Exception) -> None:
-        peer.bad_until = time.monotonic() + BACKOFF_SECONDS
+    def usable(self) -> list[Peer]:
+        """The other hosts that are up, in the order of the peer list."""
+        return [p for p in self._peers.values() if not p.is_self and self.liveness.is_up(p.url)]
+
+    def order(self, key: str) -> list[Peer]:
+        """The members (the peers that are up, and this host's entry) in the key's rendezvous
+        order: the first is the key's home."""
+        members = self.usable()
+        own = self.own
+        if own is not None:
+            members.append(own)
+        return ranked(members, [p.url for p in members], key)
+
+    def failed(self, peer: Peer, what: str, exc: Exception, *, hold: bool = False) -> None:
+        """Set the peer aside (``hold``: for the longest backoff, it sent wrong bytes)."""
         metrics.PEER_REQUESTS.labels(peer.url, "error").inc()
+        wait = self.liveness.failed(
+            peer.url, str(exc) or type(exc).__name__, hold=self.liveness.cap if hold else None
+        )
+        self._export()
         log.warning(
-            "peers.failed url=%s what=%s error=%s backoff_s=%.0f",
+            "peers.failed url=%s what=%s error=%s next_probe_s=%.1f",
             peer.url,
             what,
             exc,
-            BACKOFF_SECONDS,
+            wait,
         )
 
-    async def _ask_all(
-        self, op: Callable[[Peer], Awaitable[T | None]], what: str
+    # --- requests --------------------------------------------------------------------------------
+    async def ask(
+        self,
+        peers: Sequence[Peer],
+        op: Callable[[Peer], Awaitable[T | None]],
+        what: str,
+        *,
+        within: float | None = None,
     ) -> list[tuple[Peer, T]]:
-        """Ask every usable peer at once, within the timeout; those that have it, fastest first."""
-        peers = self.usable()
+        """Ask the peers at once (each within ``within`` seconds): those that have it, in the
+        order given. A peer that fails is set aside."""
         if not peers:
             return []
-        found: list[tuple[Peer, T]] = []
+        results: list[T | None] = [None] * len(peers)
 
-        async def one(p: Peer) -> None:
+        async def one(i: int, p: Peer) -> None:
             try:
-                result = await asyncio.wait_for(op(p), self.config.timeout)
-            except (TimeoutError, UpstreamError, OSError) as exc:
-                self._failed(p, what, exc)
+                async with asyncio.timeout(within):
+                    results[i] = await op(p)
+            except BlobUnknown:
+                results[i] = None
+            except _FAILURES as exc:
+                self.failed(p, what, exc)
                 return
-            if result is None:
-                metrics.PEER_REQUESTS.labels(p.url, "miss").inc()
-            else:
-                metrics.PEER_REQUESTS.labels(p.url, "hit").inc()
-                found.append((p, result))
+            metrics.PEER_REQUESTS.labels(p.url, "miss" if results[i] is None else "hit").inc()
 
-        await asyncio.gather(*(one(p) for p in peers))
-        return found
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(peers)))
+        return [(p, r) for p, r in zip(peers, results, strict=True) if r is not None]
 
-    async def blob_sources(self, repo: str, digest: Digest) -> list[Source]:
-        """A source per peer that holds the blob (a parallel HEAD to each), fastest first."""
+    async def first(
+        self, peers: Sequence[Peer], op: Callable[[Peer], Awaitable[T | None]], what: str
+    ) -> tuple[Peer, T] | None:
+        """Ask the peers one after another (fetch requests to home hosts): the first answer."""
+        for p in peers:
+            found = await self.ask([p], op, what)
+            if found:
+                return found[0]
+        return None
 
-        async def head(p: Peer) -> int | None:
-            return await p.client.head_blob(repo, digest)
-
-        sources = []
-        for peer, _size in await self._ask_all(head, f"HEAD {repo}@{digest}"):
-            sources.append(self._source(peer, repo))
-        return sources
-
-    async def blob_size(self, repo: str, digest: Digest) -> int | None:
-        """The size the first peer that holds the blob answers a HEAD with, or None."""
+    async def blob_holders(
+        self, peers: Sequence[Peer], repo: str, digest: Digest
+    ) -> list[tuple[Peer, int]]:
+        """The peers (of those given) that hold the blob committed, and its size: a HEAD
+        lookup to each at once within ``peers.timeout``."""
 
         async def head(p: Peer) -> int | None:
             size = await p.client.head_blob(repo, digest)
             return None if size is None or size < 0 else size
 
-        found = await self._ask_all(head, f"HEAD {repo}@{digest}")
-        return found[0][1] if found else None
+        return await self.ask(peers, head, f"HEAD {repo}@{digest}", within=self.config.timeout)
 
-    def _source(self, peer: Peer, repo: str) -> Source:
+    def blob_source(self, peer: Peer, repo: str, *, fetch: bool) -> Source:
+        """The peer as a transfer source: a lookup of what it holds, or (``fetch``) a fetch
+        request to it as the home host."""
+        client = peer.fetcher if fetch else peer.client
+
         async def open_blob(digest: Digest, offset: int) -> Stream:
             try:
-                return await peer.client.open_blob(repo, digest, offset)
+                return await client.open_blob(repo, digest, offset)
             except BlobUnknown:
+                metrics.PEER_REQUESTS.labels(peer.url, "miss").inc()
                 raise
             except UpstreamError as exc:
-                self._failed(peer, f"GET {repo}@{digest}", exc)
+                self.failed(peer, f"GET {repo}@{digest}", exc)
                 raise
 
         def bad() -> None:
-            self._failed(
+            self.failed(
                 peer,
                 f"{repo} blob",
                 UpstreamError(peer.url, "sent wrong bytes", kind="digest_mismatch"),
+                hold=True,
             )
 
-        return Source(peer.url, "peer", open_blob, bad)
+        return Source(peer.url, "home" if fetch else "peer", open_blob, bad)
 
-    async def manifest(self, repo: str, reference: str) -> tuple[str, ManifestGet] | None:
-        """The first peer's answer for a manifest (by tag or digest); the caller verifies."""
-        if not self.usable():
-            return None
-
+    def manifest_op(
+        self, repo: str, reference: str, *, fetch: bool
+    ) -> Callable[[Peer], Awaitable[ManifestGet | None]]:
         async def get(p: Peer) -> ManifestGet | None:
-            return await p.client.get_manifest(repo, reference)
+            return await (p.fetcher if fetch else p.client).get_manifest(repo, reference)
 
-        found = await self._ask_all(get, f"GET {repo}:{reference}")
-        if not found:
-            return None
-        peer, got = found[0]
-        return peer.url, got
+        return get
+
+    def head_op(self, repo: str, tag: str) -> Callable[[Peer], Awaitable[ManifestHead | None]]:
+        """A fetch request HEAD for a tag: the home host confirms it (upstream, if due)."""
+
+        async def head(p: Peer) -> ManifestHead | None:
+            return await p.fetcher.head_manifest(repo, tag)
+
+        return head
 
     async def referrers(self, repo: str, digest: Digest) -> list[bytes]:
-        """Every usable peer's referrers index for a manifest (each from its local store)."""
-        if not self.usable():
-            return []
+        """Every peer's referrers index for a manifest (each from its local store)."""
 
         async def get(p: Peer) -> bytes | None:
             return await p.client.get_referrers(repo, digest)
 
-        return [body for _peer, body in await self._ask_all(get, f"referrers {repo}@{digest}")]
+        found = await self.ask(
+            self.usable(), get, f"referrers {repo}@{digest}", within=self.config.timeout
+        )
+        return [body for _peer, body in found]
+
+    # --- what the web page shows -------------------------------------------------------------------
+    def to_json(self) -> list[dict[str, Any]]:
+        out = []
+        for p in self._peers.values():
+            if p.is_self:
+                out.append({"url": p.url, "state": "self"})
+            else:
+                out.append({"url": p.url, **self.liveness.to_json(p.url)})
+        return out
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b

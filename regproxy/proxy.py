@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -23,6 +24,7 @@ from typing import TypeVar
 
 from regproxy import metrics
 from regproxy.async_index import AsyncIndex
+from regproxy.cluster import Cluster, Found
 from regproxy.config import Config
 from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import (
@@ -33,14 +35,24 @@ from regproxy.errors import (
     OCIError,
     UpstreamError,
 )
-from regproxy.fetch import Fetcher, Source, Stream
+from regproxy.fetch import Fetcher, Source, Stream, Transfer
 from regproxy.flights import SingleFlights
 from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import MAX_TAGS, Descriptor, Digest, is_digest_reference
 from regproxy.peers import Peers
 from regproxy.referrers import Referrers
-from regproxy.registry import LOCAL_ONLY, LRU, PROBE, Blob, Manifest, ManifestGone, Registry, note
+from regproxy.registry import (
+    HOME_REQUEST,
+    LOCAL_ONLY,
+    LRU,
+    PROBE,
+    Blob,
+    Manifest,
+    ManifestGone,
+    Registry,
+    note,
+)
 from regproxy.store import Store
 from regproxy.upstream import TagPage, UpstreamClient
 from regproxy.upstream.pool import ClientPool
@@ -75,6 +87,8 @@ class ProxyRegistry(Registry):
         self._shutdown_started: float | None = None
         #: the cluster's other hosts, asked before any upstream (None: no peers configured)
         self.peers: Peers | None = None
+        #: what a miss asks of them, and in which order (home hosts)
+        self.cluster: Cluster | None = None
         #: referrers pulled through (upstream API or tag schema) and merged with local ones
         self.referrer_index = Referrers(self)
         #: (repository, tag) -> when it was last served stale because the upstream could not
@@ -112,10 +126,19 @@ class ProxyRegistry(Registry):
             return repo.host
         return "local"
 
+    def attach_peers(self, peers: Peers) -> None:
+        self.peers = peers
+        self.cluster = Cluster(peers)
+
     def _peers(self) -> Peers | None:
-        if LOCAL_ONLY.get() or self.peers is None or not self.peers.enabled:
+        """The peers this request may ask: none for a peer's own request (a lookup, or a fetch
+        request to this host as the home host), so a request is never forwarded twice."""
+        if LOCAL_ONLY.get() or HOME_REQUEST.get() or self.peers is None or not self.peers.enabled:
             return None
         return self.peers
+
+    def _cluster(self) -> Cluster | None:
+        return self.cluster if self._peers() is not None else None
 
     def active_peers(self) -> Peers | None:
         """The peers this request may ask (None for a peer's own request, or without peers)."""
@@ -140,24 +163,37 @@ class ProxyRegistry(Registry):
     # --- manifests -------------------------------------------------------------------------------
     async def get_manifest(self, repo: RepoName, reference: str) -> Manifest:
         try:
-            return await self._get_manifest(repo, reference)
+            m = await self._get_manifest(repo, reference)
         except ManifestGone:
             # its file went between the lookup and the read (evicted): the lookup misses now,
             # so this fetches it again (upstream names) or is a 404, as if never here
-            return await self._get_manifest(repo, reference)
+            m = await self._get_manifest(repo, reference)
+        if HOME_REQUEST.get() and not is_digest_reference(reference):
+            # as the tag's home host: say how long ago the upstream confirmed it (``Age``)
+            found = await self.local_manifest(repo, reference)
+            if found is not None and found[1] > 0:
+                m = dataclasses.replace(m, age=max(0.0, self.timing.wall() - found[1]))
+        return m
 
     async def _get_manifest(self, repo: RepoName, reference: str) -> Manifest:
         found = await self.local_manifest(repo, reference)
         client = self.upstream(repo)
         label = self._label(repo)
+        cluster = self._cluster()
+        by_digest = is_digest_reference(reference)
         if found is not None:
             row, checked = found
-            if client is None or is_digest_reference(reference):
+            if client is None or by_digest or self._fresh(checked):
                 _count("manifest", "hit", label)
                 return await self.manifest_body(repo, row)
-            if time.time() - checked < self.config.tag_ttl:
-                _count("manifest", "hit", label)
-                return await self.manifest_body(repo, row)
+            if cluster is not None and not cluster.is_home(f"{repo.canonical}:{reference}"):
+                # the tag's home host re-checks it upstream; this host asks the home
+                answer = await self._single(
+                    ("home-tag", f"{repo.canonical}:{reference}"),
+                    lambda: self._tag_from_home(repo, reference, row.digest, cluster),
+                )
+                if answer is not None:
+                    return answer
             try:
                 fresh = await self._single(
                     ("tag", f"{repo.canonical}:{reference}"),
@@ -185,12 +221,19 @@ class ProxyRegistry(Registry):
             _count("manifest", "miss", label)
             return fresh
         _count("manifest", "miss", label)
-        peers = self._peers()
-        if peers is not None and (client is None or is_digest_reference(reference)):
-            # digests from the cluster first; tags from the cluster when no upstream may answer
+        if cluster is not None:
+            # with an upstream: the home host fetches it (and, by digest, the near hosts are
+            # looked up); without: the cluster's hosts are looked up
             got = await self._single(
-                ("peer", f"{repo.canonical}@{reference}"),
-                lambda: self._manifest_from_peers(repo, reference, peers),
+                ("cluster", f"{repo.canonical}@{reference}"),
+                lambda: self._from_cluster(
+                    repo,
+                    reference,
+                    cluster,
+                    homes=client is not None,
+                    near=by_digest or client is None,
+                    wide=client is None,
+                ),
             )
             if got is not None:
                 return got
@@ -203,31 +246,51 @@ class ProxyRegistry(Registry):
                 lambda: self._fetch_manifest(repo, reference, client),
             )
         except UpstreamError:
-            if peers is None or is_digest_reference(reference):
+            if cluster is None:
                 raise
-            # upstream unreachable: the cluster's answer for the tag is better than none
-            result = await self._manifest_from_peers(repo, reference, peers)
+            # upstream unreachable: whatever the cluster holds is better than nothing
+            result = await self._from_cluster(
+                repo, reference, cluster, homes=False, near=True, wide=True
+            )
             if result is None:
                 raise
+        if result is None and cluster is not None and not by_digest:
+            # unknown upstream: a near host may hold it (imported there)
+            result = await self._from_cluster(
+                repo, reference, cluster, homes=False, near=True, wide=False
+            )
         if result is None:
             raise ManifestUnknown(reference)
         return result
 
-    async def _manifest_from_peers(
-        self, repo: RepoName, reference: str, peers: Peers
+    def _fresh(self, checked: float) -> bool:
+        return self.timing.wall() - checked < self.config.tag_ttl
+
+    async def _from_cluster(
+        self,
+        repo: RepoName,
+        reference: str,
+        cluster: Cluster,
+        *,
+        homes: bool,
+        near: bool,
+        wide: bool,
     ) -> Manifest | None:
-        found = await peers.manifest(repo.canonical, reference)
+        found = await cluster.manifest(repo.canonical, reference, homes=homes, near=near, wide=wide)
         if found is None:
             return None
-        peer, got = found
-        if is_digest_reference(reference):
-            want = Digest.parse(reference)
-            if Digest.of(got.body, want.algorithm) != want:
-                metrics.UPSTREAM_ERRORS.labels(peer, "digest_mismatch").inc()
-                log.error("manifest.digest_mismatch repo=%s want=%s peer=%s", repo, want, peer)
-                return None
+        return await self._store_from_peer(repo, reference, found)
+
+    async def _store_from_peer(
+        self, repo: RepoName, reference: str, found: Found
+    ) -> Manifest | None:
+        got = found.got
+        # a tag from its home host is as fresh as the home says (Age); a lookup's answer is
+        # confirmed at the next request (checked=0)
+        checked = 0.0
+        if found.home and got.age is not None:
+            checked = self.timing.wall() - got.age
         try:
-            # checked=0: with sync on, the upstream confirms a peer's tag at the next request
             result = await self.put_manifest(
                 repo,
                 reference,
@@ -235,20 +298,52 @@ class ProxyRegistry(Registry):
                 got.media_type,
                 verify_refs=False,
                 pinned=False,
-                checked=0.0,
+                checked=checked,
             )
         except OCIError as exc:
-            log.warning("manifest.peer_unusable repo=%s peer=%s error=%s", repo, peer, exc)
+            log.warning("manifest.peer_unusable repo=%s peer=%s error=%s", repo, found.peer, exc)
             return None
         log.info(
-            "manifest.from_peer repo=%s reference=%s digest=%s peer=%s",
+            "manifest.from_peer repo=%s reference=%s digest=%s peer=%s kind=%s",
             repo,
             reference,
             result.digest,
-            peer,
+            found.peer,
+            "home" if found.home else "lookup",
         )
         row = await self.local_manifest(repo, str(result.digest))
         assert row is not None
+        return await self.manifest_body(repo, row[0])
+
+    async def _tag_from_home(
+        self, repo: RepoName, tag: str, have: str, cluster: Cluster
+    ) -> Manifest | None:
+        """The tag's home host confirms it (or says where it moved). None: no home answered."""
+        check = await cluster.check_tag(repo.canonical, tag, have)
+        if check is None or check.age is None:  # a home that cannot say how fresh: upstream
+            return None
+        checked = self.timing.wall() - check.age
+        label = self._label(repo)
+        if check.got is not None:
+            found = Found(check.peer, dataclasses.replace(check.got, age=check.age), home=True)
+            moved = await self._store_from_peer(repo, tag, found)
+            if moved is not None:
+                _count("manifest", "miss", label)
+            return moved
+        await self.mark_tag_checked(repo, tag, checked)
+        if not self._fresh(checked):  # the home could not confirm it either: stale
+            metrics.STALE_SERVED.labels(label).inc()
+        _count("manifest", "hit" if self._fresh(checked) else "stale", label)
+        log.debug(
+            "tag.confirmed_by_home repo=%s tag=%s peer=%s age=%.0f",
+            repo,
+            tag,
+            check.peer,
+            check.age,
+        )
+        row = await self.local_manifest(repo, tag)
+        if row is None:
+            return None
         return await self.manifest_body(repo, row[0])
 
     async def _refresh_tag(
@@ -260,10 +355,10 @@ class ProxyRegistry(Registry):
             # what we hold stays the answer; confirm it for a tag_ttl, so a tag that upstream
             # dropped does not cost a HEAD on every request
             log.info("tag.gone_upstream repo=%s tag=%s upstream=%s", repo, tag, client.name)
-            await self.mark_tag_checked(repo, tag)
+            await self.mark_tag_checked(repo, tag, self.timing.wall())
             return None
         if head.digest is not None and str(head.digest) == have:
-            await self.mark_tag_checked(repo, tag)
+            await self.mark_tag_checked(repo, tag, self.timing.wall())
             return None
         if client.below_reserve():
             # a GET counts against the upstream's pull limit: keep the last pulls for misses
@@ -298,7 +393,13 @@ class ProxyRegistry(Registry):
                 )
         try:
             result = await self.put_manifest(
-                repo, reference, got.body, got.media_type, verify_refs=False, pinned=False
+                repo,
+                reference,
+                got.body,
+                got.media_type,
+                verify_refs=False,
+                pinned=False,
+                checked=self.timing.wall(),
             )
         except DigestInvalid as exc:
             raise UpstreamError(
@@ -361,10 +462,10 @@ class ProxyRegistry(Registry):
             # fed by that same peer (two hosts tailing each other would wait forever)
             _count("blob", "miss", label)
             raise BlobUnknown(str(digest))
-        transfer = self.fetcher.get(digest)
+        transfer = self._joinable(digest, label)
         if transfer is None:
             sources = await self._sources(repo, digest)
-            transfer = self.fetcher.get(digest)  # another request may have started it meanwhile
+            transfer = self._joinable(digest, label)  # another request may have started it
         if transfer is None:
             if not sources:
                 await self._known_or_unknown_name(repo)
@@ -396,8 +497,9 @@ class ProxyRegistry(Registry):
         transfer = self.fetcher.get(digest)
         if transfer is not None:
             return Blob(digest, await transfer.wait_size())
-        if peers is not None:
-            held = await peers.blob_size(repo.canonical, digest)
+        cluster = self._cluster()
+        if cluster is not None:
+            held = await cluster.blob_size(repo.canonical, digest, wide=client is None)
             if held is not None:
                 return Blob(digest, held)
         if client is None:
@@ -409,9 +511,19 @@ class ProxyRegistry(Registry):
             return await self.get_blob(repo, digest)
         return Blob(digest, size)
 
+    def _joinable(self, digest: Digest, label: str) -> Transfer | None:
+        """The transfer in flight for the digest, if this request may tail it. A peer's fetch
+        request never joins a transfer fed by another host's (its home host's) transfer:
+        that host could be the one asking, and two hosts tailing each other wait forever."""
+        transfer = self.fetcher.get(digest)
+        if transfer is not None and HOME_REQUEST.get() and "home" in transfer.kinds:
+            log.info("blob.not_joined digest=%s reason=fed_by_a_peer", digest)
+            _count("blob", "miss", label)
+            raise BlobUnknown(str(digest))
+        return transfer
+
     async def _sources(self, repo: RepoName, digest: Digest) -> list[Source]:
-        peers = self._peers()
-        sources = await peers.blob_sources(repo.canonical, digest) if peers is not None else []
+        upstream: Source | None = None
         client = self.upstream(repo)
         if client is not None:
             path = repo.path
@@ -420,8 +532,11 @@ class ProxyRegistry(Registry):
                 return await client.open_blob(path, digest, offset)
 
             limits = client.transport.limits
-            sources.append(Source(client.name, "upstream", open_upstream, limits=limits))
-        return sources
+            upstream = Source(client.name, "upstream", open_upstream, limits=limits)
+        cluster = self._cluster()
+        if cluster is None:
+            return [upstream] if upstream is not None else []
+        return await cluster.blob_sources(repo.canonical, digest, upstream)
 
     async def _on_fetched(self, digest: Digest, size: int, repo: str, source: str) -> None:
         name = self._fill_names.get(repo) or RepoName(repo)
@@ -465,7 +580,7 @@ class ProxyRegistry(Registry):
         return tags[:want]
 
 
-def build_registry(config: Config) -> ProxyRegistry:
+def build_registry(config: Config, *, timing: Timing = DEFAULT_TIMING) -> ProxyRegistry:
     """The daemon's registry over the configured store (also used by the CLI tools)."""
     root = config.storage.root
-    return ProxyRegistry(Store(root), AsyncIndex(root / "index.db"), config)
+    return ProxyRegistry(Store(root), AsyncIndex(root / "index.db"), config, timing=timing)

@@ -48,6 +48,9 @@ LOCAL_ONLY: ContextVar[bool] = ContextVar("regproxy_local_only", default=False)
 #: set for requests that only ask whether content exists (a blob HEAD, as pushing clients send):
 #: not a pull, so neither counted as a cache lookup nor recorded as an access ("last pulled")
 PROBE: ContextVar[bool] = ContextVar("regproxy_probe", default=False)
+#: set for a peer's fetch request to this host as the home host (regproxy.cluster): answered from
+#: the store, a transfer in flight or this host's own upstream, never from another peer
+HOME_REQUEST: ContextVar[bool] = ContextVar("regproxy_home_request", default=False)
 #: what a request's lookup found (cache: hit|miss|stale, upstream: host), for the access log
 NOTES: ContextVar[dict[str, str] | None] = ContextVar("regproxy_notes", default=None)
 
@@ -129,6 +132,8 @@ class Manifest:
     media_type: str
     size: int
     body: bytes
+    #: for a tag answered to a peer as its home host: seconds since the upstream confirmed it
+    age: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,8 +406,12 @@ class Registry:
             self._tags.pop((repo.canonical, tag))
         return PutResult(digest, parsed.subject.digest if parsed.subject else None)
 
-    async def mark_tag_checked(self, repo: RepoName, tag: str) -> None:
-        await self.db.write(Index.set_tag_checked, repo.canonical, tag, time.time())
+    async def mark_tag_checked(
+        self, repo: RepoName, tag: str, checked: float | None = None
+    ) -> None:
+        """The tag was confirmed upstream at ``checked`` (wall clock; now by default)."""
+        when = time.time() if checked is None else checked
+        await self.db.write(Index.set_tag_checked, repo.canonical, tag, when)
         self._tags.pop((repo.canonical, tag))
 
     async def delete_manifest(self, repo: RepoName, reference: str) -> None:

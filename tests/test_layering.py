@@ -42,7 +42,8 @@ _MODEL = "base oci values config names"
 LAYERS: dict[str, Layer] = {
     # leaves any module may import: the version, errors, header names, logging, metrics, units
     "base": _layer(
-        ". errors headers log metrics systemd progress login_budget units deadline flights"
+        ". errors headers log metrics systemd progress login_budget units deadline flights "
+        "rendezvous"
     ),
     "oci": _layer("oci", "base"),
     # pure signature verification: no internal imports at all
@@ -63,14 +64,19 @@ LAYERS: dict[str, Layer] = {
     # the transfer knows no transport: sources are callables handed in by proxy
     "transfer": _layer("fetch", "base oci store"),
     "upstream": _layer("upstream", "base oci config names"),
-    "peers": _layer("peers", "base oci config transfer upstream"),
+    # which peers are up: backoff on the clock handed in
+    "liveness": _layer("liveness", "base"),
+    "peers": _layer("peers", "base oci config transfer upstream liveness"),
+    # home hosts: what a miss asks of the cluster, and in which order
+    "cluster": _layer("cluster", "base oci transfer upstream peers"),
     # upload sessions: temp files in the store, rows in the index (the registry composes them)
     "uploads": _layer("uploads", f"{_MODEL} store index facade"),
     "registry": _layer("registry", f"{_MODEL} store index facade uploads"),
     # referrers pulled through: composed into proxy (a Protocol names what it needs of it)
     "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),
     "proxy": _layer(
-        "proxy", f"{_MODEL} store index facade transfer upstream peers registry referrers"
+        "proxy",
+        f"{_MODEL} store index facade transfer upstream peers cluster registry referrers",
     ),
     # the signature policy: rules, decisions, verification through the referrers
     "policy": _layer("policy", f"{_MODEL} signatures index facade registry referrers"),

@@ -45,7 +45,8 @@ def sample_now(now: float | None = None) -> Sample:
         served_disk=metric_sum(metrics.SERVED_BYTES, source="disk"),
         served_remote=metric_sum(metrics.SERVED_BYTES, source="upstream")
         + metric_sum(metrics.SERVED_BYTES, source="peer"),
-        fetched=metric_sum(metrics.FETCHED_BYTES),
+        # the chart's "fetched": from upstreams and from peers
+        fetched=metric_sum(metrics.FETCHED_BYTES) + metric_sum(metrics.PEER_FETCHED_BYTES),
     )
 
 

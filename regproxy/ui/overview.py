@@ -67,7 +67,7 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
             }
         )
     others = [{"source": src, **st} for src, st in seen.items() if src not in matched]
-    fetched_peers = sum(metric_sum(metrics.FETCHED_BYTES, source=p) for p in peers)
+    fetched_peers = metric_sum(metrics.PEER_FETCHED_BYTES)
     peer_rows = peers_data(registry)
     intervals = ui.history.intervals()
     return {
@@ -93,7 +93,7 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
             "served_from_disk": s.served_disk,
             "served_from_upstream": metric_sum(metrics.SERVED_BYTES, source="upstream"),
             "served_from_peers": metric_sum(metrics.SERVED_BYTES, source="peer"),
-            "fetched_upstream": max(0.0, s.fetched - fetched_peers),
+            "fetched_upstream": metric_sum(metrics.FETCHED_BYTES),  # upstreams only
             "fetched_peers": fetched_peers,
             "inflight_fetches": metric_sum(metrics.INFLIGHT_FETCHES),
         },

@@ -16,6 +16,8 @@ from regproxy import __version__, metrics
 from regproxy.ui.base import UI
 from regproxy.ui.history import metric_sum
 
+#: a peer's liveness (regproxy.liveness) as the page says it
+_PEER_STATES: Final = {"up": "reachable", "down": "unreachable", "unknown": "unknown"}
 #: tags served stale this recently make the verdict "degraded"
 STALE_RECENT_SECONDS: Final = 3600.0
 
@@ -30,23 +32,16 @@ def peers_data(registry: Any) -> list[dict[str, Any]]:
     peers = getattr(registry, "peers", None)
     if peers is None:
         return []
-    mono = time.monotonic()
     out = []
     for p in peers.known():
-        if p.is_self:
-            state = "this host"
-        elif p.bad_until > mono:
-            state = "unreachable"
-        elif p.checked:
-            state = "reachable"
-        else:
-            state = "unknown"
+        live = peers.liveness.to_json(p.url)  # up, down (set aside until a probe), unknown
+        state = _PEER_STATES[live["state"]] if not p.is_self else "this host"
         out.append(
             {
                 "url": p.url,
                 "state": state,
-                "retry_in": max(0.0, p.bad_until - mono) if state == "unreachable" else None,
-                "bytes_from": metric_sum(metrics.FETCHED_BYTES, source=p.url),
+                "retry_in": live["next_probe_in"] if state == "unreachable" else None,
+                "bytes_from": metric_sum(metrics.PEER_FETCHED_BYTES, peer=p.url),
                 "hits": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="hit"),
                 "misses": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="miss"),
                 "errors": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="error"),

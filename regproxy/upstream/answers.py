@@ -28,6 +28,9 @@ class ManifestHead:
     digest: Digest | None
     media_type: str
     size: int | None
+    #: the answer's ``Age`` (RFC 9111 5.1): a cluster's home host says how long ago it
+    #: confirmed the tag with its upstream
+    age: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,7 @@ class ManifestGet:
     media_type: str
     #: of the body, with the algorithm of the reference or the header (sha256 otherwise)
     digest: Digest
+    age: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,12 @@ class BlobStream:
 
 def media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip()
+
+
+def age_header(value: str | None) -> float | None:
+    """``Age: 12`` -> 12.0; None when absent or not delta-seconds."""
+    value = (value or "").strip()
+    return float(value) if value.isdigit() else None
 
 
 def digest_header(value: str | None) -> Digest | None:

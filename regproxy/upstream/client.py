@@ -25,12 +25,14 @@ from yarl import URL
 from regproxy.config import UpstreamConfig
 from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import BlobUnknown, UpstreamError
+from regproxy.metrics import UPSTREAM_METERS, SourceMeters
 from regproxy.oci import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX, Digest
 from regproxy.upstream.answers import (
     BlobStream,
     ManifestGet,
     ManifestHead,
     TagPage,
+    age_header,
     blob_extent,
     body_media_type,
     digest_header,
@@ -67,6 +69,7 @@ class UpstreamClient:
         public_only: bool = False,
         extra_headers: Mapping[str, str] | None = None,
         timing: Timing = DEFAULT_TIMING,
+        meters: SourceMeters = UPSTREAM_METERS,
     ) -> None:
         self.name = host
         self.config = config
@@ -90,7 +93,13 @@ class UpstreamClient:
         named = [b.url for b in mirrors] + ([] if public_only else [upstream.url])
         self.guard = AddressGuard(named, config.allow_redirect_to, https_only=public_only)
         self.transport = Transport(
-            host, config, self.guard, session, extra_headers=extra_headers, timing=timing
+            host,
+            config,
+            self.guard,
+            session,
+            extra_headers=extra_headers,
+            timing=timing,
+            meters=meters,
         )
 
     def _mirror_credentials(self, url: str) -> Credentials | None:
@@ -139,6 +148,7 @@ class UpstreamClient:
                     digest_header(resp.headers.get(DOCKER_CONTENT_DIGEST)),
                     media_type(resp.headers.get(hdrs.CONTENT_TYPE)),
                     resp.content_length,
+                    age_header(resp.headers.get(hdrs.AGE)),
                 )
 
         return await self._each_base(op, f"{path}:{reference}")
@@ -172,6 +182,7 @@ class UpstreamClient:
                 body = await self.transport.read_capped(base, resp, MAX_MANIFEST_BYTES, "manifest")
                 header = digest_header(resp.headers.get(DOCKER_CONTENT_DIGEST))
                 declared = media_type(resp.headers.get(hdrs.CONTENT_TYPE))
+                age = age_header(resp.headers.get(hdrs.AGE))
             expected = want or header
             digest = Digest.of(body, expected.algorithm if expected else "sha256")
             if expected is not None and expected != digest:
@@ -185,7 +196,7 @@ class UpstreamClient:
                 )
             if declared in _VAGUE_TYPES:
                 declared = body_media_type(body) or declared
-            return ManifestGet(body, declared, digest)
+            return ManifestGet(body, declared, digest, age)
 
         return await self._each_base(op, f"{path}:{reference}")
 

@@ -38,10 +38,17 @@ class Slots:
     """``limit`` slots handed out first come, first served; ``rate`` starts per second (0: any)."""
 
     def __init__(
-        self, limit: int, label: str, *, rate: float = 0.0, timing: Timing = DEFAULT_TIMING
+        self,
+        limit: int,
+        label: str,
+        *,
+        rate: float = 0.0,
+        timing: Timing = DEFAULT_TIMING,
+        meters: metrics.SourceMeters = metrics.UPSTREAM_METERS,
     ) -> None:
         self.limit = limit
         self.label = label
+        self.meters = meters
         self.rate = rate
         self._timing = timing
         self._free = limit
@@ -67,8 +74,9 @@ class Slots:
             delay = self._start_delay()
             if delay <= 0:
                 return slot
-        queue = metrics.UPSTREAM_QUEUE.labels(self.label)
-        queue.inc()
+        queue = self.meters.queue.labels(self.label) if self.meters.queue is not None else None
+        if queue is not None:
+            queue.inc()
         try:
             if slot is None:
                 slot = await self._wait_turn()
@@ -80,9 +88,11 @@ class Slots:
                 slot.release()
             raise
         finally:
-            queue.dec()
-            waited = self._timing.now() - started
-            metrics.UPSTREAM_QUEUE_SECONDS.labels(self.label).observe(waited)
+            if queue is not None:
+                queue.dec()
+            if self.meters.queue_seconds is not None:
+                waited = self._timing.now() - started
+                self.meters.queue_seconds.labels(self.label).observe(waited)
         return slot
 
     async def _wait_turn(self) -> Slot:

@@ -177,14 +177,21 @@ class Transport:
         *,
         extra_headers: Mapping[str, str] | None = None,
         timing: Timing = DEFAULT_TIMING,
+        meters: metrics.SourceMeters = metrics.UPSTREAM_METERS,
     ) -> None:
         self.name = name
         self.config = config
         self.guard = guard
         self.timing = timing
+        #: where requests are counted: a peer's traffic is never counted as an upstream's
+        self.meters = meters
         self.extra_headers = dict(extra_headers or {})
         self.slots = Slots(
-            config.max_connections, name, rate=config.max_requests_per_second, timing=timing
+            config.max_connections,
+            name,
+            rate=config.max_requests_per_second,
+            timing=timing,
+            meters=meters,
         )
         self.limits = TransferLimits(
             config.min_rate, config.min_rate_window, config.max_transfer_time
@@ -321,10 +328,11 @@ class Transport:
                     timeout=self._timeout,
                 )
         elapsed = self.timing.now() - started
-        metrics.UPSTREAM_SECONDS.labels(base.label).observe(elapsed)
+        self.meters.seconds.labels(base.label).observe(elapsed)
         self._note_limits(base, resp)
         log.debug(
-            "upstream.request host=%s source=%s method=%s path=%s status=%d ms=%.1f",
+            "%s.request host=%s source=%s method=%s path=%s status=%d ms=%.1f",
+            self.meters.kind,
             self.name,
             mask_credentials(f"{url.scheme}://{url.host_port_subcomponent}"),
             method,
@@ -419,9 +427,10 @@ class Transport:
             ) from exc
 
     def fail(self, base: Base, exc: UpstreamError) -> UpstreamError:
-        metrics.UPSTREAM_ERRORS.labels(base.label, exc.kind).inc()
+        self.meters.errors.labels(base.label, exc.kind).inc()
         log.info(
-            "upstream.error host=%s source=%s kind=%s detail=%s",
+            "%s.error host=%s source=%s kind=%s detail=%s",
+            self.meters.kind,
             self.name,
             base.source,
             exc.kind,
