@@ -148,7 +148,7 @@ flock -n 9 || die "another install.sh is running ($OPT/.lock)"
 # --- 2. the new version's virtualenv, from the bundled wheels only ---------------------------
 VENV="$OPT/$VERSION"
 ASIDE="$OPT/.$VERSION.replaced"
-rm -rf "$ASIDE" "$OPT/.$VERSION.failed"
+rm -rf "$ASIDE"
 if [ -e "$VENV" ]; then mv "$VENV" "$ASIDE"; fi
 undo() {  # put back what step 2 moved aside; nothing else was changed yet
   rm -rf "$VENV"
