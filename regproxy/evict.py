@@ -13,8 +13,8 @@ What goes, and in which order, is :mod:`regproxy.evict_batch`: loose content fir
 referenced, not accessed for ``storage.upload_ttl``), then units of repository manifests, least
 recently used first. Never evicted: pinned content and all it reaches (pushed, imported,
 prefetched or ``regproxy pin``), a blob a kept manifest references, anything accessed in the
-last :data:`IN_USE_SECONDS` or being fetched. Access times are flushed to the index before every
-batch.
+last :data:`IN_USE_SECONDS` (access times are flushed to the index when a run starts; what is
+served during it is kept as in use) or being fetched.
 
 How: one batch at a time on the index's writer, each a transaction of at most ~20 ms (lookups
 run on the index's readers meanwhile); after each batch the registry forgets its cached lookups
@@ -150,8 +150,12 @@ class Evictor:
                 await asyncio.wait_for(self._wake.wait(), timeout=interval)
             self._wake.clear()
 
-    def _busy(self) -> set[str]:
+    def _inflight(self) -> set[str]:
         return {str(d) for d in self.fetcher.inflight} if self.fetcher is not None else set()
+
+    def _busy(self) -> set[str]:
+        """Digests being fetched, or served since access times were last written: kept."""
+        return self.registry.pending_access() | self._inflight()
 
     async def check(self) -> Round | None:
         """One round: measure, and evict when a high watermark is crossed."""
@@ -205,8 +209,8 @@ class Evictor:
         started = time.monotonic()
         loose = Batch()  # the last batch of each kind: where the next one goes on
         lru = Batch()
+        await reg.flush_access()  # the order is decided on fresh access times
         while r.freed < need:
-            await reg.flush_access()  # "in use" is decided on fresh access times
             if not loose.exhausted:
                 before = self.clock() - self.config.storage.upload_ttl
                 loose = batch = await reg.db.write(
@@ -239,7 +243,7 @@ class Evictor:
         """After a batch committed: forget cached lookups, delete the files, log."""
         reg = self.registry
         reg.drop_cached(batch.rows, batch.files, tags=batch.tags, links=batch.links)
-        inflight = self._busy()  # a fetch that started meanwhile replaces the file itself
+        inflight = self._inflight()  # a fetch that started meanwhile replaces the file itself
         doomed = [Digest.parse(d) for d in batch.files if d not in inflight]
         if doomed:
             await asyncio.get_running_loop().run_in_executor(None, _delete_files, reg, doomed)

@@ -196,6 +196,10 @@ class Registry:
         if not PROBE.get():
             self._access[(repo, digest)] = time.time()
 
+    def pending_access(self) -> set[str]:
+        """Digests served since the last :meth:`flush_access` (eviction keeps them: in use)."""
+        return {d for _, d in self._access}
+
     async def flush_access(self) -> None:
         if not self._access:
             return

@@ -22,6 +22,8 @@ from regproxy.errors import RegproxyError
 
 log = logging.getLogger("regproxy.index")
 
+#: the writer's page cache: the pages an eviction batch or a burst of commits rewrites
+WRITER_CACHE_KIB: Final = 16 * 1024
 #: the schema version this code writes
 SCHEMA_VERSION: Final = 5
 
@@ -346,6 +348,9 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         db.execute("PRAGMA busy_timeout=10000")
+        # statement and savepoint journals (every statement that fires a trigger has one) in
+        # memory, not in a temp file: an eviction batch wrote each page twice otherwise
+        db.execute("PRAGMA temp_store=MEMORY")
         if readonly:
             db.execute("PRAGMA query_only=1")
             found = user_version(db)
@@ -355,6 +360,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA recursive_triggers=ON")  # the reference counts cascade
+        db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
         migrate(db, path)
     except BaseException:
         db.close()

@@ -32,7 +32,7 @@ async def chunks(data: bytes) -> AsyncIterator[bytes]:
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Registry, Config]]:
+async def running(tmp_path: Path) -> AsyncIterator[tuple[Registry, Config]]:
     """The daemon's registry with one image pulled through and a loose blob."""
     root = tmp_path / "store"
     reg = Registry(Store(root), AsyncIndex(root / "index.db"))
@@ -103,14 +103,23 @@ class Meddling(Hasher):
                 self.before_first = None
             out += super().hash_batch([item])
             if item[0] == self.target:
-                self.seen += 1
-                if self.after is not None:
-                    self.after(self.seen)
+                self._seen()
         return out
 
+    def identify(self, digest: str) -> Hashed:
+        hashed = super().identify(digest)
+        if digest == self.target:
+            self._seen()
+        return hashed
 
-async def test_damage_is_reported_without_a_change_and_repair_removes_it(daemon) -> None:
-    reg, config = daemon
+    def _seen(self) -> None:
+        self.seen += 1
+        if self.after is not None:
+            self.after(self.seen)
+
+
+async def test_damage_is_reported_without_a_change_and_repair_removes_it(running) -> None:
+    reg, config = running
     root = config.storage.root
     clean = await fsck(config)
     totals = await reg.db.read(Index.totals)
@@ -136,8 +145,8 @@ async def test_damage_is_reported_without_a_change_and_repair_removes_it(daemon)
     assert not (await fsck(config)).damaged
 
 
-async def test_content_evicted_while_fsck_runs_is_not_damage(daemon) -> None:
-    reg, config = daemon
+async def test_content_evicted_while_fsck_runs_is_not_damage(running) -> None:
+    reg, config = running
     root = config.storage.root
     loose = str(Digest.of(b"loose"))
 
@@ -158,8 +167,8 @@ async def test_content_evicted_while_fsck_runs_is_not_damage(daemon) -> None:
     assert await reg.db.read(Index.totals) == await reg.db.read(Index.recount)
 
 
-async def test_damage_fetched_again_while_fsck_runs_is_left_alone(daemon) -> None:
-    reg, config = daemon
+async def test_damage_fetched_again_while_fsck_runs_is_left_alone(running) -> None:
+    reg, config = running
     layer = LAYERS[0]
     target = str(Digest.of(layer))
     damage(reg.store, layer)
