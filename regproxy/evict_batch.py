@@ -27,6 +27,7 @@ its reference rows) and returned for the caller to unlink, after the transaction
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -63,6 +64,41 @@ _DEAD = (
     "JOIN refs f ON f.digest = t.d LEFT JOIN blobs b ON b.digest = t.d "
     "LEFT JOIN manifests m ON m.digest = t.d WHERE f.size IS NOT NULL"
 )
+#: (repo, digest) pairs of a JSON array of pairs, for ``(repo, digest) IN``
+_PAIRS = "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))"
+#: the units of several candidates in one query: (repo, root, member, last access, row pinned,
+#: reachable from a pinned row) for each candidate that is not part of another unit
+_UNITS = (
+    "WITH RECURSIVE c(repo, root) AS (SELECT json_extract(value, '$[0]'), "
+    " json_extract(value, '$[1]') FROM json_each(?)), "
+    "roots(repo, root) AS (SELECT repo, root FROM c WHERE NOT EXISTS (SELECT 1 FROM manifest_refs"
+    " x JOIN repo_manifests p ON p.repo = c.repo AND p.digest = x.parent WHERE x.child = c.root"
+    " AND x.kind = 'manifest') AND NOT EXISTS (SELECT 1 FROM manifests m JOIN repo_manifests s"
+    " ON s.repo = c.repo AND s.digest = m.subject WHERE m.digest = c.root"
+    " AND m.subject <> c.root)), "
+    "u(repo, root, d) AS (SELECT repo, root, root FROM roots "
+    "UNION SELECT u.repo, u.root, x.child FROM manifest_refs x JOIN u ON x.parent = u.d "
+    " JOIN repo_manifests r ON r.repo = u.repo AND r.digest = x.child WHERE x.kind = 'manifest' "
+    "UNION SELECT u.repo, u.root, m.digest FROM manifests m JOIN u ON m.subject = u.d "
+    " JOIN repo_manifests r ON r.repo = u.repo AND r.digest = m.digest) "
+    "SELECT u.repo, u.root, u.d, r.last_access, r.pinned, COALESCE(f.pinned, 0) FROM u "
+    "JOIN repo_manifests r ON r.repo = u.repo AND r.digest = u.d "
+    "LEFT JOIN refs f ON f.digest = u.d"
+)
+#: stored digests under dropped rows ([unit, digest] pairs) that nothing references any more
+_DEAD_OF = (
+    "WITH RECURSIVE t(unit, d) AS (SELECT json_extract(j.value, '$[0]'), "
+    " json_extract(j.value, '$[1]') FROM json_each(?) j "
+    " JOIN refs f ON f.digest = json_extract(j.value, '$[1]') WHERE f.live = 0 "
+    "UNION SELECT t.unit, x.child FROM manifest_refs x JOIN t ON x.parent = t.d "
+    " JOIN refs f ON f.digest = x.child WHERE f.live = 0) "
+    "SELECT t.unit, f.digest, f.size, b.last_access, m.digest IS NOT NULL FROM t "
+    "JOIN refs f ON f.digest = t.d LEFT JOIN blobs b ON b.digest = t.d "
+    "LEFT JOIN manifests m ON m.digest = t.d WHERE f.size IS NOT NULL"
+)
+#: units handled in one go at most (a few statements for all of them: the writer thread takes
+#: the GIL back once per statement, which costs when the event loop is busy)
+CHUNK: Final = 32
 #: the child of an index, or a referrer, of the same repository: part of another unit
 _MEMBER = (
     "SELECT EXISTS (SELECT 1 FROM manifest_refs x JOIN repo_manifests p "
@@ -181,18 +217,94 @@ def evict_lru(
                 "ORDER BY last_access, repo, digest LIMIT ?",
                 (*batch.after_row, PAGE),
             ).fetchall()
-            if not page:
-                batch.exhausted = True
+            fresh = [(float(last), repo, d) for last, repo, d in page if last < recent]
+            if len(fresh) < len(page) or not page:
+                batch.exhausted = True  # the rest is in use or newer, or there is no more
+            while fresh and batch.freed < need and time.monotonic() - started < budget:
+                # as many units as the bytes still to free suggest (from those gone so far)
+                units = len(batch.evicted)
+                each = batch.freed / units if units and batch.freed else 0
+                n = max(1, min(CHUNK, math.ceil((need - batch.freed) / each))) if each else CHUNK
+                chunk = fresh[:n]
+                used = _units(
+                    index, [(r, d) for _, r, d in chunk], recent, busy, batch, need - batch.freed
+                )
+                batch.after_row, fresh = chunk[used - 1], fresh[used:]
+            if batch.exhausted:
                 break
-            for last, repo, digest in page:
-                if last >= recent:
-                    batch.exhausted = True  # the rest is in use or newer
-                    return batch
-                batch.after_row = (last, repo, digest)
-                _unit(index, repo, digest, recent, busy, batch)
-                if batch.freed >= need or time.monotonic() - started >= budget:
-                    break
     return batch
+
+
+def _units(
+    index: Index,
+    roots: list[tuple[str, str]],
+    recent: float,
+    busy: Collection[str],
+    batch: Batch,
+    need: float,
+) -> int:
+    """Evict, in least recently used order, the units of these candidates that may go, with a
+    few statements for all of them, stopping after the unit that frees the ``need`` bytes;
+    if one of them would delete something in use, one by one instead. How many candidates
+    were dealt with (the rest comes again)."""
+    db = index.db
+    found: dict[tuple[str, str], list[tuple[str, float, int, int]]] = {}
+    for repo, root, d, last, row_pinned, pinned in db.execute(_UNITS, (json.dumps(roots),)):
+        found.setdefault((repo, root), []).append((d, float(last or 0.0), row_pinned, pinned))
+    go: list[tuple[str, str, list[str]]] = []
+    for key in roots:
+        members = found.get(key)
+        if not members or any(pinned > 0 for d, _, _, pinned in members if d == key[1]):
+            continue  # part of another unit, or reachable from a pinned row
+        if max(last for _, last, _, _ in members) >= recent:
+            continue
+        go.append((*key, [d for d, _, rp, p in members if not rp and not p]))
+    used = len(roots)
+    while go:
+        db.execute("SAVEPOINT units")
+        tags, dead = _drop(index, go)
+        if any(d in busy or last >= recent for d, (_, _, last, _) in dead.items()):
+            db.execute("ROLLBACK TO units")
+            db.execute("RELEASE units")
+            for repo, root, _ in go:  # only the unit that needs a busy digest stays
+                _unit(index, repo, root, recent, busy, batch)
+            return used
+        freed = [0] * len(go)
+        for i, size, _, _ in dead.values():
+            freed[i] += size
+        enough = next((k for k in range(len(go)) if sum(freed[: k + 1]) >= need), None)
+        if enough is not None and enough + 1 < len(go):
+            db.execute("ROLLBACK TO units")  # fewer units do: again with those alone
+            db.execute("RELEASE units")
+            go, need = go[: enough + 1], float("inf")
+            used = roots.index(go[-1][:2]) + 1
+            continue
+        _forget(index, [(d, size, m) for d, (_, size, _, m) in dead.items()], batch)
+        db.execute("RELEASE units")
+        batch.rows += [(repo, d) for repo, _, drop in go for d in drop]
+        batch.tags += tags
+        batch.evicted += [Evicted(repo, root, freed[i]) for i, (repo, root, _) in enumerate(go)]
+        break
+    return used
+
+
+def _drop(
+    index: Index, go: list[tuple[str, str, list[str]]]
+) -> tuple[list[tuple[str, str]], dict[str, tuple[int, int, float, bool]]]:
+    """Delete the units' rows and tags; (tags, what died: digest -> unit, size, last access,
+    is a manifest)."""
+    db = index.db
+    pairs = json.dumps([[repo, d] for repo, _, drop in go for d in drop])
+    tags: list[tuple[str, str]] = db.execute(
+        f"SELECT repo, tag FROM tags WHERE (repo, digest) IN {_PAIRS}", (pairs,)
+    ).fetchall()
+    db.execute(f"DELETE FROM tags WHERE (repo, digest) IN {_PAIRS}", (pairs,))
+    db.execute(f"DELETE FROM repo_manifests WHERE (repo, digest) IN {_PAIRS}", (pairs,))
+    owners = json.dumps([[i, d] for i, (_, _, drop) in enumerate(go) for d in drop])
+    dead: dict[str, tuple[int, int, float, bool]] = {}
+    for i, d, size, last, is_manifest in db.execute(_DEAD_OF, (owners,)):
+        dead.setdefault(d, (int(i), int(size), float(last or 0.0), bool(is_manifest)))
+    return tags, dead
 
 
 def _unit(
