@@ -86,13 +86,3 @@ class AsyncIndex:
             with self._lock:
                 self._reader_indexes.append(ix)
         return fn(ix, *args, **kwargs)
-
-    async def call_on_writer(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run any callable on the writer thread (``Registry``'s older ``_db`` calls)."""
-        call = functools.partial(index_call, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._writer, call)
-
-    @property
-    def writer_index(self) -> Index:
-        """The writer's :class:`Index`: only for functions sent through :meth:`call_on_writer`."""
-        return self._writer_index

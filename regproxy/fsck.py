@@ -128,7 +128,7 @@ class Hasher:
         for d, size in items:
             alg, _, hexd = d.partition(":")
             path = f"{blobs}/{alg}/{hexd[:2]}/{hexd}"
-            if size < CHUNK:
+            if size < BULK_CHUNK:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except FileNotFoundError:
@@ -136,7 +136,7 @@ class Hasher:
                     continue
                 try:
                     data = os.read(fd, size + 1)  # a short read is the end of a regular file
-                    while len(data) > size and (more := os.read(fd, CHUNK)):
+                    while len(data) > size and (more := os.read(fd, BULK_CHUNK)):
                         data += more
                 finally:
                     os.close(fd)

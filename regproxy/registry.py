@@ -159,15 +159,6 @@ class Registry:
         self._stored_listeners: list[Callable[[], None]] = []
 
     # --- plumbing ---------------------------------------------------------------------------------
-    @property
-    def index(self) -> Index:
-        """The writer's :class:`Index`, for :meth:`_db` calls (new code: :attr:`db`)."""
-        return self.db.writer_index
-
-    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn`` (a method of :attr:`index`) on the writer thread (new code: :attr:`db`)."""
-        return await self.db.call_on_writer(fn, *args, **kwargs)
-
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(None, call)
