@@ -16,7 +16,10 @@ from regproxy.names import RepoName
 from regproxy.oci import is_digest_reference
 from regproxy.ui import queries
 from regproxy.ui.base import (
+    BAD_FORM,
+    bad_form,
     changer,
+    form_of,
     json_response,
     manifest_url,
     refused,
@@ -35,7 +38,7 @@ async def change(request: web.Request) -> web.StreamResponse:
     """POST /ui/pin, /ui/unpin, /ui/delete: ``repo`` and ``ref`` (a tag or a digest). A delete
     without ``confirm=1`` answers with a page that says what it will do and asks again (the
     page's script asks in a dialog and sends ``confirm=1`` itself)."""
-    form = await request.post()
+    form = await form_of(request)
     session = await changer(request, form)
     action = request.match_info["action"]
     name, ref = str(form.get("repo", "")), str(form.get("ref", ""))
@@ -105,19 +108,7 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
     if not request.content_type.startswith("multipart/"):
         await changer(request, None)  # a token in X-CSRF-Token, or refused first
         return refused(request, "a multipart/form-data upload is expected", 400)
-    reader = await request.multipart()
-    fields: dict[str, str] = {}
-    file_part: BodyPartReader | None = None
-    while True:
-        part = await reader.next()
-        if part is None:
-            break
-        if not isinstance(part, BodyPartReader):
-            continue
-        if part.filename is not None or part.name == "bundle":
-            file_part = part
-            break
-        fields[str(part.name)] = (await part.read(decode=True))[:4096].decode("utf-8", "replace")
+    fields, file_part = await _form_fields(request)
     session = await changer(request, fields)  # before a byte of the file is read
     if file_part is None:
         return refused(request, "no bundle file in the form", 400)
@@ -129,7 +120,10 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
 
     async def chunks() -> AsyncIterator[bytes]:
         while True:
-            chunk = await part.read_chunk(1024 * 1024)
+            try:
+                chunk = await part.read_chunk(1024 * 1024)
+            except BAD_FORM as exc:  # the part's end is missing or malformed
+                raise BundleError(f"the upload is malformed: {exc}") from None
             if not chunk:
                 return
             yield chunk
@@ -147,6 +141,23 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
     if wants_json(request):
         return json_response(result)
     return render(request, "upload.html", summary=result, links=_image_links(result["images"]))
+
+
+async def _form_fields(request: web.Request) -> tuple[dict[str, str], BodyPartReader | None]:
+    """The small fields before the file (cut to 4 KiB each), and the file's part, unread."""
+    fields: dict[str, str] = {}
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.filename is not None or part.name == "bundle":
+                return fields, part
+            value = await part.read(decode=True)
+            fields[str(part.name)] = value[:4096].decode("utf-8", "replace")
+    except BAD_FORM as exc:
+        raise bad_form(request, exc) from None
+    return fields, None
 
 
 def _for_the_browser(message: str, tmp: Path, filename: str | None) -> str:

@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import MultiDictProxy
 
 from regproxy import auth
 from regproxy.config import Config
@@ -221,6 +223,24 @@ class Refused(Exception):
     def __init__(self, why: str, status: int = 403) -> None:
         super().__init__(why)
         self.why, self.status = why, status
+
+
+#: what aiohttp raises on a body it cannot read as a form: a bad part header, boundary, charset,
+#: Content-Encoding or Content-Transfer-Encoding (a body too large is its own 413)
+BAD_FORM: Final = (HttpProcessingError, ValueError, LookupError, RuntimeError, AssertionError)
+
+
+async def form_of(request: web.Request) -> MultiDictProxy[Any]:
+    """The request's form fields; a body that is not a form a browser would send is a 400."""
+    try:
+        return await request.post()
+    except BAD_FORM as exc:
+        raise bad_form(request, exc) from None
+
+
+def bad_form(request: web.Request, exc: Exception) -> Refused:
+    log.info("ui.bad_form path=%s remote=%s error=%r", request.path, request.remote, exc)
+    return Refused("the form could not be read: the request body is malformed", 400)
 
 
 async def checked(request: web.Request, form: Mapping[str, Any] | None = None) -> Session:

@@ -13,6 +13,7 @@ from regproxy.errors import TooManyRequests
 from regproxy.ui.base import (
     PREFIX,
     checked,
+    form_of,
     refused,
     render,
     session_of,
@@ -61,7 +62,7 @@ async def login_page(request: web.Request) -> web.Response:
 
 
 async def login_post(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await form_of(request)
     token = str(form.get("login_token", ""))
     cookie = request.cookies.get(LOGIN_COOKIE, "")
     if not token or not cookie or not hmac.compare_digest(token, cookie):
@@ -108,7 +109,7 @@ async def logout_page(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
-    session = await checked(request, await request.post())
+    session = await checked(request, await form_of(request))
     ui = ui_of(request)
     ui.sessions.drop(request.cookies.get(SESSION_COOKIE))
     log.info("ui.logout user=%r remote=%s", session.user, request.remote)

@@ -418,3 +418,44 @@ async def test_plain_form_upload_without_javascript(client, tmp_path: Path) -> N
     form.add_field("bundle", b"not a tar at all" * 100, filename="bad.tar")
     resp = await client.post("/ui/upload", data=form)
     assert resp.status == 400 and "upload-error" in await resp.text()
+
+
+#: bodies aiohttp cannot read as a form: a part header with no colon, a boundary that never
+#: comes, an unknown charset or bytes it cannot decode, an unknown Content-Transfer-Encoding, a
+#: file part cut before its end
+MALFORMED = [
+    ("multipart/form-data; boundary=xx", b"--xx\r\nbad header\r\n\r\nv\r\n--xx--\r\n"),
+    ("multipart/form-data; boundary=xx", b"--yy\r\n\r\nv\r\n"),
+    ("multipart/form-data", b"--xx\r\n\r\nv\r\n"),
+    ("application/x-www-form-urlencoded; charset=no-such-charset", b"csrf=x"),
+    ("application/x-www-form-urlencoded", b"csrf=\xff\xfe"),
+    (
+        "multipart/form-data; boundary=xx",
+        b'--xx\r\nContent-Disposition: form-data; name="csrf"\r\n'
+        b"Content-Transfer-Encoding: rot13\r\n\r\nv\r\n--xx--\r\n",
+    ),
+    (
+        "multipart/form-data; boundary=xx",
+        b'--xx\r\nContent-Disposition: form-data; name="bundle"; filename="b.tar"\r\n\r\nabc',
+    ),
+]
+
+
+async def test_malformed_form_bodies_are_a_400_page_never_a_500(client) -> None:
+    """Anonymous (the login form) and logged in (every POST route): a body that is not a form
+    is answered with the page's 400, and the page goes on working."""
+    for ctype, body in MALFORMED:
+        resp = await client.post("/ui/login", data=body, headers={"Content-Type": ctype})
+        assert resp.status == 400, (ctype, body, await resp.text())
+        assert "malformed" in await resp.text()
+    assert (await login(client)).status == 303
+    for path in POSTS:
+        for ctype, body in MALFORMED:
+            headers = {"Content-Type": ctype}
+            if path == "/ui/upload":  # its fields are read before the token is checked
+                headers["X-CSRF-Token"] = await csrf_of(client)
+            resp = await client.post(path, data=body, headers=headers, allow_redirects=False)
+            assert resp.status in (400, 403), (path, ctype, body, await resp.text())
+            if resp.status == 403:  # read as a form (an empty one): refused for its token
+                assert "CSRF" in await resp.text(), (path, ctype, body)
+    assert (await client.get("/ui/")).status == 200
