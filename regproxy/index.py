@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -65,7 +66,16 @@ class Index:
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = schema.connect(self.path, readonly=self.readonly)
+            try:
+                self._db = schema.connect(self.path, readonly=self.readonly)
+            except sqlite3.OperationalError as exc:
+                # a full disk: SQLite cannot make the WAL's -shm/-wal files ("disk I/O error")
+                if not _no_room(self.path.parent):
+                    raise
+                raise StorageFull(
+                    f"the metadata index {self.path} could not be opened: no space left on its "
+                    f"filesystem ({exc})"
+                ) from exc
         return self._db
 
     def open(self) -> None:
@@ -457,6 +467,18 @@ def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise StorageFull(f"the metadata index could not be written: {exc.strerror}") from exc
+
+
+#: below this much free space an index that fails to open is taken to have failed for room
+OPEN_ROOM: Final = 1 << 20
+
+
+def _no_room(directory: Path) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < OPEN_ROOM
 
 
 def _manifest_row(row: Sequence[Any]) -> ManifestRow:

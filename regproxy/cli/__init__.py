@@ -1,7 +1,8 @@
 """The ``regproxy`` command line: parse, load the config, run one command, return its exit code.
 
-Exit codes: 0 ok, 1 a missing config file (or a command's own failure), 2 an invalid config or
-invalid arguments. ``--config`` is accepted before and after the command
+Exit codes: 0 ok, 1 a missing config file or a command's own failure (a full or read-only disk,
+a damaged index: one line on stderr, the traceback only at debug level), 2 an invalid config or
+invalid arguments, 130 interrupted. ``--config`` is accepted before and after the command
 (``regproxy --config F serve`` and ``regproxy serve --config F``). Each command lives in a
 module of this package with ``add_parsers(sub, common)``, which sets ``run(config, args) -> int``.
 """
@@ -9,17 +10,20 @@ module of this package with ``add_parsers(sub, common)``, which sets ``run(confi
 from __future__ import annotations
 
 import argparse
+import logging
+import sqlite3
 import sys
 
 from regproxy import __version__
 from regproxy.cli import bundles, checks, containerd, pins, prefetch, serve, store
 from regproxy.cli.common import Command
 from regproxy.config import load_config
-from regproxy.errors import ConfigError, ConfigMissing
+from regproxy.errors import ConfigError, ConfigMissing, OCIError, RegproxyError
 from regproxy.log import setup_logging
 from regproxy.schema import IndexVersionError
 
 #: every module that adds commands, in the order ``--help`` lists them
+log = logging.getLogger("regproxy")
 _COMMANDS = (serve, checks, containerd, bundles, prefetch, pins, store)
 _CONFIG_HELP = "YAML config file (default: built-in defaults); before or after the command"
 
@@ -54,3 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     except IndexVersionError as exc:  # a store from a newer release: one line, no traceback
         print(f"regproxy: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"regproxy {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (RegproxyError, OSError, sqlite3.Error) as exc:
+        # what the disk, the index or the store may do to any command (full, read-only, gone,
+        # damaged): one line naming it; the traceback only at debug level
+        log.debug("%s.failed", args.command, exc_info=True)
+        print(f"regproxy {args.command}: {_what(exc)}", file=sys.stderr)
+        return 1
+
+
+def _what(exc: BaseException) -> str:
+    if isinstance(exc, OCIError) and exc.detail:
+        return str(exc.detail)
+    if isinstance(exc, sqlite3.Error):
+        return f"the metadata index failed: {exc}"
+    return str(exc) or type(exc).__name__

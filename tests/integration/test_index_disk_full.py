@@ -122,3 +122,78 @@ async def test_index_writes_on_a_full_disk_are_507_and_recover(tmpfs: Path) -> N
         assert resp.status == 200 and await resp.read() == manifest
     finally:
         await client.close()
+
+
+def test_store_commands_on_a_full_disk_say_so_in_one_line(
+    tmpfs: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc (the command an operator runs on a full disk), fsck, pins, import and export: one
+    line on stderr and exit 1, never a sqlite traceback; whether the index cannot even be opened
+    (no room for its WAL files) or is open beside a daemon and a change does not fit."""
+    import asyncio
+    import sqlite3
+
+    from regproxy import cli
+    from regproxy.async_index import AsyncIndex
+    from regproxy.names import RepoName
+    from regproxy.oci import Digest
+    from regproxy.registry import Registry
+    from regproxy.store import Store
+
+    monkeypatch.setattr(cli, "setup_logging", lambda level, fmt: None)
+    root = tmpfs / "store"
+    cfg_file = tmpfs.parent / "regproxy.yaml"
+    cfg_file.write_text(f"storage:\n  root: {root}\ncontent:\n  sync:\n    enable: false\n")
+
+    async def a_manifest_for_gc() -> None:
+        registry = Registry(Store(root), AsyncIndex(root / "index.db"))
+        await registry.open()
+        repo, cfg = RepoName("spectro-images/app"), b"{}"
+
+        async def body() -> Any:
+            yield cfg
+
+        cfg_digest = Digest("sha256", hashlib.sha256(cfg).hexdigest())
+        await registry.uploads.monolithic(repo, cfg_digest, body(), len(cfg))
+        m = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "layers": [],
+                "config": {"mediaType": "a/b", "digest": str(cfg_digest), "size": len(cfg)},
+            }
+        ).encode()
+        await registry.put_manifest(repo, sha(m), m, OCI_MANIFEST)
+        await registry.delete_manifest(repo, sha(m))  # gc has a row to remove
+        await registry.close()
+
+    asyncio.run(a_manifest_for_gc())
+
+    def run(*argv: str) -> str:
+        assert cli.main([*argv, "--config", str(cfg_file)]) == 1, argv
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+        return lines[0]
+
+    daemon = sqlite3.connect(root / "index.db")  # as a running daemon: its WAL files exist
+    try:
+        daemon.execute("SELECT count(*) FROM manifests").fetchone()
+        fill(tmpfs / "filler")
+        line = run("gc")
+        assert line.startswith("regproxy gc: ") and "disk is full" in line, line
+    finally:
+        daemon.close()
+    (tmpfs / "filler").unlink()
+    sqlite3.connect(root / "index.db").close()  # the WAL files go with the last connection
+    fill(tmpfs / "filler")
+    for argv in (
+        ["gc"],
+        ["fsck"],
+        ["pins"],
+        ["import", str(tmpfs / "bundle.tar")],
+        ["export", "docker.io/a/b:1", "-o", str(tmpfs.parent / "out.tar")],
+    ):
+        line = run(*argv)
+        assert line.startswith(f"regproxy {argv[0]}: "), line
+        assert "no space left" in line and str(root / "index.db") in line, line

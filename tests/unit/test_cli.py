@@ -102,3 +102,16 @@ def test_pins_of_an_empty_store(config_file: Path, capsys: pytest.CaptureFixture
 def test_gc_of_an_empty_store(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["gc", "--dry-run", "--config", str(config_file)]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_a_damaged_index_is_one_line_and_exit_1(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the disk may do to any store command is one line naming it, never a traceback."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "index.db").write_bytes(b"not a database at all" * 100)
+    for argv in (["gc"], ["fsck"], ["pins"], ["pin", "docker.io/a/b:1"]):
+        assert main([*argv, "--config", str(config_file)]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"regproxy {argv[0]}: the metadata index failed: "), err
