@@ -42,6 +42,8 @@ from regproxy.upstream import ManifestGet
 NEAR: Final = 3
 #: how many members a miss sends a fetch request to (the home host, then the next)
 HOMES: Final = 2
+#: the remaining peers are looked up this many at a time (in rendezvous order), up to a holder
+WIDE_BATCH: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +119,7 @@ class Cluster:
         chosen: list[Peer] = []
 
         async def open_blob(digest: Digest, offset: int) -> Stream:
-            rest = [p for p in self.peers.usable() if p.url not in asked]
-            for peer, _size in await self.peers.blob_holders(rest, repo, digest):
+            for peer, _size in await self._holders_beyond(asked, repo, digest):
                 try:
                     stream = await self.peers.blob_source(peer, repo, fetch=False).open(
                         digest, offset
@@ -146,10 +147,23 @@ class Cluster:
         near = self._near(self.peers.order(str(digest)))
         found = await self.peers.blob_holders(near, repo, digest)
         if not found and wide:
-            asked = {p.url for p in near}
-            rest = [p for p in self.peers.usable() if p.url not in asked]
-            found = await self.peers.blob_holders(rest, repo, digest)
+            found = await self._holders_beyond({p.url for p in near}, repo, digest)
         return found[0][1] if found else None
+
+    def _beyond(self, asked: set[str], key: str) -> list[list[Peer]]:
+        """The peers not asked yet, in the key's order, in batches of :data:`WIDE_BATCH`."""
+        rest = [p for p in self.peers.order(key) if not p.is_self and p.url not in asked]
+        return [rest[i : i + WIDE_BATCH] for i in range(0, len(rest), WIDE_BATCH)]
+
+    async def _holders_beyond(
+        self, asked: set[str], repo: str, digest: Digest
+    ) -> list[tuple[Peer, int]]:
+        """The first batch of the remaining peers with a holder of the blob (lookups)."""
+        for batch in self._beyond(asked, str(digest)):
+            found = await self.peers.blob_holders(batch, repo, digest)
+            if found:
+                return found
+        return []
 
     # --- manifests -------------------------------------------------------------------------------
     async def manifest(
@@ -173,7 +187,7 @@ class Cluster:
             groups.append(self._near(self.peers.order(key)))
             asked = {p.url for p in groups[0]}
         if wide:
-            groups.append([p for p in self.peers.usable() if p.url not in asked])
+            groups.extend(self._beyond(asked, key))
         lookup = self.peers.manifest_op(repo, reference, fetch=False)
         timeout = self.peers.config.timeout
         for group in groups:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -31,6 +32,17 @@ def metric(url: str, name: str) -> float:
         if line.startswith(name) and not line.startswith("#"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def wait_for_each_other(nodes, limit: float = 30.0) -> None:
+    """Until every host sees all the others up (/readyz lists the peers), bounded."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        states = [json.loads(http("GET", f"{n.url}/readyz")[2])["peers"] for n in nodes]
+        if all(all(p["state"] in ("up", "self") for p in s) for s in states):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the hosts did not find each other within {limit:g} s: {states}")
 
 
 def three(daemon_factory, sync: list[bool], extra: dict | None = None):
@@ -115,7 +127,9 @@ def test_pulled_on_three_hosts_crosses_upstream_once(
         [True, True, True],
         {"upstreams": {up.hostport: {"url": up.url, "alias": "up.test"}}},
     )
-    for node in nodes:
+    wait_for_each_other(nodes)
+
+    def pull(node) -> Path:
         out = tmp_path / f"out-{node.port}"
         skopeo(
             "copy",
@@ -123,9 +137,18 @@ def test_pulled_on_three_hosts_crosses_upstream_once(
             f"docker://{node.hostport}/up.test/team/app:v1",
             f"dir:{out}",
         )
+        return out
+
+    # all three at the same moment, each missing everything: the home hosts fetch, once
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(pull, nodes))
+    for out in outs:
         assert sha((out / "manifest.json").read_bytes()) == img.digest
+        for blob in (img.config, *img.layers):
+            assert (out / sha(blob)[7:]).read_bytes() == blob
     for blob in (img.config, *img.layers):
         assert up.requests("GET", f"/blobs/{sha(blob)}") == 1, sha(blob)
+    assert up.requests("GET", "/manifests/") + up.requests("HEAD", "/manifests/") == 1
 
 
 def test_peers_never_ask_in_a_circle(daemon_factory) -> None:
