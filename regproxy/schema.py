@@ -57,6 +57,11 @@ V1: Final = (
 )
 
 
+#: what the index's database raises when its file is damaged or its disk fails (for callers
+#: above the index that report it and do not import sqlite3)
+IndexDatabaseError: Final = sqlite3.Error
+
+
 class IndexVersionError(RegproxyError):
     """The index was written by a newer release (or is not an index at all)."""
 

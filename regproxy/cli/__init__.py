@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sqlite3
 import sys
 
 from regproxy import __version__
@@ -20,7 +19,7 @@ from regproxy.cli.common import Command
 from regproxy.config import load_config
 from regproxy.errors import ConfigError, ConfigMissing, OCIError, RegproxyError
 from regproxy.log import setup_logging
-from regproxy.schema import IndexVersionError
+from regproxy.schema import IndexDatabaseError, IndexVersionError
 
 #: every module that adds commands, in the order ``--help`` lists them
 log = logging.getLogger("regproxy")
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"regproxy {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (RegproxyError, OSError, sqlite3.Error) as exc:
+    except (RegproxyError, OSError, IndexDatabaseError) as exc:
         # what the disk, the index or the store may do to any command (full, read-only, gone,
         # damaged): one line naming it; the traceback only at debug level
         log.debug("%s.failed", args.command, exc_info=True)
@@ -72,6 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 def _what(exc: BaseException) -> str:
     if isinstance(exc, OCIError) and exc.detail:
         return str(exc.detail)
-    if isinstance(exc, sqlite3.Error):
+    if isinstance(exc, IndexDatabaseError):
         return f"the metadata index failed: {exc}"
     return str(exc) or type(exc).__name__
