@@ -2,7 +2,8 @@
 
 A batch is one short write transaction: it walks a page of candidates with a ``LIMIT``, drops
 what may go, and stops after :data:`BUDGET_SECONDS` (lookups run on the index's readers
-meanwhile, and the writer's other work queues behind one batch at most). Nothing is loaded
+meanwhile, and the writer's other work queues behind one batch at most), though never before it
+has dealt with one candidate (a batch always makes progress). Nothing is loaded
 whole: the least recently used order is an index (``repo_manifests_lru``), references are the
 counts the schema's triggers keep (``refs``, see :mod:`regproxy.schema`), and the caller carries
 a keyset cursor from one batch to the next.
@@ -158,6 +159,13 @@ def _forget(index: Index, dead: list[tuple[str, int, bool]], batch: Batch) -> No
     batch.freed += sum(size for _, size, _ in dead)
 
 
+def _spent(started: float, budget: float, moved: bool) -> bool:
+    """Whether a batch's time is up. Only once its cursor has moved by a candidate: however
+    slow the disk (or long the wait for the writer's lock), every batch makes progress, and a
+    round of batches never spins without evicting anything."""
+    return moved and time.monotonic() - started >= budget
+
+
 def evict_loose(
     index: Index,
     need: int,
@@ -172,7 +180,7 @@ def evict_loose(
     started = time.monotonic()
     batch = Batch(after_digest=after)
     with index.transaction() as db:
-        while batch.freed < need and time.monotonic() - started < budget:
+        while batch.freed < need and not _spent(started, budget, batch.after_digest != after):
             page = db.execute(
                 "SELECT f.digest, f.size, COALESCE(b.last_access, b.created, m.created), "
                 "m.digest IS NOT NULL FROM refs f LEFT JOIN blobs b ON b.digest = f.digest "
@@ -190,7 +198,7 @@ def evict_loose(
                     continue
                 _forget(index, [(digest, int(size), bool(is_manifest))], batch)
                 batch.evicted.append(Evicted("", digest, int(size)))
-                if batch.freed >= need or time.monotonic() - started >= budget:
+                if batch.freed >= need or _spent(started, budget, True):
                     break
     return batch
 
@@ -210,7 +218,7 @@ def evict_lru(
     recent = now - in_use
     batch = Batch(after_row=after)
     with index.transaction() as db:
-        while batch.freed < need and time.monotonic() - started < budget:
+        while batch.freed < need and not _spent(started, budget, batch.after_row != after):
             page = db.execute(
                 "SELECT last_access, repo, digest FROM repo_manifests INDEXED BY repo_manifests_lru "
                 "WHERE pinned = 0 AND (last_access, repo, digest) > (?, ?, ?) "
@@ -220,7 +228,11 @@ def evict_lru(
             fresh = [(float(last), repo, d) for last, repo, d in page if last < recent]
             if len(fresh) < len(page) or not page:
                 batch.exhausted = True  # the rest is in use or newer, or there is no more
-            while fresh and batch.freed < need and time.monotonic() - started < budget:
+            while (
+                fresh
+                and batch.freed < need
+                and not _spent(started, budget, batch.after_row != after)
+            ):
                 # as many units as the bytes still to free suggest (from those gone so far)
                 units = len(batch.evicted)
                 each = batch.freed / units if units and batch.freed else 0

@@ -227,3 +227,25 @@ def test_watermarks() -> None:
         {"storage": {"root": "/x", "max_size": "1000", "evict_to": 500, "min_free": 0}}
     ).storage
     assert Watermarks.of(absolute, 10_000).low == 500
+
+
+async def test_a_batch_whose_budget_is_spent_at_once_still_makes_progress(shop: Shop) -> None:
+    """A slow disk (or a long wait for the writer) may spend a batch's time before its first
+    candidate: the batch still deals with one, so a round never spins evicting nothing."""
+    from regproxy.evict_batch import evict_loose, evict_lru
+
+    bodies = [
+        await shop.image(up(f"team/s{i}"), "v1", [layer(f"s{i}")], at=100.0 + i) for i in range(3)
+    ]
+    for i in range(2):
+        loose = layer(f"loose{i}")
+        await shop.reg.uploads.monolithic(up("team/s0"), Digest.of(loose), chunks(loose), LAYER)
+    start = (float("-inf"), "", "")
+    batch = await shop.reg.db.write(
+        evict_lru, 10**9, start, now=NOW, in_use=0.0, busy=(), budget=-1.0
+    )
+    # one go of units at least (a chunk of them: see evict_batch.CHUNK), oldest first
+    assert batch.evicted and batch.evicted[0].digest == str(Digest.of(bodies[0]))
+    assert batch.after_row != start and not await shop.held(up("team/s0"), bodies[0])
+    batch = await shop.reg.db.write(evict_loose, 10**9, "", before=4e9, busy=(), budget=-1.0)
+    assert len(batch.evicted) == 1 and batch.after_digest
