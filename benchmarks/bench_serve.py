@@ -52,6 +52,7 @@ from benchmarks.common import (
     print_log_tails,
     report,
     request,
+    reset_peak_rss,
     run_summary,
     run_wrk,
 )
@@ -175,15 +176,6 @@ def push_content(port: int, content: Content, tls: ssl.SSLContext | None) -> Non
 
 
 # --- measuring ------------------------------------------------------------------------------------
-def reset_peak_rss(pid: int) -> bool:
-    """Reset VmHWM (``5`` > clear_refs, Linux >= 4.0; needs to own the process)."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def large(case: str) -> bool:
     """Cases whose CPU is counted per GiB of body; the others per request."""
     return not (case.endswith("4KiB") or case.startswith("manifest"))

@@ -64,6 +64,44 @@ def request(
         conn.close()
 
 
+def push_blob(port: int, repo: str, digest: str, body: bytes | Path) -> None:
+    """POST then PUT ?digest= with the whole body (a file is streamed): what every registry
+    accepts."""
+    status, headers, text = request(port, "POST", f"/v2/{repo}/blobs/uploads/")
+    if status != 202:
+        raise BenchError(f"POST upload on :{port} answered {status}: {text[:200]!r}")
+    location = headers.get("Location") or headers.get("location") or ""
+    if location.startswith("http"):
+        location = "/" + location.split("/", 3)[3]
+    sep = "&" if "?" in location else "?"
+    url = f"{location}{sep}digest={digest}"
+    if isinstance(body, Path):
+        size = body.stat().st_size
+        with open(body, "rb") as f:
+            status, _, text = request(
+                port,
+                "PUT",
+                url,
+                body=f,
+                headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            )
+    else:
+        status, _, text = request(
+            port, "PUT", url, body=body, headers={"Content-Type": "application/octet-stream"}
+        )
+    if status != 201:
+        raise BenchError(f"PUT upload on :{port} answered {status}: {text[:200]!r}")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM (``5`` > clear_refs, Linux >= 4.0; needs to own the process)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def check_tools(prog: str, tools: dict[str, str]) -> None:
     """Exit with an install hint when a tool (key) is not on PATH; values are Debian packages."""
     missing = [t for t in tools if shutil.which(t) is None]
