@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from regproxy import metrics
+from regproxy.web_keys import NOTES_KEY
 
 #: statuses whose responses carry no body (RFC 9110 6.4.1)
 _NO_BODY = frozenset({204, 304})
@@ -20,7 +21,7 @@ def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
     A response that sends its body around aiohttp's writer (sendfile) or may be cut short says
     how much it sent in the request's notes; a plain ``web.Response`` sent its whole body.
     """
-    notes: dict[str, str] = request.get("notes") or {}
+    notes: dict[str, str] = request.get(NOTES_KEY) or {}
     sent = notes.get("body_bytes")
     if sent is not None:
         return int(sent)
@@ -48,7 +49,7 @@ class AccessLogger(AbstractAccessLogger):
     _children: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # noqa: RUF012 - a cache
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        notes: dict[str, str] = request.get("notes") or {}
+        notes: dict[str, str] = request.get(NOTES_KEY) or {}
         route = notes.get("route") or ("base" if request.path.startswith("/v2") else "other")
         key = (route, request.method, response.status)
         children = self._children.get(key)

@@ -71,6 +71,7 @@ from regproxy.config import AuthConfig
 from regproxy.errors import Denied, OCIError, TooManyRequests, Unauthorized
 from regproxy.login_budget import LoginBudget, client_key
 from regproxy.web_errors import error_response
+from regproxy.web_keys import notes
 
 log = logging.getLogger("regproxy.auth")
 
@@ -342,11 +343,7 @@ USER: Final[ContextVar[str | None]] = ContextVar("regproxy_user", default=None)
 def _logged_in(request: web.Request, user: str) -> None:
     """The request's user: for handlers (USER) and for its access-log line (notes)."""
     USER.set(user)
-    notes = request.get("notes")
-    if notes is None:
-        notes = {}
-        request["notes"] = notes
-    notes["user"] = user
+    notes(request)["user"] = user
 
 
 # --- for the web page (and anything else that logs people in) ------------------------------------
@@ -466,7 +463,7 @@ def challenge(request: web.Request, detail: str) -> web.Response:
 
 
 def _refuse(request: web.Request, exc: OCIError, headers: Mapping[str, str]) -> web.Response:
-    request.setdefault("notes", {})["error"] = exc.code
+    notes(request)["error"] = exc.code
     resp = error_response(exc, request)
     resp.headers.update(headers)
     return resp

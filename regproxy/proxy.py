@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -202,7 +201,7 @@ class ProxyRegistry(Registry):
             except (TimeoutError, UpstreamError) as exc:
                 metrics.STALE_SERVED.labels(label).inc()
                 _count("manifest", "stale", label)
-                self.stale_served[(repo.canonical, reference)] = time.time()
+                self.stale_served[(repo.canonical, reference)] = self.timing.wall()
                 self.stale_served.move_to_end((repo.canonical, reference))
                 if len(self.stale_served) > STALE_KEEP:
                     self.stale_served.popitem(last=False)

@@ -36,6 +36,7 @@ from regproxy.connections import http_limits
 from regproxy.errors import BlobUnknown
 from regproxy.oci import Digest
 from regproxy.units import BLOB_CHUNK
+from regproxy.web_keys import notes
 
 log = logging.getLogger("regproxy.api")
 WINDOW: Final = 1024 * 1024  # bytes checked for page-cache residency at once
@@ -63,7 +64,7 @@ class _Sent:
 
 def note_body(request: web.BaseRequest, sent: int) -> None:
     """The body bytes of this response, for its access line."""
-    request.setdefault("notes", {})["body_bytes"] = str(sent)
+    notes(request)["body_bytes"] = str(sent)
 
 
 def note_cut(request: web.BaseRequest, digest: Digest, exc: BaseException) -> None:
@@ -72,15 +73,15 @@ def note_cut(request: web.BaseRequest, digest: Digest, exc: BaseException) -> No
     A client that hangs up or stops reading is routine (one access line, at INFO); a blob file
     shorter than its record is damage (a WARNING as well).
     """
-    notes = request.setdefault("notes", {})
+    noted = notes(request)
     if isinstance(exc, CLIENT_GONE):
-        notes["error"] = "client_gone"
+        noted["error"] = "client_gone"
     elif isinstance(exc, Stalled):
-        notes["error"] = "client_stalled"
+        noted["error"] = "client_stalled"
         metrics.SLOW_CLIENTS_CUT.labels("write").inc()
     else:
-        notes["error"] = "aborted"
-        log.warning("blob.aborted digest=%s repo=%s error=%r", digest, notes.get("repo"), exc)
+        noted["error"] = "aborted"
+        log.warning("blob.aborted digest=%s repo=%s error=%r", digest, noted.get("repo"), exc)
 
 
 # --- the disk side ----------------------------------------------------------------------------------

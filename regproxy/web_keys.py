@@ -29,10 +29,14 @@ PREFETCH_KEY: Final = web.AppKey("prefetch", Prefetcher)
 POLICY_KEY: Final = web.AppKey("policy", Policy)
 
 
+#: facts about one request for its access-log line (route, repo, cache, upstream, error, user)
+NOTES_KEY: Final = web.RequestKey[dict[str, str]]("notes")
+
+
 def notes(request: web.BaseRequest) -> dict[str, str]:
-    """Facts about this request for its access-log line (route, repo, cache, upstream, error)."""
-    found: dict[str, str] | None = request.get("notes")
+    """This request's notes (made on first use)."""
+    found = request.get(NOTES_KEY)
     if found is None:
         found = {}
-        request["notes"] = found
+        request[NOTES_KEY] = found
     return found

@@ -9,6 +9,8 @@ from typing import Any, Final
 
 import pytest
 
+from regproxy.deadline import Timing
+from tests.inproc import AppDaemon
 from tests.peers import Containerd, Daemon, DockerRegistry, have
 
 needs_registry = pytest.mark.skipif(not have("docker-registry"), reason="docker-registry missing")
@@ -30,6 +32,32 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         root = tmp_path / (name or f"regproxy{len(started)}")
         root.mkdir(parents=True, exist_ok=True)
         d = Daemon(root, config or {}, env=env or {}, nofile=nofile)
+        started.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def app_factory(tmp_path: Path) -> Iterator[Callable[..., AppDaemon]]:
+    """``daemon_factory`` in this process (tests/inproc.py): regproxy's app on a loop thread,
+    for tests that talk to it as a client does; stopped after the test. ``timing=`` a fake clock."""
+    started: list[AppDaemon] = []
+
+    def make(
+        config: dict[str, Any] | None = None,
+        *,
+        start: bool = True,
+        name: str | None = None,
+        timing: Timing | None = None,
+    ) -> AppDaemon:
+        root = tmp_path / (name or f"regproxy{len(started)}")
+        root.mkdir(parents=True, exist_ok=True)
+        d = AppDaemon(root, config or {}, timing=timing)
         started.append(d)
         if start:
             d.start()
@@ -114,9 +142,22 @@ _WATCH = _SpawnWatch()
 sys.addaudithook(_WATCH.audit)
 
 
+def _uses_process_fixture(item: pytest.Item) -> bool:
+    """A fixture of PROCESS_FIXTURES as this file defines it (a test module may define one of
+    the same name that serves the app in-process, tests/inproc.py: that one is fast)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    for name in PROCESS_FIXTURES & set(info.names_closure):
+        defs = info.name2fixturedefs.get(name, ())
+        if defs and getattr(defs[-1].func, "__module__", "") == __name__:
+            return True
+    return False
+
+
 def is_process_test(item: pytest.Item) -> bool:
     return bool(
-        PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))
+        _uses_process_fixture(item)
         or item.get_closest_marker("process")
         or item.get_closest_marker("peers")
     )

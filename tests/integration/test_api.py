@@ -1,6 +1,7 @@
-"""The OCI Distribution API (spec.md end-1 ... end-13) over real TCP against ``regproxy serve``.
+"""The OCI Distribution API (spec.md end-1 ... end-13) over real TCP against regproxy's app.
 
-Every test talks plain HTTP (urllib) to a daemon subprocess on 127.0.0.1, as a client would.
+Every test talks plain HTTP (urllib) to 127.0.0.1, as a client would; the app runs in this
+process (tests/inproc.py), so these are fast tests.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from typing import Any
 import pytest
 
 from tests.images import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZ, OCI_MANIFEST, sha256
-from tests.peers import Daemon, error_codes, http
-
-pytestmark = pytest.mark.process  # every test here talks to a regproxy daemon
+from tests.inproc import AppDaemon
+from tests.peers import error_codes, http
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -31,11 +31,20 @@ LARGE = 300_000  # served with FileResponse (> 64 KiB)
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One daemon for the many bad-input cases, which must not change what it holds anyway."""
-    d = Daemon(tmp_path_factory.mktemp("shared"), {})
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppDaemon]:
+    """One app for the many bad-input cases, which must not change what it holds anyway."""
+    d = AppDaemon(tmp_path_factory.mktemp("shared"), {})
     try:
         d.start()
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[AppDaemon]:
+    d = AppDaemon(tmp_path / "regproxy").start()
+    try:
         yield d
     finally:
         d.stop()
@@ -46,7 +55,7 @@ def blob_bytes(n: int) -> bytes:
     return os.urandom(n)
 
 
-def push_blob(d: Daemon, repo: str, data: bytes) -> str:
+def push_blob(d: AppDaemon, repo: str, data: bytes) -> str:
     digest = sha256(data)
     st, h, body = http("POST", f"{d.url}/v2/{repo}/blobs/uploads/?digest={digest}", data)
     assert st == 201, body
@@ -59,7 +68,7 @@ def desc(media_type: str, data: bytes, **extra: Any) -> dict[str, Any]:
 
 
 def image_manifest(
-    d: Daemon,
+    d: AppDaemon,
     repo: str,
     *,
     media_type: str = OCI_MANIFEST,
@@ -86,19 +95,19 @@ def image_manifest(
 
 
 def put_manifest(
-    d: Daemon, repo: str, ref: str, body: bytes, ct: str = OCI_MANIFEST
+    d: AppDaemon, repo: str, ref: str, body: bytes, ct: str = OCI_MANIFEST
 ) -> tuple[int, dict[str, str], bytes]:
     return http("PUT", f"{d.url}/v2/{repo}/manifests/{ref}", body, {"Content-Type": ct})
 
 
-def push_manifest(d: Daemon, repo: str, ref: str, body: bytes, ct: str = OCI_MANIFEST) -> str:
+def push_manifest(d: AppDaemon, repo: str, ref: str, body: bytes, ct: str = OCI_MANIFEST) -> str:
     st, h, resp = put_manifest(d, repo, ref, body, ct)
     assert st == 201, resp
     assert h["Docker-Content-Digest"] == sha256(body)
     return sha256(body)
 
 
-def start_upload(d: Daemon, repo: str) -> str:
+def start_upload(d: AppDaemon, repo: str) -> str:
     st, h, body = http("POST", f"{d.url}/v2/{repo}/blobs/uploads/")
     assert st == 202, body
     assert h["Location"].startswith("/v2/")
@@ -109,7 +118,7 @@ def codes(st: int, body: bytes) -> tuple[int, list[str]]:
     return st, error_codes(body)
 
 
-def store_snapshot(d: Daemon) -> dict[str, Any]:
+def store_snapshot(d: AppDaemon) -> dict[str, Any]:
     root = d.root / "store"
     files = sorted(str(p.relative_to(root)) for p in (root / "blobs").rglob("*") if p.is_file())
     tmp = sorted(p.name for p in (root / "tmp").iterdir())
@@ -118,7 +127,7 @@ def store_snapshot(d: Daemon) -> dict[str, Any]:
     return {"blobs": files, "tmp": tmp, "catalog": json.loads(body)["repositories"]}
 
 
-def raw_request(d: Daemon, request: bytes) -> bytes:
+def raw_request(d: AppDaemon, request: bytes) -> bytes:
     """Send bytes exactly as given (for paths urllib would refuse or rewrite)."""
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
         s.sendall(request)
@@ -129,7 +138,7 @@ def raw_request(d: Daemon, request: bytes) -> bytes:
 
 
 # --- base ---------------------------------------------------------------------------------------
-def test_base_endpoint(daemon: Daemon) -> None:
+def test_base_endpoint(daemon: AppDaemon) -> None:
     for path in ("/v2/", "/v2"):
         st, h, body = http("GET", daemon.url + path)
         assert st == 200
@@ -137,19 +146,19 @@ def test_base_endpoint(daemon: Daemon) -> None:
         assert json.loads(body) == {}
 
 
-def test_unknown_endpoint_is_oci_404(daemon: Daemon) -> None:
+def test_unknown_endpoint_is_oci_404(daemon: AppDaemon) -> None:
     st, h, body = http("GET", f"{daemon.url}/v2/foo/nothing/here")
     assert st == 404
     assert h["Docker-Distribution-API-Version"] == "registry/2.0"
     assert error_codes(body)
 
 
-def test_method_not_allowed_is_unsupported(daemon: Daemon) -> None:
+def test_method_not_allowed_is_unsupported(daemon: AppDaemon) -> None:
     assert codes(*http("POST", f"{daemon.url}/v2/foo/tags/list")[::2]) == (405, ["UNSUPPORTED"])
 
 
 # --- uploads ------------------------------------------------------------------------------------
-def test_monolithic_post_then_get(daemon: Daemon) -> None:
+def test_monolithic_post_then_get(daemon: AppDaemon) -> None:
     data = blob_bytes(5000)
     digest = sha256(data)
     st, h, _ = http("POST", f"{daemon.url}/v2/mono/blobs/uploads/?digest={digest}", data)
@@ -160,7 +169,7 @@ def test_monolithic_post_then_get(daemon: Daemon) -> None:
     assert st == 200 and body == data
 
 
-def test_monolithic_sha512(daemon: Daemon) -> None:
+def test_monolithic_sha512(daemon: AppDaemon) -> None:
     data = blob_bytes(3000)
     digest = "sha512:" + hashlib.sha512(data).hexdigest()
     st, h, body = http("POST", f"{daemon.url}/v2/s512/blobs/uploads/?digest={digest}", data)
@@ -169,7 +178,7 @@ def test_monolithic_sha512(daemon: Daemon) -> None:
     assert st == 200 and body == data and h["Docker-Content-Digest"] == digest
 
 
-def test_monolithic_wrong_digest_stores_nothing(daemon: Daemon) -> None:
+def test_monolithic_wrong_digest_stores_nothing(daemon: AppDaemon) -> None:
     before = store_snapshot(daemon)
     data = blob_bytes(4000)
     wrong = sha256(b"something else")
@@ -180,7 +189,7 @@ def test_monolithic_wrong_digest_stores_nothing(daemon: Daemon) -> None:
     assert store_snapshot(daemon) == before
 
 
-def test_post_then_put(daemon: Daemon) -> None:
+def test_post_then_put(daemon: AppDaemon) -> None:
     data = blob_bytes(LARGE)
     loc = start_upload(daemon, "pp")
     digest = sha256(data)
@@ -194,7 +203,7 @@ def test_post_then_put(daemon: Daemon) -> None:
     assert codes(*http("GET", daemon.url + loc)[::2]) == (404, ["BLOB_UPLOAD_UNKNOWN"])
 
 
-def test_post_put_location_with_query_keeps_working(daemon: Daemon) -> None:
+def test_post_put_location_with_query_keeps_working(daemon: AppDaemon) -> None:
     """A client appends ?digest= to the Location as given (which may carry a query)."""
     data = b"hello"
     loc = start_upload(daemon, "pp")
@@ -203,7 +212,7 @@ def test_post_put_location_with_query_keeps_working(daemon: Daemon) -> None:
     assert st == 201, body
 
 
-def test_chunked_upload(daemon: Daemon) -> None:
+def test_chunked_upload(daemon: AppDaemon) -> None:
     data = blob_bytes(200_000)
     loc = start_upload(daemon, "chunky")
     st, h, _ = http("GET", daemon.url + loc)
@@ -239,7 +248,7 @@ def test_chunked_upload(daemon: Daemon) -> None:
 
 
 def test_chunked_upload_streamed_without_content_range_and_final_chunk_in_put(
-    daemon: Daemon,
+    daemon: AppDaemon,
 ) -> None:
     data = blob_bytes(50_000)
     loc = start_upload(daemon, "chunky")
@@ -257,7 +266,7 @@ def test_chunked_upload_streamed_without_content_range_and_final_chunk_in_put(
     assert http("GET", f"{daemon.url}/v2/chunky/blobs/{sha256(data)}")[2] == data
 
 
-def test_chunk_out_of_order_is_416(daemon: Daemon) -> None:
+def test_chunk_out_of_order_is_416(daemon: AppDaemon) -> None:
     loc = start_upload(daemon, "ooo")
     st, _, _ = http("PATCH", daemon.url + loc, b"a" * 10, {"Content-Range": "0-9"})
     assert st == 202
@@ -277,7 +286,7 @@ def test_chunk_out_of_order_is_416(daemon: Daemon) -> None:
     assert st == 201, body
 
 
-def test_put_out_of_order_final_chunk_is_416(daemon: Daemon) -> None:
+def test_put_out_of_order_final_chunk_is_416(daemon: AppDaemon) -> None:
     loc = start_upload(daemon, "ooo")
     http("PATCH", daemon.url + loc, b"a" * 10, {"Content-Range": "0-9"})
     st, _, _ = http(
@@ -286,7 +295,7 @@ def test_put_out_of_order_final_chunk_is_416(daemon: Daemon) -> None:
     assert st == 416
 
 
-def test_malformed_content_range(daemon: Daemon) -> None:
+def test_malformed_content_range(daemon: AppDaemon) -> None:
     loc = start_upload(daemon, "cr")
     for bad in ("abc", "9-0", "0-", "-5"):
         st, _, body = http("PATCH", daemon.url + loc, b"x", {"Content-Range": bad})
@@ -301,7 +310,7 @@ def test_malformed_content_range(daemon: Daemon) -> None:
     assert h["Range"] == "0-0"
 
 
-def test_put_wrong_digest_stores_nothing(daemon: Daemon) -> None:
+def test_put_wrong_digest_stores_nothing(daemon: AppDaemon) -> None:
     before = store_snapshot(daemon)
     data = blob_bytes(80_000)
     loc = start_upload(daemon, "wrong")
@@ -314,13 +323,13 @@ def test_put_wrong_digest_stores_nothing(daemon: Daemon) -> None:
     assert store_snapshot(daemon) == before
 
 
-def test_put_without_digest_is_rejected(daemon: Daemon) -> None:
+def test_put_without_digest_is_rejected(daemon: AppDaemon) -> None:
     loc = start_upload(daemon, "nodigest")
     st, _, body = http("PUT", daemon.url + loc, b"abc")
     assert codes(st, body) == (400, ["DIGEST_INVALID"])
 
 
-def test_cancel_upload(daemon: Daemon) -> None:
+def test_cancel_upload(daemon: AppDaemon) -> None:
     before = store_snapshot(daemon)
     loc = start_upload(daemon, "cancel")
     http("PATCH", daemon.url + loc, b"x" * 1000)
@@ -332,7 +341,7 @@ def test_cancel_upload(daemon: Daemon) -> None:
     assert store_snapshot(daemon) == before
 
 
-def test_unknown_upload_uuid(daemon: Daemon) -> None:
+def test_unknown_upload_uuid(daemon: AppDaemon) -> None:
     base = f"{daemon.url}/v2/up/blobs/uploads/6f1d9e24-0000-4000-8000-000000000000"
     for method, body in (("GET", None), ("PATCH", b"x"), ("PUT", b"x"), ("DELETE", None)):
         url = base + (f"?digest={sha256(b'x')}" if method == "PUT" else "")
@@ -342,7 +351,7 @@ def test_unknown_upload_uuid(daemon: Daemon) -> None:
     assert st in (400, 404), resp
 
 
-def test_upload_uuid_under_another_repo(daemon: Daemon) -> None:
+def test_upload_uuid_under_another_repo(daemon: AppDaemon) -> None:
     loc = start_upload(daemon, "owner")
     uid = loc.rsplit("/", 1)[1]
     other = f"{daemon.url}/v2/thief/blobs/uploads/{uid}"
@@ -355,7 +364,7 @@ def test_upload_uuid_under_another_repo(daemon: Daemon) -> None:
     assert http("GET", daemon.url + loc)[0] == 204
 
 
-def test_failed_uploads_leave_store_as_it_was(daemon: Daemon) -> None:
+def test_failed_uploads_leave_store_as_it_was(daemon: AppDaemon) -> None:
     keep = push_blob(daemon, "keep", b"kept")
     before = store_snapshot(daemon)
     # wrong digest monolithic, wrong digest chunked, cancelled, size mismatch, bad digest syntax
@@ -376,7 +385,7 @@ def test_failed_uploads_leave_store_as_it_was(daemon: Daemon) -> None:
 
 
 # --- mount --------------------------------------------------------------------------------------
-def test_cross_repo_mount(daemon: Daemon) -> None:
+def test_cross_repo_mount(daemon: AppDaemon) -> None:
     data = blob_bytes(2000)
     digest = push_blob(daemon, "src", data)
     st, h, _ = http("POST", f"{daemon.url}/v2/dst/blobs/uploads/?mount={digest}&from=src")
@@ -386,7 +395,7 @@ def test_cross_repo_mount(daemon: Daemon) -> None:
     assert http("GET", f"{daemon.url}/v2/dst/blobs/{digest}")[2] == data
 
 
-def test_mount_from_repo_without_blob_starts_upload(daemon: Daemon) -> None:
+def test_mount_from_repo_without_blob_starts_upload(daemon: AppDaemon) -> None:
     data = blob_bytes(2000)
     digest = push_blob(daemon, "holder", data)
     # "empty" does not hold the blob: mount must not succeed even though another repo has it
@@ -405,7 +414,7 @@ def test_mount_from_repo_without_blob_starts_upload(daemon: Daemon) -> None:
 
 # --- blobs --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [SMALL, LARGE])
-def test_blob_get_head_headers(daemon: Daemon, size: int) -> None:
+def test_blob_get_head_headers(daemon: AppDaemon, size: int) -> None:
     data = blob_bytes(size)
     digest = push_blob(daemon, "bl", data)
     st, h, body = http("GET", f"{daemon.url}/v2/bl/blobs/{digest}")
@@ -421,7 +430,7 @@ def test_blob_get_head_headers(daemon: Daemon, size: int) -> None:
 
 
 @pytest.mark.parametrize("size", [SMALL, LARGE])
-def test_blob_ranges(daemon: Daemon, size: int) -> None:
+def test_blob_ranges(daemon: AppDaemon, size: int) -> None:
     data = blob_bytes(size)
     digest = push_blob(daemon, "rg", data)
     url = f"{daemon.url}/v2/rg/blobs/{digest}"
@@ -449,7 +458,7 @@ def test_blob_ranges(daemon: Daemon, size: int) -> None:
         assert st == 416, malformed
 
 
-def test_blob_unknown_and_delete(daemon: Daemon) -> None:
+def test_blob_unknown_and_delete(daemon: AppDaemon) -> None:
     data = blob_bytes(SMALL)
     digest = push_blob(daemon, "del", data)
     push_blob(daemon, "del2", data)
@@ -469,7 +478,7 @@ def test_blob_unknown_and_delete(daemon: Daemon) -> None:
     assert http("GET", f"{daemon.url}/v2/del2/blobs/{digest}")[2] == data
 
 
-def test_blob_delete_sticks(daemon: Daemon) -> None:
+def test_blob_delete_sticks(daemon: AppDaemon) -> None:
     data = blob_bytes(SMALL)
     digest = push_blob(daemon, "del", data)
     assert http("DELETE", f"{daemon.url}/v2/del/blobs/{digest}")[0] == 202
@@ -484,12 +493,12 @@ def test_blob_delete_sticks(daemon: Daemon) -> None:
     )
 
 
-def test_blob_is_per_repository(daemon: Daemon) -> None:
+def test_blob_is_per_repository(daemon: AppDaemon) -> None:
     digest = push_blob(daemon, "mine", b"private bytes")
     assert http("HEAD", f"{daemon.url}/v2/yours/blobs/{digest}")[0] == 404
 
 
-def test_empty_blob(daemon: Daemon) -> None:
+def test_empty_blob(daemon: AppDaemon) -> None:
     digest = push_blob(daemon, "empty", b"")
     st, h, body = http("GET", f"{daemon.url}/v2/empty/blobs/{digest}")
     assert st == 200 and body == b"" and h["Content-Length"] == "0"
@@ -501,7 +510,7 @@ def test_empty_blob(daemon: Daemon) -> None:
     [(OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_GZ), (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER)],
 )
 def test_manifest_put_get_head(
-    daemon: Daemon, media_type: str, config_type: str, layer_type: str
+    daemon: AppDaemon, media_type: str, config_type: str, layer_type: str
 ) -> None:
     repo = "img"
     body = image_manifest(
@@ -527,7 +536,7 @@ def test_manifest_put_get_head(
         assert h["Content-Length"] == str(len(body))
 
 
-def test_manifest_put_by_digest(daemon: Daemon) -> None:
+def test_manifest_put_by_digest(daemon: AppDaemon) -> None:
     body = image_manifest(daemon, "bydigest")
     digest = sha256(body)
     st, h, _ = put_manifest(daemon, "bydigest", digest, body)
@@ -537,7 +546,7 @@ def test_manifest_put_by_digest(daemon: Daemon) -> None:
     assert json.loads(resp)["tags"] == []
 
 
-def test_manifest_put_by_sha512_digest(daemon: Daemon) -> None:
+def test_manifest_put_by_sha512_digest(daemon: AppDaemon) -> None:
     body = image_manifest(daemon, "s512m")
     digest = "sha512:" + hashlib.sha512(body).hexdigest()
     st, _, resp = put_manifest(daemon, "s512m", digest, body)
@@ -549,7 +558,7 @@ def test_manifest_put_by_sha512_digest(daemon: Daemon) -> None:
 @pytest.mark.parametrize(
     ("index_type", "child_type"), [(OCI_INDEX, OCI_MANIFEST), (DOCKER_LIST, DOCKER_MANIFEST)]
 )
-def test_index_and_manifest_list(daemon: Daemon, index_type: str, child_type: str) -> None:
+def test_index_and_manifest_list(daemon: AppDaemon, index_type: str, child_type: str) -> None:
     repo = "multi"
     children = []
     for arch in ("amd64", "arm64"):
@@ -565,7 +574,7 @@ def test_index_and_manifest_list(daemon: Daemon, index_type: str, child_type: st
     assert h["Content-Type"] == index_type and h["Docker-Content-Digest"] == digest
 
 
-def test_index_with_missing_child_is_rejected(daemon: Daemon) -> None:
+def test_index_with_missing_child_is_rejected(daemon: AppDaemon) -> None:
     ghost = b'{"schemaVersion":2}'
     index = json.dumps(
         {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [desc(OCI_MANIFEST, ghost)]}
@@ -574,7 +583,7 @@ def test_index_with_missing_child_is_rejected(daemon: Daemon) -> None:
     assert codes(st, body) == (404, ["MANIFEST_BLOB_UNKNOWN"])
 
 
-def test_manifest_without_mediatype_uses_content_type(daemon: Daemon) -> None:
+def test_manifest_without_mediatype_uses_content_type(daemon: AppDaemon) -> None:
     body = image_manifest(daemon, "nomt")
     doc = json.loads(body)
     del doc["mediaType"]
@@ -584,7 +593,7 @@ def test_manifest_without_mediatype_uses_content_type(daemon: Daemon) -> None:
     assert got == body and h["Content-Type"] == OCI_MANIFEST
 
 
-def test_tag_moves(daemon: Daemon) -> None:
+def test_tag_moves(daemon: AppDaemon) -> None:
     one = image_manifest(daemon, "moving")
     two = image_manifest(daemon, "moving")
     push_manifest(daemon, "moving", "v1", one)
@@ -595,7 +604,7 @@ def test_tag_moves(daemon: Daemon) -> None:
     assert http("GET", f"{daemon.url}/v2/moving/manifests/{sha256(one)}")[2] == one
 
 
-def test_manifest_subject_header_and_referrers(daemon: Daemon) -> None:
+def test_manifest_subject_header_and_referrers(daemon: AppDaemon) -> None:
     repo = "refs"
     subject_body = image_manifest(daemon, repo)
     subject = push_manifest(daemon, repo, "v1", subject_body)
@@ -652,7 +661,7 @@ def test_manifest_subject_header_and_referrers(daemon: Daemon) -> None:
     assert h["OCI-Filters-Applied"] == "artifactType"
 
 
-def test_referrers_unknown_subject_is_empty_index(daemon: Daemon) -> None:
+def test_referrers_unknown_subject_is_empty_index(daemon: AppDaemon) -> None:
     for repo in ("nothing-here", "refs2"):
         st, h, resp = http("GET", f"{daemon.url}/v2/{repo}/referrers/{sha256(b'nope')}")
         assert st == 200
@@ -662,7 +671,7 @@ def test_referrers_unknown_subject_is_empty_index(daemon: Daemon) -> None:
     assert codes(st, body) == (400, ["DIGEST_INVALID"])
 
 
-def test_subject_need_not_exist(daemon: Daemon) -> None:
+def test_subject_need_not_exist(daemon: AppDaemon) -> None:
     """Spec: a manifest whose subject is not (yet) in the registry is accepted."""
     ghost = b'{"schemaVersion":2,"ghost":true}'
     art = image_manifest(daemon, "ghostref", extra={"subject": desc(OCI_MANIFEST, ghost)})
@@ -673,7 +682,7 @@ def test_subject_need_not_exist(daemon: Daemon) -> None:
     assert [m["digest"] for m in json.loads(resp)["manifests"]] == [sha256(art)]
 
 
-def test_manifest_referencing_missing_blob(daemon: Daemon) -> None:
+def test_manifest_referencing_missing_blob(daemon: AppDaemon) -> None:
     cfg = b'{"a":1}'
     push_blob(daemon, "missing", cfg)
     body = json.dumps(
@@ -703,7 +712,7 @@ def test_manifest_referencing_missing_blob(daemon: Daemon) -> None:
     assert codes(st, resp) == (404, ["MANIFEST_BLOB_UNKNOWN"])
 
 
-def _valid_doc(d: Daemon, repo: str) -> dict[str, Any]:
+def _valid_doc(d: AppDaemon, repo: str) -> dict[str, Any]:
     return json.loads(image_manifest(d, repo))
 
 
@@ -726,7 +735,7 @@ def _valid_doc(d: Daemon, repo: str) -> dict[str, Any]:
         "bad-subject",
     ],
 )
-def test_invalid_manifests(shared: Daemon, case: str) -> None:
+def test_invalid_manifests(shared: AppDaemon, case: str) -> None:
     repo = "invalid"
     doc = _valid_doc(shared, repo)
     ct = OCI_MANIFEST
@@ -771,7 +780,7 @@ def test_invalid_manifests(shared: Daemon, case: str) -> None:
     assert http("HEAD", f"{shared.url}/v2/{repo}/manifests/{sha256(body)}")[0] == 404
 
 
-def test_manifest_digest_reference_mismatch(daemon: Daemon) -> None:
+def test_manifest_digest_reference_mismatch(daemon: AppDaemon) -> None:
     body = image_manifest(daemon, "dm")
     wrong = sha256(body + b" ")
     st, _, resp = put_manifest(daemon, "dm", wrong, body)
@@ -780,7 +789,7 @@ def test_manifest_digest_reference_mismatch(daemon: Daemon) -> None:
     assert http("HEAD", f"{daemon.url}/v2/dm/manifests/{wrong}")[0] == 404
 
 
-def test_manifest_too_large(daemon: Daemon) -> None:
+def test_manifest_too_large(daemon: AppDaemon) -> None:
     body = json.dumps({"schemaVersion": 2, "pad": "x" * (4 * 1024 * 1024 + 10)}).encode()
     st, _, resp = put_manifest(daemon, "big", "v1", body)
     assert st == 413
@@ -789,7 +798,7 @@ def test_manifest_too_large(daemon: Daemon) -> None:
     assert http("GET", f"{daemon.url}/v2/")[0] == 200
 
 
-def test_manifest_unknown(daemon: Daemon) -> None:
+def test_manifest_unknown(daemon: AppDaemon) -> None:
     push_manifest(daemon, "known", "v1", image_manifest(daemon, "known"))
     for ref in ("nope", sha256(b"nope")):
         st, _, body = http("GET", f"{daemon.url}/v2/known/manifests/{ref}")
@@ -797,7 +806,7 @@ def test_manifest_unknown(daemon: Daemon) -> None:
         assert http("HEAD", f"{daemon.url}/v2/known/manifests/{ref}")[0] == 404
 
 
-def test_manifest_delete_by_digest_and_tag(daemon: Daemon) -> None:
+def test_manifest_delete_by_digest_and_tag(daemon: AppDaemon) -> None:
     repo = "mdel"
     one = image_manifest(daemon, repo)
     two = image_manifest(daemon, repo)
@@ -840,7 +849,7 @@ def _links(h: dict[str, str]) -> str | None:
     return m.group(1)
 
 
-def test_tags_list_and_pagination(daemon: Daemon) -> None:
+def test_tags_list_and_pagination(daemon: AppDaemon) -> None:
     repo = "tagged"
     body = image_manifest(daemon, repo)
     tags = ["v1", "v10", "v2", "alpha", "Beta", "latest", "v1.0-rc_1"]
@@ -877,14 +886,14 @@ def test_tags_list_and_pagination(daemon: Daemon) -> None:
     assert "Link" not in h
 
 
-def test_tags_list_n_zero(daemon: Daemon) -> None:
+def test_tags_list_n_zero(daemon: AppDaemon) -> None:
     push_manifest(daemon, "zero", "v1", image_manifest(daemon, "zero"))
     st, _h, resp = http("GET", f"{daemon.url}/v2/zero/tags/list?n=0")
     assert st == 200, resp
     assert json.loads(resp)["tags"] == []
 
 
-def test_tags_list_bad_n(daemon: Daemon) -> None:
+def test_tags_list_bad_n(daemon: AppDaemon) -> None:
     push_manifest(daemon, "badn", "v1", image_manifest(daemon, "badn"))
     for n in ("-1", "abc", "1.5"):
         st, _, resp = http("GET", f"{daemon.url}/v2/badn/tags/list?n={n}")
@@ -892,12 +901,12 @@ def test_tags_list_bad_n(daemon: Daemon) -> None:
         assert error_codes(resp), n
 
 
-def test_tags_list_unknown_repo(daemon: Daemon) -> None:
+def test_tags_list_unknown_repo(daemon: AppDaemon) -> None:
     st, _, body = http("GET", f"{daemon.url}/v2/never/pushed/tags/list")
     assert codes(st, body) == (404, ["NAME_UNKNOWN"])
 
 
-def test_tags_list_link_keeps_ns(daemon: Daemon) -> None:
+def test_tags_list_link_keeps_ns(daemon: AppDaemon) -> None:
     repo = "spectro-images/docker.io/library/paged"
     body = image_manifest(daemon, repo)
     for t in ("a", "b", "c"):
@@ -913,7 +922,7 @@ def test_tags_list_link_keeps_ns(daemon: Daemon) -> None:
     assert got == ["a", "b", "c"]
 
 
-def test_catalog_pagination(daemon: Daemon) -> None:
+def test_catalog_pagination(daemon: AppDaemon) -> None:
     names = ["cat/a", "cat/b", "cat/c", "cat/d", "cat/e"]
     for n in names:
         push_manifest(daemon, n, "v1", image_manifest(daemon, n))
@@ -940,7 +949,7 @@ def test_catalog_pagination(daemon: Daemon) -> None:
 
 
 # --- names --------------------------------------------------------------------------------------
-def test_three_name_forms_reach_one_repository(daemon: Daemon) -> None:
+def test_three_name_forms_reach_one_repository(daemon: AppDaemon) -> None:
     canonical = "spectro-images/docker.io/library/x"
     body = image_manifest(daemon, canonical)
     digest = push_manifest(daemon, canonical, "1.0", body)
@@ -962,7 +971,7 @@ def test_three_name_forms_reach_one_repository(daemon: Daemon) -> None:
     assert json.loads(resp)["repositories"] == [canonical]
 
 
-def test_push_through_short_form_lands_in_canonical_repo(daemon: Daemon) -> None:
+def test_push_through_short_form_lands_in_canonical_repo(daemon: AppDaemon) -> None:
     body = image_manifest(daemon, "ghcr.io/org/tool")
     push_manifest(daemon, "ghcr.io/org/tool", "v1", body)
     st, _, got = http("GET", f"{daemon.url}/v2/spectro-images/ghcr.io/org/tool/manifests/v1")
@@ -973,7 +982,7 @@ def test_push_through_short_form_lands_in_canonical_repo(daemon: Daemon) -> None
     assert json.loads(resp)["repositories"] == ["spectro-images/ghcr.io/org/tool"]
 
 
-def test_local_only_name(daemon: Daemon) -> None:
+def test_local_only_name(daemon: AppDaemon) -> None:
     body = image_manifest(daemon, "spectro-images/myapp")
     push_manifest(daemon, "spectro-images/myapp", "v1", body)
     assert http("GET", f"{daemon.url}/v2/spectro-images/myapp/manifests/v1")[2] == body
@@ -1011,7 +1020,7 @@ BAD_NAMES = [
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
-def test_malformed_names(shared: Daemon, name: str) -> None:
+def test_malformed_names(shared: AppDaemon, name: str) -> None:
     d = sha256(b"x")
     for method, suffix in (
         ("GET", "/manifests/latest"),
@@ -1032,7 +1041,7 @@ def test_malformed_names(shared: Daemon, name: str) -> None:
     assert store_snapshot(shared)["catalog"] == []
 
 
-def test_leading_slash_name(daemon: Daemon) -> None:
+def test_leading_slash_name(daemon: AppDaemon) -> None:
     out = raw_request(
         daemon, b"GET /v2//abs/manifests/latest HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
@@ -1040,14 +1049,14 @@ def test_leading_slash_name(daemon: Daemon) -> None:
     assert b"NAME_INVALID" in out
 
 
-def test_name_too_long_after_canonicalization(daemon: Daemon) -> None:
+def test_name_too_long_after_canonicalization(daemon: AppDaemon) -> None:
     # 250 characters is fine as a request name but too long under the project prefix
     name = "docker.io/" + "a" * 240
     st, _, body = http("GET", f"{daemon.url}/v2/{name}/manifests/latest")
     assert codes(st, body) == (400, ["NAME_INVALID"])
 
 
-def test_bad_ns(daemon: Daemon) -> None:
+def test_bad_ns(daemon: AppDaemon) -> None:
     for ns in ("bad%20host", "-x.io", "a%2Fb", "x..io", "host:port"):
         st, _, body = http("GET", f"{daemon.url}/v2/library/x/manifests/latest?ns={ns}")
         assert codes(st, body) == (400, ["NAME_INVALID"]), ns
@@ -1056,7 +1065,7 @@ def test_bad_ns(daemon: Daemon) -> None:
 @pytest.mark.parametrize(
     "tag", ["x" * 129, "-lead", ".lead", "a+b", "a%2Fb", "%20", "tag%3Ax", "ta%00g", "v1%0A"]
 )
-def test_malformed_tags(shared: Daemon, tag: str) -> None:
+def test_malformed_tags(shared: AppDaemon, tag: str) -> None:
     repo = "tagcheck"
     body = image_manifest(shared, repo)
     st, _, resp = put_manifest(shared, repo, tag, body)
@@ -1068,7 +1077,7 @@ def test_malformed_tags(shared: Daemon, tag: str) -> None:
     assert json.loads(resp)["tags"] == [], tag
 
 
-def test_longest_tag_is_fine(daemon: Daemon) -> None:
+def test_longest_tag_is_fine(daemon: AppDaemon) -> None:
     tag = "_" + "x" * 127
     body = image_manifest(daemon, "longtag")
     push_manifest(daemon, "longtag", tag, body)
@@ -1092,7 +1101,7 @@ BAD_DIGESTS = [
 
 
 @pytest.mark.parametrize("digest", BAD_DIGESTS)
-def test_malformed_digests(shared: Daemon, digest: str) -> None:
+def test_malformed_digests(shared: AppDaemon, digest: str) -> None:
     u = shared.url
     checks = [
         ("GET", f"/v2/dg/blobs/{digest}", None),
@@ -1115,13 +1124,13 @@ def test_malformed_digests(shared: Daemon, digest: str) -> None:
     assert after["blobs"] == before["blobs"] and after["catalog"] == before["catalog"]
 
 
-def test_sha512_blob_and_referrers_digest_ok(daemon: Daemon) -> None:
+def test_sha512_blob_and_referrers_digest_ok(daemon: AppDaemon) -> None:
     d = "sha512:" + "a" * 128
     assert codes(*http("GET", f"{daemon.url}/v2/dg/blobs/{d}")[::2]) == (404, ["BLOB_UNKNOWN"])
     assert http("GET", f"{daemon.url}/v2/dg/referrers/{d}")[0] == 200
 
 
-def test_store_tree_never_escapes(daemon: Daemon, tmp_path: Path) -> None:
+def test_store_tree_never_escapes(daemon: AppDaemon, tmp_path: Path) -> None:
     """Nothing a request can name lands outside the store's own directories."""
     for path in (
         "/v2/..%2F..%2Fetc/blobs/uploads/",
@@ -1136,7 +1145,7 @@ def test_store_tree_never_escapes(daemon: Daemon, tmp_path: Path) -> None:
 
 
 # --- a few more edges ---------------------------------------------------------------------------
-def test_conditional_get_by_digest_etag(daemon: Daemon) -> None:
+def test_conditional_get_by_digest_etag(daemon: AppDaemon) -> None:
     data = blob_bytes(SMALL)
     digest = push_blob(daemon, "etag", data)
     assert http("GET", f"{daemon.url}/v2/etag/blobs/{digest}")[0] == 200
@@ -1146,7 +1155,7 @@ def test_conditional_get_by_digest_etag(daemon: Daemon) -> None:
     assert st == 304 and body == b""
 
 
-def test_referrer_deleted_disappears(daemon: Daemon) -> None:
+def test_referrer_deleted_disappears(daemon: AppDaemon) -> None:
     repo = "refdel"
     subject_body = image_manifest(daemon, repo)
     subject = push_manifest(daemon, repo, "v1", subject_body)
@@ -1158,19 +1167,19 @@ def test_referrer_deleted_disappears(daemon: Daemon) -> None:
     assert json.loads(http("GET", url)[2])["manifests"] == []
 
 
-def test_manifest_digest_is_not_a_blob_digest(daemon: Daemon) -> None:
+def test_manifest_digest_is_not_a_blob_digest(daemon: AppDaemon) -> None:
     digest = push_blob(daemon, "kinds", b'{"schemaVersion":2}')
     st, _, body = http("GET", f"{daemon.url}/v2/kinds/manifests/{digest}")
     assert codes(st, body) == (404, ["MANIFEST_UNKNOWN"])
 
 
-def test_mount_from_invalid_name(daemon: Daemon) -> None:
+def test_mount_from_invalid_name(daemon: AppDaemon) -> None:
     digest = push_blob(daemon, "src", b"m")
     st, _, body = http("POST", f"{daemon.url}/v2/dst/blobs/uploads/?mount={digest}&from=Bad//Name")
     assert codes(st, body) == (400, ["NAME_INVALID"])
 
 
-def test_monolithic_post_length_mismatch(daemon: Daemon) -> None:
+def test_monolithic_post_length_mismatch(daemon: AppDaemon) -> None:
     before = store_snapshot(daemon)
     data = b"0123456789"
     out = raw_request(
@@ -1183,7 +1192,7 @@ def test_monolithic_post_length_mismatch(daemon: Daemon) -> None:
     assert store_snapshot(daemon) == before
 
 
-def test_upload_sessions_do_not_survive_a_restart(daemon: Daemon) -> None:
+def test_upload_sessions_do_not_survive_a_restart(daemon: AppDaemon) -> None:
     loc = start_upload(daemon, "restart")
     http("PATCH", daemon.url + loc, b"x" * 70_000)
     digest = push_blob(daemon, "restart", b"durable")

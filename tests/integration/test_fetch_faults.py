@@ -1,6 +1,7 @@
 """Pull-through under faults, with an upstream of the tests' own (tests/fakes.py).
 
-regproxy runs as a real subprocess; the fake upstream runs in the test's event loop.
+regproxy's app runs in this process on a loop of its own (tests/inproc.py, real TCP on
+127.0.0.1); the fake upstream runs in the test's event loop.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ import aiohttp
 import pytest
 
 from tests.fakes import BlobFault, FakeUpstream, digest_of
-from tests.peers import Daemon
+from tests.inproc import AppDaemon, FakeTime
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture
+def daemon_factory(app_factory: Callable[..., AppDaemon]) -> Callable[..., AppDaemon]:
+    return app_factory
 
 
 @pytest.fixture
@@ -44,9 +50,11 @@ def proxy_config(up: FakeUpstream, **extra: object) -> dict[str, object]:
     return cfg
 
 
-async def start_daemon(factory: Callable[..., Daemon], cfg: dict[str, object]) -> Daemon:
-    # Daemon.start blocks while polling; keep the fake upstream's loop running meanwhile
-    return await asyncio.to_thread(factory, cfg)
+async def start_daemon(
+    factory: Callable[..., AppDaemon], cfg: dict[str, object], **kw: object
+) -> AppDaemon:
+    # start blocks until the app listens; keep the fake upstream's loop running meanwhile
+    return await asyncio.to_thread(factory, cfg, **kw)
 
 
 def manifest_for(config: bytes, layers: list[bytes]) -> bytes:
@@ -71,7 +79,7 @@ def manifest_for(config: bytes, layers: list[bytes]) -> bytes:
     ).encode()
 
 
-def blobs_on_disk(d: Daemon) -> set[str]:
+def blobs_on_disk(d: AppDaemon) -> set[str]:
     root = d.root / "store" / "blobs"
     return {p.name for p in root.rglob("*") if p.is_file()}
 
@@ -264,13 +272,14 @@ async def test_token_flow_with_expiry(upstream: FakeUpstream, daemon_factory) ->
     upstream.token_ttl = 1
     a, b = os.urandom(5000), os.urandom(6000)
     da, db = upstream.add_blob(a), upstream.add_blob(b)
-    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    clock = FakeTime()
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream), timing=clock.timing)
     async with aiohttp.ClientSession() as s:
         status, body, _ = await get(s, f"{proxy.url}/v2/fake.test/app/blobs/{da}")
         assert status == 200 and body == a
         first = upstream.token_requests
         assert first >= 1
-        await asyncio.sleep(1.2)
+        clock.advance(1.2)  # past the token's lifetime on regproxy's clock
         status, body, _ = await get(s, f"{proxy.url}/v2/fake.test/app/blobs/{db}")
         assert status == 200 and body == b
     assert upstream.token_requests > first

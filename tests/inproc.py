@@ -1,0 +1,178 @@
+"""regproxy in this process: ``create_app`` on aiohttp's ``TestServer`` (127.0.0.1, port 0).
+
+:class:`AppDaemon` serves the app from a thread with an event loop of its own, so tests that talk
+to a daemon as a client does (plain blocking HTTP, :func:`tests.peers.http`) run against it
+unchanged, with no process started. It keeps the parts of :class:`tests.peers.Daemon` those
+tests use: ``url``, ``hostport``, ``root``, ``start()``, ``stop()`` (a restart is a new app on the
+same store) and ``log()`` (the lines this app's loop logged, formatted as the daemon writes them).
+
+``timing`` is the app's clock (:class:`FakeTime` moves it instead of sleeping past a TTL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestServer
+
+from regproxy.access import AccessLogger
+from regproxy.app import create_app
+from regproxy.config import config_from_dict
+from regproxy.deadline import Timing
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class FakeTime:
+    """A clock that moves only when told: ``timing`` for the app, ``advance(s)`` for the test.
+
+    The wall clock starts at the real time (rows the index stamps itself stay comparable) and
+    both clocks move together; ``sleep`` advances the clock instead of waiting."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self._mono0 = time.monotonic()
+
+    def now(self) -> float:
+        return self._mono0 + self.offset
+
+    def wall(self) -> float:
+        return time.time() + self.offset
+
+    async def sleep(self, seconds: float) -> None:
+        self.offset += max(seconds, 0.0)
+        await asyncio.sleep(0)
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(now=self.now, sleep=self.sleep, random=lambda: 0.5, wall=self.wall)
+
+
+class _ThreadLog(logging.Handler):
+    """Keeps the lines logged from one thread (the app's loop)."""
+
+    def __init__(self, thread: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.thread = thread
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter(_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.lines.append(self.format(record))
+
+
+class AppDaemon:
+    """regproxy's app served in-process on a loop thread; the interface tests use of a daemon."""
+
+    proc = None  # no process: code that checks for one sees that
+
+    def __init__(
+        self, root: Path, config: dict[str, Any] | None = None, timing: Timing | None = None
+    ) -> None:
+        self.root = root
+        self.config = dict(config or {})
+        self.timing = timing
+        self.port = 0
+        self.app: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: TestServer | None = None
+        self._log: _ThreadLog | None = None
+        self._lines: list[str] = []
+        self._levels: dict[str, int] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def hostport(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _config(self) -> Any:
+        raw = dict(self.config)
+        raw.setdefault("storage", {})
+        raw["storage"] = {"root": str(self.root / "store"), **raw["storage"]}
+        raw.setdefault("shutdown_timeout", "5s")
+        return config_from_dict(raw)
+
+    def start(self) -> AppDaemon:
+        config = self._config()
+        ready: Future[int] = Future()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run, args=(config, ready), name="regproxy-app", daemon=True
+        )
+        self._thread.start()
+        self.port = ready.result(timeout=30)
+        return self
+
+    def _run(self, config: Any, ready: Future[int]) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        self._log = _ThreadLog(threading.get_ident())
+        for name in ("regproxy", "regproxy.access"):
+            logger = logging.getLogger(name)
+            self._levels[name] = logger.level
+            logger.setLevel(logging.INFO)
+        logging.getLogger("regproxy").addHandler(self._log)
+        try:
+            app = create_app(config, timing=self.timing) if self.timing else create_app(config)
+            self.app = app
+            self._server = TestServer(app, host="127.0.0.1", port=0)
+            loop.run_until_complete(
+                self._server.start_server(
+                    access_log_class=AccessLogger,
+                    access_log=logging.getLogger("regproxy.access"),
+                )
+            )
+        except BaseException as exc:
+            ready.set_exception(exc)
+            self._finish()
+            return
+        assert self._server.port is not None
+        ready.set_result(self._server.port)
+        loop.run_forever()
+        self._finish()
+
+    def _finish(self) -> None:
+        assert self._loop is not None
+        if self._log is not None:
+            logging.getLogger("regproxy").removeHandler(self._log)
+            self._lines.extend(self._log.lines)
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        self._loop.close()
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the app's loop (to reach its registry) and return its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> int:
+        if self._loop is None or self._thread is None:
+            return 0
+        loop, server = self._loop, self._server
+        if server is not None:
+            asyncio.run_coroutine_threadsafe(server.close(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(30)
+        self._loop = self._thread = self._server = None
+        return 0
+
+    def log(self) -> str:
+        lines = list(self._lines)
+        if self._log is not None and self._thread is not None:
+            lines += self._log.lines
+        return "\n".join(lines) + "\n"
