@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from regproxy.index import Index
 
@@ -109,6 +109,18 @@ _MEMBER = (
 )
 
 
+def _all(index: Index, sql: str, params: Any, columns: int) -> list[list[Any]]:
+    """Every row of a query as one JSON value: the writer thread takes the GIL back once per
+    statement, not once per row (sqlite3 lets it go at every step), which is what costs when
+    the event loop keeps the GIL busy serving requests."""
+    names = ", ".join(f"c{i}" for i in range(columns))
+    (doc,) = index.db.execute(
+        f"WITH q({names}) AS ({sql}) SELECT json_group_array(json_array({names})) FROM q", params
+    ).fetchone()
+    rows: list[list[Any]] = json.loads(doc)
+    return rows
+
+
 @dataclass
 class Evicted:
     """One evicted unit (``repo`` "" for loose content), and the bytes its removal freed."""
@@ -143,15 +155,21 @@ def _forget(index: Index, dead: list[tuple[str, int, bool]], batch: Batch) -> No
     db = index.db
     every = json.dumps([d for d, _, _ in dead])
     manifests = json.dumps([d for d, _, is_manifest in dead if is_manifest])
-    batch.links += db.execute(
-        f"SELECT repo, digest FROM repo_blobs WHERE digest IN {_EACH}", (every,)
-    ).fetchall()
+    batch.links += [
+        (r, d)
+        for r, d in _all(
+            index, f"SELECT repo, digest FROM repo_blobs WHERE digest IN {_EACH}", (every,), 2
+        )
+    ]
     db.execute(f"DELETE FROM repo_blobs WHERE digest IN {_EACH}", (every,))
     db.execute(f"DELETE FROM blobs WHERE digest IN {_EACH}", (every,))
     if manifests != "[]":
-        batch.tags += db.execute(
-            f"SELECT repo, tag FROM tags WHERE digest IN {_EACH}", (manifests,)
-        ).fetchall()
+        batch.tags += [
+            (r, t)
+            for r, t in _all(
+                index, f"SELECT repo, tag FROM tags WHERE digest IN {_EACH}", (manifests,), 2
+            )
+        ]
         db.execute(f"DELETE FROM tags WHERE digest IN {_EACH}", (manifests,))
         db.execute(f"DELETE FROM manifest_refs WHERE parent IN {_EACH}", (manifests,))
         db.execute(f"DELETE FROM manifests WHERE digest IN {_EACH}", (manifests,))
@@ -179,16 +197,20 @@ def evict_loose(
     in digest order after ``after``."""
     started = time.monotonic()
     batch = Batch(after_digest=after)
-    with index.transaction() as db:
+    with index.transaction():
         while batch.freed < need and not _spent(started, budget, batch.after_digest != after):
-            page = db.execute(
-                "SELECT f.digest, f.size, COALESCE(b.last_access, b.created, m.created), "
-                "m.digest IS NOT NULL FROM refs f LEFT JOIN blobs b ON b.digest = f.digest "
-                "LEFT JOIN manifests m ON m.digest = f.digest "
-                "WHERE f.live = 0 AND f.digest > ? AND f.size IS NOT NULL "
-                "ORDER BY f.digest LIMIT ?",
-                (batch.after_digest, PAGE),
-            ).fetchall()
+            page = sorted(
+                _all(
+                    index,
+                    "SELECT f.digest, f.size, COALESCE(b.last_access, b.created, m.created), "
+                    "m.digest IS NOT NULL FROM refs f LEFT JOIN blobs b ON b.digest = f.digest "
+                    "LEFT JOIN manifests m ON m.digest = f.digest "
+                    "WHERE f.live = 0 AND f.digest > ? AND f.size IS NOT NULL "
+                    "ORDER BY f.digest LIMIT ?",
+                    (batch.after_digest, PAGE),
+                    4,
+                )
+            )
             if not page:
                 batch.exhausted = True
                 break
@@ -217,14 +239,20 @@ def evict_lru(
     started = time.monotonic()
     recent = now - in_use
     batch = Batch(after_row=after)
-    with index.transaction() as db:
+    with index.transaction():
         while batch.freed < need and not _spent(started, budget, batch.after_row != after):
-            page = db.execute(
-                "SELECT last_access, repo, digest FROM repo_manifests INDEXED BY repo_manifests_lru "
-                "WHERE pinned = 0 AND (last_access, repo, digest) > (?, ?, ?) "
-                "ORDER BY last_access, repo, digest LIMIT ?",
-                (*batch.after_row, PAGE),
-            ).fetchall()
+            page = sorted(
+                (float(last), repo, d)
+                for last, repo, d in _all(
+                    index,
+                    "SELECT last_access, repo, digest FROM repo_manifests "
+                    "INDEXED BY repo_manifests_lru WHERE pinned = 0 "
+                    "AND (last_access, repo, digest) > (?, ?, ?) "
+                    "ORDER BY last_access, repo, digest LIMIT ?",
+                    (*batch.after_row, PAGE),
+                    3,
+                )
+            )
             fresh = [(float(last), repo, d) for last, repo, d in page if last < recent]
             if len(fresh) < len(page) or not page:
                 batch.exhausted = True  # the rest is in use or newer, or there is no more
@@ -261,7 +289,7 @@ def _units(
     were dealt with (the rest comes again)."""
     db = index.db
     found: dict[tuple[str, str], list[tuple[str, float, int, int]]] = {}
-    for repo, root, d, last, row_pinned, pinned in db.execute(_UNITS, (json.dumps(roots),)):
+    for repo, root, d, last, row_pinned, pinned in _all(index, _UNITS, (json.dumps(roots),), 6):
         found.setdefault((repo, root), []).append((d, float(last or 0.0), row_pinned, pinned))
     go: list[tuple[str, str, list[str]]] = []
     for key in roots:
@@ -307,14 +335,17 @@ def _drop(
     is a manifest)."""
     db = index.db
     pairs = json.dumps([[repo, d] for repo, _, drop in go for d in drop])
-    tags: list[tuple[str, str]] = db.execute(
-        f"SELECT repo, tag FROM tags WHERE (repo, digest) IN {_PAIRS}", (pairs,)
-    ).fetchall()
+    tags = [
+        (r, t)
+        for r, t in _all(
+            index, f"SELECT repo, tag FROM tags WHERE (repo, digest) IN {_PAIRS}", (pairs,), 2
+        )
+    ]
     db.execute(f"DELETE FROM tags WHERE (repo, digest) IN {_PAIRS}", (pairs,))
     db.execute(f"DELETE FROM repo_manifests WHERE (repo, digest) IN {_PAIRS}", (pairs,))
     owners = json.dumps([[i, d] for i, (_, _, drop) in enumerate(go) for d in drop])
     dead: dict[str, tuple[int, int, float, bool]] = {}
-    for i, d, size, last, is_manifest in db.execute(_DEAD_OF, (owners,)):
+    for i, d, size, last, is_manifest in _all(index, _DEAD_OF, (owners,), 5):
         dead.setdefault(d, (int(i), int(size), float(last or 0.0), bool(is_manifest)))
     return tags, dead
 
