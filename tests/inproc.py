@@ -101,6 +101,8 @@ class AppDaemon:
 
     def _config(self) -> Any:
         raw = dict(self.config)
+        if self.port:  # the app knows its own address (peers find themselves in their list)
+            raw.setdefault("listen", f"127.0.0.1:{self.port}")
         raw.setdefault("storage", {})
         raw["storage"] = {"root": str(self.root / "store"), **raw["storage"]}
         raw.setdefault("shutdown_timeout", "5s")
@@ -130,7 +132,8 @@ class AppDaemon:
         try:
             app = create_app(config, timing=self.timing) if self.timing else create_app(config)
             self.app = app
-            self._server = TestServer(app, host="127.0.0.1", port=0)
+            # a port set before start (peers name each other's URLs up front), else port 0
+            self._server = TestServer(app, host="127.0.0.1", port=self.port)
             loop.run_until_complete(
                 self._server.start_server(
                     access_log_class=AccessLogger,
