@@ -17,7 +17,8 @@ host's own entry.
 Liveness (regproxy.liveness): a peer that fails a probe or a request is set aside with an
 exponential backoff (1 s at first, up to ``peers.refresh``) and probed again when it ends;
 requests skip it meanwhile, so a dead peer costs one probe per interval, not a timeout per
-request. A peer that sent wrong bytes is set aside for ``peers.refresh``.
+request. A peer that sent wrong bytes is set aside for ``peers.refresh``; one that answered with
+an error status is up (only its answer failed).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ FIRST_BACKOFF: Final = 1.0
 MAX_IDLE: Final = 5.0
 T = TypeVar("T")
 _FAILURES: Final = (TimeoutError, UpstreamError, OSError)
+#: a peer that answered with one of these is up (its upstream failed, or its policy or login
+#: refused): counted and logged, never set aside for it
+_ANSWERED: Final = frozenset({"4xx", "429", "5xx", "auth"})
 
 
 @dataclass
@@ -263,8 +267,12 @@ class Peers:
         return ranked(members, [p.url for p in members], key)
 
     def failed(self, peer: Peer, what: str, exc: Exception, *, hold: bool = False) -> None:
-        """Set the peer aside (``hold``: for the longest backoff, it sent wrong bytes)."""
+        """A request to the peer failed: set it aside unless it answered (an error status is an
+        answer: the peer is up); ``hold``: for the longest backoff (it sent wrong bytes)."""
         metrics.PEER_REQUESTS.labels(peer.url, "error").inc()
+        if isinstance(exc, UpstreamError) and exc.kind in _ANSWERED and not hold:
+            log.info("peers.refused url=%s what=%s error=%s", peer.url, what, exc)
+            return
         wait = self.liveness.failed(
             peer.url, str(exc) or type(exc).__name__, hold=self.liveness.cap if hold else None
         )

@@ -300,3 +300,17 @@ async def test_hosts_that_boot_together_find_each_other_within_seconds(tmp_path:
         c.clock.advance(wait)
         await a.peers.probe_due()
         assert a.peers.liveness.is_up(b.url)
+
+
+async def test_a_home_whose_upstream_fails_is_not_set_aside(tmp_path: Path) -> None:
+    """An error status from the home host is an answer (its upstream failed): the home stays
+    up for every other key, and this host tries its own upstream."""
+    async with cluster(tmp_path, 3) as c:
+        home, others = home_of(c, "spectro-images/fake.test/app:broken")
+        c.upstream.add_manifest("app", "broken", manifest(b"{}"), OCI_MANIFEST)
+        c.upstream.manifest_status = 500
+        status, _, _ = await c.get(c.manifest_url(others[0], "broken"))
+        assert status == 502
+        assert others[0].peers.liveness.is_up(home.url)
+        # the home was asked (a fetch request), then this host's own upstream: 2 attempts
+        assert c.upstream.count("GET", "/manifests/broken") == 2
