@@ -6,12 +6,12 @@ Everything here changes content, so the access-control middleware asks for a log
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import Final
 
 from aiohttp import web
 
 from regproxy.bundle import BundleError, Importer
+from regproxy.connections import body_chunks
 from regproxy.errors import OCIError
 from regproxy.web_errors import error_response
 from regproxy.web_keys import POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
@@ -24,11 +24,6 @@ class BundleInvalid(OCIError):
     code, http_status, message = "BUNDLE_INVALID", 400, "the bundle cannot be imported"
 
 
-async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_any():
-        yield chunk
-
-
 async def import_bundle(request: web.Request) -> web.Response:
     """POST a bundle (OCI archive, gzip/zstd, docker-save tar): streamed to disk, imported,
     answered with the import summary as JSON. ``?name=`` names images the bundle does not."""
@@ -39,7 +34,7 @@ async def import_bundle(request: web.Request) -> web.Response:
         policy=request.app[POLICY_KEY],
     )
     try:
-        summary = await importer.import_stream(_chunks(request))
+        summary = await importer.import_stream(body_chunks(request))
     except BundleError as exc:
         log.warning("import.refused remote=%s error=%s", request.remote, exc)
         return error_response(BundleInvalid(str(exc)))

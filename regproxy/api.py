@@ -5,22 +5,20 @@ Endpoints end-1 ... end-13 of https://github.com/opencontainers/distribution-spe
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 from urllib.parse import quote, unquote
 
 from aiohttp import web
 
 from regproxy import metrics, pins, sendfile
-from regproxy.connections import http_limits
+from regproxy.connections import body_chunks
 from regproxy.errors import (
     BlobUnknown,
     BlobUploadInvalid,
-    BodyTimeout,
     DigestInvalid,
     ManifestTooLarge,
     ManifestUnknown,
@@ -127,23 +125,6 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise RangeNotSatisfiable("empty suffix range", size=size)
         return max(size - n, 0), size - 1
     return check_range(size, int(m.group(1)), int(m.group(2)) if m.group(2) else None)
-
-
-async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives; a body that stalls for ``http.read_timeout`` fails (408)
-    and its connection is closed (aiohttp has no deadline for request bodies)."""
-    timeout = http_limits(request.app).read_timeout
-    content = request.content
-    while True:
-        try:
-            async with asyncio.timeout(timeout):
-                chunk = await content.readany()
-        except TimeoutError:
-            metrics.SLOW_CLIENTS_CUT.labels("read").inc()
-            raise BodyTimeout(f"no body bytes for {timeout:.0f}s") from None
-        if not chunk:
-            return
-        yield chunk
 
 
 def _content_length(request: web.Request) -> int | None:
@@ -357,7 +338,7 @@ async def post_upload(request: web.Request, name: str, uid: str) -> web.Response
     elif "digest" in q:
         digest = _digest(q["digest"])
         await registry.uploads.monolithic(
-            repo, digest, _body_chunks(request), _content_length(request)
+            repo, digest, body_chunks(request), _content_length(request)
         )
         return _blob_created(_where(request, name, repo), digest)
     new = await registry.uploads.start(repo)
@@ -390,7 +371,7 @@ async def patch_upload(request: web.Request, name: str, uid: str) -> web.Respons
     start, end = _content_range(request)
     if start is None:
         registry.uploads.offset(repo, uid)  # 404 for an unknown session before reading a body
-    offset = await registry.uploads.append(repo, uid, _body_chunks(request), start=start, end=end)
+    offset = await registry.uploads.append(repo, uid, body_chunks(request), start=start, end=end)
     return web.Response(
         status=202, headers=_upload_headers(_where(request, name, repo), uid, offset)
     )
@@ -408,7 +389,7 @@ async def put_upload(request: web.Request, name: str, uid: str) -> web.Response:
     start, _end = _content_range(request)
     if start is not None and start != registry.uploads.offset(repo, uid):
         raise RangeNotSatisfiable("chunk out of order", offset=registry.uploads.offset(repo, uid))
-    chunks = _body_chunks(request) if _has_body(request) else None
+    chunks = body_chunks(request) if _has_body(request) else None
     await registry.uploads.finish(repo, uid, digest, chunks)
     return _blob_created(_where(request, name, repo), digest)
 
@@ -473,7 +454,7 @@ async def put_manifest(request: web.Request, name: str, ref: str) -> web.Respons
     if cl is not None and cl > MAX_MANIFEST_BYTES:
         raise ManifestTooLarge(f"{cl} bytes; the limit is {MAX_MANIFEST_BYTES}")
     body = bytearray()
-    async for chunk in _body_chunks(request):
+    async for chunk in body_chunks(request):
         body += chunk
         if len(body) > MAX_MANIFEST_BYTES:
             raise ManifestTooLarge(f"the limit is {MAX_MANIFEST_BYTES} bytes")

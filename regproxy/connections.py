@@ -14,7 +14,9 @@ adds what aiohttp lacks:
   request's headers do not arrive.
 
 Response and body deadlines (``http.write_timeout``, ``http.read_timeout``) belong to the
-requests themselves (regproxy.sendfile, regproxy.api).
+requests themselves: every read of a request body goes through :func:`read_body` or
+:func:`body_chunks` here (aiohttp has no deadline for request bodies); responses, see
+regproxy.sendfile.
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ import asyncio
 import json
 import logging
 import resource
-from collections.abc import Callable
-from typing import Final, cast
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final, TypeVar, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from regproxy import metrics
 from regproxy.config import HttpConfig
+from regproxy.errors import BodyTimeout
 
 log = logging.getLogger("regproxy")
+T = TypeVar("T")
 HTTP_KEY: Final = web.AppKey("http", HttpConfig)
 _DEFAULT: Final = HttpConfig()
 #: descriptors kept for everything but client sockets: blob and temp files, upstream and peer
@@ -76,6 +80,25 @@ def server_logger() -> logging.Logger:
 def http_limits(app: web.Application) -> HttpConfig:
     """The ``http`` section of the config the app was made with (defaults without one)."""
     return app.get(HTTP_KEY) or _DEFAULT
+
+
+async def read_body(request: web.Request, read: Awaitable[T]) -> T:
+    """One read of the request's body (a chunk, a small form) within ``http.read_timeout``;
+    a body that stalls is :class:`BodyTimeout` (408, and the connection is closed)."""
+    timeout = http_limits(request.app).read_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await read
+    except TimeoutError:
+        metrics.SLOW_CLIENTS_CUT.labels("read").inc()
+        raise BodyTimeout(f"no body bytes for {timeout:.0f}s") from None
+
+
+async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives, each chunk within ``http.read_timeout``."""
+    content = request.content
+    while chunk := await read_body(request, content.readany()):
+        yield chunk
 
 
 def raise_nofile_limit() -> int:
@@ -158,7 +181,7 @@ class ConnectionGuard:
 class _Guarded(asyncio.Protocol):
     """One connection: the guard's bookkeeping around aiohttp's protocol for it."""
 
-    __slots__ = ("guard", "inner", "lingers", "refused", "tail", "timer", "transport")
+    __slots__ = ("begun", "guard", "inner", "lingers", "refused", "tail", "timer", "transport")
 
     def __init__(self, guard: ConnectionGuard) -> None:
         self.guard = guard
@@ -168,6 +191,7 @@ class _Guarded(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.refused = False
         self.lingers = False
+        self.begun = False  # a byte of the request line has come
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (uvloop's is not an asyncio.Transport subclass, only alike)
@@ -205,8 +229,13 @@ class _Guarded(asyncio.Protocol):
                 self.transport.close()
             return
         if self.timer is not None:
-            # the headers end at the first empty line ("\r\n\r\n", or a bare "\n\n")
+            # the headers end at the first empty line ("\r\n\r\n", or a bare "\n\n") after
+            # the request line; empty lines before it are skipped (as the parser does), so a
+            # client cannot stop the clock by sending one first
             seen = self.tail + data
+            if not self.begun:
+                seen = seen.lstrip(b"\r\n")
+                self.begun = bool(seen)
             if b"\n\r\n" in seen or b"\n\n" in seen:
                 self.timer.cancel()
                 self.timer = None

@@ -11,6 +11,7 @@ from aiohttp import BodyPartReader, web
 
 from regproxy import pins
 from regproxy.bundle import BundleError, Importer
+from regproxy.connections import read_body
 from regproxy.errors import OCIError
 from regproxy.names import RepoName
 from regproxy.oci import is_digest_reference
@@ -121,7 +122,7 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
     async def chunks() -> AsyncIterator[bytes]:
         while True:
             try:
-                chunk = await part.read_chunk(1024 * 1024)
+                chunk = await read_body(request, part.read_chunk(1024 * 1024))
             except BAD_FORM as exc:  # the part's end is missing or malformed
                 raise BundleError(f"the upload is malformed: {exc}") from None
             if not chunk:
@@ -148,12 +149,12 @@ async def _form_fields(request: web.Request) -> tuple[dict[str, str], BodyPartRe
     fields: dict[str, str] = {}
     try:
         reader = await request.multipart()
-        while (part := await reader.next()) is not None:
+        while (part := await read_body(request, reader.next())) is not None:
             if not isinstance(part, BodyPartReader):
                 continue
             if part.filename is not None or part.name == "bundle":
                 return fields, part
-            value = await part.read(decode=True)
+            value = await read_body(request, part.read(decode=True))
             fields[str(part.name)] = value[:4096].decode("utf-8", "replace")
     except BAD_FORM as exc:
         raise bad_form(request, exc) from None

@@ -19,6 +19,7 @@ from multidict import MultiDictProxy
 
 from regproxy import auth
 from regproxy.config import Config
+from regproxy.connections import read_body
 from regproxy.errors import OCIError
 from regproxy.health import Health
 from regproxy.names import RepoName
@@ -233,7 +234,7 @@ BAD_FORM: Final = (HttpProcessingError, ValueError, LookupError, RuntimeError, A
 async def form_of(request: web.Request) -> MultiDictProxy[Any]:
     """The request's form fields; a body that is not a form a browser would send is a 400."""
     try:
-        return await request.post()
+        return await read_body(request, request.post())
     except BAD_FORM as exc:
         raise bad_form(request, exc) from None
 

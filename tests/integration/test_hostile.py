@@ -205,8 +205,9 @@ def test_absurd_numbers_are_spec_answers_never_500(
     # a header past 8 KiB is refused by the HTTP parser itself, before any handler
     st, _, _ = http("GET", url, headers={"Range": f"bytes={huge}-{huge}"})
     assert st == 400
-    st, _, body = http("GET", f"{plain.url}/v2/_catalog?n={huge}")
-    assert (st, error_codes(body)) == (400, ["PAGINATION_NUMBER_INVALID"])
+    for n in (huge, "%C2%B2"):  # a superscript two: str.isdigit() says yes, int() says no
+        st, _, body = http("GET", f"{plain.url}/v2/_catalog?n={n}")
+        assert (st, error_codes(body)) == (400, ["PAGINATION_NUMBER_INVALID"])
     st, _, body = http("GET", f"{plain.url}/v2/warm/tags/list?n=%D9%A3")  # an Arabic-Indic 3
     assert st == 400
     st, h, _ = http("POST", f"{plain.url}/v2/absurd/blobs/uploads/")
@@ -240,7 +241,9 @@ def test_half_sent_headers_are_cut_after_header_timeout(tight: Daemon) -> None:
     socks = [connect(tight) for _ in range(20)]
     for s in socks[:10]:
         s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")  # no empty line: the headers never end
-    # the other ten send nothing at all
+    for s in socks[10:15]:  # empty lines before the request line do not stop the clock
+        s.sendall(b"\r\n\r\n\n\nGET /v2/ HTTP/1.1\r\n")
+    # the other five send nothing at all
     for s in socks:
         assert until_closed(s) == 0  # closed by the daemon, with no answer
         s.close()
@@ -277,6 +280,28 @@ def test_a_stalled_upload_body_is_408_and_the_session_goes_on(tight: Daemon) -> 
     assert st == 201
     st, _, body = http("GET", f"{tight.url}/v2/drip/blobs/{sha256(data)}")
     assert body == data
+
+
+def test_stalled_form_and_bundle_bodies_are_408(tight: Daemon) -> None:
+    """Every body has the read deadline, not only the OCI API's: the login form (anonymous),
+    a bundle POSTed to /admin/import (the web page's upload form reads through the same)."""
+    for path, ctype, sent in (
+        ("/ui/login", "application/x-www-form-urlencoded", b"username=a&pass"),
+        ("/admin/import", "application/x-tar", b"x" * 1000),
+    ):
+        s = connect(tight)
+        s.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+            "Content-Length: 100000\r\n\r\n".encode()
+            + sent
+        )  # and not one byte more
+        head = read_head(s)
+        assert head.startswith(b"HTTP/1.1 408"), (path, sent[:40], head[:200])
+        assert until_closed(s) >= 0
+        s.close()
+    st, _, _ = http("GET", f"{tight.url}/v2/")
+    assert st == 200
+    assert_quiet(tight)
 
 
 # --- numbers: connections and sessions are capped ---------------------------------------------------
