@@ -192,19 +192,19 @@ class ProxyRegistry(Registry):
                     lambda: self._tag_from_home(repo, reference, row.digest, cluster),
                 )
                 if answer is not None:
-                    return answer
+                    m, outcome = answer
+                    if outcome == "stale":  # the home could not confirm it either
+                        self._served_stale(repo, reference, label)
+                    _count("manifest", outcome, label)
+                    return m
             try:
                 fresh = await self._single(
                     ("tag", f"{repo.canonical}:{reference}"),
                     lambda: self._refresh_tag(repo, reference, row.digest, client),
                 )
             except (TimeoutError, UpstreamError) as exc:
-                metrics.STALE_SERVED.labels(label).inc()
+                self._served_stale(repo, reference, label)
                 _count("manifest", "stale", label)
-                self.stale_served[(repo.canonical, reference)] = self.timing.wall()
-                self.stale_served.move_to_end((repo.canonical, reference))
-                if len(self.stale_served) > STALE_KEEP:
-                    self.stale_served.popitem(last=False)
                 log.warning(
                     "tag.stale repo=%s tag=%s digest=%s upstream=%s error=%s",
                     repo,
@@ -262,6 +262,15 @@ class ProxyRegistry(Registry):
             raise ManifestUnknown(reference)
         return result
 
+    def _served_stale(self, repo: RepoName, tag: str, label: str) -> None:
+        """A tag served although nobody could confirm it within tag_ttl: counted, and kept for
+        the web page."""
+        metrics.STALE_SERVED.labels(label).inc()
+        self.stale_served[(repo.canonical, tag)] = self.timing.wall()
+        self.stale_served.move_to_end((repo.canonical, tag))
+        if len(self.stale_served) > STALE_KEEP:
+            self.stale_served.popitem(last=False)
+
     def _fresh(self, checked: float) -> bool:
         return self.timing.wall() - checked < self.config.tag_ttl
 
@@ -316,23 +325,19 @@ class ProxyRegistry(Registry):
 
     async def _tag_from_home(
         self, repo: RepoName, tag: str, have: str, cluster: Cluster
-    ) -> Manifest | None:
-        """The tag's home host confirms it (or says where it moved). None: no home answered."""
+    ) -> tuple[Manifest, str] | None:
+        """The tag's home host confirms it (or says where it moved): the manifest, and how it
+        counts (hit, miss: it moved, stale: the home could not confirm it either). None: no
+        home answered."""
         check = await cluster.check_tag(repo.canonical, tag, have)
         if check is None or check.age is None:  # a home that cannot say how fresh: upstream
             return None
         checked = self.timing.wall() - check.age
-        label = self._label(repo)
         if check.got is not None:
             found = Found(check.peer, dataclasses.replace(check.got, age=check.age), home=True)
             moved = await self._store_from_peer(repo, tag, found)
-            if moved is not None:
-                _count("manifest", "miss", label)
-            return moved
+            return None if moved is None else (moved, "miss")
         await self.mark_tag_checked(repo, tag, checked)
-        if not self._fresh(checked):  # the home could not confirm it either: stale
-            metrics.STALE_SERVED.labels(label).inc()
-        _count("manifest", "hit" if self._fresh(checked) else "stale", label)
         log.debug(
             "tag.confirmed_by_home repo=%s tag=%s peer=%s age=%.0f",
             repo,
@@ -343,7 +348,8 @@ class ProxyRegistry(Registry):
         row = await self.local_manifest(repo, tag)
         if row is None:
             return None
-        return await self.manifest_body(repo, row[0])
+        body = await self.manifest_body(repo, row[0])
+        return body, "hit" if self._fresh(checked) else "stale"
 
     async def _refresh_tag(
         self, repo: RepoName, tag: str, have: str, client: UpstreamClient

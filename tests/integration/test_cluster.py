@@ -314,3 +314,27 @@ async def test_a_home_whose_upstream_fails_is_not_set_aside(tmp_path: Path) -> N
         assert others[0].peers.liveness.is_up(home.url)
         # the home was asked (a fetch request), then this host's own upstream: 2 attempts
         assert c.upstream.count("GET", "/manifests/broken") == 2
+
+
+async def test_when_the_home_cannot_confirm_a_tag_the_cluster_serves_it_stale(
+    tmp_path: Path,
+) -> None:
+    """The upstream is down: the home tries it once and answers with what it holds, and how old
+    that is; the other hosts serve it stale too, without trying the upstream themselves."""
+    async with cluster(tmp_path, 3) as c:
+        key = "spectro-images/fake.test/app:latest"
+        home, others = home_of(c, key)
+        body = manifest(b'{"s":1}')
+        c.upstream.add_manifest("app", "latest", body, OCI_MANIFEST)
+        for h in c.hosts:
+            assert (await c.get(c.manifest_url(h, "latest")))[1] == body
+        c.clock.advance(61)
+        c.upstream.manifest_status = 503
+        asked = c.upstream.count("", "/manifests/")
+        for h in others:
+            status, got, _ = await c.get(c.manifest_url(h, "latest"))
+            assert status == 200 and got == body
+            assert ("spectro-images/fake.test/app", "latest") in h.registry.stale_served
+        # the home tried its upstream (once per request that reached it), nobody else did
+        assert 1 <= c.upstream.count("", "/manifests/") - asked <= len(others)
+        assert all(h.peers.liveness.is_up(home.url) for h in others)
