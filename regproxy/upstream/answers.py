@@ -102,10 +102,24 @@ def media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip()
 
 
+#: digits a number header may have (an int64's worth); a longer one is not believed
+MAX_HEADER_DIGITS: Final = 18
+
+
+def header_number(value: str | None) -> int | None:
+    """A header's non-negative decimal (``Age``, ``Retry-After``, ``ratelimit-remaining``):
+    ASCII digits only (``str.isdigit`` also takes ``²``, which ``int`` refuses, and ``int``
+    refuses more than 4,300 digits), at most :data:`MAX_HEADER_DIGITS`; None otherwise."""
+    value = (value or "").strip()
+    if value.isascii() and value.isdigit() and len(value) <= MAX_HEADER_DIGITS:
+        return int(value)
+    return None
+
+
 def age_header(value: str | None) -> float | None:
     """``Age: 12`` -> 12.0; None when absent or not delta-seconds."""
-    value = (value or "").strip()
-    return float(value) if value.isdigit() else None
+    n = header_number(value)
+    return float(n) if n is not None else None
 
 
 def digest_header(value: str | None) -> Digest | None:

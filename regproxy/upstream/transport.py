@@ -37,6 +37,7 @@ from regproxy.deadline import DEFAULT_TIMING, Pace, Timing, TransferLimits
 from regproxy.errors import UpstreamError, UpstreamTimeout, UpstreamTooSlow
 from regproxy.log import mask_credentials
 from regproxy.oci import JSONInvalid, load_json
+from regproxy.upstream.answers import header_number
 from regproxy.upstream.auth import Credentials, TokenCache, TokenKey, parse_www_authenticate
 from regproxy.upstream.guard import AddressGuard, AddressRefused, GuardedResolver
 from regproxy.upstream.slots import Slot, Slots
@@ -136,8 +137,9 @@ def retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    seconds = header_number(value)
+    if seconds is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -149,8 +151,7 @@ def retry_after(value: str | None) -> float | None:
 
 def _leading_int(value: str | None) -> int | None:
     """``76;w=21600`` -> 76."""
-    head = (value or "").split(";", 1)[0].strip()
-    return int(head) if head.isdigit() else None
+    return header_number((value or "").split(";", 1)[0])
 
 
 def _refusal_of(exc: BaseException) -> AddressRefused | None:

@@ -422,6 +422,41 @@ async def test_a_manifest_nested_100000_deep_is_refused_not_a_500(
             assert (await resp.json())["errors"][0]["code"] == "UNKNOWN"
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Age": "\u00b2"},  # a superscript two: str.isdigit() says yes, int() and float() no
+        {"ratelimit-remaining": "\u00b2"},
+        {"ratelimit-remaining": "9" * 5000},  # int() refuses more than 4,300 digits
+        {"ratelimit-remaining": "9" * 400},  # an int, but too large for a float (the gauge)
+        {"ratelimit-remaining": "5", "ratelimit-limit": "9" * 5000},
+    ],
+    ids=["age-superscript", "remaining-superscript", "remaining-5000", "remaining-400", "limit"],
+)
+async def test_absurd_number_headers_from_upstream_are_not_believed(
+    tmp_path: Path, upstream: FakeUpstream, headers: dict[str, str]
+) -> None:
+    config = upstream.add_blob(b"{}")
+    body = (
+        b'{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"a/b","digest":"%s",'
+        b'"size":2},"layers":[]}' % (OCI_MANIFEST.encode(), config.encode())
+    )
+    upstream.add_manifest("app", "v1", body, OCI_MANIFEST)
+    upstream.manifest_headers = headers
+    async with proxy(tmp_path / "store", upstream) as client:
+        for method in ("GET", "HEAD", "GET"):  # a fetch, then tag checks (tag_ttl 0)
+            resp = await client.request(
+                method, f"/v2/{ALIAS}/app/manifests/v1", headers={"Accept": OCI_MANIFEST}
+            )
+            assert resp.status == 200, (method, await resp.text())
+        assert await resp.read() == body
+        # an upstream that refuses with a Retry-After nobody can read: the tag is served stale
+        upstream.manifest_status = 429
+        upstream.manifest_headers = {"Retry-After": "\u00b2", **headers}
+        resp = await client.get(f"/v2/{ALIAS}/app/manifests/v1", headers={"Accept": OCI_MANIFEST})
+        assert resp.status == 200 and await resp.read() == body
+
+
 # --- HEAD, detached manifest fills, misses ----------------------------------------------------------
 def on_disk(root: Path, digest: str) -> bool:
     return any(p.name == digest.split(":")[1] for p in (root / "blobs").rglob("*"))
