@@ -163,7 +163,7 @@ class Evictor:
         version = await reg.db.write(Index.data_version)
         if self._data_version is not None and version != self._data_version:
             log.info("index.changed_elsewhere dropping cached lookups")
-            reg.drop_cached()
+            reg.cache.forget(everything=True)
         self._data_version = version
         totals = await reg.db.read(Index.totals)
         metrics.STORE_BYTES.set(totals.stored_bytes)
@@ -242,7 +242,9 @@ class Evictor:
     async def _apply(self, batch: Batch) -> None:
         """After a batch committed: forget cached lookups, delete the files, log."""
         reg = self.registry
-        reg.drop_cached(batch.rows, batch.files, tags=batch.tags, links=batch.links)
+        reg.cache.forget(
+            manifests=batch.rows, bodies=batch.files, tags=batch.tags, links=batch.links
+        )
         inflight = self._inflight()  # a fetch that started meanwhile replaces the file itself
         doomed = [Digest.parse(d) for d in batch.files if d not in inflight]
         if doomed:

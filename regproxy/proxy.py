@@ -37,6 +37,7 @@ from regproxy.errors import (
 from regproxy.fetch import Fetcher, Source, Stream, Transfer
 from regproxy.flights import SingleFlights
 from regproxy.index import Index
+from regproxy.lookups import LRU
 from regproxy.names import RepoName
 from regproxy.oci import MAX_TAGS, Descriptor, Digest, is_digest_reference
 from regproxy.peers import Peers
@@ -44,7 +45,6 @@ from regproxy.referrers import Referrers
 from regproxy.registry import (
     HOME_REQUEST,
     LOCAL_ONLY,
-    LRU,
     PROBE,
     Blob,
     Manifest,

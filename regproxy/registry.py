@@ -13,12 +13,11 @@ import asyncio
 import functools
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, TypeVar
 
 from regproxy.async_index import AsyncIndex
 from regproxy.errors import (
@@ -33,6 +32,7 @@ from regproxy.errors import (
     RangeNotSatisfiable,
 )
 from regproxy.index import Index, ManifestRecord, ManifestRow
+from regproxy.lookups import LookupCache
 from regproxy.names import RepoName
 from regproxy.oci import Descriptor, Digest, is_digest_reference, parse_manifest, validate_tag
 from regproxy.store import BlobWriter, Store
@@ -63,50 +63,6 @@ def note(**items: str) -> None:
 
 
 SMALL_OBJECT: Final = 64 * 1024  # served from memory at or below this size
-SMALL_CACHE_BYTES: Final = 32 * 1024 * 1024
-TAG_CACHE_SECONDS: Final = 1.0  # another process (import, gc) may move a tag
-
-
-class LRU(Generic[K, V]):
-    """A small bounded LRU map, by entry count and optionally by a weight."""
-
-    def __init__(self, max_entries: int, max_weight: int = 0) -> None:
-        self._d: OrderedDict[K, tuple[V, int]] = OrderedDict()
-        self.max_entries = max_entries
-        self.max_weight = max_weight
-        self.weight = 0
-
-    def get(self, key: K) -> V | None:
-        item = self._d.get(key)
-        if item is None:
-            return None
-        self._d.move_to_end(key)
-        return item[0]
-
-    def put(self, key: K, value: V, weight: int = 0) -> None:
-        old = self._d.pop(key, None)
-        if old is not None:
-            self.weight -= old[1]
-        self._d[key] = (value, weight)
-        self.weight += weight
-        while len(self._d) > self.max_entries or (
-            self.max_weight and self.weight > self.max_weight
-        ):
-            _, (_, w) = self._d.popitem(last=False)
-            self.weight -= w
-
-    def pop(self, key: K) -> None:
-        old = self._d.pop(key, None)
-        if old is not None:
-            self.weight -= old[1]
-
-    def drop_where(self, pred: Callable[[K], bool]) -> None:
-        for k in [k for k in self._d if pred(k)]:
-            self.pop(k)
-
-    def clear(self) -> None:
-        self._d.clear()
-        self.weight = 0
 
 
 class ManifestGone(ManifestUnknown):
@@ -151,10 +107,8 @@ class Registry:
         self.db = db
         #: blob upload sessions (regproxy.uploads); their commits go through :meth:`commit_blob`
         self.uploads = UploadSessions(store, db, self.commit_blob, max_upload_sessions)
-        self._small: LRU[str, bytes] = LRU(100_000, SMALL_CACHE_BYTES)
-        self._blob_links: LRU[tuple[str, str], int] = LRU(200_000)
-        self._manifests: LRU[tuple[str, str], ManifestRow] = LRU(50_000)
-        self._tags: LRU[tuple[str, str], tuple[ManifestRow, float]] = LRU(50_000)
+        #: cached lookups; ``registry.cache.forget(...)`` is how a change invalidates them
+        self.cache = LookupCache()
         self._access: dict[tuple[str, str], float] = {}
         self._stored_listeners: list[Callable[[], None]] = []
 
@@ -204,23 +158,23 @@ class Registry:
     # --- blobs ------------------------------------------------------------------------------------
     async def local_blob(self, repo: RepoName, digest: Digest) -> Blob | None:
         """The blob if this repository has it committed, else None. Usually no I/O at all."""
-        key = (repo.canonical, str(digest))
-        size = self._blob_links.get(key)
+        size = self.cache.link(repo.canonical, str(digest))
         if size is None:
+            ticket = self.cache.ticket()
             size = await self.db.read(Index.blob_in_repo, repo.canonical, str(digest))
             if size is None:
                 return None
-            self._blob_links.put(key, size)
+            self.cache.put_link(repo.canonical, str(digest), size, ticket)
         self._touch(repo.canonical, str(digest))
         if size <= SMALL_OBJECT:
-            data = self._small.get(str(digest))
+            data = self.cache.body(str(digest))
             if data is None:
                 try:
                     data = await self._io(self.store.read, digest)
                 except FileNotFoundError:
                     await self._lost(repo, digest)
                     return None
-                self._small.put(str(digest), data, len(data))
+                self.cache.put_body(str(digest), data)
             return Blob(digest, size, data=data)
         return Blob(digest, size, file=self.store.blob_path(digest))
 
@@ -231,7 +185,7 @@ class Registry:
     async def _lost(self, repo: RepoName, digest: Digest) -> None:
         """The index says we have it but the file is gone (fsck, manual damage): forget it."""
         log.warning("store.missing digest=%s repo=%s", digest, repo)
-        self._blob_links.pop((repo.canonical, str(digest)))
+        self.cache.forget(links=[(repo.canonical, str(digest))])
         await self.db.write(Index.unlink_blob, repo.canonical, str(digest))
         return None
 
@@ -243,9 +197,9 @@ class Registry:
 
     async def delete_blob(self, repo: RepoName, digest: Digest) -> None:
         key = (repo.canonical, str(digest))
-        self._blob_links.pop(key)
+        self.cache.forget(links=[key])  # and a lookup out meanwhile does not cache it again
         gone = await self.db.write(Index.unlink_blob, repo.canonical, str(digest))
-        self._blob_links.pop(key)  # a lookup queued before the delete may have cached it again
+        self.cache.forget(links=[key])
         if not gone:
             raise BlobUnknown(str(digest))
 
@@ -271,7 +225,7 @@ class Registry:
             raise DigestInvalid(str(digest), f"content hashes to {exc.actual}") from None
         await self._ensure_repo(repo)
         await self.db.write(Index.add_blob, repo.canonical, str(digest), size)
-        self._blob_links.put((repo.canonical, str(digest)), size)
+        self.cache.put_link(repo.canonical, str(digest), size)
         self._stored()
         return size
 
@@ -279,7 +233,7 @@ class Registry:
         """Record a blob that is durable in the store as part of a repository (import)."""
         await self._ensure_repo(repo)
         await self.db.write(Index.add_blob, repo.canonical, str(digest), size)
-        self._blob_links.put((repo.canonical, str(digest)), size)
+        self.cache.put_link(repo.canonical, str(digest), size)
         self._stored()
 
     # --- manifests ------------------------------------------------------------------------------
@@ -288,35 +242,35 @@ class Registry:
     ) -> tuple[ManifestRow, float] | None:
         """(row, checked) for a tag or digest held locally; checked is 0 for digests."""
         if is_digest_reference(reference):
-            key = (repo.canonical, reference)
-            row = self._manifests.get(key)
+            row = self.cache.manifest(repo.canonical, reference)
             if row is None:
+                ticket = self.cache.ticket()
                 row = await self.db.read(Index.manifest_in_repo, repo.canonical, reference)
                 if row is None:
                     return None
-                self._manifests.put(key, row)
+                self.cache.put_manifest(repo.canonical, reference, row, ticket)
             return row, 0.0
         now = time.monotonic()
-        cached = self._tags.get((repo.canonical, reference))
-        if cached is not None and now - cached[1] < TAG_CACHE_SECONDS:
-            return cached[0], cached[0].checked
+        row = self.cache.tag(repo.canonical, reference, now)
+        if row is not None:
+            return row, row.checked
+        ticket = self.cache.ticket()
         row = await self.db.read(Index.resolve_tag, repo.canonical, reference)
         if row is None:
-            self._tags.pop((repo.canonical, reference))
             return None
-        self._tags.put((repo.canonical, reference), (row, now))
+        self.cache.put_tag(repo.canonical, reference, row, now, ticket)
         return row, row.checked
 
     async def manifest_body(self, repo: RepoName, row: ManifestRow) -> Manifest:
         digest = Digest.parse(row.digest)
-        body = self._small.get(row.digest)
+        body = self.cache.body(row.digest)
         if body is None:
             try:
                 body = await self._io(self.store.read, digest)
             except FileNotFoundError:
                 await self._manifest_gone(repo, row.digest)
                 raise ManifestGone(row.digest) from None
-            self._small.put(row.digest, body, len(body))
+            self.cache.put_body(row.digest, body)
         self._touch(repo.canonical, row.digest)
         return Manifest(digest, row.media_type, row.size, body)
 
@@ -324,8 +278,7 @@ class Registry:
         """The file of a manifest just looked up is not there: evicted since the lookup (its row
         went first), or lost (the row is still there: forget it, as a lost blob is). Either way
         every cached lookup of it goes, so the next lookup misses."""
-        self._manifests.pop((repo.canonical, digest))
-        self._tags.drop_where(lambda k: k[0] == repo.canonical)
+        self.cache.forget(manifests=[(repo.canonical, digest)], tags_of=[repo.canonical])
         held = await self.db.read(Index.manifest_in_repo, repo.canonical, digest) is not None
         if held and await self._io(self.store.stat, Digest.parse(digest)) is None:
             log.warning("store.missing manifest=%s repo=%s", digest, repo)
@@ -395,10 +348,10 @@ class Registry:
         await self.db.write(
             Index.add_manifest, repo.canonical, rec, tag=tag, pinned=pinned, checked=checked
         )
-        self._small.put(str(digest), body, len(body))
+        self.cache.put_body(str(digest), body)
         self._stored()
         if tag is not None:
-            self._tags.pop((repo.canonical, tag))
+            self.cache.forget(tags=[(repo.canonical, tag)])
         return PutResult(digest, parsed.subject.digest if parsed.subject else None)
 
     async def mark_tag_checked(
@@ -407,23 +360,22 @@ class Registry:
         """The tag was confirmed upstream at ``checked`` (wall clock; now by default)."""
         when = time.time() if checked is None else checked
         await self.db.write(Index.set_tag_checked, repo.canonical, tag, when)
-        self._tags.pop((repo.canonical, tag))
+        self.cache.forget(tags=[(repo.canonical, tag)])
 
     async def delete_manifest(self, repo: RepoName, reference: str) -> None:
         if is_digest_reference(reference):
-            self._manifests.pop((repo.canonical, reference))
-            self._tags.drop_where(lambda k: k[0] == repo.canonical)
+            key = (repo.canonical, reference)
+            # and lookups out meanwhile do not cache it again
+            self.cache.forget(manifests=[key], tags_of=[repo.canonical])
             gone = await self.db.write(Index.delete_manifest, repo.canonical, reference)
-            # lookups queued on the index thread before the delete may have cached it again
-            self._manifests.pop((repo.canonical, reference))
-            self._tags.drop_where(lambda k: k[0] == repo.canonical)
+            self.cache.forget(manifests=[key], tags_of=[repo.canonical])
             if not gone:
                 raise ManifestUnknown(reference)
             return
         validate_tag(reference)
-        self._tags.pop((repo.canonical, reference))
+        self.cache.forget(tags=[(repo.canonical, reference)])
         gone = await self.db.write(Index.delete_tag, repo.canonical, reference)
-        self._tags.pop((repo.canonical, reference))
+        self.cache.forget(tags=[(repo.canonical, reference)])
         if not gone:
             raise ManifestUnknown(reference)
 
@@ -453,33 +405,6 @@ class Registry:
                 )
             )
         return out
-
-    # --- eviction, gc, fsck (regproxy.evict) -----------------------------------------------------
-    def drop_cached(
-        self,
-        rows: Iterable[tuple[str, str]] | None = None,
-        digests: Iterable[str] | None = None,
-        *,
-        tags: Iterable[tuple[str, str]] = (),
-        links: Iterable[tuple[str, str]] = (),
-    ) -> None:
-        """Forget cached lookups of what eviction removed: repository manifest rows, deleted
-        digests, (repo, tag) and (repo, blob) pairs; each by its key (no walk over a cache).
-
-        Without arguments everything cached goes (another process changed the index).
-        """
-        if rows is None and digests is None:
-            for cache in (self._small, self._blob_links, self._manifests, self._tags):
-                cache.clear()
-            return
-        for key in rows or ():
-            self._manifests.pop(key)
-        for digest in digests or ():
-            self._small.pop(digest)
-        for key in tags:
-            self._tags.pop(key)
-        for key in links:
-            self._blob_links.pop(key)
 
     def subscribe_stored(self, callback: Callable[[], None]) -> None:
         """``callback()`` after new content is indexed (eviction checks its limits soon)."""

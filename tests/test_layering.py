@@ -71,12 +71,14 @@ LAYERS: dict[str, Layer] = {
     "cluster": _layer("cluster", "base oci transfer upstream peers"),
     # upload sessions: temp files in the store, rows in the index (the registry composes them)
     "uploads": _layer("uploads", f"{_MODEL} store index facade"),
-    "registry": _layer("registry", f"{_MODEL} store index facade uploads"),
+    # the registry's cached lookups, with their one invalidation API
+    "lookups": _layer("lookups", "base index"),
+    "registry": _layer("registry", f"{_MODEL} store index facade uploads lookups"),
     # referrers pulled through: composed into proxy (a Protocol names what it needs of it)
     "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),
     "proxy": _layer(
         "proxy",
-        f"{_MODEL} store index facade transfer upstream peers cluster registry referrers",
+        f"{_MODEL} store index facade transfer upstream peers cluster lookups registry referrers",
     ),
     # the signature policy: rules, decisions, verification through the referrers
     "policy": _layer("policy", f"{_MODEL} signatures index facade registry referrers"),

@@ -100,7 +100,7 @@ async def test_a_tag_evicted_between_lookup_and_read_is_fetched_again(
     got = await proxy.get_manifest(repo, "v1")
     assert str(got.digest) == digest and upstream.count("GET", "/manifests/v1") == 1
     # the next lookup finds the tag (the index, not a cached body), then eviction strikes
-    proxy.drop_cached([], [digest])
+    proxy.cache.forget(bodies=[digest])
     store = proxy.store
     assert isinstance(store, EvictingStore)
     store.target = digest
@@ -131,7 +131,7 @@ async def test_a_local_manifest_evicted_between_lookup_and_read_is_unknown(
     ).encode()
     await proxy.put_manifest(repo, "v1", body, OCI_MANIFEST, verify_refs=False, pinned=False)
     digest = str(Digest.of(body))
-    proxy.drop_cached([], [digest])
+    proxy.cache.forget(bodies=[digest])
     store = proxy.store
     assert isinstance(store, EvictingStore)
     store.target = digest

@@ -44,7 +44,7 @@ async def test_blob_lookup_racing_a_delete_does_not_cache_the_deleted_blob(
     data = b"x" * 100
     d = digest(data)
     await registry.uploads.monolithic(REPO, d, body(data), len(data))
-    registry.drop_cached()  # a cold cache: the lookup goes to the index
+    registry.cache.forget(everything=True)  # a cold cache: the lookup goes to the index
     # the lookup is queued on the index thread before the delete; it must not re-cache the link
     lookup = asyncio.create_task(registry.local_blob(REPO, d))
     await asyncio.sleep(0)
@@ -63,7 +63,7 @@ async def test_manifest_lookup_racing_a_delete_does_not_cache_the_deleted_manife
     m = manifest % (OCI_MANIFEST.encode(), str(cd).encode())
     md = digest(m)
     await registry.put_manifest(REPO, str(md), m, OCI_MANIFEST)
-    registry.drop_cached()
+    registry.cache.forget(everything=True)
     lookup = asyncio.create_task(registry.local_manifest(REPO, str(md)))
     await asyncio.sleep(0)
     await registry.delete_manifest(REPO, str(md))

@@ -1,0 +1,158 @@
+"""The registry's cached lookups, bounded, with one invalidation API.
+
+What the hot path of a warm cache reads without a thread hop: which repository holds which blob
+(and its size), manifest rows by digest, tags (for a second: another process may move one), and
+the bodies of small immutable objects (manifests, small blobs).
+
+A lookup reads the index on another thread; a change (a delete, an eviction) may land while it
+is out. So a lookup takes a :meth:`LookupCache.ticket` before it reads, and its answer is cached
+only if no :meth:`LookupCache.forget` happened since: a deleted row is never cached again by a
+lookup that started before the delete.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Final, Generic, TypeVar
+
+from regproxy.index import ManifestRow
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+SMALL_CACHE_BYTES: Final = 32 * 1024 * 1024
+#: how long a cached tag is believed (another process, import or gc, may move it)
+TAG_CACHE_SECONDS: Final = 1.0
+
+
+class LRU(Generic[K, V]):
+    """Least recently used entries go first, above ``max_entries`` or ``max_weight``."""
+
+    def __init__(self, max_entries: int, max_weight: int = 0) -> None:
+        self._d: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self.max_entries = max_entries
+        self.max_weight = max_weight
+        self.weight = 0
+
+    def get(self, key: K) -> V | None:
+        item = self._d.get(key)
+        if item is None:
+            return None
+        self._d.move_to_end(key)
+        return item[0]
+
+    def put(self, key: K, value: V, weight: int = 0) -> None:
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.weight -= old[1]
+        self._d[key] = (value, weight)
+        self.weight += weight
+        while len(self._d) > self.max_entries or (
+            self.max_weight and self.weight > self.max_weight
+        ):
+            _, (_, w) = self._d.popitem(last=False)
+            self.weight -= w
+
+    def pop(self, key: K) -> None:
+        item = self._d.pop(key, None)
+        if item is not None:
+            self.weight -= item[1]
+
+    def drop_where(self, pred: Callable[[K], bool]) -> None:
+        for key in [k for k in self._d if pred(k)]:
+            self.pop(key)
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.weight = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class LookupCache:
+    """Blob links, manifest rows, tags and small bodies; :meth:`forget` is the one way out."""
+
+    def __init__(self) -> None:
+        self._bodies: LRU[str, bytes] = LRU(100_000, SMALL_CACHE_BYTES)
+        self._links: LRU[tuple[str, str], int] = LRU(200_000)
+        self._manifests: LRU[tuple[str, str], ManifestRow] = LRU(50_000)
+        self._tags: LRU[tuple[str, str], tuple[ManifestRow, float]] = LRU(50_000)
+        #: moves on every forget: an answer read before it is not cached
+        self._generation = 0
+
+    def ticket(self) -> int:
+        """Take before reading the index; hand to the ``put_*`` of what was read."""
+        return self._generation
+
+    def _current(self, ticket: int | None) -> bool:
+        return ticket is None or ticket == self._generation
+
+    # --- reads ---------------------------------------------------------------------------------
+    def link(self, repo: str, digest: str) -> int | None:
+        """The size of a blob this repository holds, if cached."""
+        return self._links.get((repo, digest))
+
+    def manifest(self, repo: str, digest: str) -> ManifestRow | None:
+        return self._manifests.get((repo, digest))
+
+    def tag(self, repo: str, tag: str, now: float) -> ManifestRow | None:
+        """The tag's row if it was looked up less than :data:`TAG_CACHE_SECONDS` ago."""
+        cached = self._tags.get((repo, tag))
+        if cached is None or now - cached[1] >= TAG_CACHE_SECONDS:
+            return None
+        return cached[0]
+
+    def body(self, digest: str) -> bytes | None:
+        return self._bodies.get(digest)
+
+    # --- fills ---------------------------------------------------------------------------------
+    def put_link(self, repo: str, digest: str, size: int, ticket: int | None = None) -> None:
+        """``ticket`` None: the caller just wrote the row itself (a commit), so it is current."""
+        if self._current(ticket):
+            self._links.put((repo, digest), size)
+
+    def put_manifest(self, repo: str, digest: str, row: ManifestRow, ticket: int) -> None:
+        if self._current(ticket):
+            self._manifests.put((repo, digest), row)
+
+    def put_tag(self, repo: str, tag: str, row: ManifestRow, now: float, ticket: int) -> None:
+        if self._current(ticket):
+            self._tags.put((repo, tag), (row, now))
+
+    def put_body(self, digest: str, body: bytes) -> None:
+        """Bodies are immutable (named by their digest): no ticket needed."""
+        self._bodies.put(digest, body, len(body))
+
+    # --- the one invalidation API --------------------------------------------------------------
+    def forget(
+        self,
+        *,
+        links: Iterable[tuple[str, str]] = (),
+        manifests: Iterable[tuple[str, str]] = (),
+        tags: Iterable[tuple[str, str]] = (),
+        tags_of: Iterable[str] = (),
+        bodies: Iterable[str] = (),
+        everything: bool = False,
+    ) -> None:
+        """Drop cached lookups, each by its key: (repo, blob) links, (repo, digest) manifest
+        rows, (repo, tag) tags, every tag of some repositories, bodies by digest; or
+        ``everything`` (another process changed the index). Lookups already out are not
+        cached when they come back."""
+        self._generation += 1
+        if everything:
+            for cache in (self._bodies, self._links, self._manifests, self._tags):
+                cache.clear()
+            return
+        for key in links:
+            self._links.pop(key)
+        for key in manifests:
+            self._manifests.pop(key)
+        for key in tags:
+            self._tags.pop(key)
+        repos = set(tags_of)
+        if repos:
+            self._tags.drop_where(lambda k: k[0] in repos)
+        for digest in bodies:
+            self._bodies.pop(digest)
