@@ -140,6 +140,10 @@ def _entry_credentials(entry: Mapping[str, Any], key: str, name: str) -> Credent
 TokenKey = tuple[str, str, str]  # (realm, service, scope)
 DEFAULT_EXPIRES_IN: Final = 60.0
 DEFAULT_THRESHOLD: Final = 10.0
+#: a token is fetched again after a day at the latest, whatever its ``expires_in`` says
+MAX_EXPIRES_IN: Final = 86400.0
+#: what a token may hold (RFC 6750's b64token and every JWT fit; no space, control or non-ASCII)
+_HEADER_SAFE: Final = re.compile(r"[\x21-\x7e]+")
 #: tokens kept per upstream base: scopes are per repository, and clients name repositories
 MAX_TOKENS: Final = 1024
 
@@ -220,9 +224,13 @@ class TokenCache:
         value = doc.get("token") or doc.get("access_token")
         if not isinstance(value, str) or not value:
             raise ValueError("the token response has neither token nor access_token")
+        if not _HEADER_SAFE.fullmatch(value):
+            # it goes into an Authorization header: a CR, LF, NUL, space or non-ASCII byte
+            # would be refused there (or split the header)
+            raise ValueError("the token is not printable ASCII")
         expires_in = doc.get("expires_in")
         lifetime = (
-            float(expires_in)
+            float(min(expires_in, MAX_EXPIRES_IN))  # min first: float(10**400) overflows
             if isinstance(expires_in, int | float)
             and not isinstance(expires_in, bool)
             and expires_in > 0

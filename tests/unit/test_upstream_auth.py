@@ -298,3 +298,30 @@ async def test_token_cache_is_bounded_least_recently_used_first_out() -> None:
     assert cache.peek(("realm", "svc", "repository:b:pull")) is None  # b went first
     assert cache.peek(("realm", "svc", "repository:a:pull")) == "t"
     assert cache._locks == {}  # no lock is kept for keys nobody is fetching
+
+
+@pytest.mark.parametrize("token", ["a\r\nX-Evil: 1", "a\x00b", "with space", "\u00ff\u2028"])
+async def test_a_token_that_cannot_be_a_header_value_is_refused(token: str) -> None:
+    """A hostile token server: the token goes into an Authorization header, where aiohttp
+    refuses control characters (a ValueError the client saw as a 500)."""
+    cache = TokenCache()
+
+    async def fetch():
+        return {"token": token}
+
+    with pytest.raises(ValueError, match="printable ASCII"):
+        await cache.get(KEY, fetch)
+    assert cache.peek(KEY) is None
+
+
+async def test_a_token_that_never_expires_is_fetched_again_after_a_day() -> None:
+    clock = Clock()
+    cache = TokenCache(threshold=10, clock=clock)
+    tokens = iter(["forever", "next"])
+
+    async def fetch():
+        return {"token": next(tokens), "expires_in": 10**400}  # float() of it overflows
+
+    assert await cache.get(KEY, fetch) == "forever"
+    clock.now += 86400 - 10
+    assert await cache.get(KEY, fetch) == "next"
