@@ -271,7 +271,9 @@ class Peers:
         answer: the peer is up); ``hold``: for the longest backoff (it sent wrong bytes)."""
         metrics.PEER_REQUESTS.labels(peer.url, "error").inc()
         if isinstance(exc, UpstreamError) and exc.kind in _ANSWERED and not hold:
-            log.info("peers.refused url=%s what=%s error=%s", peer.url, what, exc)
+            # a refused login is the operator's to fix (peers.username/password)
+            level = logging.WARNING if exc.kind == "auth" else logging.INFO
+            log.log(level, "peers.refused url=%s what=%s error=%s", peer.url, what, exc)
             return
         wait = self.liveness.failed(
             peer.url, str(exc) or type(exc).__name__, hold=self.liveness.cap if hold else None

@@ -255,7 +255,8 @@ def test_peers_log_in_when_anonymous_pull_is_off(tmp_path: Path, daemon_factory,
         check=False,
     )
     assert refused.returncode != 0
-    assert "peers.failed" in c.log() and "401 and no way to authenticate" in c.log()
+    # (an answer: A is up, only its login refused C)
+    assert "peers.refused" in c.log() and "401 and no way to authenticate" in c.log()
 
     # B logs in to A with its peer credentials and serves the image
     out = tmp_path / "out"
