@@ -299,7 +299,7 @@ class Transport:
             location = resp.headers.get(hdrs.LOCATION)
             if resp.status in _REDIRECTS and location:
                 resp.close()  # a redirect's body is not ours to read
-                target = resp.url.join(URL(location))
+                target = self._redirect_target(base, resp.url, location)
                 if resp.status == 303 and method != "HEAD":
                     method = "GET"
                 continue
@@ -308,6 +308,22 @@ class Transport:
             base,
             UpstreamError(base.label, f"{method} {url.path}: more than {MAX_REDIRECTS} redirects"),
         )
+
+    def _redirect_target(self, base: Base, current: URL, location: str) -> URL:
+        """Where a ``Location`` leads: an absolute URL, or the upstream's error (a host that no
+        IDNA encodes, a port out of range, ``javascript:``...), never a ValueError."""
+        try:
+            target = current.join(URL(location))
+            target.origin()  # ValueError unless absolute
+            _ = target.host  # UnicodeError if its IDNA does not decode (xn--)
+        except ValueError as exc:  # UnicodeError (IDNA) is one too
+            raise self.fail(
+                base,
+                UpstreamError(
+                    base.label, f"redirect to an unusable Location {location[:200]!r}: {exc}"
+                ),
+            ) from None
+        return target
 
     async def _raw(
         self, base: Base, method: str, url: URL, headers: Mapping[str, str]
@@ -418,7 +434,9 @@ class Transport:
             raise
         except TimeoutError as exc:
             raise self.fail(base, UpstreamTimeout(base.label, f"{what}: timed out")) from exc
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, UnicodeError) as exc:
+            # UnicodeError: a host name IDNA cannot encode (a label over 63 characters, an
+            # empty xn--), raised by the resolver's getaddrinfo
             refused = _refusal_of(exc)
             if refused is not None:
                 raise self._denied(base, what, str(refused)) from exc

@@ -111,6 +111,30 @@ async def test_redirect_to_an_internal_address_is_never_dialled(
     assert "upstream.refused" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "location",
+    [
+        "javascript:alert(1)",  # no host: not a URL anything can be fetched from
+        "http://" + "a" * 300 + "/x",  # a label no IDNA encodes (getaddrinfo: UnicodeError)
+        "http://xn--/x",  # an A-label that does not decode
+    ],
+    ids=["no-host", "long-label", "bad-a-label"],
+)
+async def test_a_redirect_to_an_unusable_location_is_the_upstreams_error(
+    tmp_path: Path, upstream: FakeUpstream, location: str
+) -> None:
+    data = os.urandom(1000)
+    d = upstream.add_blob(data)
+    upstream.blob_redirects[d] = location
+    async with proxy(tmp_path / "store", upstream) as client:
+        for method in ("GET", "HEAD"):
+            resp = await client.request(method, f"/v2/{ALIAS}/app/blobs/{d}")
+            assert resp.status in (404, 502), (method, resp.status, await resp.text())
+        upstream.blob_redirects.clear()  # the upstream mends: the next GET is served
+        resp = await client.get(f"/v2/{ALIAS}/app/blobs/{d}")
+        assert resp.status == 200 and await resp.read() == data
+
+
 async def test_allow_redirect_to_lets_a_listed_target_through(
     tmp_path: Path, upstream: FakeUpstream, canary: FakeUpstream
 ) -> None:
