@@ -22,7 +22,6 @@ and #referrers-tag-schema (``<alg>`` cut to 32 characters, the hex to 64).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,7 +34,15 @@ from regproxy.errors import ManifestUnknown, OCIError, TagInvalid, UpstreamError
 from regproxy.flights import SingleFlights
 from regproxy.index import Index, ManifestRow
 from regproxy.names import RepoName
-from regproxy.oci import OCI_INDEX, Descriptor, Digest, parse_manifest, validate_tag
+from regproxy.oci import (
+    OCI_INDEX,
+    Descriptor,
+    Digest,
+    JSONInvalid,
+    load_json,
+    parse_manifest,
+    validate_tag,
+)
 from regproxy.peers import Peers
 from regproxy.registry import Blob, Manifest
 from regproxy.upstream import UpstreamClient
@@ -83,10 +90,15 @@ def cosign_descriptor(tag: str, media_type: str, digest: Digest, body: bytes) ->
     artifact = COSIGN_SUFFIXES.get(suffix, "")
     if suffix == ".sbom":
         try:
-            layers = json.loads(body).get("layers") or []
-            kinds = {la.get("mediaType") for la in layers if isinstance(la, dict)}
-        except (ValueError, AttributeError):
-            kinds = set()
+            doc = load_json(body)
+        except JSONInvalid:
+            doc = None
+        layers = doc.get("layers") if isinstance(doc, dict) else None  # an index has none
+        kinds = (
+            {la.get("mediaType") for la in layers if isinstance(la, dict)}
+            if isinstance(layers, list)
+            else set()
+        )
         if len(kinds) == 1 and isinstance(next(iter(kinds)), str):
             artifact = str(next(iter(kinds)))
     return Descriptor(media_type, digest, len(body), artifact or None)

@@ -4,14 +4,20 @@ referrers (signatures, SBOMs), and the commands that pull it."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, Final
 
 from aiohttp import web
 
 from regproxy.errors import OCIError
 from regproxy.names import RepoName
-from regproxy.oci import INDEX_TYPES, Digest, is_digest_reference, parse_manifest
+from regproxy.oci import (
+    INDEX_TYPES,
+    Digest,
+    JSONInvalid,
+    is_digest_reference,
+    load_json,
+    parse_manifest,
+)
 from regproxy.policy import SignatureStatus, is_artifact
 from regproxy.referrers import kind_of
 from regproxy.registry import Registry
@@ -98,14 +104,19 @@ def image_config(body: bytes) -> dict[str, Any] | None:
     """What an operator asks of an image: when it was built, what it runs, its environment,
     labels and history (OCI image config / Docker image JSON)."""
     try:
-        doc = json.loads(body)
-    except ValueError:
+        doc = load_json(body)  # a blob like any other: whoever pushed it chose its nesting
+    except JSONInvalid:
         return None
     if not isinstance(doc, dict):
         return None
     raw_cfg = doc.get("config")
     cfg: dict[str, Any] = raw_cfg if isinstance(raw_cfg, dict) else {}
-    history = [h for h in doc.get("history") or [] if isinstance(h, dict)]
+    raw_history = doc.get("history")
+    history = (
+        [h for h in raw_history if isinstance(h, dict)] if isinstance(raw_history, list) else []
+    )
+    raw_ports = cfg.get("ExposedPorts")
+    ports = sorted(str(p) for p in raw_ports) if isinstance(raw_ports, dict) else []
 
     def strings(v: Any) -> list[str]:
         return [str(x) for x in v] if isinstance(v, list) else []
@@ -119,7 +130,7 @@ def image_config(body: bytes) -> dict[str, Any] | None:
         "working_dir": str(cfg.get("WorkingDir") or ""),
         "user": str(cfg.get("User") or ""),
         "env": strings(cfg.get("Env")),
-        "ports": sorted(str(p) for p in (cfg.get("ExposedPorts") or {})),
+        "ports": ports,
         "labels": {str(k): str(v) for k, v in sorted((labels or {}).items())},
         "history": [
             {

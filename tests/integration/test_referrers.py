@@ -252,3 +252,19 @@ async def test_sync_disabled_asks_the_peers(tmp_path: Path) -> None:
             assert doc["manifests"][0]["artifactType"] == "application/spdx+json"
             r = await b.get(f"/v2/docker.io/team/app/manifests/{digest_of(manifest)}")
             assert r.status == 200  # and the manifest itself comes from the peer
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"layers": 5}', b'{"layers": [3, {"mediaType": 4}]}', b"[1]", b"[" * 100_000, b"\xff"],
+)
+def test_a_cosign_sbom_of_any_shape_is_a_referrer_of_cosigns_type(body: bytes) -> None:
+    """The .sbom tag's manifest names the SBOM's type in its layer; a body that does not (an
+    index, odd types, not JSON) is still listed, with cosign's type, never a TypeError."""
+    from regproxy.oci import OCI_INDEX, Digest
+    from regproxy.referrers import COSIGN_SUFFIXES, cosign_descriptor
+
+    d = Digest.of(body)
+    desc = cosign_descriptor("sha256-" + "a" * 64 + ".sbom", OCI_INDEX, d, body)
+    assert (desc.digest, desc.size) == (d, len(body))
+    assert desc.artifact_type == COSIGN_SUFFIXES[".sbom"]

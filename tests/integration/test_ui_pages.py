@@ -222,3 +222,37 @@ async def test_next_to_evict_lists_unpinned_content_least_recently_used_first(
         assert old.digest[:19] in page and kept.digest[:19] not in page
     finally:
         await client.close()
+
+
+async def test_an_image_config_of_any_shape_never_breaks_the_manifest_page(tmp_path: Path) -> None:
+    """The config is a blob like any other: whoever pushed it (or the upstream it came from)
+    chose its nesting and its types. The page shows what it can read, never a 500."""
+    import dataclasses
+
+    from tests.images import sha256
+
+    client = await start(tmp_path / "store")
+    try:
+        await login(client)
+        for i, config in enumerate(
+            [
+                b"[" * 500_000 + b"]" * 500_000,  # json.loads: RecursionError
+                b'{"history": 5, "architecture": "amd64", "os": "linux"}',
+                b'{"config": {"ExposedPorts": 7, "Labels": [1], "Env": "x"}}',
+                b'{"history": [{"created": {"a": 1}}, 3], "config": 1}',
+            ]
+        ):
+            img = make_image()
+            m = json.loads(img.manifest)
+            m["config"].update(digest=sha256(config), size=len(config))
+            img = dataclasses.replace(img, config=config, manifest=json.dumps(m).encode())
+            digest = await push(client, REPO, f"t{i}", img)
+            data = await get_json(client, f"/ui/api/manifests/{REPO}@{digest}")
+            assert data["config"]["digest"] == sha256(config)
+            resp = await client.get(f"/ui/manifests/{REPO}@{digest}")
+            assert resp.status == 200, (i, await resp.text())
+        assert data["image"]["history"] == [
+            {"created": "{'a': 1}", "created_by": "", "comment": "", "empty_layer": False}
+        ]
+    finally:
+        await client.close()
