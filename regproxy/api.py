@@ -428,8 +428,9 @@ async def get_manifest(request: web.Request, name: str, ref: str) -> web.Respons
         # no manifest can carry that tag: a read answers 404, the only failure end-3 lists
         raise ManifestUnknown(ref) from None
     m = await registry.get_manifest(repo, ref)
-    if not LOCAL_ONLY.get():  # a peer's request: the asking host applies its own policy
-        await request.app[POLICY_KEY].enforce(repo, m)
+    # every request, a peer-marked one too: the mark is a client's word, never a pass (the
+    # policy decides a peer's lookup from what this host holds; regproxy.policy)
+    await request.app[POLICY_KEY].enforce(repo, m)
     _notes(request).setdefault("cache", "hit")
     headers = {
         **API_VERSION,

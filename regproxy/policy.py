@@ -17,7 +17,12 @@ attestations) runs nothing and is never refused, so clients can always fetch sig
 
 Decisions are cached per digest and rule: an allowed digest for good (bounded), a denial for
 ``tag_ttl`` (a signature may arrive later), forgotten at once when a referrer of the digest is
-stored here. Each answer is counted (``regproxy_policy_decisions_total{rule,result}``); each
+stored here.
+
+A peer's lookup (``Regproxy-Peer: 1``, which any client can send) is held to the policy like any
+request; it only fetches nothing, so its decision reads the signatures this host holds. Its
+denial is kept apart (and it never shares a decision in flight with others): what a local-only
+look did not find must not deny a client whose request would fetch the signature. Each answer is counted (``regproxy_policy_decisions_total{rule,result}``); each
 fresh denial is logged ``policy.denied`` with the rule and the reason.
 """
 
@@ -51,7 +56,7 @@ from regproxy.index import Index, ManifestRow
 from regproxy.names import RepoName
 from regproxy.oci import INDEX_TYPES, Descriptor, Digest
 from regproxy.referrers import COSIGN_SUFFIXES, Referrers, cosign_tags
-from regproxy.registry import Blob, Manifest
+from regproxy.registry import LOCAL_ONLY, Blob, Manifest
 
 log = logging.getLogger("regproxy.policy")
 
@@ -134,8 +139,9 @@ class Policy:
             if u.alias and "*" not in u.pattern:
                 self._aliases.setdefault(u.pattern, []).append(u.alias)
         self._allowed: OrderedDict[tuple[str, int], Decision] = OrderedDict()
-        self._denied: dict[tuple[str, int], tuple[Decision, float]] = {}
-        self._flights: dict[tuple[str, int], asyncio.Future[Decision]] = {}
+        #: denials by (digest, rule, local-only): a peer's lookup decides from the store alone
+        self._denied: dict[tuple[str, int, bool], tuple[Decision, float]] = {}
+        self._flights: dict[tuple[str, int, bool], asyncio.Future[Decision]] = {}
         self._rule_of: dict[str, tuple[int, PolicyRule] | None] = {}
 
     @property
@@ -197,10 +203,13 @@ class Policy:
             return Decision(True, found[1].match if found else "-", "no signature required")
         index, rule = found
         key = (str(digest), index)
-        decision = self._cached(key)
+        local = LOCAL_ONLY.get()  # a peer's lookup: only what this host holds counts
+        decision = self._cached(key, local)
         if decision is None:
-            decision = await self._single(key, lambda: self._decide(repo, digest, rule, depth))
-            self._remember(key, decision)
+            decision = await self._single(
+                (*key, local), lambda: self._decide(repo, digest, rule, depth)
+            )
+            self._remember(key, decision, local)
             self._log(repo, digest, decision)
         metrics.POLICY_DECISIONS.labels(
             rule.match, "allowed" if decision.allowed else "denied"
@@ -213,19 +222,21 @@ class Policy:
         for key in [k for k in self._denied if k[0] == d]:
             self._denied.pop(key, None)
 
-    def _cached(self, key: tuple[str, int]) -> Decision | None:
+    def _cached(self, key: tuple[str, int], local: bool) -> Decision | None:
         allowed = self._allowed.get(key)
         if allowed is not None:
             self._allowed.move_to_end(key)
             return allowed
-        denied = self._denied.get(key)
-        if denied is not None:
-            if self.clock() < denied[1]:
-                return denied[0]
-            self._denied.pop(key, None)
+        # a denial that could fetch holds for a local-only look too, never the other way round
+        for dkey in ((*key, False), (*key, True)) if local else ((*key, False),):
+            denied = self._denied.get(dkey)
+            if denied is not None:
+                if self.clock() < denied[1]:
+                    return denied[0]
+                self._denied.pop(dkey, None)
         return None
 
-    def _remember(self, key: tuple[str, int], decision: Decision) -> None:
+    def _remember(self, key: tuple[str, int], decision: Decision, local: bool) -> None:
         if decision.allowed:
             self._allowed[key] = decision
             while len(self._allowed) > ALLOWED_CACHE:
@@ -233,10 +244,10 @@ class Policy:
             return
         if len(self._denied) >= DENIED_CACHE:
             self._denied.clear()
-        self._denied[key] = (decision, self.clock() + self.config.tag_ttl)
+        self._denied[(*key, local)] = (decision, self.clock() + self.config.tag_ttl)
 
     async def _single(
-        self, key: tuple[str, int], make: Callable[[], Awaitable[Decision]]
+        self, key: tuple[str, int, bool], make: Callable[[], Awaitable[Decision]]
     ) -> Decision:
         fut = self._flights.get(key)
         if fut is not None:
