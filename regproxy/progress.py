@@ -17,19 +17,25 @@ WIDTH: Final = 100
 
 class Progress:
     def __init__(
-        self, what: str, stream: TextIO | None = None, *, enabled: bool | None = None
+        self,
+        what: str,
+        stream: TextIO | None = None,
+        *,
+        enabled: bool | None = None,
+        every: float = EVERY,
     ) -> None:
         self.what = what
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
-        self._last = 0.0
+        self.every = every
+        self._last = -every
         self._shown = False
 
     def update(self, text: str, *, force: bool = False) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
-        if not force and now - self._last < EVERY:
+        if not force and now - self._last < self.every:
             return
         self._last = now
         line = f"{self.what}: {text}"[:WIDTH]

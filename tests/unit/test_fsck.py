@@ -4,6 +4,7 @@ called damaged or removed."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sqlite3
@@ -19,6 +20,7 @@ from regproxy.fsck import Hashed, Hasher, fsck
 from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest
+from regproxy.progress import Progress
 from regproxy.registry import Registry
 from regproxy.store import Store
 
@@ -200,3 +202,23 @@ async def test_damage_fetched_again_while_fsck_runs_is_left_alone(running) -> No
     assert after[1] == before[1]  # the index is untouched
     assert reg.store.read(Digest.parse(target)) == layer
     assert await reg.db.read(Index.blob_in_repo, REPO.canonical, target) == len(layer)
+
+
+class _Terminal(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+async def test_progress_only_on_a_terminal(running) -> None:
+    _, config = running
+    for tty in (False, True):
+        stream = _Terminal(tty)
+        found = await fsck(config, progress=Progress("fsck", stream, every=0.0))
+        assert found.checked
+        written = stream.getvalue()
+        assert (f"{found.checked}/{found.checked} files" in written) is tty
+        assert written.endswith("\r") if tty else written == ""
