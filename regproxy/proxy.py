@@ -365,14 +365,8 @@ class ProxyRegistry(Registry):
         if head.digest is not None and str(head.digest) == have:
             await self.mark_tag_checked(repo, tag, self.timing.wall())
             return None
-        if client.below_reserve():
-            # a GET counts against the upstream's pull limit: keep the last pulls for misses
-            raise UpstreamError(
-                client.name,
-                f"tag moved, but {client.pulls_left()} pulls left is below ratelimit_reserve "
-                f"{client.config.ratelimit_reserve}",
-                kind="ratelimit",
-            )
+        # a GET counts against the upstream's pull limit: keep the last pulls for misses
+        client.keep_reserve()
         return await self._fetch_manifest(repo, tag, client)
 
     async def _fetch_manifest(

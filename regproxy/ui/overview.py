@@ -24,6 +24,16 @@ from regproxy.ui.status import health_data, peer_urls, peers_data
 
 
 # --- the overview ----------------------------------------------------------------------------------
+def ratelimits(registry: Any) -> dict[str, dict[str, Any]]:
+    """What each upstream and mirror last said of its pull limit (Docker Hub's headers), by
+    source, as the upstream clients keep it: the page reads state, never the metrics."""
+    pool = getattr(registry, "clients", None)
+    out: dict[str, dict[str, Any]] = {}
+    for client in pool.clients() if pool is not None else []:
+        out.update(client.ratelimits())
+    return out
+
+
 def _limit_text(size: SizeLimit, resolved: int | None) -> str | None:
     """The limit as configured, in its units (``100 MB``, ``80% of the filesystem``)."""
     if not size or resolved is None:
@@ -48,6 +58,9 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
     ui.health.upstreams.sample(now)
     peers = peer_urls(registry)
     seen = {k: v for k, v in ui.health.upstreams.to_json().items() if k not in peers}
+    limits = ratelimits(registry)
+    for src, st in seen.items():
+        st["ratelimit"] = limits.get(src)
     upstreams = []
     matched: set[str] = set()
     for u in ui.config.upstreams:

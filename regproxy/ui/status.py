@@ -80,6 +80,12 @@ async def health_data(
             for s in u["sources"]:
                 if s["state"] == "unreachable":
                     warnings.append(f"upstream {s['source']} is not answering")
+                limit = s.get("ratelimit") or {}
+                if limit.get("below_reserve"):
+                    warnings.append(
+                        f"upstream {s['source']}: {limit['remaining']} pulls left, below the "
+                        f"reserve of {limit['reserve']}: tags that moved are served stale"
+                    )
     for p in peers:
         if p["state"] == "unreachable":
             warnings.append(f"peer {p['url']} is not answering")

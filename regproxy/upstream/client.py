@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import aiohttp
 from aiohttp import hdrs
@@ -87,6 +87,10 @@ class UpstreamClient:
         creds = Credentials.from_config(config, host)
         upstream = Base(upstream_url, creds, is_mirror=False, clock=timing.now)
         upstream.label = host
+        self._timing = timing
+        #: tags that moved upstream but were served stale to keep the reserve, and when last
+        self.held_by_reserve = 0
+        self.held_by_reserve_at: float | None = None
         self._bases: tuple[Base, ...] = (*mirrors, upstream)
         # every hop is checked; the config names the mirrors and, unless this is the '*'
         # entry (any host a client names), the upstream itself
@@ -131,6 +135,37 @@ class UpstreamClient:
         """Fewer pulls left than ``ratelimit_reserve``: tags are not re-fetched with GET."""
         left = self.pulls_left()
         return left is not None and left < self.config.ratelimit_reserve
+
+    def keep_reserve(self) -> None:
+        """Before a GET of a tag that moved: raise (kind ``ratelimit``, the tag is served
+        stale) when it would spend the pulls kept for misses; counted for the web page."""
+        if not self.below_reserve():
+            return
+        self.held_by_reserve += 1
+        self.held_by_reserve_at = self._timing.wall()
+        raise UpstreamError(
+            self.name,
+            f"tag moved, but {self.pulls_left()} pulls left is below ratelimit_reserve "
+            f"{self.config.ratelimit_reserve}",
+            kind="ratelimit",
+        )
+
+    def ratelimits(self) -> dict[str, dict[str, Any]]:
+        """What each base (mirror, upstream) last said of its rate limit, by its metric label
+        (the web page; the same figure as ``regproxy_upstream_ratelimit_remaining``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for base in self._bases:
+            if base.ratelimit is None:
+                continue
+            remaining, limit = base.ratelimit
+            row: dict[str, Any] = {"remaining": remaining, "limit": limit}
+            if not base.is_mirror:  # the reserve is kept of the upstream's own pulls
+                row["reserve"] = self.config.ratelimit_reserve
+                row["below_reserve"] = remaining < self.config.ratelimit_reserve
+                row["held_tags"] = self.held_by_reserve
+                row["held_at"] = self.held_by_reserve_at
+            out[base.label] = row
+        return out
 
     # --- the public operations -------------------------------------------------------------------
     async def head_manifest(self, path: str, reference: str) -> ManifestHead | None:

@@ -209,3 +209,67 @@ async def test_peer_bytes_are_peer_bytes_not_upstream_bytes(tmp_path: Path) -> N
             await host.close()
     finally:
         await peer.close()
+
+
+async def test_the_upstream_table_shows_the_pull_limit_and_the_reserve(tmp_path: Path) -> None:
+    """Docker Hub's rate-limit headers as the page shows them: pulls left of the limit per
+    upstream, and once below ``ratelimit_reserve``, that moved tags are served stale (with a
+    warning in the verdict and how many were)."""
+    up = await FakeUpstream().start()
+    v1, v2 = make_image(), make_image()
+    for img in (v1, v2):
+        for blob in (img.config, *img.layers):
+            up.add_blob(blob)
+    up.add_manifest("team/app", "v1", v1.manifest, OCI_MANIFEST)
+    up.manifest_headers = {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "50;w=21600"}
+    client = await start(
+        tmp_path / "store",
+        content={"sync": {"enable": True}},
+        upstreams={up.hostport: {"url": up.url, "alias": "up.test", "ratelimit_reserve": 10}},
+        tag_ttl=0,  # every request re-checks the tag
+    )
+    manifest = "/v2/spectro-images/up.test/team/app/manifests/v1"
+    accept = {"Accept": OCI_MANIFEST, **AUTH}
+    try:
+        await login(client)
+        assert (await client.get(manifest, headers=accept)).status == 200
+        overview = await get_json(client, "/ui/api/overview")
+        (row,) = overview["upstreams"]
+        (source,) = row["sources"]
+        limit = source["ratelimit"]
+        assert (limit["remaining"], limit["limit"], limit["reserve"]) == (50, 100, 10)
+        assert limit["below_reserve"] is False and limit["held_tags"] == 0
+        assert overview["health"]["verdict"] == "healthy", overview["health"]
+        page = await (await client.get("/ui/")).text()
+        assert "50 of 100 pulls left" in page and "below the reserve" not in page
+
+        # 5 left, and the tag moves upstream: served stale, no GET spends the reserve
+        up.manifest_headers["ratelimit-remaining"] = "5;w=21600"
+        up.add_manifest("team/app", "v1", v2.manifest, OCI_MANIFEST)
+        gets = up.count("GET", "/manifests/v1")
+        resp = await client.get(manifest, headers=accept)
+        assert resp.status == 200 and await resp.read() == v1.manifest
+        assert up.count("GET", "/manifests/v1") == gets
+        overview = await get_json(client, "/ui/api/overview")
+        limit = overview["upstreams"][0]["sources"][0]["ratelimit"]
+        assert (limit["remaining"], limit["below_reserve"], limit["held_tags"]) == (5, True, 1)
+        assert limit["held_at"] is not None
+        health = overview["health"]
+        assert health["verdict"] == "degraded", health
+        assert any("below the reserve of 10" in w for w in health["warnings"]), health
+        page = await (await client.get("/ui/")).text()
+        assert "5 of 100 pulls left" in page
+        assert "below the reserve of 10: moved tags served stale" in page
+        assert "1 moved tag(s) served stale to keep the reserve" in page
+
+        # the window resets: the figure follows, the warning goes, the tag moves
+        up.manifest_headers["ratelimit-remaining"] = "99;w=21600"
+        resp = await client.get(manifest, headers=accept)
+        assert await resp.read() == v2.manifest
+        limit = (await get_json(client, "/ui/api/overview"))["upstreams"][0]["sources"][0][
+            "ratelimit"
+        ]
+        assert (limit["remaining"], limit["below_reserve"]) == (99, False)
+    finally:
+        await client.close()
+        await up.stop()
