@@ -151,9 +151,12 @@ async def v2_base(request: web.Request) -> web.Response:
 async def catalog(request: web.Request) -> web.Response:
     registry, _ = _ctx(request)
     n, last = _page(request)
-    names = await registry.catalog(None if n is None else n + 1, last)
+    # without n, at most MAX_TAGS names too (more are paged with Link, which clients follow):
+    # one request never makes the whole store's repository list in memory
+    n = MAX_TAGS if n is None else min(n, MAX_TAGS)
+    names = await registry.catalog(n + 1, last)
     headers = dict(API_VERSION)
-    if n is not None and len(names) > n:
+    if len(names) > n:
         names = names[:n]
         if names:  # n=0 asks for nothing, and there is no last entry to continue from
             headers["Link"] = _link("/v2/_catalog", n, names[-1])

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from regproxy import api
 from tests.images import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZ, OCI_MANIFEST, sha256
 from tests.inproc import AppDaemon
 from tests.peers import error_codes, http
@@ -946,6 +947,23 @@ def test_catalog_pagination(daemon: AppDaemon) -> None:
     assert json.loads(resp)["repositories"] == []
     st, _, resp = http("GET", f"{daemon.url}/v2/_catalog?n=x")
     assert st == 400
+
+
+def test_catalog_without_n_is_one_bounded_page(
+    daemon: AppDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catalog request without n never lists the whole store at once: past the cap it pages
+    with Link, as with n (the cap is lowered here; it is 10,000 names in production)."""
+    names = ["big/a", "big/b", "big/c", "big/d"]
+    for n in names:
+        push_manifest(daemon, n, "v1", image_manifest(daemon, n))
+    monkeypatch.setattr(api, "MAX_TAGS", 3)
+    st, h, resp = http("GET", f"{daemon.url}/v2/_catalog")
+    assert st == 200
+    assert json.loads(resp)["repositories"] == [f"spectro-images/{n}" for n in names[:3]]
+    assert _links(h) == "/v2/_catalog?n=3&last=spectro-images%2Fbig%2Fc"
+    st, h, resp = http("GET", f"{daemon.url}/v2/_catalog?n=50")
+    assert len(json.loads(resp)["repositories"]) == 3 and _links(h) is not None
 
 
 # --- names --------------------------------------------------------------------------------------
