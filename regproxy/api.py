@@ -263,6 +263,8 @@ async def _stream_blob(
         # no last byte to hold back: an empty body is complete with its headers, so it is
         # answered only once verified (a source that sends nothing for a digest is refused)
         await blob.stream.wait_done()
+    elif request.method != "HEAD":
+        await blob.stream.wait_begun()
     start, end = rng if rng is not None else (0, blob.size - 1)
     status = 200 if rng is None else 206
     if rng is not None:

@@ -117,6 +117,14 @@ class Transfer:
             raise self.error
         return self.size
 
+    async def wait_begun(self) -> None:
+        """Until a first byte is in the file, or the transfer ended: a response waits for this
+        before its headers, so a transfer that fails at once (a full disk: 507; a source that
+        fails before sending anything) is answered with its error, not a 200 cut at 0 bytes."""
+        await self._wait_change(lambda: self.written > 0 or self.done)
+        if self.error is not None:
+            raise self.error
+
     async def wait_done(self) -> None:
         await self._wait_change(lambda: self.done)
         if self.error is not None:

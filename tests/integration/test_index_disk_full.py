@@ -197,3 +197,36 @@ def test_store_commands_on_a_full_disk_say_so_in_one_line(
         line = run(*argv)
         assert line.startswith(f"regproxy {argv[0]}: "), line
         assert "no space left" in line and str(root / "index.db") in line, line
+
+
+async def test_a_pull_through_miss_on_a_full_disk_is_507_not_a_cut_200(tmpfs: Path) -> None:
+    """The transfer fails at its first write: the client gets 507 (headers wait for the first
+    byte to land), not a 200 cut at 0 bytes; with room again the same GET is served."""
+    import os
+
+    from tests.fakes import FakeUpstream
+
+    upstream = await FakeUpstream().start()
+    data = os.urandom(300_000)
+    digest = upstream.add_blob(data)
+    config = config_from_dict(
+        {
+            "storage": {"root": str(tmpfs / "store"), "min_free": 0},
+            "log": {"access": False},
+            "upstreams": {upstream.hostport: {"url": upstream.url, "alias": "fake.test"}},
+        }
+    )
+    client: TestClient[Any, Any] = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        fill(tmpfs / "filler")
+        for _ in range(2):
+            resp = await client.get(f"/v2/fake.test/app/blobs/{digest}")
+            assert resp.status == 507, await resp.text()
+            assert "insufficient storage" in (await resp.json())["errors"][0]["message"]
+        (tmpfs / "filler").unlink()
+        resp = await client.get(f"/v2/fake.test/app/blobs/{digest}")
+        assert resp.status == 200 and await resp.read() == data
+    finally:
+        await client.close()
+        await upstream.stop()
