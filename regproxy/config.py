@@ -330,8 +330,10 @@ def _walk(raw: Any, schema: dict[str, Any], prefix: str, out: dict[str, Any]) ->
 def _parse(path: str, parser: Parser, value: Any) -> Any:
     try:
         return parser(value)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(path, f"{value!r} {exc}") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        shown = repr(value)
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        raise ConfigError(path, f"{shown} {exc}") from None
 
 
 def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:

@@ -43,6 +43,8 @@ def parse_duration(v: Any) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+#: sizes are byte counts of a disk: an int64 at most
+MAX_SIZE: Final = float(2**63)
 _SIZE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
 
 
@@ -55,7 +57,10 @@ def parse_size(v: Any) -> int:
     unit = (m.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = "BKMGTP".index(unit[0])
-    return int(float(m.group(1)) * base**power)
+    n = float(m.group(1)) * base**power  # inf for a number past float's range
+    if not n < MAX_SIZE:
+        raise ValueError("is larger than any disk (at most 8 EiB)")
+    return int(n)
 
 
 @dataclass(frozen=True, slots=True)

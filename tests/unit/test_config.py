@@ -197,6 +197,9 @@ def test_unknown_key(tmp_path: Path, doc: Any, key: str) -> None:
         ({"log": {"level": "loud"}}, "log.level"),
         ({"log": {"format": "xml"}}, "log.format"),
         ({"shutdown_timeout": "never"}, "shutdown_timeout"),
+        ({"storage": {"max_size": "9" * 5000}}, "storage.max_size"),  # float(): inf
+        ({"storage": {"max_size": "9" * 400 + "PiB"}}, "storage.max_size"),
+        ({"listen": "127.0.0.1:\u00b2"}, "listen"),  # a superscript two: isdigit() says yes
     ],
 )
 def test_bad_values(tmp_path: Path, doc: Any, key: str) -> None:
@@ -205,7 +208,7 @@ def test_bad_values(tmp_path: Path, doc: Any, key: str) -> None:
     assert info.value.key == key
     text = str(info.value)
     assert text.startswith(f"config: {key}: ")
-    assert "\n" not in text
+    assert "\n" not in text and len(text) < 400  # a value of 5,000 characters is cut short
 
 
 @pytest.mark.parametrize(
