@@ -9,12 +9,13 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote, unquote
 
 from aiohttp import web
 
 from regproxy import metrics, pins, sendfile
+from regproxy.access import body_bytes
 from regproxy.connections import body_chunks
 from regproxy.errors import (
     BlobUnknown,
@@ -30,7 +31,7 @@ from regproxy.errors import (
     Unsupported,
     UpstreamError,
 )
-from regproxy.headers import API_VERSION, CONTENT_DIGEST, PEER_FETCH, PEER_HEADER
+from regproxy.headers import API_VERSION, CONTENT_DIGEST, INSTANCE_HEADER, PEER_FETCH, PEER_HEADER
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import (
     MAX_MANIFEST_BYTES,
@@ -163,10 +164,23 @@ async def catalog(request: web.Request) -> web.Response:
     return web.json_response({"repositories": names}, headers=headers)
 
 
+def _asking_peer(request: web.Request) -> tuple[Any, Any] | None:
+    """The peer of this host's list that sent a peer-marked request, if it is one
+    (regproxy.peers.Peers.asking; the proxy registry holds the peers)."""
+    peers: Any = getattr(request.app[REGISTRY_KEY], "peers", None)
+    if peers is None:
+        return None
+    peer = peers.asking(request.remote, request.headers.get(INSTANCE_HEADER))
+    return None if peer is None else (peers, peer)
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     notes = _notes(request)  # the one per-request store (auth may have put the user in it)
     NOTES.set(notes)
     mark = request.headers.get(PEER_HEADER)
+    peer = None
+    if mark:
+        peer = _asking_peer(request)
     if mark == PEER_FETCH:
         # a peer asks this host as the home host: the store, a transfer in flight or this
         # host's own upstream may answer, never another peer (regproxy.cluster)
@@ -190,7 +204,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         handler = _HANDLERS.get((kind, request.method))
         if handler is None:
             raise Unsupported(f"{request.method} is not allowed on {kind}")
-        return await handler(request, **{k: unquote(v) for k, v in m.groupdict().items()})
+        resp = await handler(request, **{k: unquote(v) for k, v in m.groupdict().items()})
+        if peer is not None:  # what went (a stream) or goes (a body) to a peer of the list
+            peer[0].served_to(peer[1], body_bytes(request, resp))
+        return resp
     notes["route"] = "unknown"
     raise NotFound(request.path)
 

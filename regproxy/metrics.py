@@ -135,6 +135,13 @@ PEER_SERVED: Final = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+PEER_SERVED_BYTES: Final = Counter(
+    "regproxy_peer_served_bytes_total",
+    "Body bytes this host answered to each peer of its list (requests from elsewhere that carry "
+    "the peer marker are not counted here)",
+    ["peer"],
+    registry=REGISTRY,
+)
 PEER_FETCHED_BYTES: Final = Counter(
     "regproxy_peer_fetched_bytes_total",
     "Blob bytes fetched from the cluster's peers, by peer",

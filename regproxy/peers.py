@@ -19,6 +19,12 @@ exponential backoff (1 s at first, up to ``peers.refresh``) and probed again whe
 requests skip it meanwhile, so a dead peer costs one probe per interval, not a timeout per
 request. A peer that sent wrong bytes is set aside for ``peers.refresh``; one that answered with
 an error status is up (only its answer failed).
+
+Bytes served to each peer (the web page's peers panel) are counted only for a request that
+comes from a peer of the list: from one of its addresses (re-resolved with the list) and, where
+several peers share an address (hosts on one machine), naming that peer's instance id in
+``Regproxy-Instance`` (learnt from its probes). Anybody can send the marker: a request from
+elsewhere, or one that names no peer, grows no figure.
 """
 
 from __future__ import annotations
@@ -67,6 +73,10 @@ class Peer:
     #: fetch requests to the home host: ``Regproxy-Peer: fetch``
     fetcher: UpstreamClient
     is_self: bool = False
+    #: its addresses (the URL's host, resolved when the list is): where its requests come from
+    addresses: frozenset[str] = frozenset()
+    #: its ``Regproxy-Instance``, from its last probe
+    instance: str | None = None
 
 
 class Peers:
@@ -82,6 +92,8 @@ class Peers:
             timing.now, timing.random, first=FIRST_BACKOFF, cap=cap, every=self.config.refresh
         )
         self._peers: dict[str, Peer] = {}
+        #: body bytes answered to each peer of the list (by url), for the web page
+        self.served: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._resolved_at = 0.0
@@ -108,7 +120,7 @@ class Peers:
             url,
             cfg,
             self._session,
-            extra_headers={PEER_HEADER: mark},
+            extra_headers={PEER_HEADER: mark, INSTANCE_HEADER: self.instance_id},
             timing=self.timing,
             meters=metrics.PEER_METERS,
         )
@@ -167,6 +179,7 @@ class Peers:
         for url in list(self._peers):
             if url not in urls:
                 self._peers.pop(url)
+                self.served.pop(url, None)
         for url in urls:
             if url not in self._peers:
                 peer = Peer(url, self._client(url, PEER_LOOKUP), self._client(url, PEER_FETCH))
@@ -174,6 +187,7 @@ class Peers:
                 if peer.is_self:
                     log.info("peers.self url=%s", url)
                 self._peers[url] = peer
+            self._peers[url].addresses = await _addresses(url)
         self.liveness.keep(p.url for p in self._peers.values() if not p.is_self)
         await self.probe_due()
 
@@ -223,6 +237,7 @@ class Peers:
                     return
                 if resp.status >= 500:
                     raise UpstreamError(peer.url, f"/healthz answered {resp.status}")
+                peer.instance = resp.headers.get(INSTANCE_HEADER) or peer.instance
         except (TimeoutError, aiohttp.ClientError, OSError, UpstreamError) as exc:
             state = self.liveness.state(peer.url)
             was_up = state.up or not state.known
@@ -256,6 +271,24 @@ class Peers:
     def usable(self) -> list[Peer]:
         """The other hosts that are up, in the order of the peer list."""
         return [p for p in self._peers.values() if not p.is_self and self.liveness.is_up(p.url)]
+
+    def asking(self, remote: str | None, instance: str | None) -> Peer | None:
+        """The peer of the list a peer-marked request came from, or None (anybody may send the
+        marker): the one whose address it came from, or among several on that address, the
+        one whose instance id it names."""
+        ip = _ip(remote or "")
+        if ip is None:
+            return None
+        found = [p for p in self._peers.values() if not p.is_self and ip in p.addresses]
+        if len(found) > 1:
+            found = [p for p in found if p.instance is not None and p.instance == instance]
+        return found[0] if len(found) == 1 else None
+
+    def served_to(self, peer: Peer, n: int) -> None:
+        """Body bytes answered to a peer of the list."""
+        if n > 0 and peer.url in self._peers:
+            self.served[peer.url] = self.served.get(peer.url, 0) + n
+            metrics.PEER_SERVED_BYTES.labels(peer.url).inc(n)
 
     def order(self, key: str) -> list[Peer]:
         """The members (the peers that are up, and this host's entry) in the key's rendezvous
@@ -399,6 +432,30 @@ class Peers:
             else:
                 out.append({"url": p.url, **self.liveness.to_json(p.url)})
         return out
+
+
+def _ip(addr: str) -> str | None:
+    """An address as one spelling (an IPv4-mapped IPv6 address as IPv4), or None."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+async def _addresses(url: str) -> frozenset[str]:
+    """The addresses a peer's URL names (its host resolved, unless an address already)."""
+    host = URL(url).host or ""
+    ip = _ip(host)
+    if ip is not None:
+        return frozenset({ip})
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return frozenset()
+    return frozenset(a for a in (_ip(str(i[4][0])) for i in infos) if a is not None)
 
 
 def _same_ip(a: str, b: str) -> bool:

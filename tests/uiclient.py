@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from regproxy.app import create_app
 from regproxy.config import config_from_dict
+from regproxy.deadline import DEFAULT_TIMING, Timing
 from tests.images import OCI_INDEX, OCI_MANIFEST, Image, sha256
 
 PASSWORD = "s3cret-Pass"
@@ -20,7 +21,9 @@ HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()}
 
 
-async def start(root: Path, **extra: Any) -> TestClient[Any, Any]:
+async def start(
+    root: Path, *, server_port: int = 0, timing: Timing = DEFAULT_TIMING, **extra: Any
+) -> TestClient[Any, Any]:
     raw: dict[str, Any] = {
         "content": {"sync": {"enable": False}},
         "log": {"access": False},
@@ -29,7 +32,9 @@ async def start(root: Path, **extra: Any) -> TestClient[Any, Any]:
     }
     raw["storage"] = {**extra.get("storage", {}), "root": str(root)}  # never the default root
     client: TestClient[Any, Any] = TestClient(
-        TestServer(create_app(config_from_dict(raw)), host="127.0.0.1")
+        TestServer(
+            create_app(config_from_dict(raw), timing=timing), host="127.0.0.1", port=server_port
+        )
     )
     await client.start_server()
     return client

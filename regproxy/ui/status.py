@@ -28,7 +28,7 @@ def peer_urls(registry: Any) -> set[str]:
 
 
 def peers_data(registry: Any) -> list[dict[str, Any]]:
-    """Each peer of the list: reachable or not, and what it sent and was asked."""
+    """Each peer of the list: reachable or not, what it sent and was sent, and was asked."""
     peers = getattr(registry, "peers", None)
     if peers is None:
         return []
@@ -42,6 +42,7 @@ def peers_data(registry: Any) -> list[dict[str, Any]]:
                 "state": state,
                 "retry_in": live["next_probe_in"] if state == "unreachable" else None,
                 "bytes_from": metric_sum(metrics.PEER_FETCHED_BYTES, peer=p.url),
+                "bytes_to": peers.served.get(p.url, 0),  # answered to it (regproxy.peers)
                 "hits": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="hit"),
                 "misses": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="miss"),
                 "errors": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="error"),

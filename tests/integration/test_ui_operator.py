@@ -4,13 +4,17 @@ not upstreams."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from regproxy.web_keys import REGISTRY_KEY
+from regproxy import metrics
+from regproxy.web_keys import INSTANCE_KEY, REGISTRY_KEY
 from tests.fakes import FakeUpstream
 from tests.images import OCI_INDEX, OCI_MANIFEST, make_image, make_index, sha256
+from tests.inproc import FakeTime
 from tests.uiclient import AUTH, PASSWORD, get_json, login, post, push, put_manifest, start
 
 # api keeps per-request facts under plain string keys (request["error"]), as test_auth says
@@ -273,3 +277,69 @@ async def test_the_upstream_table_shows_the_pull_limit_and_the_reserve(tmp_path:
     finally:
         await client.close()
         await up.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_the_peers_panel_shows_bytes_served_to_each_peer(tmp_path: Path) -> None:
+    """Host A lists B and C (C never answers), both on 127.0.0.1: a blob B fetches from A is
+    counted on A as served to B (by B's address and, with two peers on it, the instance id B
+    names and A learnt from probing B), and on B as fetched from A. The marker from a client
+    that is not a peer of the list (another address, or no instance on a shared one) grows
+    no figure and no metric label."""
+    clock = FakeTime()
+    b_port, c_port = _free_port(), _free_port()
+    b_url, c_url = f"http://127.0.0.1:{b_port}", f"http://127.0.0.1:{c_port}"
+    a = await start(tmp_path / "a", timing=clock.timing, peers={"urls": [b_url, c_url]})
+    img = make_image(layer_sizes=(40_000,))
+    layer = img.layers[0]
+    blob = f"/v2/{REPO}/blobs/{sha256(layer)}"
+    try:
+        await push(a, REPO, "v1", img)
+        a_url = f"http://127.0.0.1:{a.server.port}"
+        b = await start(
+            tmp_path / "b",
+            server_port=b_port,
+            peers={"urls": [a_url], "username": "alice", "password": PASSWORD},
+        )
+        try:
+            await login(a)
+            await login(b)
+            a_peers = a.server.app[REGISTRY_KEY].peers
+            clock.advance(120)  # B's first probe failed (it was not up): probe it again now
+            await a_peers.probe_due()
+            resp = await b.get(blob, headers=AUTH)
+            assert resp.status == 200 and await resp.read() == layer
+            rows = {p["url"]: p for p in (await get_json(a, "/ui/api/overview"))["peers"]}
+            assert rows[b_url]["bytes_to"] == len(layer)
+            assert rows[c_url]["bytes_to"] == 0
+            (b_row,) = (await get_json(b, "/ui/api/overview"))["peers"]
+            assert b_row["bytes_from"] == len(layer)
+            page = await (await a.get("/ui/")).text()
+            assert "Served to it" in page
+
+            # the marker from elsewhere: served, but counted for no peer
+            b_instance = b.server.app[INSTANCE_KEY]
+            hostile = {"Regproxy-Peer": "1", "Regproxy-Instance": b_instance, **AUTH}
+            connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+            async with (
+                aiohttp.ClientSession(connector=connector) as other,
+                other.get(f"{a_url}{blob}", headers=hostile) as r,
+            ):
+                assert r.status == 200 and await r.read() == layer
+            # from the peers' address, naming no peer's instance: B or C? neither
+            for instance in ("", "forged", a.server.app[INSTANCE_KEY]):
+                r = await a.get(blob, headers={**hostile, "Regproxy-Instance": instance})
+                assert r.status == 200 and await r.read() == layer
+            assert a_peers.served == {b_url: len(layer)}
+            assert metrics.REGISTRY.get_sample_value(
+                "regproxy_peer_served_bytes_total", {"peer": b_url}
+            ) == len(layer)
+        finally:
+            await b.close()
+    finally:
+        await a.close()
