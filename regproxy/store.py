@@ -12,6 +12,8 @@ LAYOUT_VERSION 1::
         <uuid>                uploads in progress and upstream fetches being written;
                               removed at start-up (a crash leaves only these)
       quarantine/             blobs that fsck found damaged, moved aside
+      reserve                 RESERVE_BYTES kept back while there is room, given up when the
+                              store is opened on a full disk (see Store.open)
 
 Durability order for a new blob: bytes -> fsync(file) -> rename into blobs/ -> fsync(dir).
 Only after that does the index get the row that makes it visible.
@@ -39,6 +41,9 @@ from regproxy.units import BULK_CHUNK
 LAYOUT_VERSION: Final = 1
 #: start writeback every this many bytes, so a commit's fsync of a large blob is short
 WRITEBACK_EVERY: Final = 32 * 1024 * 1024
+#: room kept back on the store's filesystem: a start on a full disk gives it up, so the index
+#: (its WAL files need room to open at all), eviction and gc can run and make room again
+RESERVE_BYTES: Final = 8 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE: Final = 2
 
 
@@ -227,6 +232,7 @@ class Store:
                 )
         else:
             version_file.write_text(f"{LAYOUT_VERSION}\n")
+        self._keep_reserve()
         removed = 0
         for entry in self.tmp.iterdir() if sweep else ():
             if entry.is_dir():
@@ -237,6 +243,37 @@ class Store:
         if removed:
             log.info("store.sweep removed=%d root=%s", removed, self.root)
         return removed
+
+    def _keep_reserve(self) -> None:
+        """Give the reserve up when the disk is full; make it while there is plenty of room."""
+        reserve = self.root / "reserve"
+        free = shutil.disk_usage(self.root).free
+        if reserve.exists():
+            if free < RESERVE_BYTES:
+                reserve.unlink()
+                log.warning(
+                    "store.reserve_released root=%s free=%d bytes=%d: the disk is full; the "
+                    "index and eviction take this room, and the reserve comes back at a start "
+                    "with room to spare",
+                    self.root,
+                    free,
+                    RESERVE_BYTES,
+                )
+            return
+        if free < 4 * RESERVE_BYTES:
+            return
+        try:
+            fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:  # another process made it meanwhile
+            return
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)  # real blocks, not a sparse file
+        except OSError as exc:
+            os.close(fd)
+            reserve.unlink(missing_ok=True)
+            log.info("store.reserve_not_made root=%s error=%s", self.root, exc)
+            return
+        os.close(fd)
 
     def blob_path(self, digest: Digest) -> Path:
         # Digest.parse guarantees [a-z0-9] algorithm and hex: no path can escape the tree

@@ -230,3 +230,64 @@ async def test_a_pull_through_miss_on_a_full_disk_is_507_not_a_cut_200(tmpfs: Pa
     finally:
         await client.close()
         await upstream.stop()
+
+
+@pytest.fixture
+def roomy_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs with room for the store's reserve (regproxy.store.RESERVE_BYTES)."""
+    mnt = tmp_path / "roomy"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr!r}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_the_daemon_starts_on_a_full_disk_and_serves_what_it_holds(
+    roomy_tmpfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Something else filled the disk while regproxy was down: it starts anyway (the reserve it
+    kept gives the index room to open), serves what it holds, and answers a push that does not
+    fit with 507."""
+    import os
+
+    from regproxy.store import RESERVE_BYTES
+
+    root = roomy_tmpfs / "store"
+    config = config_from_dict(
+        {"storage": {"root": str(root)}, "content": {"sync": {"enable": False}}}
+    )
+    blob = os.urandom(100_000)
+
+    async def started() -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+        await client.start_server()
+        return client
+
+    client = await started()
+    try:
+        resp = await client.post(f"{REPO}/blobs/uploads/?digest={sha(blob)}", data=blob)
+        assert resp.status == 201, await resp.text()
+    finally:
+        await client.close()
+    assert (root / "reserve").stat().st_size == RESERVE_BYTES
+    fill(roomy_tmpfs / "filler")  # the index's WAL files went with the daemon: no room for them
+
+    client = await started()
+    try:
+        resp = await client.get(f"{REPO}/blobs/{sha(blob)}")
+        assert resp.status == 200 and await resp.read() == blob
+        other = os.urandom(RESERVE_BYTES + 1_000_000)  # more than the reserve gave back
+        resp = await client.post(f"{REPO}/blobs/uploads/?digest={sha(other)}", data=other)
+        assert resp.status == 507, await resp.text()
+    finally:
+        await client.close()
+    assert not (root / "reserve").exists()
+    assert "store.reserve_released" in caplog.text
