@@ -1,7 +1,8 @@
 """Pull-through: the registry, local first, with misses fetched from peers and upstreams.
 
-A local-first decorator over :class:`Registry` (distribution's proxy design): a hit never leaves
-the host. Manifests by digest are immutable and never re-checked; a tag older than ``tag_ttl``
+A local-first decorator around a :class:`LocalRegistry` (distribution's proxy design): it
+wraps one, answers what the host holds from it, and asks peers and upstreams only for misses; a
+hit never leaves the host. Manifests by digest are immutable and never re-checked; a tag older than ``tag_ttl``
 is confirmed with a HEAD upstream, and served stale when the upstream cannot answer. Blob misses
 go through the single-flight :class:`Fetcher`. With sync disabled no upstream is ever dialled.
 
@@ -23,7 +24,8 @@ from typing import TypeVar
 
 from regproxy import metrics
 from regproxy.async_index import AsyncIndex
-from regproxy.cluster import Cluster, Found
+from regproxy.cluster import Cluster
+from regproxy.cluster_manifests import FromCluster
 from regproxy.config import Config
 from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import (
@@ -47,9 +49,9 @@ from regproxy.registry import (
     LOCAL_ONLY,
     PROBE,
     Blob,
+    LocalRegistry,
     Manifest,
     ManifestGone,
-    Registry,
     note,
 )
 from regproxy.store import Store
@@ -70,13 +72,41 @@ def _count(kind: str, result: str, upstream: str) -> None:
     note(cache=result, upstream=upstream)
 
 
-class ProxyRegistry(Registry):
+class ProxyRegistry:
+    """A :class:`~regproxy.registry.Registry`: the local registry it wraps first, then the
+    cluster's peers and the upstreams for misses."""
+
     def __init__(
         self, store: Store, db: AsyncIndex, config: Config, *, timing: Timing = DEFAULT_TIMING
     ) -> None:
-        super().__init__(store, db, max_upload_sessions=config.uploads.max_sessions)
+        local = LocalRegistry(
+            store, db, max_upload_sessions=config.uploads.max_sessions, settle=self._settle_blobs
+        )
+        #: what this host holds: every answer starts here
+        self.local = local
+        self.store, self.db, self.uploads, self.cache = store, db, local.uploads, local.cache
+        # what only the store can answer goes straight to it
+        self.open = local.open
+        self.pending_access = local.pending_access
+        self.flush_access = local.flush_access
+        self.local_blob = local.local_blob
+        self.forget_lost_blob = local.forget_lost_blob
+        self.delete_blob = local.delete_blob
+        self.mount_blob = local.mount_blob
+        self.commit_blob = local.commit_blob
+        self.index_blob = local.index_blob
+        self.local_manifest = local.local_manifest
+        self.manifest_body = local.manifest_body
+        self.put_manifest = local.put_manifest
+        self.mark_tag_checked = local.mark_tag_checked
+        self.delete_manifest = local.delete_manifest
+        self.repo_exists = local.repo_exists
+        self.catalog = local.catalog
+        self.subscribe_stored = local.subscribe_stored
         self.config = config
         self.timing = timing
+        #: manifests the cluster's hosts answer, stored in the local registry
+        self.from_cluster = FromCluster(local, timing, config.tag_ttl)
         self.fetcher = Fetcher(store, self._on_fetched, timing=timing)
         self.clients = ClientPool(config, timing=timing)
         self._flights = SingleFlights("upstream")
@@ -109,7 +139,7 @@ class ProxyRegistry(Registry):
         if self.peers is not None:
             await self.peers.close()
         await self.clients.close()
-        await super().close()
+        await self.local.close()
 
     # --- upstream selection ------------------------------------------------------------------------
     def upstream(self, repo: RepoName) -> UpstreamClient | None:
@@ -189,7 +219,7 @@ class ProxyRegistry(Registry):
                 # the tag's home host re-checks it upstream; this host asks the home
                 answer = await self._single(
                     ("home-tag", f"{repo.canonical}:{reference}"),
-                    lambda: self._tag_from_home(repo, reference, row.digest, cluster),
+                    lambda: self.from_cluster.tag_from_home(repo, reference, row.digest, cluster),
                 )
                 if answer is not None:
                     m, outcome = answer
@@ -225,7 +255,7 @@ class ProxyRegistry(Registry):
             # looked up); without: the cluster's hosts are looked up
             got = await self._single(
                 ("cluster", f"{repo.canonical}@{reference}"),
-                lambda: self._from_cluster(
+                lambda: self.from_cluster.manifest(
                     repo,
                     reference,
                     cluster,
@@ -248,14 +278,14 @@ class ProxyRegistry(Registry):
             if cluster is None:
                 raise
             # upstream unreachable: whatever the cluster holds is better than nothing
-            result = await self._from_cluster(
+            result = await self.from_cluster.manifest(
                 repo, reference, cluster, homes=False, near=True, wide=True
             )
             if result is None:
                 raise
         if result is None and cluster is not None and not by_digest:
             # unknown upstream: a near host may hold it (imported there)
-            result = await self._from_cluster(
+            result = await self.from_cluster.manifest(
                 repo, reference, cluster, homes=False, near=True, wide=False
             )
         if result is None:
@@ -273,83 +303,6 @@ class ProxyRegistry(Registry):
 
     def _fresh(self, checked: float) -> bool:
         return self.timing.wall() - checked < self.config.tag_ttl
-
-    async def _from_cluster(
-        self,
-        repo: RepoName,
-        reference: str,
-        cluster: Cluster,
-        *,
-        homes: bool,
-        near: bool,
-        wide: bool,
-    ) -> Manifest | None:
-        found = await cluster.manifest(repo.canonical, reference, homes=homes, near=near, wide=wide)
-        if found is None:
-            return None
-        return await self._store_from_peer(repo, reference, found)
-
-    async def _store_from_peer(
-        self, repo: RepoName, reference: str, found: Found
-    ) -> Manifest | None:
-        got = found.got
-        # a tag from its home host is as fresh as the home says (Age); a lookup's answer is
-        # confirmed at the next request (checked=0)
-        checked = 0.0
-        if found.home and got.age is not None:
-            checked = self.timing.wall() - got.age
-        try:
-            result = await self.put_manifest(
-                repo,
-                reference,
-                got.body,
-                got.media_type,
-                verify_refs=False,
-                pinned=False,
-                checked=checked,
-            )
-        except OCIError as exc:
-            log.warning("manifest.peer_unusable repo=%s peer=%s error=%s", repo, found.peer, exc)
-            return None
-        log.info(
-            "manifest.from_peer repo=%s reference=%s digest=%s peer=%s kind=%s",
-            repo,
-            reference,
-            result.digest,
-            found.peer,
-            "home" if found.home else "lookup",
-        )
-        row = await self.local_manifest(repo, str(result.digest))
-        assert row is not None
-        return await self.manifest_body(repo, row[0])
-
-    async def _tag_from_home(
-        self, repo: RepoName, tag: str, have: str, cluster: Cluster
-    ) -> tuple[Manifest, str] | None:
-        """The tag's home host confirms it (or says where it moved): the manifest, and how it
-        counts (hit, miss: it moved, stale: the home could not confirm it either). None: no
-        home answered."""
-        check = await cluster.check_tag(repo.canonical, tag, have)
-        if check is None or check.age is None:  # a home that cannot say how fresh: upstream
-            return None
-        checked = self.timing.wall() - check.age
-        if check.got is not None:
-            found = Found(check.peer, dataclasses.replace(check.got, age=check.age), home=True)
-            moved = await self._store_from_peer(repo, tag, found)
-            return None if moved is None else (moved, "miss")
-        await self.mark_tag_checked(repo, tag, checked)
-        log.debug(
-            "tag.confirmed_by_home repo=%s tag=%s peer=%s age=%.0f",
-            repo,
-            tag,
-            check.peer,
-            check.age,
-        )
-        row = await self.local_manifest(repo, tag)
-        if row is None:
-            return None
-        body = await self.manifest_body(repo, row[0])
-        return body, "hit" if self._fresh(checked) else "stale"
 
     async def _refresh_tag(
         self, repo: RepoName, tag: str, have: str, client: UpstreamClient
@@ -418,7 +371,7 @@ class ProxyRegistry(Registry):
         assert row is not None
         return await self.manifest_body(repo, row[0])
 
-    async def _blobs_settled(self, repo: RepoName, digests: list[Digest]) -> None:
+    async def _settle_blobs(self, repo: RepoName, digests: list[Digest]) -> None:
         """Before a pushed manifest's references are checked: blobs that this repository's
         upstream (or a peer) holds are fetched now. A pushing client's HEAD found them there and
         skipped their upload; a HEAD does not fetch (it asks upstream with a HEAD)."""
@@ -539,9 +492,7 @@ class ProxyRegistry(Registry):
 
     async def _on_fetched(self, digest: Digest, size: int, repo: str, source: str) -> None:
         name = self._fill_names.get(repo) or RepoName(repo)
-        await self._ensure_repo(name)
-        await self.db.write(Index.add_blob, repo, str(digest), size)
-        self._stored()
+        await self.local.index_blob(name, digest, size)
 
     # --- listings ------------------------------------------------------------------------------------
     async def referrers(
@@ -557,7 +508,7 @@ class ProxyRegistry(Registry):
         if client is None:
             if not local_exists:
                 await self._known_or_unknown_name(repo)
-            return await super().list_tags(repo, n, last)
+            return await self.local.list_tags(repo, n, last)
         want = n if n is not None else MAX_TAGS
         remote: TagPage | None
         try:

@@ -1,5 +1,9 @@
 """The registry: OCI semantics over the store and the index. Knows no HTTP.
 
+:class:`LocalRegistry` is what this host holds, nothing fetched; :class:`Registry` is what the
+HTTP layer and the tools ask of a registry, which :class:`regproxy.proxy.ProxyRegistry` also is
+by wrapping a local one (local first, then peers and upstreams).
+
 Every blocking call runs off the event loop: index calls through the one async facade
 (:class:`~regproxy.async_index.AsyncIndex`: changes on its writer thread, lookups on its
 readers), file calls on the default executor. Small immutable objects (manifests, small
@@ -13,11 +17,11 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from regproxy.async_index import AsyncIndex
 from regproxy.errors import (
@@ -98,11 +102,24 @@ class PutResult:
     subject: Digest | None
 
 
-class Registry:
+#: awaited before a pushed manifest's blob references are checked, with the blobs it lists: a
+#: wrapper may let blobs still on their way into the store arrive (pull-through)
+Settle = Callable[[RepoName, list[Digest]], Awaitable[None]]
+
+
+class LocalRegistry:
+    """OCI rules over this host's store and index: nothing is fetched from anywhere."""
+
     def __init__(
-        self, store: Store, db: AsyncIndex, *, max_upload_sessions: int = DEFAULT_MAX_SESSIONS
+        self,
+        store: Store,
+        db: AsyncIndex,
+        *,
+        max_upload_sessions: int = DEFAULT_MAX_SESSIONS,
+        settle: Settle | None = None,
     ) -> None:
         self.store = store
+        self._settle = settle
         #: the index, for every module: ``await registry.db.read(Index.x, ...)`` / ``.write``
         self.db = db
         #: blob upload sessions (regproxy.uploads); their commits go through :meth:`commit_blob`
@@ -152,7 +169,8 @@ class Registry:
         self._access = {}
         await self.db.write(Index.touch, items)
 
-    async def _ensure_repo(self, name: RepoName) -> None:
+    async def ensure_repo(self, name: RepoName) -> None:
+        """The repository's row (written with the first content stored under the name)."""
         await self.db.write(Index.ensure_repo, name.canonical, name.host, name.path)
 
     # --- blobs ------------------------------------------------------------------------------------
@@ -212,7 +230,7 @@ class Registry:
             return False
         if await self._io(self.store.stat, digest) is None:
             return False
-        await self._ensure_repo(repo)
+        await self.ensure_repo(repo)
         return await self.db.write(Index.link_blob, repo.canonical, str(digest)) is not None
 
     async def commit_blob(
@@ -223,7 +241,7 @@ class Registry:
             size = await self._io(writer.commit, digest, source=source)
         except DigestMismatch as exc:
             raise DigestInvalid(str(digest), f"content hashes to {exc.actual}") from None
-        await self._ensure_repo(repo)
+        await self.ensure_repo(repo)
         await self.db.write(Index.add_blob, repo.canonical, str(digest), size)
         self.cache.put_link(repo.canonical, str(digest), size)
         self._stored()
@@ -231,7 +249,7 @@ class Registry:
 
     async def index_blob(self, repo: RepoName, digest: Digest, size: int) -> None:
         """Record a blob that is durable in the store as part of a repository (import)."""
-        await self._ensure_repo(repo)
+        await self.ensure_repo(repo)
         await self.db.write(Index.add_blob, repo.canonical, str(digest), size)
         self.cache.put_link(repo.canonical, str(digest), size)
         self._stored()
@@ -293,12 +311,8 @@ class Registry:
         return await self.manifest_body(repo, found[0])
 
     async def head_blob(self, repo: RepoName, digest: Digest) -> Blob:
-        """What a HEAD answers with (a subclass may ask elsewhere without fetching)."""
+        """What a HEAD answers with: what this host holds."""
         return await self.get_blob(repo, digest)
-
-    async def _blobs_settled(self, repo: RepoName, digests: list[Digest]) -> None:
-        """Before a manifest's references are checked: a subclass may wait for blobs still on
-        their way into the store (pull-through). Nothing is in flight here."""
 
     async def put_manifest(
         self,
@@ -323,7 +337,8 @@ class Registry:
             digest = Digest.of(body)
         parsed = parse_manifest(body, content_type)
         if verify_refs:
-            await self._blobs_settled(repo, [b.digest for b in parsed.blobs])
+            if self._settle is not None:
+                await self._settle(repo, [b.digest for b in parsed.blobs])
             missing = await self.db.read(
                 Index.missing_blobs, repo.canonical, [str(b.digest) for b in parsed.blobs]
             )
@@ -334,7 +349,7 @@ class Registry:
             if missing:
                 raise ManifestBlobUnknown(missing[0])
         await self._io(self.store.write_bytes, digest, body)
-        await self._ensure_repo(repo)
+        await self.ensure_repo(repo)
         rec = ManifestRecord(
             digest=str(digest),
             media_type=parsed.media_type,
@@ -413,6 +428,62 @@ class Registry:
     def _stored(self) -> None:
         for callback in self._stored_listeners:
             callback()
+
+
+class Registry(Protocol):
+    """What the HTTP layer and the tools ask of a registry (:class:`LocalRegistry`, or
+    :class:`regproxy.proxy.ProxyRegistry` around one)."""
+
+    @property
+    def store(self) -> Store: ...
+    @property
+    def db(self) -> AsyncIndex: ...
+    @property
+    def uploads(self) -> UploadSessions: ...
+    @property
+    def cache(self) -> LookupCache: ...
+
+    async def open(self, *, sweep: bool = True) -> None: ...
+    async def close(self) -> None: ...
+    def pending_access(self) -> set[str]: ...
+    async def flush_access(self) -> None: ...
+    async def local_blob(self, repo: RepoName, digest: Digest) -> Blob | None: ...
+    async def forget_lost_blob(self, repo: RepoName, digest: Digest) -> None: ...
+    async def get_blob(self, repo: RepoName, digest: Digest) -> Blob: ...
+    async def head_blob(self, repo: RepoName, digest: Digest) -> Blob: ...
+    async def delete_blob(self, repo: RepoName, digest: Digest) -> None: ...
+    async def mount_blob(self, repo: RepoName, digest: Digest, source: RepoName | None) -> bool: ...
+    async def commit_blob(
+        self, repo: RepoName, writer: BlobWriter, digest: Digest, source: str = ""
+    ) -> int: ...
+    async def index_blob(self, repo: RepoName, digest: Digest, size: int) -> None: ...
+    async def local_manifest(
+        self, repo: RepoName, reference: str
+    ) -> tuple[ManifestRow, float] | None: ...
+    async def manifest_body(self, repo: RepoName, row: ManifestRow) -> Manifest: ...
+    async def get_manifest(self, repo: RepoName, reference: str) -> Manifest: ...
+    async def put_manifest(
+        self,
+        repo: RepoName,
+        reference: str,
+        body: bytes,
+        content_type: str | None,
+        *,
+        verify_refs: bool = True,
+        pinned: bool = True,
+        checked: float | None = None,
+    ) -> PutResult: ...
+    async def mark_tag_checked(
+        self, repo: RepoName, tag: str, checked: float | None = None
+    ) -> None: ...
+    async def delete_manifest(self, repo: RepoName, reference: str) -> None: ...
+    async def repo_exists(self, repo: RepoName) -> bool: ...
+    async def list_tags(self, repo: RepoName, n: int | None, last: str | None) -> list[str]: ...
+    async def catalog(self, n: int | None, last: str | None) -> list[str]: ...
+    async def referrers(
+        self, repo: RepoName, subject: Digest, artifact_type: str | None
+    ) -> list[Descriptor]: ...
+    def subscribe_stored(self, callback: Callable[[], None]) -> None: ...
 
 
 def check_range(size: int, start: int, end: int | None) -> tuple[int, int]:

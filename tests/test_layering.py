@@ -76,9 +76,12 @@ LAYERS: dict[str, Layer] = {
     "registry": _layer("registry", f"{_MODEL} store index facade uploads lookups"),
     # referrers pulled through: composed into proxy (a Protocol names what it needs of it)
     "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),
+    # manifests the cluster's hosts answer, stored in the local registry (composed into proxy)
+    "from_cluster": _layer("cluster_manifests", f"{_MODEL} cluster registry"),
     "proxy": _layer(
         "proxy",
-        f"{_MODEL} store index facade transfer upstream peers cluster lookups registry referrers",
+        f"{_MODEL} store index facade transfer upstream peers cluster lookups registry referrers "
+        "from_cluster",
     ),
     # the signature policy: rules, decisions, verification through the referrers
     "policy": _layer("policy", f"{_MODEL} signatures index facade registry referrers"),

@@ -137,7 +137,7 @@ def test_store_commands_on_a_full_disk_say_so_in_one_line(
     from regproxy.async_index import AsyncIndex
     from regproxy.names import RepoName
     from regproxy.oci import Digest
-    from regproxy.registry import Registry
+    from regproxy.registry import LocalRegistry
     from regproxy.store import Store
 
     monkeypatch.setattr(cli, "setup_logging", lambda level, fmt: None)
@@ -146,7 +146,7 @@ def test_store_commands_on_a_full_disk_say_so_in_one_line(
     cfg_file.write_text(f"storage:\n  root: {root}\ncontent:\n  sync:\n    enable: false\n")
 
     async def a_manifest_for_gc() -> None:
-        registry = Registry(Store(root), AsyncIndex(root / "index.db"))
+        registry = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
         await registry.open()
         repo, cfg = RepoName("spectro-images/app"), b"{}"
 

@@ -16,7 +16,7 @@ from regproxy.evict import Evictor, Watermarks
 from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest
-from regproxy.registry import Registry
+from regproxy.registry import LocalRegistry, Registry
 from regproxy.store import Store
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -114,7 +114,7 @@ class Shop:
 @pytest.fixture
 async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
     root = tmp_path / "store"
-    reg = Registry(Store(root), AsyncIndex(root / "index.db"))
+    reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
     await reg.open()
     yield Shop(reg)
     await reg.close()

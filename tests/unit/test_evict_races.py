@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from regproxy.async_index import AsyncIndex
 from regproxy.config import Config, config_from_dict
 from regproxy.errors import ManifestUnknown
 from regproxy.evict_batch import evict_lru
 from regproxy.index import Index
 from regproxy.names import NameResolver
 from regproxy.oci import Digest
-from regproxy.proxy import ProxyRegistry, build_registry
+from regproxy.proxy import ProxyRegistry
 from regproxy.store import Store
 from tests.fakes import FakeUpstream
 
@@ -68,8 +69,10 @@ def config_for(tmp_path: Path, upstream: FakeUpstream) -> Config:
 
 @pytest.fixture
 async def proxy(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[ProxyRegistry]:
-    reg = build_registry(config_for(tmp_path, upstream))
-    reg.store = EvictingStore(tmp_path / "store")
+    root = tmp_path / "store"
+    reg = ProxyRegistry(
+        EvictingStore(root), AsyncIndex(root / "index.db"), config_for(tmp_path, upstream)
+    )
     await reg.open()
     yield reg
     await reg.close()

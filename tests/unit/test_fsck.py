@@ -21,7 +21,7 @@ from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest
 from regproxy.progress import Progress
-from regproxy.registry import Registry
+from regproxy.registry import LocalRegistry, Registry
 from regproxy.store import Store
 
 REPO = RepoName("spectro-images/docker.io/team/app", "docker.io", "team/app")
@@ -37,7 +37,7 @@ async def chunks(data: bytes) -> AsyncIterator[bytes]:
 async def running(tmp_path: Path) -> AsyncIterator[tuple[Registry, Config]]:
     """The daemon's registry with one image pulled through and a loose blob."""
     root = tmp_path / "store"
-    reg = Registry(Store(root), AsyncIndex(root / "index.db"))
+    reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
     await reg.open()
     config_blob = b'{"os": "linux"}'
     for b in (config_blob, *LAYERS, b"loose"):

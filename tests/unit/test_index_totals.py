@@ -20,7 +20,7 @@ from regproxy.evict import Evictor
 from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest
-from regproxy.registry import Registry
+from regproxy.registry import LocalRegistry, Registry
 from regproxy.store import Store
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -193,7 +193,7 @@ class World:
 @pytest.fixture
 async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
     root = tmp_path / "store"
-    reg = Registry(Store(root), AsyncIndex(root / "index.db"))
+    reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
     await reg.open()
     yield reg
     await reg.close()

@@ -11,7 +11,7 @@ import pytest
 from regproxy.async_index import AsyncIndex
 from regproxy.names import RepoName
 from regproxy.oci import Digest
-from regproxy.registry import Registry
+from regproxy.registry import LocalRegistry, Registry
 from regproxy.store import Store
 
 REPO = RepoName("spectro-images/app")
@@ -21,7 +21,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 @pytest.fixture
 async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
     root = tmp_path / "store"
-    reg = Registry(Store(root), AsyncIndex(root / "index.db"))
+    reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
     await reg.open()
     yield reg
     await reg.close()

@@ -23,7 +23,7 @@ from regproxy.prefetch import (
     images_from_document,
     select_children,
 )
-from regproxy.registry import Blob, Manifest, Registry
+from regproxy.registry import Blob, LocalRegistry, Manifest, Registry
 from regproxy.store import Store
 from tests.images import make_image, make_index
 
@@ -223,7 +223,7 @@ def test_nothing_to_prefetch_is_done() -> None:
 # --- pins over a real store ------------------------------------------------------------------------
 @pytest.fixture
 async def registry(tmp_path: Path) -> Any:
-    reg = Registry(Store(tmp_path / "store"), AsyncIndex(tmp_path / "index.db"))
+    reg = LocalRegistry(Store(tmp_path / "store"), AsyncIndex(tmp_path / "index.db"))
     await reg.open()
     yield reg
     await reg.close()

@@ -12,7 +12,7 @@ from regproxy import cli, schema
 from regproxy.async_index import AsyncIndex
 from regproxy.index import Index
 from regproxy.names import RepoName
-from regproxy.registry import Registry
+from regproxy.registry import LocalRegistry
 from regproxy.store import Store
 
 #: the index schema of every release before versioning, verbatim (user_version 0): a fixture,
@@ -92,7 +92,7 @@ def v1_store(root: Path) -> Path:
 async def test_a_store_from_before_versioning_is_upgraded_in_place(tmp_path: Path) -> None:
     root = tmp_path / "store"
     path = v1_store(root)
-    reg = Registry(Store(root), AsyncIndex(path))
+    reg = LocalRegistry(Store(root), AsyncIndex(path))
     await reg.open(sweep=False)
     try:
         found = await reg.db.read(Index.resolve_tag, REPO, "v1")

@@ -21,7 +21,7 @@ from regproxy.errors import (
 from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest
-from regproxy.registry import Registry
+from regproxy.registry import LocalRegistry, Registry
 from regproxy.store import Store
 
 REPO = RepoName("spectro-images/app")
@@ -30,7 +30,7 @@ REPO = RepoName("spectro-images/app")
 @pytest.fixture
 async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
     root = tmp_path / "store"
-    reg = Registry(Store(root), AsyncIndex(root / "index.db"), max_upload_sessions=3)
+    reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"), max_upload_sessions=3)
     await reg.open()
     yield reg
     await reg.close()
