@@ -5,6 +5,7 @@ Endpoints end-1 ... end-13 of https://github.com/opencontainers/distribution-spe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -293,14 +294,18 @@ async def _stream_blob(
         await resp.write_eof()
         return resp
     sent = 0
+
+    def counted(n: int) -> None:
+        nonlocal sent
+        sent += n
+        # the transfer's source kind (upstream or peer), read as the bytes go out
+        source = "upstream" if blob.stream.kind == "upstream" else "peer"
+        metrics.SERVED_BYTES.labels("blob", source).inc(n)
+
     try:
-        async for chunk in blob.stream.read_range(start, end, blob.size):
-            await sendfile.write_with_deadline(request, resp, chunk)
-            sent += len(chunk)
-            # the transfer's source kind (upstream or peer), read as the bytes arrive
-            source = "upstream" if blob.stream.kind == "upstream" else "peer"
-            metrics.SERVED_BYTES.labels("blob", source).inc(len(chunk))
-    except (OCIError, *sendfile.CLIENT_GONE, sendfile.Stalled) as exc:
+        async with contextlib.aclosing(blob.stream.spans(start, end, blob.size)) as spans:
+            await sendfile.send_spans(request, resp, spans, counted)
+    except (OCIError, *sendfile.SEND_ERRORS) as exc:
         # Never finish a response with wrong or missing bytes: cut the connection.
         sendfile.note_cut(request, blob.digest, exc)
         if request.transport is not None:

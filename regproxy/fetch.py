@@ -22,23 +22,30 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 from regproxy import metrics
 from regproxy.deadline import DEFAULT_LIMITS, DEFAULT_TIMING, Pace, Timing, TransferLimits, backoff
 from regproxy.errors import BlobUnknown, DigestMismatch, OCIError, UpstreamError, UpstreamTooSlow
 from regproxy.oci import Digest
+from regproxy.pump import SocketBody, pump
 from regproxy.store import BlobWriter, Store
-from regproxy.units import BLOB_CHUNK
+from regproxy.units import BLOB_CHUNK, BULK_CHUNK
 
 log = logging.getLogger("regproxy.fetch")
 MAX_ATTEMPTS_PER_SOURCE: Final = 3
 #: failures worth another attempt at the same source (a refusal, auth or 4xx will not change)
 _TRANSIENT: Final = frozenset({"connect", "timeout", "5xx", "error"})
+#: threads that copy plain-TCP bodies (regproxy.pump); a transfer beyond them uses the loop
+PUMPS: Final = 8
+#: a body shorter than this stays on the loop (a thread hop and a connection not reused
+#: would cost more than they save)
+PUMP_AT_LEAST: Final = BULK_CHUNK
 
 
 class Stream(Protocol):
@@ -51,6 +58,13 @@ class Stream(Protocol):
     def chunks(self) -> AsyncIterator[bytes]: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class SocketStream(Stream, Protocol):
+    """A stream that can hand its body over as a socket for a pump thread."""
+
+    def take_socket(self, at_least: int) -> SocketBody | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +98,8 @@ class Transfer:
         self.error: OCIError | None = None
         self.source = ""
         self.kind = "upstream"
+        #: how the last body was copied: "thread" (regproxy.pump) or "loop"
+        self.copy = ""
         self.writer: BlobWriter | None = None
         self.started = time.monotonic()
         self.waiters = 0
@@ -93,21 +109,21 @@ class Transfer:
         self.kinds: frozenset[str] = frozenset()
         #: bumped when a source is abandoned and the file starts over for the next one
         self.generation = 0
-        #: the chunk written last, (offset, bytes): readers that caught up take it from memory
-        self.recent: tuple[int, bytes] | None = None
-        self._changed = asyncio.Condition()
+        #: set (and replaced) on every change: what waiters wake up on
+        self._changed = asyncio.Event()
 
     @property
     def done(self) -> bool:
         return self.committed or self.error is not None
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    def notify(self) -> None:
+        """Something changed (bytes landed, a size, the end, a new generation): wake waiters."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def _wait_change(self, predicate: Callable[[], bool]) -> None:
-        async with self._changed:
-            await self._changed.wait_for(predicate)
+        while not predicate():
+            await self._changed.wait()
 
     async def wait_size(self) -> int:
         """Until the source answered with a size (or the transfer failed)."""
@@ -155,10 +171,12 @@ class Transfer:
 
         return ready
 
-    async def read_range(
+    async def spans(
         self, start: int, end: int, size: int | None = None
-    ) -> AsyncIterator[bytes | memoryview]:
-        """Bytes start..end (inclusive) as they land; the last byte only once verified.
+    ) -> AsyncIterator[tuple[int, int, int]]:
+        """Bytes start..end (inclusive) as they land, as ``(fd, pos, stop)``: the bytes
+        ``pos..stop-1`` of the file open on ``fd`` may be sent now (``sendfile``), and are sent
+        before the next span is asked for. The last byte comes only once verified.
 
         ``size`` is the blob size the response announced: it is cut if the transfer's changes.
         """
@@ -186,29 +204,29 @@ class Transfer:
                 # before the digest is verified
                 limit = end + 1 if self.committed else min(self.written, end)
                 if limit > pos:
-                    n = min(limit - pos, BLOB_CHUNK)
-                    recent = self.recent
-                    if recent is not None and recent[0] <= pos < recent[0] + len(recent[1]):
-                        # caught up with the writer: the bytes are in memory, no disk hop
-                        start_in = pos - recent[0]
-                        # the whole caught-up part in one write: a view, no copy, no extra memory
-                        view = memoryview(recent[1])[start_in : start_in + (limit - pos)]
-                        pos += len(view)
-                        yield view
-                        continue
-                    data = await loop.run_in_executor(None, os.pread, f.fileno(), n, pos)
-                    if not data:
-                        raise TransferFailed(f"{self.digest}: short read at {pos} of {size}")
-                    if self.generation != generation and not self.committed:
-                        continue  # the file was replaced while we read: re-check above
-                    pos += len(data)
-                    yield data
+                    yield f.fileno(), pos, limit
+                    pos = limit
                     continue
                 await self._wait_change(self._progress_past(pos, end, generation))
         finally:
             self.waiters -= 1
             metrics.INFLIGHT_WAITERS.dec()
             await loop.run_in_executor(None, f.close)
+
+    async def read_range(
+        self, start: int, end: int, size: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The bytes of :meth:`spans`, read from the file (for clients without sendfile)."""
+        loop = asyncio.get_running_loop()
+        async for fd, pos, stop in self.spans(start, end, size):
+            while pos < stop:
+                data = await loop.run_in_executor(
+                    None, os.pread, fd, min(stop - pos, BLOB_CHUNK), pos
+                )
+                if not data:
+                    raise TransferFailed(f"{self.digest}: short read at {pos} of {size}")
+                pos += len(data)
+                yield data
 
 
 class Fetcher:
@@ -229,6 +247,8 @@ class Fetcher:
         # one thread each for file writes and hashing: ordered per transfer, parallel to each other
         self._write_thread = ThreadPoolExecutor(2, thread_name_prefix="regproxy-fetch-write")
         self._hash_thread = ThreadPoolExecutor(2, thread_name_prefix="regproxy-fetch-hash")
+        self._pump_threads = ThreadPoolExecutor(PUMPS, thread_name_prefix="regproxy-fetch-pump")
+        self._pumping = 0
 
     def get(self, digest: Digest) -> Transfer | None:
         return self.inflight.get(digest)
@@ -266,6 +286,7 @@ class Fetcher:
             )
         self._write_thread.shutdown(wait=True)
         self._hash_thread.shutdown(wait=True)
+        self._pump_threads.shutdown(wait=True)
 
     async def _run(self, t: Transfer, sources: list[Source], repo: str) -> None:
         loop = asyncio.get_running_loop()
@@ -320,12 +341,13 @@ class Fetcher:
             await self.on_commit(t.digest, t.size, repo, t.source)
             t.committed = True
             log.info(
-                "fetch.committed digest=%s repo=%s source=%s kind=%s bytes=%d seconds=%.2f "
-                "waiters=%d",
+                "fetch.committed digest=%s repo=%s source=%s kind=%s copy=%s bytes=%d "
+                "seconds=%.2f waiters=%d",
                 t.digest,
                 repo,
                 t.source,
                 t.kind,
+                t.copy,
                 t.size,
                 time.monotonic() - t.started,
                 t.waiters,
@@ -346,7 +368,7 @@ class Fetcher:
                 t.error = error or TransferFailed(f"{t.digest}: transfer ended")
             self.inflight.pop(t.digest, None)
             metrics.INFLIGHT_FETCHES.set(len(self.inflight))
-            await t._notify()
+            t.notify()
 
     async def _next_generation(self, t: Transfer) -> None:
         """Start over in a new temp file for the next source; readers that already sent
@@ -355,19 +377,17 @@ class Fetcher:
         old = t.writer
         t.writer = await loop.run_in_executor(None, self.store.writer)
         t.written = 0
-        t.recent = None
         t.generation += 1
         if old is not None:
             await loop.run_in_executor(None, old.abort)
-        await t._notify()
+        t.notify()
 
     @staticmethod
-    async def _landed(t: Transfer, write: asyncio.Future[Any]) -> None:
-        """A chunk reached the file: readers may have it."""
+    async def _landed(t: Transfer, write: asyncio.Future[Any], n: int) -> None:
+        """A chunk of ``n`` bytes reached the file: readers may have it."""
         await write
-        assert t.recent is not None
-        t.written = t.recent[0] + len(t.recent[1])
-        await t._notify()
+        t.written += n
+        t.notify()
 
     async def _from_source(self, t: Transfer, source: Source) -> None:
         """Copy from one source; a cut is resumed with Range after a backoff, a few attempts at
@@ -398,7 +418,6 @@ class Fetcher:
 
     async def _attempt(self, t: Transfer, source: Source, deadline: float) -> None:
         """One request to the source: open, then copy until the end, the pace kept throughout."""
-        loop = asyncio.get_running_loop()
         assert t.writer is not None
         offset = t.written
         opening = asyncio.timeout(max(0.0, deadline - self.timing.now()))
@@ -416,54 +435,125 @@ class Fetcher:
                 # nothing written yet (the first source, or a fresh file after one that
                 # lied): this source's size holds; readers sized otherwise are cut
                 t.size = stream.size
-                await t._notify()
+                t.notify()
             elif stream.size != t.size:
                 raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
             skip = offset - stream.offset  # source ignored our Range: drop what we have
             fetched = metrics.meters_for(source.kind).fetched.labels(source.name)
-            # one write (with its hashing) in flight while the next chunk arrives
-            pending: asyncio.Future[Any] | None = None
-            queued = 0
-            chunks = aiter(stream.chunks())
-            try:
-                while True:
-                    # only the wait for bytes is timed: a write in flight is never cut
-                    watchdog = asyncio.timeout(pace.time_left())
-                    try:
-                        async with watchdog:
-                            chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
-                    except TimeoutError:
-                        if not watchdog.expired():
-                            raise
-                        stalled = pace.shortfall() or "no progress"
-                        raise UpstreamTooSlow(source.name, stalled) from None
-                    pace.add(len(chunk))
-                    why = pace.shortfall()
-                    if why is not None:
-                        raise UpstreamTooSlow(source.name, why)
-                    if skip > 0:
-                        if len(chunk) <= skip:
-                            skip -= len(chunk)
-                            continue
-                        chunk, skip = chunk[skip:], 0
-                    if t.written + queued + len(chunk) > t.size:
-                        raise UpstreamError(source.name, f"sent more than {t.size} bytes")
-                    if pending is not None:
-                        await self._landed(t, pending)
-                    t.recent = (t.written, chunk)
-                    writer = t.writer
-                    pending = asyncio.gather(  # file and hash side by side, in order
-                        loop.run_in_executor(self._write_thread, writer.write_unhashed, chunk),
-                        loop.run_in_executor(self._hash_thread, writer.hash, chunk),
-                    )
-                    queued = len(chunk)
-                    fetched.inc(len(chunk))
-            finally:
-                if pending is not None:
-                    await self._landed(t, pending)
+            body = None
+            if skip == 0 and isinstance(stream, SocketStream) and self._pumping < PUMPS:
+                body = stream.take_socket(PUMP_AT_LEAST)
+            t.copy = "loop" if body is None else "thread"
+            if body is not None:  # plain TCP: the body goes on a thread of its own
+                await self._pump(t, source.name, body, pace, fetched.inc)
+            else:
+                await self._copy(t, source.name, stream, pace, skip, fetched.inc)
             if t.written != t.size:
                 raise UpstreamError(source.name, f"body ended at {t.written} of {t.size}")
         finally:
             await stream.close()
+
+    async def _pump(
+        self,
+        t: Transfer,
+        source: str,
+        body: SocketBody,
+        pace: Pace,
+        fetched: Callable[[int], None],
+    ) -> None:
+        """The body from its socket into the file on a pump thread (regproxy.pump); readers hear
+        of every chunk once it is in the file."""
+        loop = asyncio.get_running_loop()
+        assert t.writer is not None
+        generation = t.generation
+        stop = threading.Event()
+
+        def advance(n: int) -> None:  # on the loop, in the order the thread landed them
+            if t.generation == generation:
+                t.written += n
+                fetched(n)
+                t.notify()
+
+        def landed(n: int) -> None:  # on the pump's thread
+            loop.call_soon_threadsafe(advance, n)
+
+        job = functools.partial(
+            pump,
+            body,
+            t.writer,
+            source=source,
+            pace=pace,
+            landed=landed,
+            stop=stop,
+        )
+        self._pumping += 1
+        done = loop.run_in_executor(self._pump_threads, job)
+        try:
+            with body.guard():
+                await asyncio.shield(done)
+        finally:
+            self._pumping -= 1
+            if not done.done():  # cancelled: the thread must be off the file before it goes
+                stop.set()
+                body.interrupt()
+                while not done.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait([done])
+            if not done.cancelled():
+                done.exception()  # seen: a cut pump's own error is no news
+            body.close()
+
+    async def _copy(
+        self,
+        t: Transfer,
+        source: str,
+        stream: Stream,
+        pace: Pace,
+        skip: int,
+        fetched: Callable[[int], None],
+    ) -> None:
+        """The body chunk by chunk through the loop (TLS, chunked, small, or every pump busy):
+        each chunk written and hashed on threads while the next one arrives."""
+        loop = asyncio.get_running_loop()
+        assert t.size is not None
+        # one write (with its hashing) in flight while the next chunk arrives
+        pending: asyncio.Future[Any] | None = None
+        queued = 0
+        chunks = aiter(stream.chunks())
+        try:
+            while True:
+                # only the wait for bytes is timed: a write in flight is never cut
+                watchdog = asyncio.timeout(pace.time_left())
+                try:
+                    async with watchdog:
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if not watchdog.expired():
+                        raise
+                    raise UpstreamTooSlow(source, pace.shortfall() or "no progress") from None
+                pace.add(len(chunk))
+                why = pace.shortfall()
+                if why is not None:
+                    raise UpstreamTooSlow(source, why)
+                if skip > 0:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk, skip = chunk[skip:], 0
+                if t.written + queued + len(chunk) > t.size:
+                    raise UpstreamError(source, f"sent more than {t.size} bytes")
+                if pending is not None:
+                    await self._landed(t, pending, queued)
+                writer = t.writer
+                assert writer is not None
+                pending = asyncio.gather(  # file and hash side by side, in order
+                    loop.run_in_executor(self._write_thread, writer.write_unhashed, chunk),
+                    loop.run_in_executor(self._hash_thread, writer.hash, chunk),
+                )
+                queued = len(chunk)
+                fetched(len(chunk))
+        finally:
+            if pending is not None:
+                await self._landed(t, pending, queued)

@@ -25,7 +25,7 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
@@ -51,6 +51,10 @@ class Stalled(TimeoutError):
 
 class _ShortFile(EOFError):
     """The blob file ended before its recorded size (damage on disk)."""
+
+
+#: what cuts a response short on the way out: a client gone or stalled, a file cut short
+SEND_ERRORS: Final = (*CLIENT_GONE, Stalled, _ShortFile)
 
 
 class _Sent:
@@ -252,6 +256,38 @@ async def send_file(
         metrics.SERVED_BYTES.labels("blob", "disk").inc(sent.n)
     await resp.write_eof()
     return resp
+
+
+async def send_spans(
+    request: web.Request,
+    resp: web.StreamResponse,
+    spans: AsyncIterator[tuple[int, int, int]],
+    counted: Callable[[int], None],
+) -> None:
+    """The body of a prepared response from a file still being written (a transfer in flight):
+    each span ``(fd, pos, stop)`` goes out like a committed file's bytes (sendfile; over TLS
+    pread and the transport) before the next one is asked for; ``counted(n)`` after each.
+    Raises one of :data:`SEND_ERRORS` when the client goes or stalls."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("connection lost")
+    sock = transport.get_extra_info("socket")
+    direct = sock is not None and transport.get_extra_info("ssl_object") is None
+    flushed = False
+    sent = _Sent()
+    async for fd, pos, stop in spans:
+        before = sent.n
+        try:
+            if not direct:
+                await _send_chunks(request, resp, fd, pos, stop - pos, sent)
+                continue
+            if not flushed:  # the headers must be on the wire before the body goes around
+                await write_with_deadline(request, resp, b"")
+                await _flushed(request, transport)
+                flushed = True
+            await _sendfile(request, sock.fileno(), fd, pos, stop - pos, sent)
+        finally:
+            counted(sent.n - before)
 
 
 async def _flushed(request: web.Request, transport: asyncio.Transport) -> None:

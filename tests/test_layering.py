@@ -62,7 +62,9 @@ LAYERS: dict[str, Layer] = {
     "queries": _layer("ui.queries", "base oci index"),
     "ui_model": _layer("ui.format ui.history ui.charts", "base"),
     # the transfer knows no transport: sources are callables handed in by proxy
-    "transfer": _layer("fetch", "base oci store"),
+    # a plain-TCP body copied into the store on a thread (the socket is handed in)
+    "pump": _layer("pump", "base store"),
+    "transfer": _layer("fetch", "base oci store pump"),
     "upstream": _layer("upstream", "base oci config names"),
     # which peers are up: backoff on the clock handed in
     "liveness": _layer("liveness", "base"),

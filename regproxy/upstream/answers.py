@@ -7,7 +7,11 @@ keeps at most what was asked for, and only strings that are tags.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -16,10 +20,12 @@ from typing import Final
 import aiohttp
 from aiohttp import hdrs
 
-from regproxy.errors import DigestInvalid
+from regproxy.errors import DigestInvalid, UpstreamError
 from regproxy.oci import TAG_RE, Digest, JSONInvalid, load_json
 from regproxy.units import BULK_CHUNK
 
+#: the longest a receive on a taken-over socket blocks before its reader looks at the clock
+RECEIVE_SLICE: Final = 0.25
 _CONTENT_RANGE_RE: Final = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
 
@@ -65,8 +71,10 @@ class BlobStream:
         source: str,
         guard: Callable[[str], AbstractContextManager[None]],
         release: Callable[[], None] = lambda: None,
+        read_timeout: float = 30.0,
     ) -> None:
         self._response = response
+        self._read_timeout = read_timeout
         self._guard = guard
         self._release = release
         #: total blob size
@@ -75,6 +83,51 @@ class BlobStream:
         self.offset = offset
         #: the base URL that answered (a mirror or the upstream), credentials masked
         self.source = source
+
+    def take_socket(self, at_least: int) -> SocketBody | None:
+        """The rest of the body as a socket of its own, for a thread to read (regproxy.pump),
+        when it comes over plain TCP with a Content-Length and at least ``at_least`` bytes of
+        it are still to come; else None (TLS, chunked, short: read :meth:`chunks`).
+
+        What the HTTP client read already is taken from its buffer (``read_nowait``: each read
+        lets its parser feed what it held back), then its reading is paused for good, so every
+        byte after that is in the socket. The connection is not reused afterwards (:meth:`close`
+        closes a body it did not see end).
+        """
+        resp = self._response
+        conn = resp.connection
+        transport = conn.transport if conn is not None else None
+        if conn is None or conn.protocol is None or transport is None or transport.is_closing():
+            return None
+        if transport.get_extra_info("ssl_object") is not None:
+            return None
+        raw = transport.get_extra_info("socket")
+        length = resp.content_length
+        content = resp.content
+        if (
+            raw is None
+            or length is None
+            or hdrs.TRANSFER_ENCODING in resp.headers
+            or content.exception() is not None
+            or content.at_eof()
+            or length - content.total_bytes < at_least
+        ):
+            return None
+        parts: list[bytes] = []
+        while data := content.read_nowait():
+            parts.append(data)
+        conn.protocol.pause_reading()  # also stops the client's own read timeout
+        head = b"".join(parts)
+        if content.total_bytes != len(head) or len(head) > length:
+            # bytes the client read that we did not get: the socket would be out of step
+            raise UpstreamError(self.source, "could not take over the blob body")
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+        sock.setblocking(True)  # MSG_WAITALL fills a buffer in one call; SO_RCVTIMEO bounds it
+        whole, frac = divmod(RECEIVE_SLICE, 1.0)
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(whole), int(frac * 1e6))
+        )
+        return SocketBody(head, length - len(head), sock, self._guard, self._read_timeout)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive (up to 1 MiB); a cut body raises UpstreamError."""
@@ -96,6 +149,38 @@ class BlobStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class SocketBody:
+    """The rest of a plain-TCP body, read from a duplicate of its connection's socket (see
+    :class:`regproxy.pump.SocketBody`). :meth:`close` it after the reading thread is done."""
+
+    def __init__(
+        self,
+        head: bytes,
+        left: int,
+        sock: socket.socket,
+        guard: Callable[[str], AbstractContextManager[None]],
+        read_timeout: float,
+    ) -> None:
+        self.head = head
+        self.left = left
+        self.read_timeout = read_timeout
+        self._sock = sock
+        self._guard = guard
+
+    def receive_into(self, buffer: memoryview) -> int:
+        return self._sock.recv_into(buffer, len(buffer), socket.MSG_WAITALL)
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def guard(self) -> AbstractContextManager[None]:
+        return self._guard("blob body")
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def media_type(value: str | None) -> str:

@@ -266,6 +266,7 @@ class UpstreamClient:
                 source=base.source,
                 guard=lambda what: self.transport.io_errors(base, what),
                 release=held.slot.release,
+                read_timeout=self.transport.config.read_timeout,
             )
 
         stream = await self._each_base(op, f"{path}@{digest}")

@@ -79,6 +79,19 @@ def manifest_for(config: bytes, layers: list[bytes]) -> bytes:
     ).encode()
 
 
+#: blob sizes for the two ways a body is copied (regproxy.fetch): through the event loop, and
+#: on a pump thread from the connection's own socket (plain TCP, at least 1 MiB still to come)
+BY_LOOP = 900 * 1024
+BY_THREAD = 24 * 1024 * 1024
+COPY_PATHS = pytest.mark.parametrize("size", [BY_LOOP, BY_THREAD], ids=["loop", "thread"])
+
+
+def copied_by_thread(d: AppDaemon, digest: str) -> bool:
+    """Whether the committed transfer's last body was copied by a pump thread."""
+    lines = [ln for ln in d.log().splitlines() if "fetch.committed" in ln and digest in ln]
+    return bool(lines) and "copy=thread" in lines[-1]
+
+
 def blobs_on_disk(d: AppDaemon) -> set[str]:
     root = d.root / "store" / "blobs"
     return {p.name for p in root.rglob("*") if p.is_file()}
@@ -129,16 +142,20 @@ async def test_coalesced_herd_streams_before_the_end(
     assert upstream.count("GET", f"/blobs/{d}") == 1
 
 
-async def test_cut_mid_blob_is_resumed_with_range(upstream: FakeUpstream, daemon_factory) -> None:
-    data = os.urandom(3 * 1024 * 1024 + 17)
+@COPY_PATHS
+async def test_cut_mid_blob_is_resumed_with_range(
+    upstream: FakeUpstream, daemon_factory, size: int
+) -> None:
+    data = os.urandom(size + 17)
     d = upstream.add_blob(data)
-    upstream.blob_faults[d] = BlobFault(cut_at=1024 * 1024, cuts=1)
+    upstream.blob_faults[d] = BlobFault(cut_at=size // 3, cuts=1)
     proxy = await start_daemon(daemon_factory, proxy_config(upstream))
     async with aiohttp.ClientSession() as s:
         status, body, _ = await get(s, f"{proxy.url}/v2/fake.test/app/blobs/{d}")
     assert status == 200 and body == data
     ranged = [k for k in upstream.requests if d in k]
     assert upstream.count("GET", d) == 2, ranged  # the first, then one resume
+    assert copied_by_thread(proxy, d) == (size == BY_THREAD)
 
 
 async def test_cut_without_range_support_restarts_and_skips(
@@ -153,10 +170,11 @@ async def test_cut_without_range_support_restarts_and_skips(
     assert status == 200 and body == data
 
 
+@COPY_PATHS
 async def test_cut_for_good_aborts_every_response_and_caches_nothing(
-    upstream: FakeUpstream, daemon_factory
+    upstream: FakeUpstream, daemon_factory, size: int
 ) -> None:
-    data = os.urandom(2 * 1024 * 1024)
+    data = os.urandom(size)
     d = upstream.add_blob(data)
     upstream.blob_faults[d] = BlobFault(cut_at=500_000, cuts=100)
     proxy = await start_daemon(daemon_factory, proxy_config(upstream))
@@ -181,12 +199,14 @@ async def test_cut_for_good_aborts_every_response_and_caches_nothing(
     async with aiohttp.ClientSession() as s:
         status, body, _ = await get(s, url)
     assert status == 200 and body == data
+    assert copied_by_thread(proxy, d) == (size == BY_THREAD)
 
 
+@COPY_PATHS
 async def test_wrong_bytes_are_never_served_complete_nor_cached(
-    upstream: FakeUpstream, daemon_factory
+    upstream: FakeUpstream, daemon_factory, size: int
 ) -> None:
-    data = os.urandom(1024 * 1024 + 5)
+    data = os.urandom(size + 5)
     d = upstream.add_blob(data)
     upstream.blob_faults[d] = BlobFault(corrupt=True)
     proxy = await start_daemon(daemon_factory, proxy_config(upstream))

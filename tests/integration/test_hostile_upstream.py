@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -168,10 +169,16 @@ async def read_or_cut(client: TestClient[Any, Any], method: str, path: str) -> t
         return -1, b""
 
 
+@pytest.mark.parametrize(
+    "size",
+    [4000, 24 * 1024 * 1024],  # copied through the loop; by a pump thread (regproxy.pump)
+    ids=["loop", "thread"],
+)
 async def test_dripping_upstream_is_dropped_and_the_next_get_starts_afresh(
-    tmp_path: Path, upstream: FakeUpstream
+    tmp_path: Path, upstream: FakeUpstream, size: int, caplog: Any
 ) -> None:
-    data = os.urandom(4000)
+    caplog.set_level(logging.INFO, logger="regproxy.fetch")
+    data = os.urandom(size)
     d = upstream.add_blob(data)
     upstream.blob_faults[d] = BlobFault(step=1, delay=0.2)  # 5 bytes a second
     settings = {"min_rate": "1KiB/s", "min_rate_window": "1s"}
@@ -186,6 +193,8 @@ async def test_dripping_upstream_is_dropped_and_the_next_get_starts_afresh(
         status, body = await read_or_cut(client, "GET", path)
         assert status == 200 and body == data
         assert upstream.count("GET", f"/blobs/{d}") == 2
+    committed = [r.getMessage() for r in caplog.records if "fetch.committed" in r.getMessage()]
+    assert committed and ("copy=thread" in committed[-1]) == (size > 1024 * 1024)
 
 
 async def test_200_concurrent_cold_pulls_queue_for_16_connections(
@@ -333,6 +342,29 @@ async def test_shutdown_drains_within_the_timeout_and_cuts_the_rest(
     assert fetcher.inflight == {}
     assert "shutdown.transfers finished=0 cut=1" in caplog.text
     assert not any((tmp_path / "store" / "tmp").iterdir())
+
+
+async def test_a_pump_thread_cut_at_shutdown_lets_go_of_its_file(
+    tmp_path: Path, upstream: FakeUpstream, caplog: Any
+) -> None:
+    """A plain-TCP body copied by a pump thread (regproxy.pump), cut by the shutdown drain: the
+    thread stops, the temp file goes, the client's response is cut."""
+    data = os.urandom(24 * 1024 * 1024)
+    d = upstream.add_blob(data)
+    upstream.blob_faults[d] = BlobFault(step=64 * 1024, delay=0.05)  # ~30 s for all of it
+    async with proxy(tmp_path / "store", upstream) as client:
+        fetcher = registry_of(client).fetcher
+        pull = asyncio.create_task(read_or_cut(client, "GET", f"/v2/{ALIAS}/app/blobs/{d}"))
+        async with asyncio.timeout(30):
+            while not (t := fetcher.get(Digest.parse(d))) or t.written < 2 * 1024 * 1024:
+                await asyncio.sleep(0.05)
+        assert t.copy == "thread"
+        await asyncio.wait_for(fetcher.drain(0), 30)
+        status, body = await asyncio.wait_for(pull, 30)
+        assert status == -1 and body != data  # cut, never complete
+        assert fetcher.inflight == {}
+        assert "shutdown.transfers finished=0 cut=1" in caplog.text
+        assert not any((tmp_path / "store" / "tmp").iterdir())
 
 
 # --- bounded memory: tags lists and manifest nesting ------------------------------------------------

@@ -1,0 +1,111 @@
+"""A blob body copied from its socket into the store on a thread of its own.
+
+For a plain-HTTP source (a peer on the LAN, an HTTP mirror or upstream) the event loop reads the
+response headers, then hands the connection's socket over (see
+:meth:`regproxy.upstream.answers.BlobStream.take_socket`). :func:`pump` then moves the body in
+``CHUNK``-sized steps, each one ``recv_into`` a preallocated buffer (``MSG_WAITALL``: one call
+fills it), a ``hashlib`` update and a ``write`` to the temp file. All three release the GIL, no
+byte is copied in Python, and the loop hears of each chunk once it is in the file (readers send
+it from there with ``sendfile``). On two cores this leaves the loop free for the clients, and
+takes aiohttp's body parsing (two copies and a task wake-up per socket read) off the path.
+
+The pace is kept as on the loop (regproxy.deadline): a wait for bytes is cut in short receive
+timeouts (``SO_RCVTIMEO``), and between them the thread checks whether it was told to stop, whether the
+source fell below its ``min_rate`` (:class:`UpstreamTooSlow`) and whether nothing arrived for
+``read_timeout`` (:class:`TimeoutError`). A body that ends early is a :class:`ConnectionError`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Final, Protocol
+
+from regproxy.deadline import Pace
+from regproxy.errors import UpstreamTooSlow
+from regproxy.store import BlobWriter
+from regproxy.units import BULK_CHUNK
+
+#: bytes per receive, hash and write
+CHUNK: Final = BULK_CHUNK
+
+
+class SocketBody(Protocol):
+    """The rest of an HTTP response body, taken over from the connection that carried it."""
+
+    #: body bytes the HTTP client had read already (they come first)
+    head: bytes
+    #: body bytes still to read from the socket after ``head``
+    left: int
+    #: the longest the source may send nothing (its ``read_timeout``)
+    read_timeout: float
+
+    def receive_into(self, buffer: memoryview) -> int:
+        """Up to ``len(buffer)`` bytes, as many as it can within a short slice (0: the peer
+        closed); BlockingIOError after a slice without any. On the pump's thread only."""
+        ...
+
+    def interrupt(self) -> None:
+        """Wake a receive blocked on another thread (it then returns 0). Any thread."""
+        ...
+
+    def guard(self) -> AbstractContextManager[None]:
+        """Turns the socket's errors into the source's errors (UpstreamError)."""
+        ...
+
+    def close(self) -> None:
+        """Done with the socket (after the pump returned)."""
+        ...
+
+
+class Stopped(Exception):
+    """The pump was told to stop (the transfer was cut or cancelled)."""
+
+
+def pump(
+    body: SocketBody,
+    writer: BlobWriter,
+    *,
+    source: str,
+    pace: Pace,
+    landed: Callable[[int], None],
+    stop: threading.Event,
+) -> None:
+    """Copy the whole body into ``writer`` (written and hashed), calling ``landed(n)`` after
+    every ``n`` bytes that are in the file. Runs on a thread; raises what ended it early."""
+    if body.head:
+        _store(writer, body.head, pace, source)
+        landed(len(body.head))
+    buf = memoryview(bytearray(CHUNK))
+    left = body.left
+    last_byte = time.monotonic()
+    while left > 0:
+        if stop.is_set():
+            raise Stopped
+        try:
+            n = body.receive_into(buf[: min(CHUNK, left)])
+        except BlockingIOError:  # a SLICE without a byte: look at the clocks, then wait on
+            if pace.time_left() <= 0:
+                raise UpstreamTooSlow(source, pace.shortfall() or "no progress") from None
+            if time.monotonic() - last_byte >= body.read_timeout:
+                raise TimeoutError(f"no body bytes for {body.read_timeout:g}s") from None
+            continue
+        if n == 0:
+            if stop.is_set():
+                raise Stopped
+            raise ConnectionResetError(f"the body ended {left} bytes early")
+        last_byte = time.monotonic()
+        left -= n
+        _store(writer, buf[:n], pace, source)
+        landed(n)
+
+
+def _store(writer: BlobWriter, data: bytes | memoryview, pace: Pace, source: str) -> None:
+    writer.hash(data)
+    writer.write_unhashed(data)
+    pace.add(len(data))
+    why = pace.shortfall()
+    if why is not None:
+        raise UpstreamTooSlow(source, why)
