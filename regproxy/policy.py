@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import json
 import logging
 import time
@@ -207,10 +208,8 @@ class Policy:
         decision = self._cached(key, local)
         if decision is None:
             decision = await self._single(
-                (*key, local), lambda: self._decide(repo, digest, rule, depth)
+                (*key, local), lambda: self._decided(repo, digest, rule, depth, key, local)
             )
-            self._remember(key, decision, local)
-            self._log(repo, digest, decision)
         metrics.POLICY_DECISIONS.labels(
             rule.match, "allowed" if decision.allowed else "denied"
         ).inc()
@@ -246,24 +245,37 @@ class Policy:
             self._denied.clear()
         self._denied[(*key, local)] = (decision, self.clock() + self.config.tag_ttl)
 
+    async def _decided(
+        self,
+        repo: RepoName,
+        digest: Digest,
+        rule: PolicyRule,
+        depth: int,
+        key: tuple[str, int],
+        local: bool,
+    ) -> Decision:
+        decision = await self._decide(repo, digest, rule, depth)
+        self._remember(key, decision, local)
+        self._log(repo, digest, decision)
+        return decision
+
     async def _single(
         self, key: tuple[str, int, bool], make: Callable[[], Awaitable[Decision]]
     ) -> Decision:
-        fut = self._flights.get(key)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._flights[key] = fut
-        try:
-            result = await make()
-            fut.set_result(result)
-            return result
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()
-            raise
-        finally:
-            self._flights.pop(key, None)
+        """One decision per key at a time, in a task of its own: an asker that is cancelled
+        (the first one too: a prefetch timing out, a shutdown) cancels only its own wait."""
+        task = self._flights.get(key)
+        if task is None:
+            task = asyncio.ensure_future(make())
+            self._flights[key] = task
+            task.add_done_callback(functools.partial(self._landed, key))
+        return await asyncio.shield(task)
+
+    def _landed(self, key: tuple[str, int, bool], task: asyncio.Future[Decision]) -> None:
+        if self._flights.get(key) is task:
+            del self._flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every asker may have gone
 
     def _log(self, repo: RepoName, digest: Digest, decision: Decision) -> None:
         if decision.allowed:

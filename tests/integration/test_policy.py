@@ -210,3 +210,35 @@ async def test_push_enforcement_and_a_pushed_signature_counts_at_once(tmp_path: 
         )
     finally:
         await client.close()
+
+
+async def test_a_decision_outlives_the_cancelled_request_that_started_it(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """The first asker of a decision may be cancelled (a prefetch timing out, a shutdown): the
+    others waiting on the same decision get it, not its CancelledError."""
+    import asyncio
+
+    from regproxy.oci import Digest
+
+    key = make_key()
+    pub = key.write_public(tmp_path / "k.pub")
+    digest, _ = add_image(upstream, "v1")
+    add_signature(upstream, digest, key)
+    client, _ = await start(config(tmp_path, upstream, pub))
+    try:
+        policy = client.server.app[POLICY_KEY]
+        repo = NameResolver(policy.config).resolve("fake.test/team/app")
+        upstream.manifest_gate = asyncio.Event()  # the decision waits on the upstream
+        first = asyncio.create_task(policy.check(repo, Digest.parse(digest)))
+        await asyncio.wait_for(upstream.manifest_arrived.wait(), 10)
+        second = asyncio.create_task(policy.check(repo, Digest.parse(digest)))
+        await asyncio.sleep(0.01)  # it joins the decision in flight
+        first.cancel()
+        upstream.manifest_gate.set()
+        decision = await asyncio.wait_for(second, 10)
+        assert decision.allowed, decision
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    finally:
+        await client.close()
