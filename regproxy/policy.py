@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import functools
 import json
 import logging
 import time
@@ -53,6 +52,7 @@ from regproxy.cosign import (
     verify_layer,
 )
 from regproxy.errors import Denied, OCIError
+from regproxy.flights import SingleFlights
 from regproxy.index import Index, ManifestRow
 from regproxy.names import RepoName
 from regproxy.oci import INDEX_TYPES, Descriptor, Digest
@@ -142,7 +142,7 @@ class Policy:
         self._allowed: OrderedDict[tuple[str, int], Decision] = OrderedDict()
         #: denials by (digest, rule, local-only): a peer's lookup decides from the store alone
         self._denied: dict[tuple[str, int, bool], tuple[Decision, float]] = {}
-        self._flights: dict[tuple[str, int, bool], asyncio.Future[Decision]] = {}
+        self._flights = SingleFlights("policy")
         self._rule_of: dict[str, tuple[int, PolicyRule] | None] = {}
 
     @property
@@ -207,7 +207,9 @@ class Policy:
         local = LOCAL_ONLY.get()  # a peer's lookup: only what this host holds counts
         decision = self._cached(key, local)
         if decision is None:
-            decision = await self._single(
+            # in a task of its own: an asker that is cancelled (the first one too: a prefetch
+            # timing out) cancels only its own wait, never the others' decision
+            decision = await self._flights.run(
                 (*key, local), lambda: self._decided(repo, digest, rule, depth, key, local)
             )
         metrics.POLICY_DECISIONS.labels(
@@ -258,24 +260,6 @@ class Policy:
         self._remember(key, decision, local)
         self._log(repo, digest, decision)
         return decision
-
-    async def _single(
-        self, key: tuple[str, int, bool], make: Callable[[], Awaitable[Decision]]
-    ) -> Decision:
-        """One decision per key at a time, in a task of its own: an asker that is cancelled
-        (the first one too: a prefetch timing out, a shutdown) cancels only its own wait."""
-        task = self._flights.get(key)
-        if task is None:
-            task = asyncio.ensure_future(make())
-            self._flights[key] = task
-            task.add_done_callback(functools.partial(self._landed, key))
-        return await asyncio.shield(task)
-
-    def _landed(self, key: tuple[str, int, bool], task: asyncio.Future[Decision]) -> None:
-        if self._flights.get(key) is task:
-            del self._flights[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: every asker may have gone
 
     def _log(self, repo: RepoName, digest: Digest, decision: Decision) -> None:
         if decision.allowed:
