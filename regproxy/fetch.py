@@ -248,6 +248,8 @@ class Fetcher:
         self._write_thread = ThreadPoolExecutor(2, thread_name_prefix="regproxy-fetch-write")
         self._hash_thread = ThreadPoolExecutor(2, thread_name_prefix="regproxy-fetch-hash")
         self._pump_threads = ThreadPoolExecutor(PUMPS, thread_name_prefix="regproxy-fetch-pump")
+        # one hashing thread beside each pump: as many as pumps, so a pump never waits for one
+        self._pump_hashing = ThreadPoolExecutor(PUMPS, thread_name_prefix="regproxy-pump-hash")
         self._pumping = 0
 
     def get(self, digest: Digest) -> Transfer | None:
@@ -287,6 +289,7 @@ class Fetcher:
         self._write_thread.shutdown(wait=True)
         self._hash_thread.shutdown(wait=True)
         self._pump_threads.shutdown(wait=True)
+        self._pump_hashing.shutdown(wait=True)
 
     async def _run(self, t: Transfer, sources: list[Source], repo: str) -> None:
         loop = asyncio.get_running_loop()
@@ -485,6 +488,7 @@ class Fetcher:
             pace=pace,
             landed=landed,
             stop=stop,
+            hashing=self._pump_hashing,
         )
         self._pumping += 1
         done = loop.run_in_executor(self._pump_threads, job)

@@ -3,10 +3,10 @@
 For a plain-HTTP source (a peer on the LAN, an HTTP mirror or upstream) the event loop reads the
 response headers, then hands the connection's socket over (see
 :meth:`regproxy.upstream.answers.BlobStream.take_socket`). :func:`pump` then moves the body in
-``CHUNK``-sized steps, each one ``recv_into`` a preallocated buffer (``MSG_WAITALL``: one call
-fills it), a ``hashlib`` update and a ``write`` to the temp file. All three release the GIL, no
-byte is copied in Python, and the loop hears of each chunk once it is in the file (readers send
-it from there with ``sendfile``). On two cores this leaves the loop free for the clients, and
+``CHUNK``-sized steps, each one ``recv_into`` one of a few preallocated buffers (``MSG_WAITALL``:
+one call fills it) and a ``write`` to the temp file, while a second thread runs the ``hashlib``
+update of the chunk before. All three release the GIL, no byte is copied in Python, and the
+loop hears of each chunk once it is in the file (readers send it from there with ``sendfile``). On two cores this leaves the loop free for the clients, and
 takes aiohttp's body parsing (two copies and a task wake-up per socket read) off the path.
 
 The pace is kept as on the loop (regproxy.deadline): a wait for bytes is cut in short receive
@@ -17,9 +17,11 @@ source fell below its ``min_rate`` (:class:`UpstreamTooSlow`) and whether nothin
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from typing import Final, Protocol
 
@@ -30,6 +32,8 @@ from regproxy.units import BULK_CHUNK
 
 #: bytes per receive, hash and write
 CHUNK: Final = BULK_CHUNK
+#: buffers per pump: one being received into and written, the others waiting for their hash
+BUFFERS: Final = 3
 
 
 class SocketBody(Protocol):
@@ -72,38 +76,65 @@ def pump(
     pace: Pace,
     landed: Callable[[int], None],
     stop: threading.Event,
+    hashing: Executor,
 ) -> None:
     """Copy the whole body into ``writer`` (written and hashed), calling ``landed(n)`` after
-    every ``n`` bytes that are in the file. Runs on a thread; raises what ended it early."""
-    if body.head:
-        _store(writer, body.head, pace, source)
-        landed(len(body.head))
-    buf = memoryview(bytearray(CHUNK))
-    left = body.left
-    last_byte = time.monotonic()
-    while left > 0:
-        if stop.is_set():
-            raise Stopped
-        try:
-            n = body.receive_into(buf[: min(CHUNK, left)])
-        except BlockingIOError:  # a SLICE without a byte: look at the clocks, then wait on
-            if pace.time_left() <= 0:
-                raise UpstreamTooSlow(source, pace.shortfall() or "no progress") from None
-            if time.monotonic() - last_byte >= body.read_timeout:
-                raise TimeoutError(f"no body bytes for {body.read_timeout:g}s") from None
-            continue
-        if n == 0:
+    every ``n`` bytes that are in the file. Runs on a thread; raises what ended it early.
+
+    The hash runs beside it on a thread of ``hashing`` (which must have one free), a chunk
+    behind: this thread receives and writes the next chunk meanwhile. It returns once the last
+    chunk is hashed too, so the writer is whole when it does (and no thread touches it after).
+    """
+    free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+    for _ in range(BUFFERS):
+        free.put(memoryview(bytearray(CHUNK)))
+    #: (bytes, how many, the buffer to give back once hashed)
+    todo: queue.SimpleQueue[tuple[memoryview, int, bool] | None] = queue.SimpleQueue()
+
+    def hash_all() -> None:
+        while (item := todo.get()) is not None:
+            buf, n, recycle = item
+            writer.hash(buf[:n])
+            if recycle:
+                free.put(buf)
+
+    hasher = hashing.submit(hash_all)
+    try:
+        if body.head:
+            _store(writer, body.head, pace, source)
+            todo.put((memoryview(body.head), len(body.head), False))
+            landed(len(body.head))
+        left = body.left
+        last_byte = time.monotonic()
+        while left > 0:
             if stop.is_set():
                 raise Stopped
-            raise ConnectionResetError(f"the body ended {left} bytes early")
-        last_byte = time.monotonic()
-        left -= n
-        _store(writer, buf[:n], pace, source)
-        landed(n)
+            buf = free.get()  # waits while every buffer is still being hashed
+            try:
+                n = body.receive_into(buf[: min(CHUNK, left)])
+            except BlockingIOError:  # a slice without a byte: look at the clocks, wait on
+                free.put(buf)
+                if pace.time_left() <= 0:
+                    raise UpstreamTooSlow(source, pace.shortfall() or "no progress") from None
+                if time.monotonic() - last_byte >= body.read_timeout:
+                    raise TimeoutError(f"no body bytes for {body.read_timeout:g}s") from None
+                continue
+            if n == 0:
+                if stop.is_set():
+                    raise Stopped
+                raise ConnectionResetError(f"the body ended {left} bytes early")
+            last_byte = time.monotonic()
+            left -= n
+            _store(writer, buf[:n], pace, source)
+            todo.put((buf, n, True))
+            landed(n)
+    finally:
+        todo.put(None)
+        hasher.result()
 
 
 def _store(writer: BlobWriter, data: bytes | memoryview, pace: Pace, source: str) -> None:
-    writer.hash(data)
+    """Into the file (its hash comes from the hashing thread)."""
     writer.write_unhashed(data)
     pace.add(len(data))
     why = pace.shortfall()
