@@ -92,7 +92,22 @@ class _JSONFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+#: control characters (a newline above all) in a message's values: a client's path, a user name
+#: or an upstream's header could otherwise start a line of its own (a forged log line)
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]  # "\n" -> "\\n", "\x1b" -> "\\x1b"
+
+
 class _TextFormatter(logging.Formatter):
+    """One line per message (a traceback, appended after it, keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _CONTROL.sub(_escaped, record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         return mask_credentials(super().format(record))
 

@@ -108,3 +108,17 @@ def test_text_format_is_unchanged() -> None:
         stream.getvalue()
         == "WARNING regproxy.test_log fetch.failed digest=sha256:ab url=https://***:***@h/x\n"
     )
+
+
+def test_a_value_cannot_start_a_line_of_its_own() -> None:
+    """A client's path (``%0A`` decoded), a user name or an upstream's header may hold a newline:
+    it is escaped, so nobody can forge a log line; a traceback keeps its lines."""
+    formatter = _TextFormatter("%(levelname)s %(name)s %(message)s")
+    forged = "/v2/a\n2026-01-01 INFO regproxy.access FORGED\r\x1b[2J/manifests/x"
+    line = formatter.format(_record("request method=%s path=%s", "GET", forged))
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert line.endswith(r"path=/v2/a\n2026-01-01 INFO regproxy.access FORGED\r\x1b[2J/manifests/x")
+    with_traceback = formatter.format(_record("fetch.crashed path=%s", forged, exc=True))
+    first, *rest = with_traceback.splitlines()
+    assert first.startswith("INFO regproxy.fetch fetch.crashed path=/v2/a\\n2026")
+    assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "ValueError: boom"
