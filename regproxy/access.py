@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+import weakref
+from typing import Any, ClassVar
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from regproxy import metrics
-from regproxy.web_keys import NOTES_KEY
+from regproxy.metrics import Metrics
+from regproxy.web_keys import METRICS_KEY, NOTES_KEY
 
 #: statuses whose responses carry no body (RFC 9110 6.4.1)
 _NO_BODY = frozenset({204, 304})
@@ -46,22 +47,29 @@ class AccessLogger(AbstractAccessLogger):
     ``error=client_stalled`` one that took nothing for ``http.write_timeout``.
     """
 
-    _children: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # noqa: RUF012 - a cache
+    #: each app's labelled children by (route, method, status): labels() is slow, the set small
+    _children: ClassVar[
+        weakref.WeakKeyDictionary[Metrics, dict[tuple[str, str, int], tuple[Any, Any]]]
+    ] = weakref.WeakKeyDictionary()
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         notes: dict[str, str] = request.get(NOTES_KEY) or {}
         route = notes.get("route") or ("base" if request.path.startswith("/v2") else "other")
-        key = (route, request.method, response.status)
-        children = self._children.get(key)
-        if children is None:  # labels() is slow; a route/method/status set is small
-            children = (
-                metrics.REQUESTS.labels(route, request.method, str(response.status)),
-                metrics.REQUEST_SECONDS.labels(route),
-            )
-            if len(self._children) < 4096:
-                self._children[key] = children
-        children[0].inc()
-        children[1].observe(time)
+        app = getattr(request, "app", None)
+        metrics = app.get(METRICS_KEY) if app is not None else None
+        if metrics is not None:
+            cached = self._children.setdefault(metrics, {})
+            key = (route, request.method, response.status)
+            children = cached.get(key)
+            if children is None:
+                children = (
+                    metrics.requests.labels(route, request.method, str(response.status)),
+                    metrics.request_seconds.labels(route),
+                )
+                if len(cached) < 4096:
+                    cached[key] = children
+            children[0].inc()
+            children[1].observe(time)
         if not self.logger.isEnabledFor(logging.INFO):
             return
         self.logger.info(

@@ -15,9 +15,9 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
-from regproxy import metrics, pins, sendfile
+from regproxy import pins, sendfile
 from regproxy.access import body_bytes
-from regproxy.connections import body_chunks
+from regproxy.connections import app_metrics, body_chunks
 from regproxy.errors import (
     BlobUnknown,
     BlobUploadInvalid,
@@ -187,12 +187,12 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         # host's own upstream may answer, never another peer (regproxy.cluster)
         HOME_REQUEST.set(True)
         notes["peer"] = "fetch"
-        metrics.PEER_SERVED.labels("fetch").inc()
+        app_metrics(request.app).peer_served.labels("fetch").inc()
     elif mark:
         # a peer's lookup: answer from the local store only, never forward (no circles)
         LOCAL_ONLY.set(True)
         notes["peer"] = "lookup"
-        metrics.PEER_SERVED.labels("lookup").inc()
+        app_metrics(request.app).peer_served.labels("lookup").inc()
     # Route on the raw path, then decode each part: an encoded slash inside a tag or digest
     # must not shift the route (it is then invalid in its own part, with that part's error).
     path = request.rel_url.raw_path.removeprefix("/v2/")
@@ -249,7 +249,7 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
     if request.headers.get("If-None-Match") in (f'"{blob.digest}"', str(blob.digest)):
         return web.Response(status=304, headers=headers)
     if blob.data is not None:
-        metrics.SERVED_BYTES.labels("blob", "disk").inc(
+        app_metrics(request.app).served_bytes.labels("blob", "disk").inc(
             0 if request.method == "HEAD" else blob.size
         )
         if rng is None:
@@ -300,7 +300,7 @@ async def _stream_blob(
         sent += n
         # the transfer's source kind (upstream or peer), read as the bytes go out
         source = "upstream" if blob.stream.kind == "upstream" else "peer"
-        metrics.SERVED_BYTES.labels("blob", source).inc(n)
+        app_metrics(request.app).served_bytes.labels("blob", source).inc(n)
 
     try:
         async with contextlib.aclosing(blob.stream.spans(start, end, blob.size)) as spans:
@@ -470,7 +470,7 @@ async def get_manifest(request: web.Request, name: str, ref: str) -> web.Respons
     if request.method == "HEAD":
         headers["Content-Length"] = str(m.size)
         return web.Response(headers=headers)
-    metrics.SERVED_BYTES.labels("manifest", "disk").inc(m.size)
+    app_metrics(request.app).served_bytes.labels("manifest", "disk").inc(m.size)
     return web.Response(body=m.body, headers=headers)
 
 

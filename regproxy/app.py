@@ -16,7 +16,7 @@ from typing import Final
 
 from aiohttp import web
 
-from regproxy import admin, api, auth, metrics, ui
+from regproxy import admin, api, auth, ui
 from regproxy.access import AccessLogger
 from regproxy.config import Config
 from regproxy.connections import (
@@ -31,6 +31,7 @@ from regproxy.errors import ConfigError
 from regproxy.evict import Evictor
 from regproxy.headers import INSTANCE_HEADER
 from regproxy.health import Health
+from regproxy.metrics import Metrics
 from regproxy.names import NameResolver
 from regproxy.peers import Peers
 from regproxy.policy import Policy
@@ -43,6 +44,7 @@ from regproxy.web_keys import (
     CONFIG_KEY,
     HEALTH_KEY,
     INSTANCE_KEY,
+    METRICS_KEY,
     POLICY_KEY,
     PREFETCH_KEY,
     REGISTRY_KEY,
@@ -70,7 +72,9 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY_KEY]
     await registry.open()
     if isinstance(registry, ProxyRegistry):
-        peers = Peers(app[CONFIG_KEY], app[INSTANCE_KEY], timing=registry.timing)
+        peers = Peers(
+            app[CONFIG_KEY], app[INSTANCE_KEY], timing=registry.timing, metrics=registry.metrics
+        )
         registry.attach_peers(peers)
         await peers.start()
     task = asyncio.create_task(_housekeeping(app))
@@ -124,7 +128,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_page(request: web.Request) -> web.Response:
-    return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+    body = request.app[METRICS_KEY].render()
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
 async def _instance_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -137,13 +142,17 @@ def _access_logger(config: Config) -> logging.Logger:
     return logger
 
 
-def create_app(config: Config, *, timing: Timing = DEFAULT_TIMING) -> web.Application:
-    """The application; ``timing`` is where its clocks come from (tests move a fake one)."""
+def create_app(
+    config: Config, *, timing: Timing = DEFAULT_TIMING, metrics: Metrics | None = None
+) -> web.Application:
+    """The application; ``timing`` is where its clocks come from (tests move a fake one), and
+    ``metrics`` its metrics, on a CollectorRegistry of their own (a fresh one by default)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=8 * 1024 * 1024)
     app[CONFIG_KEY] = config
     app[HTTP_KEY] = config.http
     app[INSTANCE_KEY] = uuid.uuid4().hex
-    registry = build_registry(config, timing=timing)
+    app[METRICS_KEY] = metrics = metrics if metrics is not None else Metrics()
+    registry = build_registry(config, timing=timing, metrics=metrics)
     app[REGISTRY_KEY] = registry
     app[POLICY_KEY] = Policy(registry)  # the signature policy, checked before manifests are served
     app[RESOLVER_KEY] = NameResolver(config)
@@ -203,7 +212,7 @@ async def serve(
     server_tls = ServerTLS.from_config(config.tls)  # referenced while serving: SIGHUP reloads it
     # the listener is ours, not a web.TCPSite: each connection goes through the guard
     # (regproxy.connections), which hands it on to aiohttp's protocol for it
-    guard = ConnectionGuard(runner.server, config.http, max_connections)
+    guard = ConnectionGuard(runner.server, config.http, max_connections, app[METRICS_KEY])
     try:
         listener = await asyncio.get_running_loop().create_server(
             guard,

@@ -66,10 +66,11 @@ from urllib.parse import urlencode
 import bcrypt
 from aiohttp import BasicAuth, hdrs, web
 
-from regproxy import metrics
 from regproxy.config import AuthConfig
+from regproxy.connections import app_metrics
 from regproxy.errors import Denied, OCIError, TooManyRequests, Unauthorized
 from regproxy.login_budget import LoginBudget, client_key
+from regproxy.metrics import Metrics
 from regproxy.web_errors import error_response
 from regproxy.web_keys import notes
 
@@ -157,7 +158,9 @@ class UserDB:
         clock: Callable[[], float] = time.monotonic,
         failure_delay: float = FAILURE_DELAY,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self.config = config
         self.failure_delay = failure_delay
         self._clock = clock
@@ -273,7 +276,7 @@ class UserDB:
         self, key: bytes, password: str, hashed: bytes, known: bool, client: str | None
     ) -> asyncio.Future[bool]:
         if len(self._inflight) >= MAX_CHECKS:
-            metrics.LOGIN_THROTTLED.labels("busy").inc()
+            self.metrics.login_throttled.labels("busy").inc()
             raise TooManyRequests("too many logins are being checked", retry_after=1)
         if client is not None and (wait := self.budget.admit(client)) is not None:
             raise self._throttled(client, wait)
@@ -293,7 +296,7 @@ class UserDB:
         return fut
 
     def _throttled(self, client: str, wait: int) -> TooManyRequests:
-        metrics.LOGIN_THROTTLED.labels("budget").inc()
+        self.metrics.login_throttled.labels("budget").inc()
         return TooManyRequests(
             f"too many failed logins from {client}: try again in {wait}s", retry_after=wait
         )
@@ -311,7 +314,7 @@ class UserDB:
             self.budget.refused(client)
         elif await self.verify(user, password, client=client):
             return True
-        metrics.LOGIN_FAILURES.inc()
+        self.metrics.login_failures.inc()
         known = user in self._users
         reason = "unknown user" if not known else "wrong password"
         log.warning(
@@ -528,7 +531,7 @@ async def _users_ctx(app: web.Application) -> AsyncIterator[None]:
 def setup(app: web.Application, config: AuthConfig) -> None:
     """Install the users and the middleware (before the app is frozen, after the error
     middleware, so a crash in here is still rendered as an OCI error)."""
-    app[USERS_KEY] = UserDB(config)
+    app[USERS_KEY] = UserDB(config, metrics=app_metrics(app))
     app.middlewares.append(auth_middleware)
     app.cleanup_ctx.append(_users_ctx)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from regproxy import metrics
 from regproxy.errors import BlobUnknown, UpstreamError
 from regproxy.fetch import Source, Stream
 from regproxy.oci import Digest, is_digest_reference
@@ -202,7 +201,7 @@ class Cluster:
         want = Digest.parse(reference)
         if Digest.of(got.body, want.algorithm) == want:
             return True
-        metrics.PEER_ERRORS.labels(peer.url, "digest_mismatch").inc()
+        self.peers.metrics.peer_errors.labels(peer.url, "digest_mismatch").inc()
         self.peers.failed(
             peer,
             f"manifest {reference}",

@@ -31,9 +31,10 @@ from typing import Final, TypeVar, cast
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from regproxy import metrics
 from regproxy.config import HttpConfig
 from regproxy.errors import BodyTimeout
+from regproxy.metrics import Metrics
+from regproxy.web_keys import METRICS_KEY
 
 log = logging.getLogger("regproxy")
 T = TypeVar("T")
@@ -77,6 +78,15 @@ def server_logger() -> logging.Logger:
     return logger
 
 
+def app_metrics(app: web.Application) -> Metrics:
+    """The app's metrics (a fresh set for an app made without any, as some tests make)."""
+    found = app.get(METRICS_KEY)
+    if found is None:
+        found = Metrics()
+        app[METRICS_KEY] = found
+    return found
+
+
 def http_limits(app: web.Application) -> HttpConfig:
     """The ``http`` section of the config the app was made with (defaults without one)."""
     return app.get(HTTP_KEY) or _DEFAULT
@@ -90,7 +100,7 @@ async def read_body(request: web.Request, read: Awaitable[T]) -> T:
         async with asyncio.timeout(timeout):
             return await read
     except TimeoutError:
-        metrics.SLOW_CLIENTS_CUT.labels("read").inc()
+        app_metrics(request.app).slow_clients_cut.labels("read").inc()
         raise BodyTimeout(f"no body bytes for {timeout:.0f}s") from None
 
 
@@ -155,7 +165,9 @@ class ConnectionGuard:
         handler_factory: Callable[[], asyncio.Protocol],
         config: HttpConfig,
         max_connections: int,
+        metrics: Metrics,
     ) -> None:
+        self.metrics = metrics
         self.handler_factory = handler_factory
         self.header_timeout = config.header_timeout
         self.max_connections = max_connections
@@ -167,15 +179,15 @@ class ConnectionGuard:
 
     def admit(self) -> bool:
         if self.open >= self.max_connections:
-            metrics.CONNECTIONS_SHED.inc()
+            self.metrics.connections_shed.inc()
             return False
         self.open += 1
-        metrics.CONNECTIONS_OPEN.set(self.open)
+        self.metrics.connections_open.set(self.open)
         return True
 
     def release(self) -> None:
         self.open -= 1
-        metrics.CONNECTIONS_OPEN.set(self.open)
+        self.metrics.connections_open.set(self.open)
 
 
 class _Guarded(asyncio.Protocol):
@@ -214,7 +226,7 @@ class _Guarded(asyncio.Protocol):
 
     def _header_timeout(self) -> None:
         self.timer = None
-        metrics.SLOW_CLIENTS_CUT.labels("header").inc()
+        self.guard.metrics.slow_clients_cut.labels("header").inc()
         log.debug("connection.header_timeout remote=%s", self._peer())
         if self.transport is not None:
             self.transport.abort()

@@ -38,7 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from regproxy import metrics
 from regproxy.config import Config, StorageConfig
 from regproxy.evict_batch import Batch, evict_loose, evict_lru
 from regproxy.fetch import Fetcher
@@ -166,21 +165,21 @@ class Evictor:
             reg.cache.forget(everything=True)
         self._data_version = version
         totals = await reg.db.read(Index.totals)
-        metrics.STORE_BYTES.set(totals.stored_bytes)
-        metrics.PINNED_BYTES.set(totals.pinned_bytes)
+        self.registry.metrics.store_bytes.set(totals.stored_bytes)
+        self.registry.metrics.pinned_bytes.set(totals.pinned_bytes)
         total, free = await asyncio.get_running_loop().run_in_executor(None, reg.store.disk_usage)
         marks = Watermarks.of(self.config.storage, total)
-        metrics.STORE_LIMIT_BYTES.set(marks.limit or 0)
-        metrics.STORE_FS_FREE_BYTES.set(free)
+        self.registry.metrics.store_limit_bytes.set(marks.limit or 0)
+        self.registry.metrics.store_fs_free_bytes.set(free)
         need = marks.need(totals.stored_bytes, free)
         if need <= 0:
-            metrics.EVICT_SHORT_BYTES.set(0)
+            self.registry.metrics.evict_short_bytes.set(0)
             return None
         r = await self.evict(need)
         after = await reg.db.read(Index.totals)
-        metrics.STORE_BYTES.set(after.stored_bytes)
-        metrics.PINNED_BYTES.set(after.pinned_bytes)
-        metrics.EVICT_SHORT_BYTES.set(r.short)
+        self.registry.metrics.store_bytes.set(after.stored_bytes)
+        self.registry.metrics.pinned_bytes.set(after.pinned_bytes)
+        self.registry.metrics.evict_short_bytes.set(r.short)
         now = time.monotonic()
         if r.freed == 0 and now - self._stuck_logged < STUCK_LOG_SECONDS:
             return r  # nothing may go yet (pinned, in use, recent): say so once a minute
@@ -251,7 +250,7 @@ class Evictor:
             await asyncio.get_running_loop().run_in_executor(None, _delete_files, reg, doomed)
         for e in batch.evicted:
             log.info("evict.manifest repo=%s digest=%s bytes=%d", e.repo or "-", e.digest, e.bytes)
-        metrics.EVICTED_BYTES.inc(batch.freed)
+        self.registry.metrics.evicted_bytes.inc(batch.freed)
 
 
 def _delete_files(registry: Registry, digests: list[Digest]) -> None:

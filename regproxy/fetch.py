@@ -29,9 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
-from regproxy import metrics
 from regproxy.deadline import DEFAULT_LIMITS, DEFAULT_TIMING, Pace, Timing, TransferLimits, backoff
 from regproxy.errors import BlobUnknown, DigestMismatch, OCIError, UpstreamError, UpstreamTooSlow
+from regproxy.metrics import Metrics
 from regproxy.oci import Digest
 from regproxy.pump import SocketBody, pump
 from regproxy.store import BlobWriter, Store
@@ -89,9 +89,10 @@ class TransferFailed(OCIError):
 class Transfer:
     """One blob on its way from a source into the store."""
 
-    def __init__(self, digest: Digest, store: Store) -> None:
+    def __init__(self, digest: Digest, store: Store, metrics: Metrics | None = None) -> None:
         self.digest = digest
         self.store = store
+        self.metrics = metrics
         self.size: int | None = None
         self.written = 0
         self.committed = False
@@ -186,7 +187,8 @@ class Transfer:
         generation = self.generation
         f = await loop.run_in_executor(None, self._open_for_read)
         self.waiters += 1
-        metrics.INFLIGHT_WAITERS.inc()
+        if self.metrics is not None:
+            self.metrics.inflight_waiters.inc()
         try:
             pos = start
             while pos <= end:
@@ -210,7 +212,8 @@ class Transfer:
                 await self._wait_change(self._progress_past(pos, end, generation))
         finally:
             self.waiters -= 1
-            metrics.INFLIGHT_WAITERS.dec()
+            if self.metrics is not None:
+                self.metrics.inflight_waiters.dec()
             await loop.run_in_executor(None, f.close)
 
     async def read_range(
@@ -238,9 +241,11 @@ class Fetcher:
         on_commit: Callable[[Digest, int, str, str], Awaitable[None]],
         *,
         timing: Timing = DEFAULT_TIMING,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.on_commit = on_commit
+        self.metrics = metrics if metrics is not None else Metrics()
         self.timing = timing
         self.inflight: dict[Digest, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -260,10 +265,10 @@ class Fetcher:
         t = self.inflight.get(digest)
         if t is not None:
             return t
-        t = Transfer(digest, self.store)
+        t = Transfer(digest, self.store, self.metrics)
         t.kinds = frozenset(s.kind for s in sources)
         self.inflight[digest] = t
-        metrics.INFLIGHT_FETCHES.set(len(self.inflight))
+        self.metrics.inflight_fetches.set(len(self.inflight))
         task = asyncio.create_task(self._run(t, sources, repo), name=f"fetch {digest}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -304,7 +309,9 @@ class Fetcher:
                 except (BlobUnknown, UpstreamError) as exc:
                     last = exc
                     if isinstance(exc, UpstreamTooSlow):  # the transports count the others
-                        metrics.meters_for(source.kind).errors.labels(source.name, exc.kind).inc()
+                        self.metrics.meters_for(source.kind).errors.labels(
+                            source.name, exc.kind
+                        ).inc()
                     if not isinstance(exc, BlobUnknown):
                         log.warning(
                             "fetch.source_failed digest=%s repo=%s source=%s kind=%s error=%s",
@@ -321,7 +328,7 @@ class Fetcher:
                     commit = functools.partial(t.writer.commit, t.digest, source=t.source)
                     await loop.run_in_executor(None, commit)
                 except DigestMismatch as exc:
-                    meters = metrics.meters_for(source.kind)
+                    meters = self.metrics.meters_for(source.kind)
                     meters.errors.labels(source.name, "digest_mismatch").inc()
                     log.error(
                         "fetch.digest_mismatch digest=%s repo=%s source=%s actual=%s",
@@ -370,7 +377,7 @@ class Fetcher:
             if not t.committed and t.error is None:
                 t.error = error or TransferFailed(f"{t.digest}: transfer ended")
             self.inflight.pop(t.digest, None)
-            metrics.INFLIGHT_FETCHES.set(len(self.inflight))
+            self.metrics.inflight_fetches.set(len(self.inflight))
             t.notify()
 
     async def _next_generation(self, t: Transfer) -> None:
@@ -442,7 +449,7 @@ class Fetcher:
             elif stream.size != t.size:
                 raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
             skip = offset - stream.offset  # source ignored our Range: drop what we have
-            fetched = metrics.meters_for(source.kind).fetched.labels(source.name)
+            fetched = self.metrics.meters_for(source.kind).fetched.labels(source.name)
             body = None
             if skip == 0 and isinstance(stream, SocketStream) and self._pumping < PUMPS:
                 body = stream.take_socket(PUMP_AT_LEAST)

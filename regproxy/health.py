@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from regproxy import metrics
 from regproxy.config import Config
+from regproxy.metrics import Metrics
 from regproxy.proxy import ProxyRegistry
 from regproxy.registry import Registry
 
@@ -65,15 +65,15 @@ class UpstreamState:
         }
 
 
-def _counts() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def _counts(metrics: Metrics) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Answers per source, and unreachable-kind errors per source, from the metrics."""
     answered: dict[str, float] = {}
-    for family in metrics.UPSTREAM_SECONDS.collect():
+    for family in metrics.upstream_seconds.collect():
         for s in family.samples:
             if s.name.endswith("_count"):
                 answered[s.labels["source"]] = s.value
     failed: dict[str, dict[str, float]] = {}
-    for family in metrics.UPSTREAM_ERRORS.collect():
+    for family in metrics.upstream_errors.collect():
         for s in family.samples:
             if s.name.endswith("_total") and s.labels.get("kind") in UNREACHABLE_KINDS:
                 failed.setdefault(s.labels["source"], {})[s.labels["kind"]] = s.value
@@ -83,10 +83,11 @@ def _counts() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
 class UpstreamWatch:
     """Last known reachability of each upstream (and mirror, and peer), from the traffic."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
         self.sources: dict[str, UpstreamState] = {}
-        # what happened before this daemon (an earlier app in the same process) is not news
-        answered, failed = _counts()
+        # what the metrics held before (a registry shared with an earlier app) is not news
+        answered, failed = _counts(metrics)
         for source, n in answered.items():
             self.sources.setdefault(source, UpstreamState()).answered = n
         for source, kinds in failed.items():
@@ -95,7 +96,7 @@ class UpstreamWatch:
 
     def sample(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        answered, failed = _counts()
+        answered, failed = _counts(self.metrics)
         for source in answered.keys() | failed.keys():
             st = self.sources.setdefault(source, UpstreamState())
             kinds = failed.get(source, {})
@@ -145,7 +146,7 @@ class Health:
         self.registry = registry
         self.config = config
         self.draining = False
-        self.upstreams = UpstreamWatch()
+        self.upstreams = UpstreamWatch(registry.metrics)
 
     async def _store_writable(self) -> str | None:
         loop = asyncio.get_running_loop()
@@ -180,7 +181,9 @@ class Health:
             **(extra or {}),
         }
         ready = all(checks.values())
-        metrics.READY.set(1 if store_err is None and index_err is None and not self.draining else 0)
+        self.registry.metrics.ready.set(
+            1 if store_err is None and index_err is None and not self.draining else 0
+        )
         body: dict[str, Any] = {"ready": ready, "checks": checks}
         errors = {
             k: v

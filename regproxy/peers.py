@@ -41,13 +41,13 @@ from typing import Any, Final, TypeVar
 import aiohttp
 from yarl import URL
 
-from regproxy import metrics
 from regproxy.config import Config, UpstreamConfig
 from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import BlobUnknown, UpstreamError
 from regproxy.fetch import Source, Stream
 from regproxy.headers import INSTANCE_HEADER, PEER_FETCH, PEER_HEADER, PEER_LOOKUP
 from regproxy.liveness import Liveness
+from regproxy.metrics import Metrics
 from regproxy.oci import Digest
 from regproxy.rendezvous import ranked
 from regproxy.upstream import ManifestGet, ManifestHead, UpstreamClient
@@ -81,8 +81,14 @@ class Peer:
 
 class Peers:
     def __init__(
-        self, config: Config, instance_id: str, *, timing: Timing = DEFAULT_TIMING
+        self,
+        config: Config,
+        instance_id: str,
+        *,
+        timing: Timing = DEFAULT_TIMING,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self.config = config.peers
         self.listen = (config.listen_host, config.listen_port)
         self.instance_id = instance_id
@@ -122,7 +128,7 @@ class Peers:
             self._session,
             extra_headers={PEER_HEADER: mark, INSTANCE_HEADER: self.instance_id},
             timing=self.timing,
-            meters=metrics.PEER_METERS,
+            meters=self.metrics.peer_meters,
         )
 
     # --- membership ------------------------------------------------------------------------------
@@ -256,8 +262,8 @@ class Peers:
 
     def _export(self) -> None:
         up, down = self.liveness.counts()
-        metrics.PEERS.labels("up").set(up)
-        metrics.PEERS.labels("down").set(down)
+        self.metrics.peers.labels("up").set(up)
+        self.metrics.peers.labels("down").set(down)
 
     @property
     def own(self) -> Peer | None:
@@ -288,7 +294,7 @@ class Peers:
         """Body bytes answered to a peer of the list."""
         if n > 0 and peer.url in self._peers:
             self.served[peer.url] = self.served.get(peer.url, 0) + n
-            metrics.PEER_SERVED_BYTES.labels(peer.url).inc(n)
+            self.metrics.peer_served_bytes.labels(peer.url).inc(n)
 
     def order(self, key: str) -> list[Peer]:
         """The members (the peers that are up, and this host's entry) in the key's rendezvous
@@ -302,7 +308,7 @@ class Peers:
     def failed(self, peer: Peer, what: str, exc: Exception, *, hold: bool = False) -> None:
         """A request to the peer failed: set it aside unless it answered (an error status is an
         answer: the peer is up); ``hold``: for the longest backoff (it sent wrong bytes)."""
-        metrics.PEER_REQUESTS.labels(peer.url, "error").inc()
+        self.metrics.peer_requests.labels(peer.url, "error").inc()
         if isinstance(exc, UpstreamError) and exc.kind in _ANSWERED and not hold:
             # a refused login is the operator's to fix (peers.username/password)
             level = logging.WARNING if exc.kind == "auth" else logging.INFO
@@ -344,7 +350,7 @@ class Peers:
             except _FAILURES as exc:
                 self.failed(p, what, exc)
                 return
-            metrics.PEER_REQUESTS.labels(p.url, "miss" if results[i] is None else "hit").inc()
+            self.metrics.peer_requests.labels(p.url, "miss" if results[i] is None else "hit").inc()
 
         await asyncio.gather(*(one(i, p) for i, p in enumerate(peers)))
         return [(p, r) for p, r in zip(peers, results, strict=True) if r is not None]
@@ -380,7 +386,7 @@ class Peers:
             try:
                 return await client.open_blob(repo, digest, offset)
             except BlobUnknown:
-                metrics.PEER_REQUESTS.labels(peer.url, "miss").inc()
+                self.metrics.peer_requests.labels(peer.url, "miss").inc()
                 raise
             except UpstreamError as exc:
                 self.failed(peer, f"GET {repo}@{digest}", exc)

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
-from regproxy import metrics
 from regproxy.async_index import AsyncIndex
 from regproxy.config import Config, PolicyRule
 from regproxy.cosign import (
@@ -54,6 +53,7 @@ from regproxy.cosign import (
 from regproxy.errors import Denied, OCIError
 from regproxy.flights import SingleFlights
 from regproxy.index import Index, ManifestRow
+from regproxy.metrics import Metrics
 from regproxy.names import RepoName
 from regproxy.oci import INDEX_TYPES, Descriptor, Digest
 from regproxy.referrers import COSIGN_SUFFIXES, Referrers, cosign_tags
@@ -78,6 +78,7 @@ class Host(Protocol):
     config: Config
     db: AsyncIndex
     referrer_index: Referrers
+    metrics: Metrics
 
     async def get_manifest(self, repo: RepoName, reference: str) -> Manifest: ...
 
@@ -190,7 +191,7 @@ class Policy:
             return
         allowed = self._allowed.get((str(manifest.digest), found[0]))
         if allowed is not None:  # the hot path: decided before, for good
-            metrics.POLICY_DECISIONS.labels(found[1].match, "allowed").inc()
+            self.registry.metrics.policy_decisions.labels(found[1].match, "allowed").inc()
             return
         if is_artifact(manifest.body, manifest.media_type):
             return
@@ -212,7 +213,7 @@ class Policy:
             decision = await self._flights.run(
                 (*key, local), lambda: self._decided(repo, digest, rule, depth, key, local)
             )
-        metrics.POLICY_DECISIONS.labels(
+        self.registry.metrics.policy_decisions.labels(
             rule.match, "allowed" if decision.allowed else "denied"
         ).inc()
         return decision
@@ -396,7 +397,7 @@ class Policy:
                 else Decision(False, rule.match, _best(reasons))
             )
             result = "allowed" if decision.allowed else "denied"
-            metrics.POLICY_DECISIONS.labels(rule.match, result).inc()
+            self.registry.metrics.policy_decisions.labels(rule.match, result).inc()
             self._log(img.repo, img.digest, decision)
             if not decision.allowed:
                 raise Denied(

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from regproxy import metrics, pins
+from regproxy import pins
 from regproxy.config import PrefetchConfig
 from regproxy.errors import OCIError, UpstreamError
 from regproxy.names import NameResolver, RepoName
@@ -191,7 +191,7 @@ class Prefetcher:
         for s in self.state.values():
             counts[s] += 1
         for s, n in counts.items():
-            metrics.PREFETCH_IMAGES.labels(s).set(n)
+            self.registry.metrics.prefetch_images.labels(s).set(n)
 
     # one image ------------------------------------------------------------------------------------
     async def prefetch_image(self, ref: str) -> ImageResult:
@@ -263,7 +263,7 @@ class Prefetcher:
             return
         await blob.stream.wait_done()
         res.fetched_bytes += blob.size
-        metrics.PREFETCH_BYTES.inc(blob.size)
+        self.registry.metrics.prefetch_bytes.inc(blob.size)
         log.debug("prefetch.blob repo=%s digest=%s bytes=%d", repo, digest, blob.size)
         # a transfer that another repository started is indexed under that one: link it here too
         if await self.registry.local_blob(repo, digest) is None:
@@ -296,7 +296,7 @@ class Prefetcher:
             )
         else:
             self.state[res.ref] = "failed"
-            metrics.PREFETCH_FAILURES.inc()
+            self.registry.metrics.prefetch_failures.inc()
             log.warning(
                 "prefetch.failed ref=%s repo=%s digest=%s upstream=%s error=%s",
                 res.ref,

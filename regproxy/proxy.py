@@ -22,7 +22,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from regproxy import metrics
 from regproxy.async_index import AsyncIndex
 from regproxy.cluster import Cluster
 from regproxy.cluster_manifests import FromCluster
@@ -40,6 +39,7 @@ from regproxy.fetch import Fetcher, Source, Stream, Transfer
 from regproxy.flights import SingleFlights
 from regproxy.index import Index
 from regproxy.lookups import LRU
+from regproxy.metrics import Metrics
 from regproxy.names import RepoName
 from regproxy.oci import MAX_TAGS, Descriptor, Digest, is_digest_reference
 from regproxy.peers import Peers
@@ -64,23 +64,27 @@ T = TypeVar("T")
 STALE_KEEP = 10_000
 
 
-def _count(kind: str, result: str, upstream: str) -> None:
-    """A cache hit, miss or stale answer: counted (unless the request only asks whether the
-    content exists, see :data:`PROBE`), and noted for the access log."""
-    if not PROBE.get():
-        metrics.CACHE.labels(kind, result, upstream).inc()
-    note(cache=result, upstream=upstream)
-
-
 class ProxyRegistry:
     """A :class:`~regproxy.registry.Registry`: the local registry it wraps first, then the
     cluster's peers and the upstreams for misses."""
 
     def __init__(
-        self, store: Store, db: AsyncIndex, config: Config, *, timing: Timing = DEFAULT_TIMING
+        self,
+        store: Store,
+        db: AsyncIndex,
+        config: Config,
+        *,
+        timing: Timing = DEFAULT_TIMING,
+        metrics: Metrics | None = None,
     ) -> None:
+        #: the app's metrics (counted into by everything this registry owns)
+        self.metrics = metrics if metrics is not None else Metrics()
         local = LocalRegistry(
-            store, db, max_upload_sessions=config.uploads.max_sessions, settle=self._settle_blobs
+            store,
+            db,
+            max_upload_sessions=config.uploads.max_sessions,
+            settle=self._settle_blobs,
+            metrics=self.metrics,
         )
         #: what this host holds: every answer starts here
         self.local = local
@@ -107,8 +111,8 @@ class ProxyRegistry:
         self.timing = timing
         #: manifests the cluster's hosts answer, stored in the local registry
         self.from_cluster = FromCluster(local, timing, config.tag_ttl)
-        self.fetcher = Fetcher(store, self._on_fetched, timing=timing)
-        self.clients = ClientPool(config, timing=timing)
+        self.fetcher = Fetcher(store, self._on_fetched, timing=timing, metrics=self.metrics)
+        self.clients = ClientPool(config, timing=timing, metrics=self.metrics)
         self._flights = SingleFlights("upstream")
         #: names of blobs being fetched, so the first commit can create the repository row
         self._fill_names: LRU[str, RepoName] = LRU(4096)
@@ -154,6 +158,13 @@ class ProxyRegistry:
         if repo.host is not None and self.config.upstream_for(repo.host) is not None:
             return repo.host
         return "local"
+
+    def _count(self, kind: str, result: str, upstream: str) -> None:
+        """A cache hit, miss or stale answer: counted (unless the request only asks whether the
+        content exists, see :data:`PROBE`), and noted for the access log."""
+        if not PROBE.get():
+            self.metrics.cache.labels(kind, result, upstream).inc()
+        note(cache=result, upstream=upstream)
 
     def attach_peers(self, peers: Peers) -> None:
         self.peers = peers
@@ -213,7 +224,7 @@ class ProxyRegistry:
         if found is not None:
             row, checked = found
             if client is None or by_digest or self._fresh(checked):
-                _count("manifest", "hit", label)
+                self._count("manifest", "hit", label)
                 return await self.manifest_body(repo, row)
             if cluster is not None and not cluster.is_home(f"{repo.canonical}:{reference}"):
                 # the tag's home host re-checks it upstream; this host asks the home
@@ -225,7 +236,7 @@ class ProxyRegistry:
                     m, outcome = answer
                     if outcome == "stale":  # the home could not confirm it either
                         self._served_stale(repo, reference, label)
-                    _count("manifest", outcome, label)
+                    self._count("manifest", outcome, label)
                     return m
             try:
                 fresh = await self._single(
@@ -234,7 +245,7 @@ class ProxyRegistry:
                 )
             except (TimeoutError, UpstreamError) as exc:
                 self._served_stale(repo, reference, label)
-                _count("manifest", "stale", label)
+                self._count("manifest", "stale", label)
                 log.warning(
                     "tag.stale repo=%s tag=%s digest=%s upstream=%s error=%s",
                     repo,
@@ -245,11 +256,11 @@ class ProxyRegistry:
                 )
                 return await self.manifest_body(repo, row)
             if fresh is None:  # gone upstream, or unchanged: what we hold is the answer
-                _count("manifest", "hit", label)
+                self._count("manifest", "hit", label)
                 return await self.manifest_body(repo, row)
-            _count("manifest", "miss", label)
+            self._count("manifest", "miss", label)
             return fresh
-        _count("manifest", "miss", label)
+        self._count("manifest", "miss", label)
         if cluster is not None:
             # with an upstream: the home host fetches it (and, by digest, the near hosts are
             # looked up); without: the cluster's hosts are looked up
@@ -295,7 +306,7 @@ class ProxyRegistry:
     def _served_stale(self, repo: RepoName, tag: str, label: str) -> None:
         """A tag served although nobody could confirm it within tag_ttl: counted, and kept for
         the web page."""
-        metrics.STALE_SERVED.labels(label).inc()
+        self.metrics.stale_served.labels(label).inc()
         self.stale_served[(repo.canonical, tag)] = self.timing.wall()
         self.stale_served.move_to_end((repo.canonical, tag))
         if len(self.stale_served) > STALE_KEEP:
@@ -332,7 +343,7 @@ class ProxyRegistry:
             want = Digest.parse(reference)
             actual = Digest.of(got.body, want.algorithm)
             if actual != want:
-                metrics.UPSTREAM_ERRORS.labels(client.name, "digest_mismatch").inc()
+                self.metrics.upstream_errors.labels(client.name, "digest_mismatch").inc()
                 log.error(
                     "manifest.digest_mismatch repo=%s want=%s got=%s upstream=%s",
                     repo,
@@ -401,18 +412,18 @@ class ProxyRegistry:
         label = self._label(repo)
         blob = await self._local_or_mounted(repo, digest)
         if blob is not None:
-            _count("blob", "hit", label)
+            self._count("blob", "hit", label)
             return blob
         if self.upstream(repo) is None and self._peers() is None:
             # nothing would fetch it: a pushed or imported repository holds what it was given
             # (a DELETE must stick, and repositories do not see each other's blobs)
             await self._known_or_unknown_name(repo)
-            _count("blob", "miss", label)
+            self._count("blob", "miss", label)
             raise BlobUnknown(str(digest))
         if LOCAL_ONLY.get():
             # a peer gets committed content only: never a transfer in flight, which could be
             # fed by that same peer (two hosts tailing each other would wait forever)
-            _count("blob", "miss", label)
+            self._count("blob", "miss", label)
             raise BlobUnknown(str(digest))
         transfer = self._joinable(digest, label)
         if transfer is None:
@@ -421,12 +432,12 @@ class ProxyRegistry:
         if transfer is None:
             if not sources:
                 await self._known_or_unknown_name(repo)
-                _count("blob", "miss", label)
+                self._count("blob", "miss", label)
                 raise BlobUnknown(str(digest))
             # no repository row yet: the commit writes it (a miss upstream leaves nothing)
             self._fill_names.put(repo.canonical, repo)
             transfer = self.fetcher.start(digest, sources, repo.canonical)
-        _count("blob", "miss", label)
+        self._count("blob", "miss", label)
         size = await transfer.wait_size()
         return Blob(digest, size, stream=transfer)
 
@@ -436,16 +447,16 @@ class ProxyRegistry:
         label = self._label(repo)
         blob = await self._local_or_mounted(repo, digest)
         if blob is not None:
-            _count("blob", "hit", label)
+            self._count("blob", "hit", label)
             return blob
         client = self.upstream(repo)
         peers = self._peers()
         if LOCAL_ONLY.get() or (client is None and peers is None):
             if not LOCAL_ONLY.get():
                 await self._known_or_unknown_name(repo)
-            _count("blob", "miss", label)
+            self._count("blob", "miss", label)
             raise BlobUnknown(str(digest))
-        _count("blob", "miss", label)
+        self._count("blob", "miss", label)
         transfer = self.fetcher.get(digest)
         if transfer is not None:
             return Blob(digest, await transfer.wait_size())
@@ -470,7 +481,7 @@ class ProxyRegistry:
         transfer = self.fetcher.get(digest)
         if transfer is not None and HOME_REQUEST.get() and "home" in transfer.kinds:
             log.info("blob.not_joined digest=%s reason=fed_by_a_peer", digest)
-            _count("blob", "miss", label)
+            self._count("blob", "miss", label)
             raise BlobUnknown(str(digest))
         return transfer
 
@@ -530,7 +541,10 @@ class ProxyRegistry:
         return tags[:want]
 
 
-def build_registry(config: Config, *, timing: Timing = DEFAULT_TIMING) -> ProxyRegistry:
+def build_registry(
+    config: Config, *, timing: Timing = DEFAULT_TIMING, metrics: Metrics | None = None
+) -> ProxyRegistry:
     """The daemon's registry over the configured store (also used by the CLI tools)."""
     root = config.storage.root
-    return ProxyRegistry(Store(root), AsyncIndex(root / "index.db"), config, timing=timing)
+    store, db = Store(root), AsyncIndex(root / "index.db")
+    return ProxyRegistry(store, db, config, timing=timing, metrics=metrics)

@@ -37,6 +37,7 @@ from regproxy.errors import (
 )
 from regproxy.index import Index, ManifestRecord, ManifestRow
 from regproxy.lookups import LookupCache
+from regproxy.metrics import Metrics
 from regproxy.names import RepoName
 from regproxy.oci import Descriptor, Digest, is_digest_reference, parse_manifest, validate_tag
 from regproxy.store import BlobWriter, Store
@@ -117,13 +118,18 @@ class LocalRegistry:
         *,
         max_upload_sessions: int = DEFAULT_MAX_SESSIONS,
         settle: Settle | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        #: this registry's metrics (the app's, or a fresh registry of their own)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.store = store
         self._settle = settle
         #: the index, for every module: ``await registry.db.read(Index.x, ...)`` / ``.write``
         self.db = db
         #: blob upload sessions (regproxy.uploads); their commits go through :meth:`commit_blob`
-        self.uploads = UploadSessions(store, db, self.commit_blob, max_upload_sessions)
+        self.uploads = UploadSessions(
+            store, db, self.commit_blob, max_upload_sessions, metrics=self.metrics
+        )
         #: cached lookups; ``registry.cache.forget(...)`` is how a change invalidates them
         self.cache = LookupCache()
         self._access: dict[tuple[str, str], float] = {}
@@ -442,6 +448,8 @@ class Registry(Protocol):
     def uploads(self) -> UploadSessions: ...
     @property
     def cache(self) -> LookupCache: ...
+    @property
+    def metrics(self) -> Metrics: ...
 
     async def open(self, *, sweep: bool = True) -> None: ...
     async def close(self) -> None: ...

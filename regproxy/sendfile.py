@@ -31,8 +31,7 @@ from typing import Final
 
 from aiohttp import web
 
-from regproxy import metrics
-from regproxy.connections import http_limits
+from regproxy.connections import app_metrics, http_limits
 from regproxy.errors import BlobUnknown
 from regproxy.oci import Digest
 from regproxy.units import BLOB_CHUNK
@@ -71,7 +70,7 @@ def note_body(request: web.BaseRequest, sent: int) -> None:
     notes(request)["body_bytes"] = str(sent)
 
 
-def note_cut(request: web.BaseRequest, digest: Digest, exc: BaseException) -> None:
+def note_cut(request: web.Request, digest: Digest, exc: BaseException) -> None:
     """Mark a response cut short in its access line; log it unless the client just left.
 
     A client that hangs up or stops reading is routine (one access line, at INFO); a blob file
@@ -82,7 +81,7 @@ def note_cut(request: web.BaseRequest, digest: Digest, exc: BaseException) -> No
         noted["error"] = "client_gone"
     elif isinstance(exc, Stalled):
         noted["error"] = "client_stalled"
-        metrics.SLOW_CLIENTS_CUT.labels("write").inc()
+        app_metrics(request.app).slow_clients_cut.labels("write").inc()
     else:
         noted["error"] = "aborted"
         log.warning("blob.aborted digest=%s repo=%s error=%r", digest, noted.get("repo"), exc)
@@ -253,7 +252,7 @@ async def send_file(
     finally:
         os.close(file_fd)
         note_body(request, sent.n)
-        metrics.SERVED_BYTES.labels("blob", "disk").inc(sent.n)
+        app_metrics(request.app).served_bytes.labels("blob", "disk").inc(sent.n)
     await resp.write_eof()
     return resp
 

@@ -27,7 +27,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from regproxy import metrics
 from regproxy.async_index import AsyncIndex
 from regproxy.errors import (
     BlobUploadUnknown,
@@ -36,6 +35,7 @@ from regproxy.errors import (
     TooManyRequests,
 )
 from regproxy.index import Index
+from regproxy.metrics import Metrics
 from regproxy.names import RepoName
 from regproxy.oci import Digest
 from regproxy.store import BlobWriter, Store
@@ -68,7 +68,9 @@ class UploadSessions:
         db: AsyncIndex,
         commit: Commit,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self.store = store
         self.db = db
         self.commit = commit
@@ -83,7 +85,7 @@ class UploadSessions:
         return await asyncio.get_running_loop().run_in_executor(None, call)
 
     def _count(self) -> None:
-        metrics.UPLOADS_IN_PROGRESS.set(len(self._sessions))
+        self.metrics.uploads_in_progress.set(len(self._sessions))
 
     def close(self) -> None:
         """Forget every session (the daemon stops; start-up sweeps the files)."""

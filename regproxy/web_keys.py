@@ -11,6 +11,7 @@ from aiohttp import web
 
 from regproxy.config import Config
 from regproxy.health import Health
+from regproxy.metrics import Metrics
 from regproxy.names import NameResolver
 from regproxy.policy import Policy
 from regproxy.prefetch import Prefetcher
@@ -22,6 +23,8 @@ RESOLVER_KEY: Final = web.AppKey("resolver", NameResolver)
 #: this process's id, answered in ``Regproxy-Instance`` (regproxy.headers)
 INSTANCE_KEY: Final = web.AppKey("instance", str)
 HEALTH_KEY: Final = web.AppKey("health", Health)
+#: the app's metrics (a CollectorRegistry of their own; ``/metrics`` renders them)
+METRICS_KEY: Final = web.AppKey("metrics", Metrics)
 #: the prefetcher; ``app[PREFETCH_KEY].prefetch_done`` is what /readyz consults when
 #: ``prefetch.required_for_ready`` is true (True at once when prefetch.images is empty)
 PREFETCH_KEY: Final = web.AppKey("prefetch", Prefetcher)

@@ -107,9 +107,9 @@ LAYERS: dict[str, Layer] = {
     # the HTTP layer: shared keys and error rendering low, handlers above them
     "keys": _layer("web_keys", f"{_MODEL} registry tools policy"),
     # connections: the guard in front of aiohttp's protocol, the http limits' app key
-    "serving": _layer("connections", f"{_MODEL}"),
+    "serving": _layer("connections", f"{_MODEL} keys"),
     "web": _layer("web_errors sendfile access", f"{_MODEL} keys serving"),
-    "auth": _layer("auth", f"{_MODEL} keys web"),
+    "auth": _layer("auth", f"{_MODEL} keys serving web"),
     "handlers": _layer(
         "api admin ui",
         f"{_MODEL} registry queries ui_model eviction_view pinning tools keys serving web auth policy referrers",

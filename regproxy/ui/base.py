@@ -99,7 +99,9 @@ class UI:
         self.prefetch = prefetch
         self.started = time.time()
         self.sessions = Sessions()
-        self.history = History()
+        #: the app's metrics (the registry counts into them)
+        self.metrics = health.registry.metrics
+        self.history = History(self.metrics)
         self.env = make_env()
         self.static = load_static()
 

@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
 
-from regproxy import metrics
+from regproxy.metrics import Metrics
 
 #: the overview's chart: one sample of the counters every 10 minutes, for 24 hours
 SAMPLE_SECONDS: Final = 600.0
@@ -37,32 +37,33 @@ def metric_sum(metric: Any, **match: str) -> float:
     return total
 
 
-def sample_now(now: float | None = None) -> Sample:
+def sample_now(metrics: Metrics, now: float | None = None) -> Sample:
     return Sample(
         t=time.time() if now is None else now,
-        hits=metric_sum(metrics.CACHE, result="hit"),
-        misses=metric_sum(metrics.CACHE, result="miss") + metric_sum(metrics.CACHE, result="stale"),
-        served_disk=metric_sum(metrics.SERVED_BYTES, source="disk"),
-        served_remote=metric_sum(metrics.SERVED_BYTES, source="upstream")
-        + metric_sum(metrics.SERVED_BYTES, source="peer"),
+        hits=metric_sum(metrics.cache, result="hit"),
+        misses=metric_sum(metrics.cache, result="miss") + metric_sum(metrics.cache, result="stale"),
+        served_disk=metric_sum(metrics.served_bytes, source="disk"),
+        served_remote=metric_sum(metrics.served_bytes, source="upstream")
+        + metric_sum(metrics.served_bytes, source="peer"),
         # the chart's "fetched": from upstreams and from peers
-        fetched=metric_sum(metrics.FETCHED_BYTES) + metric_sum(metrics.PEER_FETCHED_BYTES),
+        fetched=metric_sum(metrics.fetched_bytes) + metric_sum(metrics.peer_fetched_bytes),
     )
 
 
 class History:
     """A ring of counter samples, one per :data:`SAMPLE_SECONDS`, for the overview's chart."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
         self.samples: deque[Sample] = deque(maxlen=SAMPLES + 1)
-        self.samples.append(sample_now())
+        self.samples.append(sample_now(self.metrics))
 
     def record(self) -> None:
-        self.samples.append(sample_now())
+        self.samples.append(sample_now(self.metrics))
 
     def intervals(self) -> list[dict[str, float]]:
         """Per interval (the last one still open, up to now): bytes from disk and fetched."""
-        points = [*self.samples, sample_now()]
+        points = [*self.samples, sample_now(self.metrics)]
         out = []
         for a, b in itertools.pairwise(points):
             out.append(

@@ -8,7 +8,6 @@ from typing import Any
 
 from aiohttp import web
 
-from regproxy import metrics
 from regproxy.config_values import SizeLimit
 from regproxy.ui import queries
 from regproxy.ui.base import (
@@ -53,7 +52,7 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
     storage = ui.config.storage
     limit = storage.max_size.resolve(total) if storage.max_size else None
     floor = storage.min_free.resolve(total) if storage.min_free else 0
-    s = sample_now(now)
+    s = sample_now(ui.metrics, now)
     lookups = s.hits + s.misses
     ui.health.upstreams.sample(now)
     peers = peer_urls(registry)
@@ -80,7 +79,7 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
             }
         )
     others = [{"source": src, **st} for src, st in seen.items() if src not in matched]
-    fetched_peers = metric_sum(metrics.PEER_FETCHED_BYTES)
+    fetched_peers = metric_sum(ui.metrics.peer_fetched_bytes)
     peer_rows = peers_data(registry)
     intervals = ui.history.intervals()
     return {
@@ -104,11 +103,11 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
             "misses": s.misses,
             "hit_ratio": (s.hits / lookups) if lookups else None,
             "served_from_disk": s.served_disk,
-            "served_from_upstream": metric_sum(metrics.SERVED_BYTES, source="upstream"),
-            "served_from_peers": metric_sum(metrics.SERVED_BYTES, source="peer"),
-            "fetched_upstream": metric_sum(metrics.FETCHED_BYTES),  # upstreams only
+            "served_from_upstream": metric_sum(ui.metrics.served_bytes, source="upstream"),
+            "served_from_peers": metric_sum(ui.metrics.served_bytes, source="peer"),
+            "fetched_upstream": metric_sum(ui.metrics.fetched_bytes),  # upstreams only
             "fetched_peers": fetched_peers,
-            "inflight_fetches": metric_sum(metrics.INFLIGHT_FETCHES),
+            "inflight_fetches": metric_sum(ui.metrics.inflight_fetches),
         },
         "upstreams": upstreams,
         "other_sources": others,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Final
 
-from regproxy import __version__, metrics
+from regproxy import __version__
 from regproxy.ui.base import UI
 from regproxy.ui.history import metric_sum
 
@@ -41,11 +41,11 @@ def peers_data(registry: Any) -> list[dict[str, Any]]:
                 "url": p.url,
                 "state": state,
                 "retry_in": live["next_probe_in"] if state == "unreachable" else None,
-                "bytes_from": metric_sum(metrics.PEER_FETCHED_BYTES, peer=p.url),
+                "bytes_from": metric_sum(registry.metrics.peer_fetched_bytes, peer=p.url),
                 "bytes_to": peers.served.get(p.url, 0),  # answered to it (regproxy.peers)
-                "hits": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="hit"),
-                "misses": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="miss"),
-                "errors": metric_sum(metrics.PEER_REQUESTS, peer=p.url, result="error"),
+                "hits": metric_sum(registry.metrics.peer_requests, peer=p.url, result="hit"),
+                "misses": metric_sum(registry.metrics.peer_requests, peer=p.url, result="miss"),
+                "errors": metric_sum(registry.metrics.peer_requests, peer=p.url, result="error"),
             }
         )
     return out
@@ -97,7 +97,7 @@ async def health_data(
         )
     if prefetch_counts["failed"]:
         warnings.append(f"{prefetch_counts['failed']} prefetch image(s) failed")
-    short = metric_sum(metrics.EVICT_SHORT_BYTES)
+    short = metric_sum(registry.metrics.evict_short_bytes)
     if short:
         warnings.append("the store is over its limit with nothing left to evict (pinned or in use)")
     verdict = "not ready" if not ready["ready"] else ("degraded" if warnings else "healthy")
@@ -111,11 +111,11 @@ async def health_data(
         "instance": ui.instance,
         "started": ui.started,
         "uptime": max(0.0, now - ui.started),
-        "evicted_bytes": metric_sum(metrics.EVICTED_BYTES),
+        "evicted_bytes": metric_sum(registry.metrics.evicted_bytes),
         "evict_short_bytes": short,
-        "login_failures": metric_sum(metrics.LOGIN_FAILURES),
-        "stale_tags_served": metric_sum(metrics.STALE_SERVED),
-        "peer_requests_served": metric_sum(metrics.PEER_SERVED),
+        "login_failures": metric_sum(registry.metrics.login_failures),
+        "stale_tags_served": metric_sum(registry.metrics.stale_served),
+        "peer_requests_served": metric_sum(registry.metrics.peer_served),
         "prefetch": {
             "counts": prefetch_counts,
             "images": [{"image": ref, "state": state} for ref, state in images],

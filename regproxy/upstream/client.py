@@ -25,7 +25,7 @@ from yarl import URL
 from regproxy.config import UpstreamConfig
 from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import BlobUnknown, UpstreamError
-from regproxy.metrics import UPSTREAM_METERS, SourceMeters
+from regproxy.metrics import Metrics, SourceMeters
 from regproxy.oci import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX, Digest
 from regproxy.upstream.answers import (
     BlobStream,
@@ -69,8 +69,10 @@ class UpstreamClient:
         public_only: bool = False,
         extra_headers: Mapping[str, str] | None = None,
         timing: Timing = DEFAULT_TIMING,
-        meters: SourceMeters = UPSTREAM_METERS,
+        meters: SourceMeters | None = None,
     ) -> None:
+        if meters is None:  # counted nowhere the daemon exports (tools, tests)
+            meters = Metrics().upstream_meters
         self.name = host
         self.config = config
         self.public_only = public_only

@@ -13,9 +13,9 @@ import logging
 from collections import OrderedDict
 from typing import Any, Final
 
-from regproxy import metrics
 from regproxy.config import Config
 from regproxy.deadline import DEFAULT_TIMING, Timing
+from regproxy.metrics import Metrics
 from regproxy.upstream.client import UpstreamClient
 
 log = logging.getLogger("regproxy.upstream")
@@ -25,9 +25,15 @@ _CLOSING: set[asyncio.Task[Any]] = set()
 
 class ClientPool:
     def __init__(
-        self, config: Config, *, max_clients: int = MAX_CLIENTS, timing: Timing = DEFAULT_TIMING
+        self,
+        config: Config,
+        *,
+        max_clients: int = MAX_CLIENTS,
+        timing: Timing = DEFAULT_TIMING,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
         self.max_clients = max_clients
         self.timing = timing
         self._clients: OrderedDict[str, UpstreamClient] = OrderedDict()
@@ -44,7 +50,13 @@ class ClientPool:
         entry = self.config.upstream_for(host)
         if entry is None:
             return None
-        client = UpstreamClient(host, entry, public_only=entry.pattern == "*", timing=self.timing)
+        client = UpstreamClient(
+            host,
+            entry,
+            public_only=entry.pattern == "*",
+            timing=self.timing,
+            meters=self.metrics.upstream_meters,
+        )
         self._clients[host] = client
         self._trim()
         return client
@@ -63,7 +75,7 @@ class ClientPool:
                 continue  # busy: it stays until a later trim finds it idle
             del self._clients[host]
             excess -= 1
-            metrics.forget_upstream(host)
+            self.metrics.forget_upstream(host)
             log.info("upstream.client_dropped host=%s clients=%d", host, len(self._clients))
             try:
                 task = asyncio.get_running_loop().create_task(client.close())

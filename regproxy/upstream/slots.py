@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from regproxy import metrics
 from regproxy.deadline import DEFAULT_TIMING, Timing
+from regproxy.metrics import SourceMeters
 
 
 class Slot:
@@ -44,7 +44,7 @@ class Slots:
         *,
         rate: float = 0.0,
         timing: Timing = DEFAULT_TIMING,
-        meters: metrics.SourceMeters = metrics.UPSTREAM_METERS,
+        meters: SourceMeters,
     ) -> None:
         self.limit = limit
         self.label = label

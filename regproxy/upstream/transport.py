@@ -31,11 +31,12 @@ import aiohttp
 from aiohttp import hdrs
 from yarl import URL
 
-from regproxy import __version__, metrics
+from regproxy import __version__
 from regproxy.config import UpstreamConfig
 from regproxy.deadline import DEFAULT_TIMING, Pace, Timing, TransferLimits
 from regproxy.errors import UpstreamError, UpstreamTimeout, UpstreamTooSlow
 from regproxy.log import mask_credentials
+from regproxy.metrics import SourceMeters
 from regproxy.oci import JSONInvalid, load_json
 from regproxy.upstream.answers import header_number
 from regproxy.upstream.auth import Credentials, TokenCache, TokenKey, parse_www_authenticate
@@ -178,7 +179,7 @@ class Transport:
         *,
         extra_headers: Mapping[str, str] | None = None,
         timing: Timing = DEFAULT_TIMING,
-        meters: metrics.SourceMeters = metrics.UPSTREAM_METERS,
+        meters: SourceMeters,
     ) -> None:
         self.name = name
         self.config = config
@@ -399,7 +400,8 @@ class Transport:
         limit = _leading_int(resp.headers.get("ratelimit-limit"))
         before = base.ratelimit[0] if base.ratelimit is not None else None
         base.ratelimit = (remaining, limit)
-        metrics.UPSTREAM_RATELIMIT.labels(base.label).set(remaining)
+        if self.meters.ratelimit is not None:
+            self.meters.ratelimit.labels(base.label).set(remaining)
         reserve = self.config.ratelimit_reserve
         if remaining < reserve and (before is None or before >= reserve):
             log.warning(

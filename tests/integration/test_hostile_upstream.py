@@ -23,7 +23,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from regproxy import metrics
 from regproxy.app import create_app
 from regproxy.async_index import READERS
 from regproxy.config import config_from_dict
@@ -31,6 +30,7 @@ from regproxy.deadline import Timing, TransferLimits
 from regproxy.errors import OCIError
 from regproxy.fetch import Fetcher, Source
 from regproxy.index import Index
+from regproxy.metrics import Metrics
 from regproxy.names import RepoName
 from regproxy.oci import Digest
 from regproxy.proxy import ProxyRegistry
@@ -60,7 +60,7 @@ async def canary() -> AsyncIterator[FakeUpstream]:
 
 @contextlib.asynccontextmanager
 async def proxy(
-    root: Path, up: FakeUpstream, **settings: Any
+    root: Path, up: FakeUpstream, metrics: Metrics | None = None, **settings: Any
 ) -> AsyncIterator[TestClient[Any, Any]]:
     raw: dict[str, Any] = {
         "storage": {"root": str(root)},
@@ -69,7 +69,7 @@ async def proxy(
         "upstreams": {up.hostport: {"url": up.url, "alias": ALIAS, **settings}},
     }
     client: TestClient[Any, Any] = TestClient(
-        TestServer(create_app(config_from_dict(raw)), host="127.0.0.1")
+        TestServer(create_app(config_from_dict(raw), metrics=metrics), host="127.0.0.1")
     )
     await client.start_server()
     try:
@@ -78,8 +78,8 @@ async def proxy(
         await client.close()
 
 
-def errors(source: str, kind: str) -> float:
-    value = metrics.REGISTRY.get_sample_value(
+def errors(metrics: Metrics, source: str, kind: str) -> float:
+    value = metrics.registry.get_sample_value(
         "regproxy_upstream_errors_total", {"source": source, "kind": kind}
     )
     return value or 0.0
@@ -98,8 +98,8 @@ async def test_redirect_to_an_internal_address_is_never_dialled(
         f"http://169.254.169.254:{canary.port}/latest/meta-data",  # link-local (cloud metadata)
         f"http://[::ffff:127.0.0.1]:{canary.port}/v2/x/blobs/{d}",  # v4-mapped loopback
     ]
-    before = errors(upstream.hostport, "denied")
-    async with proxy(tmp_path / "store", upstream) as client:
+    m = Metrics()
+    async with proxy(tmp_path / "store", upstream, m) as client:
         for target in targets:
             upstream.blob_redirects[d] = target
             for method in ("GET", "HEAD"):
@@ -108,7 +108,7 @@ async def test_redirect_to_an_internal_address_is_never_dialled(
                 assert resp.status in (404, 502), (target, method, resp.status)
                 assert data[:100] not in body
     assert canary.connections == 0
-    assert errors(upstream.hostport, "denied") >= before + len(targets)
+    assert errors(m, upstream.hostport, "denied") >= len(targets)
     assert "upstream.refused" in caplog.text
 
 
@@ -182,13 +182,14 @@ async def test_dripping_upstream_is_dropped_and_the_next_get_starts_afresh(
     d = upstream.add_blob(data)
     upstream.blob_faults[d] = BlobFault(step=1, delay=0.2)  # 5 bytes a second
     settings = {"min_rate": "1KiB/s", "min_rate_window": "1s"}
-    async with proxy(tmp_path / "store", upstream, **settings) as client:
+    m = Metrics()
+    async with proxy(tmp_path / "store", upstream, m, **settings) as client:
         path = f"/v2/{ALIAS}/app/blobs/{d}"
         status, body = await read_or_cut(client, "GET", path)
         assert status in (-1, 502, 504) and body != data
         # a stall is not resumed within the fetch: one upstream GET, and the entry is gone
         assert upstream.count("GET", f"/blobs/{d}") == 1
-        assert errors(upstream.hostport, "slow") >= 1
+        assert errors(m, upstream.hostport, "slow") >= 1
         upstream.blob_faults.pop(d)  # the upstream recovers
         status, body = await read_or_cut(client, "GET", path)
         assert status == 200 and body == data
@@ -206,14 +207,15 @@ async def test_200_concurrent_cold_pulls_queue_for_16_connections(
         upstream.blob_faults[d] = BlobFault(step=8 * 1024, delay=0.02)
     # a connect timeout far shorter than the wait for a free connection
     settings = {"connect_timeout": "0.5s", "max_connections": 16}
-    async with proxy(tmp_path / "store", upstream, **settings) as client:
+    m = Metrics()
+    async with proxy(tmp_path / "store", upstream, m, **settings) as client:
         results = await asyncio.gather(
             *(read_or_cut(client, "GET", f"/v2/{ALIAS}/app/blobs/{d}") for d in digests)
         )
     assert [s for s, _ in results] == [200] * 200
     assert all(body == blob for (_, body), blob in zip(results, blobs, strict=True))
     assert upstream.connections <= 16
-    waited = metrics.REGISTRY.get_sample_value(
+    waited = m.registry.get_sample_value(
         "regproxy_upstream_queue_wait_seconds_count", {"upstream": upstream.hostport}
     )
     assert waited is not None and waited > 0

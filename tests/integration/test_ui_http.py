@@ -19,11 +19,11 @@ import bcrypt
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from regproxy import metrics
 from regproxy.app import create_app
 from regproxy.config import config_from_dict
 from regproxy.index import Index
 from regproxy.store import Store
+from regproxy.web_keys import METRICS_KEY
 from tests.images import make_image
 
 # api keeps per-request facts under plain string keys (request["error"]), as test_auth says
@@ -131,13 +131,14 @@ async def test_every_page_and_json_route_refuses_anonymous_requests(client) -> N
 async def test_wrong_login_is_refused_slowly_and_counted_then_the_right_one_gets_in(
     client,
 ) -> None:
-    before = metrics.LOGIN_FAILURES._value.get()
+    metrics = client.server.app[METRICS_KEY]
+    before = metrics.login_failures._value.get()
     t0 = time.monotonic()
     resp = await login(client, "wrong")
     assert resp.status == 401
     assert "Wrong user name or password" in await resp.text()
     assert time.monotonic() - t0 >= 0.9
-    assert metrics.LOGIN_FAILURES._value.get() == before + 1
+    assert metrics.login_failures._value.get() == before + 1
     assert "regproxy_session" not in {c.key for c in client.session.cookie_jar}
 
     resp = await login(client)

@@ -10,8 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from regproxy import metrics
-from regproxy.web_keys import INSTANCE_KEY, REGISTRY_KEY
+from regproxy.web_keys import INSTANCE_KEY, METRICS_KEY, REGISTRY_KEY
 from tests.fakes import FakeUpstream
 from tests.images import OCI_INDEX, OCI_MANIFEST, make_image, make_index, sha256
 from tests.inproc import FakeTime
@@ -336,7 +335,7 @@ async def test_the_peers_panel_shows_bytes_served_to_each_peer(tmp_path: Path) -
                 r = await a.get(blob, headers={**hostile, "Regproxy-Instance": instance})
                 assert r.status == 200 and await r.read() == layer
             assert a_peers.served == {b_url: len(layer)}
-            assert metrics.REGISTRY.get_sample_value(
+            assert a.server.app[METRICS_KEY].registry.get_sample_value(
                 "regproxy_peer_served_bytes_total", {"peer": b_url}
             ) == len(layer)
         finally:

@@ -21,10 +21,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from regproxy import metrics
 from regproxy.config import UpstreamConfig
 from regproxy.deadline import Timing
 from regproxy.errors import BlobUnknown, UpstreamError, UpstreamTimeout
+from regproxy.metrics import Metrics
 from regproxy.oci import Digest
 from regproxy.upstream import BlobStream, ManifestGet, ManifestHead, UpstreamClient
 from tests.conftest import needs_registry
@@ -45,8 +45,8 @@ async def read_all(stream: BlobStream) -> bytes:
         await stream.close()
 
 
-def error_count(source: str, kind: str) -> float:
-    v = metrics.REGISTRY.get_sample_value(
+def error_count(metrics: Metrics, source: str, kind: str) -> float:
+    v = metrics.registry.get_sample_value(
         "regproxy_upstream_errors_total", {"source": source, "kind": kind}
     )
     return v or 0.0
@@ -200,12 +200,12 @@ async def test_basic_auth_refused(registry_factory, tmp_path, caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="regproxy")
     reg = registry_factory(htpasswd=make_htpasswd(tmp_path / "htpasswd", USER, PASSWORD))
     source = reg.hostport
-    before = error_count(source, "auth")
+    m = Metrics()
     for cfg in (
         UpstreamConfig(source, url=reg.url, username=USER, password="wrong-password-123"),
         UpstreamConfig(source, url=reg.url),  # no credentials at all
     ):
-        client = UpstreamClient(source, cfg)
+        client = UpstreamClient(source, cfg, meters=m.upstream_meters)
         try:
             with pytest.raises(UpstreamError) as info:
                 await client.head_manifest("team/app", "v1")
@@ -215,7 +215,7 @@ async def test_basic_auth_refused(registry_factory, tmp_path, caplog) -> None:
             assert info.value.kind == "auth"
         finally:
             await client.close()
-    assert error_count(source, "auth") >= before + 4
+    assert error_count(m, source, "auth") >= 4
     assert "wrong-password-123" not in caplog.text
 
 

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from regproxy import metrics
 from regproxy.app import create_app
 from regproxy.config import UpstreamConfig, config_from_dict
 from regproxy.deadline import Timing
 from regproxy.errors import UpstreamError
 from regproxy.upstream import UpstreamClient
+from regproxy.web_keys import METRICS_KEY
 from tests.fakes import FakeUpstream, digest_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
@@ -158,7 +158,7 @@ async def test_rate_limit_headers_make_tags_stale_before_the_reserve_is_spent(
     async with proxy(tmp_path / "store", upstream, ratelimit_reserve=10) as client:
         resp = await client.get(f"/v2/{ALIAS}/app/manifests/latest")
         assert await resp.read() == v1  # a miss may spend the reserve: nothing else to serve
-        remaining = metrics.REGISTRY.get_sample_value(
+        remaining = client.server.app[METRICS_KEY].registry.get_sample_value(
             "regproxy_upstream_ratelimit_remaining", {"upstream": upstream.hostport}
         )
         assert remaining == 5

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from regproxy import auth, metrics, web_errors
+from regproxy import auth, web_errors
 from regproxy.auth import UserDB, parse_htpasswd, verify_password
 from regproxy.config import AuthConfig
 
@@ -206,12 +206,12 @@ async def test_failed_login_is_slow_counted_and_logged_without_password(
     sleeps = Sleeps()
     h = bcrypt.hashpw(b"right", bcrypt.gensalt(4)).decode()
     db = UserDB(AuthConfig(users={"alice": h}), sleep=sleeps)
-    before = metrics.LOGIN_FAILURES._value.get()
+    before = db.metrics.login_failures._value.get()
     with caplog.at_level(logging.INFO, "regproxy.auth"):
         assert not await db.login("alice", "hunter2-guess", remote="10.1.2.3", via="test")
         assert await db.login("alice", "right", remote="10.1.2.3", via="test")
     assert sleeps.calls == [auth.FAILURE_DELAY]
-    assert metrics.LOGIN_FAILURES._value.get() == before + 1
+    assert db.metrics.login_failures._value.get() == before + 1
     assert "alice" in caplog.text and "10.1.2.3" in caplog.text
     assert "hunter2" not in caplog.text and "right" not in caplog.text.replace("wrong", "")
     db.close()

@@ -18,12 +18,13 @@ import bcrypt
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from regproxy import auth, metrics
+from regproxy import auth
 from regproxy.app import create_app
 from regproxy.auth import UserDB
 from regproxy.config import AuthConfig, config_from_dict
 from regproxy.errors import ConfigError, TooManyRequests
 from regproxy.login_budget import LoginBudget, client_key
+from regproxy.metrics import Metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 PASSWORD = "p" * 72  # the longest password bcrypt reads whole
@@ -47,8 +48,8 @@ def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-def throttled(reason: str) -> float:
-    return float(metrics.LOGIN_THROTTLED.labels(reason)._value.get())
+def throttled(metrics: Metrics, reason: str) -> float:
+    return float(metrics.login_throttled.labels(reason)._value.get())
 
 
 # --- the budget itself ---------------------------------------------------------------------------
@@ -126,7 +127,8 @@ async def app(tmp_path: Path) -> AsyncIterator[tuple[TestClient[Any, Any], Clock
 
 async def test_parallel_guessers_get_the_budget_then_429(app, bcrypt_calls: list[str]) -> None:
     client, clock = app
-    throttled_before = throttled("budget")
+    m = client.app[auth.USERS_KEY].metrics
+    throttled_before = throttled(m, "budget")
     resps = await asyncio.gather(
         *(client.put(MANIFEST, headers=basic("alice", f"guess-{i}")) for i in range(300))
     )
@@ -136,7 +138,7 @@ async def test_parallel_guessers_get_the_budget_then_429(app, bcrypt_calls: list
     limited = next(r for r in resps if r.status == 429)
     assert 1 <= int(limited.headers["Retry-After"]) <= 60
     assert (await limited.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
-    assert throttled("budget") == throttled_before + 290
+    assert throttled(m, "budget") == throttled_before + 290
     # spent: even the right password is refused (a spent budget says nothing about a guess)
     resp = await client.get(MANIFEST, headers=basic("alice", PASSWORD))
     assert resp.status == 429
@@ -185,12 +187,13 @@ async def test_passwords_longer_than_72_bytes_are_refused_not_cut(
     app, bcrypt_calls: list[str]
 ) -> None:
     client, _ = app
-    failures = metrics.LOGIN_FAILURES._value.get()
+    metrics = client.app[auth.USERS_KEY].metrics
+    failures = metrics.login_failures._value.get()
     # bcrypt would accept this one: its first 72 bytes are the password
     resp = await client.get(MANIFEST, headers=basic("alice", PASSWORD + "anything"))
     assert resp.status == 401
     assert bcrypt_calls == []  # refused before any check
-    assert metrics.LOGIN_FAILURES._value.get() == failures + 1
+    assert metrics.login_failures._value.get() == failures + 1
     resp = await client.get(MANIFEST, headers=basic("alice", "p" * 70 + "é"))  # 72 bytes, wrong
     assert resp.status == 401
     assert (await client.get(MANIFEST, headers=basic("alice", PASSWORD))).status == 404
@@ -242,7 +245,7 @@ async def test_queued_password_checks_are_bounded(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(auth, "verify_password", slow)
     db = UserDB(AuthConfig(users={"alice": HASH}), sleep=no_sleep)
-    busy = throttled("busy")
+    busy = throttled(db.metrics, "busy")
     first = [
         asyncio.create_task(db.login("alice", f"g{i}", remote=f"192.0.2.{i}", via="test"))
         for i in range(2)
@@ -255,7 +258,7 @@ async def test_queued_password_checks_are_bounded(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(TooManyRequests) as exc:
         await db.login("alice", "third", remote="192.0.2.99", via="test")
     assert exc.value.retry_after == 1
-    assert throttled("busy") == busy + 1
+    assert throttled(db.metrics, "busy") == busy + 1
     gate.set()
     assert await asyncio.gather(*first) == [False, False]
     db.close()

@@ -13,6 +13,7 @@ from regproxy.async_index import AsyncIndex
 from regproxy.config import PrefetchConfig, config_from_dict
 from regproxy.errors import ManifestUnknown, UpstreamError
 from regproxy.index import Index
+from regproxy.metrics import Metrics
 from regproxy.names import NameResolver
 from regproxy.oci import Descriptor, Digest
 from regproxy.prefetch import (
@@ -122,6 +123,7 @@ class FakeRegistry:
         self.transfers: list[_Transfer] = []
         self.pinned: list[tuple[str, list[str], bool]] = []
         self.db = self  # the Prefetcher pins through pins.pin_digests: registry.db.write(...)
+        self.metrics = Metrics()
 
     async def write(self, fn: Any, repo: str, digests: list[str], pinned: bool) -> int:
         assert fn is Index.pin_manifests

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from regproxy import metrics
 from regproxy.cli import build_parser
+from regproxy.metrics import Metrics
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_every_metric_is_in_the_readme() -> None:
     names = set()
-    for collector in list(metrics.REGISTRY._collector_to_names):
+    for collector in list(Metrics().registry._collector_to_names):
         for m in collector.describe():
             names.add(m.name.removesuffix("_total"))
     missing = sorted(n for n in names if n not in README)
