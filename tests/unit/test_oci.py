@@ -294,3 +294,36 @@ def test_accepts() -> None:
     assert accepts("*/*", DOCKER_LIST)
     assert accepts("application/*", DOCKER_LIST)
     assert not accepts(OCI_INDEX, OCI_MANIFEST)
+
+
+# --- JSON from outside ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        # an unterminated string of escaped quotes: the string pattern tried from every quote to
+        # the end was quadratic (48 KB held the event loop for 18 s; 1 MiB, for hours)
+        (b'{"a": "' + b'\\"' * 500_000, "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper than 64"),  # json.loads: RecursionError
+        (b"[" * 65 + b"]" * 65, "nested deeper than 64"),
+        ('"é"'.encode("utf-16"), "not valid JSON"),  # UTF-8 only
+        (b"\xff", "not valid JSON"),
+    ],
+    ids=["escaped-quotes", "100000-deep", "65-deep", "utf-16", "not-utf-8"],
+)
+def test_json_from_outside_is_refused_cleanly(body: bytes, why: str) -> None:
+    from regproxy.oci import JSONInvalid, load_json
+
+    with pytest.raises(JSONInvalid, match=why):
+        load_json(body)
+
+
+def test_json_from_outside_is_read_as_json_reads_it() -> None:
+    from regproxy.oci import json_depth, load_json
+
+    text = b'{"a": "[[{{\\" ]", "b": [[{"c": [1]}]], "d": "\\\\"}'
+    assert load_json(text) == json.loads(text)
+    assert json_depth(text) == 5
+    assert load_json(b"\xef\xbb\xbf[1]") == [1]  # a BOM, as json.loads takes it
+    assert load_json(b"[" * 64 + b"]" * 64) is not None
+    escaped = b'"' + b'\\"' * 500_000 + b'"'  # valid: one long string of quotes
+    assert load_json(escaped) == '"' * 500_000
