@@ -27,3 +27,15 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def run(coro: Coroutine[Any, Any, T]) -> T:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(coro)
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a count of 1 or more (argparse turns the error into its usage line,
+    exit 2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return n

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from regproxy.cli.common import SubParsers, run
+from regproxy.cli.common import SubParsers, positive_int, run
 from regproxy.config import Config, PrefetchConfig
 from regproxy.errors import OCIError
 from regproxy.names import NameResolver
@@ -55,7 +55,7 @@ def add_parsers(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--attempts",
-        type=int,
+        type=positive_int,
         default=3,
         help="passes over the images that fail, with backoff between them (default 3)",
     )

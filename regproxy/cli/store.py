@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import os
 
-from regproxy.cli.common import SubParsers, run
+from regproxy.cli.common import SubParsers, positive_int, run
 from regproxy.config import Config
 
 
@@ -27,7 +27,9 @@ def add_parsers(sub: SubParsers, common: argparse.ArgumentParser) -> None:
         help="remove damage from the index and move it to quarantine/ (the only mode that changes "
         "anything)",
     )
-    fsck.add_argument("--workers", type=int, help="files hashed at once (default: up to 4)")
+    fsck.add_argument(
+        "--workers", type=positive_int, help="files hashed at once (default: up to 4)"
+    )
     fsck.set_defaults(run=_fsck)
 
 

@@ -115,3 +115,18 @@ def test_a_damaged_index_is_one_line_and_exit_1(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, err
         assert err.startswith(f"regproxy {argv[0]}: the metadata index failed: "), err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["fsck", "--workers", "-5"], ["fsck", "--workers", "0"], ["prefetch", "--attempts", "0", "a"]],
+)
+def test_counts_below_one_are_a_usage_error(
+    argv: list[str], config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a ValueError traceback from the thread pool: argparse's usage line, exit 2."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--config", str(config_file)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not 1 or more" in err and "Traceback" not in err
