@@ -233,8 +233,18 @@ class Refused(Exception):
 BAD_FORM: Final = (HttpProcessingError, ValueError, LookupError, RuntimeError, AssertionError)
 
 
+#: the page's forms (login, logout, pin, unpin, delete) hold a few short fields: a bigger body
+#: is refused unread (an anonymous login form could hold the app's client_max_size, 8 MiB, of
+#: memory per connection); a browser always sends a form's Content-Length
+MAX_FORM_BYTES: Final = 16 * 1024
+
+
 async def form_of(request: web.Request) -> MultiDictProxy[Any]:
-    """The request's form fields; a body that is not a form a browser would send is a 400."""
+    """The request's form fields; a body that is not a form a browser would send is a 400,
+    one larger than :data:`MAX_FORM_BYTES` (or of no declared length) a 413."""
+    length = request.content_length
+    if request.body_exists and (length is None or length > MAX_FORM_BYTES):
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_FORM_BYTES, actual_size=length or 0)
     try:
         return await read_body(request, request.post())
     except BAD_FORM as exc:

@@ -460,3 +460,24 @@ async def test_malformed_form_bodies_are_a_400_page_never_a_500(client) -> None:
             if resp.status == 403:  # read as a form (an empty one): refused for its token
                 assert "CSRF" in await resp.text(), (path, ctype, body)
     assert (await client.get("/ui/")).status == 200
+
+
+async def test_a_form_body_larger_than_a_form_is_refused_unread(client) -> None:
+    """The login form is open to anyone: its body may not hold the app's 8 MiB of memory."""
+    big = {"username": "alice", "password": "x" * 100_000, "login_token": "t"}
+    resp = await client.post("/ui/login", data=big)
+    assert resp.status == 413
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b"username=a"
+
+    resp = await client.post(
+        "/ui/login",
+        data=chunked(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert resp.status == 413  # no declared length: a browser always sends one
+    assert (await login(client)).status == 303  # a real form still gets in
+    token = await csrf_of(client)
+    resp = await client.post("/ui/pin", data={"csrf": token, "repo": "x" * 20_000, "ref": "v1"})
+    assert resp.status == 413
