@@ -187,12 +187,12 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         # host's own upstream may answer, never another peer (regproxy.cluster)
         HOME_REQUEST.set(True)
         notes["peer"] = "fetch"
-        app_metrics(request.app).peer_served.labels("fetch").inc()
+        app_metrics(request.app).served_peer("fetch")
     elif mark:
         # a peer's lookup: answer from the local store only, never forward (no circles)
         LOCAL_ONLY.set(True)
         notes["peer"] = "lookup"
-        app_metrics(request.app).peer_served.labels("lookup").inc()
+        app_metrics(request.app).served_peer("lookup")
     # Route on the raw path, then decode each part: an encoded slash inside a tag or digest
     # must not shift the route (it is then invalid in its own part, with that part's error).
     path = request.rel_url.raw_path.removeprefix("/v2/")
@@ -249,8 +249,8 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
     if request.headers.get("If-None-Match") in (f'"{blob.digest}"', str(blob.digest)):
         return web.Response(status=304, headers=headers)
     if blob.data is not None:
-        app_metrics(request.app).served_bytes.labels("blob", "disk").inc(
-            0 if request.method == "HEAD" else blob.size
+        app_metrics(request.app).served(
+            "blob", "disk", 0 if request.method == "HEAD" else blob.size
         )
         if rng is None:
             return web.Response(body=blob.data, headers=headers)
@@ -300,7 +300,7 @@ async def _stream_blob(
         sent += n
         # the transfer's source kind (upstream or peer), read as the bytes go out
         source = "upstream" if blob.stream.kind == "upstream" else "peer"
-        app_metrics(request.app).served_bytes.labels("blob", source).inc(n)
+        app_metrics(request.app).served("blob", source, n)
 
     try:
         async with contextlib.aclosing(blob.stream.spans(start, end, blob.size)) as spans:
@@ -470,7 +470,7 @@ async def get_manifest(request: web.Request, name: str, ref: str) -> web.Respons
     if request.method == "HEAD":
         headers["Content-Length"] = str(m.size)
         return web.Response(headers=headers)
-    app_metrics(request.app).served_bytes.labels("manifest", "disk").inc(m.size)
+    app_metrics(request.app).served("manifest", "disk", m.size)
     return web.Response(body=m.body, headers=headers)
 
 

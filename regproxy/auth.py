@@ -314,7 +314,7 @@ class UserDB:
             self.budget.refused(client)
         elif await self.verify(user, password, client=client):
             return True
-        self.metrics.login_failures.inc()
+        self.metrics.login_failed()
         known = user in self._users
         reason = "unknown user" if not known else "wrong password"
         log.warning(

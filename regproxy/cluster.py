@@ -201,7 +201,7 @@ class Cluster:
         want = Digest.parse(reference)
         if Digest.of(got.body, want.algorithm) == want:
             return True
-        self.peers.metrics.peer_errors.labels(peer.url, "digest_mismatch").inc()
+        self.peers.metrics.peer_meters.failed(peer.url, "digest_mismatch")
         self.peers.failed(
             peer,
             f"manifest {reference}",

@@ -173,13 +173,13 @@ class Evictor:
         self.registry.metrics.store_fs_free_bytes.set(free)
         need = marks.need(totals.stored_bytes, free)
         if need <= 0:
-            self.registry.metrics.evict_short_bytes.set(0)
+            self.registry.metrics.short(0)
             return None
         r = await self.evict(need)
         after = await reg.db.read(Index.totals)
         self.registry.metrics.store_bytes.set(after.stored_bytes)
         self.registry.metrics.pinned_bytes.set(after.pinned_bytes)
-        self.registry.metrics.evict_short_bytes.set(r.short)
+        self.registry.metrics.short(r.short)
         now = time.monotonic()
         if r.freed == 0 and now - self._stuck_logged < STUCK_LOG_SECONDS:
             return r  # nothing may go yet (pinned, in use, recent): say so once a minute
@@ -250,7 +250,7 @@ class Evictor:
             await asyncio.get_running_loop().run_in_executor(None, _delete_files, reg, doomed)
         for e in batch.evicted:
             log.info("evict.manifest repo=%s digest=%s bytes=%d", e.repo or "-", e.digest, e.bytes)
-        self.registry.metrics.evicted_bytes.inc(batch.freed)
+        self.registry.metrics.evicted(batch.freed)
 
 
 def _delete_files(registry: Registry, digests: list[Digest]) -> None:

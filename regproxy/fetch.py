@@ -309,9 +309,7 @@ class Fetcher:
                 except (BlobUnknown, UpstreamError) as exc:
                     last = exc
                     if isinstance(exc, UpstreamTooSlow):  # the transports count the others
-                        self.metrics.meters_for(source.kind).errors.labels(
-                            source.name, exc.kind
-                        ).inc()
+                        self.metrics.meters_for(source.kind).failed(source.name, exc.kind)
                     if not isinstance(exc, BlobUnknown):
                         log.warning(
                             "fetch.source_failed digest=%s repo=%s source=%s kind=%s error=%s",
@@ -329,7 +327,7 @@ class Fetcher:
                     await loop.run_in_executor(None, commit)
                 except DigestMismatch as exc:
                     meters = self.metrics.meters_for(source.kind)
-                    meters.errors.labels(source.name, "digest_mismatch").inc()
+                    meters.failed(source.name, "digest_mismatch")
                     log.error(
                         "fetch.digest_mismatch digest=%s repo=%s source=%s actual=%s",
                         t.digest,
@@ -449,15 +447,15 @@ class Fetcher:
             elif stream.size != t.size:
                 raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
             skip = offset - stream.offset  # source ignored our Range: drop what we have
-            fetched = self.metrics.meters_for(source.kind).fetched.labels(source.name)
+            fetched = self.metrics.meters_for(source.kind).fetched_from(source.name)
             body = None
             if skip == 0 and isinstance(stream, SocketStream) and self._pumping < PUMPS:
                 body = stream.take_socket(PUMP_AT_LEAST)
             t.copy = "loop" if body is None else "thread"
             if body is not None:  # plain TCP: the body goes on a thread of its own
-                await self._pump(t, source.name, body, pace, fetched.inc)
+                await self._pump(t, source.name, body, pace, fetched)
             else:
-                await self._copy(t, source.name, stream, pace, skip, fetched.inc)
+                await self._copy(t, source.name, stream, pace, skip, fetched)
             if t.written != t.size:
                 raise UpstreamError(source.name, f"body ended at {t.written} of {t.size}")
         finally:

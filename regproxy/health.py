@@ -66,17 +66,17 @@ class UpstreamState:
 
 
 def _counts(metrics: Metrics) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Answers per source, and unreachable-kind errors per source, from the metrics."""
-    answered: dict[str, float] = {}
-    for family in metrics.upstream_seconds.collect():
-        for s in family.samples:
-            if s.name.endswith("_count"):
-                answered[s.labels["source"]] = s.value
+    """Answers per upstream source, and unreachable-kind errors per upstream source, from the
+    counts the upstream clients keep (metrics.counts; the metrics are never read back)."""
+    counts = metrics.counts
+    answered = {src: float(n) for (kind, src), n in counts.answered.items() if kind == "upstream"}
     failed: dict[str, dict[str, float]] = {}
-    for family in metrics.upstream_errors.collect():
-        for s in family.samples:
-            if s.name.endswith("_total") and s.labels.get("kind") in UNREACHABLE_KINDS:
-                failed.setdefault(s.labels["source"], {})[s.labels["kind"]] = s.value
+    for (kind, src), by_kind in counts.failed.items():
+        if kind != "upstream":
+            continue
+        unreachable = {k: float(n) for k, n in by_kind.items() if k in UNREACHABLE_KINDS}
+        if unreachable:
+            failed[src] = unreachable
     return answered, failed
 
 

@@ -4,10 +4,38 @@ handed in: nothing here is global."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections import Counter as Tally
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+@dataclass(slots=True)
+class Counts:
+    """The numbers the web page and the health checks show, kept as plain state by the same
+    calls that count the metrics (below): nothing reads the metrics back as data."""
+
+    #: content lookups by result (hit, miss, stale)
+    lookups: Tally[str] = field(default_factory=Tally)
+    #: bytes sent to clients by source (disk, upstream, peer)
+    served: Tally[str] = field(default_factory=Tally)
+    #: bytes fetched by (kind, source): ("upstream", host) or ("peer", url)
+    fetched: Tally[tuple[str, str]] = field(default_factory=Tally)
+    #: requests answered by (kind, source): ("upstream", an upstream or mirror), ("peer", url)
+    answered: Tally[tuple[str, str]] = field(default_factory=Tally)
+    #: failures by (kind, source), then by what failed (connect, timeout, auth, ...)
+    failed: dict[tuple[str, str], Tally[str]] = field(default_factory=dict)
+    #: requests to each peer by (peer, result): hit, miss, error
+    peer_requests: Tally[tuple[str, str]] = field(default_factory=Tally)
+    #: requests this host answered for peers
+    peer_served: int = 0
+    stale_served: int = 0
+    login_failures: int = 0
+    evicted_bytes: int = 0
+    #: bytes over the limit that nothing evictable could free, at the last check
+    evict_short: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,9 +47,30 @@ class SourceMeters:
     seconds: Histogram
     errors: Counter
     fetched: Counter
+    counts: Counts
     queue: Gauge | None = None
     queue_seconds: Histogram | None = None
     ratelimit: Gauge | None = None
+
+    def answered(self, source: str, seconds: float) -> None:
+        """A request to the source was answered (any status) after ``seconds``."""
+        self.seconds.labels(source).observe(seconds)
+        self.counts.answered[(self.kind, source)] += 1
+
+    def failed(self, source: str, kind: str) -> None:
+        self.errors.labels(source, kind).inc()
+        self.counts.failed.setdefault((self.kind, source), Tally())[kind] += 1
+
+    def fetched_from(self, source: str) -> Callable[[int], None]:
+        """What a transfer calls with each chunk's size, as it lands."""
+        child = self.fetched.labels(source)
+        tally, key = self.counts.fetched, (self.kind, source)
+
+        def add(n: int) -> None:
+            child.inc(n)
+            tally[key] += n
+
+        return add
 
 
 class Metrics:
@@ -254,18 +303,21 @@ class Metrics:
             ["phase"],
             registry=r,
         )
+        #: the numbers the web page and health read (never the metrics themselves)
+        self.counts = Counts()
         #: where transfers from upstreams and from peers count (never into each other)
         self.upstream_meters = SourceMeters(
             "upstream",
             self.upstream_seconds,
             self.upstream_errors,
             self.fetched_bytes,
+            self.counts,
             self.upstream_queue,
             self.upstream_queue_seconds,
             self.upstream_ratelimit,
         )
         self.peer_meters = SourceMeters(
-            "peer", self.peer_seconds, self.peer_errors, self.peer_fetched_bytes
+            "peer", self.peer_seconds, self.peer_errors, self.peer_fetched_bytes, self.counts
         )
         #: metrics with a label naming an upstream host: (metric, its label names, that label)
         self._by_upstream: tuple[tuple[Any, tuple[str, ...], str], ...] = (
@@ -278,6 +330,44 @@ class Metrics:
             (self.upstream_queue_seconds, ("upstream",), "upstream"),
             (self.upstream_ratelimit, ("upstream",), "upstream"),
         )
+
+    # --- events: counted in the metrics and kept in ``counts`` --------------------------------
+    def lookup(self, kind: str, result: str, upstream: str) -> None:
+        """A content lookup: hit, miss or stale (``upstream`` labels the metric only)."""
+        self.cache.labels(kind, result, upstream).inc()
+        self.counts.lookups[result] += 1
+
+    def served(self, kind: str, source: str, n: int) -> None:
+        """Bytes of a blob or manifest sent to a client, from disk, an upstream or a peer."""
+        self.served_bytes.labels(kind, source).inc(n)
+        self.counts.served[source] += n
+
+    def stale(self, upstream: str) -> None:
+        self.stale_served.labels(upstream).inc()
+        self.counts.stale_served += 1
+
+    def peer_request(self, peer: str, result: str) -> None:
+        """A request to a peer: hit, miss or error."""
+        self.peer_requests.labels(peer, result).inc()
+        self.counts.peer_requests[(peer, result)] += 1
+
+    def served_peer(self, kind: str) -> None:
+        """A request from a peer answered here (a lookup, or a fetch as its home host)."""
+        self.peer_served.labels(kind).inc()
+        self.counts.peer_served += 1
+
+    def login_failed(self) -> None:
+        self.login_failures.inc()
+        self.counts.login_failures += 1
+
+    def evicted(self, n: int) -> None:
+        self.evicted_bytes.inc(n)
+        self.counts.evicted_bytes += n
+
+    def short(self, n: int) -> None:
+        """Bytes over the limit nothing evictable could free (0 when none)."""
+        self.evict_short_bytes.set(n)
+        self.counts.evict_short = n
 
     def meters_for(self, kind: str) -> SourceMeters:
         """The meters of a transfer source kind ("upstream", "peer", "home")."""

@@ -308,7 +308,7 @@ class Peers:
     def failed(self, peer: Peer, what: str, exc: Exception, *, hold: bool = False) -> None:
         """A request to the peer failed: set it aside unless it answered (an error status is an
         answer: the peer is up); ``hold``: for the longest backoff (it sent wrong bytes)."""
-        self.metrics.peer_requests.labels(peer.url, "error").inc()
+        self.metrics.peer_request(peer.url, "error")
         if isinstance(exc, UpstreamError) and exc.kind in _ANSWERED and not hold:
             # a refused login is the operator's to fix (peers.username/password)
             level = logging.WARNING if exc.kind == "auth" else logging.INFO
@@ -350,7 +350,7 @@ class Peers:
             except _FAILURES as exc:
                 self.failed(p, what, exc)
                 return
-            self.metrics.peer_requests.labels(p.url, "miss" if results[i] is None else "hit").inc()
+            self.metrics.peer_request(p.url, "miss" if results[i] is None else "hit")
 
         await asyncio.gather(*(one(i, p) for i, p in enumerate(peers)))
         return [(p, r) for p, r in zip(peers, results, strict=True) if r is not None]
@@ -386,7 +386,7 @@ class Peers:
             try:
                 return await client.open_blob(repo, digest, offset)
             except BlobUnknown:
-                self.metrics.peer_requests.labels(peer.url, "miss").inc()
+                self.metrics.peer_request(peer.url, "miss")
                 raise
             except UpstreamError as exc:
                 self.failed(peer, f"GET {repo}@{digest}", exc)

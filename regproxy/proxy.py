@@ -163,7 +163,7 @@ class ProxyRegistry:
         """A cache hit, miss or stale answer: counted (unless the request only asks whether the
         content exists, see :data:`PROBE`), and noted for the access log."""
         if not PROBE.get():
-            self.metrics.cache.labels(kind, result, upstream).inc()
+            self.metrics.lookup(kind, result, upstream)
         note(cache=result, upstream=upstream)
 
     def attach_peers(self, peers: Peers) -> None:
@@ -306,7 +306,7 @@ class ProxyRegistry:
     def _served_stale(self, repo: RepoName, tag: str, label: str) -> None:
         """A tag served although nobody could confirm it within tag_ttl: counted, and kept for
         the web page."""
-        self.metrics.stale_served.labels(label).inc()
+        self.metrics.stale(label)
         self.stale_served[(repo.canonical, tag)] = self.timing.wall()
         self.stale_served.move_to_end((repo.canonical, tag))
         if len(self.stale_served) > STALE_KEEP:
@@ -343,7 +343,7 @@ class ProxyRegistry:
             want = Digest.parse(reference)
             actual = Digest.of(got.body, want.algorithm)
             if actual != want:
-                self.metrics.upstream_errors.labels(client.name, "digest_mismatch").inc()
+                self.metrics.upstream_meters.failed(client.name, "digest_mismatch")
                 log.error(
                     "manifest.digest_mismatch repo=%s want=%s got=%s upstream=%s",
                     repo,

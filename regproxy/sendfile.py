@@ -252,7 +252,7 @@ async def send_file(
     finally:
         os.close(file_fd)
         note_body(request, sent.n)
-        app_metrics(request.app).served_bytes.labels("blob", "disk").inc(sent.n)
+        app_metrics(request.app).served("blob", "disk", sent.n)
     await resp.write_eof()
     return resp
 

@@ -7,7 +7,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from regproxy.metrics import Metrics
 
@@ -26,27 +26,17 @@ class Sample:
     fetched: float
 
 
-def metric_sum(metric: Any, **match: str) -> float:
-    total = 0.0
-    for family in metric.collect():
-        for s in family.samples:
-            if s.name.endswith("_created"):
-                continue
-            if all(s.labels.get(k) == v for k, v in match.items()):
-                total += s.value
-    return total
-
-
 def sample_now(metrics: Metrics, now: float | None = None) -> Sample:
+    """The running totals now, from the counts the daemon keeps (not read from the metrics)."""
+    counts = metrics.counts
     return Sample(
         t=time.time() if now is None else now,
-        hits=metric_sum(metrics.cache, result="hit"),
-        misses=metric_sum(metrics.cache, result="miss") + metric_sum(metrics.cache, result="stale"),
-        served_disk=metric_sum(metrics.served_bytes, source="disk"),
-        served_remote=metric_sum(metrics.served_bytes, source="upstream")
-        + metric_sum(metrics.served_bytes, source="peer"),
+        hits=counts.lookups["hit"],
+        misses=counts.lookups["miss"] + counts.lookups["stale"],
+        served_disk=counts.served["disk"],
+        served_remote=counts.served["upstream"] + counts.served["peer"],
         # the chart's "fetched": from upstreams and from peers
-        fetched=metric_sum(metrics.fetched_bytes) + metric_sum(metrics.peer_fetched_bytes),
+        fetched=sum(counts.fetched.values()),
     )
 
 

@@ -18,7 +18,7 @@ from regproxy.ui.base import (
 )
 from regproxy.ui.charts import chart
 from regproxy.ui.format import configured_size
-from regproxy.ui.history import metric_sum, sample_now
+from regproxy.ui.history import sample_now
 from regproxy.ui.status import health_data, peer_urls, peers_data
 
 
@@ -79,7 +79,10 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
             }
         )
     others = [{"source": src, **st} for src, st in seen.items() if src not in matched]
-    fetched_peers = metric_sum(ui.metrics.peer_fetched_bytes)
+    tally = ui.metrics.counts
+    fetched_peers = sum(n for (kind, _), n in tally.fetched.items() if kind == "peer")
+    fetched_upstream = sum(n for (kind, _), n in tally.fetched.items() if kind == "upstream")
+    fetcher = getattr(registry, "fetcher", None)
     peer_rows = peers_data(registry)
     intervals = ui.history.intervals()
     return {
@@ -103,11 +106,11 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
             "misses": s.misses,
             "hit_ratio": (s.hits / lookups) if lookups else None,
             "served_from_disk": s.served_disk,
-            "served_from_upstream": metric_sum(ui.metrics.served_bytes, source="upstream"),
-            "served_from_peers": metric_sum(ui.metrics.served_bytes, source="peer"),
-            "fetched_upstream": metric_sum(ui.metrics.fetched_bytes),  # upstreams only
+            "served_from_upstream": tally.served["upstream"],
+            "served_from_peers": tally.served["peer"],
+            "fetched_upstream": fetched_upstream,  # upstreams only
             "fetched_peers": fetched_peers,
-            "inflight_fetches": metric_sum(ui.metrics.inflight_fetches),
+            "inflight_fetches": len(fetcher.inflight) if fetcher is not None else 0,
         },
         "upstreams": upstreams,
         "other_sources": others,

@@ -14,7 +14,6 @@ from typing import Any, Final
 
 from regproxy import __version__
 from regproxy.ui.base import UI
-from regproxy.ui.history import metric_sum
 
 #: a peer's liveness (regproxy.liveness) as the page says it
 _PEER_STATES: Final = {"up": "reachable", "down": "unreachable", "unknown": "unknown"}
@@ -32,6 +31,7 @@ def peers_data(registry: Any) -> list[dict[str, Any]]:
     peers = getattr(registry, "peers", None)
     if peers is None:
         return []
+    tally = registry.metrics.counts  # what the daemon keeps, not read back from the metrics
     out = []
     for p in peers.known():
         live = peers.liveness.to_json(p.url)  # up, down (set aside until a probe), unknown
@@ -41,11 +41,11 @@ def peers_data(registry: Any) -> list[dict[str, Any]]:
                 "url": p.url,
                 "state": state,
                 "retry_in": live["next_probe_in"] if state == "unreachable" else None,
-                "bytes_from": metric_sum(registry.metrics.peer_fetched_bytes, peer=p.url),
+                "bytes_from": tally.fetched[("peer", p.url)],
                 "bytes_to": peers.served.get(p.url, 0),  # answered to it (regproxy.peers)
-                "hits": metric_sum(registry.metrics.peer_requests, peer=p.url, result="hit"),
-                "misses": metric_sum(registry.metrics.peer_requests, peer=p.url, result="miss"),
-                "errors": metric_sum(registry.metrics.peer_requests, peer=p.url, result="error"),
+                "hits": tally.peer_requests[(p.url, "hit")],
+                "misses": tally.peer_requests[(p.url, "miss")],
+                "errors": tally.peer_requests[(p.url, "error")],
             }
         )
     return out
@@ -97,7 +97,8 @@ async def health_data(
         )
     if prefetch_counts["failed"]:
         warnings.append(f"{prefetch_counts['failed']} prefetch image(s) failed")
-    short = metric_sum(registry.metrics.evict_short_bytes)
+    tally = registry.metrics.counts
+    short = tally.evict_short
     if short:
         warnings.append("the store is over its limit with nothing left to evict (pinned or in use)")
     verdict = "not ready" if not ready["ready"] else ("degraded" if warnings else "healthy")
@@ -111,11 +112,11 @@ async def health_data(
         "instance": ui.instance,
         "started": ui.started,
         "uptime": max(0.0, now - ui.started),
-        "evicted_bytes": metric_sum(registry.metrics.evicted_bytes),
+        "evicted_bytes": tally.evicted_bytes,
         "evict_short_bytes": short,
-        "login_failures": metric_sum(registry.metrics.login_failures),
-        "stale_tags_served": metric_sum(registry.metrics.stale_served),
-        "peer_requests_served": metric_sum(registry.metrics.peer_served),
+        "login_failures": tally.login_failures,
+        "stale_tags_served": tally.stale_served,
+        "peer_requests_served": tally.peer_served,
         "prefetch": {
             "counts": prefetch_counts,
             "images": [{"image": ref, "state": state} for ref, state in images],

@@ -346,7 +346,7 @@ class Transport:
                     timeout=self._timeout,
                 )
         elapsed = self.timing.now() - started
-        self.meters.seconds.labels(base.label).observe(elapsed)
+        self.meters.answered(base.label, elapsed)
         self._note_limits(base, resp)
         log.debug(
             "%s.request host=%s source=%s method=%s path=%s status=%d ms=%.1f",
@@ -448,7 +448,7 @@ class Transport:
             ) from exc
 
     def fail(self, base: Base, exc: UpstreamError) -> UpstreamError:
-        self.meters.errors.labels(base.label, exc.kind).inc()
+        self.meters.failed(base.label, exc.kind)
         log.info(
             "%s.error host=%s source=%s kind=%s detail=%s",
             self.meters.kind,
