@@ -50,13 +50,13 @@ from regproxy.web_keys import notes as _notes
 
 log = logging.getLogger("regproxy.api")
 
-_ROUTES: Final = [
-    ("upload", re.compile(r"^(?P<name>.+)/blobs/uploads/(?P<uid>[^/]*)$")),
-    ("blob", re.compile(r"^(?P<name>.+)/blobs/(?P<digest>[^/]+)$")),
-    ("manifest", re.compile(r"^(?P<name>.+)/manifests/(?P<ref>[^/]+)$")),
-    ("tags", re.compile(r"^(?P<name>.+)/tags/list$")),
-    ("referrers", re.compile(r"^(?P<name>.+)/referrers/(?P<digest>[^/]+)$")),
-]
+#: the second-to-last part of a path under /v2/<name>/ -> (route, the last part's name)
+_LAST_PARTS: Final = {
+    "blobs": ("blob", "digest"),
+    "manifests": ("manifest", "ref"),
+    "referrers": ("referrers", "digest"),
+}
+_UPLOADS: Final = "/blobs/uploads"
 _RANGE_RE: Final = re.compile(r"^bytes=(\d*)-(\d*)$", re.ASCII)
 _CONTENT_RANGE_RE: Final = re.compile(r"^(?:bytes )?(\d+)-(\d+)$", re.ASCII)
 #: byte positions are int64 on the wire (what distribution parses); longer numbers are refused
@@ -195,22 +195,40 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         app_metrics(request.app).served_peer("lookup")
     # Route on the raw path, then decode each part: an encoded slash inside a tag or digest
     # must not shift the route (it is then invalid in its own part, with that part's error).
-    path = request.rel_url.raw_path.removeprefix("/v2/")
-    for kind, rx in _ROUTES:
-        m = rx.match(path)
-        if m is None:
-            continue
-        notes["route"] = kind
-        notes["raw_name"] = m.group("name")
-        handler = _HANDLERS.get((kind, request.method))
-        if handler is None:
-            raise Unsupported(f"{request.method} is not allowed on {kind}")
-        resp = await handler(request, **{k: unquote(v) for k, v in m.groupdict().items()})
-        if peer is not None:  # what went (a stream) or goes (a body) to a peer of the list
-            peer[0].served_to(peer[1], body_bytes(request, resp))
-        return resp
-    notes["route"] = "unknown"
-    raise NotFound(request.path)
+    routed = route(request.rel_url.raw_path.removeprefix("/v2/"))
+    if routed is None:
+        notes["route"] = "unknown"
+        raise NotFound(request.path)
+    kind, parts = routed
+    notes["route"] = kind
+    notes["raw_name"] = parts["name"]
+    handler = _HANDLERS.get((kind, request.method))
+    if handler is None:
+        raise Unsupported(f"{request.method} is not allowed on {kind}")
+    resp = await handler(request, **{k: unquote(v) if "%" in v else v for k, v in parts.items()})
+    if peer is not None:  # what went (a stream) or goes (a body) to a peer of the list
+        peer[0].served_to(peer[1], body_bytes(request, resp))
+    return resp
+
+
+def route(path: str) -> tuple[str, dict[str, str]] | None:
+    """The route of a raw path after ``/v2/`` and its raw parts, by the path's last parts:
+    ``<name>/blobs/uploads/<uid>``, ``<name>/blobs/<digest>``, ``<name>/manifests/<ref>``,
+    ``<name>/tags/list``, ``<name>/referrers/<digest>`` (``name`` is never empty; the last part
+    only of an upload may be). String splits, not a regular expression per route: this runs for
+    every request."""
+    head, _, last = path.rpartition("/")
+    if head.endswith(_UPLOADS) and len(head) > len(_UPLOADS):
+        return "upload", {"name": head[: -len(_UPLOADS)], "uid": last}
+    name, _, part = head.rpartition("/")
+    if not name:
+        return None
+    if part == "tags":
+        return ("tags", {"name": name}) if last == "list" else None
+    known = _LAST_PARTS.get(part)
+    if known is None or not last:
+        return None
+    return known[0], {"name": name, known[1]: last}
 
 
 # --- blobs -----------------------------------------------------------------------------------------
@@ -566,11 +584,14 @@ _HANDLERS: Final[dict[tuple[str, str], Handler]] = {
 
 
 def add_routes(app: web.Application) -> None:
+    # [\s\S], not .: a decoded %0A must reach dispatch and get NAME_INVALID, not a bare 404.
+    # First of the routes under /v2: nearly every request is one of its, and aiohttp tries
+    # the routes of a prefix in the order they were added (/v2/ and /v2/_catalog are found
+    # by their whole path before it)
+    app.router.add_route("*", r"/v2/{path:[\s\S]+}", dispatch)
     app.router.add_get("/v2/", v2_base)
     app.router.add_get("/v2", v2_base)
     app.router.add_get("/v2/_catalog", catalog)
-    # [\s\S], not .: a decoded %0A must reach dispatch and get NAME_INVALID, not a bare 404
-    app.router.add_route("*", r"/v2/{path:[\s\S]+}", dispatch)
 
 
 __all__: list[str] = ["add_routes"]

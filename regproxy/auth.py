@@ -93,6 +93,7 @@ BCRYPT_PREFIXES: Final = ("$2y$", "$2b$", "$2a$")
 BCRYPT_THREADS: Final = 2
 #: the paths this module guards; the rest (/, /healthz, the web page) decide for themselves
 GUARDED: Final = ("/v2", "/metrics", "/admin")
+_GUARDED_UNDER: Final = tuple(p + "/" for p in GUARDED)
 #: administrative endpoints (bundle import, ...): a login of a user who may change content, always
 ADMIN_PREFIX: Final = "/admin"
 #: the web page (regproxy.ui): a session (or Basic, for its JSON reads); the login form and the
@@ -428,7 +429,7 @@ def _needs(request: web.Request, db: UserDB) -> str | None:
     path = request.path
     if path == UI_PREFIX or path.startswith(UI_PREFIX + "/"):
         return _ui_needs(request)
-    if not any(path == p or path.startswith(p + "/") for p in GUARDED):
+    if not (path.startswith(_GUARDED_UNDER) or path in GUARDED):
         return None
     if not db.enabled and db.anonymous_read:
         return None  # no users at all: open, as before (start-up warned)

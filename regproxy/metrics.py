@@ -7,9 +7,12 @@ import contextlib
 from collections import Counter as Tally
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+#: label sets :meth:`Metrics.child` remembers at most
+MAX_CHILDREN: Final = 4096
 
 
 @dataclass(slots=True)
@@ -80,6 +83,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        #: label sets looked up already (:meth:`child`)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "regproxy_http_requests_total",
@@ -334,12 +339,12 @@ class Metrics:
     # --- events: counted in the metrics and kept in ``counts`` --------------------------------
     def lookup(self, kind: str, result: str, upstream: str) -> None:
         """A content lookup: hit, miss or stale (``upstream`` labels the metric only)."""
-        self.cache.labels(kind, result, upstream).inc()
+        self.child(self.cache, kind, result, upstream).inc()
         self.counts.lookups[result] += 1
 
     def served(self, kind: str, source: str, n: int) -> None:
         """Bytes of a blob or manifest sent to a client, from disk, an upstream or a peer."""
-        self.served_bytes.labels(kind, source).inc(n)
+        self.child(self.served_bytes, kind, source).inc(n)
         self.counts.served[source] += n
 
     def stale(self, upstream: str) -> None:
@@ -373,9 +378,22 @@ class Metrics:
         """The meters of a transfer source kind ("upstream", "peer", "home")."""
         return self.upstream_meters if kind == "upstream" else self.peer_meters
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: ``labels()`` costs microseconds, more than
+        the rest of a counter's update, on every request (bounded: label values are bounded,
+        and what is remembered more so)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = metric.labels(*labels)
+            if len(self._children) < MAX_CHILDREN:
+                self._children[key] = found
+        return found
+
     def forget_upstream(self, host: str) -> None:
         """Drop every label set naming ``host`` (a ``"*"`` host whose client was dropped), so the
         hosts anonymous clients name cannot grow the metrics without bound."""
+        self._children.clear()  # a removed label set must not be counted on unseen
         for metric, names, key in self._by_upstream:
             combos = {
                 tuple(sample.labels[n] for n in names)
