@@ -48,14 +48,8 @@ class FromCluster:
         if found.home and got.age is not None:
             checked = self.timing.wall() - got.age
         try:
-            result = await self.local.put_manifest(
-                repo,
-                reference,
-                got.body,
-                got.media_type,
-                verify_refs=False,
-                pinned=False,
-                checked=checked,
+            stored = await self.local.store_pulled(
+                repo, reference, got.body, got.media_type, checked=checked
             )
         except OCIError as exc:
             log.warning("manifest.peer_unusable repo=%s peer=%s error=%s", repo, found.peer, exc)
@@ -64,13 +58,11 @@ class FromCluster:
             "manifest.from_peer repo=%s reference=%s digest=%s peer=%s kind=%s",
             repo,
             reference,
-            result.digest,
+            stored.digest,
             found.peer,
             "home" if found.home else "lookup",
         )
-        row = await self.local.local_manifest(repo, str(result.digest))
-        assert row is not None
-        return await self.local.manifest_body(repo, row[0])
+        return stored
 
     async def tag_from_home(
         self, repo: RepoName, tag: str, have: str, cluster: Cluster

@@ -355,14 +355,8 @@ class ProxyRegistry:
                     client.name, f"manifest {want} hashes to {actual}", kind="digest_mismatch"
                 )
         try:
-            result = await self.put_manifest(
-                repo,
-                reference,
-                got.body,
-                got.media_type,
-                verify_refs=False,
-                pinned=False,
-                checked=self.timing.wall(),
+            stored = await self.local.store_pulled(
+                repo, reference, got.body, got.media_type, checked=self.timing.wall()
             )
         except DigestInvalid as exc:
             raise UpstreamError(
@@ -374,13 +368,11 @@ class ProxyRegistry:
             "manifest.fetched repo=%s reference=%s digest=%s upstream=%s bytes=%d",
             repo,
             reference,
-            result.digest,
+            stored.digest,
             client.name,
             len(got.body),
         )
-        row = await self.local_manifest(repo, str(result.digest))
-        assert row is not None
-        return await self.manifest_body(repo, row[0])
+        return stored
 
     async def _settle_blobs(self, repo: RepoName, digests: list[Digest]) -> None:
         """Before a pushed manifest's references are checked: blobs that this repository's

@@ -375,6 +375,18 @@ class LocalRegistry:
             self.cache.forget(tags=[(repo.canonical, tag)])
         return PutResult(digest, parsed.subject.digest if parsed.subject else None)
 
+    async def store_pulled(
+        self, repo: RepoName, reference: str, body: bytes, media_type: str, checked: float
+    ) -> Manifest:
+        """A manifest pulled from elsewhere (an upstream, a peer): stored as it came, unpinned,
+        without a reference check (its blobs come when asked for); returned as it is served."""
+        result = await self.put_manifest(
+            repo, reference, body, media_type, verify_refs=False, pinned=False, checked=checked
+        )
+        row = await self.local_manifest(repo, str(result.digest))
+        assert row is not None
+        return await self.manifest_body(repo, row[0])
+
     async def mark_tag_checked(
         self, repo: RepoName, tag: str, checked: float | None = None
     ) -> None:

@@ -14,8 +14,9 @@ Spec: https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pull
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 
 import aiohttp
@@ -169,18 +170,31 @@ class UpstreamClient:
             out[base.label] = row
         return out
 
+    @contextlib.asynccontextmanager
+    async def _found(
+        self, base: Base, method: str, path: str, tail: str, headers: dict[str, str]
+    ) -> AsyncIterator[aiohttp.ClientResponse | None]:
+        """The answer to a request that finds something (200) or not (404: None); any other
+        status is that status's error."""
+        url = self._url(base, f"{path}/{tail}")
+        async with self.transport.exchange(base, method, url, path, headers) as resp:
+            if resp.status == 404:
+                yield None
+                return
+            if resp.status != 200:
+                what = tail.split("/", 1)[0].removesuffix("s")  # manifest, blob
+                raise self.transport.status_error(base, resp, f"{method} {what}")
+            yield resp
+
     # --- the public operations -------------------------------------------------------------------
     async def head_manifest(self, path: str, reference: str) -> ManifestHead | None:
         """HEAD a manifest (a tag check that Docker Hub does not count as a pull); None on 404."""
 
         async def op(base: Base) -> ManifestHead | None:
-            url = self._url(base, f"{path}/manifests/{reference}")
             headers: dict[str, str] = {hdrs.ACCEPT: MANIFEST_ACCEPT}
-            async with self.transport.exchange(base, "HEAD", url, path, headers) as resp:
-                if resp.status == 404:
+            async with self._found(base, "HEAD", path, f"manifests/{reference}", headers) as resp:
+                if resp is None:
                     return None
-                if resp.status != 200:
-                    raise self.transport.status_error(base, resp, "HEAD manifest")
                 return ManifestHead(
                     digest_header(resp.headers.get(DOCKER_CONTENT_DIGEST)),
                     media_type(resp.headers.get(hdrs.CONTENT_TYPE)),
@@ -194,12 +208,9 @@ class UpstreamClient:
         """HEAD a blob: its size (-1 when not said), or None on 404."""
 
         async def op(base: Base) -> int | None:
-            url = self._url(base, f"{path}/blobs/{digest}")
-            async with self.transport.exchange(base, "HEAD", url, path, {}) as resp:
-                if resp.status == 404:
+            async with self._found(base, "HEAD", path, f"blobs/{digest}", {}) as resp:
+                if resp is None:
                     return None
-                if resp.status != 200:
-                    raise self.transport.status_error(base, resp, "HEAD blob")
                 return resp.content_length if resp.content_length is not None else -1
 
         return await self._each_base(op, f"{path}@{digest}")
@@ -209,13 +220,10 @@ class UpstreamClient:
         want = digest_header(reference) if ":" in reference else None
 
         async def op(base: Base) -> ManifestGet | None:
-            url = self._url(base, f"{path}/manifests/{reference}")
             headers: dict[str, str] = {hdrs.ACCEPT: MANIFEST_ACCEPT}
-            async with self.transport.exchange(base, "GET", url, path, headers) as resp:
-                if resp.status == 404:
+            async with self._found(base, "GET", path, f"manifests/{reference}", headers) as resp:
+                if resp is None:
                     return None
-                if resp.status != 200:
-                    raise self.transport.status_error(base, resp, "GET manifest")
                 body = await self.transport.read_capped(base, resp, MAX_MANIFEST_BYTES, "manifest")
                 header = digest_header(resp.headers.get(DOCKER_CONTENT_DIGEST))
                 declared = media_type(resp.headers.get(hdrs.CONTENT_TYPE))
