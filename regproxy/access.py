@@ -38,6 +38,15 @@ def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
     return response.body_length  # a stream of unknown length: what went out, headers included
 
 
+def _app_of(request: web.BaseRequest) -> web.Application | None:
+    """The app that answered; None for a request aiohttp answered itself (one it could not
+    parse has no route, and ``Request.app`` asserts that there is one)."""
+    try:
+        return request.app  # type: ignore[attr-defined,no-any-return]
+    except (AttributeError, AssertionError):
+        return None
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request, and the request metrics (after the body was sent).
 
@@ -55,7 +64,7 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         notes: dict[str, str] = request.get(NOTES_KEY) or {}
         route = notes.get("route") or ("base" if request.path.startswith("/v2") else "other")
-        app = getattr(request, "app", None)
+        app = _app_of(request)
         metrics = app.get(METRICS_KEY) if app is not None else None
         if metrics is not None:
             cached = self._children.setdefault(metrics, {})
