@@ -31,6 +31,14 @@ class BlobFault:
     delay: float = 0.0  # seconds between chunks
     honor_range: bool = True
     step: int = 64 * 1024  # chunk size (1 with a delay: a dripping upstream)
+    status: int | None = None  # answer with this status instead (429, 503, 500) ...
+    statuses: int = 1  # ... this many times, then serve the blob
+    retry_after: str | None = None  # Retry-After of those answers
+    #: send this many bytes, then wait for ``gate`` before the rest (a transfer held midway)
+    hold_at: int | None = None
+    gate: asyncio.Event | None = None
+    #: set once the held bytes went out
+    holding: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -213,6 +221,12 @@ class FakeUpstream:
 
     async def _serve_blob(self, request: web.Request, ref: str, data: bytes) -> web.StreamResponse:
         fault = self.blob_faults.get(ref, BlobFault())
+        if fault.status is not None and fault.statuses > 0:
+            fault.statuses -= 1
+            extra = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+            return web.json_response(
+                {"errors": [{"code": "UNAVAILABLE"}]}, status=fault.status, headers=extra
+            )
         start = 0
         rng = request.headers.get("Range")
         status = 200
@@ -231,6 +245,7 @@ class FakeUpstream:
         if request.method == "HEAD":
             return resp
         cut = None
+        hold = fault.hold_at if fault.gate is not None else None
         if fault.cut_at is not None and fault.cuts > 0:
             fault.cuts -= 1
             cut = max(fault.cut_at - start, 0)
@@ -243,6 +258,14 @@ class FakeUpstream:
                 assert request.transport is not None
                 request.transport.close()
                 return resp
+            if hold is not None and sent + len(chunk) > hold:
+                await resp.write(chunk[: hold - sent])
+                sent = hold
+                fault.holding.set()
+                assert fault.gate is not None
+                await fault.gate.wait()
+                hold = None
+                continue
             await resp.write(chunk)
             sent += len(chunk)
             if fault.delay:
