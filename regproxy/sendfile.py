@@ -34,7 +34,7 @@ from aiohttp import web
 from regproxy.connections import app_metrics, http_limits
 from regproxy.errors import BlobUnknown
 from regproxy.oci import Digest
-from regproxy.units import BLOB_CHUNK
+from regproxy.units import BULK_CHUNK
 from regproxy.web_keys import notes
 
 log = logging.getLogger("regproxy.api")
@@ -119,8 +119,11 @@ async def _warm(loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: in
         await loop.run_in_executor(None, _read_in, fd, offset, count)
 
 
-async def _read(loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: int) -> bytes:
-    """``count`` bytes at ``offset``: on the loop when they are cached, else on a worker."""
+async def _read(
+    loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: int
+) -> bytes | bytearray:
+    """``count`` bytes at ``offset``: on the loop when they are cached, else on a worker.
+    A fresh buffer each time, handed to the transport as it is (no copy into ``bytes``)."""
     if _nowait:
         buf = bytearray(count)
         try:
@@ -130,7 +133,9 @@ async def _read(loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: in
         except OSError:
             pass  # unsupported here: the worker reads it
         else:
-            return bytes(buf[:n]) if n < count else bytes(buf)
+            if n < count:
+                del buf[n:]
+            return buf
     return await loop.run_in_executor(None, os.pread, fd, count, offset)
 
 
@@ -194,7 +199,9 @@ async def _sendfile(
         os.close(out)
 
 
-async def write_with_deadline(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+async def write_with_deadline(
+    request: web.Request, resp: web.StreamResponse, data: bytes | bytearray
+) -> None:
     """``resp.write`` (which waits while the transport's buffer is full), bounded by
     ``http.write_timeout``: a client that takes nothing for that long raises Stalled."""
     async with _progress_within(http_limits(request.app).write_timeout):
@@ -317,10 +324,12 @@ async def _send_chunks(
     count: int,
     sent: _Sent,
 ) -> None:
-    """TLS (or no socket to hand): the bytes go through the transport, a chunk at a time."""
+    """TLS (or no socket to hand): the bytes go through the transport, a chunk at a time
+    (1 MiB: the TLS layer encrypts it in one call, and every chunk costs a read, a write and a
+    wait for the transport to drain)."""
     loop = asyncio.get_running_loop()
     while count > 0:
-        chunk = await _read(loop, file_fd, offset, min(BLOB_CHUNK, count))
+        chunk = await _read(loop, file_fd, offset, min(BULK_CHUNK, count))
         if not chunk:
             raise _ShortFile("blob file is shorter than its recorded size")
         await write_with_deadline(request, resp, chunk)
