@@ -56,7 +56,7 @@ from benchmarks.common import (
     run_summary,
     run_wrk,
 )
-from tests.peers import Daemon, DockerRegistry, started
+from tests.peers import Daemon, DockerRegistry, free_port, started, stop_process, wait_http
 
 REPO = "bench/serve"
 TAG = "bench"
@@ -235,6 +235,28 @@ class Settings:
     stream_runs: int
     budget: float  # seconds for the whole measuring phase
     tls: bool = False
+    #: also load a bare aiohttp server answering every GET with the manifest (floor_server)
+    floor: bool = False
+
+
+class Floor:
+    """benchmarks.floor_server in a subprocess (stopped by PID)."""
+
+    def __init__(self, tmp: Path, content: Content) -> None:
+        body = tmp / "floor-manifest.json"
+        body.write_bytes(content.manifest)
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "benchmarks.floor_server", "--port", str(self.port)]
+        cmd += ["--body", str(body), "--digest", content.manifest_digest]
+        self.proc = subprocess.Popen(cmd, cwd=str(Path(__file__).resolve().parent.parent))
+        try:
+            wait_http(f"http://127.0.0.1:{self.port}/v2/floor", proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        stop_process(self.proc)
 
 
 def servers(tmp: Path, ca: TestCA | None) -> tuple[Daemon, DockerRegistry]:
@@ -264,6 +286,7 @@ def bench(settings: Settings, progress: bool = True) -> dict[str, Any]:
         ca = make_test_ca(tmp / "tls") if settings.tls else None
         tls = ca.client_context() if ca is not None else None
         daemon, peer = servers(tmp, ca)
+        floor: Floor | None = None
         try:
             with started(daemon, peer):
                 daemon.start()
@@ -281,6 +304,9 @@ def bench(settings: Settings, progress: bool = True) -> dict[str, Any]:
                     if progress:
                         print(f"pushed to {name} on :{port} ({scheme})", flush=True)
                 content.big_path.unlink()
+                if settings.floor:
+                    floor = Floor(tmp, content)
+                    pids["floor"], ports["floor"] = floor.proc.pid, floor.port
                 script = tmp / "report.lua"
                 script.write_text(WRK_DONE)
                 accept = {"Accept": f"{OCI_MANIFEST}, application/vnd.oci.image.index.v1+json"}
@@ -299,7 +325,10 @@ def bench(settings: Settings, progress: bool = True) -> dict[str, Any]:
                     ]
                 for case, path, headers in cases:
                     for conc in settings.concurrency:
-                        for server in ("regproxy", "registry"):
+                        names = ["regproxy", "registry"]
+                        if floor is not None and case.startswith("manifest"):
+                            names.append("floor")
+                        for server in names:
                             url = f"{scheme}://127.0.0.1:{ports[server]}{path}"
                             cell = Cell(server, case, conc)
                             if time.monotonic() > deadline:
@@ -335,6 +364,9 @@ def bench(settings: Settings, progress: bool = True) -> dict[str, Any]:
         except BaseException:
             print_log_tails({"regproxy": daemon.log(), "registry": peer.log()})
             raise
+        finally:
+            if floor is not None:
+                floor.stop()
     return {
         **run_summary(started_at, load_start),
         "settings": asdict(settings),
@@ -409,6 +441,15 @@ def render(result: dict[str, Any]) -> str:
                 f"{'ok  ' if ratio >= goal else 'MISS'} {case} c={conc}: "
                 f"{ratio:.2f}x {'GB/s' if stream else 'req/s'} (goal >= {goal:g}x)"
             )
+        f = by.get((case, conc, "floor"))
+        if f is not None:
+            lines.append(
+                f"{'  bare aiohttp floor':<21} | {f['req_s']:>14.1f} {f['gb_s']:>6.3f} "
+                f"{f['p50_ms']:>7.2f} {f['p99_ms']:>7.2f} "
+                f"{cpu_text(case, f['cpu_us_req'], f['cpu_s_gib']):>12} {f['rss_mb']:>6.1f} | "
+                f"{f['req_s'] / b['req_s'] if b['req_s'] else float('inf'):.1f}x the peer: the "
+                "most an aiohttp server reaches here"
+            )
         if conc == 8 and case in goals and not large(case):
             ok = a["p99_ms"] < GOAL_P99_C8_MS
             verdicts.append(
@@ -451,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="both servers on HTTPS (a test CA made with openssl): blob cases and the stream",
     )
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also load a bare aiohttp server answering with the manifest (benchmarks.floor_server)",
+    )
     p.add_argument("--json", action="store_true", help="write results to benchmarks/results/")
     p.add_argument("--runs", type=int, help="runs per cell (default 3; --quick 1)")
     p.add_argument("--seconds", type=float, help="seconds per run (default 2; --quick 1)")
@@ -469,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         else Settings(3, 2, 1, (1, 8, 32), GiB, 3, 600)
     )
     settings.tls = args.tls
+    settings.floor = args.floor and not args.tls
     if args.runs:
         settings.runs = max(1, min(args.runs, 20))
         settings.stream_runs = settings.runs
