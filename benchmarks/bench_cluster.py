@@ -64,6 +64,7 @@ from benchmarks.common import (
     OCI_LAYER,
     OCI_MANIFEST,
     BenchError,
+    GiB,
     MiB,
     check_tools,
     load_1m,
@@ -255,11 +256,13 @@ def run_cluster(
         log.settle(0.5, 5)
         mark = log.mark()
         timeout = 600.0
+        cpu = common.CpuMeter({str(i): pid for i, pid in enumerate(cluster.pids())}).start()
         t0 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(HOSTS) as pool:
             times = list(pool.map(lambda i: pull(cluster.base(i), image, timeout), range(HOSTS)))
         last = time.monotonic() - t0
         log.settle(1.0, 10)
+        cold_cpu = sum(cpu.used().values())  # the 5 hosts, until the upstream was quiet
         cold = upstream_figures(log.since(mark), image)
         rss = [common.peak_rss_mb(pid) for pid in cluster.pids()]
         # phase 2: the tag again after tag_ttl, all at once
@@ -279,6 +282,8 @@ def run_cluster(
             "last_host_s": last,
             "host_s": times,
             "peak_rss_mb": rss,
+            # CPU seconds of all 5 hosts per GiB they delivered to their clients
+            "cpu_s_gib": cold_cpu / (HOSTS * image.size / GiB),
             "cold": cold,
             "tag": {k: tag[k] for k in ("manifest_requests", "manifest_heads", "manifest_gets")},
         }
@@ -297,7 +302,8 @@ def render(result: dict[str, Any]) -> str:
         f"({img['layer_mib']} MiB layer + config + 2 small layers), upstream docker-registry",
         "",
         f"{'cluster':<10} {'upstream blob MiB':>17} {'x image':>8} {'blob GETs':>9} "
-        f"{'manifest reqs':>13} {'last host s':>11} {'peak RSS MB (each host)':<32}",
+        f"{'manifest reqs':>13} {'last host s':>11} {'CPU s/GiB':>9} "
+        f"{'peak RSS MB (each host)':<32}",
     ]
     for kind in CLUSTERS:
         r = result["clusters"].get(kind)
@@ -307,9 +313,12 @@ def render(result: dict[str, Any]) -> str:
         rss = " ".join(f"{x:.0f}" for x in r["peak_rss_mb"])
         lines.append(
             f"{kind:<10} {c['blob_bytes'] / MiB:>17.1f} {c['bytes_ratio']:>8.2f} "
-            f"{c['blob_gets']:>9d} {c['manifest_requests']:>13d} {r['last_host_s']:>11.1f} {rss}"
+            f"{c['blob_gets']:>9d} {c['manifest_requests']:>13d} {r['last_host_s']:>11.1f} "
+            f"{r['cpu_s_gib']:>9.2f} {rss}"
         )
     lines += [
+        "CPU s/GiB: user+system CPU of all 5 hosts (/proc) from the pulls' start until the "
+        "upstream was quiet, per GiB the clients got",
         "",
         f"the same tag by all 5 at once after tag_ttl ({TAG_TTL:g} s): upstream manifest requests",
         f"{'cluster':<10} {'HEAD':>5} {'GET':>5}",

@@ -45,6 +45,8 @@ if __package__ in (None, ""):  # run as a file: the repository root is not on sy
 from benchmarks.common import (
     WRK_DONE,
     BenchError,
+    CpuMeter,
+    GiB,
     KiB,
     MiB,
     check_tools,
@@ -206,9 +208,15 @@ def measure(
     reset_peak_rss(pid)
     url = f"http://127.0.0.1:{port}{paths['small']}"
     run_wrk(url, 8, 1, {}, script)  # warm-up
+    cpu = CpuMeter({"server": pid}).start()
     w = run_wrk(url, 8, settings.seconds, {}, script)
+    small_cpu = cpu.used()["server"]
+    cpu.start()
     times = probe(port, paths["probe"], settings.probes)
+    probe_cpu = cpu.used()["server"]
     return {
+        "small_cpu_us_req": round(small_cpu / w["requests"] * 1e6, 1),
+        "probe_cpu_s_gib": round(probe_cpu / (len(times) * PROBE_BYTES / GiB), 2),
         "small_req_s": round(w["req_s"], 1),
         "small_p50_ms": round(w["p50_ms"], 3),
         "small_p99_ms": round(w["p99_ms"], 3),
@@ -290,6 +298,8 @@ ROWS = [
     ("5 MB probe p50 ms", "probe_p50_ms", "{:.1f}"),
     ("5 MB probe p99 ms", "probe_p99_ms", "{:.1f}"),
     ("peak RSS MB", "rss_mb", "{:.1f}"),
+    ("4 KiB CPU us/req", "small_cpu_us_req", "{:.0f}"),
+    ("5 MB probe CPU s/GiB", "probe_cpu_s_gib", "{:.2f}"),
 ]
 
 

@@ -46,6 +46,7 @@ from benchmarks.common import (
     REPO_ROOT,
     WRK_DONE,
     BenchError,
+    CpuMeter,
     MiB,
     check_tools,
     load_1m,
@@ -159,17 +160,22 @@ def start_timed(d: Daemon) -> float:
 
 
 def lookups(
-    port: int, paths: list[str], seconds: float, tmp: Path, name: str, warm: bool
+    d: Daemon, paths: list[str], seconds: float, tmp: Path, name: str, warm: bool
 ) -> dict[str, float]:
-    """wrk at concurrency 8 cycling through ``paths`` (after one pass to warm, if ``warm``)."""
+    """wrk at concurrency 8 cycling through ``paths`` (after one pass to warm, if ``warm``),
+    and the daemon's CPU per request meanwhile."""
+    port = d.port
     script = tmp / f"{name}.lua"
     script.write_text(LUA_PATHS % ",".join(json.dumps(p) for p in paths) + WRK_DONE)
     url = f"http://127.0.0.1:{port}/"
     if warm:
         run_wrk(url, 8, 1, ACCEPT, script)
     t0 = time.time()
+    assert d.proc is not None
+    cpu = CpuMeter({"d": d.proc.pid}).start()
     r = run_wrk(url, 8, seconds, ACCEPT, script)
     out = {k: round(r[k], 3) for k in ("req_s", "p50_ms", "p99_ms", "max_ms")}
+    out["cpu_us_req"] = round(cpu.used()["d"] / r["requests"] * 1e6, 1)
     return out | {"from": t0, "to": time.time()}
 
 
@@ -323,8 +329,8 @@ def measure(
     by_tag = [f"/v2/{r}/manifests/{t}" for r, t, _ in pins]
     out["ready_s"] = round(start_timed(first), 3)
     port = first.port
-    out["idle_digest"] = lookups(port, by_digest, seconds, tmp, "digest", warm=True)
-    out["idle_tag"] = lookups(port, by_tag, seconds, tmp, "tag", warm=True)
+    out["idle_digest"] = lookups(first, by_digest, seconds, tmp, "digest", warm=True)
+    out["idle_tag"] = lookups(first, by_tag, seconds, tmp, "tag", warm=True)
     names = built.names
     page500 = min(500, len(names) // 100)
     out["catalog_page1"] = timed_gets(port, "/v2/_catalog?n=100", 200)
@@ -350,8 +356,8 @@ def measure(
     out["ready_evicting_s"] = round(start_timed(second), 3)
     began = time.time()
     probe.start()
-    out["evict_digest"] = lookups(second.port, by_digest, seconds, tmp, "digest2", warm=False)
-    out["evict_tag"] = lookups(second.port, by_tag, seconds, tmp, "tag2", warm=False)
+    out["evict_digest"] = lookups(second, by_digest, seconds, tmp, "digest2", warm=False)
+    out["evict_tag"] = lookups(second, by_tag, seconds, tmp, "tag2", warm=False)
     deadline = time.monotonic() + 600
     while "evict.done" not in second.log() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -428,7 +434,8 @@ def fsck_big(tmp: Path, scale: float) -> dict[str, Any]:
 
 def render(r: dict[str, Any]) -> str:
     def lat(x: dict[str, Any]) -> str:
-        return f"p50 {x['p50_ms']:.2f} ms, p99 {x['p99_ms']:.2f} ms"
+        cpu = f", CPU {x['cpu_us_req']:.0f} us/req" if "cpu_us_req" in x else ""
+        return f"p50 {x['p50_ms']:.2f} ms, p99 {x['p99_ms']:.2f} ms{cpu}"
 
     pages = sorted(k for k in r if k.startswith("catalog_page"))
     ui = sorted(k for k in r if k.startswith("ui_page"))

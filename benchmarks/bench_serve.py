@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="write results to benchmarks/results/")
     p.add_argument("--runs", type=int, help="runs per cell (default 3; --quick 1)")
-    p.add_argument("--seconds", type=float, help="seconds per run (default 2; --quick 1)")
+    p.add_argument("--seconds", type=float, help="seconds per run (default 1)")
     p.add_argument(
         "--concurrency",
         type=lambda v: tuple(int(c) for c in v.split(",")),
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = (
         Settings(1, 1, 1, (1, 8, 32), 64 * MiB, 1, 300)
         if args.quick
-        else Settings(3, 2, 1, (1, 8, 32), GiB, 3, 600)
+        else Settings(3, 1, 1, (1, 8, 32), GiB, 3, 600)
     )
     settings.tls = args.tls
     settings.floor = args.floor and not args.tls
