@@ -145,10 +145,13 @@ class Policy:
         self._denied: dict[tuple[str, int, bool], tuple[Decision, float]] = {}
         self._flights = SingleFlights("policy")
         self._rule_of: dict[str, tuple[int, PolicyRule] | None] = {}
+        # the config is frozen: whether any rule requires anything is known once (it is asked
+        # on every manifest served)
+        self._active = self.config.policy.active
 
     @property
     def active(self) -> bool:
-        return self.config.policy.active
+        return self._active
 
     # --- which rule --------------------------------------------------------------------------------
     def names_of(self, repo: RepoName) -> list[str]:
@@ -191,7 +194,8 @@ class Policy:
             return
         allowed = self._allowed.get((str(manifest.digest), found[0]))
         if allowed is not None:  # the hot path: decided before, for good
-            self.registry.metrics.policy_decisions.labels(found[1].match, "allowed").inc()
+            meter = self.registry.metrics
+            meter.child(meter.policy_decisions, found[1].match, "allowed").inc()
             return
         if is_artifact(manifest.body, manifest.media_type):
             return
