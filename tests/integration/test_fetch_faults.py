@@ -315,12 +315,12 @@ async def test_token_flow_with_expiry(upstream: FakeUpstream, daemon_factory) ->
 async def test_slow_upstream_is_bounded_by_timeouts(upstream: FakeUpstream, daemon_factory) -> None:
     data = os.urandom(512 * 1024)
     d = upstream.add_blob(data)
-    upstream.blob_faults[d] = BlobFault(delay=4.0)  # 64 KiB then silence, beyond read_timeout
+    upstream.blob_faults[d] = BlobFault(delay=1.5)  # 64 KiB then silence, beyond read_timeout
     cfg = proxy_config(upstream)
-    cfg["upstreams"][upstream.hostport]["read_timeout"] = "1s"  # type: ignore[index]
+    cfg["upstreams"][upstream.hostport]["read_timeout"] = "500ms"  # type: ignore[index]
     proxy = await start_daemon(daemon_factory, cfg)
     async with aiohttp.ClientSession() as s:
-        # 3 attempts x read_timeout 1 s, and then the response is cut (not a 4 s stall each)
+        # 3 attempts x read_timeout 0.5 s, and then the response is cut (not a stall each)
         with pytest.raises(aiohttp.ClientPayloadError):
             async with s.get(f"{proxy.url}/v2/fake.test/app/blobs/{d}") as r:
                 await r.read()
