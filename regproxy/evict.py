@@ -20,7 +20,7 @@ How: one batch at a time on the index's writer, each a transaction of at most ~2
 run on the index's readers meanwhile); after each batch the registry forgets its cached lookups
 of what went and the files are deleted (index rows first: nothing points to a missing file). A
 request that looked something up just before it went finds the file gone and answers as if it
-had never been here: a pull-through fetches it again (see ``Registry.manifest_body``). One log
+had never been here: a pull-through fetches it again (see ``LocalRegistry.manifest_body``). One log
 line per evicted manifest (``evict.manifest``), one per round (``evict.done``).
 
 The same loop notices when another process (``regproxy gc``, ``fsck --repair``, ``import``)

@@ -45,7 +45,7 @@ T = TypeVar("T")
 WRITE_BUFFER: Final = 1024 * 1024  # request bytes gathered per executor hop
 DEFAULT_MAX_SESSIONS: Final = 1000
 
-#: verify, move into place and index a written temp file: ``Registry.commit_blob``
+#: verify, move into place and index a written temp file: ``LocalRegistry.commit_blob``
 Commit = Callable[[RepoName, BlobWriter, Digest, str], Awaitable[int]]
 
 
