@@ -3,39 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from regproxy.async_index import AsyncIndex
 from regproxy.errors import BlobUploadUnknown
-from regproxy.names import RepoName
-from regproxy.oci import Digest
-from regproxy.registry import LocalRegistry, Registry
-from regproxy.store import Store
-
-REPO = RepoName("spectro-images/app")
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
-    root = tmp_path / "store"
-    reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
-    await reg.open()
-    yield reg
-    await reg.close()
-
-
-async def body(*parts: bytes) -> AsyncIterator[bytes]:
-    for p in parts:
-        yield p
-
-
-def digest(data: bytes) -> Digest:
-    return Digest("sha256", hashlib.sha256(data).hexdigest())
+from regproxy.registry import Registry
+from tests.unit.local import OCI_MANIFEST, REPO, body, digest
 
 
 async def test_blob_lookup_racing_a_delete_does_not_cache_the_deleted_blob(
