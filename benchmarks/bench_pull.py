@@ -533,6 +533,14 @@ def wait_calm(limit: float, threshold: float) -> None:
         load = os.getloadavg()[0]
 
 
+def flush_disk() -> None:
+    """Write out every file's dirty pages (``sync``) before a cold run. The peer stores a pulled
+    blob without fsync: each of its runs leaves about the blob's size of unwritten data behind,
+    and regproxy's commit (fsync before the response's last byte) would write that out first
+    (ext4's ordered mode), so whichever server ran second paid for the first."""
+    os.sync()
+
+
 @contextlib.contextmanager
 def py_spy(pid: int, out: Path | None) -> Iterator[None]:
     """``py-spy record`` of the daemon around a block (only with --profile DIR)."""
@@ -595,6 +603,7 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                 for name in order:
                     budget(f"cold pull run {run + 1}")
                     srv = servers[name]
+                    flush_disk()  # no run pays for the previous one's unwritten data
                     srv.fresh()
                     mark = uplog.mark()
                     out = profile / f"cold-{name}.folded" if profile and run == 0 else None
@@ -643,6 +652,7 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
                 for name in order:
                     budget(f"herd run {run + 1}")
                     srv = servers[name]
+                    flush_disk()  # no run pays for the previous one's unwritten data
                     srv.fresh()
                     mark = uplog.mark()
                     out = profile / f"herd-{name}.folded" if profile and run == 0 else None

@@ -34,7 +34,7 @@ from aiohttp import web
 from regproxy.connections import app_metrics, http_limits
 from regproxy.errors import BlobUnknown
 from regproxy.oci import Digest
-from regproxy.units import BULK_CHUNK
+from regproxy.units import BLOB_CHUNK
 from regproxy.web_keys import notes
 
 log = logging.getLogger("regproxy.api")
@@ -324,12 +324,12 @@ async def _send_chunks(
     count: int,
     sent: _Sent,
 ) -> None:
-    """TLS (or no socket to hand): the bytes go through the transport, a chunk at a time
-    (1 MiB: the TLS layer encrypts it in one call, and every chunk costs a read, a write and a
-    wait for the transport to drain)."""
+    """TLS (or no socket to hand): the bytes go through the transport, a chunk at a time (256
+    KiB: a chunk waits in the TLS layer twice, as plain and encrypted bytes, so a bigger one
+    costs every slow TLS reader that much more memory)."""
     loop = asyncio.get_running_loop()
     while count > 0:
-        chunk = await _read(loop, file_fd, offset, min(BULK_CHUNK, count))
+        chunk = await _read(loop, file_fd, offset, min(BLOB_CHUNK, count))
         if not chunk:
             raise _ShortFile("blob file is shorter than its recorded size")
         await write_with_deadline(request, resp, chunk)
