@@ -50,6 +50,7 @@ from benchmarks.common import (
     make_test_ca,
     peak_rss_mb,
     print_log_tails,
+    push_blob,
     report,
     request,
     reset_peak_rss,
@@ -125,44 +126,10 @@ def make_content(workdir: Path, big_size: int) -> Content:
     return Content(small, medium, big_path, big_digest, config, manifest)
 
 
-def _push_blob(port: int, digest: str, body: bytes | Path, tls: ssl.SSLContext | None) -> None:
-    """POST then PUT ?digest= with the whole body: the upload both servers accept."""
-    status, headers, text = request(port, "POST", f"/v2/{REPO}/blobs/uploads/", tls=tls)
-    if status != 202:
-        raise BenchError(f"POST upload on :{port} answered {status}: {text[:200]!r}")
-    location = headers.get("Location") or headers.get("location") or ""
-    if location.startswith("http"):
-        location = "/" + location.split("/", 3)[3]
-    sep = "&" if "?" in location else "?"
-    url = f"{location}{sep}digest={digest}"
-    if isinstance(body, Path):
-        size = body.stat().st_size
-        with open(body, "rb") as f:
-            status, _, text = request(
-                port,
-                "PUT",
-                url,
-                body=f,
-                headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-                tls=tls,
-            )
-    else:
-        status, _, text = request(
-            port,
-            "PUT",
-            url,
-            body=body,
-            headers={"Content-Type": "application/octet-stream"},
-            tls=tls,
-        )
-    if status != 201:
-        raise BenchError(f"PUT upload on :{port} answered {status}: {text[:200]!r}")
-
-
 def push_content(port: int, content: Content, tls: ssl.SSLContext | None) -> None:
     for data in (content.config, content.small, content.medium):
-        _push_blob(port, Content.digest(data), data, tls)
-    _push_blob(port, content.big_digest, content.big_path, tls)
+        push_blob(port, REPO, Content.digest(data), data, tls)
+    push_blob(port, REPO, content.big_digest, content.big_path, tls)
     status, _, text = request(
         port,
         "PUT",

@@ -64,10 +64,12 @@ def request(
         conn.close()
 
 
-def push_blob(port: int, repo: str, digest: str, body: bytes | Path) -> None:
+def push_blob(
+    port: int, repo: str, digest: str, body: bytes | Path, tls: ssl.SSLContext | None = None
+) -> None:
     """POST then PUT ?digest= with the whole body (a file is streamed): what every registry
     accepts."""
-    status, headers, text = request(port, "POST", f"/v2/{repo}/blobs/uploads/")
+    status, headers, text = request(port, "POST", f"/v2/{repo}/blobs/uploads/", tls=tls)
     if status != 202:
         raise BenchError(f"POST upload on :{port} answered {status}: {text[:200]!r}")
     location = headers.get("Location") or headers.get("location") or ""
@@ -84,10 +86,16 @@ def push_blob(port: int, repo: str, digest: str, body: bytes | Path) -> None:
                 url,
                 body=f,
                 headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+                tls=tls,
             )
     else:
         status, _, text = request(
-            port, "PUT", url, body=body, headers={"Content-Type": "application/octet-stream"}
+            port,
+            "PUT",
+            url,
+            body=body,
+            headers={"Content-Type": "application/octet-stream"},
+            tls=tls,
         )
     if status != 201:
         raise BenchError(f"PUT upload on :{port} answered {status}: {text[:200]!r}")
