@@ -21,6 +21,7 @@ from regproxy.access import AccessLogger
 from regproxy.config import Config
 from regproxy.connections import (
     HTTP_KEY,
+    TIMING_KEY,
     ConnectionGuard,
     default_max_connections,
     raise_nofile_limit,
@@ -150,6 +151,7 @@ def create_app(
     app = web.Application(middlewares=[error_middleware], client_max_size=8 * 1024 * 1024)
     app[CONFIG_KEY] = config
     app[HTTP_KEY] = config.http
+    app[TIMING_KEY] = timing
     app[INSTANCE_KEY] = uuid.uuid4().hex
     app[METRICS_KEY] = metrics = metrics if metrics is not None else Metrics()
     registry = build_registry(config, timing=timing, metrics=metrics)

@@ -170,6 +170,10 @@ class HttpConfig:
     write_timeout: float = 60.0
     #: a request body that makes no progress for this long fails with 408
     read_timeout: float = 60.0
+    #: a request body must arrive at this many bytes/s averaged over ``body_min_rate_window``
+    #: (a stall detector: a drip of a byte now and then is cut with 408); 0 turns it off
+    body_min_rate: float = 1024.0
+    body_min_rate_window: float = 60.0
     #: above this many open connections new ones get 503; 0 = sized from RLIMIT_NOFILE
     max_connections: int = 0
 
@@ -280,6 +284,8 @@ _SCHEMA: Final[dict[str, Any]] = {
         "keepalive_timeout": values.timeout,
         "write_timeout": values.timeout,
         "read_timeout": values.timeout,
+        "body_min_rate": values.rate,
+        "body_min_rate_window": values.timeout,
         "max_connections": values.count,
     },
     "uploads": {"max_sessions": values.positive_count},

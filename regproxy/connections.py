@@ -13,10 +13,10 @@ adds what aiohttp lacks:
   of a kept-alive connection, aiohttp's own ``keepalive_timeout`` closes it when the next
   request's headers do not arrive.
 
-Response and body deadlines (``http.write_timeout``, ``http.read_timeout``) belong to the
-requests themselves: every read of a request body goes through :func:`read_body` or
-:func:`body_chunks` here (aiohttp has no deadline for request bodies); responses, see
-regproxy.sendfile.
+Response and body deadlines (``http.write_timeout``, ``http.read_timeout``,
+``http.body_min_rate``) belong to the requests themselves: every read of a request body goes
+through :func:`read_body` or :func:`body_chunks` here (aiohttp has no deadline for request
+bodies); responses, see regproxy.sendfile.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import resource
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeVar, cast
@@ -32,6 +33,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from regproxy.config import HttpConfig
+from regproxy.deadline import DEFAULT_TIMING, Pace, Timing, TransferLimits
 from regproxy.errors import BodyTimeout
 from regproxy.metrics import Metrics
 from regproxy.web_keys import METRICS_KEY
@@ -39,6 +41,8 @@ from regproxy.web_keys import METRICS_KEY
 log = logging.getLogger("regproxy")
 T = TypeVar("T")
 HTTP_KEY: Final = web.AppKey("http", HttpConfig)
+#: where the app's clocks come from (a body's pace is judged on it; tests move a fake one)
+TIMING_KEY: Final = web.AppKey("timing", Timing)
 _DEFAULT: Final = HttpConfig()
 #: descriptors kept for everything but client sockets: blob and temp files, upstream and peer
 #: connections, the index, logs
@@ -105,9 +109,32 @@ async def read_body(request: web.Request, read: Awaitable[T]) -> T:
 
 
 async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives, each chunk within ``http.read_timeout``."""
+    """The request body as it arrives, each chunk within ``http.read_timeout``, and all of it at
+    ``http.body_min_rate`` or more averaged over ``http.body_min_rate_window``: a client that
+    drips a byte now and then (which the timeout of each read alone would let hold an upload
+    session and a connection for ever) is answered 408 once the window shows it."""
+    limits = http_limits(request.app)
+    pace = Pace(
+        TransferLimits(limits.body_min_rate, limits.body_min_rate_window, math.inf),
+        request.app.get(TIMING_KEY, DEFAULT_TIMING).now,
+        math.inf,
+    )
     content = request.content
-    while chunk := await read_body(request, content.readany()):
+    while True:
+        try:
+            async with asyncio.timeout(min(limits.read_timeout, pace.time_left())):
+                chunk = await content.readany()
+        except TimeoutError:
+            chunk = None
+        if chunk == b"":
+            return
+        if chunk is not None:
+            pace.add(len(chunk))
+        short = pace.shortfall()
+        if chunk is None or short is not None:
+            app_metrics(request.app).slow_clients_cut.labels("read").inc()
+            why = short or f"no body bytes for {limits.read_timeout:.0f}s"
+            raise BodyTimeout(f"request body stalled: {why}")
         yield chunk
 
 
