@@ -8,6 +8,7 @@ https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-ma
 from __future__ import annotations
 
 import array
+import asyncio
 import functools
 import hashlib
 import itertools
@@ -114,7 +115,7 @@ class JSONInvalid(ValueError):
 
 
 #: a JSON string; linear only over text json.loads accepted (see :func:`json_depth`)
-_STRING_RE: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_STRING_RE: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 #: an opening bracket is +1, a closing one -1 (as signed bytes)
 _STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
@@ -263,6 +264,19 @@ def parse_manifest(body: bytes, content_type: str | None) -> ParsedManifest:
         # referrers report config.mediaType when artifactType is absent (spec: listing referrers)
         artifact_type = cfg.media_type
     return ParsedManifest(media_type, blobs, (), subject, artifact_type, annotations)
+
+
+#: a manifest body larger than this is parsed on a worker thread, not on the event loop: 4 MiB
+#: with 17,000 layers take ~0.3-0.9 s of Python (the depth check, the descriptors)
+PARSE_INLINE_MAX: Final = 64 * 1024
+
+
+async def parse_manifest_async(body: bytes, content_type: str | None) -> ParsedManifest:
+    """:func:`parse_manifest` for code on the event loop: a large body (from a client or an
+    upstream, up to the size limit) is parsed on a worker thread, so other requests go on."""
+    if len(body) <= PARSE_INLINE_MAX:
+        return parse_manifest(body, content_type)
+    return await asyncio.to_thread(parse_manifest, body, content_type)
 
 
 def accepts(accept_header: str | None, media_type: str) -> bool:

@@ -28,7 +28,7 @@ from regproxy import pins
 from regproxy.config import PrefetchConfig
 from regproxy.errors import OCIError, UpstreamError
 from regproxy.names import NameResolver, RepoName
-from regproxy.oci import Descriptor, Digest, parse_manifest
+from regproxy.oci import Descriptor, Digest, parse_manifest_async
 
 log = logging.getLogger("regproxy.prefetch")
 
@@ -232,7 +232,7 @@ class Prefetcher:
     async def _walk(self, repo: RepoName, manifest: Any, res: ImageResult, depth: int) -> list[str]:
         """Fetch what a manifest needs; the digests of every manifest to pin."""
         res.manifests += 1
-        parsed = parse_manifest(manifest.body, manifest.media_type)
+        parsed = await parse_manifest_async(manifest.body, manifest.media_type)
         digests = [str(manifest.digest)]
         if parsed.is_index:
             if depth >= MAX_INDEX_DEPTH:

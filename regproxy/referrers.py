@@ -41,6 +41,7 @@ from regproxy.oci import (
     JSONInvalid,
     load_json,
     parse_manifest,
+    parse_manifest_async,
     validate_tag,
 )
 from regproxy.peers import Peers
@@ -391,7 +392,7 @@ class Referrers:
             return await reg.local_manifest(repo, str(desc.digest)) is not None
         try:
             m = await reg.get_manifest(repo, str(desc.digest))
-            parsed = parse_manifest(m.body, m.media_type)
+            parsed = await parse_manifest_async(m.body, m.media_type)
             for b in parsed.blobs[:MAX_ATTACHED_BLOBS]:
                 blob = await reg.get_blob(repo, b.digest)
                 if blob.stream is not None:

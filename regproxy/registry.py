@@ -39,7 +39,7 @@ from regproxy.index import Index, ManifestRecord, ManifestRow
 from regproxy.lookups import LookupCache
 from regproxy.metrics import Metrics
 from regproxy.names import RepoName
-from regproxy.oci import Descriptor, Digest, is_digest_reference, parse_manifest, validate_tag
+from regproxy.oci import Descriptor, Digest, is_digest_reference, parse_manifest_async, validate_tag
 from regproxy.store import BlobWriter, Store
 from regproxy.uploads import DEFAULT_MAX_SESSIONS, UploadSessions
 
@@ -341,7 +341,7 @@ class LocalRegistry:
         else:
             tag = validate_tag(reference)
             digest = Digest.of(body)
-        parsed = parse_manifest(body, content_type)
+        parsed = await parse_manifest_async(body, content_type)
         if verify_refs:
             if self._settle is not None:
                 await self._settle(repo, [b.digest for b in parsed.blobs])

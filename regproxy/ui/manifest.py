@@ -16,7 +16,7 @@ from regproxy.oci import (
     JSONInvalid,
     is_digest_reference,
     load_json,
-    parse_manifest,
+    parse_manifest_async,
 )
 from regproxy.policy import SignatureStatus, is_artifact
 from regproxy.referrers import kind_of
@@ -68,7 +68,7 @@ async def platforms_of(registry: Registry, digest: str, media_type: str) -> list
     if body is None:
         return []
     try:
-        parsed = parse_manifest(body, media_type)
+        parsed = await parse_manifest_async(body, media_type)
     except OCIError:
         return []
     return [platform_str(m.platform) for m in parsed.manifests if m.platform]
@@ -163,7 +163,7 @@ async def manifest_data(request: web.Request) -> dict[str, Any]:
     image: dict[str, Any] | None = None
     if body is not None:
         try:
-            parsed = parse_manifest(body, info.media_type)
+            parsed = await parse_manifest_async(body, info.media_type)
         except OCIError:
             parsed = None
         if parsed is not None:

@@ -327,3 +327,53 @@ def test_json_from_outside_is_read_as_json_reads_it() -> None:
     assert load_json(b"[" * 64 + b"]" * 64) is not None
     escaped = b'"' + b'\\"' * 500_000 + b'"'  # valid: one long string of quotes
     assert load_json(escaped) == '"' * 500_000
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        (b'["]"]', 1),
+        (b'["\\"]", ["[["]]', 2),
+        (b'{"a\\\\": [{"\\u005b": "\\\\\\"{{"}]}', 3),
+        (b'[["\\\\"], "\\\\\\\\", [[["]]]]"]]]]', 4),
+        (b'"[[["', 0),
+    ],
+)
+def test_json_depth_skips_brackets_inside_strings(text: bytes, depth: int) -> None:
+    from regproxy.oci import json_depth
+
+    json.loads(text)  # each is valid JSON
+    assert json_depth(text) == depth
+
+
+async def test_a_large_manifest_is_parsed_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 4 MiB manifest takes a fraction of a second of Python to parse: on a worker thread,
+    so the loop serves other requests meanwhile; a small one is parsed in place."""
+    import threading
+
+    from regproxy import oci
+
+    threads: list[int] = []
+    real = oci.parse_manifest
+
+    def parse(body: bytes, ct: str | None) -> oci.ParsedManifest:
+        threads.append(threading.get_ident())
+        return real(body, ct)
+
+    monkeypatch.setattr(oci, "parse_manifest", parse)
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": 1}
+    layers = [
+        {**layer, "digest": "sha256:" + hashlib.sha256(b"%d" % i).hexdigest()} for i in range(20)
+    ]
+    small = json.dumps({"schemaVersion": 2, "config": layers[0], "layers": layers}).encode()
+    big_layers = layers * (2 * oci.PARSE_INLINE_MAX // len(small) + 1) * 20
+    big = json.dumps({"schemaVersion": 2, "config": layers[0], "layers": big_layers}).encode()
+    assert len(small) <= oci.PARSE_INLINE_MAX < len(big)
+    got_small = await oci.parse_manifest_async(small, OCI_MANIFEST)
+    got_big = await oci.parse_manifest_async(big, OCI_MANIFEST)
+    assert threads[0] == threading.get_ident()  # in place
+    assert threads[1] != threading.get_ident()  # on a worker
+    assert got_small == real(small, OCI_MANIFEST) and got_big == real(big, OCI_MANIFEST)
+    assert len(got_big.blobs) == len(big_layers) + 1
