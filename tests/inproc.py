@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from regproxy.access import AccessLogger
@@ -55,6 +56,17 @@ class FakeTime:
     @property
     def timing(self) -> Timing:
         return Timing(now=self.now, sleep=self.sleep, random=lambda: 0.5, wall=self.wall)
+
+
+class DaemonServer(TestServer):
+    """aiohttp's ``TestServer`` serving as the daemon does. ``TestServer`` turns aiohttp's
+    ``handler_cancellation`` on (a client that hangs up cancels its handler); the daemon's
+    ``AppRunner`` leaves it off, so there a handler always runs to its end and writes its access
+    line and metrics. With it on, about one cold pull in seven lost its access line here."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        kwargs["handler_cancellation"] = False
+        return web.AppRunner(self.app, **kwargs)
 
 
 class _ThreadLog(logging.Handler):
@@ -133,7 +145,7 @@ class AppDaemon:
             app = create_app(config, timing=self.timing) if self.timing else create_app(config)
             self.app = app
             # a port set before start (peers name each other's URLs up front), else port 0
-            self._server = TestServer(app, host="127.0.0.1", port=self.port)
+            self._server = DaemonServer(app, host="127.0.0.1", port=self.port)
             loop.run_until_complete(
                 self._server.start_server(
                     access_log_class=AccessLogger,

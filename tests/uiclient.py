@@ -9,12 +9,13 @@ from typing import Any
 
 import aiohttp
 import bcrypt
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from regproxy.app import create_app
 from regproxy.config import config_from_dict
 from regproxy.deadline import DEFAULT_TIMING, Timing
 from tests.images import OCI_INDEX, OCI_MANIFEST, Image, sha256
+from tests.inproc import DaemonServer
 
 PASSWORD = "s3cret-Pass"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
@@ -32,7 +33,7 @@ async def start(
     }
     raw["storage"] = {**extra.get("storage", {}), "root": str(root)}  # never the default root
     client: TestClient[Any, Any] = TestClient(
-        TestServer(
+        DaemonServer(
             create_app(config_from_dict(raw), timing=timing), host="127.0.0.1", port=server_port
         )
     )
