@@ -82,7 +82,7 @@ def manifest_for(config: bytes, layers: list[bytes]) -> bytes:
 #: blob sizes for the two ways a body is copied (regproxy.fetch): through the event loop, and
 #: on a pump thread from the connection's own socket (plain TCP, at least 1 MiB still to come)
 BY_LOOP = 900 * 1024
-BY_THREAD = 24 * 1024 * 1024
+BY_THREAD = 8 * 1024 * 1024  # 8 of the pump's 1 MiB buffers, each filled more than once
 COPY_PATHS = pytest.mark.parametrize("size", [BY_LOOP, BY_THREAD], ids=["loop", "thread"])
 
 
@@ -107,12 +107,12 @@ async def get(
 async def test_coalesced_herd_streams_before_the_end(
     upstream: FakeUpstream, daemon_factory
 ) -> None:
-    """16 clients, one missing 16 MiB blob: one upstream GET, identical bytes, and every client
-    gets bytes while the upstream still holds back the rest (held at 4 MiB until all 16 did)."""
-    data = os.urandom(16 * 1024 * 1024)
+    """16 clients, one missing 8 MiB blob: one upstream GET, identical bytes, and every client
+    gets bytes while the upstream still holds back the rest (held at 2 MiB until all 16 did)."""
+    data = os.urandom(8 * 1024 * 1024)
     d = upstream.add_blob(data)
     gate = asyncio.Event()
-    upstream.blob_faults[d] = BlobFault(hold_at=4 * 1024 * 1024, gate=gate)
+    upstream.blob_faults[d] = BlobFault(hold_at=2 * 1024 * 1024, gate=gate)
     proxy = await start_daemon(daemon_factory, proxy_config(upstream))
     url = f"{proxy.url}/v2/fake.test/app/blobs/{d}"
     got_bytes = 0
@@ -156,7 +156,8 @@ async def test_cut_mid_blob_is_resumed_with_range(
     data = os.urandom(size + 17)
     d = upstream.add_blob(data)
     upstream.blob_faults[d] = BlobFault(cut_at=size // 3, cuts=1)
-    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    # the backoff before each new attempt runs on regproxy's clock: no waiting it out
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream), timing=FakeTime().timing)
     async with aiohttp.ClientSession() as s:
         status, body, _ = await get(s, f"{proxy.url}/v2/fake.test/app/blobs/{d}")
     assert status == 200 and body == data
@@ -171,7 +172,8 @@ async def test_cut_without_range_support_restarts_and_skips(
     data = os.urandom(2 * 1024 * 1024)
     d = upstream.add_blob(data)
     upstream.blob_faults[d] = BlobFault(cut_at=700_000, cuts=1, honor_range=False)
-    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    # the backoff before each new attempt runs on regproxy's clock: no waiting it out
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream), timing=FakeTime().timing)
     async with aiohttp.ClientSession() as s:
         status, body, _ = await get(s, f"{proxy.url}/v2/fake.test/app/blobs/{d}")
     assert status == 200 and body == data
@@ -184,7 +186,8 @@ async def test_cut_for_good_aborts_every_response_and_caches_nothing(
     data = os.urandom(size)
     d = upstream.add_blob(data)
     upstream.blob_faults[d] = BlobFault(cut_at=500_000, cuts=100)
-    proxy = await start_daemon(daemon_factory, proxy_config(upstream))
+    # the backoff before each new attempt runs on regproxy's clock: no waiting it out
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream), timing=FakeTime().timing)
     before = blobs_on_disk(proxy)
     url = f"{proxy.url}/v2/fake.test/app/blobs/{d}"
 
@@ -315,15 +318,21 @@ async def test_token_flow_with_expiry(upstream: FakeUpstream, daemon_factory) ->
 async def test_slow_upstream_is_bounded_by_timeouts(upstream: FakeUpstream, daemon_factory) -> None:
     data = os.urandom(512 * 1024)
     d = upstream.add_blob(data)
-    upstream.blob_faults[d] = BlobFault(delay=1.5)  # 64 KiB then silence, beyond read_timeout
+    silence = asyncio.Event()  # each request: 64 KiB, then nothing until the test ends
+    upstream.blob_faults[d] = BlobFault(hold_at=64 * 1024, gate=silence)
     cfg = proxy_config(upstream)
-    cfg["upstreams"][upstream.hostport]["read_timeout"] = "500ms"  # type: ignore[index]
-    proxy = await start_daemon(daemon_factory, cfg)
-    async with aiohttp.ClientSession() as s:
-        # 3 attempts x read_timeout 0.5 s, and then the response is cut (not a stall each)
-        with pytest.raises(aiohttp.ClientPayloadError):
-            async with s.get(f"{proxy.url}/v2/fake.test/app/blobs/{d}") as r:
-                await r.read()
+    cfg["upstreams"][upstream.hostport]["read_timeout"] = "100ms"  # type: ignore[index]
+    # the backoffs between attempts run on regproxy's clock (the read timeouts on the real one)
+    proxy = await start_daemon(daemon_factory, cfg, timing=FakeTime().timing)
+    try:
+        async with aiohttp.ClientSession() as s:
+            # 3 attempts x read_timeout, and then the response is cut (not a stall each)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with s.get(f"{proxy.url}/v2/fake.test/app/blobs/{d}") as r:
+                    await r.read()
+    finally:
+        silence.set()
+    assert upstream.count("GET", d) == 3
     assert d.split(":")[1] not in blobs_on_disk(proxy)
 
 

@@ -448,7 +448,7 @@ class Simple:
     status: int = 200
     requests: list[tuple[str, str]] = field(default_factory=list)
     tag_pages: list[list[str]] | None = None
-    delay: float = 0.0
+    held: asyncio.Event | None = None  # answer nothing until this is set
     truncate: bool = False
 
     def app(self) -> web.Application:
@@ -458,8 +458,8 @@ class Simple:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        if self.held is not None:
+            await self.held.wait()
         if self.status != 200:
             return web.Response(status=self.status)
         tail = request.match_info["tail"]
@@ -564,13 +564,14 @@ async def test_tags_pagination() -> None:
 
 
 async def test_timeouts_and_connect_errors() -> None:
-    slow = Simple(delay=2.0)
-    async with serve(slow.app()) as url:
-        client = client_for(url, read_timeout=0.3)
+    held = asyncio.Event()  # the upstream answers nothing until the test lets it
+    async with serve(Simple(held=held).app()) as url:
+        client = client_for(url, read_timeout=0.1)
         try:
             with pytest.raises(UpstreamTimeout):
                 await client.head_manifest("lib/app", "v1")
         finally:
+            held.set()
             await client.close()
     client = client_for(f"http://127.0.0.1:{free_port()}")
     try:
