@@ -7,7 +7,10 @@ adds what aiohttp lacks:
 
 - **a connection limit** (``http.max_connections``): above it, a new connection is answered
   ``503`` with ``Retry-After`` and closed, before any handler exists for it; sized by default
-  from ``RLIMIT_NOFILE`` so it bites long before descriptors run out;
+  from ``RLIMIT_NOFILE`` so it bites long before descriptors run out. A connection counts from
+  its accept: with TLS the loop makes the protocol at the accept and calls ``connection_made``
+  only once the handshake is done, so handshakes in progress count too (one that fails drops
+  the protocol unseen: its count goes when the protocol is collected);
 - **a header timeout** (``http.header_timeout``): a connection that has not sent its first
   request's headers (up to the empty line that ends them) within it is closed. Between requests
   of a kept-alive connection, aiohttp's own ``keepalive_timeout`` closes it when the next
@@ -26,6 +29,7 @@ import json
 import logging
 import math
 import resource
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeVar, cast
 
@@ -217,13 +221,43 @@ class ConnectionGuard:
         self.metrics.connections_open.set(self.open)
 
 
-class _Guarded(asyncio.Protocol):
-    """One connection: the guard's bookkeeping around aiohttp's protocol for it."""
+class _Counted:
+    """A connection's place in the guard's count, given back once: when the connection is
+    lost, or when its protocol is collected without ever being connected (a TLS handshake that
+    failed or timed out)."""
 
-    __slots__ = ("begun", "guard", "inner", "lingers", "refused", "tail", "timer", "transport")
+    __slots__ = ("guard", "held")
 
     def __init__(self, guard: ConnectionGuard) -> None:
         self.guard = guard
+        self.held = guard.admit()
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.guard.release()
+
+
+class _Guarded(asyncio.Protocol):
+    """One connection: the guard's bookkeeping around aiohttp's protocol for it."""
+
+    __slots__ = (
+        "__weakref__",
+        "begun",
+        "counted",
+        "guard",
+        "inner",
+        "lingers",
+        "refused",
+        "tail",
+        "timer",
+        "transport",
+    )
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self.guard = guard
+        self.counted = _Counted(guard)  # at the accept (for TLS: before the handshake)
+        weakref.finalize(self, self.counted.release)
         self.inner: asyncio.Protocol | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.tail = b""
@@ -237,7 +271,7 @@ class _Guarded(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         loop = asyncio.get_running_loop()
-        if not self.guard.admit():
+        if not self.counted.held:
             self.refused = True
             transport.write(_REFUSAL)
             if self.guard.lingering >= LINGER_MAX:
@@ -305,7 +339,7 @@ class _Guarded(asyncio.Protocol):
             if self.lingers:
                 self.guard.lingering -= 1
             return
-        self.guard.release()
+        self.counted.release()
         inner, self.inner = self.inner, None
         if inner is not None:
             inner.connection_lost(exc)
