@@ -67,7 +67,8 @@ import bcrypt
 from aiohttp import BasicAuth, hdrs, web
 
 from regproxy.config import AuthConfig
-from regproxy.connections import app_metrics
+from regproxy.connections import TIMING_KEY, app_metrics
+from regproxy.deadline import DEFAULT_TIMING
 from regproxy.errors import Denied, OCIError, TooManyRequests, Unauthorized
 from regproxy.login_budget import LoginBudget, client_key
 from regproxy.metrics import Metrics
@@ -532,7 +533,8 @@ async def _users_ctx(app: web.Application) -> AsyncIterator[None]:
 def setup(app: web.Application, config: AuthConfig) -> None:
     """Install the users and the middleware (before the app is frozen, after the error
     middleware, so a crash in here is still rendered as an OCI error)."""
-    app[USERS_KEY] = UserDB(config, metrics=app_metrics(app))
+    timing = app.get(TIMING_KEY, DEFAULT_TIMING)  # the refusal's delay and the budget's clock
+    app[USERS_KEY] = UserDB(config, clock=timing.now, sleep=timing.sleep, metrics=app_metrics(app))
     app.middlewares.append(auth_middleware)
     app.cleanup_ctx.append(_users_ctx)
 

@@ -60,7 +60,12 @@ async def canary() -> AsyncIterator[FakeUpstream]:
 
 @contextlib.asynccontextmanager
 async def proxy(
-    root: Path, up: FakeUpstream, metrics: Metrics | None = None, **settings: Any
+    root: Path,
+    up: FakeUpstream,
+    metrics: Metrics | None = None,
+    *,
+    timing: Timing | None = None,
+    **settings: Any,
 ) -> AsyncIterator[TestClient[Any, Any]]:
     raw: dict[str, Any] = {
         "storage": {"root": str(root)},
@@ -69,7 +74,10 @@ async def proxy(
         "upstreams": {up.hostport: {"url": up.url, "alias": ALIAS, **settings}},
     }
     client: TestClient[Any, Any] = TestClient(
-        TestServer(create_app(config_from_dict(raw), metrics=metrics), host="127.0.0.1")
+        TestServer(
+            create_app(config_from_dict(raw), metrics=metrics, timing=timing or Timing()),
+            host="127.0.0.1",
+        )
     )
     await client.start_server()
     try:
@@ -127,7 +135,8 @@ async def test_a_redirect_to_an_unusable_location_is_the_upstreams_error(
     data = os.urandom(1000)
     d = upstream.add_blob(data)
     upstream.blob_redirects[d] = location
-    async with proxy(tmp_path / "store", upstream) as client:
+    # the backoffs between the attempts run on a clock of the test's (FakeTime below)
+    async with proxy(tmp_path / "store", upstream, timing=FakeTime().timing()) as client:
         for method in ("GET", "HEAD"):
             resp = await client.request(method, f"/v2/{ALIAS}/app/blobs/{d}")
             assert resp.status in (404, 502), (method, resp.status, await resp.text())
@@ -171,7 +180,7 @@ async def read_or_cut(client: TestClient[Any, Any], method: str, path: str) -> t
 
 @pytest.mark.parametrize(
     "size",
-    [4000, 24 * 1024 * 1024],  # copied through the loop; by a pump thread (regproxy.pump)
+    [4000, 4 * 1024 * 1024],  # copied through the loop; by a pump thread (regproxy.pump)
     ids=["loop", "thread"],
 )
 async def test_dripping_upstream_is_dropped_and_the_next_get_starts_afresh(
@@ -181,7 +190,7 @@ async def test_dripping_upstream_is_dropped_and_the_next_get_starts_afresh(
     data = os.urandom(size)
     d = upstream.add_blob(data)
     upstream.blob_faults[d] = BlobFault(step=1, delay=0.2)  # 5 bytes a second
-    settings = {"min_rate": "1KiB/s", "min_rate_window": "1s"}
+    settings = {"min_rate": "1KiB/s", "min_rate_window": "250ms"}
     m = Metrics()
     async with proxy(tmp_path / "store", upstream, m, **settings) as client:
         path = f"/v2/{ALIAS}/app/blobs/{d}"
@@ -351,22 +360,26 @@ async def test_a_pump_thread_cut_at_shutdown_lets_go_of_its_file(
 ) -> None:
     """A plain-TCP body copied by a pump thread (regproxy.pump), cut by the shutdown drain: the
     thread stops, the temp file goes, the client's response is cut."""
-    data = os.urandom(24 * 1024 * 1024)
+    data = os.urandom(8 * 1024 * 1024)
     d = upstream.add_blob(data)
-    upstream.blob_faults[d] = BlobFault(step=64 * 1024, delay=0.05)  # ~30 s for all of it
-    async with proxy(tmp_path / "store", upstream) as client:
-        fetcher = registry_of(client).fetcher
-        pull = asyncio.create_task(read_or_cut(client, "GET", f"/v2/{ALIAS}/app/blobs/{d}"))
-        async with asyncio.timeout(30):
-            while not (t := fetcher.get(Digest.parse(d))) or t.written < 2 * 1024 * 1024:
-                await asyncio.sleep(0.05)
-        assert t.copy == "thread"
-        await asyncio.wait_for(fetcher.drain(0), 30)
-        status, body = await asyncio.wait_for(pull, 30)
-        assert status == -1 and body != data  # cut, never complete
-        assert fetcher.inflight == {}
-        assert "shutdown.transfers finished=0 cut=1" in caplog.text
-        assert not any((tmp_path / "store" / "tmp").iterdir())
+    rest = asyncio.Event()  # 3 MiB come, then nothing until the test is over
+    upstream.blob_faults[d] = BlobFault(hold_at=3 * 1024 * 1024, gate=rest)
+    try:
+        async with proxy(tmp_path / "store", upstream) as client:
+            fetcher = registry_of(client).fetcher
+            pull = asyncio.create_task(read_or_cut(client, "GET", f"/v2/{ALIAS}/app/blobs/{d}"))
+            async with asyncio.timeout(30):
+                while not (t := fetcher.get(Digest.parse(d))) or t.written < 2 * 1024 * 1024:
+                    await asyncio.sleep(0.01)
+            assert t.copy == "thread"
+            await asyncio.wait_for(fetcher.drain(0), 30)
+            status, body = await asyncio.wait_for(pull, 30)
+            assert status == -1 and body != data  # cut, never complete
+            assert fetcher.inflight == {}
+            assert "shutdown.transfers finished=0 cut=1" in caplog.text
+            assert not any((tmp_path / "store" / "tmp").iterdir())
+    finally:
+        rest.set()
 
 
 # --- bounded memory: tags lists and manifest nesting ------------------------------------------------

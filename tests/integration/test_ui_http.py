@@ -20,11 +20,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from regproxy.app import create_app
+from regproxy.auth import FAILURE_DELAY
 from regproxy.config import config_from_dict
+from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.index import Index
 from regproxy.store import Store
 from regproxy.web_keys import METRICS_KEY
 from tests.images import make_image
+from tests.inproc import FakeTime
 
 # api keeps per-request facts under plain string keys (request["error"]), as test_auth says
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
@@ -68,16 +71,24 @@ def _config(root: Path, users: bool = True) -> Any:
     return config_from_dict(raw)
 
 
-async def _client(root: Path, users: bool = True) -> TestClient[Any, Any]:
-    app = create_app(_config(root, users))
+async def _client(
+    root: Path, users: bool = True, timing: Timing = DEFAULT_TIMING
+) -> TestClient[Any, Any]:
+    app = create_app(_config(root, users), timing=timing)
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     return client
 
 
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
-    c = await _client(tmp_path / "store")
+def clock() -> FakeTime:
+    """The app's clock: a wrong password's delay passes on it, not on the test's time."""
+    return FakeTime()
+
+
+@pytest.fixture
+async def client(tmp_path: Path, clock: FakeTime) -> AsyncIterator[TestClient[Any, Any]]:
+    c = await _client(tmp_path / "store", timing=clock.timing)
     yield c
     await c.close()
 
@@ -129,15 +140,15 @@ async def test_every_page_and_json_route_refuses_anonymous_requests(client) -> N
 
 
 async def test_wrong_login_is_refused_slowly_and_counted_then_the_right_one_gets_in(
-    client,
+    client, clock: FakeTime
 ) -> None:
     metrics = client.server.app[METRICS_KEY]
     before = metrics.login_failures._value.get()
-    t0 = time.monotonic()
+    t0 = clock.now()
     resp = await login(client, "wrong")
     assert resp.status == 401
     assert "Wrong user name or password" in await resp.text()
-    assert time.monotonic() - t0 >= 0.9
+    assert clock.now() - t0 >= FAILURE_DELAY  # waited out on the app's clock
     assert metrics.login_failures._value.get() == before + 1
     assert "regproxy_session" not in {c.key for c in client.session.cookie_jar}
 
