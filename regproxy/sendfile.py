@@ -119,23 +119,12 @@ async def _warm(loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: in
         await loop.run_in_executor(None, _read_in, fd, offset, count)
 
 
-async def _read(
-    loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: int
-) -> bytes | bytearray:
-    """``count`` bytes at ``offset``: on the loop when they are cached, else on a worker.
-    A fresh buffer each time, handed to the transport as it is (no copy into ``bytes``)."""
-    if _nowait:
-        buf = bytearray(count)
-        try:
-            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-        except BlockingIOError:
-            pass
-        except OSError:
-            pass  # unsupported here: the worker reads it
-        else:
-            if n < count:
-                del buf[n:]
-            return buf
+async def _read(loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: int) -> bytes:
+    """``count`` bytes at ``offset``: on the loop when they are cached (first and last byte, as
+    for ``sendfile``), else on a worker. ``pread`` into a fresh ``bytes`` handed to the transport
+    as it is: no zero-filled buffer first, no copy after."""
+    if _cached(fd, offset, count) and _nowait:
+        return os.pread(fd, count, offset)
     return await loop.run_in_executor(None, os.pread, fd, count, offset)
 
 
@@ -326,13 +315,22 @@ async def _send_chunks(
 ) -> None:
     """TLS (or no socket to hand): the bytes go through the transport, a chunk at a time (256
     KiB: a chunk waits in the TLS layer twice, as plain and encrypted bytes, so a bigger one
-    costs every slow TLS reader that much more memory)."""
+    costs every slow TLS reader that much more memory). One timer for the whole body, moved on
+    after every chunk the client took (``http.write_timeout`` per write, as
+    :func:`write_with_deadline`; the disk read is not timed)."""
     loop = asyncio.get_running_loop()
-    while count > 0:
-        chunk = await _read(loop, file_fd, offset, min(BLOB_CHUNK, count))
-        if not chunk:
-            raise _ShortFile("blob file is shorter than its recorded size")
-        await write_with_deadline(request, resp, chunk)
-        offset += len(chunk)
-        count -= len(chunk)
-        sent.n += len(chunk)
+    timeout = http_limits(request.app).write_timeout
+    try:
+        async with asyncio.timeout(None) as timer:
+            while count > 0:
+                chunk = await _read(loop, file_fd, offset, min(BLOB_CHUNK, count))
+                if not chunk:
+                    raise _ShortFile("blob file is shorter than its recorded size")
+                timer.reschedule(loop.time() + timeout)
+                await resp.write(chunk)
+                timer.reschedule(None)
+                offset += len(chunk)
+                count -= len(chunk)
+                sent.n += len(chunk)
+    except TimeoutError:
+        raise Stalled(f"the client took nothing for {timeout:.0f}s") from None
