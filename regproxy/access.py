@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from regproxy.connections import request_done
 from regproxy.metrics import Metrics
 from regproxy.web_keys import METRICS_KEY, NOTES_KEY
 
@@ -56,44 +58,76 @@ class AccessLogger(AbstractAccessLogger):
     ``error=client_stalled`` one that took nothing for ``http.write_timeout``.
     """
 
-    #: each app's labelled children by (route, method, status): labels() is slow, the set small
-    _children: ClassVar[
-        weakref.WeakKeyDictionary[Metrics, dict[tuple[str, str, int], tuple[Any, Any]]]
-    ] = weakref.WeakKeyDictionary()
-
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        request_done(request, response)  # the fast lane may take the connection's next ones
         notes: dict[str, str] = request.get(NOTES_KEY) or {}
         route = notes.get("route") or ("base" if request.path.startswith("/v2") else "other")
         app = _app_of(request)
         metrics = app.get(METRICS_KEY) if app is not None else None
         if metrics is not None:
-            cached = self._children.setdefault(metrics, {})
-            key = (route, request.method, response.status)
-            children = cached.get(key)
-            if children is None:
-                children = (
-                    metrics.requests.labels(route, request.method, str(response.status)),
-                    metrics.request_seconds.labels(route),
-                )
-                if len(cached) < 4096:
-                    cached[key] = children
-            children[0].inc()
-            children[1].observe(time)
+            count_request(metrics, route, request.method, response.status, time)
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        self.logger.info(
-            "request method=%s path=%s repo=%s status=%d bytes=%d duration_ms=%.1f cache=%s "
-            "upstream=%s error=%s user=%s remote=%s peer=%s",
+        write_line(
+            self.logger,
             request.method,
             request.path,
-            notes.get("repo", "-"),
             response.status,
             body_bytes(request, response),
-            time * 1000,
-            notes.get("cache", "-"),
-            notes.get("upstream", "-"),
-            notes.get("error", "-"),
-            notes.get("user", "-"),
+            time,
+            notes,
             request.remote,
-            notes.get("peer", "-"),
         )
+
+
+#: each app's labelled children by (route, method, status): labels() is slow, the set small
+_CHILDREN: weakref.WeakKeyDictionary[Metrics, dict[tuple[str, str, int], tuple[Any, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def count_request(metrics: Metrics, route: str, method: str, status: int, seconds: float) -> None:
+    """A request answered: counted by route, method and status, and its time observed."""
+    cached = _CHILDREN.get(metrics)
+    if cached is None:
+        cached = _CHILDREN.setdefault(metrics, {})
+    key = (route, method, status)
+    children = cached.get(key)
+    if children is None:
+        children = (
+            metrics.requests.labels(route, method, str(status)),
+            metrics.request_seconds.labels(route),
+        )
+        if len(cached) < 4096:
+            cached[key] = children
+    children[0].inc()
+    children[1].observe(seconds)
+
+
+def write_line(
+    logger: logging.Logger,
+    method: str,
+    path: str,
+    status: int,
+    sent: int,
+    seconds: float,
+    notes: Mapping[str, str],
+    remote: str | None,
+) -> None:
+    """The request's access line (the caller checked that ``logger`` is enabled for INFO)."""
+    logger.info(
+        "request method=%s path=%s repo=%s status=%d bytes=%d duration_ms=%.1f cache=%s "
+        "upstream=%s error=%s user=%s remote=%s peer=%s",
+        method,
+        path,
+        notes.get("repo", "-"),
+        status,
+        sent,
+        seconds * 1000,
+        notes.get("cache", "-"),
+        notes.get("upstream", "-"),
+        notes.get("error", "-"),
+        notes.get("user", "-"),
+        remote,
+        notes.get("peer", "-"),
+    )

@@ -456,7 +456,7 @@ async def delete_upload(request: web.Request, name: str, uid: str) -> web.Respon
 
 
 # --- manifests -------------------------------------------------------------------------------------
-def _check_reference(ref: str) -> str:
+def check_reference(ref: str) -> str:
     if is_digest_reference(ref):
         Digest.parse(ref)
     else:
@@ -468,7 +468,7 @@ async def get_manifest(request: web.Request, name: str, ref: str) -> web.Respons
     registry, _ = _ctx(request)
     repo = _repo(request, name)
     try:
-        _check_reference(ref)
+        check_reference(ref)
     except TagInvalid:
         # no manifest can carry that tag: a read answers 404, the only failure end-3 lists
         raise ManifestUnknown(ref) from None
@@ -495,7 +495,7 @@ async def get_manifest(request: web.Request, name: str, ref: str) -> web.Respons
 async def put_manifest(request: web.Request, name: str, ref: str) -> web.Response:
     registry, _ = _ctx(request)
     repo = _repo(request, name)
-    _check_reference(ref)
+    check_reference(ref)
     cl = _content_length(request)
     if cl is not None and cl > MAX_MANIFEST_BYTES:
         raise ManifestTooLarge(f"{cl} bytes; the limit is {MAX_MANIFEST_BYTES}")
@@ -523,7 +523,7 @@ async def put_manifest(request: web.Request, name: str, ref: str) -> web.Respons
 async def delete_manifest(request: web.Request, name: str, ref: str) -> web.Response:
     registry, _ = _ctx(request)
     repo = _repo(request, name)
-    _check_reference(ref)
+    check_reference(ref)
     await pins.delete(registry, repo, ref)  # a pinned index's children are unpinned with it
     return web.Response(status=202, headers={**API_VERSION, "Content-Length": "0"})
 

@@ -30,8 +30,10 @@ from regproxy.connections import (
 from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import ConfigError
 from regproxy.evict import Evictor
+from regproxy.fastpath import FastPath
 from regproxy.headers import INSTANCE_HEADER
 from regproxy.health import Health
+from regproxy.lookups import TAG_CONFIRM_SECONDS
 from regproxy.metrics import Metrics
 from regproxy.names import NameResolver
 from regproxy.peers import Peers
@@ -69,6 +71,17 @@ async def _housekeeping(app: web.Application) -> None:
             log.exception("housekeeping.failed")
 
 
+async def _confirm_lookups(app: web.Application) -> None:
+    """Keep the cached tags believed while no other process changes the index (lookups)."""
+    registry = app[REGISTRY_KEY]
+    while True:
+        await asyncio.sleep(TAG_CONFIRM_SECONDS)
+        try:
+            await registry.confirm_lookups()
+        except Exception:
+            log.exception("lookups.confirm_failed")
+
+
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY_KEY]
     await registry.open()
@@ -78,11 +91,12 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
         )
         registry.attach_peers(peers)
         await peers.start()
-    task = asyncio.create_task(_housekeeping(app))
+    tasks = [asyncio.create_task(_housekeeping(app)), asyncio.create_task(_confirm_lookups(app))]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await registry.close()
 
 
@@ -188,6 +202,33 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
     return server_tls.context if server_tls else None
 
 
+async def open_listener(
+    runner: web.AppRunner,
+    config: Config,
+    host: str,
+    port: int,
+    max_connections: int,
+    server_tls: ServerTLS | None = None,
+) -> asyncio.Server:
+    """The listener for a set-up runner of :func:`create_app`'s app (``serve``'s, and the
+    in-process tests'). It is ours, not a web.TCPSite: each connection goes through the guard
+    (regproxy.connections), which hands it on to aiohttp's protocol for it, with the fast lane
+    (regproxy.fastpath) in front when ``http.fast_path`` is on."""
+    assert runner.server is not None
+    app = runner.app
+    fast = FastPath.of(app) if config.http.fast_path else None
+    guard = ConnectionGuard(runner.server, config.http, max_connections, app[METRICS_KEY], fast)
+    return await asyncio.get_running_loop().create_server(
+        guard,
+        host,
+        port,
+        ssl=server_tls.context if server_tls else None,
+        ssl_handshake_timeout=config.http.header_timeout if server_tls else None,
+        backlog=1024,
+        reuse_address=True,
+    )
+
+
 async def serve(
     config: Config,
     stop: asyncio.Event | None = None,
@@ -210,20 +251,10 @@ async def serve(
         handle_signals=False,
     )
     await runner.setup()
-    assert runner.server is not None
     server_tls = ServerTLS.from_config(config.tls)  # referenced while serving: SIGHUP reloads it
-    # the listener is ours, not a web.TCPSite: each connection goes through the guard
-    # (regproxy.connections), which hands it on to aiohttp's protocol for it
-    guard = ConnectionGuard(runner.server, config.http, max_connections, app[METRICS_KEY])
     try:
-        listener = await asyncio.get_running_loop().create_server(
-            guard,
-            config.listen_host,
-            config.listen_port,
-            ssl=server_tls.context if server_tls else None,
-            ssl_handshake_timeout=config.http.header_timeout if server_tls else None,
-            backlog=1024,
-            reuse_address=True,
+        listener = await open_listener(
+            runner, config, config.listen_host, config.listen_port, max_connections, server_tls
         )
     except BaseException:
         await runner.cleanup()

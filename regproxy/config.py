@@ -176,6 +176,8 @@ class HttpConfig:
     body_min_rate_window: float = 60.0
     #: above this many open connections new ones get 503; 0 = sized from RLIMIT_NOFILE
     max_connections: int = 0
+    #: cached manifest GETs answered in front of aiohttp's parser (regproxy.fastpath)
+    fast_path: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +289,7 @@ _SCHEMA: Final[dict[str, Any]] = {
         "body_min_rate": values.rate,
         "body_min_rate_window": values.timeout,
         "max_connections": values.count,
+        "fast_path": values.boolean,
     },
     "uploads": {"max_sessions": values.positive_count},
 }

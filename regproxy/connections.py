@@ -14,7 +14,16 @@ adds what aiohttp lacks:
 - **a header timeout** (``http.header_timeout``): a connection that has not sent its first
   request's headers (up to the empty line that ends them) within it is closed. Between requests
   of a kept-alive connection, aiohttp's own ``keepalive_timeout`` closes it when the next
-  request's headers do not arrive.
+  request's headers do not arrive;
+- **a fast lane** (``http.fast_path``, :class:`FastLane`, regproxy.fastpath): while a
+  connection's requests are simple GETs it answers from memory, the guard frames them (each
+  request head up to its empty line, pipelined ones in order) and writes the lane's answers
+  itself. A plain GET or HEAD the lane declines goes to aiohttp whole, and the lane answers
+  again once aiohttp answered every request it was given (its access logger says so); any
+  other request goes to aiohttp with all that follows, for good. aiohttp thus always gets
+  whole requests from a boundary on, and never answers behind an answer still to come. The
+  guard keeps aiohttp's keep-alive for a connection aiohttp never answered, and lets aiohttp
+  answer a request at least every half ``keepalive_timeout`` on one it did.
 
 Response and body deadlines (``http.write_timeout``, ``http.read_timeout``,
 ``http.body_min_rate``) belong to the requests themselves: every read of a request body goes
@@ -31,7 +40,7 @@ import math
 import resource
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final, TypeVar, cast
+from typing import Final, Protocol, TypeVar, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -61,6 +70,17 @@ RETRY_AFTER_SECONDS: Final = 1
 #: close (closing with its request unread would reset the connection and lose the answer)
 LINGER_SECONDS: Final = 1.0
 LINGER_MAX: Final = 256
+#: a request head the fast lane waits for may be this long; a longer one goes to aiohttp
+FAST_HEAD_MAX: Final = 8192
+_FAST_STARTS: Final = (b"GET ", b"HEAD ")
+
+
+class FastLane(Protocol):
+    """Answers some requests itself (regproxy.fastpath.FastPath)."""
+
+    def answer(self, head: bytes, remote: str | None) -> bytes | None:
+        """The whole response to a request head (its bytes before the empty line that ends
+        it; the request has no body), or None: aiohttp is to answer it."""
 
 
 class _ClientFault(logging.Filter):
@@ -197,10 +217,13 @@ class ConnectionGuard:
         config: HttpConfig,
         max_connections: int,
         metrics: Metrics,
+        fast: FastLane | None = None,
     ) -> None:
         self.metrics = metrics
         self.handler_factory = handler_factory
+        self.fast = fast
         self.header_timeout = config.header_timeout
+        self.keepalive_timeout = config.keepalive_timeout
         self.max_connections = max_connections
         self.open = 0
         self.lingering = 0
@@ -243,12 +266,21 @@ class _Guarded(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__",
+        "answered_at",
         "begun",
         "counted",
         "guard",
+        "handed",
+        "idle",
         "inner",
+        "inner_done_at",
+        "inner_used",
+        "lane",
         "lingers",
+        "paused",
+        "pending",
         "refused",
+        "remote",
         "tail",
         "timer",
         "transport",
@@ -265,6 +297,16 @@ class _Guarded(asyncio.Protocol):
         self.refused = False
         self.lingers = False
         self.begun = False  # a byte of the request line has come
+        #: the fast lane answers this connection (until it declines a request, for good)
+        self.lane = guard.fast
+        self.pending = b""  # the start of a request head the lane waits for the rest of
+        self.paused = False  # the transport asked us to stop writing
+        self.idle: asyncio.TimerHandle | None = None  # keep-alive while the lane answers
+        self.answered_at = 0.0
+        self.remote: str | None = None
+        self.handed = 0  # requests handed to aiohttp while the lane is on, not answered yet
+        self.inner_used = False  # aiohttp answered a request (its keep-alive clock runs)
+        self.inner_done_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (uvloop's is not an asyncio.Transport subclass, only alike)
@@ -315,8 +357,106 @@ class _Guarded(asyncio.Protocol):
                 self.tail = b""
             else:
                 self.tail = seen[-2:]
+        if self.lane is not None:
+            data = self._fast(data)
+            if not data:
+                return
         if self.inner is not None:
             self.inner.data_received(data)
+
+    def _fast(self, data: bytes) -> bytes:
+        """Answer the requests the lane takes; what is returned goes to aiohttp.
+
+        A request the lane declines goes to aiohttp whole if it is a plain GET or HEAD (no
+        body, nothing about the connection): the lane may answer again once aiohttp has
+        answered every such request (:meth:`inner_done`). Until then, later requests go to
+        aiohttp too, in order. Anything else goes to aiohttp with all that follows, for good.
+        """
+        assert self.lane is not None and self.transport is not None
+        buf = self.pending + data if self.pending else data
+        self.pending = b""
+        handed: list[bytes] = []
+        answered = False
+        while buf:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if _partial_head(buf):
+                    self.pending = buf  # the rest of the head is on its way
+                    buf = b""
+                break
+            head = buf[:end]
+            if self.handed == 0 and self._lane_open():
+                response = self.lane.answer(head, self._remote())
+                if response is not None:
+                    self.transport.write(response)
+                    answered = True
+                    buf = buf[end + 4 :]
+                    continue
+            if not _bodiless(head):
+                break
+            handed.append(buf[: end + 4])
+            self.handed += 1
+            buf = buf[end + 4 :]
+        if answered:
+            self.answered_at = asyncio.get_running_loop().time()
+            if self.idle is None and not self.inner_used:
+                self._arm_idle()
+        if buf:  # aiohttp answers this request and all that follow
+            self.lane = None
+            self.pending = b""
+            if self.idle is not None:
+                self.idle.cancel()
+                self.idle = None
+        if handed:
+            return b"".join(handed) + buf
+        return buf
+
+    def _lane_open(self) -> bool:
+        """Whether the lane may answer the next request: the transport takes more, and
+        aiohttp's keep-alive clock (which runs from the last response aiohttp sent, and knows
+        nothing of the lane's) is not past half its ``keepalive_timeout``: beyond that, a request
+        goes to aiohttp, which restarts it, so aiohttp never closes a connection in use."""
+        assert self.transport is not None
+        if self.paused or self.transport.is_closing():
+            return False
+        if not self.inner_used:
+            return True
+        elapsed = asyncio.get_running_loop().time() - self.inner_done_at
+        return elapsed < self.guard.keepalive_timeout / 2
+
+    def inner_done(self, keep_alive: bool) -> None:
+        """aiohttp finished a response on this connection (from the access logger)."""
+        if self.lane is None:
+            return
+        if not keep_alive:  # aiohttp closes the connection after it: nothing may follow
+            self.lane = None
+            return
+        self.handed = max(0, self.handed - 1)
+        self.inner_used = True
+        self.inner_done_at = asyncio.get_running_loop().time()
+
+    def _remote(self) -> str | None:
+        """The client's address, as aiohttp's ``request.remote`` says it."""
+        if self.remote is None and self.transport is not None:
+            peer = self.transport.get_extra_info("peername")
+            self.remote = str(peer[0]) if isinstance(peer, list | tuple) else None
+        return self.remote
+
+    def _arm_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.idle = loop.call_at(self.answered_at + self.guard.keepalive_timeout, self._idle_due)
+
+    def _idle_due(self) -> None:
+        """aiohttp's keep-alive for a connection only the lane answered: closed when no
+        request was answered for ``keepalive_timeout`` (a half-sent head does not count).
+        Once aiohttp answered one, its own keep-alive clock takes over."""
+        self.idle = None
+        if self.lane is None or self.transport is None or self.inner_used or self.handed:
+            return
+        if asyncio.get_running_loop().time() < self.answered_at + self.guard.keepalive_timeout:
+            self._arm_idle()
+            return
+        self.transport.close()
 
     def eof_received(self) -> bool | None:
         if self.inner is not None:
@@ -324,10 +464,12 @@ class _Guarded(asyncio.Protocol):
         return None
 
     def pause_writing(self) -> None:
+        self.paused = True
         if self.inner is not None:
             self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self.paused = False
         if self.inner is not None:
             self.inner.resume_writing()
 
@@ -335,6 +477,9 @@ class _Guarded(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
         if self.refused:
             if self.lingers:
                 self.guard.lingering -= 1
@@ -343,3 +488,38 @@ class _Guarded(asyncio.Protocol):
         inner, self.inner = self.inner, None
         if inner is not None:
             inner.connection_lost(exc)
+
+
+_FRAMING: Final = (b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect")
+
+
+def _bodiless(head: bytes) -> bool:
+    """Whether a request head (before its empty line) is a GET or HEAD in HTTP/1.1 that says
+    nothing of a body or of the connection (no header even mentions one): after aiohttp answered
+    it, the connection is at the next request. Conservative: a mention anywhere counts."""
+    line, _, rest = head.partition(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD") or parts[2] != b"HTTP/1.1":
+        return False
+    lower = rest.lower()
+    return _partial_head(head) and not any(name in lower for name in _FRAMING)
+
+
+def request_done(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """aiohttp finished a response (its access logger calls this for every request): the
+    connection's guard may answer its next requests in the fast lane again."""
+    transport = request.transport
+    guarded = transport.get_protocol() if transport is not None else None
+    if isinstance(guarded, _Guarded):
+        guarded.inner_done(bool(response.keep_alive))
+
+
+def _partial_head(buf: bytes) -> bool:
+    """Whether ``buf`` may be the start of a strict request head (lines ended by CRLF, no
+    empty line yet, not too long): else it goes to aiohttp, which answers what it is."""
+    if len(buf) < 5:
+        return any(start.startswith(buf) for start in _FAST_STARTS)
+    if not buf.startswith(_FAST_STARTS) or len(buf) > FAST_HEAD_MAX or b"\n\n" in buf:
+        return False
+    rest = buf.replace(b"\r\n", b"")
+    return b"\n" not in rest and b"\r" not in (rest[:-1] if rest.endswith(b"\r") else rest)

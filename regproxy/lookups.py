@@ -1,8 +1,13 @@
 """The registry's cached lookups, bounded, with one invalidation API.
 
 What the hot path of a warm cache reads without a thread hop: which repository holds which blob
-(and its size), manifest rows by digest, tags (for a second: another process may move one), and
-the bodies of small immutable objects (manifests, small blobs).
+(and its size), manifest rows by digest, tags, and the bodies of small immutable objects
+(manifests, small blobs).
+
+A tag is believed for :data:`TAG_CACHE_SECONDS` after it was read, or after the index was last
+confirmed unchanged by any other process (:meth:`LookupCache.confirm_tags`, from SQLite's
+``data_version``, see :meth:`regproxy.registry.LocalRegistry.confirm_lookups`): another process
+(``regproxy import``, ``gc``) may move one, and this process forgets each of its own changes.
 
 A lookup reads the index on another thread; a change (a delete, an eviction) may land while it
 is out. So a lookup takes a :meth:`LookupCache.ticket` before it reads, and its answer is cached
@@ -24,6 +29,8 @@ V = TypeVar("V")
 SMALL_CACHE_BYTES: Final = 32 * 1024 * 1024
 #: how long a cached tag is believed (another process, import or gc, may move it)
 TAG_CACHE_SECONDS: Final = 1.0
+#: how often the daemon confirms that no other process changed the index (within the above)
+TAG_CONFIRM_SECONDS: Final = TAG_CACHE_SECONDS / 2
 
 
 class LRU(Generic[K, V]):
@@ -81,6 +88,9 @@ class LookupCache:
         self._tags: LRU[tuple[str, str], tuple[ManifestRow, float]] = LRU(50_000)
         #: moves on every forget: an answer read before it is not cached
         self._generation = 0
+        #: when (monotonic) the index was last confirmed unchanged by other processes: every
+        #: cached tag was current then (-inf: never)
+        self._tags_confirmed = float("-inf")
 
     def ticket(self) -> int:
         """Take before reading the index; hand to the ``put_*`` of what was read."""
@@ -98,9 +108,10 @@ class LookupCache:
         return self._manifests.get((repo, digest))
 
     def tag(self, repo: str, tag: str, now: float) -> ManifestRow | None:
-        """The tag's row if it was looked up less than :data:`TAG_CACHE_SECONDS` ago."""
+        """The tag's row if it was looked up, or the index confirmed unchanged by other
+        processes, less than :data:`TAG_CACHE_SECONDS` ago."""
         cached = self._tags.get((repo, tag))
-        if cached is None or now - cached[1] >= TAG_CACHE_SECONDS:
+        if cached is None or now - max(cached[1], self._tags_confirmed) >= TAG_CACHE_SECONDS:
             return None
         return cached[0]
 
@@ -125,6 +136,12 @@ class LookupCache:
         """Bodies are immutable (named by their digest): no ticket needed."""
         self._bodies.put(digest, body, len(body))
 
+    def confirm_tags(self, since: float) -> None:
+        """No other process changed the index since the check before, which found it
+        unchanged too or dropped every tag (``forget(all_tags=True)``); ``since`` (monotonic)
+        was taken before this check: every tag cached is current as of then."""
+        self._tags_confirmed = max(self._tags_confirmed, since)
+
     # --- the one invalidation API --------------------------------------------------------------
     def forget(
         self,
@@ -134,15 +151,19 @@ class LookupCache:
         tags: Iterable[tuple[str, str]] = (),
         tags_of: Iterable[str] = (),
         bodies: Iterable[str] = (),
+        all_tags: bool = False,
         everything: bool = False,
     ) -> None:
         """Drop cached lookups, each by its key: (repo, blob) links, (repo, digest) manifest
-        rows, (repo, tag) tags, every tag of some repositories, bodies by digest; or
-        ``everything`` (another process changed the index). Lookups already out are not
-        cached when they come back."""
+        rows, (repo, tag) tags, every tag of some repositories, bodies by digest; every tag
+        (``all_tags``), or ``everything`` (another process changed the index). Lookups
+        already out are not cached when they come back."""
         self._generation += 1
+        if everything or all_tags:
+            self._tags.clear()
+            self._tags_confirmed = float("-inf")
         if everything:
-            for cache in (self._bodies, self._links, self._manifests, self._tags):
+            for cache in (self._bodies, self._links, self._manifests):
                 cache.clear()
             return
         for key in links:

@@ -300,6 +300,12 @@ class Metrics:
             "Connections answered 503 and closed because http.max_connections were open",
             registry=r,
         )
+        self.fast_answers = Counter(
+            "regproxy_http_fast_answers_total",
+            "Requests answered from memory in front of aiohttp's parser (http.fast_path: cached "
+            "manifest GETs and HEADs); also counted in regproxy_http_requests_total",
+            registry=r,
+        )
         self.slow_clients_cut = Counter(
             "regproxy_http_slow_clients_cut_total",
             "Connections closed for making no progress, by phase (header: request headers not in within "

@@ -187,21 +187,28 @@ class Policy:
     # --- the decision ------------------------------------------------------------------------------
     async def enforce(self, repo: RepoName, manifest: Manifest) -> None:
         """Raise 403 DENIED unless the policy lets this manifest be served."""
-        if not self.active or not self.applies_to(repo):
-            return
-        found = self.rule_for(repo)
-        if found is None or found[1].require == "none":
-            return
-        allowed = self._allowed.get((str(manifest.digest), found[0]))
-        if allowed is not None:  # the hot path: decided before, for good
-            meter = self.registry.metrics
-            meter.child(meter.policy_decisions, found[1].match, "allowed").inc()
+        if self.allowed_now(repo, manifest):
             return
         if is_artifact(manifest.body, manifest.media_type):
             return
         decision = await self.check(repo, manifest.digest)
         if not decision.allowed:
             raise Denied(f"policy rule {decision.rule!r}: {manifest.digest}: {decision.reason}")
+
+    def allowed_now(self, repo: RepoName, manifest: Manifest) -> bool:
+        """True when the policy lets this manifest be served without deciding anything now
+        (no rule applies, or it was allowed before, for good: counted as :meth:`enforce`
+        counts it); False when only :meth:`enforce` can tell."""
+        if not self.active or not self.applies_to(repo):
+            return True
+        found = self.rule_for(repo)
+        if found is None or found[1].require == "none":
+            return True
+        if (str(manifest.digest), found[0]) in self._allowed:  # decided before, for good
+            meter = self.registry.metrics
+            meter.child(meter.policy_decisions, found[1].match, "allowed").inc()
+            return True
+        return False
 
     async def check(self, repo: RepoName, digest: Digest, *, depth: int = 0) -> Decision:
         found = self.rule_for(repo)

@@ -93,6 +93,7 @@ class ProxyRegistry:
         self.open = local.open
         self.pending_access = local.pending_access
         self.flush_access = local.flush_access
+        self.confirm_lookups = local.confirm_lookups
         self.local_blob = local.local_blob
         self.forget_lost_blob = local.forget_lost_blob
         self.delete_blob = local.delete_blob
@@ -215,6 +216,24 @@ class ProxyRegistry:
                 m = dataclasses.replace(m, age=max(0.0, self.timing.wall() - found[1]))
         return m
 
+    def _believed(self, reference: str, checked: float) -> bool:
+        """Whether what this host holds for ``reference`` is the answer without asking the
+        upstream: a digest (immutable), or a tag confirmed within tag_ttl."""
+        return is_digest_reference(reference) or self._fresh(checked)
+
+    def cached_manifest(self, repo: RepoName, reference: str) -> tuple[Manifest, str] | None:
+        """What :meth:`get_manifest` answers a client's request (not a peer's) when all it
+        needs is in memory: the manifest (its access recorded) and the upstream label of the
+        hit, which the caller counts (``metrics.lookup``) if it serves it. None: ask
+        :meth:`get_manifest`."""
+        found = self.local.cached_manifest_row(repo, reference)
+        if found is None:
+            return None
+        if self.upstream(repo) is not None and not self._believed(reference, found[1]):
+            return None
+        m = self.local.cached_manifest(repo, found[0])
+        return None if m is None else (m, self._label(repo))
+
     async def _get_manifest(self, repo: RepoName, reference: str) -> Manifest:
         found = await self.local_manifest(repo, reference)
         client = self.upstream(repo)
@@ -223,7 +242,7 @@ class ProxyRegistry:
         by_digest = is_digest_reference(reference)
         if found is not None:
             row, checked = found
-            if client is None or by_digest or self._fresh(checked):
+            if client is None or self._believed(reference, checked):
                 self._count("manifest", "hit", label)
                 return await self.manifest_body(repo, row)
             if cluster is not None and not cluster.is_home(f"{repo.canonical}:{reference}"):

@@ -133,6 +133,8 @@ class LocalRegistry:
         #: cached lookups; ``registry.cache.forget(...)`` is how a change invalidates them
         self.cache = LookupCache()
         self._access: dict[tuple[str, str], float] = {}
+        #: the index's ``data_version`` at the last :meth:`confirm_lookups` (None: none yet)
+        self._index_version: int | None = None
         self._stored_listeners: list[Callable[[], None]] = []
 
     # --- plumbing ---------------------------------------------------------------------------------
@@ -174,6 +176,20 @@ class LocalRegistry:
         items = [(r, d, t) for (r, d), t in self._access.items()]
         self._access = {}
         await self.db.write(Index.touch, items)
+
+    async def confirm_lookups(self) -> None:
+        """Confirm the cached tags: unless another process changed the index (SQLite's
+        ``data_version`` of the writer's connection moved) since the last call, they stay
+        believed for :data:`~regproxy.lookups.TAG_CACHE_SECONDS` more; if it did (or on the
+        first call), every cached tag is dropped. Called about twice a second while serving,
+        so a tag that is asked for again and again costs no index read."""
+        since = time.monotonic()
+        version = await self.db.write(Index.data_version)
+        if version != self._index_version:
+            self._index_version = version
+            self.cache.forget(all_tags=True)
+            return
+        self.cache.confirm_tags(since)
 
     async def ensure_repo(self, name: RepoName) -> None:
         """The repository's row (written with the first content stored under the name)."""
@@ -265,36 +281,54 @@ class LocalRegistry:
         self, repo: RepoName, reference: str
     ) -> tuple[ManifestRow, float] | None:
         """(row, checked) for a tag or digest held locally; checked is 0 for digests."""
+        found = self.cached_manifest_row(repo, reference)
+        if found is not None:
+            return found
+        ticket = self.cache.ticket()
         if is_digest_reference(reference):
-            row = self.cache.manifest(repo.canonical, reference)
+            row = await self.db.read(Index.manifest_in_repo, repo.canonical, reference)
             if row is None:
-                ticket = self.cache.ticket()
-                row = await self.db.read(Index.manifest_in_repo, repo.canonical, reference)
-                if row is None:
-                    return None
-                self.cache.put_manifest(repo.canonical, reference, row, ticket)
+                return None
+            self.cache.put_manifest(repo.canonical, reference, row, ticket)
             return row, 0.0
         now = time.monotonic()
-        row = self.cache.tag(repo.canonical, reference, now)
-        if row is not None:
-            return row, row.checked
-        ticket = self.cache.ticket()
         row = await self.db.read(Index.resolve_tag, repo.canonical, reference)
         if row is None:
             return None
         self.cache.put_tag(repo.canonical, reference, row, now, ticket)
         return row, row.checked
 
-    async def manifest_body(self, repo: RepoName, row: ManifestRow) -> Manifest:
-        digest = Digest.parse(row.digest)
+    def cached_manifest_row(
+        self, repo: RepoName, reference: str
+    ) -> tuple[ManifestRow, float] | None:
+        """What :meth:`local_manifest` answers when the answer is in memory; None otherwise
+        (not cached, a tag not believed any more, or not held: ask :meth:`local_manifest`)."""
+        if is_digest_reference(reference):
+            row = self.cache.manifest(repo.canonical, reference)
+            return None if row is None else (row, 0.0)
+        row = self.cache.tag(repo.canonical, reference, time.monotonic())
+        return None if row is None else (row, row.checked)
+
+    def cached_manifest(self, repo: RepoName, row: ManifestRow) -> Manifest | None:
+        """What :meth:`manifest_body` answers when the body is in memory (None otherwise);
+        the access is recorded as that of a served manifest."""
         body = self.cache.body(row.digest)
         if body is None:
-            try:
-                body = await self._io(self.store.read, digest)
-            except FileNotFoundError:
-                await self._manifest_gone(repo, row.digest)
-                raise ManifestGone(row.digest) from None
-            self.cache.put_body(row.digest, body)
+            return None
+        self._touch(repo.canonical, row.digest)
+        return Manifest(Digest.parse(row.digest), row.media_type, row.size, body)
+
+    async def manifest_body(self, repo: RepoName, row: ManifestRow) -> Manifest:
+        cached = self.cached_manifest(repo, row)
+        if cached is not None:
+            return cached
+        digest = Digest.parse(row.digest)
+        try:
+            body = await self._io(self.store.read, digest)
+        except FileNotFoundError:
+            await self._manifest_gone(repo, row.digest)
+            raise ManifestGone(row.digest) from None
+        self.cache.put_body(row.digest, body)
         self._touch(repo.canonical, row.digest)
         return Manifest(digest, row.media_type, row.size, body)
 
@@ -467,6 +501,7 @@ class Registry(Protocol):
     async def close(self) -> None: ...
     def pending_access(self) -> set[str]: ...
     async def flush_access(self) -> None: ...
+    async def confirm_lookups(self) -> None: ...
     async def local_blob(self, repo: RepoName, digest: Digest) -> Blob | None: ...
     async def forget_lost_blob(self, repo: RepoName, digest: Digest) -> None: ...
     async def get_blob(self, repo: RepoName, digest: Digest) -> Blob: ...

@@ -1,4 +1,7 @@
-"""regproxy in this process: ``create_app`` on aiohttp's ``TestServer`` (127.0.0.1, port 0).
+"""regproxy in this process: ``create_app`` behind the daemon's own listener (127.0.0.1, port 0).
+
+The listener is ``regproxy.app.open_listener``, as ``serve`` uses it: the connection guard and
+the fast lane in front of aiohttp's protocol, so these tests go through the same paths.
 
 :class:`AppDaemon` serves the app from a thread with an event loop of its own, so tests that talk
 to a daemon as a client does (plain blocking HTTP, :func:`tests.peers.http`) run against it
@@ -23,8 +26,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from regproxy.access import AccessLogger
-from regproxy.app import create_app
+from regproxy.app import create_app, open_listener
 from regproxy.config import config_from_dict
+from regproxy.connections import default_max_connections
 from regproxy.deadline import Timing
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -98,7 +102,7 @@ class AppDaemon:
         self.app: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._server: TestServer | None = None
+        self._server: tuple[web.AppRunner, asyncio.Server] | None = None
         self._log: _ThreadLog | None = None
         self._lines: list[str] = []
         self._levels: dict[str, int] = {}
@@ -145,21 +149,38 @@ class AppDaemon:
             app = create_app(config, timing=self.timing) if self.timing else create_app(config)
             self.app = app
             # a port set before start (peers name each other's URLs up front), else port 0
-            self._server = DaemonServer(app, host="127.0.0.1", port=self.port)
-            loop.run_until_complete(
-                self._server.start_server(
-                    access_log_class=AccessLogger,
-                    access_log=logging.getLogger("regproxy.access"),
-                )
-            )
+            self._server = loop.run_until_complete(self._listen(app, config))
         except BaseException as exc:
             ready.set_exception(exc)
             self._finish()
             return
-        assert self._server.port is not None
-        ready.set_result(self._server.port)
+        ready.set_result(self._server[1].sockets[0].getsockname()[1])
         loop.run_forever()
         self._finish()
+
+    async def _listen(self, app: Any, config: Any) -> tuple[web.AppRunner, asyncio.Server]:
+        runner = web.AppRunner(
+            app,
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger("regproxy.access"),
+            shutdown_timeout=config.shutdown_timeout,
+            keepalive_timeout=config.http.keepalive_timeout,
+            handle_signals=False,
+        )
+        await runner.setup()
+        try:
+            limit = config.http.max_connections or default_max_connections(1024)
+            listener = await open_listener(runner, config, "127.0.0.1", self.port, limit)
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return runner, listener
+
+    @staticmethod
+    async def _close(server: tuple[web.AppRunner, asyncio.Server]) -> None:
+        runner, listener = server
+        listener.close()
+        await runner.cleanup()
 
     def _finish(self) -> None:
         assert self._loop is not None
@@ -180,7 +201,7 @@ class AppDaemon:
             return 0
         loop, server = self._loop, self._server
         if server is not None:
-            asyncio.run_coroutine_threadsafe(server.close(), loop).result(60)
+            asyncio.run_coroutine_threadsafe(self._close(server), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(30)
         self._loop = self._thread = self._server = None

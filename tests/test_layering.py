@@ -114,11 +114,13 @@ LAYERS: dict[str, Layer] = {
         "api admin ui",
         f"{_MODEL} registry queries ui_model eviction_view pinning tools keys serving web auth policy referrers",
     ),
+    # simple GETs answered from memory in front of aiohttp's parser (connections hands them on)
+    "fast": _layer("fastpath", f"{_MODEL} registry proxy policy keys serving web auth handlers"),
     # nothing imports app but the command line, and nothing imports the command line
     "app": _layer(
         "app",
-        f"{_MODEL} store index facade transfer upstream peers registry proxy gc pinning tools "
-        "keys serving web auth queries ui_model eviction_view handlers policy",
+        f"{_MODEL} store index facade transfer upstream peers lookups registry proxy gc pinning "
+        "tools keys serving web auth queries ui_model eviction_view handlers policy fast",
     ),
     "cli": _layer(
         "cli",
@@ -131,7 +133,7 @@ LAYERS: dict[str, Layer] = {
 #: third-party modules (a prefix: "aiohttp.web" also covers aiohttp.web_response) -> the only
 #: layers that may import them
 THIRD_PARTY: dict[str, frozenset[str]] = {
-    "aiohttp.web": frozenset({"keys", "serving", "web", "auth", "handlers", "app"}),
+    "aiohttp.web": frozenset({"keys", "serving", "web", "auth", "handlers", "fast", "app"}),
     "sqlite3": frozenset({"schema", "index"}),
     "bcrypt": frozenset({"auth"}),
     "jinja2": frozenset({"handlers"}),
