@@ -129,18 +129,22 @@ async def test_home_host_down_mid_transfer_the_others_finish_verified(tmp_path: 
     async with cluster(tmp_path, 3) as c:
         data = os.urandom(4 * 1024 * 1024)
         d = c.upstream.add_blob(data)
-        c.upstream.blob_faults[d] = BlobFault(delay=0.005, step=32 * 1024)  # ~0.6 s of drip
+        rest = asyncio.Event()  # the upstream sends 1 MiB, then waits until the home is gone
+        c.upstream.blob_faults[d] = BlobFault(hold_at=1024 * 1024, gate=rest)
         home, others = home_of(c, d)
         pulls = [asyncio.create_task(fetch_verified(c, c.blob_url(h, d), data)) for h in others]
-        # wait (bounded) until both others are tailing the home's transfer, then take it away
-        for _ in range(500):
-            transfers = [h.registry.fetcher.get(Digest.parse(d)) for h in others]
-            if all(t is not None and t.written > 0 for t in transfers):
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("the others never started tailing the home host")
-        home.relay.kill()
+        try:
+            # wait (bounded) until both others are tailing the home's transfer, then take it away
+            for _ in range(500):
+                transfers = [h.registry.fetcher.get(Digest.parse(d)) for h in others]
+                if all(t is not None and t.written > 0 for t in transfers):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the others never started tailing the home host")
+            home.relay.kill()
+        finally:
+            rest.set()
         bodies = await asyncio.gather(*pulls)
         assert all(b == data for b in bodies)
         for h in others:
