@@ -88,9 +88,10 @@ class LookupCache:
         self._tags: LRU[tuple[str, str], tuple[ManifestRow, float]] = LRU(50_000)
         #: moves on every forget: an answer read before it is not cached
         self._generation = 0
-        #: when (monotonic) the index was last confirmed unchanged by other processes: every
-        #: cached tag was current then (-inf: never)
+        #: when (monotonic) the index was last confirmed unchanged by other processes since
+        #: ``_chain_start``: every tag cached since that start was current then (-inf: never)
         self._tags_confirmed = float("-inf")
+        self._chain_start = float("inf")
 
     def ticket(self) -> int:
         """Take before reading the index; hand to the ``put_*`` of what was read."""
@@ -108,12 +109,18 @@ class LookupCache:
         return self._manifests.get((repo, digest))
 
     def tag(self, repo: str, tag: str, now: float) -> ManifestRow | None:
-        """The tag's row if it was looked up, or the index confirmed unchanged by other
-        processes, less than :data:`TAG_CACHE_SECONDS` ago."""
+        """The tag's row if it was looked up less than :data:`TAG_CACHE_SECONDS` ago, or
+        looked up since the confirmations' start and the index confirmed unchanged by other
+        processes less than that ago."""
         cached = self._tags.get((repo, tag))
-        if cached is None or now - max(cached[1], self._tags_confirmed) >= TAG_CACHE_SECONDS:
+        if cached is None:
             return None
-        return cached[0]
+        row, read = cached
+        if now - read < TAG_CACHE_SECONDS:
+            return row
+        if read >= self._chain_start and now - self._tags_confirmed < TAG_CACHE_SECONDS:
+            return row
+        return None
 
     def body(self, digest: str) -> bytes | None:
         return self._bodies.get(digest)
@@ -136,10 +143,16 @@ class LookupCache:
         """Bodies are immutable (named by their digest): no ticket needed."""
         self._bodies.put(digest, body, len(body))
 
+    def restart_tags(self, at: float) -> None:
+        """Confirmations start over (monotonic ``at``, taken after the index's version was
+        read): only tags looked up from then on are vouched for by :meth:`confirm_tags`."""
+        self._chain_start = at
+        self._tags_confirmed = float("-inf")
+
     def confirm_tags(self, since: float) -> None:
-        """No other process changed the index since the check before, which found it
-        unchanged too or dropped every tag (``forget(all_tags=True)``); ``since`` (monotonic)
-        was taken before this check: every tag cached is current as of then."""
+        """No other process changed the index since the last check (back to the last
+        :meth:`restart_tags`); ``since`` (monotonic) was taken before this check: every tag
+        looked up since the restart is current as of then."""
         self._tags_confirmed = max(self._tags_confirmed, since)
 
     # --- the one invalidation API --------------------------------------------------------------
@@ -161,7 +174,6 @@ class LookupCache:
         self._generation += 1
         if everything or all_tags:
             self._tags.clear()
-            self._tags_confirmed = float("-inf")
         if everything:
             for cache in (self._bodies, self._links, self._manifests):
                 cache.clear()

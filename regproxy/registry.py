@@ -179,17 +179,21 @@ class LocalRegistry:
 
     async def confirm_lookups(self) -> None:
         """Confirm the cached tags: unless another process changed the index (SQLite's
-        ``data_version`` of the writer's connection moved) since the last call, they stay
-        believed for :data:`~regproxy.lookups.TAG_CACHE_SECONDS` more; if it did (or on the
-        first call), every cached tag is dropped. Called about twice a second while serving,
-        so a tag that is asked for again and again costs no index read."""
+        ``data_version`` of the writer's connection moved) since the last call, the tags looked
+        up since the confirmations started stay believed for
+        :data:`~regproxy.lookups.TAG_CACHE_SECONDS` more; if it did, every cached tag is
+        dropped and the confirmations start over (the first call only starts them). Called
+        about twice a second while serving, so a tag asked for again and again costs no index
+        read."""
         since = time.monotonic()
         version = await self.db.write(Index.data_version)
-        if version != self._index_version:
-            self._index_version = version
-            self.cache.forget(all_tags=True)
+        if version == self._index_version:
+            self.cache.confirm_tags(since)
             return
-        self.cache.confirm_tags(since)
+        if self._index_version is not None:
+            self.cache.forget(all_tags=True)
+        self._index_version = version
+        self.cache.restart_tags(time.monotonic())
 
     async def ensure_repo(self, name: RepoName) -> None:
         """The repository's row (written with the first content stored under the name)."""

@@ -112,6 +112,8 @@ def test_fast_answers_are_the_applications_answers(daemon: AppDaemon) -> None:
     for GET and HEAD, tag and digest, counted and logged alike; on one connection, which the
     lane takes again after each request aiohttp answered."""
     digest, body = push(daemon, "v1")
+    # the tag's confirmations (twice a second) vouch for tags read after they started
+    daemon.call(daemon.app[REGISTRY_KEY].confirm_lookups())
     c = Conn(daemon)
     try:
         for ref in ("v1", digest):  # the first look-ups read the index: aiohttp answers them
@@ -254,8 +256,9 @@ def test_a_tag_moved_by_another_process_is_dropped_at_the_next_confirmation(
     d2, _ = push(daemon, "v2", note="two")
     registry = daemon.app[REGISTRY_KEY]
     canonical = daemon.app[RESOLVER_KEY].resolve(REPO).canonical
-    daemon.call(registry.confirm_lookups())  # the first confirmation drops every tag
-    assert http("GET", f"{daemon.url}/v2/{REPO}/manifests/v1")[2] == b1
+    daemon.call(registry.confirm_lookups())  # (again:) the confirmations start here
+    registry.cache.forget(tags=[(canonical, "v1")])
+    assert http("GET", f"{daemon.url}/v2/{REPO}/manifests/v1")[2] == b1  # read, cached
     daemon.call(registry.confirm_lookups())  # unchanged: believed on
     far = time.monotonic() + TAG_CACHE_SECONDS * 0.9
     assert registry.cache.tag(canonical, "v1", far) is not None
@@ -306,3 +309,26 @@ async def test_a_tag_past_tag_ttl_is_checked_upstream_not_answered_from_memory()
         if proxy is not None:
             await asyncio.to_thread(proxy.stop)
         await up.stop()
+
+
+def test_a_connection_only_the_lane_answered_is_closed_after_keepalive_timeout(
+    app_factory: Callable[..., AppDaemon],
+) -> None:
+    """aiohttp's keep-alive, kept by the guard for a connection aiohttp never answered: closed
+    ``keepalive_timeout`` after its last answer, idle or with a head half-sent."""
+    d = app_factory({"http": {"keepalive_timeout": "1s"}})
+    digest, body = push(d, "v1")
+    path = f"/v2/{REPO}/manifests/{digest}"  # a digest: cached for good, whatever the clock
+    assert http("GET", d.url + path)[2] == body  # cached now
+    for half in (b"", f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode()):
+        c = Conn(d)
+        try:
+            before = fast_answers(d)
+            c.send(request("GET", path))
+            assert c.response()[2] == body
+            assert fast_answers(d) == before + 1
+            c.send(half)
+            c.sock.settimeout(10)
+            assert c.sock.recv(1) == b""  # closed by the daemon, nothing more said
+        finally:
+            c.close()

@@ -54,3 +54,23 @@ def test_lru_bounds_entries_and_weight() -> None:
     assert lru.get("b") is None and len(lru) == 3
     lru.put("big", b"y" * 9, 9)
     assert lru.weight <= 10 and lru.get("big") is not None
+
+
+def test_tags_are_believed_on_while_confirmations_find_the_index_unchanged() -> None:
+    """A tag is believed for TAG_CACHE_SECONDS after its read, and beyond while confirmations
+    vouch for it: only for tags read since the confirmations (re)started."""
+    cache = LookupCache()
+    t = cache.ticket()
+    cache.put_tag("r", "old", ROW, 100.0, t)  # read before the confirmations started
+    cache.restart_tags(100.5)
+    cache.put_tag("r", "new", ROW, 100.6, t)
+    cache.confirm_tags(105.0)  # nothing changed elsewhere up to then
+    assert cache.tag("r", "new", 105.9) == ROW
+    assert cache.tag("r", "old", 105.9) is None  # its own second is over, and not vouched for
+    assert cache.tag("r", "new", 106.0 + TAG_CACHE_SECONDS) is None  # no confirmation since
+    cache.confirm_tags(103.0)  # a late check never moves the confirmation back
+    assert cache.tag("r", "new", 105.9) == ROW
+    cache.restart_tags(106.0)  # the index changed elsewhere: start over
+    assert cache.tag("r", "new", 106.5) is None
+    cache.forget(all_tags=True)
+    assert cache.tag("r", "new", 100.7) is None
