@@ -490,19 +490,26 @@ class _Guarded(asyncio.Protocol):
             inner.connection_lost(exc)
 
 
-_FRAMING: Final = (b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect")
+_FRAMING: Final = (b"content-length", b"transfer-encoding", b"upgrade", b"expect")
 
 
 def _bodiless(head: bytes) -> bool:
     """Whether a request head (before its empty line) is a GET or HEAD in HTTP/1.1 that says
-    nothing of a body or of the connection (no header even mentions one): after aiohttp answered
-    it, the connection is at the next request. Conservative: a mention anywhere counts."""
+    nothing of a body or of the connection (but ``Connection: keep-alive``, its default): after
+    aiohttp answered it, the connection is at the next request. Conservative: a header that
+    names a body or an upgrade anywhere, even in a value, counts."""
     line, _, rest = head.partition(b"\r\n")
     parts = line.split(b" ")
     if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD") or parts[2] != b"HTTP/1.1":
         return False
     lower = rest.lower()
-    return _partial_head(head) and not any(name in lower for name in _FRAMING)
+    if not _partial_head(head) or any(name in lower for name in _FRAMING):
+        return False
+    for field in lower.split(b"\r\n"):
+        name, _, value = field.partition(b":")
+        if b"connection" in name and value.strip(b" \t") != b"keep-alive":
+            return False
+    return True
 
 
 def request_done(request: web.BaseRequest, response: web.StreamResponse) -> None:

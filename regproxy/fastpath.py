@@ -9,7 +9,8 @@ and hands on a connection's bytes from the first request declined).
 
 It answers only when every step of the application's own path would be a plain success with
 no I/O: a strict ``GET``/``HEAD`` head in HTTP/1.1 with none of the headers that change the
-answer or the connection (credentials, a body, ``Connection``, ``Expect``, a peer's mark), a
+answer or the connection (credentials, a body, a ``Connection`` but ``keep-alive``, ``Expect``,
+a peer's mark), a
 path of plain characters that routes to a manifest, a name and reference that resolve,
 anonymous pulls allowed, the manifest held and believed (a digest, a tag confirmed upstream
 within ``tag_ttl`` or without upstream, see ``ProxyRegistry.cached_manifest``), its body in
@@ -55,7 +56,6 @@ _DECLINED: Final = frozenset(
         "content-length",
         "transfer-encoding",
         "expect",
-        "connection",
         "keep-alive",
         "upgrade",
         "te",
@@ -92,6 +92,8 @@ def parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
         value = value.strip(" \t")
         if key in _DECLINED or key in headers or not _VALUE_RE.match(value):
             return None
+        if key == "connection" and value.lower() != "keep-alive":
+            return None  # keep-alive is HTTP/1.1's default: anything else changes the answer
         headers[key] = value
     return parts[0], parts[1], headers
 

@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestServer
 from regproxy.access import AccessLogger
 from regproxy.app import create_app, open_listener
 from regproxy.config import config_from_dict
-from regproxy.connections import default_max_connections
+from regproxy.connections import default_max_connections, server_logger
 from regproxy.deadline import Timing
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -165,6 +165,7 @@ class AppDaemon:
             access_log=logging.getLogger("regproxy.access"),
             shutdown_timeout=config.shutdown_timeout,
             keepalive_timeout=config.http.keepalive_timeout,
+            logger=server_logger(),  # as serve: a request aiohttp cannot parse is one line
             handle_signals=False,
         )
         await runner.setup()

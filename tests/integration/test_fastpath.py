@@ -123,10 +123,11 @@ def test_fast_answers_are_the_applications_answers(daemon: AppDaemon) -> None:
             for method in ("GET", "HEAD"):
                 path = f"/v2/{REPO}/manifests/{ref}"
                 before = fast_answers(daemon)
-                c.send(request(method, path, f"Accept: {OCI_MANIFEST}"))
+                keep = "Connection: keep-alive" if ref == digest else "User-Agent: x"
+                c.send(request(method, path, f"Accept: {OCI_MANIFEST}", keep))
                 fast = c.response(head_only=method == "HEAD")
                 assert fast_answers(daemon) == before + 1
-                c.send(request(method, path, f"Accept: {OCI_MANIFEST}", CREDENTIALS))
+                c.send(request(method, path, f"Accept: {OCI_MANIFEST}", keep, CREDENTIALS))
                 slow = c.response(head_only=method == "HEAD")
                 assert fast_answers(daemon) == before + 1  # that one went to aiohttp
                 assert fast[0] == slow[0] == "HTTP/1.1 200 OK"
@@ -206,6 +207,9 @@ def test_a_head_split_over_writes_and_declined_requests(daemon: AppDaemon) -> No
         (request("GET", f"/v2/{REPO}/manifests/v1").replace(b"\r\n", b"\n"), "400"),
         (request("GET", f"/v2/{REPO}/manifests/v1", CREDENTIALS), "200"),
         (request("GET", f"/v2/{REPO}/manifests/v1", "Bad Header: x"), "400"),
+        (request("GET", f"/v2/{REPO}/manifests/v1", "Connection: close"), "200"),
+        (request("GET", f"/v2/{REPO}/manifests/v1", "Connection: upgrade"), "200"),
+        (request("GET", f"/v2/{REPO}/manifests/v1", "Expect: 100-continue"), "100"),
     ):
         c = Conn(daemon)
         try:
