@@ -331,6 +331,17 @@ class Index:
         row = self.db.execute("SELECT size FROM refs WHERE digest=?", (digest,)).fetchone()
         return row is not None and row[0] is not None
 
+    def stored_among(self, digests: Sequence[str]) -> set[str]:
+        """Which of these digests the index stores (one query for all of them)."""
+        return {
+            r[0]
+            for r in self.db.execute(
+                "SELECT digest FROM refs WHERE digest IN (SELECT value FROM json_each(?)) "
+                "AND size IS NOT NULL",
+                (json.dumps(list(digests)),),
+            )
+        }
+
     def recount(self) -> Totals:
         """:meth:`totals` counted again from every row (a full pass: fsck and tests)."""
         sums = schema.recount(self.db)
