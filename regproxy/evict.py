@@ -33,8 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,9 +51,7 @@ log = logging.getLogger("regproxy.evict")
 IN_USE_SECONDS: Final = 5.0
 STUCK_LOG_SECONDS: Final = 60.0
 #: threads that delete evicted files at once (each mostly waits for the disk, see _Unlinker)
-UNLINK_THREADS: Final = 8
-#: how much lower their CPU priority is than the daemon's (``nice``)
-UNLINK_NICE: Final = 10
+UNLINK_THREADS: Final = 4
 _TASKS: set[asyncio.Task[Any]] = set()
 
 
@@ -275,10 +271,12 @@ class Evictor:
 
 
 class _Unlinker:
-    """Deletes the files of evicted digests, on :data:`UNLINK_THREADS` threads of its own at a
-    lower CPU priority (:data:`UNLINK_NICE`): an unlink may wait for the disk (a filesystem
-    mounted with ``discard`` trims each freed extent before ``unlink`` returns: 0.1-3 ms per
-    file, one after another), and what the deletes cost in CPU goes after the requests.
+    """Deletes the files of evicted digests, on :data:`UNLINK_THREADS` threads of its own: an
+    unlink may wait for the disk (on a filesystem mounted with ``discard``, ext4 trims each
+    freed extent before ``unlink`` returns: 0.1-3 ms per file here, one after another), so
+    several go at once, and beside the next batch's index work. (Not at a lower CPU priority:
+    each thread takes the GIL after every unlink, and the event loop, made to hand the GIL
+    over, would wait for a thread the kernel runs last.)
 
     A file is deleted only if the index does not store its digest again (fetched and committed
     since its batch) and no fetch of it runs right now (it would replace the file itself)."""
@@ -286,9 +284,7 @@ class _Unlinker:
     def __init__(self, registry: Registry, fetching: Callable[[Digest], bool]) -> None:
         self.registry = registry
         self.fetching = fetching
-        self.pool = ThreadPoolExecutor(
-            UNLINK_THREADS, thread_name_prefix="regproxy-evict-unlink", initializer=_lower_priority
-        )
+        self.pool = ThreadPoolExecutor(UNLINK_THREADS, thread_name_prefix="regproxy-evict-unlink")
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -315,10 +311,3 @@ class _Unlinker:
                 store.delete(d)
             except OSError as exc:
                 log.warning("evict.unlink_failed digest=%s error=%s", d, exc)
-
-
-def _lower_priority() -> None:
-    """Run this thread at a lower CPU priority (nice); raising the nice value needs no
-    privilege. Where it fails (no such call), the thread runs as it is."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UNLINK_NICE)

@@ -7,6 +7,11 @@ offline or air-gapped host that serves its store is a healthy host. Their state 
 traffic already showed, read from the upstream metrics; ``/readyz`` never dials anything, so
 a probe every second costs no upstream request and never waits for a slow registry.
 
+Each check runs one at a time and ``/readyz`` waits for it :data:`ANSWER_SECONDS` at most, then
+answers with the check before (see :class:`_Check`): a probe answers in time while an eviction,
+``gc`` or ``fsck`` keep the disk busy, and a disk that takes no write within
+:data:`CHECK_TIMEOUT` still makes the host not ready.
+
 ``/healthz`` (alive) stays in app.py and checks nothing.
 """
 
@@ -19,7 +24,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -32,6 +37,10 @@ from regproxy.registry import Registry
 log = logging.getLogger("regproxy.health")
 
 CHECK_TIMEOUT: Final = 5.0  # a disk or index that takes longer than this is not ready
+#: how long ``/readyz`` waits for its checks before it answers with the ones before: the
+#: store's check fsyncs a file, which waits for the disk (10-500 ms on a busy one, during an
+#: eviction's deletes), and the index's check may queue behind the web page's queries
+ANSWER_SECONDS: Final = 0.05
 SAMPLE_SECONDS: Final = 5.0  # how often upstream metrics are read into the last known state
 READY_EVERY: Final = 6  # samples between readiness checks for ``regproxy_ready`` (30s)
 #: error kinds that mean the host did not answer at all (others: it answered, with an error)
@@ -141,30 +150,74 @@ def _touch(tmp: Path) -> None:
                 os.unlink(path)
 
 
+class _Check:
+    """One readiness check at a time, answered within a budget.
+
+    A caller starts the check unless one is running, and waits for it up to ``answer_within``;
+    then it takes the last finished result instead (the disk is slow, not failing). A check
+    still running :data:`CHECK_TIMEOUT` after it started is a failure (``timed_out``). Until
+    one has finished, a caller waits for it (up to that timeout): there is no result before."""
+
+    def __init__(
+        self,
+        run: Callable[[], Awaitable[str | None]],
+        timed_out: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.run = run
+        self.timed_out = timed_out
+        self.clock = clock
+        self.task: asyncio.Task[str | None] | None = None
+        self.started = 0.0
+        self.finished = False
+        self.last: str | None = None
+
+    async def result(self, answer_within: float) -> str | None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run())
+            self.started = self.clock()
+        left = CHECK_TIMEOUT - (self.clock() - self.started)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(self.task), answer_within if self.finished else left
+            )
+        except TimeoutError:
+            pass
+        if self.clock() - self.started >= CHECK_TIMEOUT or not self.finished:
+            return self.timed_out
+        return self.last
+
+    async def _run(self) -> str | None:
+        self.last = await self.run()
+        self.finished = True
+        return self.last
+
+
 class Health:
     def __init__(self, registry: Registry, config: Config) -> None:
         self.registry = registry
         self.config = config
         self.draining = False
         self.upstreams = UpstreamWatch(registry.metrics)
+        tmp = registry.store.tmp
+        self._store_check = _Check(
+            self._store_writable, f"no write to {tmp} within {CHECK_TIMEOUT:.0f}s"
+        )
+        self._index_check = _Check(
+            self._index_open, f"the index did not answer within {CHECK_TIMEOUT:.0f}s"
+        )
 
     async def _store_writable(self) -> str | None:
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(
-                loop.run_in_executor(None, _touch, self.registry.store.tmp), CHECK_TIMEOUT
-            )
-        except TimeoutError:
-            return f"no write to {self.registry.store.tmp} within {CHECK_TIMEOUT:.0f}s"
+            await loop.run_in_executor(None, _touch, self.registry.store.tmp)
         except OSError as exc:
             return f"{self.registry.store.tmp}: {exc.strerror or exc}"
         return None
 
     async def _index_open(self) -> str | None:
         try:
-            await asyncio.wait_for(self.registry.catalog(1, None), CHECK_TIMEOUT)
-        except TimeoutError:
-            return f"the index did not answer within {CHECK_TIMEOUT:.0f}s"
+            await self.registry.catalog(1, None)
         except Exception as exc:  # sqlite3 errors and a closed index alike
             return f"{type(exc).__name__}: {exc}"
         return None
@@ -172,7 +225,9 @@ class Health:
     async def check(self, extra: Mapping[str, bool] | None = None) -> tuple[int, dict[str, Any]]:
         """(HTTP status, body) for ``/readyz``; ``extra`` are more checks that must hold
         (``prefetch_done`` when ``prefetch.required_for_ready``)."""
-        store_err, index_err = await asyncio.gather(self._store_writable(), self._index_open())
+        store_err, index_err = await asyncio.gather(
+            self._store_check.result(ANSWER_SECONDS), self._index_check.result(ANSWER_SECONDS)
+        )
         listener_err = "shutting down" if self.draining else None
         checks = {
             "store_writable": store_err is None,

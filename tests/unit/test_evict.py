@@ -249,3 +249,24 @@ async def test_a_batch_whose_budget_is_spent_at_once_still_makes_progress(shop: 
     assert batch.after_row != start and not await shop.held(up("team/s0"), bodies[0])
     batch = await shop.reg.db.write(evict_loose, 10**9, "", before=4e9, busy=(), budget=-1.0)
     assert len(batch.evicted) == 1 and batch.after_digest
+
+
+async def test_the_unlinker_keeps_a_file_stored_again_or_being_fetched(shop: Shop) -> None:
+    """A batch's files are deleted after the next batch began: a digest committed again since
+    (stored in the index) or being fetched right now keeps its file."""
+    from regproxy.evict import _Unlinker
+
+    repo = up("team/u")
+    stored, fetching, gone = layer("stored"), layer("fetching"), layer("gone")
+    for b in (stored, fetching, gone):
+        await shop.reg.uploads.monolithic(repo, Digest.of(b), chunks(b), len(b))
+    for b in (fetching, gone):  # their rows went with a batch; their files are still there
+        await shop.reg.db.write(
+            lambda ix, d=str(Digest.of(b)): ix.db.execute("DELETE FROM blobs WHERE digest=?", (d,))
+        )
+    unlinker = _Unlinker(shop.reg, lambda d: d == Digest.of(fetching))
+    try:
+        await unlinker.delete([str(Digest.of(b)) for b in (stored, fetching, gone)])
+    finally:
+        unlinker.close()
+    assert shop.has_file(stored) and shop.has_file(fetching) and not shop.has_file(gone)
