@@ -260,10 +260,12 @@ async def test_the_unlinker_keeps_a_file_stored_again_or_being_fetched(shop: Sho
     stored, fetching, gone = layer("stored"), layer("fetching"), layer("gone")
     for b in (stored, fetching, gone):
         await shop.reg.uploads.monolithic(repo, Digest.of(b), chunks(b), len(b))
-    for b in (fetching, gone):  # their rows went with a batch; their files are still there
-        await shop.reg.db.write(
-            lambda ix, d=str(Digest.of(b)): ix.db.execute("DELETE FROM blobs WHERE digest=?", (d,))
+    went = json.dumps([str(Digest.of(b)) for b in (fetching, gone)])
+    await shop.reg.db.write(  # their rows went with a batch; their files are still there
+        lambda ix: ix.db.execute(
+            "DELETE FROM blobs WHERE digest IN (SELECT value FROM json_each(?))", (went,)
         )
+    )
     unlinker = _Unlinker(shop.reg, lambda d: d == Digest.of(fetching))
     try:
         await unlinker.delete([str(Digest.of(b)) for b in (stored, fetching, gone)])
