@@ -45,8 +45,9 @@ from regproxy.units import BULK_CHUNK
 log = logging.getLogger("regproxy.fsck")
 #: stored digests read per index query
 PAGE: Final = 1000
-#: a hashing task: this many files, or this many bytes
-BATCH_FILES: Final = 64
+#: a hashing task: this many files, or this many bytes (per-file costs are what count at a
+#: million small files: a task, its future and the loop's wake-up are paid once per batch)
+BATCH_FILES: Final = 512
 BATCH_BYTES: Final = 64 * 1024 * 1024
 #: files larger than this are read ahead on another thread while the last chunk is hashed
 READ_AHEAD_ABOVE: Final = 8 * 1024 * 1024
@@ -65,6 +66,21 @@ class Hashed:
     @property
     def ok(self) -> bool:
         return self.hexdigest is not None and self.hexdigest == self.digest.partition(":")[2]
+
+
+@dataclass(slots=True)
+class Tally:
+    """What one batch found: files and bytes hashed, and what did not hash to its name (only
+    those are handed back one by one)."""
+
+    files: int = 0
+    bytes: int = 0
+    suspicious: list[Hashed] = field(default_factory=list)
+
+    def add(self, other: Tally) -> None:
+        self.files += other.files
+        self.bytes += other.bytes
+        self.suspicious += other.suspicious
 
 
 def _ident(st: os.stat_result) -> Ident:
@@ -120,19 +136,20 @@ class Hasher:
         self.pool.shutdown(wait=True)
         self.readers.shutdown(wait=True)
 
-    def hash_batch(self, items: list[tuple[str, int]]) -> list[Hashed]:
+    def hash_batch(self, items: list[tuple[str, int]]) -> Tally:
         """Hash each file; a small one with one read and no stat (per-file cost is what counts
         at a million small files), a large one in chunks, read ahead."""
-        out = []
+        tally = Tally()
         blobs = str(self.store.blobs)
         for d, size in items:
             alg, _, hexd = d.partition(":")
             path = f"{blobs}/{alg}/{hexd[:2]}/{hexd}"
+            tally.files += 1
             if size < BULK_CHUNK:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except FileNotFoundError:
-                    out.append(Hashed(d, None, 0, None))
+                    tally.suspicious.append(Hashed(d, None, 0, None))
                     continue
                 try:
                     data = os.read(fd, size + 1)  # a short read is the end of a regular file
@@ -140,11 +157,16 @@ class Hasher:
                         data += more
                 finally:
                     os.close(fd)
-                out.append(Hashed(d, hashlib.new(alg, data).hexdigest(), len(data), None))
+                tally.bytes += len(data)
+                got = hashlib.new(alg, data).hexdigest()
+                if got != hexd:
+                    tally.suspicious.append(Hashed(d, got, len(data), None))
                 continue
-            got, n, ident = hash_file(Path(path), alg, self.readers)
-            out.append(Hashed(d, got, n, ident))
-        return out
+            h = Hashed(d, *hash_file(Path(path), alg, self.readers))
+            tally.bytes += h.size
+            if not h.ok:
+                tally.suspicious.append(h)
+        return tally
 
     def identify(self, digest: str) -> Hashed:
         """Hash one file and say which file it was (inode, size, mtime): a second look."""
@@ -152,7 +174,7 @@ class Hasher:
         got, n, ident = hash_file(self.store.blob_path(d), d.algorithm, self.readers)
         return Hashed(digest, got, n, ident)
 
-    async def run(self, items: list[tuple[str, int]]) -> list[Hashed]:
+    async def run(self, items: list[tuple[str, int]]) -> Tally:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.hash_batch, items)
 
 
@@ -291,18 +313,17 @@ async def fsck(
     suspicious: list[Hashed] = []
     try:
         expected = await db.read(Index.totals)
-        pending: set[asyncio.Future[list[Hashed]]] = set()
+        pending: set[asyncio.Future[Tally]] = set()
 
         async def collect(until: int) -> None:
             while len(pending) > until:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for fut in done:
                     pending.discard(fut)
-                    for h in fut.result():
-                        report.checked += 1
-                        report.bytes += h.size
-                        if not h.ok:
-                            suspicious.append(h)
+                    found = fut.result()
+                    report.checked += found.files
+                    report.bytes += found.bytes
+                    suspicious.extend(found.suspicious)
                 elapsed = time.monotonic() - started
                 progress.update(
                     f"{report.checked}/{expected.stored_count} files, "
@@ -310,9 +331,10 @@ async def fsck(
                     f"{rate(report.bytes, elapsed) / 1e6:.0f} MB/s, {len(suspicious)} suspicious"
                 )
 
-        after = ""
-        while page := await db.read(stored_page, after):
-            after = page[-1][0]
+        # the next page of the index is read while this one is hashed
+        ahead = asyncio.ensure_future(db.read(stored_page, ""))
+        while page := await ahead:
+            ahead = asyncio.ensure_future(db.read(stored_page, page[-1][0]))
             batch: list[tuple[str, int]] = []
             size = 0
             for item in page:

@@ -16,7 +16,7 @@ import pytest
 
 from regproxy.async_index import AsyncIndex
 from regproxy.config import Config, config_from_dict
-from regproxy.fsck import Hashed, Hasher, fsck
+from regproxy.fsck import Hashed, Hasher, Tally, fsck
 from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest
@@ -97,13 +97,13 @@ class Meddling(Hasher):
         super().__init__(store, workers)
         self.target, self.before_first, self.after, self.seen = target, before_first, after, 0
 
-    def hash_batch(self, items: list[tuple[str, int]]) -> list[Hashed]:
-        out = []
+    def hash_batch(self, items: list[tuple[str, int]]) -> Tally:
+        out = Tally()
         for item in items:
             if item[0] == self.target and self.before_first is not None:
                 self.before_first()
                 self.before_first = None
-            out += super().hash_batch([item])
+            out.add(super().hash_batch([item]))
             if item[0] == self.target:
                 self._seen()
         return out
