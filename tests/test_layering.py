@@ -179,11 +179,12 @@ def layer_of(module: str) -> str | None:
     return None
 
 
-def _package_names(package: str) -> set[str]:
+@functools.lru_cache(maxsize=64)
+def _package_names(package: str) -> frozenset[str]:
     """The names a package's ``__init__`` defines (what ``from package import name`` may take)."""
     path = KNOWN.get(package)
     if path is None or path.name != "__init__.py":
-        return set()
+        return frozenset()
     names: set[str] = set()
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.Assign | ast.AnnAssign):
@@ -193,7 +194,7 @@ def _package_names(package: str) -> set[str]:
             names.update((a.asname or a.name).split(".")[0] for a in node.names)
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             names.add(node.name)
-    return names
+    return frozenset(names)
 
 
 def resolve_imports(
