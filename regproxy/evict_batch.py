@@ -121,6 +121,14 @@ def _all(index: Index, sql: str, params: Any, columns: int) -> list[list[Any]]:
     return rows
 
 
+def _take(index: Index, table: str, columns: str, where: str, params: Any) -> list[tuple[str, str]]:
+    """Delete the rows of ``table`` that match ``where``; the two ``columns`` of each (what
+    the registry may have cached under them), read first in one statement (see :func:`_all`)."""
+    rows = _all(index, f"SELECT {columns} FROM {table} WHERE {where}", params, 2)
+    index.db.execute(f"DELETE FROM {table} WHERE {where}", params)
+    return [(a, b) for a, b in rows]
+
+
 @dataclass
 class Evicted:
     """One evicted unit (``repo`` "" for loose content), and the bytes its removal freed."""
@@ -155,22 +163,10 @@ def _forget(index: Index, dead: list[tuple[str, int, bool]], batch: Batch) -> No
     db = index.db
     every = json.dumps([d for d, _, _ in dead])
     manifests = json.dumps([d for d, _, is_manifest in dead if is_manifest])
-    batch.links += [
-        (r, d)
-        for r, d in _all(
-            index, f"SELECT repo, digest FROM repo_blobs WHERE digest IN {_EACH}", (every,), 2
-        )
-    ]
-    db.execute(f"DELETE FROM repo_blobs WHERE digest IN {_EACH}", (every,))
+    batch.links += _take(index, "repo_blobs", "repo, digest", f"digest IN {_EACH}", (every,))
     db.execute(f"DELETE FROM blobs WHERE digest IN {_EACH}", (every,))
     if manifests != "[]":
-        batch.tags += [
-            (r, t)
-            for r, t in _all(
-                index, f"SELECT repo, tag FROM tags WHERE digest IN {_EACH}", (manifests,), 2
-            )
-        ]
-        db.execute(f"DELETE FROM tags WHERE digest IN {_EACH}", (manifests,))
+        batch.tags += _take(index, "tags", "repo, tag", f"digest IN {_EACH}", (manifests,))
         db.execute(f"DELETE FROM manifest_refs WHERE parent IN {_EACH}", (manifests,))
         db.execute(f"DELETE FROM manifests WHERE digest IN {_EACH}", (manifests,))
     batch.files += [d for d, _, _ in dead]
@@ -335,13 +331,7 @@ def _drop(
     is a manifest)."""
     db = index.db
     pairs = json.dumps([[repo, d] for repo, _, drop in go for d in drop])
-    tags = [
-        (r, t)
-        for r, t in _all(
-            index, f"SELECT repo, tag FROM tags WHERE (repo, digest) IN {_PAIRS}", (pairs,), 2
-        )
-    ]
-    db.execute(f"DELETE FROM tags WHERE (repo, digest) IN {_PAIRS}", (pairs,))
+    tags = _take(index, "tags", "repo, tag", f"(repo, digest) IN {_PAIRS}", (pairs,))
     db.execute(f"DELETE FROM repo_manifests WHERE (repo, digest) IN {_PAIRS}", (pairs,))
     owners = json.dumps([[i, d] for i, (_, _, drop) in enumerate(go) for d in drop])
     dead: dict[str, tuple[int, int, float, bool]] = {}
@@ -365,10 +355,7 @@ def _unit(
     drop = [d for d, _, row_pinned, pinned in members if not row_pinned and not pinned]
     db.execute("SAVEPOINT unit")
     dropped = json.dumps(drop)
-    tags: list[tuple[str, str]] = db.execute(
-        f"SELECT repo, tag FROM tags WHERE repo=? AND digest IN {_EACH}", (repo, dropped)
-    ).fetchall()
-    db.execute(f"DELETE FROM tags WHERE repo=? AND digest IN {_EACH}", (repo, dropped))
+    tags = _take(index, "tags", "repo, tag", f"repo=? AND digest IN {_EACH}", (repo, dropped))
     db.execute(f"DELETE FROM repo_manifests WHERE repo=? AND digest IN {_EACH}", (repo, dropped))
     dead = [
         (d, int(size), last, bool(is_manifest))
