@@ -4,8 +4,10 @@ Every function takes the :class:`~regproxy.index.Index` and runs on an index rea
 (``registry.db.read(queries.x, ...)``), never on the event loop. Lists in name order are
 paginated by key (``after``/``before`` the name of a row, a range with a ``LIMIT``: no ``OFFSET``
 scan), and the per-row figures (tags, sizes) are computed for the rows of one page only, so the
-500th page costs what the first does, with 10 or 100,000 repositories. The other orders (size,
-last pull; the operator's triage views) are numbered pages (``OFFSET``) over the matching rows.
+500th page costs what the first does, with 10 or 100,000 repositories. The repository list's
+other orders (size, last pull) are keyset pages too, their key the row's sort values and name
+(a JSON array); ordering by size sizes every matching repository (it is no column), on every
+page alike. A repository's tags in orders other than by name are numbered pages (``OFFSET``).
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ _REPO_SIZE = (
     "SELECT (SELECT COALESCE(SUM(size), 0) FROM blobs WHERE digest IN t) + "
     "(SELECT COALESCE(SUM(size), 0) FROM manifests WHERE digest IN t))"
 )
-#: how the repository list may be ordered (``sort=``)
+#: how the repository list may be ordered (``sort=``): each row's key, ascending (``size`` is
+#: what the page's query computes; a repository never pulled goes last)
 REPO_SORTS: Final = {
-    "name": "name",
-    "size": "size DESC, name",
-    "pulled": "last_access IS NULL, last_access DESC, name",
+    "name": ("name",),
+    "size": ("-size", "name"),
+    "pulled": ("last_access IS NULL", "COALESCE(-last_access, 0)", "name"),
 }
 #: how a repository's tags may be ordered (``sort=``); ``name`` orders numbers as numbers
 TAG_SORTS: Final = {
@@ -221,11 +224,10 @@ def repositories(
     after: str | None = None,
     before: str | None = None,
     sort: str = "name",
-    offset: int = 0,
 ) -> Page[RepoRow]:
     """One page of repositories that hold content, and how many match in all (the index's
-    running total when nothing filters). By name: after or before a name. By size or last
-    pull: ``offset`` rows in (sizing every matching repository)."""
+    running total when nothing filters), after or before a key: a name in name order, else
+    the JSON array of a row's :data:`REPO_SORTS` key (:func:`repo_key`)."""
     where, args = _where(project, q)
     if project or q:
         total = int(
@@ -233,21 +235,27 @@ def repositories(
         )
     else:
         total = index.totals().repos
-    if sort in REPO_SORTS and sort != "name":
-        order = REPO_SORTS[sort]
-        page = (
-            "SELECT name, host, path, created, last_access, manifests, "
-            f"{_REPO_SIZE.format(repo='repos.name')} AS size FROM repos WHERE {where} "
-            f"ORDER BY {order} LIMIT ? OFFSET ?"
-        )
-        size, params, reverse = "page.size", [*args, limit, offset], False
-    else:
+    if sort not in REPO_SORTS or sort == "name":
         cond, order, more, reverse = _keyset("name", after, before, limit)
         page = (
             "SELECT name, host, path, created, last_access, manifests FROM repos "
             f"WHERE {where} AND {cond} ORDER BY {order} LIMIT ?"
         )
-        size, params = _REPO_SIZE.format(repo="page.name"), [*args, *more]
+        size, params, sort = _REPO_SIZE.format(repo="page.name"), [*args, *more], "name"
+    else:
+        keys = REPO_SORTS[sort]
+        reverse = before is not None
+        cursor = _key_of(before if reverse else after, len(keys))
+        order = ", ".join(f"{k} DESC" if reverse else k for k in keys)
+        sized = _REPO_SIZE.format(repo="repos.name") if sort == "size" else "NULL"
+        cond = f"({', '.join(keys)}) {'<' if reverse else '>'} ({', '.join('?' * len(keys))})"
+        page = (
+            "SELECT * FROM (SELECT name, host, path, created, last_access, manifests, "
+            f"{sized} AS size FROM repos WHERE {where}) "
+            f"WHERE {cond if cursor else '1'} ORDER BY {order} LIMIT ?"
+        )
+        params = [*args, *(cursor or []), limit + 1]
+        size = "page.size" if sort == "size" else _REPO_SIZE.format(repo="page.name")
     rows = index.db.execute(
         f"WITH page AS ({page}) "
         "SELECT name, host, path, created, last_access, "
@@ -259,9 +267,31 @@ def repositories(
         RepoRow(r[0], r[1], r[2] or "", float(r[3]), r[4], int(r[5]), int(r[6]), int(r[7]))
         for r in rows
     ]
-    if sort in REPO_SORTS and sort != "name":
-        return Page(repos, total, None, None)
-    return _page(repos, lambda r: r.name, limit, reverse, after is not None, total)
+    cursor_given = after is not None or before is not None
+    if sort == "name":
+        return _page(repos, lambda r: r.name, limit, reverse, after is not None, total)
+    return _page(repos, lambda r: repo_key(r, sort), limit, reverse, cursor_given, total)
+
+
+def repo_key(row: RepoRow, sort: str) -> str:
+    """The ``after``/``before`` key of a row in a :data:`REPO_SORTS` order other than name."""
+    if sort == "size":
+        return json.dumps([-row.size, row.name])
+    pulled = row.last_access
+    return json.dumps([int(pulled is None), -pulled if pulled is not None else 0, row.name])
+
+
+def _key_of(text: str | None, n: int) -> list[Any] | None:
+    """A key from a request (:func:`repo_key`), or None (the first page) when it is not one."""
+    try:
+        key = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(key, list) or len(key) != n or not isinstance(key[-1], str):
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in key[:-1]):
+        return None
+    return key
 
 
 def repository(index: Index, name: str) -> RepoRow | None:

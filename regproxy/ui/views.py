@@ -49,8 +49,8 @@ def _choice(request: web.Request, key: str, allowed: Any, default: str) -> str:
 
 
 def _cursor(request: web.Request) -> tuple[int, dict[str, str]]:
-    """(page number, ``after``/``before`` key) of a page in name order: the key says where the
-    page is (queries.Page), the number is only shown ("page 3 of 9") and carried by the links.
+    """(page number, ``after``/``before`` key) of a keyset page: the key says where the page is
+    (queries.Page), the number is only shown ("page 3 of 9") and carried by the links.
     Without a key it is the first page."""
     page, _ = page_args(request)
     for key in ("before", "after"):
@@ -107,7 +107,7 @@ async def _repositories(request: web.Request) -> dict[str, Any]:
     q = request.query.get("q", "").strip()[:200] or None
     project = request.query.get("project", "").strip()[:200] or None
     sort = _choice(request, "sort", queries.REPO_SORTS, "name")
-    page, where = _position(request, sort)
+    page, where = _cursor(request)  # keyset pages in every order (queries.repositories)
     found = await registry.db.read(
         queries.repositories, project=project, q=q, limit=per, sort=sort, **where
     )
@@ -115,7 +115,7 @@ async def _repositories(request: web.Request) -> dict[str, Any]:
         "q": q or "",
         "project_filter": project or "",
         "sort": sort,
-        **_paged(request, page, per, found, sort != "name"),
+        **_paged(request, page, per, found, False),
         "rows": found.rows,
     }
 

@@ -386,6 +386,24 @@ async def test_ten_thousand_repositories_answer_fast_without_the_blob_tree(
         text = await (await client.get(page199)).text()
         assert "page 199 of 200" in text and "repo-09" in text
         assert "page=200" in text and "page=198" in text  # the links to the pages around it
+
+        # by last pull (repo i pulled i seconds ago) and by size (1500 + i bytes): keyset pages
+        # too, each after (or before) the key of a row of the page next to it
+        def name(i: int) -> str:
+            return f"{'spectro-images' if i % 10 else 'other-project'}/docker.io/team/repo-{i:05d}"
+
+        for sort, order in (("pulled", range(10_000)), ("size", range(9_999, -1, -1))):
+            expected = [name(i) for i in order]
+            url = f"/ui/api/repositories?sort={sort}"
+            one = await (await client.get(url)).json()
+            assert [r["name"] for r in one["repositories"]] == expected[:50], sort
+            two = await (await client.get(f"{url}&after={quote(one['next'])}&page=2")).json()
+            assert [r["name"] for r in two["repositories"]] == expected[50:100], sort
+            back = await (await client.get(f"{url}&before={quote(two['prev'])}&page=1")).json()
+            assert [r["name"] for r in back["repositories"]] == expected[:50], sort
+            assert back["prev"] is None and (two["page"], two["total"]) == (2, 10_000)
+            odd = await client.get(f"{url}&after=%5Bnot%20a%20key")  # the first page, no 500
+            assert odd.status == 200 and (await odd.json())["repositories"] == one["repositories"]
     finally:
         await client.close()
 
