@@ -57,14 +57,21 @@ _DECLINED: Final = frozenset(
         "transfer-encoding",
         "expect",
         "keep-alive",
+        # llhttp reads it as Connection (close, upgrade)
+        "proxy-connection",
         "upgrade",
         "te",
         "trailer",
         "regproxy-peer",
         INSTANCE_HEADER.lower(),
+        # aiohttp refuses the old WebSocket handshake's key (400)
+        "sec-websocket-key1",
     }
 )
 MAX_HEADERS: Final = 64
+#: a longer head goes to aiohttp, which refuses a line (name and value) over 8190 bytes:
+#: within this, no line can be
+MAX_HEAD: Final = 8190
 #: requests parsed into (repository, reference), or None for a path the fast path declines
 _MAX_TARGETS: Final = 4096
 _API_VERSION_LINES: Final = "".join(f"{k}: {v}\r\n" for k, v in API_VERSION.items())
@@ -72,7 +79,10 @@ _API_VERSION_LINES: Final = "".join(f"{k}: {v}\r\n" for k, v in API_VERSION.item
 
 def parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
     """(method, target, headers by lower-case name) of a strict, simple request head (the
-    bytes before its empty line), or None: anything unusual is left to aiohttp's parser."""
+    bytes before its empty line), or None: anything unusual is left to aiohttp's parser, and
+    so is anything it refuses (a line over its limit, HTTP/1.1 without ``Host``)."""
+    if len(head) > MAX_HEAD:
+        return None
     try:
         text = head.decode("ascii")
     except UnicodeDecodeError:
@@ -95,6 +105,8 @@ def parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
         if key == "connection" and value.lower() != "keep-alive":
             return None  # keep-alive is HTTP/1.1's default: anything else changes the answer
         headers[key] = value
+    if "host" not in headers:
+        return None  # HTTP/1.1 requires one (RFC 9112 3.2): aiohttp answers 400
     return parts[0], parts[1], headers
 
 
