@@ -78,9 +78,10 @@ _FAST_STARTS: Final = (b"GET ", b"HEAD ")
 class FastLane(Protocol):
     """Answers some requests itself (regproxy.fastpath.FastPath)."""
 
-    def answer(self, head: bytes, remote: str | None) -> bytes | None:
+    def answer(self, head: bytes, remote: str | None, followed: bool) -> tuple[bytes, bool] | None:
         """The whole response to a request head (its bytes before the empty line that ends
-        it; the request has no body), or None: aiohttp is to answer it."""
+        it; the request has no body; ``followed``: more bytes came after it) and whether the
+        connection closes after it, or None: aiohttp is to answer it."""
 
 
 class _ClientFault(logging.Filter):
@@ -386,11 +387,15 @@ class _Guarded(asyncio.Protocol):
                 break
             head = buf[:end]
             if self.handed == 0 and self._lane_open():
-                response = self.lane.answer(head, self._remote())
-                if response is not None:
-                    self.transport.write(response)
+                answer = self.lane.answer(head, self._remote(), len(buf) > end + 4)
+                if answer is not None:
+                    self.transport.write(answer[0])
                     answered = True
                     buf = buf[end + 4 :]
+                    if answer[1]:  # Connection: close: what follows is not read (as aiohttp)
+                        self.transport.close()
+                        self.lane = None
+                        return b""
                     continue
             if not _bodiless(head):
                 break
@@ -495,8 +500,8 @@ _FRAMING: Final = (b"content-length", b"transfer-encoding", b"upgrade", b"expect
 
 def _bodiless(head: bytes) -> bool:
     """Whether a request head (before its empty line) is a GET or HEAD in HTTP/1.1 that says
-    nothing of a body or of the connection (but ``Connection: keep-alive``, its default): after
-    aiohttp answered it, the connection is at the next request. Conservative: a header that
+    nothing of a body or of the connection (but ``Connection: keep-alive`` or ``close``): after
+    aiohttp answered it, the connection is at the next request, or closed. Conservative: a header that
     names a body or an upgrade anywhere, even in a value, counts."""
     line, _, rest = head.partition(b"\r\n")
     parts = line.split(b" ")
@@ -507,7 +512,7 @@ def _bodiless(head: bytes) -> bool:
         return False
     for field in lower.split(b"\r\n"):
         name, _, value = field.partition(b":")
-        if b"connection" in name and value.strip(b" \t") != b"keep-alive":
+        if b"connection" in name and value.strip(b" \t") not in (b"keep-alive", b"close"):
             return False
     return True
 

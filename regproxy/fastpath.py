@@ -9,8 +9,8 @@ and hands on a connection's bytes from the first request declined).
 
 It answers only when every step of the application's own path would be a plain success with
 no I/O: a strict ``GET``/``HEAD`` head in HTTP/1.1 with none of the headers that change the
-answer or the connection (credentials, a body, a ``Connection`` but ``keep-alive``, ``Expect``,
-a peer's mark), a
+answer or the connection (credentials, a body, a ``Connection`` other than ``keep-alive`` or
+``close``, ``Expect``, a peer's mark), a
 path of plain characters that routes to a manifest, a name and reference that resolve,
 anonymous pulls allowed, the manifest held and believed (a digest, a tag confirmed upstream
 within ``tag_ttl`` or without upstream, see ``ProxyRegistry.cached_manifest``), its body in
@@ -74,13 +74,17 @@ MAX_HEADERS: Final = 64
 MAX_HEAD: Final = 8190
 #: requests parsed into (repository, reference), or None for a path the fast path declines
 _MAX_TARGETS: Final = 4096
+#: after Server, as aiohttp places it, for a request that asked to close
+_CLOSE: Final = "Connection: close\r\n"
 _API_VERSION_LINES: Final = "".join(f"{k}: {v}\r\n" for k, v in API_VERSION.items())
 
 
-def parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
-    """(method, target, headers by lower-case name) of a strict, simple request head (the
-    bytes before its empty line), or None: anything unusual is left to aiohttp's parser, and
-    so is anything it refuses (a line over its limit, HTTP/1.1 without ``Host``)."""
+def parse_head(head: bytes) -> tuple[str, str, bool] | None:
+    """(method, target, whether the client asks to close) of a strict, simple request head
+    (the bytes before its empty line), or None: anything unusual is left to aiohttp's parser,
+    and so is anything it refuses (a line over its limit, HTTP/1.1 without ``Host``). Headers
+    may repeat (Go sends one ``Accept`` per type), but for ``Host`` (exactly one) and
+    ``Connection``, which may only say ``keep-alive`` (HTTP/1.1's default) or ``close``."""
     if len(head) > MAX_HEAD:
         return None
     try:
@@ -93,21 +97,25 @@ def parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] not in _METHODS:
         return None
-    headers: dict[str, str] = {}
+    connection: str | None = None
+    hosts = 0
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not _TOKEN_RE.match(name):
             return None
         key = name.lower()
         value = value.strip(" \t")
-        if key in _DECLINED or key in headers or not _VALUE_RE.match(value):
+        if key in _DECLINED or not _VALUE_RE.match(value):
             return None
-        if key == "connection" and value.lower() != "keep-alive":
-            return None  # keep-alive is HTTP/1.1's default: anything else changes the answer
-        headers[key] = value
-    if "host" not in headers:
+        if key == "connection":
+            if connection is not None or value.lower() not in ("keep-alive", "close"):
+                return None
+            connection = value.lower()
+        elif key == "host":
+            hosts += 1
+    if hosts != 1:
         return None  # HTTP/1.1 requires one (RFC 9112 3.2): aiohttp answers 400
-    return parts[0], parts[1], headers
+    return parts[0], parts[1], connection == "close"
 
 
 class _Date:
@@ -183,13 +191,19 @@ class FastPath:
         self._targets[target] = found
         return found
 
-    def answer(self, head: bytes, remote: str | None) -> bytes | None:
-        """The whole response to this request head, or None to leave it to aiohttp."""
+    def answer(
+        self, head: bytes, remote: str | None, followed: bool = False
+    ) -> tuple[bytes, bool] | None:
+        """The whole response to this request head and whether the connection closes after
+        it (the client said ``Connection: close``), or None to leave it to aiohttp (also a
+        ``close`` with more bytes after it, which aiohttp's parser refuses: ``followed``)."""
         started = time.monotonic()
         parsed = parse_head(head)
         if parsed is None:
             return None
-        method, target, _headers = parsed
+        method, target, close = parsed
+        if close and followed:
+            return None
         routed = self._target(target)
         if routed is None or not self.users.anonymous_read:
             return None
@@ -210,7 +224,7 @@ class FastPath:
             f"HTTP/1.1 200 OK\r\n{_API_VERSION_LINES}{CONTENT_DIGEST}: {digest}\r\n"
             f'Content-Type: {m.media_type}\r\nETag: "{digest}"\r\n'
             f"Content-Length: {len(m.body) if get else m.size}\r\n"
-            f"Date: {self._date.now()}\r\n{self._tail}"
+            f"Date: {self._date.now()}\r\n{_CLOSE if close else ''}{self._tail}"
         ).encode()
         if get:
             response += m.body
@@ -223,7 +237,7 @@ class FastPath:
             write_line(
                 self.access, method, target, 200, len(m.body) if get else 0, seconds, notes, remote
             )
-        return response
+        return response, close
 
 
 __all__ = ["FastPath", "parse_head"]

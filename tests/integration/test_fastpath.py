@@ -207,7 +207,6 @@ def test_a_head_split_over_writes_and_declined_requests(daemon: AppDaemon) -> No
         (request("GET", f"/v2/{REPO}/manifests/v1").replace(b"\r\n", b"\n"), "400"),
         (request("GET", f"/v2/{REPO}/manifests/v1", CREDENTIALS), "200"),
         (request("GET", f"/v2/{REPO}/manifests/v1", "Bad Header: x"), "400"),
-        (request("GET", f"/v2/{REPO}/manifests/v1", "Connection: close"), "200"),
         (request("GET", f"/v2/{REPO}/manifests/v1", "Connection: upgrade"), "200"),
         (request("GET", f"/v2/{REPO}/manifests/v1", "Expect: 100-continue"), "100"),
     ):
@@ -336,3 +335,34 @@ def test_a_connection_only_the_lane_answered_is_closed_after_keepalive_timeout(
             assert c.sock.recv(1) == b""  # closed by the daemon, nothing more said
         finally:
             c.close()
+
+
+def test_connection_close_is_answered_then_closed_as_aiohttp_does(daemon: AppDaemon) -> None:
+    """``Connection: close`` (skopeo sends it): the same answer as aiohttp's, with its
+    ``Connection: close``, and the connection closed after it. More bytes after such a
+    request go to aiohttp with it (its parser refuses them: 400)."""
+    digest, body = push(daemon, "v1")
+    path = f"/v2/{REPO}/manifests/{digest}"
+    assert http("GET", daemon.url + path)[2] == body  # cached now
+    answers = []
+    for extra in ((), (CREDENTIALS,)):  # the lane's, then aiohttp's
+        for followed in (False, True):
+            c = Conn(daemon)
+            try:
+                before = fast_answers(daemon)
+                raw = request("GET", path, "Connection: close", *extra)
+                c.send(raw + request("GET", path) if followed else raw)
+                status, headers, got = c.response()
+                c.sock.settimeout(10)
+                assert c.sock.recv(1) == b""  # closed, with nothing more
+                lane = not extra and not followed
+                assert fast_answers(daemon) == before + (1 if lane else 0)
+                if followed:
+                    assert status.split()[1] == "400"
+                    continue
+                assert got == body and status == "HTTP/1.1 200 OK"
+                headers.pop("date")
+                answers.append(headers)
+            finally:
+                c.close()
+    assert answers[0] == answers[1] and answers[0]["connection"] == "close"
