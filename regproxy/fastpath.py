@@ -1,4 +1,5 @@
-"""Manifest GETs answered from memory, in front of aiohttp's parser (``http.fast_path``).
+"""Manifest and small blob GETs answered from memory, in front of aiohttp's parser
+(``http.fast_path``).
 
 A manifest GET or HEAD that the lookup cache answers costs aiohttp ~50 CPU-µs of framework
 (request and response objects, a task, routing, middlewares, header encoding) around ~10 of
@@ -10,11 +11,12 @@ and hands on a connection's bytes from the first request declined).
 It answers only when every step of the application's own path would be a plain success with
 no I/O: a strict ``GET``/``HEAD`` head in HTTP/1.1 with none of the headers that change the
 answer or the connection (credentials, a body, a ``Connection`` other than ``keep-alive`` or
-``close``, ``Expect``, a peer's mark), a
-path of plain characters that routes to a manifest, a name and reference that resolve,
-anonymous pulls allowed, the manifest held and believed (a digest, a tag confirmed upstream
-within ``tag_ttl`` or without upstream, see ``ProxyRegistry.cached_manifest``), its body in
-memory, and the signature policy decided. The lookup is counted, the access recorded (eviction's
+``close``, ``Expect``, a peer's mark), a path of plain characters that routes to a manifest or
+a blob, a name and reference that resolve, anonymous pulls allowed; for a manifest, held and
+believed (a digest, a tag confirmed upstream within ``tag_ttl`` or without upstream, see
+``ProxyRegistry.cached_manifest``), its body in memory, and the signature policy decided; for a
+blob, a ``GET`` without ``Range`` or ``If-None-Match`` of a small blob (up to 64 KiB) this
+repository holds, its bytes in memory. The lookup is counted, the access recorded (eviction's
 "in use"), the bytes served counted, and the request counted and logged as the access logger
 would (``regproxy.access``).
 """
@@ -25,7 +27,7 @@ import logging
 import re
 import time
 from email.utils import formatdate
-from typing import Final
+from typing import Final, NamedTuple
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
@@ -37,6 +39,7 @@ from regproxy.errors import OCIError
 from regproxy.headers import API_VERSION, CONTENT_DIGEST, INSTANCE_HEADER
 from regproxy.metrics import Metrics
 from regproxy.names import NameResolver, RepoName
+from regproxy.oci import Digest
 from regproxy.policy import Policy
 from regproxy.proxy import ProxyRegistry
 from regproxy.web_keys import INSTANCE_KEY, METRICS_KEY, POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
@@ -74,13 +77,28 @@ MAX_HEADERS: Final = 64
 MAX_HEAD: Final = 8190
 #: requests parsed into (repository, reference), or None for a path the fast path declines
 _MAX_TARGETS: Final = 4096
+#: what ``api.get_blob`` reads besides the path: such a blob GET goes to aiohttp
+_BLOB_CONDITIONS: Final = frozenset({"range", "if-none-match"})
+_BLOB_LINES: Final = (
+    "Accept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\n"
+    "Cache-Control: max-age=31536000\r\n"
+)
 #: after Server, as aiohttp places it, for a request that asked to close
 _CLOSE: Final = "Connection: close\r\n"
 _API_VERSION_LINES: Final = "".join(f"{k}: {v}\r\n" for k, v in API_VERSION.items())
 
 
-def parse_head(head: bytes) -> tuple[str, str, bool] | None:
-    """(method, target, whether the client asks to close) of a strict, simple request head
+class Head(NamedTuple):
+    method: str
+    target: str
+    #: the client said ``Connection: close``
+    close: bool
+    #: a header the blob route answers by (``Range``, ``If-None-Match``)
+    conditional: bool
+
+
+def parse_head(head: bytes) -> Head | None:
+    """The :class:`Head` of a strict, simple request head
     (the bytes before its empty line), or None: anything unusual is left to aiohttp's parser,
     and so is anything it refuses (a line over its limit, HTTP/1.1 without ``Host``). Headers
     may repeat (Go sends one ``Accept`` per type), but for ``Host`` (exactly one) and
@@ -99,6 +117,7 @@ def parse_head(head: bytes) -> tuple[str, str, bool] | None:
         return None
     connection: str | None = None
     hosts = 0
+    conditional = False
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not _TOKEN_RE.match(name):
@@ -113,9 +132,11 @@ def parse_head(head: bytes) -> tuple[str, str, bool] | None:
             connection = value.lower()
         elif key == "host":
             hosts += 1
+        elif key in _BLOB_CONDITIONS:
+            conditional = True
     if hosts != 1:
         return None  # HTTP/1.1 requires one (RFC 9112 3.2): aiohttp answers 400
-    return parts[0], parts[1], connection == "close"
+    return Head(parts[0], parts[1], connection == "close", conditional)
 
 
 class _Date:
@@ -154,7 +175,7 @@ class FastPath:
         self.access = logging.getLogger("regproxy.access")
         self._tail = f"Server: {SERVER_SOFTWARE}\r\n{INSTANCE_HEADER}: {instance}\r\n\r\n"
         self._date = _Date()
-        self._targets: dict[str, tuple[RepoName, str] | None] = {}
+        self._targets: dict[str, tuple[str, RepoName, str] | None] = {}
         self._answers = metrics.fast_answers
 
     @classmethod
@@ -172,18 +193,22 @@ class FastPath:
             app[INSTANCE_KEY],
         )
 
-    def _target(self, target: str) -> tuple[RepoName, str] | None:
-        """(the repository, the reference) of a manifest path, or None:
-        the same steps as ``api.dispatch`` and ``api.get_manifest``, remembered per path."""
+    def _target(self, target: str) -> tuple[str, RepoName, str] | None:
+        """(the route, the repository, the reference or digest) of a manifest or blob path,
+        or None: the same steps as ``api.dispatch`` and its handlers, remembered per path."""
         if target in self._targets:
             return self._targets[target]
-        found: tuple[RepoName, str] | None = None
+        found: tuple[str, RepoName, str] | None = None
         if _PATH_RE.match(target) and "/." not in target and "//" not in target:
             routed = route(target[len("/v2/") :])
-            if routed is not None and routed[0] == "manifest":
-                name, ref = routed[1]["name"], routed[1]["ref"]
+            if routed is not None and routed[0] in ("manifest", "blob"):
+                kind, parts = routed
+                name = parts["name"]
                 try:
-                    found = (self.resolver.resolve(name), check_reference(ref))
+                    ref = check_reference(parts["ref"]) if kind == "manifest" else parts["digest"]
+                    if kind == "blob":
+                        Digest.parse(ref)
+                    found = (kind, self.resolver.resolve(name), ref)
                 except (OCIError, ValueError):
                     found = None
         if len(self._targets) >= _MAX_TARGETS:
@@ -198,46 +223,72 @@ class FastPath:
         it (the client said ``Connection: close``), or None to leave it to aiohttp (also a
         ``close`` with more bytes after it, which aiohttp's parser refuses: ``followed``)."""
         started = time.monotonic()
-        parsed = parse_head(head)
-        if parsed is None:
+        h = parse_head(head)
+        if h is None or (h.close and followed):
             return None
-        method, target, close = parsed
-        if close and followed:
-            return None
-        routed = self._target(target)
+        routed = self._target(h.target)
         if routed is None or not self.users.anonymous_read:
             return None
-        repo, ref = routed
+        kind, repo, ref = routed
+        found = self._blob(h, repo, ref) if kind == "blob" else self._manifest(h, repo, ref)
+        if found is None:
+            return None
+        lines, body, label = found
+        get = h.method == "GET"
+        response = (
+            f"HTTP/1.1 200 OK\r\n{lines}Date: {self._date.now()}\r\n"
+            f"{_CLOSE if h.close else ''}{self._tail}"
+        ).encode()
+        if get:
+            response += body
+        seconds = time.monotonic() - started
+        count_request(self.metrics, kind, h.method, 200, seconds)
+        self._answers.inc()
+        if self.access.isEnabledFor(logging.INFO):
+            notes = {"route": kind, "repo": repo.canonical, "cache": "hit", "upstream": label}
+            sent = len(body) if get else 0
+            write_line(self.access, h.method, h.target, 200, sent, seconds, notes, remote)
+        return response, h.close
+
+    def _manifest(self, h: Head, repo: RepoName, ref: str) -> tuple[str, bytes, str] | None:
+        """(headers up to Content-Length, body, upstream label) of a manifest answered from
+        memory, counted as ``api.get_manifest`` counts it; None: aiohttp answers."""
         cached = self.registry.cached_manifest(repo, ref)
         if cached is None:
             return None
         m, label = cached
         if "\r" in m.media_type or "\n" in m.media_type or not self.policy.allowed_now(repo, m):
             return None
-        # answered: what the application's path counts and records, in its order
         self.metrics.lookup("manifest", "hit", label)
-        get = method == "GET"
+        get = h.method == "GET"
         if get:
             self.metrics.served("manifest", "disk", m.size)
         digest = str(m.digest)
-        response = (
-            f"HTTP/1.1 200 OK\r\n{_API_VERSION_LINES}{CONTENT_DIGEST}: {digest}\r\n"
+        lines = (
+            f"{_API_VERSION_LINES}{CONTENT_DIGEST}: {digest}\r\n"
             f'Content-Type: {m.media_type}\r\nETag: "{digest}"\r\n'
             f"Content-Length: {len(m.body) if get else m.size}\r\n"
-            f"Date: {self._date.now()}\r\n{_CLOSE if close else ''}{self._tail}"
-        ).encode()
-        if get:
-            response += m.body
-        seconds = time.monotonic() - started
-        count_request(self.metrics, "manifest", method, 200, seconds)
-        self._answers.inc()
-        if self.access.isEnabledFor(logging.INFO):
-            notes = {"route": "manifest", "repo": repo.canonical, "cache": "hit"}
-            notes["upstream"] = label
-            write_line(
-                self.access, method, target, 200, len(m.body) if get else 0, seconds, notes, remote
-            )
-        return response, close
+        )
+        return lines, m.body, label
+
+    def _blob(self, h: Head, repo: RepoName, ref: str) -> tuple[str, bytes, str] | None:
+        """The same for a small blob GET (a HEAD asks whether it exists: aiohttp answers it,
+        as ranges and conditions), counted as ``api.get_blob`` counts it."""
+        if h.method != "GET" or h.conditional:
+            return None
+        cached = self.registry.cached_blob(repo, Digest.parse(ref))
+        if cached is None:
+            return None
+        blob, label = cached
+        assert blob.data is not None
+        self.metrics.lookup("blob", "hit", label)
+        self.metrics.served("blob", "disk", blob.size)
+        digest = str(blob.digest)
+        lines = (
+            f"{_API_VERSION_LINES}{CONTENT_DIGEST}: {digest}\r\n{_BLOB_LINES}"
+            f'ETag: "{digest}"\r\nContent-Length: {len(blob.data)}\r\n'
+        )
+        return lines, blob.data, label
 
 
-__all__ = ["FastPath", "parse_head"]
+__all__ = ["FastPath", "Head", "parse_head"]

@@ -303,7 +303,7 @@ class Metrics:
         self.fast_answers = Counter(
             "regproxy_http_fast_answers_total",
             "Requests answered from memory in front of aiohttp's parser (http.fast_path: cached "
-            "manifest GETs and HEADs); also counted in regproxy_http_requests_total",
+            "manifest GETs and HEADs, small blob GETs); also counted in regproxy_http_requests_total",
             registry=r,
         )
         self.slow_clients_cut = Counter(

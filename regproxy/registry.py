@@ -222,6 +222,19 @@ class LocalRegistry:
             return Blob(digest, size, data=data)
         return Blob(digest, size, file=self.store.blob_path(digest))
 
+    def cached_blob(self, repo: RepoName, digest: Digest) -> Blob | None:
+        """What :meth:`local_blob` answers when all it needs is in memory: a small blob this
+        repository holds, its bytes cached (the access recorded); None otherwise."""
+        key = str(digest)
+        size = self.cache.link(repo.canonical, key)
+        if size is None or size > SMALL_OBJECT:
+            return None
+        data = self.cache.body(key)
+        if data is None:
+            return None
+        self._touch(repo.canonical, key)
+        return Blob(digest, size, data=data)
+
     async def forget_lost_blob(self, repo: RepoName, digest: Digest) -> None:
         """A blob file the index listed was not on disk when it was opened."""
         await self._lost(repo, digest)

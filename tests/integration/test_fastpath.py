@@ -366,3 +366,51 @@ def test_connection_close_is_answered_then_closed_as_aiohttp_does(daemon: AppDae
             finally:
                 c.close()
     assert answers[0] == answers[1] and answers[0]["connection"] == "close"
+
+
+def test_small_blob_gets_are_the_applications_answers(daemon: AppDaemon) -> None:
+    """A small blob GET: the lane's answer is aiohttp's; a range, a condition, a HEAD and a
+    blob over 64 KiB (sent from its file) are aiohttp's, on the same connection."""
+    small, big = b"s" * 5000, b"b" * 70_000
+    for data in (small, big):
+        url = f"{daemon.url}/v2/{REPO}/blobs/uploads/?digest={sha256(data)}"
+        assert http("POST", url, data)[0] == 201
+    path = f"/v2/{REPO}/blobs/{sha256(small)}"
+    assert http("GET", daemon.url + path)[2] == small  # its bytes are cached now
+    c = Conn(daemon)
+    try:
+        before = fast_answers(daemon)
+        c.send(request("GET", path))
+        fast = c.response()
+        assert fast_answers(daemon) == before + 1
+        c.send(request("GET", path, CREDENTIALS))
+        slow = c.response()
+        fast[1].pop("date"), slow[1].pop("date")
+        assert fast[:2] == slow[:2] and fast[2] == slow[2] == small
+        assert fast[1]["etag"] == f'"{sha256(small)}"'
+        before = fast_answers(daemon)
+        c.send(request("GET", path, "Range: bytes=0-9"))
+        status, _, got = c.response()
+        assert status.endswith("206 Partial Content") and got == small[:10]
+        c.send(request("GET", path, f'If-None-Match: "{sha256(small)}"'))
+        assert c.response(head_only=True)[0].endswith("304 Not Modified")
+        c.send(request("HEAD", path))
+        status, headers, _ = c.response(head_only=True)
+        assert status.endswith("200 OK") and headers["content-length"] == str(len(small))
+        c.send(request("GET", f"/v2/{REPO}/blobs/{sha256(big)}"))
+        assert c.response()[2] == big
+        assert fast_answers(daemon) == before  # all of them aiohttp's
+        c.send(request("GET", path))
+        assert c.response()[2] == small
+        assert fast_answers(daemon) == before + 1  # and the lane again
+    finally:
+        c.close()
+    _, _, text = http("GET", f"{daemon.url}/metrics")
+    metrics = text.decode()
+    assert 'regproxy_http_requests_total{method="GET",route="blob",status="200"}' in metrics
+    lines = [
+        re.sub(r"duration_ms=\S+ ", "", ln.split(" request ", 1)[1])
+        for ln in daemon.log().splitlines()
+        if " request method=GET" in ln and sha256(small) in ln
+    ]
+    assert lines[1] == lines[2] and "cache=hit" in lines[1] and f"bytes={len(small)}" in lines[1]
