@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import resource
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, Protocol, TypeVar, cast
@@ -219,10 +220,13 @@ class ConnectionGuard:
         max_connections: int,
         metrics: Metrics,
         fast: FastLane | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.metrics = metrics
         self.handler_factory = handler_factory
         self.fast = fast
+        #: the keep-alive clock of the fast lane (monotonic seconds; tests hand in their own)
+        self.clock = clock
         self.header_timeout = config.header_timeout
         self.keepalive_timeout = config.keepalive_timeout
         self.max_connections = max_connections
@@ -403,7 +407,7 @@ class _Guarded(asyncio.Protocol):
             self.handed += 1
             buf = buf[end + 4 :]
         if answered:
-            self.answered_at = asyncio.get_running_loop().time()
+            self.answered_at = self.guard.clock()
             if self.idle is None and not self.inner_used:
                 self._arm_idle()
         if buf:  # aiohttp answers this request and all that follow
@@ -426,7 +430,7 @@ class _Guarded(asyncio.Protocol):
             return False
         if not self.inner_used:
             return True
-        elapsed = asyncio.get_running_loop().time() - self.inner_done_at
+        elapsed = self.guard.clock() - self.inner_done_at
         return elapsed < self.guard.keepalive_timeout / 2
 
     def inner_done(self, keep_alive: bool) -> None:
@@ -438,7 +442,7 @@ class _Guarded(asyncio.Protocol):
             return
         self.handed = max(0, self.handed - 1)
         self.inner_used = True
-        self.inner_done_at = asyncio.get_running_loop().time()
+        self.inner_done_at = self.guard.clock()
 
     def _remote(self) -> str | None:
         """The client's address, as aiohttp's ``request.remote`` says it."""
@@ -448,8 +452,8 @@ class _Guarded(asyncio.Protocol):
         return self.remote
 
     def _arm_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.idle = loop.call_at(self.answered_at + self.guard.keepalive_timeout, self._idle_due)
+        due = self.answered_at + self.guard.keepalive_timeout - self.guard.clock()
+        self.idle = asyncio.get_running_loop().call_later(max(due, 0.0), self._idle_due)
 
     def _idle_due(self) -> None:
         """aiohttp's keep-alive for a connection only the lane answered: closed when no
@@ -458,7 +462,7 @@ class _Guarded(asyncio.Protocol):
         self.idle = None
         if self.lane is None or self.transport is None or self.inner_used or self.handed:
             return
-        if asyncio.get_running_loop().time() < self.answered_at + self.guard.keepalive_timeout:
+        if self.guard.clock() < self.answered_at + self.guard.keepalive_timeout:
             self._arm_idle()
             return
         self.transport.close()
