@@ -152,16 +152,24 @@ async def test_abstract_socket_and_watchdog_env() -> None:
         stop = asyncio.Event()
         n.stop_on(stop)
         n.ready(1234)
-        await asyncio.sleep(0.2)
+        states: list[str] = []
+
+        def receive() -> None:
+            while True:
+                try:
+                    states.extend(sock.recv(4096).decode().splitlines())
+                except BlockingIOError:
+                    return
+
+        for _ in range(500):  # bounded: 5 s; pings come every 0.05 s
+            receive()
+            if states.count("WATCHDOG=1") >= 2:
+                break
+            await asyncio.sleep(0.01)
         stop.set()
         await asyncio.sleep(0.01)
         await n.close()
-        states = []
-        while True:
-            try:
-                states += sock.recv(4096).decode().splitlines()
-            except BlockingIOError:
-                break
+        receive()
         assert states[0] == "READY=1"
         assert states.count("WATCHDOG=1") >= 2
         assert "STOPPING=1" in states and "STATUS=shutting down" in states
