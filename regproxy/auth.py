@@ -380,8 +380,7 @@ UI_OPEN_MODE: Final = "regproxy_ui_open"
 
 
 # --- the middleware ------------------------------------------------------------------------------
-def _ui_needs(request: web.Request) -> str | None:
-    path = request.path
+def _ui_needs(path: str) -> str | None:
     if path != UI_PREFIX and not path.startswith(UI_PREFIX + "/"):
         return None
     if path in UI_OPEN or any(path.startswith(p) for p in UI_OPEN if p.endswith("/")):
@@ -425,18 +424,18 @@ async def _ui_guard(
     raise web.HTTPSeeOther(f"{UI_PREFIX}/login?{urlencode({'next': target})}")
 
 
-def _needs(request: web.Request, db: UserDB) -> str | None:
-    """None (open), "ping", "read", "write" or "ui" for a request under this module's guard."""
-    path = request.path
+def needs(path: str, method: str, db: UserDB) -> str | None:
+    """None (open), "ping", "read", "write" or "ui" for a request under this module's guard
+    (by its decoded path and method; regproxy.fastpath asks it too, before answering)."""
     if path == UI_PREFIX or path.startswith(UI_PREFIX + "/"):
-        return _ui_needs(request)
+        return _ui_needs(path)
     if not (path.startswith(_GUARDED_UNDER) or path in GUARDED):
         return None
     if not db.enabled and db.anonymous_read:
         return None  # no users at all: open, as before (start-up warned)
     if path.startswith(ADMIN_PREFIX + "/") or path == ADMIN_PREFIX:
         return "write"
-    if request.method not in READ_METHODS or "/blobs/uploads/" in path:
+    if method not in READ_METHODS or "/blobs/uploads/" in path:
         return "write"
     if path in ("/v2", "/v2/"):
         return "ping"
@@ -479,7 +478,7 @@ async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     db = request.app[USERS_KEY]
-    need = _needs(request, db)
+    need = needs(request.path, request.method, db)
     if need is None:
         return await handler(request)
     if need == "ui":
@@ -549,6 +548,7 @@ __all__: list[str] = [
     "auth_middleware",
     "check_login",
     "may_change_content",
+    "needs",
     "parse_htpasswd",
     "retry_after",
     "setup",

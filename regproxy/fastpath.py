@@ -34,7 +34,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from regproxy.access import count_request, write_line
 from regproxy.api import check_reference, route
-from regproxy.auth import USERS_KEY, UserDB
+from regproxy.auth import USERS_KEY, UserDB, needs
 from regproxy.errors import OCIError
 from regproxy.headers import API_VERSION, CONTENT_DIGEST, INSTANCE_HEADER
 from regproxy.metrics import Metrics
@@ -227,7 +227,12 @@ class FastPath:
         if h is None or (h.close and followed):
             return None
         routed = self._target(h.target)
-        if routed is None or not self.users.anonymous_read:
+        if routed is None:
+            return None
+        # what the login rules let through without credentials (auth.auth_middleware): open,
+        # or a read with anonymous pulls on (a name with /blobs/uploads/ in it needs a login)
+        need = needs(h.target, h.method, self.users)
+        if need is not None and not (need == "read" and self.users.anonymous_read):
             return None
         kind, repo, ref = routed
         found = self._blob(h, repo, ref) if kind == "blob" else self._manifest(h, repo, ref)

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from regproxy.web_keys import REGISTRY_KEY
+from tests.images import OCI_MANIFEST, sha256
 from tests.inproc import AppDaemon
-from tests.integration.test_fastpath import REPO, fast_answers, push
+from tests.integration.test_fastpath import REPO, fast_answers, manifest, push
 from tests.peers import http
 
 PATH = f"/v2/{REPO}/manifests/v1"
@@ -97,3 +98,30 @@ def test_the_lane_answers_odd_requests_as_aiohttp_does(
     if case in REFUSED:
         assert plain.startswith(b"HTTP/1.0 400 ") or plain.startswith(b"HTTP/1.1 400 "), plain
         assert fast_answers(fast) == before
+
+
+#: alice:pw (bcrypt, cost 4)
+ALICE = "$2b$04$gnFH5kr/bNg1ynXbSQrbNO50MH7qgVKuBTAow7rplBO47U1OunoNu"
+ALICE_LOGIN = {"Authorization": "Basic YWxpY2U6cHc="}
+
+
+def test_the_lane_refuses_what_the_login_rules_refuse(
+    app_factory: Callable[..., AppDaemon],
+) -> None:
+    """With users and anonymous pulls, a path with ``/blobs/uploads/`` in it needs a login
+    (regproxy.auth), even when it routes to a manifest (a repository named ``.../blobs/uploads``):
+    the lane must not answer it anonymously from memory."""
+    d = app_factory({"auth": {"users": {"alice": ALICE}}})
+    repo = "team/blobs/uploads"
+    config = b'{"architecture":"amd64","os":"linux"}'
+    url = f"{d.url}/v2/{repo}/blobs/uploads/?digest={sha256(config)}"
+    assert http("POST", url, config, ALICE_LOGIN)[0] == 201
+    body = manifest(config)
+    headers = {**ALICE_LOGIN, "Content-Type": OCI_MANIFEST}
+    assert http("PUT", f"{d.url}/v2/{repo}/manifests/v1", body, headers)[0] == 201
+    d.call(d.app[REGISTRY_KEY].confirm_lookups())
+    path = f"/v2/{repo}/manifests/v1"
+    assert http("GET", d.url + path, headers=ALICE_LOGIN)[2] == body  # cached now
+    got = exchange(d, raw(path=path) + raw(path=path, method="HEAD"))
+    assert got.count(b"HTTP/1.1 401 Unauthorized\r\n") == 2, got[:300]
+    assert b" 200 OK\r\n" not in got
