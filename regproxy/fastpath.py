@@ -31,6 +31,7 @@ from typing import Final, NamedTuple
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_parser import SINGLETON_HEADERS
 
 from regproxy.access import count_request, write_line
 from regproxy.api import check_reference, route
@@ -101,7 +102,8 @@ def parse_head(head: bytes) -> Head | None:
     """The :class:`Head` of a strict, simple request head
     (the bytes before its empty line), or None: anything unusual is left to aiohttp's parser,
     and so is anything it refuses (a line over its limit, HTTP/1.1 without ``Host``). Headers
-    may repeat (Go sends one ``Accept`` per type), but for ``Host`` (exactly one) and
+    may repeat (Go sends one ``Accept`` per type), but for ``Host`` (exactly one), those
+    aiohttp allows once (``SINGLETON_HEADERS``: ``User-Agent``, ``Content-Type``...) and
     ``Connection``, which may only say ``keep-alive`` (HTTP/1.1's default) or ``close``."""
     if len(head) > MAX_HEAD:
         return None
@@ -117,6 +119,7 @@ def parse_head(head: bytes) -> Head | None:
         return None
     connection: str | None = None
     hosts = 0
+    singletons: set[str] = set()
     conditional = False
     for line in lines[1:]:
         name, colon, value = line.partition(":")
@@ -132,6 +135,10 @@ def parse_head(head: bytes) -> Head | None:
             connection = value.lower()
         elif key == "host":
             hosts += 1
+        elif key in SINGLETON_HEADERS:
+            if key in singletons:
+                return None  # aiohttp refuses a second one (400)
+            singletons.add(key)
         elif key in _BLOB_CONDITIONS:
             conditional = True
     if hosts != 1:
@@ -173,7 +180,8 @@ class FastPath:
         self.users = users
         self.metrics = metrics
         self.access = logging.getLogger("regproxy.access")
-        self._tail = f"Server: {SERVER_SOFTWARE}\r\n{INSTANCE_HEADER}: {instance}\r\n\r\n"
+        self._server = f"Server: {SERVER_SOFTWARE}\r\n"
+        self._tail = f"{INSTANCE_HEADER}: {instance}\r\n\r\n"
         self._date = _Date()
         self._targets: dict[str, tuple[str, RepoName, str] | None] = {}
         self._answers = metrics.fast_answers
@@ -242,7 +250,7 @@ class FastPath:
         get = h.method == "GET"
         response = (
             f"HTTP/1.1 200 OK\r\n{lines}Date: {self._date.now()}\r\n"
-            f"{_CLOSE if h.close else ''}{self._tail}"
+            f"{self._server}{_CLOSE if h.close else ''}{self._tail}"
         ).encode()
         if get:
             response += body

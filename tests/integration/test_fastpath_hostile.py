@@ -76,12 +76,19 @@ REFUSED = {
     "no Host": raw(host=False),
     # aiohttp refuses the old WebSocket handshake's key outright
     "Sec-WebSocket-Key1": raw("Sec-WebSocket-Key1: x"),
+    # aiohttp refuses a second one of some headers (its parser's SINGLETON_HEADERS)
+    "two User-Agent": raw("User-Agent: a", "User-Agent: b"),
+    "two Content-Type": raw("Content-Type: a", "content-type: b"),
+    "two Max-Forwards": raw("Max-Forwards: 1", "Max-Forwards: 2"),
 }
 #: requests whose connection handling aiohttp (llhttp) takes from a header the lane must know
 CONNECTION = {
     # llhttp reads Proxy-Connection as Connection: close, and refuses data after it
     "Proxy-Connection: close, then another request": raw("Proxy-Connection: close") + raw(),
     "Proxy-Connection: close": raw("Proxy-Connection: close"),
+    # answered and closed, its headers in aiohttp's order (Connection after Server)
+    "Connection: close": raw("Connection: close"),
+    "HEAD, Connection: close": raw("Connection: close", method="HEAD"),
 }
 
 
