@@ -17,7 +17,9 @@ typed calls. Nothing else in the daemon opens the index or owns a thread for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 #: reader threads (each holds one read-only connection and its page cache)
 READERS: Final = 2
+#: how much lower the CPU priority of :meth:`AsyncIndex.write_background` work is (``nice``)
+BACKGROUND_NICE: Final = 10
 
 
 class AsyncIndex:
@@ -39,6 +43,9 @@ class AsyncIndex:
         self._writer_index = Index(path)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="regproxy-index")
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="regproxy-index-read")
+        self._background = ThreadPoolExecutor(
+            1, thread_name_prefix="regproxy-index-background", initializer=_lower_priority
+        )
         self._local = threading.local()
         self._reader_indexes: list[Index] = []
         self._lock = threading.Lock()
@@ -54,6 +61,7 @@ class AsyncIndex:
 
     def _shutdown(self) -> None:
         self._writer.shutdown(wait=True)
+        self._background.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         with self._lock:
             for ix in self._reader_indexes:
@@ -67,6 +75,21 @@ class AsyncIndex:
         is :class:`~regproxy.errors.StorageFull` (see :func:`regproxy.index.call`)."""
         call = functools.partial(index_call, fn, self._writer_index, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._writer, call)
+
+    async def write_background(
+        self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """:meth:`write` for background work (an eviction batch): in the writer's turn and on
+        its connection, but run by a thread at a lower CPU priority (:data:`BACKGROUND_NICE`)
+        while the writer thread waits for it. On a busy host the CPU it needs (an eviction
+        batch is mostly SQLite's own work, the GIL released) goes to the event loop first."""
+        call = functools.partial(index_call, fn, self._writer_index, *args, **kwargs)
+        background = self._background
+
+        def handed_over() -> T:
+            return background.submit(call).result()
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer, handed_over)
 
     async def read(
         self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs
@@ -86,3 +109,10 @@ class AsyncIndex:
             with self._lock:
                 self._reader_indexes.append(ix)
         return fn(ix, *args, **kwargs)
+
+
+def _lower_priority() -> None:
+    """Lower this thread's CPU priority (raising a nice value needs no privilege); where the
+    call is missing or refused, the thread runs as it is."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)

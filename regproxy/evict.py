@@ -221,7 +221,7 @@ class Evictor:
             while r.freed < need:
                 if not loose.exhausted:
                     before = self.clock() - self.config.storage.upload_ttl
-                    loose = batch = await reg.db.write(
+                    loose = batch = await reg.db.write_background(
                         evict_loose,
                         need - r.freed,
                         loose.after_digest,
@@ -230,7 +230,7 @@ class Evictor:
                     )
                     r.loose += len(batch.evicted)
                 else:
-                    lru = batch = await reg.db.write(
+                    lru = batch = await reg.db.write_background(
                         evict_lru,
                         need - r.freed,
                         lru.after_row,
