@@ -115,4 +115,7 @@ def _lower_priority() -> None:
     """Lower this thread's CPU priority (raising a nice value needs no privilege); where the
     call is missing or refused, the thread runs as it is."""
     with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        tid = threading.get_native_id()
+        os.setpriority(
+            os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE)
+        )

@@ -272,3 +272,30 @@ async def test_the_unlinker_keeps_a_file_stored_again_or_being_fetched(shop: Sho
     finally:
         unlinker.close()
     assert shop.has_file(stored) and shop.has_file(fetching) and not shop.has_file(gone)
+
+
+async def test_background_writes_take_the_writers_turn_at_a_lower_priority(tmp_path: Path) -> None:
+    """An eviction batch runs on the writer's connection, in its turn, on a thread whose CPU
+    priority is lower than the daemon's (AsyncIndex.write_background)."""
+    import os
+    import threading
+
+    db = AsyncIndex(tmp_path / "index.db")
+    await db.open()
+    try:
+
+        def where(ix: Index) -> tuple[str, int, bool]:
+            tid = threading.get_native_id()
+            return (
+                threading.current_thread().name,
+                os.getpriority(os.PRIO_PROCESS, tid),
+                ix.readonly,
+            )
+
+        name, nice, readonly = await db.write_background(where)
+        assert name.startswith("regproxy-index-background") and not readonly
+        assert nice > os.getpriority(os.PRIO_PROCESS, 0) or nice == 19
+        await db.write_background(lambda ix: ix.ensure_repo("spectro-images/x", None, "x"))
+        assert await db.read(Index.repo_exists, "spectro-images/x")
+    finally:
+        await db.close()
