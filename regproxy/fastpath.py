@@ -45,8 +45,6 @@ from regproxy.policy import Policy
 from regproxy.proxy import ProxyRegistry
 from regproxy.web_keys import INSTANCE_KEY, METRICS_KEY, POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 
-log = logging.getLogger("regproxy.api")
-
 _METHODS: Final = frozenset({"GET", "HEAD"})
 #: a path of plain characters only: no percent-encoding, query, fragment or backslash
 _PATH_RE: Final = re.compile(r"/v2/[A-Za-z0-9._:/-]+\Z", re.ASCII)
@@ -90,6 +88,8 @@ _API_VERSION_LINES: Final = "".join(f"{k}: {v}\r\n" for k, v in API_VERSION.item
 
 
 class Head(NamedTuple):
+    """What the fast path reads of a request head."""
+
     method: str
     target: str
     #: the client said ``Connection: close``
