@@ -74,12 +74,18 @@ async def _housekeeping(app: web.Application) -> None:
 async def _confirm_lookups(app: web.Application) -> None:
     """Keep the cached tags believed while no other process changes the index (lookups)."""
     registry = app[REGISTRY_KEY]
+    logged = float("-inf")
     while True:
         await asyncio.sleep(TAG_CONFIRM_SECONDS)
         try:
             await registry.confirm_lookups()
-        except Exception:
-            log.exception("lookups.confirm_failed")
+        except Exception as exc:
+            # tags then expire a second after their read, as without confirmations; said
+            # once a minute at most (this runs twice a second)
+            now = asyncio.get_running_loop().time()
+            if now - logged >= 60.0:
+                logged = now
+                log.warning("lookups.confirm_failed error=%r", exc)
 
 
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
