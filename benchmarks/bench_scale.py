@@ -386,6 +386,7 @@ def measure(
         "share_tag": share(out["evict_tag"]),
     }
     config = second.root / "regproxy.yaml"
+    sha256sum(root / "blobs")  # the page cache warm for fsck as for the sha256sum after it
     for name, args in (("gc_dry_run", ("gc", "--dry-run")), ("fsck", ("fsck",))):
         probe = ReadyProbe(second.port)
         probe.start()
