@@ -303,6 +303,11 @@ class ProxyRegistry:
             )
             if got is not None:
                 return got
+            # while the cluster was asked, another request may have stored it here (as the
+            # home host: a peer's fetch request, which went upstream): no second upstream GET
+            again = await self.local_manifest(repo, reference)
+            if again is not None and self._believed(reference, again[1]):
+                return await self.manifest_body(repo, again[0])
         if client is None:
             await self._known_or_unknown_name(repo)
             raise ManifestUnknown(reference)

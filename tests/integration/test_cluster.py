@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -342,3 +343,38 @@ async def test_when_the_home_cannot_confirm_a_tag_the_cluster_serves_it_stale(
         # the home tried its upstream (once per request that reached it), nobody else did
         assert 1 <= c.upstream.count("", "/manifests/") - asked <= len(others)
         assert all(h.peers.liveness.is_up(home.url) for h in others)
+
+
+async def test_the_home_host_does_not_fetch_twice_what_a_peer_had_it_fetch_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """The home host's own request asks the near hosts first; meanwhile a peer's fetch request
+    makes the home fetch and store the manifest. The own request then serves what is stored:
+    one upstream GET, not two."""
+    async with cluster(tmp_path, 3) as c:
+        body = manifest(b'{"m":2}')
+        d = c.upstream.add_manifest("app", "v2", body, OCI_MANIFEST)
+        home, (other, _) = home_of(c, d)
+        real = home.registry.from_cluster.manifest
+        asked, gate = asyncio.Event(), asyncio.Event()
+        calls = 0
+
+        async def slow_first(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            got = await real(*args, **kwargs)
+            if calls == 1:  # the own request: nobody had it; now wait while the peer's goes
+                asked.set()
+                await gate.wait()
+            return got
+
+        home.registry.from_cluster.manifest = slow_first  # type: ignore[method-assign]
+        own = asyncio.create_task(c.get(c.manifest_url(home, d)))
+        await asyncio.wait_for(asked.wait(), 10)
+        status, got, _ = await c.get(c.manifest_url(other, d))  # through the home host
+        assert status == 200 and got == body
+        assert c.upstream.count("", f"/manifests/{d}") == 1
+        gate.set()
+        status, got, _ = await asyncio.wait_for(own, 10)
+        assert status == 200 and got == body
+        assert c.upstream.count("", f"/manifests/{d}") == 1
