@@ -182,7 +182,9 @@ class LocalRegistry:
         ``data_version`` of the writer's connection moved) since the last call, the tags looked
         up since the confirmations started stay believed for
         :data:`~regproxy.lookups.TAG_CACHE_SECONDS` more; if it did, every cached tag is
-        dropped and the confirmations start over (the first call only starts them). Called
+        dropped and the confirmations start over (the first call only starts them);
+        so is every other cached lookup (a manifest another process's ``gc`` or ``fsck --repair``
+        removed is not served on from memory). Called
         about twice a second while serving, so a tag asked for again and again costs no index
         read."""
         since = time.monotonic()
@@ -191,7 +193,9 @@ class LocalRegistry:
             self.cache.confirm_tags(since)
             return
         if self._index_version is not None:
-            self.cache.forget(all_tags=True)
+            # another process changed the index (import, pin, gc, fsck --repair): whatever is
+            # cached may be gone or moved, not only tags
+            self.cache.forget(everything=True)
         self._index_version = version
         self.cache.restart_tags(time.monotonic())
 

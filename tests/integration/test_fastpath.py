@@ -278,6 +278,33 @@ def test_a_tag_moved_by_another_process_is_dropped_at_the_next_confirmation(
     assert status == 200 and headers["Docker-Content-Digest"] == d2 != d1
 
 
+def test_a_manifest_removed_by_another_process_is_not_served_from_memory(
+    daemon: AppDaemon,
+) -> None:
+    """A manifest read by digest is cached; another process removes it from the index (as
+    ``fsck --repair`` or ``gc`` would): at the next confirmation it is forgotten, and the
+    digest is unknown on both paths."""
+    d1, b1 = push(daemon, "gone")
+    registry = daemon.app[REGISTRY_KEY]
+    canonical = daemon.app[RESOLVER_KEY].resolve(REPO).canonical
+    daemon.call(registry.confirm_lookups())
+    url = f"{daemon.url}/v2/{REPO}/manifests/{d1}"
+    assert http("GET", url)[2] == b1  # read, cached
+    other = Index(daemon.root / "store" / "index.db")
+    other.open()
+    try:
+        with other.db:
+            other.db.execute("DELETE FROM tags WHERE repo=? AND digest=?", (canonical, d1))
+            other.db.execute(
+                "DELETE FROM repo_manifests WHERE repo=? AND digest=?", (canonical, d1)
+            )
+    finally:
+        other.close()
+    daemon.call(registry.confirm_lookups())
+    assert http("GET", url)[0] == 404
+    assert http("HEAD", url)[0] == 404
+
+
 async def test_a_tag_past_tag_ttl_is_checked_upstream_not_answered_from_memory() -> None:
     """A pulled tag: answered from memory within tag_ttl; once past it (the injected clock),
     the lane declines and the application asks the upstream, which moved the tag."""
