@@ -266,6 +266,11 @@ def evict_lru(
                     index, [(r, d) for _, r, d in chunk], recent, busy, batch, need - batch.freed
                 )
                 batch.after_row, fresh = chunk[used - 1], fresh[used:]
+            if fresh:
+                # the time (or the need) ran out before this page's fresh candidates did: the
+                # walk is not over, whatever comes after them on the page
+                batch.exhausted = False
+                break
             if batch.exhausted:
                 break
     return batch

@@ -299,3 +299,26 @@ async def test_background_writes_take_the_writers_turn_at_a_lower_priority(tmp_p
         assert await db.read(Index.repo_exists, "spectro-images/x")
     finally:
         await db.close()
+
+
+async def test_a_batch_out_of_time_mid_page_is_not_the_end_of_the_walk(shop: Shop) -> None:
+    """A page that ends with a unit in use marks the walk's end, but only once its fresh
+    candidates are dealt with: a batch whose time runs out before that (a slow disk, a busy
+    machine) leaves the walk open, and the next batch goes on from its cursor."""
+    from regproxy.evict import IN_USE_SECONDS
+    from regproxy.evict_batch import evict_lru
+
+    old = [
+        await shop.image(up(f"team/o{i}"), "v1", [layer(f"o{i}")], at=300.0 + i) for i in range(40)
+    ]
+    await shop.image(up("team/now"), "v1", [layer("now")], at=NOW - 1)  # in use: the page's end
+    start = (float("-inf"), "", "")
+    first = await shop.reg.db.write(
+        evict_lru, 1 << 40, start, now=NOW, in_use=IN_USE_SECONDS, busy=(), budget=0.0
+    )
+    assert 0 < len(first.evicted) < len(old)
+    assert not first.exhausted  # out of time, not out of candidates
+    rest = await shop.reg.db.write(
+        evict_lru, 1 << 40, first.after_row, now=NOW, in_use=IN_USE_SECONDS, busy=()
+    )
+    assert len(first.evicted) + len(rest.evicted) == len(old) and rest.exhausted
