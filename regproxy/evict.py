@@ -237,6 +237,7 @@ class Evictor:
                         now=self.clock(),
                         in_use=self.in_use,
                         busy=self._busy(),
+                        unit_seconds=lru.unit_seconds,
                     )
                     r.manifests += len(batch.evicted)
                 r.batches += 1

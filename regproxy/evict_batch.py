@@ -97,6 +97,9 @@ _DEAD_OF = (
     "JOIN refs f ON f.digest = t.d LEFT JOIN blobs b ON b.digest = t.d "
     "LEFT JOIN manifests m ON m.digest = t.d WHERE f.size IS NOT NULL"
 )
+#: the longest one go of units should take (from the time per unit of the go before): a go
+#: cannot stop halfway, so on a busy host it takes fewer units
+GO_SECONDS: Final = 0.1
 #: units handled in one go at most (a few statements for all of them: the writer thread takes
 #: the GIL back once per statement, which costs when the event loop is busy)
 CHUNK: Final = 32
@@ -153,6 +156,8 @@ class Batch:
     after_row: tuple[float, str, str] = (float("-inf"), "", "")
     #: no candidate of this kind is left (or the rest is in use)
     exhausted: bool = False
+    #: seconds one unit took in the last go (0: not measured): how many the next go takes
+    unit_seconds: float = 0.0
 
 
 def _forget(index: Index, dead: list[tuple[str, int, bool]], batch: Batch) -> None:
@@ -230,11 +235,18 @@ def evict_lru(
     in_use: float,
     busy: Collection[str],
     budget: float = BUDGET_SECONDS,
+    unit_seconds: float = 0.0,
 ) -> Batch:
-    """Least recently used units after the cursor ``after`` (last access, repo, digest)."""
+    """Least recently used units after the cursor ``after`` (last access, repo, digest).
+
+    A go of units is one set of statements for all of them and cannot stop halfway, so it
+    takes as many as fit in :data:`GO_SECONDS` at ``unit_seconds`` each (measured in the go
+    before, this batch's or the last one's, see :attr:`Batch.unit_seconds`): on a busy host,
+    where a batch runs at a lower priority (``AsyncIndex.write_background``) and a unit takes
+    10x longer, a batch still ends soon for the writes waiting behind it."""
     started = time.monotonic()
     recent = now - in_use
-    batch = Batch(after_row=after)
+    batch = Batch(after_row=after, unit_seconds=unit_seconds)
     with index.transaction():
         while batch.freed < need and not _spent(started, budget, batch.after_row != after):
             page = sorted(
@@ -261,10 +273,14 @@ def evict_lru(
                 units = len(batch.evicted)
                 each = batch.freed / units if units and batch.freed else 0
                 n = max(1, min(CHUNK, math.ceil((need - batch.freed) / each))) if each else CHUNK
+                if batch.unit_seconds > 0:
+                    n = max(1, min(n, int(GO_SECONDS / batch.unit_seconds)))
                 chunk = fresh[:n]
+                went = time.monotonic()
                 used = _units(
                     index, [(r, d) for _, r, d in chunk], recent, busy, batch, need - batch.freed
                 )
+                batch.unit_seconds = (time.monotonic() - went) / used
                 batch.after_row, fresh = chunk[used - 1], fresh[used:]
             if fresh:
                 # the time (or the need) ran out before this page's fresh candidates did: the

@@ -247,6 +247,23 @@ async def test_a_batch_whose_budget_is_spent_at_once_still_makes_progress(shop: 
     # one go of units at least (a chunk of them: see evict_batch.CHUNK), oldest first
     assert batch.evicted and batch.evicted[0].digest == str(Digest.of(bodies[0]))
     assert batch.after_row != start and not await shop.held(up("team/s0"), bodies[0])
+    # a unit that took long in the go before: the next go takes as many as fit the budget
+    # (one at least), so a busy host's batch stays short for the writes behind it
+    more = [
+        await shop.image(up(f"team/t{i}"), "v1", [layer(f"t{i}")], at=200.0 + i) for i in range(3)
+    ]
+    slow = await shop.reg.db.write(
+        evict_lru,
+        10**9,
+        batch.after_row,
+        now=NOW,
+        in_use=0.0,
+        busy=(),
+        budget=-1.0,
+        unit_seconds=1.0,
+    )
+    assert [e.digest for e in slow.evicted] == [str(Digest.of(more[0]))]
+    assert 0 < slow.unit_seconds < 1.0  # measured again: what the next batch starts from
     batch = await shop.reg.db.write(evict_loose, 10**9, "", before=4e9, busy=(), budget=-1.0)
     assert len(batch.evicted) == 1 and batch.after_digest
 
