@@ -124,16 +124,23 @@ def hash_file(
 
 
 class Hasher:
-    """Hashes batches of stored digests on its own threads (each with a read-ahead helper)."""
+    """Hashes batches of stored digests on its own threads (each with a read-ahead helper).
+
+    Batches of small files go to one thread of their own: hashing one is a few microseconds
+    of Python around an open, a read and a close, and two threads doing that hand the GIL to
+    each other at every call (on 2 quiet cores 0.72-0.87 s instead of 0.53-0.61 s for 38,539
+    files); a large file's hash lets the GIL go, so those share ``workers`` threads."""
 
     def __init__(self, store: Store, workers: int) -> None:
         self.store = store
         self.workers = workers
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="regproxy-fsck")
+        self.small = ThreadPoolExecutor(1, thread_name_prefix="regproxy-fsck-small")
         self.readers = ThreadPoolExecutor(workers, thread_name_prefix="regproxy-fsck-read")
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.small.shutdown(wait=True)
         self.readers.shutdown(wait=True)
 
     def hash_batch(self, items: list[tuple[str, int]]) -> Tally:
@@ -175,7 +182,9 @@ class Hasher:
         return Hashed(digest, got, n, ident)
 
     async def run(self, items: list[tuple[str, int]]) -> Tally:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.hash_batch, items)
+        small = all(size < BULK_CHUNK for _, size in items)
+        pool = self.small if small else self.pool
+        return await asyncio.get_running_loop().run_in_executor(pool, self.hash_batch, items)
 
 
 @dataclass
@@ -335,18 +344,29 @@ async def fsck(
         ahead = asyncio.ensure_future(db.read(stored_page, ""))
         while page := await ahead:
             ahead = asyncio.ensure_future(db.read(stored_page, page[-1][0]))
-            batch: list[tuple[str, int]] = []
+            # small files and large ones in batches of their own (see Hasher)
+            small: list[tuple[str, int]] = []
+            large: list[tuple[str, int]] = []
             size = 0
             for item in page:
-                batch.append(item)
-                size += item[1]
-                if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
-                    pending.add(asyncio.ensure_future(work.run(batch)))
-                    batch, size = [], 0
-                    await collect(2 * work.workers)
-            if batch:
-                pending.add(asyncio.ensure_future(work.run(batch)))
+                if item[1] < BULK_CHUNK:
+                    small.append(item)
+                    if len(small) < BATCH_FILES:
+                        continue
+                    pending.add(asyncio.ensure_future(work.run(small)))
+                    small = []
+                else:
+                    large.append(item)
+                    size += item[1]
+                    if len(large) < BATCH_FILES and size < BATCH_BYTES:
+                        continue
+                    pending.add(asyncio.ensure_future(work.run(large)))
+                    large, size = [], 0
                 await collect(2 * work.workers)
+            for rest in (small, large):
+                if rest:
+                    pending.add(asyncio.ensure_future(work.run(rest)))
+                    await collect(2 * work.workers)
         await collect(0)
         report.hash_seconds = time.monotonic() - started
         for h in suspicious:
