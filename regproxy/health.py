@@ -40,7 +40,7 @@ CHECK_TIMEOUT: Final = 5.0  # a disk or index that takes longer than this is not
 #: how long ``/readyz`` waits for its checks before it answers with the ones before: the
 #: store's check fsyncs a file, which waits for the disk (10-500 ms on a busy one, during an
 #: eviction's deletes), and the index's check may queue behind the web page's queries
-ANSWER_SECONDS: Final = 0.05
+ANSWER_SECONDS: Final = 0.02
 SAMPLE_SECONDS: Final = 5.0  # how often upstream metrics are read into the last known state
 READY_EVERY: Final = 6  # samples between readiness checks for ``regproxy_ready`` (30s)
 #: error kinds that mean the host did not answer at all (others: it answered, with an error)
