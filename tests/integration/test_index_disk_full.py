@@ -29,12 +29,12 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "tmpfs"
+def mounted(tmp_path: Path, name: str, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``tmp_path/name`` for the test, unmounted after it."""
+    mnt = tmp_path / name
     mnt.mkdir()
     r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
         capture_output=True,
         check=False,
     )
@@ -44,6 +44,11 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    yield from mounted(tmp_path, "tmpfs", "3m")
 
 
 def fill(path: Path) -> None:
@@ -235,19 +240,7 @@ async def test_a_pull_through_miss_on_a_full_disk_is_507_not_a_cut_200(tmpfs: Pa
 @pytest.fixture
 def roomy_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs with room for the store's reserve (regproxy.store.RESERVE_BYTES)."""
-    mnt = tmp_path / "roomy"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
-        capture_output=True,
-        check=False,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr!r}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from mounted(tmp_path, "roomy", "48m")
 
 
 async def test_the_daemon_starts_on_a_full_disk_and_serves_what_it_holds(
