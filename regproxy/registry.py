@@ -75,6 +75,24 @@ class ManifestGone(ManifestUnknown):
     repository a 404 like any unknown manifest; a pull-through looks it up again (a miss)."""
 
 
+#: a manifest up to this size has its body read with its row (see ``_row_and_body``)
+BODY_WITH_ROW_MAX: Final = 64 * 1024
+
+
+def _row_and_body(
+    ix: Index, store: Store, repo: str, reference: str, by_digest: bool
+) -> tuple[ManifestRow | None, bytes | None]:
+    """On an index reader: a manifest's row by digest or tag, and its body if it is small and
+    its file is there (a file gone since is the caller's ``manifest_body`` to find out)."""
+    row = ix.manifest_in_repo(repo, reference) if by_digest else ix.resolve_tag(repo, reference)
+    if row is None or row.size > BODY_WITH_ROW_MAX:
+        return row, None
+    try:
+        return row, store.read(Digest.parse(row.digest))
+    except OSError:
+        return row, None
+
+
 @dataclass(frozen=True, slots=True)
 class Blob:
     """A blob ready to serve: small ones carry their bytes, big ones a file for sendfile."""
@@ -306,16 +324,20 @@ class LocalRegistry:
         if found is not None:
             return found
         ticket = self.cache.ticket()
-        if is_digest_reference(reference):
-            row = await self.db.read(Index.manifest_in_repo, repo.canonical, reference)
-            if row is None:
-                return None
-            self.cache.put_manifest(repo.canonical, reference, row, ticket)
-            return row, 0.0
+        by_digest = is_digest_reference(reference)
         now = time.monotonic()
-        row = await self.db.read(Index.resolve_tag, repo.canonical, reference)
+        # the row and (a small manifest's) body in one hand-off: a first lookup made two (the
+        # row on a reader, the body on the executor), and at scale those were most of its cost
+        row, body = await self.db.read(
+            _row_and_body, self.store, repo.canonical, reference, by_digest
+        )
         if row is None:
             return None
+        if body is not None:
+            self.cache.put_body(row.digest, body)
+        if by_digest:
+            self.cache.put_manifest(repo.canonical, reference, row, ticket)
+            return row, 0.0
         self.cache.put_tag(repo.canonical, reference, row, now, ticket)
         return row, row.checked
 

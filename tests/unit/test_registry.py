@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from regproxy.errors import BlobUploadUnknown
+from regproxy.errors import BlobUploadUnknown, ManifestUnknown
 from regproxy.registry import Registry
 from tests.unit.local import OCI_MANIFEST, REPO, body, digest
 
@@ -67,3 +67,32 @@ async def test_patch_waiting_behind_a_finish_gets_upload_unknown(registry: Regis
     with pytest.raises(BlobUploadUnknown):
         await cancel
     assert registry.store.stat(digest(data)) == len(data)  # the committed blob is untouched
+
+
+async def test_a_first_manifest_lookup_brings_its_small_body_along(registry: Registry) -> None:
+    """The row and a small manifest's body come from the index reader in one hand-off: the
+    body is then in memory, and the GET reads no file. A file gone since the row was written is
+    still found out by the body's read, as before."""
+    cfg = b"{}"
+    cd = digest(cfg)
+    await registry.uploads.monolithic(REPO, cd, body(cfg), len(cfg))
+    m = (
+        b'{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"a/b","digest":"%s",'
+        b'"size":2},"layers":[]}' % (OCI_MANIFEST.encode(), str(cd).encode())
+    )
+    md = digest(m)
+    await registry.put_manifest(REPO, "v1", m, OCI_MANIFEST)
+    for ref in (str(md), "v1"):
+        registry.cache.forget(everything=True)
+        found = await registry.local_manifest(REPO, ref)
+        assert found is not None and found[0].digest == str(md)
+        assert registry.cache.body(str(md)) == m
+        assert (await registry.get_manifest(REPO, ref)).body == m
+    # the file goes behind the index's back: the row comes without a body, and the read of the
+    # body finds the file gone (the manifest is forgotten, not served from memory)
+    registry.cache.forget(everything=True)
+    registry.store.blob_path(md).unlink()
+    found = await registry.local_manifest(REPO, str(md))
+    assert found is not None and registry.cache.body(str(md)) is None
+    with pytest.raises(ManifestUnknown):  # ManifestGone is one
+        await registry.get_manifest(REPO, str(md))
