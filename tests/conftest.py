@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 
 from regproxy.deadline import Timing
+from tests.fakes import FakeUpstream
 from tests.inproc import AppDaemon
 from tests.peers import Containerd, Daemon, DockerRegistry, have
 
@@ -211,3 +212,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         # pytest creates the base temp dir at the first tmp_path, after collection; passing
         # tests' dirs are removed as they end (tmp_path_retention_policy in pyproject.toml)
         os.environ["PYTEST_DEBUG_TEMPROOT"] = str(RAM_TEMPROOT)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    """A fake upstream registry of the tests' own on 127.0.0.1 (tests/fakes.py), in-process;
+    a test module that needs a real one defines its own ``upstream``."""
+    up = await FakeUpstream().start()
+    yield up
+    await up.stop()

@@ -23,6 +23,16 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+class Clock:
+    """A monotonic clock that moves only when a test sets ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class BlobFault:
     cut_at: int | None = None  # close the connection after this many bytes (once per request)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -25,13 +25,6 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 @pytest.fixture
 def daemon_factory(app_factory: Callable[..., AppDaemon]) -> Callable[..., AppDaemon]:
     return app_factory
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream().start()
-    yield up
-    await up.stop()
 
 
 def proxy_config(up: FakeUpstream, **extra: object) -> dict[str, object]:

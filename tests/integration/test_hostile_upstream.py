@@ -44,13 +44,6 @@ ALIAS = "fake.test"
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream().start()
-    yield up
-    await up.stop()
-
-
-@pytest.fixture
 async def canary() -> AsyncIterator[FakeUpstream]:
     """An internal service nobody may reach through regproxy: it counts TCP connections."""
     up = await FakeUpstream().start()

@@ -6,7 +6,6 @@ the config or the login would not let a client reach."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from regproxy.app import create_app
 from regproxy.config import config_from_dict
 from regproxy.web_keys import POLICY_KEY
-from tests.fakes import FakeUpstream
+from tests.fakes import Clock, FakeUpstream
 from tests.images import make_image
 from tests.signing import make_key, simple_signature_manifest
 
@@ -25,20 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKe
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ACCEPT = {"Accept": OCI_MANIFEST}
 MARKS = ("1", "fetch", "yes")
-
-
-class Clock:
-    now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream().start()
-    yield up
-    await up.stop()
 
 
 def add_image(up: FakeUpstream, tag: str) -> str:

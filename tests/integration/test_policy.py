@@ -3,7 +3,6 @@ injected clock, a signature arriving later, enforcement points (pull-through, pu
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +14,13 @@ from regproxy.config import config_from_dict
 from regproxy.names import NameResolver
 from regproxy.policy import Policy
 from regproxy.web_keys import POLICY_KEY
-from tests.fakes import FakeUpstream, digest_of
+from tests.fakes import Clock, FakeUpstream, digest_of
 from tests.images import make_image, make_index
 from tests.signing import make_key, simple_signature_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-class Clock:
-    now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream().start()
-    yield up
-    await up.stop()
 
 
 def add_image(up: FakeUpstream, tag: str) -> tuple[str, Any]:

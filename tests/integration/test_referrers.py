@@ -5,7 +5,6 @@ stale answers (an injected clock, no sleeps)."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from regproxy import api
 from regproxy.app import create_app
 from regproxy.config import config_from_dict
 from regproxy.proxy import ProxyRegistry
-from tests.fakes import FakeUpstream, digest_of
+from tests.fakes import Clock, FakeUpstream, digest_of
 from tests.images import make_image
 from tests.signing import (
     bundle_referrer,
@@ -30,21 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKe
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 REPO = "team/app"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream().start()
-    yield up
-    await up.stop()
 
 
 def put_image(up: FakeUpstream) -> tuple[str, int]:

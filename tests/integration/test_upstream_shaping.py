@@ -29,13 +29,6 @@ ALIAS = "fake.test"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream().start()
-    yield up
-    await up.stop()
-
-
 @dataclass
 class FakeTime:
     now: float = 1000.0

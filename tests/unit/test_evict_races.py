@@ -50,13 +50,6 @@ def evict_everything(root: Path, store: Store) -> None:
         store.delete(Digest.parse(d))
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream().start()
-    yield up
-    await up.stop()
-
-
 def config_for(tmp_path: Path, upstream: FakeUpstream) -> Config:
     return config_from_dict(
         {

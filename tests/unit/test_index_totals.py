@@ -13,15 +13,13 @@ from typing import Any
 import pytest
 
 from regproxy import maintenance, pins, schema
-from regproxy.async_index import AsyncIndex
 from regproxy.config import config_from_dict
 from regproxy.errors import OCIError
 from regproxy.evict import Evictor
 from regproxy.index import Index
 from regproxy.names import RepoName
 from regproxy.oci import Digest
-from regproxy.registry import LocalRegistry, Registry
-from regproxy.store import Store
+from regproxy.registry import Registry
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -188,15 +186,6 @@ class World:
     async def gc(self) -> None:
         await self.reg.flush_access()
         await maintenance.gc(self.config)
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
-    root = tmp_path / "store"
-    reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
-    await reg.open()
-    yield reg
-    await reg.close()
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
