@@ -81,8 +81,15 @@ def test_lru_unpinned_go_pinned_and_recent_stay(
         assert (
             pull(proxy, f"up.test/team/{name}:v1", tmp_path / f"p1-{name}") == images[name].digest
         )
+
     # after the in-use guard (5 s since the last access) a1, then a2 go
-    wait_for(lambda: "team/a2 digest" in proxy.log(), what="an eviction of a1 and a2")
+    # a round's files are unlinked after its rows went (evict.manifest): its evict.done line
+    # comes once the last of them is gone
+    def a2_round_done() -> bool:
+        log = proxy.log()
+        return "team/a2 digest" in log and "evict.done" in log.split("team/a2 digest", 1)[1]
+
+    wait_for(a2_round_done, what="an eviction of a1 and a2, its files gone")
     log = proxy.log()
     evicted = re.findall(r"evict\.manifest repo=(\S+) digest=(\S+) bytes=(\d+)", log)
     assert [r.rsplit("/", 2)[-2:] for r, _, _ in evicted] == [["team", "a1"], ["team", "a2"]], log
