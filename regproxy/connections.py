@@ -51,6 +51,7 @@ from regproxy.deadline import DEFAULT_TIMING, Pace, Timing, TransferLimits
 from regproxy.errors import BodyTimeout
 from regproxy.metrics import Metrics
 from regproxy.web_keys import METRICS_KEY
+from regproxy.write_watch import WriteWatch
 
 log = logging.getLogger("regproxy")
 T = TypeVar("T")
@@ -232,6 +233,10 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.open = 0
         self.lingering = 0
+        #: cuts connections whose client takes none of the bytes waiting for it
+        self.writes = WriteWatch(
+            config.write_timeout, clock, metrics.slow_clients_cut.labels("write").inc
+        )
 
     def __call__(self) -> asyncio.Protocol:
         return _Guarded(self)
@@ -286,6 +291,8 @@ class _Guarded(asyncio.Protocol):
         "pending",
         "refused",
         "remote",
+        "stalled_mark",
+        "stalled_since",
         "tail",
         "timer",
         "transport",
@@ -312,6 +319,8 @@ class _Guarded(asyncio.Protocol):
         self.handed = 0  # requests handed to aiohttp while the lane is on, not answered yet
         self.inner_used = False  # aiohttp answered a request (its keep-alive clock runs)
         self.inner_done_at = 0.0
+        self.stalled_since: float | None = None
+        self.stalled_mark = (0, 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (uvloop's is not an asyncio.Transport subclass, only alike)
@@ -329,17 +338,18 @@ class _Guarded(asyncio.Protocol):
             self.timer = loop.call_later(LINGER_SECONDS, transport.close)
             return
         self.timer = loop.call_later(self.guard.header_timeout, self._header_timeout)
+        self.guard.writes.add(self)
         self.inner = self.guard.handler_factory()
         self.inner.connection_made(transport)
 
     def _header_timeout(self) -> None:
         self.timer = None
         self.guard.metrics.slow_clients_cut.labels("header").inc()
-        log.debug("connection.header_timeout remote=%s", self._peer())
+        log.debug("connection.header_timeout remote=%s", self.peer())
         if self.transport is not None:
             self.transport.abort()
 
-    def _peer(self) -> object:
+    def peer(self) -> object:
         return self.transport.get_extra_info("peername") if self.transport else None
 
     def data_received(self, data: bytes) -> None:
@@ -494,6 +504,7 @@ class _Guarded(asyncio.Protocol):
                 self.guard.lingering -= 1
             return
         self.counted.release()
+        self.guard.writes.discard(self)
         inner, self.inner = self.inner, None
         if inner is not None:
             inner.connection_lost(exc)

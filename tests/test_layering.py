@@ -107,7 +107,9 @@ LAYERS: dict[str, Layer] = {
     # the HTTP layer: shared keys and error rendering low, handlers above them
     "keys": _layer("web_keys", f"{_MODEL} registry tools policy"),
     # connections: the guard in front of aiohttp's protocol, the http limits' app key
-    "serving": _layer("connections", f"{_MODEL} keys"),
+    # connections whose client takes none of the bytes waiting for it (the guard's watch)
+    "write_watch": _layer("write_watch", "base"),
+    "serving": _layer("connections", f"{_MODEL} keys write_watch"),
     "web": _layer("web_errors sendfile access", f"{_MODEL} keys serving"),
     "auth": _layer("auth", f"{_MODEL} keys serving web"),
     "handlers": _layer(

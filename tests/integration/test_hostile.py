@@ -241,6 +241,55 @@ def test_a_stalled_reader_is_dropped_after_write_timeout(tight: Daemon) -> None:
     assert_quiet(tight)
 
 
+def test_readers_of_answers_from_memory_that_take_nothing_are_cut(tight: Daemon) -> None:
+    """A 3 MiB manifest and pipelined small blobs are one write each into the connection's
+    buffer (no sendfile, no per-chunk deadline): a client that never reads them is cut after
+    write_timeout too, instead of holding its connection and the bytes for ever."""
+    config = push(tight, "mem", b"{}")
+    small = os.urandom(60_000)
+    small_digest = push(tight, "mem", small)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config,
+                "size": 2,
+            },
+            "layers": [],
+            "annotations": {"pad": "x" * (3 * 1024 * 1024)},
+        }
+    ).encode()
+    st, _, body = http(
+        "PUT",
+        f"{tight.url}/v2/mem/manifests/big",
+        manifest,
+        {"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    assert st == 201, body
+    accept = "Accept: application/vnd.oci.image.manifest.v1+json\r\n"
+    readers = [connect(tight, rcvbuf=4096) for _ in range(6)]
+    for s in readers:
+        s.sendall(get_request("/v2/mem/manifests/big", accept))
+    pipelined = connect(tight, rcvbuf=4096)
+    pipelined.sendall(get_request(f"/v2/mem/blobs/{small_digest}") * 200)
+    wait_for(
+        lambda: tight.log().count("connection.write_stalled") >= 7, "the seven stalled readers cut"
+    )
+    for s in readers:
+        assert until_closed(s) < len(manifest)  # what the kernel held, then the end
+        s.close()
+    assert until_closed(pipelined) < 200 * len(small)
+    pipelined.close()
+    st, _, body = http("GET", f"{tight.url}/metrics")
+    cut = re.search(rb'regproxy_http_slow_clients_cut_total\{phase="write"\} (\S+)', body)
+    assert cut is not None and float(cut.group(1)) >= 7
+    st, _, got = http("GET", f"{tight.url}/v2/mem/manifests/big", headers={"Accept": accept[8:-2]})
+    assert st == 200 and got == manifest  # a client that reads still gets it whole
+    assert_quiet(tight)
+
+
 def test_half_sent_headers_are_cut_after_header_timeout(tight: Daemon) -> None:
     socks = [connect(tight) for _ in range(20)]
     for s in socks[:10]:
