@@ -91,6 +91,9 @@ async def _confirm_lookups(app: web.Application) -> None:
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY_KEY]
     await registry.open()
+    # the first check starts the confirmations: before the first request, and before the
+    # first eviction batch can delay it (a tag looked up before it would go stale a second on)
+    await registry.confirm_lookups()
     if isinstance(registry, ProxyRegistry):
         peers = Peers(
             app[CONFIG_KEY], app[INSTANCE_KEY], timing=registry.timing, metrics=registry.metrics

@@ -91,6 +91,13 @@ class AsyncIndex:
 
         return await asyncio.get_running_loop().run_in_executor(self._writer, handed_over)
 
+    def writing_unchanged(self, version: int) -> bool:
+        """Whether the writer's connection is in a write transaction begun at ``data_version``
+        ``version`` (see :meth:`Index.writing_unchanged`): no hand-off, answered now, so a
+        check need not wait behind a long write (an eviction batch) to know that no other
+        process changed the index."""
+        return self._writer_index.writing_unchanged(version)
+
     async def read(
         self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:

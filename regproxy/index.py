@@ -62,6 +62,10 @@ class Index:
         self.path = path
         self.readonly = readonly
         self._db: sqlite3.Connection | None = None
+        #: while this connection holds the write lock (in a write transaction of
+        #: :meth:`transaction`): its ``data_version`` read right after taking it; else None. No
+        #: other connection commits while it is set (see :meth:`writing_unchanged`)
+        self.locked_version: int | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -87,7 +91,14 @@ class Index:
             self._db = None
 
     def _tx(self) -> Any:
-        return _Transaction(self.db)
+        return _Transaction(self)
+
+    def writing_unchanged(self, version: int) -> bool:
+        """Whether this connection holds the write lock right now, taken while its
+        :meth:`data_version` was still ``version``: then no other connection committed since
+        it read ``version``, nor can until this transaction ends. Asked from any thread (an
+        attribute read): another thread may confirm its cached lookups while this one writes."""
+        return self.locked_version == version
 
     # --- repositories ---------------------------------------------------------------------------
     def ensure_repo(self, name: str, host: str | None, path: str) -> None:
@@ -439,21 +450,30 @@ class Index:
 
 class _Transaction:
     """``BEGIN IMMEDIATE`` .. ``COMMIT``; inside a transaction already, it joins that one (so
-    several calls that each write in a transaction can be grouped into one)."""
+    several calls that each write in a transaction can be grouped into one). While it holds
+    the write lock, the index's :attr:`Index.locked_version` says so."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.db = index.db
         self.outer = False
 
     def __enter__(self) -> sqlite3.Connection:
         if not self.db.in_transaction:
             self.db.execute("BEGIN IMMEDIATE")
             self.outer = True
+            try:
+                self.index.locked_version = self.index.data_version()
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
         return self.db
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         if not self.outer:
             return
+        # cleared before the lock goes: another process may commit as soon as it has
+        self.index.locked_version = None
         # SQLite may have rolled back already (a full disk does that): never leave a transaction
         # open on the one connection, nor hide the first error behind "no transaction is active"
         try:

@@ -11,14 +11,23 @@ confirmed unchanged by any other process (:meth:`LookupCache.confirm_tags`, from
 
 A lookup reads the index on another thread; a change (a delete, an eviction) may land while it
 is out. So a lookup takes a :meth:`LookupCache.ticket` before it reads, and its answer is cached
-only if no :meth:`LookupCache.forget` happened since: a deleted row is never cached again by a
-lookup that started before the delete.
+only if no :meth:`LookupCache.forget` since named its key (or all of its kind): a deleted row is
+never cached again by a lookup that started before the delete. The last forgets are remembered
+for that (:data:`FORGETS_KEPT`, :data:`FORGOTTEN_KEYS_KEPT`); a lookup out across more of them
+is not cached. (Each eviction batch forgets what it removed: were any forget enough to refuse
+every lookup out, the first lookups of a warming cache would keep being thrown away during an
+eviction.)
+
+Bounds and what they hold (about 1 KB of memory per manifest a client asks for by digest and
+by tag, its body included): 50,000 manifest rows by digest, 50,000 tags, 200,000 blob links,
+100,000 small bodies up to 32 MiB in all.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
 
 from regproxy.index import ManifestRow
@@ -31,6 +40,12 @@ SMALL_CACHE_BYTES: Final = 32 * 1024 * 1024
 TAG_CACHE_SECONDS: Final = 1.0
 #: how often the daemon confirms that no other process changed the index (within the above)
 TAG_CONFIRM_SECONDS: Final = TAG_CACHE_SECONDS / 2
+#: the last forgets remembered, with the keys they named (a lookup's answer is refused only if
+#: one of them since its ticket named its key), and the keys they may name in all
+FORGETS_KEPT: Final = 256
+FORGOTTEN_KEYS_KEPT: Final = 20_000
+
+Key = tuple[str, str]
 
 
 class LRU(Generic[K, V]):
@@ -78,6 +93,31 @@ class LRU(Generic[K, V]):
         return len(self._d)
 
 
+@dataclass(slots=True)
+class _Forget:
+    """One :meth:`LookupCache.forget`: its generation and what it named."""
+
+    generation: int
+    links: frozenset[Key] = frozenset()
+    manifests: frozenset[Key] = frozenset()
+    tags: frozenset[Key] = frozenset()
+    tags_of: frozenset[str] = frozenset()
+    all_tags: bool = False
+    everything: bool = False
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = len(self.links) + len(self.manifests) + len(self.tags) + len(self.tags_of)
+
+    def names(self, kind: str, key: Key) -> bool:
+        """Whether this forget dropped ``key`` of ``kind`` (link, manifest, tag)."""
+        if self.everything:
+            return True
+        if kind == "tag":
+            return self.all_tags or key in self.tags or key[0] in self.tags_of
+        return key in (self.links if kind == "link" else self.manifests)
+
+
 class LookupCache:
     """Blob links, manifest rows, tags and small bodies; :meth:`forget` is the one way out."""
 
@@ -86,8 +126,12 @@ class LookupCache:
         self._links: LRU[tuple[str, str], int] = LRU(200_000)
         self._manifests: LRU[tuple[str, str], ManifestRow] = LRU(50_000)
         self._tags: LRU[tuple[str, str], tuple[ManifestRow, float]] = LRU(50_000)
-        #: moves on every forget: an answer read before it is not cached
+        #: moves on every forget: an answer read before one that named its key is not cached
         self._generation = 0
+        #: the last forgets (oldest first), and the generation from which on all are there
+        self._forgets: deque[_Forget] = deque()
+        self._forgotten_keys = 0
+        self._kept_from = 0
         #: when (monotonic) the index was last confirmed unchanged by other processes since
         #: ``_chain_start``: every tag cached since that start was current then (-inf: never)
         self._tags_confirmed = float("-inf")
@@ -97,8 +141,19 @@ class LookupCache:
         """Take before reading the index; hand to the ``put_*`` of what was read."""
         return self._generation
 
-    def _current(self, ticket: int | None) -> bool:
-        return ticket is None or ticket == self._generation
+    def _current(self, ticket: int | None, kind: str, key: Key) -> bool:
+        """Whether an answer for ``key`` read after ``ticket`` was taken is still current: no
+        forget since then named it (None: the caller wrote it itself)."""
+        if ticket is None or ticket == self._generation:
+            return True
+        if ticket < self._kept_from:
+            return False  # forgets since then are no longer all known
+        for f in reversed(self._forgets):
+            if f.generation <= ticket:
+                break
+            if f.names(kind, key):
+                return False
+        return True
 
     # --- reads ---------------------------------------------------------------------------------
     def link(self, repo: str, digest: str) -> int | None:
@@ -128,15 +183,15 @@ class LookupCache:
     # --- fills ---------------------------------------------------------------------------------
     def put_link(self, repo: str, digest: str, size: int, ticket: int | None = None) -> None:
         """``ticket`` None: the caller just wrote the row itself (a commit), so it is current."""
-        if self._current(ticket):
+        if self._current(ticket, "link", (repo, digest)):
             self._links.put((repo, digest), size)
 
     def put_manifest(self, repo: str, digest: str, row: ManifestRow, ticket: int) -> None:
-        if self._current(ticket):
+        if self._current(ticket, "manifest", (repo, digest)):
             self._manifests.put((repo, digest), row)
 
     def put_tag(self, repo: str, tag: str, row: ManifestRow, now: float, ticket: int) -> None:
-        if self._current(ticket):
+        if self._current(ticket, "tag", (repo, tag)):
             self._tags.put((repo, tag), (row, now))
 
     def put_body(self, digest: str, body: bytes) -> None:
@@ -169,9 +224,19 @@ class LookupCache:
     ) -> None:
         """Drop cached lookups, each by its key: (repo, blob) links, (repo, digest) manifest
         rows, (repo, tag) tags, every tag of some repositories, bodies by digest; every tag
-        (``all_tags``), or ``everything`` (another process changed the index). Lookups
-        already out are not cached when they come back."""
-        self._generation += 1
+        (``all_tags``), or ``everything`` (another process changed the index). Lookups of
+        these keys already out are not cached when they come back."""
+        named = _Forget(
+            self._generation + 1,
+            frozenset(links),
+            frozenset(manifests),
+            frozenset(tags),
+            frozenset(tags_of),
+            all_tags,
+            everything,
+        )
+        self._remember(named)
+        links, manifests, tags, repos = named.links, named.manifests, named.tags, named.tags_of
         if everything or all_tags:
             self._tags.clear()
         if everything:
@@ -184,8 +249,17 @@ class LookupCache:
             self._manifests.pop(key)
         for key in tags:
             self._tags.pop(key)
-        repos = set(tags_of)
         if repos:
             self._tags.drop_where(lambda k: k[0] in repos)
         for digest in bodies:
             self._bodies.pop(digest)
+
+    def _remember(self, forget: _Forget) -> None:
+        """Count a forget and keep what it named, within the bounds (the oldest go first)."""
+        self._generation = forget.generation
+        self._forgets.append(forget)
+        self._forgotten_keys += forget.size
+        while len(self._forgets) > FORGETS_KEPT or self._forgotten_keys > FORGOTTEN_KEYS_KEPT:
+            gone = self._forgets.popleft()
+            self._forgotten_keys -= gone.size
+            self._kept_from = gone.generation

@@ -36,6 +36,7 @@ from regproxy.errors import (
     RangeNotSatisfiable,
 )
 from regproxy.index import Index, ManifestRecord, ManifestRow
+from regproxy.lookup_confirm import IndexWatch
 from regproxy.lookups import LookupCache
 from regproxy.metrics import Metrics
 from regproxy.names import RepoName
@@ -151,8 +152,8 @@ class LocalRegistry:
         #: cached lookups; ``registry.cache.forget(...)`` is how a change invalidates them
         self.cache = LookupCache()
         self._access: dict[tuple[str, str], float] = {}
-        #: the index's ``data_version`` at the last :meth:`confirm_lookups` (None: none yet)
-        self._index_version: int | None = None
+        #: what :meth:`confirm_lookups` knows of other processes' changes to the index
+        self._watch = IndexWatch(db, self.cache)
         self._stored_listeners: list[Callable[[], None]] = []
 
     # --- plumbing ---------------------------------------------------------------------------------
@@ -196,26 +197,10 @@ class LocalRegistry:
         await self.db.write(Index.touch, items)
 
     async def confirm_lookups(self) -> None:
-        """Confirm the cached tags: unless another process changed the index (SQLite's
-        ``data_version`` of the writer's connection moved) since the last call, the tags looked
-        up since the confirmations started stay believed for
-        :data:`~regproxy.lookups.TAG_CACHE_SECONDS` more; if it did, every cached tag is
-        dropped and the confirmations start over (the first call only starts them);
-        so is every other cached lookup (a manifest another process's ``gc`` or ``fsck --repair``
-        removed is not served on from memory). Called
-        about twice a second while serving, so a tag asked for again and again costs no index
-        read."""
-        since = time.monotonic()
-        version = await self.db.write(Index.data_version)
-        if version == self._index_version:
-            self.cache.confirm_tags(since)
-            return
-        if self._index_version is not None:
-            # another process changed the index (import, pin, gc, fsck --repair): whatever is
-            # cached may be gone or moved, not only tags
-            self.cache.forget(everything=True)
-        self._index_version = version
-        self.cache.restart_tags(time.monotonic())
+        """Confirm the cached tags, unless another process changed the index (then every
+        cached lookup goes): see :mod:`regproxy.lookup_confirm`. Called about twice a second
+        while serving, so a tag asked for again and again costs no index read."""
+        await self._watch.check()
 
     async def ensure_repo(self, name: RepoName) -> None:
         """The repository's row (written with the first content stored under the name)."""

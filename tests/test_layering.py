@@ -75,7 +75,9 @@ LAYERS: dict[str, Layer] = {
     "uploads": _layer("uploads", f"{_MODEL} store index facade"),
     # the registry's cached lookups, with their one invalidation API
     "lookups": _layer("lookups", "base index"),
-    "registry": _layer("registry", f"{_MODEL} store index facade uploads lookups"),
+    # whether another process changed the index: what keeps cached tags believed
+    "lookup_confirm": _layer("lookup_confirm", "base index facade lookups"),
+    "registry": _layer("registry", f"{_MODEL} store index facade uploads lookups lookup_confirm"),
     # referrers pulled through: composed into proxy (a Protocol names what it needs of it)
     "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),
     # manifests the cluster's hosts answer, stored in the local registry (composed into proxy)

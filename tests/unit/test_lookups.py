@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from regproxy.index import ManifestRow
-from regproxy.lookups import LRU, TAG_CACHE_SECONDS, LookupCache
+from regproxy.lookups import (
+    FORGETS_KEPT,
+    FORGOTTEN_KEYS_KEPT,
+    LRU,
+    TAG_CACHE_SECONDS,
+    LookupCache,
+)
 
 ROW = ManifestRow("sha256:" + "a" * 64, "application/vnd.oci.image.manifest.v1+json", 10)
 
@@ -74,3 +80,56 @@ def test_tags_are_believed_on_while_confirmations_find_the_index_unchanged() -> 
     assert cache.tag("r", "new", 106.5) is None
     cache.forget(all_tags=True)
     assert cache.tag("r", "new", 100.7) is None
+
+
+def test_a_forget_refuses_only_the_answers_of_the_keys_it_named() -> None:
+    """An eviction batch forgets what it removed: a lookup of something else out meanwhile is
+    still cached (a warming cache is not thrown away batch by batch), one of a named key, a
+    tag of a named repository, or anything after ``everything`` is not."""
+    cache = LookupCache()
+    t = cache.ticket()
+    cache.forget(links=[("r", "gone")], manifests=[("r", "gone")], tags=[("r", "v0")])
+    cache.put_link("r", "kept", 1, t)
+    cache.put_manifest("r", "kept", ROW, t)
+    cache.put_tag("r", "v1", ROW, 100.0, t)
+    cache.put_link("r", "gone", 1, t)
+    cache.put_manifest("r", "gone", ROW, t)
+    cache.put_tag("r", "v0", ROW, 100.0, t)
+    assert cache.link("r", "kept") == 1 and cache.manifest("r", "kept") == ROW
+    assert cache.tag("r", "v1", 100.0) == ROW
+    assert cache.link("r", "gone") is None and cache.manifest("r", "gone") is None
+    assert cache.tag("r", "v0", 100.0) is None
+    # a link and a manifest row of the same (repo, digest) are different keys
+    t = cache.ticket()
+    cache.forget(links=[("r", "m")])
+    cache.put_manifest("r", "m", ROW, t)
+    assert cache.manifest("r", "m") == ROW
+    for wildcard in ({"tags_of": ["r"]}, {"all_tags": True}):
+        t = cache.ticket()
+        cache.forget(**wildcard)  # type: ignore[arg-type]
+        cache.put_tag("r", "v2", ROW, 100.0, t)
+        cache.put_tag("s", "v2", ROW, 100.0, t)
+        assert cache.tag("r", "v2", 100.0) is None
+        assert (cache.tag("s", "v2", 100.0) is None) == ("all_tags" in wildcard)
+    t = cache.ticket()
+    cache.forget(everything=True)
+    cache.put_link("r", "x", 1, t)
+    assert cache.link("r", "x") is None
+
+
+def test_a_lookup_out_across_more_forgets_than_are_kept_is_not_cached() -> None:
+    cache = LookupCache()
+    t = cache.ticket()
+    for i in range(FORGETS_KEPT):
+        cache.forget(links=[("r", f"other{i}")])
+    cache.put_link("r", "d", 1, t)
+    assert cache.link("r", "d") == 1  # every forget since is still known
+    t = cache.ticket()
+    for i in range(FORGETS_KEPT + 1):
+        cache.forget(links=[("r", f"other{i}")])
+    cache.put_link("r", "e", 1, t)
+    assert cache.link("r", "e") is None  # the first forgets since are no longer known
+    t = cache.ticket()
+    cache.forget(links=[("r", f"k{i}") for i in range(FORGOTTEN_KEYS_KEPT + 1)])
+    cache.put_link("r", "f", 1, t)
+    assert cache.link("r", "f") is None  # too many keys to keep: not known either
