@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import uuid
@@ -42,6 +43,7 @@ from regproxy.prefetch import Prefetcher
 from regproxy.proxy import ProxyRegistry, build_registry
 from regproxy.tls import ServerTLS
 from regproxy.tls import reload_all as reload_tls
+from regproxy.tls_relay import PAIR_FDS, TLSRelay
 from regproxy.web_errors import error_middleware
 from regproxy.web_keys import (
     CONFIG_KEY,
@@ -218,15 +220,31 @@ async def open_listener(
     port: int,
     max_connections: int,
     server_tls: ServerTLS | None = None,
-) -> asyncio.Server:
+) -> asyncio.Server | TLSRelay:
     """The listener for a set-up runner of :func:`create_app`'s app (``serve``'s, and the
     in-process tests'). It is ours, not a web.TCPSite: each connection goes through the guard
     (regproxy.connections), which hands it on to aiohttp's protocol for it, with the fast lane
-    (regproxy.fastpath) in front when ``http.fast_path`` is on."""
+    (regproxy.fastpath) in front when ``http.fast_path`` is on. With TLS, worker threads do
+    the handshakes and the encryption (regproxy.tls_relay) unless ``tls.workers`` is 0."""
     assert runner.server is not None
     app = runner.app
     fast = FastPath.of(app) if config.http.fast_path else None
     guard = ConnectionGuard(runner.server, config.http, max_connections, app[METRICS_KEY], fast)
+    workers = tls_workers(config)
+    if server_tls is not None and workers > 0:
+        server_tls.swap = True  # the workers read server_tls.context: SIGHUP replaces it
+        relay = TLSRelay(
+            lambda: server_tls.context,
+            guard,
+            workers=workers,
+            handshake_timeout=config.http.header_timeout,
+        )
+        try:
+            relay.listen(host, port, backlog=1024)
+        except BaseException:
+            relay.stop()
+            raise
+        return relay
     return await asyncio.get_running_loop().create_server(
         guard,
         host,
@@ -238,6 +256,13 @@ async def open_listener(
     )
 
 
+def tls_workers(config: Config) -> int:
+    """``tls.workers``, or by default one thread per CPU this process may use, at most 8."""
+    if config.tls.workers is not None:
+        return config.tls.workers
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
 async def serve(
     config: Config,
     stop: asyncio.Event | None = None,
@@ -246,7 +271,10 @@ async def serve(
     """Run until ``stop`` is set (or SIGTERM/SIGINT when run from the CLI), then shut down."""
     stop = stop or asyncio.Event()
     nofile = raise_nofile_limit()
-    max_connections = config.http.max_connections or default_max_connections(nofile)
+    relayed = config.tls.enabled and tls_workers(config) > 0
+    max_connections = config.http.max_connections or default_max_connections(
+        nofile, PAIR_FDS if relayed else 0
+    )
     app = create_app(config)
     runner = web.AppRunner(
         app,
@@ -270,10 +298,11 @@ async def serve(
         raise
     port = listener.sockets[0].getsockname()[1] if listener.sockets else config.listen_port
     log.info(
-        "listening address=%s:%d tls=%s sync=%s store=%s",
+        "listening address=%s:%d tls=%s tls_workers=%d sync=%s store=%s",
         config.listen_host,
         port,
         config.tls.enabled,
+        tls_workers(config) if config.tls.enabled else 0,
         config.sync_enable,
         config.storage.root,
     )
@@ -298,6 +327,8 @@ async def serve(
         log.info("shutdown.start timeout=%.0fs", config.shutdown_timeout)
         listener.close()  # no new connections; the open ones are drained by the runner
         await runner.cleanup()
+        if isinstance(listener, TLSRelay):
+            listener.stop()  # what is still relayed is aborted; the threads end
         log.info("shutdown.done")
 
 

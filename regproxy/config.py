@@ -112,6 +112,9 @@ class AuthConfig:
 class TLSConfig:
     cert: str | None = None
     key: str | None = None
+    #: threads that do the handshakes and the encryption (regproxy.tls_relay); None: one per
+    #: CPU (at most 8); 0: the event loop does TLS itself
+    workers: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -270,7 +273,7 @@ _SCHEMA: Final[dict[str, Any]] = {
         "realm": values.string,
         "login_failures_per_minute": values.count,
     },
-    "tls": {"cert": values.optional_string, "key": values.optional_string},
+    "tls": {"cert": values.optional_string, "key": values.optional_string, "workers": values.count},
     "prefetch": {
         "images": values.images,
         "interval": parse_duration,

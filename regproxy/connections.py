@@ -177,10 +177,12 @@ def raise_nofile_limit() -> int:
     return soft
 
 
-def default_max_connections(nofile: int) -> int:
-    """Connections that fit in ``nofile`` descriptors with room for everything else."""
+def default_max_connections(nofile: int, extra_fds: int = 0) -> int:
+    """Connections that fit in ``nofile`` descriptors with room for everything else
+    (``extra_fds``: each connection holds that many more, as a relayed TLS one does)."""
     reserve = min(NOFILE_RESERVE, nofile // 4)
-    return max(8, min(MAX_CONNECTIONS_CAP, (nofile - reserve) // FDS_PER_CONNECTION))
+    per_connection = FDS_PER_CONNECTION + extra_fds
+    return max(8, min(MAX_CONNECTIONS_CAP, (nofile - reserve) // per_connection))
 
 
 def _refusal() -> bytes:

@@ -1,9 +1,12 @@
 """The listener's TLS context, and reloading its certificate on SIGHUP.
 
-``SSLContext.load_cert_chain`` on the context the listener already uses changes what new
-handshakes present; connections already open keep theirs. A new pair is first loaded into a
-scratch context, so a half-written or mismatched cert/key never replaces a working one: the
-old certificate keeps being served and the failure is logged.
+A new pair is first loaded into a scratch context, so a half-written or mismatched cert/key
+never replaces a working one: the old certificate keeps being served and the failure is logged.
+When the listener's worker threads do TLS (regproxy.tls_relay), that context replaces the one in
+use (``swap``): each new connection takes the context in force, and no context is changed while
+another thread may be in a handshake with it. When the event loop does TLS itself, the new pair
+is loaded into the context the listener holds. Either way, connections already open keep
+their certificate.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class ServerTLS:
     def __init__(self, cert: str, key: str) -> None:
         self.cert = cert
         self.key = key
+        #: reload makes a new context instead of changing this one (threads read ``context``)
+        self.swap = False
         self.context = _new_context()
         self.context.load_cert_chain(cert, key)
         _LIVE.add(self)
@@ -47,8 +52,12 @@ class ServerTLS:
     def reload(self) -> bool:
         """Load the files again; True when the new chain is in use."""
         try:
-            _new_context().load_cert_chain(self.cert, self.key)  # validate first
-            self.context.load_cert_chain(self.cert, self.key)
+            fresh = _new_context()
+            fresh.load_cert_chain(self.cert, self.key)  # validate first
+            if self.swap:
+                self.context = fresh
+            else:
+                self.context.load_cert_chain(self.cert, self.key)
         except (OSError, ssl.SSLError) as exc:
             log.error(
                 "tls.reload_failed cert=%s key=%s error=%s (the previous certificate stays)",

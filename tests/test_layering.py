@@ -113,6 +113,8 @@ LAYERS: dict[str, Layer] = {
     "write_watch": _layer("write_watch", "base"),
     "serving": _layer("connections", f"{_MODEL} keys write_watch"),
     "web": _layer("web_errors sendfile access", f"{_MODEL} keys serving"),
+    # TLS handshakes and records on worker threads, plaintext to the event loop (knows no HTTP)
+    "relay": _layer("tls_relay", "base"),
     "auth": _layer("auth", f"{_MODEL} keys serving web"),
     "handlers": _layer(
         "api admin ui",
@@ -124,7 +126,7 @@ LAYERS: dict[str, Layer] = {
     "app": _layer(
         "app",
         f"{_MODEL} store index facade transfer upstream peers lookups registry proxy gc pinning "
-        "tools keys serving web auth queries ui_model eviction_view handlers policy fast",
+        "tools keys serving web auth queries ui_model eviction_view handlers policy fast relay",
     ),
     "cli": _layer(
         "cli",

@@ -104,6 +104,7 @@ def test_tls_skopeo_trusts_cert_and_sighup_reloads(
     d = daemon_factory({"tls": {"cert": str(live_cert), "key": str(live_key)}})
     assert d.url.startswith("https://")
     assert _served_der(d.port) == _der(first_cert)
+    assert "tls_workers=0" not in d.log()  # TLS on worker threads (regproxy.tls_relay)
 
     img = make_image("amd64")
     layout = tmp_path / "layout"

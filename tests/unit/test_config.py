@@ -68,7 +68,7 @@ def test_every_key(tmp_path: Path) -> None:
         "tag_ttl": "10m",
         "peers": {"urls": ["http://a:30003"], "dns": "peers.local", "port": 30003, "timeout": 1},
         "auth": {"anonymous_pull": False, "realm": "r"},
-        "tls": {"cert": "/c.pem", "key": "/k.pem"},
+        "tls": {"cert": "/c.pem", "key": "/k.pem", "workers": 3},
         "prefetch": {"images": ["nginx:1.25", {"image": "ghcr.io/o/i:v1"}], "interval": "1h"},
         "log": {"level": "debug", "format": "json", "access": False},
         "shutdown_timeout": 5,
@@ -90,7 +90,7 @@ def test_every_key(tmp_path: Path) -> None:
     assert cfg.default_upstream == "docker.io" and cfg.tag_ttl == 600
     assert cfg.peers.urls == ("http://a:30003",) and cfg.peers.timeout == 1
     assert cfg.auth.anonymous_pull is False
-    assert cfg.tls.enabled
+    assert cfg.tls.enabled and cfg.tls.workers == 3
     assert cfg.prefetch.images == ("nginx:1.25", "ghcr.io/o/i:v1")
     assert (cfg.log.level, cfg.log.format, cfg.log.access) == ("DEBUG", "json", False)
     assert cfg.shutdown_timeout == 5
@@ -192,6 +192,7 @@ def test_unknown_key(tmp_path: Path, doc: Any, key: str) -> None:
         ({"auth": {"users": {"u": "plaintext"}}}, "auth.users"),
         ({"auth": {"users": ["u"]}}, "auth.users"),
         ({"tls": {"cert": "/c.pem"}}, "tls"),
+        ({"tls": {"cert": "/c.pem", "key": "/k.pem", "workers": -1}}, "tls.workers"),
         ({"prefetch": {"images": "nginx"}}, "prefetch.images"),
         ({"prefetch": {"images": [{"img": "x"}]}}, "prefetch.images"),
         ({"log": {"level": "loud"}}, "log.level"),

@@ -1,0 +1,129 @@
+"""TLS A/B: regproxy with ``tls.workers`` 0 (the event loop does TLS) against N worker threads
+(regproxy.tls_relay), and Debian's docker-registry, on HTTPS, in one run, rounds alternating.
+
+    python -m benchmarks.ab_tls                       # workers 0 and 2; c=8,32; 1 MiB blob
+    python -m benchmarks.ab_tls --workers 0,1,2 --rounds 6 --seconds 2 --concurrency 1,8,32
+
+Medians over the rounds of req/s, server CPU-seconds per GiB and peak RSS for each
+(server, concurrency). Needs ``wrk``, ``docker-registry`` and ``openssl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_serve import REPO, Content
+from benchmarks.common import (
+    WRK_DONE,
+    CpuMeter,
+    GiB,
+    MiB,
+    check_tools,
+    load_1m,
+    make_test_ca,
+    peak_rss_mb,
+    push_blob,
+    reset_peak_rss,
+    run_wrk,
+)
+from tests.peers import Daemon, DockerRegistry, started
+
+
+def loop_cpu_seconds(pid: int) -> float:
+    """CPU of the process's main thread (its event loop), in seconds."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--workers", default="0,2", help="tls.workers values to compare (0: in-loop)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--concurrency", default="8,32")
+    p.add_argument("--no-peer", action="store_true", help="leave docker-registry out")
+    args = p.parse_args(argv)
+    check_tools("ab_tls", {t: t for t in ("wrk", "docker-registry", "openssl")})
+    workers = [int(w) for w in args.workers.split(",")]
+    concurrency = [max(1, min(int(c), 256)) for c in args.concurrency.split(",")]
+    rounds, seconds = max(1, min(args.rounds, 20)), max(1.0, min(args.seconds, 30.0))
+    load_start = load_1m()
+    with tempfile.TemporaryDirectory(prefix="regproxy-abtls-") as tmpdir:
+        tmp = Path(tmpdir)
+        ca = make_test_ca(tmp / "tls")
+        tls = ca.client_context()
+        servers: dict[str, Any] = {}
+        for w in workers:
+            config = {
+                "log": {"access": False, "level": "WARNING"},
+                "tls": {"cert": str(ca.cert), "key": str(ca.key), "workers": w},
+            }
+            d = Daemon(tmp / f"regproxy-w{w}", config)
+            d.root.mkdir(parents=True)
+            servers[f"regproxy w={w}"] = d
+        if not args.no_peer:
+            servers["registry"] = DockerRegistry(
+                tmp / "registry",
+                extra={"log": {"level": "error", "accesslog": {"disabled": True}}},
+                tls=(ca.cert, ca.key),
+            )
+        blob = os.urandom(MiB)
+        digest = Content.digest(blob)
+        script = tmp / "report.lua"
+        script.write_text(WRK_DONE)
+        results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+        rss: dict[tuple[str, int], float] = {}
+        with started(*servers.values()):
+            for server in servers.values():
+                server.start()
+                push_blob(server.port, REPO, digest, blob, tls)
+            for r in range(rounds):
+                for conc in concurrency:
+                    for name, server in servers.items():
+                        url = f"https://127.0.0.1:{server.port}/v2/{REPO}/blobs/{digest}"
+                        if r == 0:
+                            run_wrk(url, conc, 1, {}, script)
+                            reset_peak_rss(server.proc.pid)
+                        cpu = CpuMeter({name: server.proc.pid}).start()
+                        loop_at = loop_cpu_seconds(server.proc.pid)
+                        out = run_wrk(url, conc, seconds, {}, script)
+                        used = cpu.used()[name]
+                        gib = out["bytes"] / GiB or 1.0
+                        per_gib, loop_gib = (
+                            used / gib,
+                            (loop_cpu_seconds(server.proc.pid) - loop_at) / gib,
+                        )
+                        results.setdefault((name, conc), []).append(
+                            (out["req_s"], per_gib, loop_gib)
+                        )
+                        rss[(name, conc)] = peak_rss_mb(server.proc.pid)
+                        print(
+                            f"round {r} c={conc} {name}: {out['req_s']:.0f} req/s "
+                            f"{per_gib:.2f} CPU-s/GiB (main thread {loop_gib:.2f})",
+                            flush=True,
+                        )
+        print(f"\nmedians of {rounds} rounds x {seconds:g} s, load {load_start} -> {load_1m()}")
+        print("| server | c | req/s | CPU-s/GiB | of it the main thread | peak RSS MB |")
+        print("|---|---|---|---|---|---|")
+        for (name, conc), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            req = statistics.median(x[0] for x in runs)
+            cpu_gib = statistics.median(x[1] for x in runs)
+            loop_gib = statistics.median(x[2] for x in runs)
+            print(
+                f"| {name} | {conc} | {req:.0f} | {cpu_gib:.2f} | {loop_gib:.2f} | "
+                f"{rss[(name, conc)]:.1f} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,357 @@
+"""TLS relayed by worker threads (regproxy.tls_relay): what the application sees of a
+connection is the client's (address, https), the connection guard still counts from the accept,
+flow control holds both ways, ends and aborts go through, and nothing is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import gc
+import hashlib
+import os
+import socket
+import ssl
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from regproxy.config import HttpConfig
+from regproxy.connections import ConnectionGuard
+from regproxy.metrics import Metrics
+from regproxy.tls import ServerTLS
+from regproxy.tls_relay import TLSRelay
+
+MiB = 1024 * 1024
+
+
+def _write_cert(d: Path, org: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+        ]
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    c, k = d / f"{org}.crt", d / f"{org}.key"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return c, k
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d: Path = tmp_path_factory.mktemp("relay-tls")
+    _write_cert(d, "first")
+    _write_cert(d, "second")
+    return d
+
+
+def _client() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def _until(cond: Callable[[], bool], what: str) -> None:
+    for i in range(500):  # bounded: 5 s at most
+        if i % 20 == 0:
+            gc.collect()  # a dropped protocol goes now, not at the next collection
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not reached: {what}")
+
+
+def _fd_list() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return out
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class _Served:
+    """An aiohttp server behind the connection guard, its TLS relayed by two workers."""
+
+    def __init__(self, handler: Callable[[web.BaseRequest], object], limit: int = 64) -> None:
+        self.server = web.Server(handler)  # type: ignore[arg-type]
+        self.metrics = Metrics()
+        self.guard = ConnectionGuard(self.server, HttpConfig(), limit, self.metrics)
+        self.relay: TLSRelay | None = None
+
+    def start(self, context: Callable[[], ssl.SSLContext], timeout: float = 30.0) -> int:
+        self.relay = TLSRelay(context, self.guard, workers=2, handshake_timeout=timeout)
+        self.relay.listen("127.0.0.1", 0)
+        return int(self.relay.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        await self.server.shutdown(1.0)
+        if self.relay is not None:
+            self.relay.stop()
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Callable[..., _Served]]:
+    made: list[_Served] = []
+
+    def make(*args: object, **kwargs: object) -> _Served:
+        s = _Served(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        await s.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("regproxy-tls")]
+
+
+def _answer(body: bytes) -> Callable[[web.BaseRequest], object]:
+    async def handler(request: web.BaseRequest) -> web.Response:
+        return web.Response(body=body)
+
+    return handler
+
+
+def _context(certs: Path, org: str = "first") -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(certs / f"{org}.crt", certs / f"{org}.key")
+    return ctx
+
+
+async def _get(port: int, path: str) -> tuple[bytes, bytes, socket.socket | None]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_client())
+    local = writer.get_extra_info("sockname")
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await asyncio.wait_for(writer.wait_closed(), 5)
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body, local
+
+
+async def test_the_app_sees_the_clients_address_and_https(
+    certs: Path, served: Callable[..., _Served]
+) -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == "/go":
+            raise web.HTTPFound("/there")
+        return web.Response(
+            text=f"{request.remote} {request.transport.get_extra_info('peername')[1]} "  # type: ignore[union-attr]
+            f"{request.secure} {request.scheme} {request.url}"
+        )
+
+    s = served(handler)
+    port = s.start(lambda: _context(certs))
+    head, body, local = await _get(port, "/who")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert local is not None
+    assert body.decode() == f"127.0.0.1 {local[1]} True https https://127.0.0.1/who"
+    head, _, _ = await _get(port, "/go")
+    assert b"302" in head.split(b"\r\n")[0] and b"Location: /there" in head
+
+
+async def test_handshakes_in_progress_count_and_give_their_place_back(
+    certs: Path, served: Callable[..., _Served]
+) -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(text="hello")
+
+    s = served(handler, limit=2)
+    port = s.start(lambda: _context(certs), timeout=30.0)
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        await _until(lambda: s.guard.open == 2, "two connections counted from the accept")
+        head, _, _ = await _get(port, "/")
+        assert b" 503 " in head  # the limit's answer, over TLS
+        for sock in silent:
+            sock.close()
+        await _until(lambda: s.guard.open == 0, "the places given back")
+        head, body, _ = await _get(port, "/")
+        assert head.startswith(b"HTTP/1.1 200") and body == b"hello"
+        await _until(lambda: s.guard.open == 0, "the served client's place given back")
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+async def test_a_handshake_that_never_comes_is_cut(
+    certs: Path, served: Callable[..., _Served]
+) -> None:
+    s = served(_answer(b"x"))
+    port = s.start(lambda: _context(certs), timeout=0.2)
+    silent = socket.create_connection(("127.0.0.1", port))
+    try:
+        await _until(lambda: s.guard.open == 1, "counted")
+        await _until(lambda: s.guard.open == 0, "cut after the handshake timeout")
+        silent.settimeout(5)
+        assert silent.recv(100) == b""  # closed by the server
+    finally:
+        silent.close()
+
+
+async def test_a_slow_reader_holds_back_the_writer_and_gets_every_byte(
+    certs: Path, served: Callable[..., _Served]
+) -> None:
+    body = os.urandom(MiB)
+    total = 48 * MiB
+    written = 0
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal written
+        resp = web.StreamResponse()
+        resp.content_length = total
+        await resp.prepare(request)
+        for _ in range(total // MiB):
+            await resp.write(body)
+            written += MiB
+        return resp
+
+    s = served(handler)
+    port = s.start(lambda: _context(certs))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=_client(), limit=64 * 1024
+    )
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    # the client reads nothing: the writer stops well short of the whole body (the socket
+    # buffers and the relay's high-water marks bound what waits in between)
+    await _until(lambda: written >= 2 * MiB, "the response started")
+    before = -1
+    while before != written:  # until it stops moving
+        before = written
+        await asyncio.sleep(0.2)
+    assert written < 24 * MiB
+    h = hashlib.sha256()
+    got = 0
+    while got < total:
+        chunk = await asyncio.wait_for(reader.read(MiB), 10)
+        assert chunk
+        h.update(chunk)
+        got += len(chunk)
+    assert got == total and h.digest() == hashlib.sha256(body * (total // MiB)).digest()
+    writer.close()
+
+
+async def test_ends_and_aborts_go_through(certs: Path, served: Callable[..., _Served]) -> None:
+    seen = asyncio.Event()
+    gone = asyncio.Event()
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == "/cut":
+            resp = web.StreamResponse()
+            resp.content_length = 10 * MiB
+            await resp.prepare(request)
+            await resp.write(b"x" * MiB)
+            assert request.transport is not None
+            request.transport.abort()  # a response cut short
+            return resp
+        seen.set()
+        transport = request.transport
+        assert transport is not None
+        while not transport.is_closing():  # bounded by the test's own wait below
+            await asyncio.sleep(0.01)
+        gone.set()
+        return web.Response()
+
+    s = served(handler)
+    port = s.start(lambda: _context(certs))
+    # the client goes away in the middle of a request: the app sees its connection end
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_client())
+    writer.write(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(seen.wait(), 5)
+    writer.transport.abort()
+    await asyncio.wait_for(gone.wait(), 5)
+    await _until(lambda: s.guard.open == 0, "its place given back")
+    # the app aborts: the client sees the connection end before the whole body
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_client())
+    writer.write(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    with pytest.raises((ConnectionError, ssl.SSLError, asyncio.IncompleteReadError)):
+        while True:
+            chunk = await asyncio.wait_for(reader.read(MiB), 5)
+            if not chunk:
+                raise asyncio.IncompleteReadError(got, None)
+            got += chunk
+    assert len(got) < 10 * MiB
+    writer.close()
+
+
+async def test_many_connections_leave_no_descriptor_or_thread(
+    certs: Path, served: Callable[..., _Served]
+) -> None:
+    s = served(_answer(b"y" * 100_000))
+    port = s.start(lambda: _context(certs))
+    for _ in range(5):  # warm: the loops' own descriptors are made
+        await _get(port, "/")
+    await _until(lambda: s.guard.open == 0, "idle")
+    before = _fds()
+    for _ in range(20):
+        head, body, _ = await _get(port, "/")
+        assert head.startswith(b"HTTP/1.1 200") and len(body) == 100_000
+    await _until(lambda: s.guard.open == 0, "every place given back")
+    try:
+        await _until(lambda: _fds() == before, f"descriptors back to {before}")
+    except AssertionError:
+        raise AssertionError(f"{before} descriptors before, now: {_fd_list()}") from None
+    assert s.relay is not None
+    await _until(lambda: not any(w.pairs for w in s.relay.workers), "the workers forgot them")
+
+
+async def test_a_reloaded_certificate_is_served_to_new_connections(
+    certs: Path, served: Callable[..., _Served], tmp_path: Path
+) -> None:
+    live_cert, live_key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    live_cert.write_bytes((certs / "first.crt").read_bytes())
+    live_key.write_bytes((certs / "first.key").read_bytes())
+    server_tls = ServerTLS(str(live_cert), str(live_key))
+    server_tls.swap = True
+    s = served(_answer(b"ok"))
+    port = s.start(lambda: server_tls.context)
+
+    async def org() -> str:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_client())
+        ssl_obj = writer.get_extra_info("ssl_object")
+        der = ssl_obj.getpeercert(binary_form=True)
+        writer.close()
+        name = x509.load_der_x509_certificate(der).subject
+        return str(name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value)
+
+    assert await org() == "first"
+    live_cert.write_bytes((certs / "second.crt").read_bytes())
+    live_key.write_bytes((certs / "second.key").read_bytes())
+    assert server_tls.reload()
+    assert await org() == "second"
+    live_cert.write_text("broken\n")
+    assert not server_tls.reload()
+    assert await org() == "second"
