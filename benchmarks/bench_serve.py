@@ -10,6 +10,7 @@ ports and are stopped by PID at the end, whatever happens.
     python -m benchmarks.bench_serve --tls      # both servers on HTTPS: blobs and the stream
     python -m benchmarks.bench_serve --quick    # smoke run (~1 min)
     python -m benchmarks.bench_serve --json     # also write benchmarks/results/serve-<time>.json
+    python -m benchmarks.bench_serve --access-log  # both servers write a line per request
 
 Needs ``wrk``, ``curl`` and ``docker-registry`` on PATH (``apt-get install -y wrk curl
 docker-registry``; ``openssl`` for ``--tls``); it installs nothing itself.
@@ -204,6 +205,8 @@ class Settings:
     tls: bool = False
     #: also load a bare aiohttp server answering every GET with the manifest (floor_server)
     floor: bool = False
+    #: both servers write their access lines (off by default, as in the figures below)
+    access_log: bool = False
 
 
 class Floor:
@@ -226,15 +229,19 @@ class Floor:
         stop_process(self.proc)
 
 
-def servers(tmp: Path, ca: TestCA | None) -> tuple[Daemon, DockerRegistry]:
-    config: dict[str, Any] = {"log": {"access": False, "level": "WARNING"}}
+def servers(
+    tmp: Path, ca: TestCA | None, access_log: bool = False
+) -> tuple[Daemon, DockerRegistry]:
+    """Both servers; ``access_log``: both write a line per request (to a file here; regproxy
+    to journald in production), else neither does."""
+    config: dict[str, Any] = {"log": {"access": access_log, "level": "WARNING"}}
     if ca is not None:
         config["tls"] = {"cert": str(ca.cert), "key": str(ca.key)}
     daemon = Daemon(tmp / "regproxy", config)
     daemon.root.mkdir(parents=True)
     peer = DockerRegistry(
         tmp / "registry",
-        extra={"log": {"level": "error", "accesslog": {"disabled": True}}},
+        extra={"log": {"level": "error", "accesslog": {"disabled": not access_log}}},
         tls=(ca.cert, ca.key) if ca is not None else None,
     )
     return daemon, peer
@@ -252,7 +259,7 @@ def bench(settings: Settings, progress: bool = True) -> dict[str, Any]:
         tmp = Path(tmpdir)
         ca = make_test_ca(tmp / "tls") if settings.tls else None
         tls = ca.client_context() if ca is not None else None
-        daemon, peer = servers(tmp, ca)
+        daemon, peer = servers(tmp, ca, settings.access_log)
         floor: Floor | None = None
         try:
             with started(daemon, peer):
@@ -431,7 +438,8 @@ def render(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines += [
         "",
-        f"{'HTTPS (TLS, test CA)' if tls else 'plain HTTP'}; medians of {s['runs']} runs x "
+        f"{'HTTPS (TLS, test CA)' if tls else 'plain HTTP'}; access lines "
+        f"{'on (both servers, to a file)' if s.get('access_log') else 'off'}; medians of {s['runs']} runs x "
         f"{s['seconds']:g} s per cell (wrk -t1, after a {s['warmup']:g} s warm-up); stream: "
         f"median of {s['stream_runs']} curl runs, p50 = time to first byte, p99 = whole transfer",
         "CPU = the server process's user+system CPU (all threads, /proc/PID/stat) during the "
@@ -464,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also load a bare aiohttp server answering with the manifest (benchmarks.floor_server)",
     )
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="both servers write a line per request (regproxy's log.access, the peer's accesslog)",
+    )
     p.add_argument("--json", action="store_true", help="write results to benchmarks/results/")
     p.add_argument("--runs", type=int, help="runs per cell (default 3; --quick 1)")
     p.add_argument("--seconds", type=float, help="seconds per run (default 1)")
@@ -483,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings.tls = args.tls
     settings.floor = args.floor and not args.tls
+    settings.access_log = args.access_log
     if args.runs:
         settings.runs = max(1, min(args.runs, 20))
         settings.stream_runs = settings.runs

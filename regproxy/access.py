@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from regproxy.connections import request_done
+from regproxy.log import access_line
 from regproxy.metrics import Metrics
 from regproxy.web_keys import METRICS_KEY, NOTES_KEY
 
@@ -68,7 +69,7 @@ class AccessLogger(AbstractAccessLogger):
             count_request(metrics, route, request.method, response.status, time)
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        write_line(
+        written = write_line(
             self.logger,
             request.method,
             request.path,
@@ -78,6 +79,8 @@ class AccessLogger(AbstractAccessLogger):
             notes,
             request.remote,
         )
+        if not written and metrics is not None:
+            metrics.access_lines_dropped.inc()
 
 
 #: each app's labelled children by (route, method, status): labels() is slow, the set small
@@ -104,6 +107,13 @@ def count_request(metrics: Metrics, route: str, method: str, status: int, second
     children[1].observe(seconds)
 
 
+#: the access line (README: "Access log"); its text and fields do not change
+ACCESS_FORMAT: Final = (
+    "request method=%s path=%s repo=%s status=%d bytes=%d duration_ms=%.1f cache=%s "
+    "upstream=%s error=%s user=%s remote=%s peer=%s"
+)
+
+
 def write_line(
     logger: logging.Logger,
     method: str,
@@ -113,11 +123,10 @@ def write_line(
     seconds: float,
     notes: Mapping[str, str],
     remote: str | None,
-) -> None:
-    """The request's access line (the caller checked that ``logger`` is enabled for INFO)."""
-    logger.info(
-        "request method=%s path=%s repo=%s status=%d bytes=%d duration_ms=%.1f cache=%s "
-        "upstream=%s error=%s user=%s remote=%s peer=%s",
+) -> bool:
+    """The request's access line (the caller checked that ``logger`` is enabled for INFO);
+    False when it was dropped because stderr is stalled (``regproxy.log.LineHandler``)."""
+    args = (
         method,
         path,
         notes.get("repo", "-"),
@@ -131,3 +140,4 @@ def write_line(
         remote,
         notes.get("peer", "-"),
     )
+    return access_line(logger, ACCESS_FORMAT, args)

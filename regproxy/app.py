@@ -34,6 +34,7 @@ from regproxy.evict import Evictor
 from regproxy.fastpath import FastPath
 from regproxy.headers import INSTANCE_HEADER
 from regproxy.health import Health
+from regproxy.log import flush_lines
 from regproxy.lookups import TAG_CONFIRM_SECONDS
 from regproxy.metrics import Metrics
 from regproxy.names import NameResolver
@@ -116,6 +117,11 @@ async def _begin_shutdown(app: web.Application) -> None:
     registry = app[REGISTRY_KEY]
     if isinstance(registry, ProxyRegistry):
         registry.begin_shutdown()
+
+
+async def _flush_access_lines(app: web.Application) -> None:
+    """The access lines that wait for the log's writer thread are written (regproxy.log)."""
+    flush_lines()
 
 
 async def _evict_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -204,6 +210,7 @@ def create_app(
     app.on_shutdown.append(_begin_shutdown)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
+    app.on_cleanup.append(_flush_access_lines)
     return app
 
 

@@ -263,7 +263,8 @@ class FastPath:
         if self.access.isEnabledFor(logging.INFO):
             notes = {"route": kind, "repo": repo.canonical, "cache": "hit", "upstream": label}
             sent = len(body) if get else 0
-            write_line(self.access, h.method, h.target, 200, sent, seconds, notes, remote)
+            if not write_line(self.access, h.method, h.target, 200, sent, seconds, notes, remote):
+                self.metrics.access_lines_dropped.inc()
         return response, h.close
 
     def _manifest(self, h: Head, repo: RepoName, ref: str) -> tuple[str, bytes, str] | None:

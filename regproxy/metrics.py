@@ -306,6 +306,12 @@ class Metrics:
             "manifest GETs and HEADs, small blob GETs); also counted in regproxy_http_requests_total",
             registry=r,
         )
+        self.access_lines_dropped = Counter(
+            "regproxy_access_lines_dropped_total",
+            "Access lines dropped because stderr took nothing while 4 MiB of them waited "
+            "(journald stalled); the loop never waits on stderr for an access line",
+            registry=r,
+        )
         self.slow_clients_cut = Counter(
             "regproxy_http_slow_clients_cut_total",
             "Connections closed for making no progress, by phase (header: request headers not in within "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -106,12 +107,17 @@ def test_metrics_after_hits_misses_and_a_stale_tag(
     )
     assert errors >= 1
 
-    # one access-log line per request, naming the cache result and the upstream
-    log = proxy.log()
-    lines = [
-        line for line in log.splitlines() if "regproxy.access" in line and "/team/app/" in line
-    ]
+    # one access-log line per request, naming the cache result and the upstream (they are
+    # written by the log's writer thread a moment after the answer: regproxy.log.LineHandler)
+    def team_lines() -> list[str]:
+        log = proxy.log()
+        return [ln for ln in log.splitlines() if "regproxy.access" in ln and "/team/app/" in ln]
+
+    deadline = time.monotonic() + 10
+    while len(lines := team_lines()) < 7 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert len(lines) == 7
+    log = proxy.log()
     assert sum("cache=miss" in line and f"upstream={host}" in line for line in lines) == 3
     assert sum("cache=hit" in line for line in lines) == 3
     assert sum("cache=stale" in line for line in lines) == 1
