@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -306,9 +307,10 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
 
     def flush(self) -> None:
-        """Write what waits, then flush the stream."""
-        self._write_pending()
-        super().flush()
+        """Write what waits, then flush the stream (a closed or broken one: nothing to do)."""
+        with contextlib.suppress(OSError, ValueError):
+            self._write_pending()
+            super().flush()
 
     def close(self) -> None:
         self._write_pending()
