@@ -245,6 +245,8 @@ async def open_listener(
             guard,
             workers=workers,
             handshake_timeout=config.http.header_timeout,
+            write_timeout=config.http.write_timeout,
+            on_write_cut=app[METRICS_KEY].slow_clients_cut.labels("write").inc,
         )
         try:
             relay.listen(host, port, backlog=1024)

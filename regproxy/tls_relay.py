@@ -15,7 +15,11 @@ listener's (``peername``, ``sockname``), and the ``sslcontext`` (aiohttp's ``req
 and the URLs it builds say https). Flow control is passed through both ways: a side whose
 write buffer is above :data:`HIGH_WATER` stops the reading of the other, so a slow TLS reader
 fills the socket pair and the event loop's send waits (``http.write_timeout`` bites there), and
-a connection holds a bounded amount of memory. An end of file goes on as an end of file; a
+a connection holds a bounded amount of memory. What the socket pair and the TCP buffers take is
+no longer seen waiting on the event loop's side (a 4 MiB answer fits; a cut end of the pair is
+not read while the client takes nothing), so each worker also watches its clients'
+connections as the guard does (regproxy.write_watch): one that takes none of the bytes waiting
+for it for ``http.write_timeout`` is aborted, and with it the event loop's side. An end of file goes on as an end of file; a
 reset, or an abort on the event loop's side (a response cut short), as an abort.
 """
 
@@ -28,8 +32,11 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final
+
+from regproxy.write_watch import WriteWatch
 
 log = logging.getLogger("regproxy.tls")
 
@@ -48,26 +55,55 @@ ACCEPT_REST_SECONDS: Final = 1.0
 
 class _Pair:
     """One relayed connection, on its worker: the client's TLS transport and the worker's end
-    of the socket pair."""
+    of the socket pair. The worker's :class:`WriteWatch` looks at it as a connection whose
+    ``transport`` is the client's."""
 
-    __slots__ = ("aborted", "live", "lost", "plain", "tls")
+    __slots__ = (
+        "aborted",
+        "live",
+        "lost",
+        "peername",
+        "plain",
+        "stalled_mark",
+        "stalled_since",
+        "tls",
+        "transport",
+        "watch",
+    )
 
-    def __init__(self, live: set[_Pair]) -> None:
+    def __init__(self, live: set[_Pair], watch: WriteWatch, peername: object) -> None:
         self.tls: asyncio.Transport | None = None
         self.plain: asyncio.Transport | None = None
         #: the event loop aborted its end (a response cut short): the client gets an abort
         self.aborted = False
         self.live = live  # the worker's relayed connections: this one is in it while up
         self.lost = 0
+        self.watch = watch
+        self.peername = peername
+        self.transport: asyncio.Transport | None = None  # the client's, for the watch
+        self.stalled_since: float | None = None
+        self.stalled_mark = (0, 0)
+
+    def up(self, tls: asyncio.Transport) -> None:
+        """The handshake is done: relayed, and watched like a plain connection (a client that
+        takes none of the bytes waiting for it is cut after ``http.write_timeout``; the event
+        loop's side, done or cut, no longer sees this connection's bytes wait)."""
+        self.tls = self.transport = tls
+        self.live.add(self)
+        self.watch.add(self)
+
+    def peer(self) -> object:
+        return self.peername
 
     def gone(self, exc: BaseException | None) -> None:
         """One side's connection was lost: the other ends too; the worker forgets the pair
         once both have gone."""
         self.end(exc)
+        self.watch.discard(self)
         self.lost += 1
         if self.lost >= 2:
             self.live.discard(self)
-            self.tls = self.plain = None  # no cycle left for the collector to find
+            self.tls = self.plain = self.transport = None  # no cycle left for the collector
 
     def end(self, exc: BaseException | None) -> None:
         for transport in (self.tls, self.plain):
@@ -127,7 +163,8 @@ class _TLSSide(asyncio.Protocol):
         self.on_up = on_up
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        tls = self.pair.tls = _buffered(transport)
+        tls = _buffered(transport)
+        self.pair.up(tls)
         self.on_up(tls)
 
     def data_received(self, data: bytes) -> None:
@@ -256,9 +293,15 @@ class _Plain(asyncio.Protocol):
 class _Worker:
     """One thread with an event loop of its own: handshakes and record layers."""
 
-    def __init__(self, name: str, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    def __init__(
+        self,
+        name: str,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop],
+        watch: WriteWatch,
+    ) -> None:
         self.loop = loop_factory()
         self.pairs: set[_Pair] = set()
+        self.watch = watch  # used on this worker's loop only
         self.tasks: set[asyncio.Task[None]] = set()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
@@ -277,6 +320,7 @@ class _Worker:
         task.add_done_callback(self.tasks.discard)
 
     def _halt(self) -> None:
+        self.watch.close()
         for task in list(self.tasks):
             task.cancel()
         for pair in list(self.pairs):
@@ -329,6 +373,8 @@ class TLSRelay:
         *,
         workers: int,
         handshake_timeout: float,
+        write_timeout: float,
+        on_write_cut: Callable[[], None] = lambda: None,
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     ) -> None:
         self.context = context
@@ -336,7 +382,14 @@ class TLSRelay:
         self.handshake_timeout = handshake_timeout
         self.loop = asyncio.get_running_loop()
         make = loop_factory or _same_kind(self.loop)
-        self.workers = [_Worker(f"regproxy-tls-{i}", make) for i in range(max(1, workers))]
+        self.workers = [
+            _Worker(
+                f"regproxy-tls-{i}",
+                make,
+                WriteWatch(write_timeout, time.monotonic, on_write_cut),
+            )
+            for i in range(max(1, workers))
+        ]
         self._next: Iterator[_Worker] = itertools.cycle(self.workers)
         #: protocols of connections in their handshake, by key (they count from the accept)
         self._pending: dict[int, asyncio.Protocol] = {}
@@ -412,7 +465,7 @@ class TLSRelay:
 
         async def run(worker: _Worker) -> None:
             loop = worker.loop
-            pair = _Pair(worker.pairs)
+            pair = _Pair(worker.pairs, worker.watch, extra["peername"])
             mine, theirs = socket.socketpair()
             theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PAIR_SEND_BUFFER)
             up = False
@@ -420,7 +473,6 @@ class TLSRelay:
             def on_up(tls: asyncio.Transport) -> None:
                 nonlocal up
                 up = True
-                worker.pairs.add(pair)
                 try:
                     self.loop.call_soon_threadsafe(self._attach, key, theirs, extra, pair)
                 except RuntimeError:  # the event loop is gone

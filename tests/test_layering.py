@@ -113,8 +113,9 @@ LAYERS: dict[str, Layer] = {
     "write_watch": _layer("write_watch", "base"),
     "serving": _layer("connections", f"{_MODEL} keys write_watch"),
     "web": _layer("web_errors sendfile access", f"{_MODEL} keys serving"),
-    # TLS handshakes and records on worker threads, plaintext to the event loop (knows no HTTP)
-    "relay": _layer("tls_relay", "base"),
+    # TLS handshakes and records on worker threads, plaintext to the event loop (knows no HTTP;
+    # its workers cut clients that take nothing, as the guard does)
+    "relay": _layer("tls_relay", "base write_watch"),
     "auth": _layer("auth", f"{_MODEL} keys serving web"),
     "handlers": _layer(
         "api admin ui",

@@ -103,14 +103,26 @@ def _fds() -> int:
 class _Served:
     """An aiohttp server behind the connection guard, its TLS relayed by two workers."""
 
-    def __init__(self, handler: Callable[[web.BaseRequest], object], limit: int = 64) -> None:
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], object],
+        limit: int = 64,
+        http: HttpConfig | None = None,
+    ) -> None:
         self.server = web.Server(handler)  # type: ignore[arg-type]
         self.metrics = Metrics()
-        self.guard = ConnectionGuard(self.server, HttpConfig(), limit, self.metrics)
+        self.http = http or HttpConfig()
+        self.guard = ConnectionGuard(self.server, self.http, limit, self.metrics)
         self.relay: TLSRelay | None = None
 
     def start(self, context: Callable[[], ssl.SSLContext], timeout: float = 30.0) -> int:
-        self.relay = TLSRelay(context, self.guard, workers=2, handshake_timeout=timeout)
+        self.relay = TLSRelay(
+            context,
+            self.guard,
+            workers=2,
+            handshake_timeout=timeout,
+            write_timeout=self.http.write_timeout,
+        )
         self.relay.listen("127.0.0.1", 0)
         return int(self.relay.sockets[0].getsockname()[1])
 
@@ -355,3 +367,45 @@ async def test_a_reloaded_certificate_is_served_to_new_connections(
     live_cert.write_text("broken\n")
     assert not server_tls.reload()
     assert await org() == "second"
+
+
+async def _stuck_client(
+    port: int, request: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TLS client that sends ``request`` and then reads nothing (a small receive window)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=_client(), server_hostname="127.0.0.1", limit=16 * 1024
+    )
+    writer.write(request)
+    writer.transport.pause_reading()
+    return reader, writer
+
+
+@pytest.mark.parametrize("size", [4 * MiB, 24 * MiB])
+async def test_a_client_that_takes_nothing_is_cut_after_the_write_timeout(
+    certs: Path, served: Callable[..., _Served], size: int
+) -> None:
+    # an answer written whole (a 4 MiB manifest) to a client that reads none of it: 4 MiB go
+    # into the socket pair and the TCP buffers, the event loop's side is done and the client's
+    # connection was held until the keep-alive ran out (and the TLS shutdown's 30 s); 24 MiB
+    # stall on the event loop's side, which is cut after http.write_timeout, and the relay held
+    # the client's connection for ever (its end of the pair no longer read), outside
+    # http.max_connections. Both are cut after http.write_timeout, as without the relay.
+    s = served(_answer(os.urandom(size)), http=HttpConfig(write_timeout=0.5))
+    port = s.start(lambda: _context(certs))
+    reader, writer = await _stuck_client(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert s.relay is not None
+    await _until(lambda: any(w.pairs for w in s.relay.workers), "relayed")  # type: ignore[union-attr]
+    await _until(lambda: s.guard.open == 0, "the event loop's side cut")
+    await _until(lambda: not any(w.pairs for w in s.relay.workers), "the relay let it go")  # type: ignore[union-attr]
+    writer.transport.resume_reading()
+    got = 0
+    with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+        while chunk := await asyncio.wait_for(reader.read(MiB), 5):
+            got += len(chunk)
+    assert got < size  # the end came before the whole answer
+    writer.close()
