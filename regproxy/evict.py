@@ -121,16 +121,22 @@ class Evictor:
         self._task: asyncio.Task[None] | None = None
         self._data_version: int | None = None
         self._stuck_logged = -STUCK_LOG_SECONDS
+        #: one round at a time: the loop's, or one a transfer asked for (make_room)
+        self._lock = asyncio.Lock()
         fetcher = getattr(registry, "fetcher", None)
         self.fetcher = fetcher if isinstance(fetcher, Fetcher) else None
 
     def start(self) -> None:
         self.registry.subscribe_stored(self.poke)
+        if self.fetcher is not None and self.fetcher.space is not None:
+            self.fetcher.space.room_from(self.make_room)
         self._task = asyncio.create_task(self._run(), name="evict")
         _TASKS.add(self._task)
         self._task.add_done_callback(_TASKS.discard)
 
     async def stop(self) -> None:
+        if self.fetcher is not None and self.fetcher.space is not None:
+            self.fetcher.space.room_from(None)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -159,8 +165,38 @@ class Evictor:
         """Digests being fetched, or served since access times were last written: kept."""
         return self.registry.pending_access() | self._inflight()
 
+    async def make_room(self, need: int) -> int:
+        """Free ``need`` bytes now for a transfer that does not fit (regproxy.space), plus the
+        watermarks' margin (``max_size - evict_to``, or ``min_free``'s proportion), so a full
+        cache is not re-planned at every miss: a round like the loop's, by the same rules
+        (nothing pinned, in use or being fetched goes). Returns the bytes freed."""
+        reg = self.registry
+        async with self._lock:
+            total, _ = await asyncio.get_running_loop().run_in_executor(None, reg.store.disk_usage)
+            marks = Watermarks.of(self.config.storage, total)
+            margin = max((marks.limit or 0) - (marks.low or 0), marks.floor_target - marks.floor)
+            r = await self.evict(need + margin)
+        reg.metrics.store_bytes.set(await reg.db.read(Index.store_bytes))
+        short = max(0, need - r.freed)
+        (log.warning if short else log.info)(
+            "evict.for_fetch need=%d margin=%d freed=%d manifests=%d loose=%d seconds=%.2f "
+            "short=%d",
+            need,
+            margin,
+            r.freed,
+            r.manifests,
+            r.loose,
+            r.seconds,
+            short,
+        )
+        return r.freed
+
     async def check(self) -> Round | None:
         """One round: measure, and evict when a high watermark is crossed."""
+        async with self._lock:
+            return await self._check()
+
+    async def _check(self) -> Round | None:
         reg = self.registry
         version = await reg.db.write(Index.data_version)
         if self._data_version is not None and version != self._data_version:

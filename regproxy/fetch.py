@@ -34,6 +34,7 @@ from regproxy.errors import BlobUnknown, DigestMismatch, OCIError, UpstreamError
 from regproxy.metrics import Metrics
 from regproxy.oci import Digest
 from regproxy.pump import SocketBody, pump
+from regproxy.space import Space
 from regproxy.store import BlobWriter, Store
 from regproxy.units import BLOB_CHUNK, BULK_CHUNK
 
@@ -98,6 +99,7 @@ class Transfer:
         self.committed = False
         self.error: OCIError | None = None
         self.source = ""
+        self.repo = ""
         self.kind = "upstream"
         #: how the last body was copied: "thread" (regproxy.pump) or "loop"
         self.copy = ""
@@ -242,9 +244,12 @@ class Fetcher:
         *,
         timing: Timing = DEFAULT_TIMING,
         metrics: Metrics | None = None,
+        space: Space | None = None,
     ) -> None:
         self.store = store
         self.on_commit = on_commit
+        #: room reserved before a first byte is written (None: none checked, as for tools)
+        self.space = space
         self.metrics = metrics if metrics is not None else Metrics()
         self.timing = timing
         self.inflight: dict[Digest, Transfer] = {}
@@ -299,6 +304,7 @@ class Fetcher:
     async def _run(self, t: Transfer, sources: list[Source], repo: str) -> None:
         loop = asyncio.get_running_loop()
         error: OCIError | None = None
+        t.repo = repo
         try:
             t.writer = await loop.run_in_executor(None, self.store.writer)
             last: OCIError = BlobUnknown(str(t.digest))
@@ -369,6 +375,8 @@ class Fetcher:
             error = TransferFailed(f"{t.digest}: {exc}")
         finally:
             # clean up before the failure is published: a waiter that sees it may act at once
+            if self.space is not None:
+                self.space.release(t)
             if not t.committed and t.writer is not None:
                 with contextlib.suppress(OSError):
                     await loop.run_in_executor(None, t.writer.abort)
@@ -441,7 +449,17 @@ class Fetcher:
             t.source, t.kind = stream.source, source.kind
             if t.size is None or (t.written == 0 and stream.size != t.size):
                 # nothing written yet (the first source, or a fresh file after one that
-                # lied): this source's size holds; readers sized otherwise are cut
+                # lied): this source's size holds; readers sized otherwise are cut; room for
+                # it first (regproxy.space: 507 before any byte when there is none)
+                if self.space is not None:
+                    await self.space.reserve(
+                        t,
+                        stream.size,
+                        lambda: t.written,
+                        digest=t.digest,
+                        repo=t.repo,
+                        source=stream.source,
+                    )
                 t.size = stream.size
                 t.notify()
             elif stream.size != t.size:

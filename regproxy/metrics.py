@@ -192,6 +192,14 @@ class Metrics:
         self.evicted_bytes = Counter(
             "regproxy_evicted_bytes_total", "Bytes removed by eviction", registry=r
         )
+        self.fetch_refused = Counter(
+            "regproxy_fetch_refused_total",
+            "Pull-through blob transfers refused with 507 before their first byte, by reason "
+            "(no_space: no room under storage.max_size / above storage.min_free even after "
+            "eviction; too_large: larger than the cache may ever hold)",
+            ["reason"],
+            registry=r,
+        )
         self.store_limit_bytes = Gauge(
             "regproxy_store_limit_bytes",
             "storage.max_size in bytes (a percentage resolved on the store's filesystem); 0: no limit",

@@ -54,6 +54,7 @@ from regproxy.registry import (
     ManifestGone,
     note,
 )
+from regproxy.space import Space
 from regproxy.store import Store
 from regproxy.upstream import TagPage, UpstreamClient
 from regproxy.upstream.pool import ClientPool
@@ -112,7 +113,11 @@ class ProxyRegistry:
         self.timing = timing
         #: manifests the cluster's hosts answer, stored in the local registry
         self.from_cluster = FromCluster(local, timing, config.tag_ttl)
-        self.fetcher = Fetcher(store, self._on_fetched, timing=timing, metrics=self.metrics)
+        #: room for pull-through blobs, reserved before their first byte (the evictor frees it)
+        self.space = Space(config.storage, store.disk_usage, self._stored_bytes, self.metrics)
+        self.fetcher = Fetcher(
+            store, self._on_fetched, timing=timing, metrics=self.metrics, space=self.space
+        )
         self.clients = ClientPool(config, timing=timing, metrics=self.metrics)
         self._flights = SingleFlights("upstream")
         #: names of blobs being fetched, so the first commit can create the repository row
@@ -523,6 +528,9 @@ class ProxyRegistry:
         if cluster is None:
             return [upstream] if upstream is not None else []
         return await cluster.blob_sources(repo.canonical, digest, upstream)
+
+    async def _stored_bytes(self) -> int:
+        return await self.db.read(Index.store_bytes)
 
     async def _on_fetched(self, digest: Digest, size: int, repo: str, source: str) -> None:
         name = self._fill_names.get(repo) or RepoName(repo)

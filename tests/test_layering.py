@@ -64,7 +64,9 @@ LAYERS: dict[str, Layer] = {
     # the transfer knows no transport: sources are callables handed in by proxy
     # a plain-TCP body copied into the store on a thread (the socket is handed in)
     "pump": _layer("pump", "base store"),
-    "transfer": _layer("fetch", "base oci store pump"),
+    # room for pull-through blobs, reserved before their first byte
+    "space": _layer("space", "base oci config values"),
+    "transfer": _layer("fetch", "base oci store pump space"),
     "upstream": _layer("upstream", "base oci config names"),
     # which peers are up: backoff on the clock handed in
     "liveness": _layer("liveness", "base"),
@@ -84,8 +86,8 @@ LAYERS: dict[str, Layer] = {
     "from_cluster": _layer("cluster_manifests", f"{_MODEL} cluster registry"),
     "proxy": _layer(
         "proxy",
-        f"{_MODEL} store index facade transfer upstream peers cluster lookups registry referrers "
-        "from_cluster",
+        f"{_MODEL} store index facade transfer space upstream peers cluster lookups registry "
+        "referrers from_cluster",
     ),
     # the signature policy: rules, decisions, verification through the referrers
     "policy": _layer("policy", f"{_MODEL} signatures index facade registry referrers"),

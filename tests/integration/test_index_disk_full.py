@@ -289,20 +289,24 @@ async def test_the_daemon_starts_on_a_full_disk_and_serves_what_it_holds(
 async def test_a_disk_that_fills_mid_body_cuts_the_pumped_transfer_and_keeps_no_partial(
     roomy_tmpfs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A body large enough for the pump thread (regproxy.pump) runs out of room after its first
-    bytes went out: the response is cut (never completed), the temp file is gone, nothing is
-    committed; with room again the same GET is pulled whole, through the pump."""
+    """A body large enough for the pump thread (regproxy.pump) fits when it starts (its room is
+    reserved, regproxy.space), then something else fills the disk after its first bytes went
+    out: the response is cut (never completed), the temp file is gone, nothing is committed;
+    with room again the same GET is pulled whole, through the pump."""
+    import asyncio
     import logging
     import os
 
     import aiohttp
 
-    from tests.fakes import FakeUpstream
+    from tests.fakes import BlobFault, FakeUpstream
 
     caplog.set_level(logging.INFO, logger="regproxy.fetch")
     upstream = await FakeUpstream().start()
     data = os.urandom(12 * 1024 * 1024)
     digest = upstream.add_blob(data)
+    gate = asyncio.Event()
+    fault = upstream.blob_faults[digest] = BlobFault(hold_at=2 * 1024 * 1024, gate=gate)
     root = roomy_tmpfs / "store"
     config = config_from_dict(
         {
@@ -315,18 +319,22 @@ async def test_a_disk_that_fills_mid_body_cuts_the_pumped_transfer_and_keeps_no_
     await client.start_server()
     try:
         filler = roomy_tmpfs / "filler"
-        fill(filler)
-        os.truncate(filler, filler.stat().st_size - 3 * 1024 * 1024)  # 3 MiB of room left
         resp = await client.get(f"/v2/fake.test/app/blobs/{digest}")
         assert resp.status == 200  # the first bytes landed before the disk filled
+        await fault.holding.wait()
+        fill(filler)
+        os.truncate(filler, filler.stat().st_size - 1024 * 1024)  # 1 MiB of room left
+        gate.set()
         with pytest.raises(aiohttp.ClientError):
             await resp.read()
         assert list((root / "tmp").iterdir()) == []
         assert not (root / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
         filler.unlink()
+        del upstream.blob_faults[digest]
         resp = await client.get(f"/v2/fake.test/app/blobs/{digest}")
         assert resp.status == 200 and await resp.read() == data
     finally:
+        gate.set()
         await client.close()
         await upstream.stop()
     assert "no space left" in caplog.text

@@ -1,0 +1,191 @@
+"""Room on disk for pull-through blobs, reserved before their first byte is written.
+
+A transfer (regproxy.fetch) learns the blob's size from its source's answer (a registry blob GET
+always carries it: an answer without a Content-Length is refused by the upstream client) and
+reserves it here before it writes anything. The blob fits when both hold:
+
+* the store, every other reservation and this blob stay within ``storage.max_size``;
+* the filesystem's free bytes, less what other reservations still have to write, less this
+  blob, stay at or above ``storage.min_free`` (0: the disk itself).
+
+Two 3 GiB misses on 5 GiB free therefore do not both start. When a blob does not fit, the
+evictor (regproxy.evict, which hands itself in with :meth:`Space.room_from`) is asked for the
+shortfall: one ask at a time, waited for at most ``wait`` seconds (the round goes on in the
+background after that), and only what eviction may remove goes (unpinned, least recently used,
+never in use or being fetched). Measured again, a blob that still does not fit is refused with
+:class:`NoRoom` (507) before any byte is sent, logged as ``fetch.no_space`` and counted in
+``regproxy_fetch_refused_total{reason="no_space"}``. A blob larger than ``max_size``, or than the
+filesystem less ``min_free``, can never be stored: it is refused at once, nothing evicted
+(``reason="too_large"``).
+
+A reservation is released when its transfer ends, however it ends (the fetcher's ``finally``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Final
+
+from regproxy.config import StorageConfig
+from regproxy.errors import StorageFull
+from regproxy.metrics import Metrics
+from regproxy.oci import Digest
+
+log = logging.getLogger("regproxy.space")
+#: the longest a transfer waits for eviction to make room before it is refused
+ROOM_WAIT: Final = 10.0
+
+
+class NoRoom(StorageFull):
+    """A pull-through blob that does not fit: 507 before its first byte."""
+
+
+@dataclass(slots=True)
+class _Held:
+    size: int
+    #: bytes of it in the file so far (already counted by the filesystem's free bytes)
+    written: Callable[[], int]
+
+    @property
+    def unwritten(self) -> int:
+        return max(0, self.size - self.written())
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """How a blob compares with the room there is (all in bytes)."""
+
+    short: int  # bytes missing (0: it fits)
+    reason: str  # "" (fits), "no_space", "too_large"
+    free: int  # the filesystem's free bytes, as measured
+    stored: int
+    reserved: int  # by other transfers
+    limit: int | None  # max_size, resolved
+    floor: int  # min_free, resolved
+
+
+class Space:
+    """The reservations of the transfers in flight, and the checks against the watermarks."""
+
+    def __init__(
+        self,
+        storage: StorageConfig,
+        disk: Callable[[], tuple[int, int]],
+        stored: Callable[[], Awaitable[int]],
+        metrics: Metrics | None = None,
+        *,
+        wait: float = ROOM_WAIT,
+    ) -> None:
+        """``disk``: (total, free) bytes of the store's filesystem (blocking: run off the loop);
+        ``stored``: the bytes the store holds (the index's running total)."""
+        self.storage = storage
+        self.disk = disk
+        self.stored = stored
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.wait = wait
+        self._held: dict[Hashable, _Held] = {}
+        self._make_room: Callable[[int], Awaitable[object]] | None = None
+        self._asking = asyncio.Lock()
+        #: eviction rounds asked for and still running (a refused transfer does not wait)
+        self.asks: set[asyncio.Task[object]] = set()
+
+    def room_from(self, make_room: Callable[[int], Awaitable[object]] | None) -> None:
+        """Who frees bytes when a blob does not fit (the evictor; None: nobody)."""
+        self._make_room = make_room
+
+    @property
+    def reserved(self) -> int:
+        return sum(h.size for h in self._held.values())
+
+    def release(self, key: Hashable) -> None:
+        self._held.pop(key, None)
+
+    async def reserve(
+        self,
+        key: Hashable,
+        size: int,
+        written: Callable[[], int],
+        *,
+        digest: Digest,
+        repo: str,
+        source: str,
+    ) -> None:
+        """Reserve ``size`` bytes for ``key`` (replacing what it held), making room if need be;
+        :class:`NoRoom` when there is none to be had."""
+        self.release(key)
+        v = await self._verdict(size)
+        if v.reason == "no_space" and self._make_room is not None:
+            async with self._asking:  # one ask at a time; the one before may have made room
+                v = await self._verdict(size)
+                if v.reason == "no_space":
+                    await self._ask(v.short, digest)
+                    v = await self._verdict(size)
+        if v.reason:
+            self.metrics.fetch_refused.labels(v.reason).inc()
+            log.warning(
+                "fetch.no_space digest=%s repo=%s upstream=%s size=%d free=%d stored=%d "
+                "reserved=%d max_size=%s min_free=%d short=%d reason=%s",
+                digest,
+                repo,
+                source,
+                size,
+                v.free,
+                v.stored,
+                v.reserved,
+                v.limit if v.limit is not None else "-",
+                v.floor,
+                v.short,
+                v.reason,
+            )
+            raise NoRoom(
+                f"{digest} is {size} bytes: "
+                + (
+                    "more than the cache may ever hold"
+                    if v.reason == "too_large"
+                    else f"{v.short} bytes more than there is room for"
+                )
+                + f" (free {v.free}, min_free {v.floor}, stored {v.stored}, "
+                f"max_size {v.limit if v.limit is not None else '-'}, "
+                f"reserved by transfers in flight {v.reserved})"
+            )
+        self._held[key] = _Held(size, written)  # no await since the measure: no other fits in
+
+    async def _verdict(self, size: int) -> Verdict:
+        loop = asyncio.get_running_loop()
+        total, free = await loop.run_in_executor(None, self.disk)
+        max_size, min_free = self.storage.max_size, self.storage.min_free
+        stored = await self.stored() if max_size else 0
+        limit = max_size.resolve(total) if max_size else None
+        floor = min_free.resolve(total) if min_free else 0
+        reserved = self.reserved
+        unwritten = sum(h.unwritten for h in self._held.values())
+        over = stored + reserved + size - limit if limit is not None else 0
+        under = floor + unwritten + size - free
+        short = max(0, over, under)
+        if (limit is not None and size > limit) or size + floor > total:
+            reason = "too_large"
+        else:
+            reason = "no_space" if short else ""
+        return Verdict(short, reason, free, stored, reserved, limit, floor)
+
+    async def _ask(self, need: int, digest: Digest) -> None:
+        """Ask for ``need`` bytes and wait for the round a bounded time (never cut it)."""
+        assert self._make_room is not None
+        log.info("fetch.making_room digest=%s need=%d", digest, need)
+        make_room = self._make_room
+
+        async def round_() -> object:
+            return await make_room(need)
+
+        task = asyncio.create_task(round_(), name=f"make room {digest}")
+        self.asks.add(task)
+        task.add_done_callback(self._asked)
+        await asyncio.wait([task], timeout=self.wait)
+
+    def _asked(self, task: asyncio.Task[object]) -> None:
+        self.asks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("fetch.making_room_failed error=%s", task.exception())

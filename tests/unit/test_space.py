@@ -1,0 +1,165 @@
+"""Room for pull-through blobs (regproxy.space), on a disk and a store of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from regproxy.config import config_from_dict
+from regproxy.metrics import Metrics
+from regproxy.oci import Digest
+from regproxy.space import NoRoom, Space
+
+GiB = 1 << 30
+D = Digest.of(b"a blob")
+
+
+class Disk:
+    """A filesystem of ``total`` bytes with ``free`` left, and a store holding ``stored``."""
+
+    def __init__(self, total: int, free: int, stored: int = 0) -> None:
+        self.total, self.free, self.stored = total, free, stored
+
+    def usage(self) -> tuple[int, int]:
+        return self.total, self.free
+
+    async def stored_bytes(self) -> int:
+        return self.stored
+
+
+def space(disk: Disk, metrics: Metrics | None = None, **storage: object) -> Space:
+    cfg = config_from_dict({"storage": {"root": "/nonexistent", "min_free": 0, **storage}})
+    return Space(cfg.storage, disk.usage, disk.stored_bytes, metrics)
+
+
+def refused(m: Metrics, reason: str) -> float:
+    return m.registry.get_sample_value("regproxy_fetch_refused_total", {"reason": reason}) or 0.0
+
+
+async def reserve(s: Space, key: object, size: int, written: int = 0) -> None:
+    await s.reserve(key, size, lambda: written, digest=D, repo="docker.io/a", source="up")
+
+
+async def test_two_misses_that_do_not_both_fit_do_not_both_start() -> None:
+    """3 GiB and 3 GiB on 5 GiB free: one is reserved, the other refused, even when both
+    measure at the same time; once the first is released the second fits."""
+    m = Metrics()
+    s = space(Disk(100 * GiB, 5 * GiB), m)
+    results = await asyncio.gather(
+        reserve(s, "one", 3 * GiB), reserve(s, "two", 3 * GiB), return_exceptions=True
+    )
+    assert sorted(type(r).__name__ for r in results) == ["NoRoom", "NoneType"]
+    assert s.reserved == 3 * GiB
+    assert refused(m, "no_space") == 1
+    winner = "one" if results[0] is None else "two"
+    s.release(winner)
+    assert s.reserved == 0
+    await reserve(s, "three", 3 * GiB)
+    assert s.reserved == 3 * GiB
+
+
+async def test_bytes_already_written_are_not_counted_twice() -> None:
+    """A transfer 2 of its 3 GiB in: the filesystem counts those 2 GiB, the reservation only
+    the GiB still to come."""
+    disk = Disk(100 * GiB, 5 * GiB)
+    s = space(disk)
+    await reserve(s, "one", 3 * GiB, written=2 * GiB)
+    disk.free = 3 * GiB  # its 2 GiB landed
+    await reserve(s, "two", 2 * GiB)  # 3 free - 1 to come = 2: fits exactly
+    with pytest.raises(NoRoom):
+        await reserve(s, "three", 1)
+
+
+async def test_max_size_counts_the_store_and_every_reservation() -> None:
+    disk = Disk(100 * GiB, 90 * GiB, stored=6 * GiB)
+    s = space(disk, max_size="10GiB")
+    await reserve(s, "one", 3 * GiB)
+    with pytest.raises(NoRoom, match="insufficient storage"):
+        await reserve(s, "two", GiB + 1)
+    await reserve(s, "two", GiB)
+
+
+async def test_min_free_is_kept() -> None:
+    s = space(Disk(100 * GiB, 10 * GiB), min_free="8GiB")
+    with pytest.raises(NoRoom):
+        await reserve(s, "one", 2 * GiB + 1)
+    await reserve(s, "one", 2 * GiB)
+
+
+async def test_eviction_is_asked_for_the_shortfall_once_then_it_fits() -> None:
+    disk = Disk(100 * GiB, 90 * GiB, stored=9 * GiB)
+    s = space(disk, max_size="10GiB")
+    asked: list[int] = []
+
+    async def make_room(need: int) -> int:
+        asked.append(need)
+        disk.stored -= need
+        return need
+
+    s.room_from(make_room)
+    await reserve(s, "one", 3 * GiB)
+    assert asked == [2 * GiB]
+    assert s.reserved == 3 * GiB
+
+
+async def test_what_eviction_cannot_free_is_refused_with_the_numbers() -> None:
+    m = Metrics()
+    s = space(Disk(100 * GiB, 90 * GiB, stored=9 * GiB), m, max_size="10GiB")
+    asked: list[int] = []
+
+    async def make_room(need: int) -> int:
+        asked.append(need)
+        return 0  # everything is pinned or in use
+
+    s.room_from(make_room)
+    with pytest.raises(NoRoom) as exc:
+        await reserve(s, "one", 3 * GiB)
+    assert asked == [2 * GiB]
+    assert exc.value.http_status == 507
+    assert f"{2 * GiB} bytes more than there is room for" in str(exc.value.detail)
+    assert refused(m, "no_space") == 1
+    assert s.reserved == 0
+
+
+async def test_a_blob_larger_than_max_size_is_refused_without_evicting_anything(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    m = Metrics()
+    s = space(Disk(100 * GiB, 90 * GiB), m, max_size="10GiB")
+
+    async def make_room(need: int) -> int:
+        raise AssertionError("nothing is evicted for a blob that can never fit")
+
+    s.room_from(make_room)
+    with pytest.raises(NoRoom, match="more than the cache may ever hold"):
+        await reserve(s, "one", 10 * GiB + 1)
+    assert refused(m, "too_large") == 1 and refused(m, "no_space") == 0
+    line = next(r.getMessage() for r in caplog.records if "fetch.no_space" in r.getMessage())
+    for part in (f"digest={D}", "repo=docker.io/a", "upstream=up", f"size={10 * GiB + 1}"):
+        assert part in line
+    assert "free=" in line and "reason=too_large" in line
+
+
+async def test_a_round_that_does_not_end_in_time_is_not_waited_for_nor_cut() -> None:
+    """The wait for room is bounded (here: none at all); the round goes on and is not cut."""
+    disk = Disk(100 * GiB, 90 * GiB, stored=9 * GiB)
+    s = space(disk, max_size="10GiB")
+    s.wait = 0.0
+    go, finished = asyncio.Event(), asyncio.Event()
+
+    async def make_room(need: int) -> int:
+        await go.wait()
+        disk.stored -= need
+        finished.set()
+        return need
+
+    s.room_from(make_room)
+    with pytest.raises(NoRoom):
+        await reserve(s, "one", 3 * GiB)
+    assert len(s.asks) == 1
+    go.set()
+    await finished.wait()
+    await asyncio.gather(*s.asks)
+    assert not s.asks
+    await reserve(s, "one", 3 * GiB)  # the round freed it in the end
