@@ -117,12 +117,14 @@ class Space:
         :class:`NoRoom` when there is none to be had."""
         self.release(key)
         v = await self._verdict(size)
-        if v.reason == "no_space" and self._make_room is not None:
-            async with self._asking:  # one ask at a time; the one before may have made room
+        if v.reason == "no_space" and self._make_room is not None and await self._turn():
+            try:  # one ask at a time; the one before may have made room
                 v = await self._verdict(size)
                 if v.reason == "no_space":
                     await self._ask(v.short, digest)
-                    v = await self._verdict(size)
+            finally:
+                self._asking.release()
+            v = await self._verdict(size)
         if v.reason:
             self.metrics.fetch_refused.labels(v.reason).inc()
             log.warning(
@@ -170,6 +172,16 @@ class Space:
         else:
             reason = "no_space" if short else ""
         return Verdict(short, reason, free, stored, reserved, limit, floor)
+
+    async def _turn(self) -> bool:
+        """Wait at most ``wait`` for the turn to ask (another transfer's ask is running)."""
+        if not self._asking.locked():
+            return await self._asking.acquire()
+        try:
+            async with asyncio.timeout(self.wait):
+                return await self._asking.acquire()
+        except TimeoutError:
+            return False
 
     async def _ask(self, need: int, digest: Digest) -> None:
         """Ask for ``need`` bytes and wait for the round a bounded time (never cut it)."""

@@ -1,0 +1,163 @@
+"""A pull-through miss has its room before its first byte (regproxy.space), over HTTP: the app
+in this process (create_app, real TCP on 127.0.0.1) and the fake upstream of tests/fakes.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from regproxy.app import create_app
+from regproxy.config import config_from_dict
+from tests.fakes import FakeUpstream
+
+pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+KB = 1000
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Callable[..., Any]]:
+    """``await proxy(max_size=...)``: the app over a store in tmp_path, pulling from upstream."""
+    clients: list[Client] = []
+
+    async def start(**storage: object) -> Client:
+        config = config_from_dict(
+            {
+                "storage": {"root": str(tmp_path / "store"), "min_free": 0, **storage},
+                "log": {"access": False},
+                "upstreams": {upstream.hostport: {"url": upstream.url, "alias": "fake.test"}},
+            }
+        )
+        client: Client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield start
+    for c in clients:
+        await c.close()
+
+
+def on_disk(tmp_path: Path, digest: str) -> bool:
+    return (tmp_path / "store" / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
+
+
+async def refused(client: Client, reason: str) -> float:
+    text = await (await client.get("/metrics")).text()
+    line = f'regproxy_fetch_refused_total{{reason="{reason}"}} '
+    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line))
+
+
+async def test_a_blob_larger_than_max_size_is_507_with_an_oci_error_before_any_byte(
+    proxy: Callable[..., Any],
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    client = await proxy(max_size="1MB")
+    data = os.urandom(1500 * KB)
+    digest = upstream.add_blob(data)
+    responses = await asyncio.gather(
+        *(client.get(f"/v2/fake.test/team/app/blobs/{digest}") for _ in range(3))
+    )
+    for resp in responses:
+        assert resp.status == 507
+        assert resp.content_type == "application/json"
+        error = (await resp.json())["errors"][0]
+        assert error["code"] == "UNKNOWN" and "insufficient storage" in error["message"]
+        assert f"{digest} is {len(data)} bytes" in error["detail"], error
+    assert await refused(client, "too_large") >= 1 and await refused(client, "no_space") == 0
+    line = next(ln for ln in caplog.text.splitlines() if "fetch.no_space" in ln)
+    for part in (
+        f"digest={digest}",
+        "repo=",
+        "team/app",
+        f"upstream={upstream.url}",
+        f"size={len(data)}",
+        "free=",
+        "reason=too_large",
+    ):
+        assert part in line, line
+    assert not on_disk(tmp_path, digest)
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+async def test_eviction_makes_room_for_a_miss_that_would_not_fit(
+    proxy: Callable[..., Any],
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Over max_size with it: what nothing references and nobody uses goes first, then the
+    miss is fetched (the store never went over the limit)."""
+    caplog.set_level(logging.INFO)
+    client = await proxy(max_size="1MB", upload_ttl="0s")
+    old, new = os.urandom(600 * KB), os.urandom(600 * KB)
+    d_old, d_new = upstream.add_blob(old), upstream.add_blob(new)
+    resp = await client.get(f"/v2/fake.test/team/app/blobs/{d_old}")
+    assert resp.status == 200 and await resp.read() == old
+    resp = await client.get(f"/v2/fake.test/team/app/blobs/{d_new}")
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == new
+    assert not on_disk(tmp_path, d_old) and on_disk(tmp_path, d_new)
+    assert f"evict.manifest repo=- digest={d_old}" in caplog.text
+    assert "evict.for_fetch need=" in caplog.text
+    assert await refused(client, "no_space") == 0
+
+
+async def test_pinned_content_is_not_evicted_for_a_miss_the_miss_is_507(
+    proxy: Callable[..., Any], upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    client = await proxy(max_size="1MB", upload_ttl="0s")
+    layer, config = os.urandom(600 * KB), b"{}"
+    repo = "/v2/spectro-images/mine/app"
+    for blob in (config, layer):
+        resp = await client.post(f"{repo}/blobs/uploads/?digest={sha(blob)}", data=blob)
+        assert resp.status == 201, await resp.text()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": sha(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": sha(layer),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    resp = await client.put(
+        f"{repo}/manifests/v1", data=manifest, headers={"Content-Type": OCI_MANIFEST}
+    )
+    assert resp.status == 201, await resp.text()
+    miss = upstream.add_blob(os.urandom(600 * KB))
+    resp = await client.get(f"/v2/fake.test/team/app/blobs/{miss}")
+    assert resp.status == 507, await resp.text()
+    assert "bytes more than there is room for" in (await resp.json())["errors"][0]["detail"]
+    assert await refused(client, "no_space") == 1
+    assert on_disk(tmp_path, sha(layer)) and not on_disk(tmp_path, miss)
+    resp = await client.get(f"{repo}/blobs/{sha(layer)}")
+    assert resp.status == 200 and await resp.read() == layer
