@@ -49,6 +49,10 @@ class AsyncIndex:
         self._local = threading.local()
         self._reader_indexes: list[Index] = []
         self._lock = threading.Lock()
+        #: held by whichever thread runs a call on the writer's connection (the writer thread,
+        #: or the background thread it hands a call to): :meth:`peek_version` reads only when
+        #: nobody does
+        self._writer_busy = threading.Lock()
 
     async def open(self) -> None:
         """Open (create or upgrade, see :mod:`regproxy.schema`) the index on the writer."""
@@ -73,8 +77,14 @@ class AsyncIndex:
     ) -> T:
         """``fn(index, ...)`` on the writer thread (changes; reads inside a change); a full disk
         is :class:`~regproxy.errors.StorageFull` (see :func:`regproxy.index.call`)."""
-        call = functools.partial(index_call, fn, self._writer_index, *args, **kwargs)
+        call = functools.partial(self._on_writer, fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._writer, call)
+
+    def _on_writer(
+        self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        with self._writer_busy:
+            return index_call(fn, self._writer_index, *args, **kwargs)
 
     async def write_background(
         self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs
@@ -83,7 +93,7 @@ class AsyncIndex:
         its connection, but run by a thread at a lower CPU priority (:data:`BACKGROUND_NICE`)
         while the writer thread waits for it. On a busy host the CPU it needs (an eviction
         batch is mostly SQLite's own work, the GIL released) goes to the event loop first."""
-        call = functools.partial(index_call, fn, self._writer_index, *args, **kwargs)
+        call = functools.partial(self._on_writer, fn, *args, **kwargs)
         background = self._background
 
         def handed_over() -> T:
@@ -97,6 +107,21 @@ class AsyncIndex:
         check need not wait behind a long write (an eviction batch) to know that no other
         process changed the index."""
         return self._writer_index.writing_unchanged(version)
+
+    async def peek_version(self) -> int | None:
+        """The writer connection's ``data_version`` now, read on the default executor if no
+        call is running on that connection (one queued behind does not count: a batch handed
+        to a background thread the kernel has not run yet); None if one is. For a check that
+        need not wait in the writer's queue."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._peek)
+
+    def _peek(self) -> int | None:
+        if not self._writer_busy.acquire(blocking=False):
+            return None
+        try:
+            return self._writer_index.data_version()
+        finally:
+            self._writer_busy.release()
 
     async def read(
         self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs

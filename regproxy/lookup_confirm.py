@@ -7,12 +7,14 @@ has not moved, the tags looked up since the confirmations started stay believed 
 every cached lookup is dropped (content another process removed is not served on from memory)
 and the confirmations start over.
 
-The version is read on the writer's connection, so a check waits for the writer's work queued
-before it: an eviction batch, which on a busy host may take seconds. While the writer is in a
-transaction begun at the version last seen, no other process can have changed the index (the
-transaction holds the write lock): the tags are confirmed then and there, without waiting, and
-again every :data:`~regproxy.lookups.TAG_CONFIRM_SECONDS` while a check waits, so a long write
-does not make every cached tag go stale at once.
+The version is that of the writer's connection; a check through the writer's queue would wait
+for the work queued before it: an eviction batch, which on a busy host may wait seconds for a CPU
+(it runs at a lower priority) and then hold the connection. So a check asks without queueing
+first, and again every :data:`~regproxy.lookups.TAG_CONFIRM_SECONDS` while its queued read
+waits: when no call runs on the connection, its version is read right away
+(:meth:`AsyncIndex.peek_version`); when one is in a transaction begun at the version last seen,
+no other process can have changed the index (the transaction holds the write lock), so nothing
+needs reading. A long write thus does not make every cached tag go stale at once.
 """
 
 from __future__ import annotations
@@ -34,24 +36,28 @@ class IndexWatch:
         #: the writer connection's ``data_version`` at the last check (None: none yet)
         self.version: int | None = None
 
-    def _unchanged_now(self) -> bool:
-        return self.version is not None and self.db.writing_unchanged(self.version)
+    async def _peek(self) -> int | None:
+        """The version now, if it can be had without waiting in the writer's queue."""
+        if self.version is not None and self.db.writing_unchanged(self.version):
+            return self.version
+        return await self.db.peek_version()
 
     async def check(self) -> None:
         """One confirmation (the first check only starts them)."""
         since = time.monotonic()
-        if self._unchanged_now():
-            self.cache.confirm_tags(since)
-            return
-        asked = asyncio.ensure_future(self.db.write(Index.data_version))
-        try:
-            while not (await asyncio.wait({asked}, timeout=TAG_CONFIRM_SECONDS))[0]:
-                peek = time.monotonic()
-                if self._unchanged_now():
-                    self.cache.confirm_tags(peek)
-        finally:
-            asked.cancel()  # a no-op once it is done (what it asked of the writer runs anyway)
-        version = asked.result()
+        version = await self._peek()
+        if version is None:
+            queued = since  # the queued read is current as of then
+            asked = asyncio.ensure_future(self.db.write(Index.data_version))
+            try:
+                while version is None:
+                    if (await asyncio.wait({asked}, timeout=TAG_CONFIRM_SECONDS))[0]:
+                        version, since = asked.result(), queued
+                        break
+                    since = time.monotonic()
+                    version = await self._peek()
+            finally:
+                asked.cancel()  # not read if still queued; a no-op once done
         if version == self.version:
             self.cache.confirm_tags(since)
             return

@@ -94,3 +94,24 @@ async def test_a_change_by_another_process_is_never_confirmed_behind_a_long_writ
     await checking  # the check's own read sees the change: everything cached goes
     assert cache.manifest("r", ROW.digest) is None
     assert cache.tag("r", "v1", time.monotonic()) is None
+
+
+async def test_tags_are_confirmed_while_a_queued_write_waits_for_its_thread(
+    db: AsyncIndex,
+) -> None:
+    """An eviction batch handed to the background thread, which the kernel has not run yet
+    (it runs at a lower priority): the writer's queue waits, its connection is free."""
+    cache = LookupCache()
+    watch = IndexWatch(db, cache)
+    await watch.check()
+    await vouched_for_by_confirmations_only(cache)
+    release = threading.Event()
+    db._background.submit(release.wait, 30)  # the background thread is not running the batch
+    queued = asyncio.ensure_future(db.write_background(Index.data_version))
+    try:
+        await asyncio.wait_for(watch.check(), 30)
+        assert not queued.done()
+        assert cache.tag("r", "v1", time.monotonic()) == ROW
+    finally:
+        release.set()
+        await queued
