@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import http.client
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -154,3 +158,46 @@ def test_plain_http_when_tls_not_configured(daemon_factory: Callable[..., Daemon
     assert _wait_log(d, "tls.reload_skipped"), d.log()
     assert d.proc.poll() is None
     assert d.stop() == 0
+
+
+def test_a_stalled_tls_reader_is_cut_after_write_timeout_and_logged_with_its_address(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Over TLS (worker threads relay it) the deadlines bite as on plain HTTP, and the access
+    line names the client's address, not the relay's socket."""
+    cert, key = _make_cert(tmp_path / "certs", "stall")
+    d = daemon_factory(
+        {"tls": {"cert": str(cert), "key": str(key)}, "http": {"write_timeout": "1s"}}
+    )
+    client = ssl.create_default_context(cafile=str(cert))
+    big = os.urandom(16 * 1024 * 1024)
+    digest = "sha256:" + hashlib.sha256(big).hexdigest()
+    conn = http.client.HTTPSConnection("127.0.0.1", d.port, context=client, timeout=30)
+    conn.request("POST", f"/v2/stall/blobs/uploads/?digest={digest}", body=big)
+    assert conn.getresponse().status == 201
+    conn.close()
+
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, as a slow reader
+    raw.settimeout(30)
+    raw.connect(("127.0.0.1", d.port))
+    s = client.wrap_socket(raw, server_hostname="127.0.0.1")
+    try:
+        s.sendall(f"GET /v2/stall/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        # it takes nothing now: the daemon cuts it after write_timeout (1 s)
+        deadline = time.monotonic() + 30
+        lines: list[str] = []
+        while not lines and time.monotonic() < deadline:
+            lines = [ln for ln in d.log().splitlines() if f"/v2/stall/blobs/{digest}" in ln]
+            time.sleep(0.05)
+        assert lines and "error=client_stalled" in lines[0], d.log()[-2000:]
+        assert "remote=127.0.0.1 " in lines[0], lines[0]  # not the relay's local socket
+        got = 0
+        with contextlib.suppress(OSError):  # a reset counts as the end
+            while chunk := s.recv(1 << 20):
+                got += len(chunk)
+        assert got < len(big)  # what was in between, then the end: never the whole blob
+    finally:
+        s.close()
+    assert "Traceback" not in d.log()
