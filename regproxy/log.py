@@ -11,7 +11,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import IO, Final, TypeGuard
 
 _CRED_RE: Final = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@", re.IGNORECASE)
@@ -165,16 +165,19 @@ def _stamp() -> tuple[float, float]:
 class _Clock:
     """``time.strftime`` of ``localtime`` in one format, done once a second."""
 
-    __slots__ = ("datefmt", "second", "text")
+    __slots__ = ("datefmt", "last")
 
     def __init__(self, datefmt: str) -> None:
-        self.datefmt, self.second, self.text = datefmt, -1, ""
+        self.datefmt = datefmt
+        #: (the second, its text): one tuple, so no thread reads a second with another's text
+        self.last: tuple[int, str] = (-1, "")
 
     def __call__(self, created: float) -> str:
-        second = int(created)
-        if second != self.second:
-            self.second, self.text = second, time.strftime(self.datefmt, time.localtime(created))
-        return self.text
+        second, text = self.last
+        if int(created) != second:
+            text = time.strftime(self.datefmt, time.localtime(created))
+            self.last = (int(created), text)
+        return text
 
 
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -221,14 +224,14 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def _text_line(self, name: str, fmt: str, args: tuple[object, ...]) -> str:
         """What ``_TextFormatter(TEXT_FORMAT).format`` makes of an INFO record, and the newline."""
         created, msecs = _stamp()
-        clock = self._text_clock
-        if int(created) != clock.second:
-            clock(created)
+        second, text = self._text_clock.last
+        if int(created) != second:
+            text = self._text_clock(created)
         message = fmt % args if args else fmt
         if not (message.isascii() and message.isprintable()):
             message = _CONTROL.sub(_escaped, message)
         level = logging.getLevelName(logging.INFO)
-        line = f"{clock.text},{int(msecs):03d} {level} {name} {message}"
+        line = f"{text},{int(msecs):03d} {level} {name} {message}"
         return (_CRED_RE.sub(_MASK, line) if "://" in line else line) + self.terminator
 
     def _json_line(self, name: str, fmt: str, args: tuple[object, ...]) -> str:
@@ -276,7 +279,8 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             # seconds then go out in one write: one wake-up and one write a batch while
             # requests come quickly, instead of a thread switch per request
             while True:
-                self._write_pending()
+                with contextlib.suppress(Exception):  # the writer outlives a bad stream
+                    self._write_pending()
                 time.sleep(self.linger)
                 with self._mutex:
                     if not self._pending:
@@ -347,7 +351,7 @@ def access_line(logger: logging.Logger, fmt: str, args: tuple[object, ...]) -> b
     handler is the only one that would see it (it then waits for the writer thread, see
     :class:`LineHandler`); False when it was dropped because the stream is stalled."""
     sink = _sink(logger)
-    if sink is None:
+    if sink is None or (len(args) == 1 and isinstance(args[0], Mapping)):  # %(key)s: logging's
         logger.info(fmt, *args)
         return True
     return sink.queue_line(logger.name, fmt, args)
