@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -258,3 +259,31 @@ def test_a_stalled_stream_bounds_what_waits_and_drops_the_rest() -> None:
     finally:
         stream.release.set()
         handler.close()
+
+
+def test_lines_from_threads_are_whole_and_none_is_lost() -> None:
+    """Access lines (this thread) and records of other threads, written by three writers (the
+    writer thread, the threads' emits, this thread's flush): every line whole, none lost."""
+    with root_handler(linger=False) as (logger, handler, stream):
+        handler.linger = 0.001
+        other = logging.getLogger("regproxy.test_threads")
+
+        def warn(n: int) -> None:
+            for i in range(200):
+                other.warning("thread.line n=%d i=%d", n, i)
+
+        threads = [threading.Thread(target=warn, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(1000):
+            assert access_line(logger, ACCESS_FORMAT, CASES[0])
+        for t in threads:
+            t.join(30)
+        handler.flush()
+    lines = stream.getvalue().splitlines()
+    access = [ln for ln in lines if ln.endswith(" remote=127.0.0.1 peer=-")]
+    warnings = [ln for ln in lines if re.search(r" WARNING regproxy.test_threads thread.line ", ln)]
+    assert len(access) == 1000 and len(warnings) == 600 and len(lines) == 1600
+    for n in range(3):  # each thread's lines in its order
+        mine = [ln for ln in warnings if f" n={n} " in ln]
+        assert [int(ln.rsplit("=", 1)[1]) for ln in mine] == list(range(200))
