@@ -17,7 +17,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from regproxy.app import create_app
 from regproxy.config import config_from_dict
-from tests.fakes import FakeUpstream
+from regproxy.oci import Digest
+from regproxy.proxy import ProxyRegistry
+from regproxy.web_keys import REGISTRY_KEY
+from tests.fakes import BlobFault, FakeUpstream
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -161,3 +164,32 @@ async def test_pinned_content_is_not_evicted_for_a_miss_the_miss_is_507(
     assert on_disk(tmp_path, sha(layer)) and not on_disk(tmp_path, miss)
     resp = await client.get(f"{repo}/blobs/{sha(layer)}")
     assert resp.status == 200 and await resp.read() == layer
+
+
+async def test_two_misses_that_do_not_both_fit_do_not_both_start(
+    proxy: Callable[..., Any], upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """600 kB and 600 kB under a 1 MB max_size, both misses at once: the first holds its room
+    while its body is still arriving, the second is 507 (nothing else may be evicted), and the
+    first completes whole."""
+    client = await proxy(max_size="1MB")
+    first, second = os.urandom(600 * KB), os.urandom(600 * KB)
+    d1, d2 = upstream.add_blob(first), upstream.add_blob(second)
+    gate = asyncio.Event()
+    held = upstream.blob_faults[d1] = BlobFault(hold_at=100 * KB, gate=gate)
+    get1 = asyncio.create_task(client.get(f"/v2/fake.test/team/app/blobs/{d1}"))
+    await held.holding.wait()  # asked upstream: its transfer runs, its body held midway
+    registry = client.server.app[REGISTRY_KEY]
+    assert isinstance(registry, ProxyRegistry)
+    transfer = registry.fetcher.get(Digest.parse(d1))
+    assert transfer is not None
+    await transfer.wait_size()  # sized: its room is reserved
+    resp2 = await client.get(f"/v2/fake.test/team/app/blobs/{d2}")
+    assert resp2.status == 507, await resp2.text()
+    detail = (await resp2.json())["errors"][0]["detail"]
+    assert f"reserved by transfers in flight {len(first)}" in detail
+    gate.set()
+    resp1 = await get1
+    assert resp1.status == 200 and await resp1.read() == first
+    assert on_disk(tmp_path, d1) and not on_disk(tmp_path, d2)
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
