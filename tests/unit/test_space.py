@@ -163,3 +163,35 @@ async def test_a_round_that_does_not_end_in_time_is_not_waited_for_nor_cut() -> 
     await asyncio.gather(*s.asks)
     assert not s.asks
     await reserve(s, "one", 3 * GiB)  # the round freed it in the end
+
+
+async def test_the_turn_to_ask_for_room_is_waited_for_a_bounded_time() -> None:
+    """While one transfer's ask runs, another that does not fit waits for its turn at most
+    ``wait`` (here: none), then is refused on what it measures; the first one goes on."""
+    disk = Disk(100 * GiB, 90 * GiB, stored=9 * GiB)
+    s = space(disk, max_size="10GiB")
+    s.wait = 0.0
+    calls, inside, go = 0, asyncio.Event(), asyncio.Event()
+
+    async def stored() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first transfer's measure once it has the turn: held there
+            inside.set()
+            await go.wait()
+        return disk.stored
+
+    async def make_room(need: int) -> int:
+        disk.stored -= need
+        return need
+
+    s.stored = stored
+    s.room_from(make_room)
+    first = asyncio.create_task(reserve(s, "one", 2 * GiB))
+    await inside.wait()
+    with pytest.raises(NoRoom):
+        await reserve(s, "two", 2 * GiB)
+    s.wait = 30.0  # the first one's round is waited for
+    go.set()
+    await first
+    assert s.reserved == 2 * GiB
