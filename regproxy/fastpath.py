@@ -75,10 +75,10 @@ MAX_HEADERS: Final = 64
 #: within this, no line can be
 MAX_HEAD: Final = 8190
 #: request paths remembered parsed into (route, repository, reference), or None for a path the
-#: fast path declines (~300 bytes each, ~10 MB when full; a path parsed again costs ~16 µs, a
-#: third of a whole answer): as many as a host asks for (10,000 manifests, by digest and by tag,
-#: in benchmarks/bench_scale.py); above it they are all forgotten and parsed again
-_MAX_TARGETS: Final = 32_768
+#: fast path declines (~300 bytes each, ~7.5 MB when full; a path parsed again costs ~16 µs, a
+#: third of a whole answer): more than a busy host asks for (10,000 manifests, by digest and by
+#: tag, in benchmarks/bench_scale.py); above it they are all forgotten and parsed again
+_MAX_TARGETS: Final = 25_000
 #: what ``api.get_blob`` reads besides the path: such a blob GET goes to aiohttp
 _BLOB_CONDITIONS: Final = frozenset({"range", "if-none-match"})
 _BLOB_LINES: Final = (
