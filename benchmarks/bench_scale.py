@@ -216,6 +216,15 @@ def warming_pass(d: Daemon, paths: list[str]) -> dict[str, Any]:
     }
 
 
+def fast_answers(port: int) -> int:
+    """The daemon's ``regproxy_http_fast_answers_total``."""
+    _, _, body = request(port, "GET", "/metrics")
+    m = re.search(r"^regproxy_http_fast_answers_total ([\d.e+]+)$", body.decode(), re.MULTILINE)
+    if m is None:
+        raise BenchError("no regproxy_http_fast_answers_total in /metrics")
+    return int(float(m[1]))
+
+
 def lookups(
     d: Daemon, paths: list[str], seconds: float, tmp: Path, name: str, warm: bool
 ) -> dict[str, Any]:
@@ -228,10 +237,13 @@ def lookups(
     first = warming_pass(d, paths) if warm else None
     t0 = time.time()
     assert d.proc is not None
+    answered = fast_answers(port)
     cpu = CpuMeter({"d": d.proc.pid}).start()
     r = run_wrk(url, 8, seconds, ACCEPT, script)
     out: dict[str, Any] = {k: round(r[k], 3) for k in ("req_s", "p50_ms", "p99_ms", "max_ms")}
     out["cpu_us_req"] = round(cpu.used()["d"] / r["requests"] * 1e6, 1)
+    # the share answered from memory in the fast lane: the rest looked something up
+    out["fast_share"] = round(min(1.0, (fast_answers(port) - answered) / r["requests"]), 4)
     if first is not None:  # the warming pass: each path's first lookup
         out["first_pass"] = first
     return out | {"from": t0, "to": time.time()}
@@ -497,6 +509,8 @@ def fsck_big(tmp: Path, scale: float) -> dict[str, Any]:
 def render(r: dict[str, Any]) -> str:
     def lat(x: dict[str, Any]) -> str:
         cpu = f", CPU {x['cpu_us_req']:.0f} us/req" if "cpu_us_req" in x else ""
+        if "fast_share" in x:
+            cpu += f", {x['fast_share']:.2%} from memory (fast lane)"
         return f"p50 {x['p50_ms']:.2f} ms, p99 {x['p99_ms']:.2f} ms{cpu}"
 
     def cold(x: dict[str, Any]) -> str:
