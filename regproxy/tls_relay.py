@@ -4,7 +4,8 @@ With TLS on one event loop, encryption and the copies around it run on the threa
 serves every request, and that thread saturates while the second core idles. Here the event
 loop accepts each connection (the connection guard counts it from the accept, as before) and
 hands the socket to one of ``tls.workers`` threads, each running an event loop of its own.
-The worker does the handshake (within ``http.header_timeout``), then relays: what it decrypts
+The worker does the handshake (within ``http.header_timeout``; until it is done the connection
+holds its one descriptor, the socket pair is made after), then relays: what it decrypts
 goes to the event loop over one end of an ``AF_UNIX`` socket pair, what comes back is encrypted
 and sent to the client. ``SSL_write``/``SSL_read`` run without the GIL, so encryption runs
 beside the event loop, and the event loop serves the plain end as it serves plain HTTP (a blob
@@ -61,6 +62,7 @@ class _Pair:
     __slots__ = (
         "aborted",
         "live",
+        "loop",
         "lost",
         "peername",
         "plain",
@@ -77,6 +79,7 @@ class _Pair:
         #: the event loop aborted its end (a response cut short): the client gets an abort
         self.aborted = False
         self.live = live  # the worker's relayed connections: this one is in it while up
+        self.loop = asyncio.get_running_loop()  # the worker's
         self.lost = 0
         self.watch = watch
         self.peername = peername
@@ -156,16 +159,15 @@ class _PlainSide(asyncio.Protocol):
 class _TLSSide(asyncio.Protocol):
     """The client's TLS connection, on the worker: its plaintext goes to the event loop."""
 
-    __slots__ = ("on_up", "pair")
+    __slots__ = ("pair",)
 
-    def __init__(self, pair: _Pair, on_up: Callable[[asyncio.Transport], None]) -> None:
+    def __init__(self, pair: _Pair) -> None:
         self.pair = pair
-        self.on_up = on_up
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tls = _buffered(transport)
+        tls.pause_reading()  # until the socket pair to the event loop is up
         self.pair.up(tls)
-        self.on_up(tls)
 
     def data_received(self, data: bytes) -> None:
         plain = self.pair.plain
@@ -229,8 +231,13 @@ class _Relayed(asyncio.Transport):
         self.inner.close()
 
     def abort(self) -> None:
-        if self.pair is not None:
-            self.pair.aborted = True  # read by the worker when it sees the end of file
+        pair = self.pair
+        if pair is not None:
+            pair.aborted = True  # read by the worker when it sees the end of file
+            # and the client's side goes now: the worker reads no end of file while the
+            # client takes nothing (a response cut for http.write_timeout)
+            with contextlib.suppress(RuntimeError):  # the worker is gone
+                pair.loop.call_soon_threadsafe(pair.end, None)
         self.inner.abort()
 
     def pause_reading(self) -> None:
@@ -466,37 +473,36 @@ class TLSRelay:
         async def run(worker: _Worker) -> None:
             loop = worker.loop
             pair = _Pair(worker.pairs, worker.watch, extra["peername"])
-            mine, theirs = socket.socketpair()
-            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PAIR_SEND_BUFFER)
-            up = False
-
-            def on_up(tls: asyncio.Transport) -> None:
-                nonlocal up
-                up = True
-                try:
-                    self.loop.call_soon_threadsafe(self._attach, key, theirs, extra, pair)
-                except RuntimeError:  # the event loop is gone
-                    tls.abort()
-
+            ends: tuple[socket.socket, socket.socket] | None = None
             try:
-                await loop.connect_accepted_socket(lambda: _PlainSide(pair), mine)
+                # the client's side first (its reading held until the pair is up): a handshake
+                # in progress holds one descriptor, as without the relay
                 await loop.connect_accepted_socket(
-                    lambda: _TLSSide(pair, on_up),
+                    lambda: _TLSSide(pair),
                     conn,
                     ssl=context,
                     ssl_handshake_timeout=self.handshake_timeout,
                 )
+                ends = socket.socketpair()  # EMFILE under a flood: this connection goes
+                ends[1].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PAIR_SEND_BUFFER)
+                await loop.connect_accepted_socket(lambda: _PlainSide(pair), ends[0])
+                if pair.tls is None or pair.tls.is_closing():
+                    raise ConnectionResetError("the client left")
+                self.loop.call_soon_threadsafe(self._attach, key, ends[1], extra, pair)
             except (Exception, asyncio.CancelledError) as exc:
-                if not up:
-                    log.debug("tls.handshake_failed remote=%s error=%r", extra["peername"], exc)
-                    pair.aborted = True
-                    pair.end(None)
-                    for sock in (mine, theirs, conn):
-                        sock.close()
-                    with contextlib.suppress(RuntimeError):
-                        self.loop.call_soon_threadsafe(self._failed, key)
+                log.debug("tls.handshake_failed remote=%s error=%r", extra["peername"], exc)
+                pair.aborted = True
+                pair.end(None)
+                worker.pairs.discard(pair)
+                worker.watch.discard(pair)
+                for sock in (conn, *(ends or ())):
+                    sock.close()
+                with contextlib.suppress(RuntimeError):  # the event loop is gone
+                    self.loop.call_soon_threadsafe(self._failed, key)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+                return
+            pair.tls.resume_reading()
 
         return run
 

@@ -122,6 +122,7 @@ class _Served:
             workers=2,
             handshake_timeout=timeout,
             write_timeout=self.http.write_timeout,
+            on_write_cut=self.metrics.slow_clients_cut.labels("write").inc,
         )
         self.relay.listen("127.0.0.1", 0)
         return int(self.relay.sockets[0].getsockname()[1])
@@ -409,3 +410,36 @@ async def test_a_client_that_takes_nothing_is_cut_after_the_write_timeout(
             got += len(chunk)
     assert got < size  # the end came before the whole answer
     writer.close()
+    cut = s.metrics.slow_clients_cut.labels("write")._value.get()
+    assert cut >= 1  # counted (for 4 MiB by the worker: the event loop's side saw nothing)
+
+
+async def test_out_of_descriptors_for_the_pair_gives_the_place_back(
+    certs: Path, served: Callable[..., _Served], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a worker that cannot make the connection's socket pair (EMFILE under a flood of
+    # connections) closes the client's connection and gives its place back: the place was held
+    # for ever (the protocol kept in the relay's pending table), the client's socket left open
+    s = served(_answer(b"ok"))
+    port = s.start(lambda: _context(certs))
+    real = socket.socketpair
+    failed = []
+
+    def out_of_descriptors(*args: object) -> tuple[socket.socket, socket.socket]:
+        if not failed:
+            failed.append(True)
+            raise OSError(24, "Too many open files")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "socketpair", out_of_descriptors)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_client())
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await _until(lambda: bool(failed), "the pair refused")
+    await _until(lambda: s.guard.open == 0, "its place given back")
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        assert await asyncio.wait_for(reader.read(100), 5) == b""  # closed by the server
+    writer.close()
+    assert s.relay is not None
+    await _until(lambda: not any(w.pairs for w in s.relay.workers), "the worker forgot it")  # type: ignore[union-attr]
+    head, body, _ = await _get(port, "/")
+    assert head.startswith(b"HTTP/1.1 200") and body == b"ok"
