@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import IO, Final, TypeGuard
+from typing import IO, Final
 
 _CRED_RE: Final = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@", re.IGNORECASE)
 _MASK: Final = r"\g<scheme>***:***@"
@@ -36,28 +36,31 @@ _RESERVED: Final = frozenset({"time", "level", "logger", "msg", "event", "exc"})
 _Value = str | int | float | bool | None
 
 
-#: one step of a format string's plan: (placeholders, event, key, raw, plain) for a token
-_Step = tuple[int, str | None, str | None, str, bool]
+#: one step of a format string's plan, for a token: (placeholders, event, key, raw, plain,
+#: lone ``%s``)
+_Step = tuple[int, str | None, str | None, str, bool, bool]
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(msg: str) -> tuple[_Step, ...]:
     """What :func:`structured_fields` reads of a format string, worked out once per string
     (they are constants in the code): per space-separated token its number of placeholders,
-    the event name (first token only), the key and the raw value, and whether the value is
-    one lone ``%s``/``%d``/``%i`` (whose plain argument keeps its JSON type)."""
+    the event name (first token only), the key and the raw value, whether the value is one
+    lone ``%s``/``%d``/``%i`` (whose plain argument keeps its JSON type), and whether it is
+    one lone ``%s`` (whose ``str`` argument is its text as it is)."""
     steps: list[_Step] = []
     for n, token in enumerate(msg.split(" ")):
         holders = sum(1 for m in _PLACEHOLDER.finditer(token) if m.group() != "%%")
         if n == 0 and not holders and _EVENT_RE.fullmatch(token):
-            steps.append((0, token, None, "", False))
+            steps.append((0, token, None, "", False, False))
             continue
         key, sep, raw = token.partition("=")
         if not sep or not _KEY_RE.fullmatch(key):
-            steps.append((holders, None, None, "", False))
+            steps.append((holders, None, None, "", False, False))
             continue
         plain = bool(_PLACEHOLDER.fullmatch(raw)) and holders == 1 and raw[-1] in "sdi"
-        steps.append((holders, None, f"{key}_" if key in _RESERVED else key, raw, plain))
+        name = f"{key}_" if key in _RESERVED else key
+        steps.append((holders, None, name, raw, plain, raw == "%s"))
     return tuple(steps)
 
 
@@ -80,31 +83,34 @@ def _fields(msg: str, args: tuple[object, ...]) -> tuple[str | None, dict[str, _
         msg = msg.replace("%", "%%")
     event: str | None = None
     fields: dict[str, _Value] = {}
-    used = 0
-    for holders, name, key, raw, plain in _plan(msg):
-        mine = args[used : used + holders]
-        used += holders
-        if len(mine) < holders:
+    used, count = 0, len(args)
+    for holders, name, key, raw, plain, lone in _plan(msg):
+        if used + holders > count:
             return event, fields  # too few arguments: logging reports that itself
         if name is not None:
             event = name
             continue
         if key is None:
+            used += holders
             continue
-        value: _Value
-        if plain and _is_plain(mine[0]):
+        mine = args[used : used + holders]
+        used += holders
+        if plain:
             value = mine[0]
-        else:
-            try:
-                value = mask_credentials(raw % mine)
-            except (TypeError, ValueError):
+            if value is None or isinstance(value, _PLAIN):
+                fields[key] = value
                 continue
-        fields[key] = value
+            if lone and type(value) is str:  # "%s" % (text,) is the text
+                fields[key] = mask_credentials(value)
+                continue
+        try:
+            fields[key] = mask_credentials(raw % mine)
+        except (TypeError, ValueError):
+            continue
     return event, fields
 
 
-def _is_plain(value: object) -> TypeGuard[int | float | bool | None]:
-    return value is None or isinstance(value, bool | int | float)
+_PLAIN: Final = (bool, int, float)
 
 
 class _JSONFormatter(logging.Formatter):

@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 
 import pytest
 
@@ -75,6 +76,21 @@ CASES: list[tuple[object, ...]] = [
         "-",
         "bob smith",
         "10.0.0.1",
+        "-",
+    ),
+    # not a str: a path object, a str subclass, a bool where %s is asked
+    (
+        PurePosixPath("/v2/p"),
+        type("Text", (str,), {})("/v2/q"),
+        True,
+        200,
+        0,
+        0.5,
+        "-",
+        "-",
+        "-",
+        "-",
+        "127.0.0.1",
         "-",
     ),
 ]
