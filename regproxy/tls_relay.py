@@ -423,6 +423,10 @@ class TLSRelay:
                 self.loop.call_later(ACCEPT_REST_SECONDS, self._resume, sock)
                 return
             conn.setblocking(False)
+            # as aiohttp does for the socket it is handed (here the pair's end): a client whose
+            # host vanished is found out on an idle connection
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             key = next(self._keys)
             self._pending[key] = self.protocol_factory()  # counted from here
             try:

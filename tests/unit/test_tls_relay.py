@@ -443,3 +443,22 @@ async def test_out_of_descriptors_for_the_pair_gives_the_place_back(
     await _until(lambda: not any(w.pairs for w in s.relay.workers), "the worker forgot it")  # type: ignore[union-attr]
     head, body, _ = await _get(port, "/")
     assert head.startswith(b"HTTP/1.1 200") and body == b"ok"
+
+
+async def test_the_clients_connection_has_tcp_keepalive_as_aiohttp_sets_it(
+    certs: Path, served: Callable[..., _Served]
+) -> None:
+    # aiohttp turns SO_KEEPALIVE on for the socket it is handed: with the relay that is the
+    # socket pair's end, so the relay sets it on the client's socket (a host that vanished
+    # is found out, as without the relay)
+    s = served(_answer(b"ok"))
+    port = s.start(lambda: _context(certs))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_client())
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await reader.readuntil(b"ok")
+    assert s.relay is not None
+    (pair,) = [p for w in s.relay.workers for p in w.pairs]
+    assert pair.tls is not None
+    sock = pair.tls.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    writer.close()
