@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -201,3 +202,88 @@ def test_a_stalled_tls_reader_is_cut_after_write_timeout_and_logged_with_its_add
     finally:
         s.close()
     assert "Traceback" not in d.log()
+
+
+def test_hostile_tls_clients_leave_no_descriptor_thread_or_traceback(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Connections dropped before, in and after the handshake, garbage under TLS, and clients
+    that take none of a 4 MiB answer (it fits in the socket pair and TCP buffers: the event
+    loop's side is done with it, the worker cuts it after write_timeout): afterwards the daemon
+    holds the descriptors and threads it held before, and its log shows no crash."""
+    cert, key = _make_cert(tmp_path / "certs", "hostile")
+    d = daemon_factory(
+        {"tls": {"cert": str(cert), "key": str(key)}, "http": {"write_timeout": "1s"}}
+    )
+    assert d.proc is not None
+    client = ssl.create_default_context(cafile=str(cert))
+    blob = os.urandom(4 * 1024 * 1024)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    conn = http.client.HTTPSConnection("127.0.0.1", d.port, context=client, timeout=30)
+    conn.request("POST", f"/v2/hostile/blobs/uploads/?digest={digest}", body=blob)
+    assert conn.getresponse().status == 201
+    conn.close()
+
+    def tls() -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        return client.wrap_socket(raw, server_hostname="127.0.0.1")
+
+    def reset(s: socket.socket) -> None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+
+    def counts() -> tuple[int, int]:
+        return len(os.listdir(f"/proc/{d.proc.pid}/fd")), len(
+            os.listdir(f"/proc/{d.proc.pid}/task")
+        )  # type: ignore[union-attr]
+
+    s = tls()  # the worker threads' loops made their own descriptors
+    s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    while s.recv(65536):
+        pass
+    s.close()
+    time.sleep(0.3)  # the connection's descriptors closed (bounded: a settling pause)
+    before = counts()
+    stuck = []
+    for _ in range(4):  # take none of a 4 MiB answer
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", d.port))
+        s = client.wrap_socket(raw, server_hostname="127.0.0.1")
+        s.sendall(f"GET /v2/hostile/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        stuck.append(s)
+    try:
+        for _ in range(30):
+            socket.create_connection(("127.0.0.1", d.port)).close()  # before the hello
+            s = socket.create_connection(("127.0.0.1", d.port))
+            s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # half a hello
+            reset(s)
+            reset(tls())  # after the handshake
+            s = tls()
+            s.sendall(b"GET /v2/ HTTP/1.1\r\nHo")  # half a request
+            socket.socket.send(s, os.urandom(64))  # then garbage under TLS
+            s.close()
+            s = tls()  # in the middle of an answer
+            s.sendall(f"GET /v2/hostile/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            s.recv(1000)
+            reset(s)
+        deadline = time.monotonic() + 30
+        while counts() != before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert counts() == before, (before, counts(), os.listdir(f"/proc/{d.proc.pid}/fd"))
+    finally:
+        for s in stuck:
+            s.close()
+    assert http_ok(d.port, client)
+    log = d.log()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    assert "connection.write_stalled" in log  # the stuck readers, cut
+
+
+def http_ok(port: int, client: ssl.SSLContext) -> bool:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=client, timeout=10)
+    try:
+        conn.request("GET", "/v2/")
+        return conn.getresponse().status == 200
+    finally:
+        conn.close()
