@@ -2,21 +2,27 @@
 
 A transfer (regproxy.fetch) learns the blob's size from its source's answer (a registry blob GET
 always carries it: an answer without a Content-Length is refused by the upstream client) and
-reserves it here before it writes anything. The blob fits when both hold:
+reserves it here before it writes anything. Two limits, of two kinds:
 
-* the store, every other reservation and this blob stay within ``storage.max_size``;
-* the filesystem's free bytes, less what other reservations still have to write, less this
-  blob, stay at or above ``storage.min_free`` (0: the disk itself).
+* ``storage.min_free`` is a floor: the filesystem's free bytes, less what other reservations
+  still have to write, less this blob, stay at or above it (0: the disk itself). Two 3 GiB
+  misses on 5 GiB free therefore do not both start. A blob under the floor waits for the
+  evictor (regproxy.evict, which hands itself in with :meth:`Space.room_from`) to free the
+  shortfall: one ask at a time, waited for at most ``wait`` seconds (the round goes on in the
+  background after that), and only what eviction may remove goes (unpinned, least recently
+  used, never in use or being fetched). Measured again, a blob that still does not fit is
+  refused with :class:`NoRoom` (507) before any byte is sent, logged as ``fetch.no_space`` and
+  counted in ``regproxy_fetch_refused_total{reason="no_space"}``.
+* ``storage.max_size`` is the cache's size, as everywhere else a target eviction works
+  towards, not a wall: a blob that takes the store (with every reservation) over it is fetched
+  at once, and an eviction round for the excess is started, not waited for (logged as
+  ``fetch.over_max_size``). A node at its limit thus never fails or slows a pull because
+  eviction has not caught up, or because what it could evict is pinned or was used seconds
+  ago; the store comes back under the limit as soon as eviction may free enough.
 
-Two 3 GiB misses on 5 GiB free therefore do not both start. When a blob does not fit, the
-evictor (regproxy.evict, which hands itself in with :meth:`Space.room_from`) is asked for the
-shortfall: one ask at a time, waited for at most ``wait`` seconds (the round goes on in the
-background after that), and only what eviction may remove goes (unpinned, least recently used,
-never in use or being fetched). Measured again, a blob that still does not fit is refused with
-:class:`NoRoom` (507) before any byte is sent, logged as ``fetch.no_space`` and counted in
-``regproxy_fetch_refused_total{reason="no_space"}``. A blob larger than ``max_size``, or than the
-filesystem less ``min_free``, can never be stored: it is refused at once, nothing evicted
-(``reason="too_large"``).
+A blob larger than ``max_size``, or than the filesystem less ``min_free``, can never be kept:
+it is refused at once, nothing evicted (``reason="too_large"``; fetching it would evict the
+whole cache to hold it for a moment).
 
 A reservation is released when its transfer ends, however it ends (the fetcher's ``finally``).
 """
@@ -58,8 +64,9 @@ class _Held:
 class Verdict:
     """How a blob compares with the room there is (all in bytes)."""
 
-    short: int  # bytes missing (0: it fits)
-    reason: str  # "" (fits), "no_space", "too_large"
+    short: int  # bytes missing above the floor, min_free (0: it fits there)
+    over: int  # bytes over max_size (a target: fetched anyway, eviction started)
+    reason: str  # "" (fits), "no_space" (under the floor), "too_large"
     free: int  # the filesystem's free bytes, as measured
     stored: int
     reserved: int  # by other transfers
@@ -121,10 +128,12 @@ class Space:
             try:  # one ask at a time; the one before may have made room
                 v = await self._verdict(size)
                 if v.reason == "no_space":
-                    await self._ask(v.short, digest)
+                    await self._ask(max(v.short, v.over), digest)
             finally:
                 self._asking.release()
             v = await self._verdict(size)
+        if not v.reason and v.over:
+            self._past_target(v, size, digest, repo, source)
         if v.reason:
             self.metrics.fetch_refused.labels(v.reason).inc()
             log.warning(
@@ -155,6 +164,24 @@ class Space:
             )
         self._held[key] = _Held(size, written)  # no await since the measure: no other fits in
 
+    def _past_target(self, v: Verdict, size: int, digest: Digest, repo: str, source: str) -> None:
+        """The blob takes the store over max_size: it is fetched, and eviction is started for
+        the excess (unless a round is running already), never waited for."""
+        log.info(
+            "fetch.over_max_size digest=%s repo=%s upstream=%s size=%d stored=%d reserved=%d "
+            "max_size=%s over=%d (fetched; eviction started)",
+            digest,
+            repo,
+            source,
+            size,
+            v.stored,
+            v.reserved,
+            v.limit,
+            v.over,
+        )
+        if self._make_room is not None and not self.asks and not self._asking.locked():
+            self._start(v.over, digest)
+
     async def _verdict(self, size: int) -> Verdict:
         loop = asyncio.get_running_loop()
         total, free = await loop.run_in_executor(None, self.disk)
@@ -164,14 +191,13 @@ class Space:
         floor = min_free.resolve(total) if min_free else 0
         reserved = self.reserved
         unwritten = sum(h.unwritten for h in self._held.values())
-        over = stored + reserved + size - limit if limit is not None else 0
-        under = floor + unwritten + size - free
-        short = max(0, over, under)
+        over = max(0, stored + reserved + size - limit) if limit is not None else 0
+        short = max(0, floor + unwritten + size - free)
         if (limit is not None and size > limit) or size + floor > total:
             reason = "too_large"
         else:
             reason = "no_space" if short else ""
-        return Verdict(short, reason, free, stored, reserved, limit, floor)
+        return Verdict(short, over, reason, free, stored, reserved, limit, floor)
 
     async def _turn(self) -> bool:
         """Wait at most ``wait`` for the turn to ask (another transfer's ask is running)."""
@@ -187,7 +213,12 @@ class Space:
         """Ask for ``need`` bytes and wait for the round a bounded time (never cut it)."""
         assert self._make_room is not None
         log.info("fetch.making_room digest=%s need=%d", digest, need)
+        await asyncio.wait([self._start(need, digest)], timeout=self.wait)
+
+    def _start(self, need: int, digest: Digest) -> asyncio.Task[object]:
+        """An eviction round for ``need`` bytes, running on its own (kept in :attr:`asks`)."""
         make_room = self._make_room
+        assert make_room is not None
 
         async def round_() -> object:
             return await make_room(need)
@@ -195,7 +226,7 @@ class Space:
         task = asyncio.create_task(round_(), name=f"make room {digest}")
         self.asks.add(task)
         task.add_done_callback(self._asked)
-        await asyncio.wait([task], timeout=self.wait)
+        return task
 
     def _asked(self, task: asyncio.Task[object]) -> None:
         self.asks.discard(task)

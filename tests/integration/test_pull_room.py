@@ -102,17 +102,64 @@ async def test_a_blob_larger_than_max_size_is_507_with_an_oci_error_before_any_b
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
 
 
-async def test_eviction_makes_room_for_a_miss_that_would_not_fit(
+def small_disk(client: Client, tmp_path: Path, size: int) -> ProxyRegistry:
+    """The store's filesystem, as the room check sees it, is ``size`` bytes: free is what the
+    store's blobs and temp files leave of them (the real disk stays as it is)."""
+    registry = client.server.app[REGISTRY_KEY]
+    assert isinstance(registry, ProxyRegistry)
+    store = tmp_path / "store"
+
+    def usage() -> tuple[int, int]:
+        used = sum(
+            f.stat().st_size
+            for part in ("blobs", "tmp")
+            for f in (store / part).rglob("*")
+            if f.is_file()
+        )
+        return size, max(0, size - used)
+
+    registry.space.disk = usage
+    return registry
+
+
+async def test_past_max_size_a_miss_is_fetched_and_eviction_catches_up(
     proxy: Callable[..., Any],
     upstream: FakeUpstream,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Over max_size with it: what nothing references and nobody uses goes first, then the
-    miss is fetched (the store never went over the limit)."""
+    """max_size is the cache's target, not a wall: a miss that takes the store over it is
+    fetched at once, and the eviction round it starts removes what nothing references and
+    nobody uses (once past the in-use guard), until the store is back under the target."""
     caplog.set_level(logging.INFO)
     client = await proxy(max_size="1MB", upload_ttl="0s")
     old, new = os.urandom(600 * KB), os.urandom(600 * KB)
+    d_old, d_new = upstream.add_blob(old), upstream.add_blob(new)
+    resp = await client.get(f"/v2/fake.test/team/app/blobs/{d_old}")
+    assert resp.status == 200 and await resp.read() == old
+    resp = await client.get(f"/v2/fake.test/team/app/blobs/{d_new}")
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == new
+    assert "fetch.over_max_size" in caplog.text and f"digest={d_new}" in caplog.text
+    registry = client.server.app[REGISTRY_KEY]
+    assert isinstance(registry, ProxyRegistry)
+    await asyncio.gather(*registry.space.asks)  # the round it started
+    assert "evict.for_fetch need=" in caplog.text
+    assert await refused(client, "no_space") == 0
+
+
+async def test_eviction_makes_room_above_the_disk_floor_before_the_first_byte(
+    proxy: Callable[..., Any],
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On a disk with 1.2 MB for the store, a 700 kB miss after a 600 kB one: the old one (no
+    manifest references it, nobody uses it) goes first, then the miss is fetched."""
+    caplog.set_level(logging.INFO)
+    client = await proxy(upload_ttl="0s")
+    small_disk(client, tmp_path, 1200 * KB)
+    old, new = os.urandom(600 * KB), os.urandom(700 * KB)
     d_old, d_new = upstream.add_blob(old), upstream.add_blob(new)
     resp = await client.get(f"/v2/fake.test/team/app/blobs/{d_old}")
     assert resp.status == 200 and await resp.read() == old
@@ -128,7 +175,8 @@ async def test_eviction_makes_room_for_a_miss_that_would_not_fit(
 async def test_pinned_content_is_not_evicted_for_a_miss_the_miss_is_507(
     proxy: Callable[..., Any], upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    client = await proxy(max_size="1MB", upload_ttl="0s")
+    client = await proxy(upload_ttl="0s")
+    small_disk(client, tmp_path, 1200 * KB)
     layer, config = os.urandom(600 * KB), b"{}"
     repo = "/v2/spectro-images/mine/app"
     for blob in (config, layer):
@@ -156,7 +204,7 @@ async def test_pinned_content_is_not_evicted_for_a_miss_the_miss_is_507(
         f"{repo}/manifests/v1", data=manifest, headers={"Content-Type": OCI_MANIFEST}
     )
     assert resp.status == 201, await resp.text()
-    miss = upstream.add_blob(os.urandom(600 * KB))
+    miss = upstream.add_blob(os.urandom(700 * KB))
     resp = await client.get(f"/v2/fake.test/team/app/blobs/{miss}")
     assert resp.status == 507, await resp.text()
     assert "bytes more than there is room for" in (await resp.json())["errors"][0]["detail"]
@@ -169,18 +217,17 @@ async def test_pinned_content_is_not_evicted_for_a_miss_the_miss_is_507(
 async def test_two_misses_that_do_not_both_fit_do_not_both_start(
     proxy: Callable[..., Any], upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    """600 kB and 600 kB under a 1 MB max_size, both misses at once: the first holds its room
-    while its body is still arriving, the second is 507 (nothing else may be evicted), and the
-    first completes whole."""
-    client = await proxy(max_size="1MB")
-    first, second = os.urandom(600 * KB), os.urandom(600 * KB)
+    """700 kB and 700 kB on a disk with 1.2 MB for the store, both misses at once: the first
+    holds its room while its body is still arriving, the second is 507 (nothing else may be
+    evicted), and the first completes whole."""
+    client = await proxy()
+    registry = small_disk(client, tmp_path, 1200 * KB)
+    first, second = os.urandom(700 * KB), os.urandom(700 * KB)
     d1, d2 = upstream.add_blob(first), upstream.add_blob(second)
     gate = asyncio.Event()
     held = upstream.blob_faults[d1] = BlobFault(hold_at=100 * KB, gate=gate)
     get1 = asyncio.create_task(client.get(f"/v2/fake.test/team/app/blobs/{d1}"))
     await held.holding.wait()  # asked upstream: its transfer runs, its body held midway
-    registry = client.server.app[REGISTRY_KEY]
-    assert isinstance(registry, ProxyRegistry)
     transfer = registry.fetcher.get(Digest.parse(d1))
     assert transfer is not None
     await transfer.wait_size()  # sized: its room is reserved

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -71,13 +72,36 @@ async def test_bytes_already_written_are_not_counted_twice() -> None:
         await reserve(s, "three", 1)
 
 
-async def test_max_size_counts_the_store_and_every_reservation() -> None:
+async def test_past_max_size_a_blob_is_fetched_and_eviction_started_not_waited_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """max_size is a target: the store and every reservation over it start an eviction round
+    for the excess, and the blob is fetched at once, even when nothing can be evicted yet."""
+    caplog.set_level(logging.INFO, "regproxy.space")
+    m = Metrics()
     disk = Disk(100 * GiB, 90 * GiB, stored=6 * GiB)
-    s = space(disk, max_size="10GiB")
+    s = space(disk, m, max_size="10GiB")
+    asked: list[int] = []
+    go = asyncio.Event()
+
+    async def make_room(need: int) -> int:
+        asked.append(need)
+        await go.wait()  # a round that takes its time (or frees nothing: all pinned)
+        return 0
+
+    s.room_from(make_room)
     await reserve(s, "one", 3 * GiB)
-    with pytest.raises(NoRoom, match="insufficient storage"):
-        await reserve(s, "two", GiB + 1)
-    await reserve(s, "two", GiB)
+    assert not asked  # 9 of 10 GiB: under the target
+    await reserve(s, "two", GiB + 5)  # 10 GiB + 5: over it
+    await reserve(s, "three", GiB)  # a round runs already: not a second one
+    await asyncio.sleep(0)
+    assert asked == [5]
+    assert s.reserved == 5 * GiB + 5
+    assert refused(m, "no_space") == 0
+    lines = [r.getMessage() for r in caplog.records if "fetch.over_max_size" in r.getMessage()]
+    assert len(lines) == 2 and "over=5 " in lines[0] and f"digest={D}" in lines[0]
+    go.set()
+    await asyncio.gather(*s.asks)
 
 
 async def test_min_free_is_kept() -> None:
@@ -87,14 +111,19 @@ async def test_min_free_is_kept() -> None:
     await reserve(s, "one", 2 * GiB)
 
 
+def floor_disk() -> tuple[Disk, Space]:
+    """5 GiB free over a 4 GiB floor: a 3 GiB blob is 2 GiB short."""
+    disk = Disk(100 * GiB, 5 * GiB, stored=50 * GiB)
+    return disk, space(disk, Metrics(), min_free="4GiB", max_size="1000GiB")
+
+
 async def test_eviction_is_asked_for_the_shortfall_once_then_it_fits() -> None:
-    disk = Disk(100 * GiB, 90 * GiB, stored=9 * GiB)
-    s = space(disk, max_size="10GiB")
+    disk, s = floor_disk()
     asked: list[int] = []
 
     async def make_room(need: int) -> int:
         asked.append(need)
-        disk.stored -= need
+        disk.free += need
         return need
 
     s.room_from(make_room)
@@ -104,8 +133,7 @@ async def test_eviction_is_asked_for_the_shortfall_once_then_it_fits() -> None:
 
 
 async def test_what_eviction_cannot_free_is_refused_with_the_numbers() -> None:
-    m = Metrics()
-    s = space(Disk(100 * GiB, 90 * GiB, stored=9 * GiB), m, max_size="10GiB")
+    _, s = floor_disk()
     asked: list[int] = []
 
     async def make_room(need: int) -> int:
@@ -118,7 +146,7 @@ async def test_what_eviction_cannot_free_is_refused_with_the_numbers() -> None:
     assert asked == [2 * GiB]
     assert exc.value.http_status == 507
     assert f"{2 * GiB} bytes more than there is room for" in str(exc.value.detail)
-    assert refused(m, "no_space") == 1
+    assert refused(s.metrics, "no_space") == 1
     assert s.reserved == 0
 
 
@@ -143,14 +171,13 @@ async def test_a_blob_larger_than_max_size_is_refused_without_evicting_anything(
 
 async def test_a_round_that_does_not_end_in_time_is_not_waited_for_nor_cut() -> None:
     """The wait for room is bounded (here: none at all); the round goes on and is not cut."""
-    disk = Disk(100 * GiB, 90 * GiB, stored=9 * GiB)
-    s = space(disk, max_size="10GiB")
+    disk, s = floor_disk()
     s.wait = 0.0
     go, finished = asyncio.Event(), asyncio.Event()
 
     async def make_room(need: int) -> int:
         await go.wait()
-        disk.stored -= need
+        disk.free += need
         finished.set()
         return need
 
@@ -168,8 +195,7 @@ async def test_a_round_that_does_not_end_in_time_is_not_waited_for_nor_cut() -> 
 async def test_the_turn_to_ask_for_room_is_waited_for_a_bounded_time() -> None:
     """While one transfer's ask runs, another that does not fit waits for its turn at most
     ``wait`` (here: none), then is refused on what it measures; the first one goes on."""
-    disk = Disk(100 * GiB, 90 * GiB, stored=9 * GiB)
-    s = space(disk, max_size="10GiB")
+    disk, s = floor_disk()
     s.wait = 0.0
     calls, inside, go = 0, asyncio.Event(), asyncio.Event()
 
@@ -182,16 +208,16 @@ async def test_the_turn_to_ask_for_room_is_waited_for_a_bounded_time() -> None:
         return disk.stored
 
     async def make_room(need: int) -> int:
-        disk.stored -= need
+        disk.free += need
         return need
 
     s.stored = stored
     s.room_from(make_room)
-    first = asyncio.create_task(reserve(s, "one", 2 * GiB))
+    first = asyncio.create_task(reserve(s, "one", 3 * GiB))
     await inside.wait()
     with pytest.raises(NoRoom):
-        await reserve(s, "two", 2 * GiB)
+        await reserve(s, "two", 3 * GiB)
     s.wait = 30.0  # the first one's round is waited for
     go.set()
     await first
-    assert s.reserved == 2 * GiB
+    assert s.reserved == 3 * GiB
