@@ -180,7 +180,7 @@ class Space:
             v.over,
         )
         if self._make_room is not None and not self.asks and not self._asking.locked():
-            self._start(v.over, digest)
+            _ = self._start(v.over, digest)  # kept in self.asks until it ends
 
     async def _verdict(self, size: int) -> Verdict:
         loop = asyncio.get_running_loop()
