@@ -61,19 +61,28 @@ class _Pair:
 
     __slots__ = (
         "aborted",
+        "let_go",
         "live",
         "loop",
         "lost",
+        "main",
         "peername",
         "plain",
         "stalled_mark",
         "stalled_since",
         "tls",
         "transport",
+        "waiting",
         "watch",
     )
 
-    def __init__(self, live: set[_Pair], watch: WriteWatch, peername: object) -> None:
+    def __init__(
+        self,
+        live: set[_Pair],
+        watch: WriteWatch,
+        peername: object,
+        main: asyncio.AbstractEventLoop,
+    ) -> None:
         self.tls: asyncio.Transport | None = None
         self.plain: asyncio.Transport | None = None
         #: the event loop aborted its end (a response cut short): the client gets an abort
@@ -86,6 +95,14 @@ class _Pair:
         self.transport: asyncio.Transport | None = None  # the client's, for the watch
         self.stalled_since: float | None = None
         self.stalled_mark = (0, 0)
+        #: the event loop's, where the guard's protocol hears of the connection's end only
+        #: once the worker has let the client's connection go (``let_go``; ``waiting`` until
+        #: then: the end it heard of its own side), so the connection counts against
+        #: http.max_connections while the worker still flushes to the client or shuts its TLS
+        #: down, as it did without the relay; both attributes are the event loop's only
+        self.main = main
+        self.let_go = False
+        self.waiting: Callable[[], None] | None = None
 
     def up(self, tls: asyncio.Transport) -> None:
         """The handshake is done: relayed, and watched like a plain connection (a client that
@@ -107,6 +124,15 @@ class _Pair:
         if self.lost >= 2:
             self.live.discard(self)
             self.tls = self.plain = self.transport = None  # no cycle left for the collector
+            with contextlib.suppress(RuntimeError):  # the event loop is gone
+                self.main.call_soon_threadsafe(self._let_go)
+
+    def _let_go(self) -> None:
+        """(on the event loop) the worker is done with the client's connection."""
+        self.let_go = True
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            waiting()
 
     def end(self, exc: BaseException | None) -> None:
         for transport in (self.tls, self.plain):
@@ -290,6 +316,13 @@ class _Plain(asyncio.Protocol):
         self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # the guard's protocol hears of it once the worker has let the client go (see _Pair)
+        if self.pair.let_go:
+            self._lost(exc)
+        else:
+            self.pair.waiting = lambda: self._lost(exc)
+
+    def _lost(self, exc: Exception | None) -> None:
         self.inner.connection_lost(exc)
         if self.relayed is not None:  # as uvloop's transports: no protocol once closed
             self.relayed.protocol = None
@@ -476,7 +509,7 @@ class TLSRelay:
 
         async def run(worker: _Worker) -> None:
             loop = worker.loop
-            pair = _Pair(worker.pairs, worker.watch, extra["peername"])
+            pair = _Pair(worker.pairs, worker.watch, extra["peername"], self.loop)
             ends: tuple[socket.socket, socket.socket] | None = None
             try:
                 # the client's side first (its reading held until the pair is up): a handshake

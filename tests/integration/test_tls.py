@@ -204,18 +204,19 @@ def test_a_stalled_tls_reader_is_cut_after_write_timeout_and_logged_with_its_add
     assert "Traceback" not in d.log()
 
 
-def test_hostile_tls_clients_leave_no_descriptor_thread_or_traceback(
+def test_hostile_tls_clients_leave_no_descriptor_or_traceback(
     daemon_factory: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     """Connections dropped before, in and after the handshake, garbage under TLS, and clients
     that take none of a 4 MiB answer (it fits in the socket pair and TCP buffers: the event
     loop's side is done with it, the worker cuts it after write_timeout): afterwards the daemon
-    holds the descriptors and threads it held before, and its log shows no crash."""
+    holds the descriptors it held before, and its log shows no crash."""
     cert, key = _make_cert(tmp_path / "certs", "hostile")
     d = daemon_factory(
         {"tls": {"cert": str(cert), "key": str(key)}, "http": {"write_timeout": "1s"}}
     )
     assert d.proc is not None
+    pid = d.proc.pid
     client = ssl.create_default_context(cafile=str(cert))
     blob = os.urandom(4 * 1024 * 1024)
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
@@ -232,10 +233,8 @@ def test_hostile_tls_clients_leave_no_descriptor_thread_or_traceback(
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()
 
-    def counts() -> tuple[int, int]:
-        return len(os.listdir(f"/proc/{d.proc.pid}/fd")), len(
-            os.listdir(f"/proc/{d.proc.pid}/task")
-        )  # type: ignore[union-attr]
+    def counts() -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
 
     s = tls()  # the worker threads' loops made their own descriptors
     s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -270,14 +269,16 @@ def test_hostile_tls_clients_leave_no_descriptor_thread_or_traceback(
         deadline = time.monotonic() + 30
         while counts() != before and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert counts() == before, (before, counts(), os.listdir(f"/proc/{d.proc.pid}/fd"))
+        assert counts() == before, (before, counts(), os.listdir(f"/proc/{pid}/fd"))
     finally:
         for s in stuck:
             s.close()
     assert http_ok(d.port, client)
     log = d.log()
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
-    assert "connection.write_stalled" in log  # the stuck readers, cut
+    # the stuck readers, cut: by the worker, or by the event loop's send when the answer did
+    # not fit in between (then the client's side goes with it)
+    assert "connection.write_stalled" in log or "error=client_stalled" in log, log[-3000:]
 
 
 def http_ok(port: int, client: ssl.SSLContext) -> bool:

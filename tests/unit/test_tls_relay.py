@@ -462,3 +462,30 @@ async def test_the_clients_connection_has_tcp_keepalive_as_aiohttp_sets_it(
     sock = pair.tls.get_extra_info("socket")
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
     writer.close()
+
+
+async def test_a_connection_counts_until_the_worker_lets_the_client_go(
+    certs: Path, served: Callable[..., _Served]
+) -> None:
+    # the event loop is done with a connection (its answer handed on, Connection: close) while
+    # the worker still holds the client's (flushing to a client that reads slowly, or waiting
+    # for its close_notify up to 30 s): it counts against http.max_connections until then, as
+    # without the relay; it was uncounted, so clients holding such connections went past the
+    # limit (and its descriptors) without bound
+    s = served(_answer(os.urandom(200_000)), limit=1)
+    port = s.start(lambda: _context(certs))
+    _, writer = await _stuck_client(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert s.relay is not None
+    workers = s.relay.workers
+
+    def main_side_done() -> bool:
+        return any(p.plain is not None and p.plain.is_closing() for w in workers for p in w.pairs)
+
+    await _until(main_side_done, "the event loop closed its end, the worker holds the client's")
+    assert s.guard.open == 1
+    head, _, _ = await _get(port, "/")
+    assert b" 503 " in head  # over the limit
+    writer.transport.abort()
+    await _until(lambda: s.guard.open == 0, "its place given back once the client is gone")
+    head, _, _ = await _get(port, "/")
+    assert head.startswith(b"HTTP/1.1 200")
