@@ -18,7 +18,7 @@ from regproxy.cli import bundles, checks, containerd, pins, prefetch, serve, sto
 from regproxy.cli.common import Command
 from regproxy.config import load_config
 from regproxy.errors import ConfigError, ConfigMissing, OCIError, RegproxyError
-from regproxy.log import setup_logging
+from regproxy.log import flush_lines, setup_logging
 from regproxy.schema import IndexDatabaseError, IndexVersionError
 
 #: every module that adds commands, in the order ``--help`` lists them
@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log.level, config.log.format)
     command: Command = args.run
     try:
-        return command(config, args)
+        try:
+            return command(config, args)
+        finally:
+            flush_lines()  # the access lines that wait go out before any last word below
     except IndexVersionError as exc:  # a store from a newer release: one line, no traceback
         print(f"regproxy: {exc}", file=sys.stderr)
         return 2

@@ -313,7 +313,12 @@ def test_sigterm_lets_inflight_download_finish(daemon_factory: Callable[..., Dae
     assert got == length
     assert body_digest == digest
     assert daemon.proc.wait(20) == 0
-    assert "shutdown.done" in daemon.log()
+    log = daemon.log()
+    assert "shutdown.done" in log
+    # its access line, written as it ended during the shutdown, is out before the last line
+    (line,) = [ln for ln in log.splitlines() if " request method=GET " in ln and digest in ln]
+    assert f" status=200 bytes={length} " in line
+    assert log.index(line) < log.index("shutdown.done")
 
 
 def test_sigterm_cuts_stalled_download_after_shutdown_timeout(
