@@ -49,10 +49,6 @@ class AsyncIndex:
         self._local = threading.local()
         self._reader_indexes: list[Index] = []
         self._lock = threading.Lock()
-        #: held by whichever thread runs a call on the writer's connection (the writer thread,
-        #: or the background thread it hands a call to): :meth:`peek_version` reads only when
-        #: nobody does
-        self._writer_busy = threading.Lock()
 
     async def open(self) -> None:
         """Open (create or upgrade, see :mod:`regproxy.schema`) the index on the writer."""
@@ -83,7 +79,7 @@ class AsyncIndex:
     def _on_writer(
         self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        with self._writer_busy:
+        with self._writer_index.busy:  # the connection is this call's (see :meth:`peek_version`)
             return index_call(fn, self._writer_index, *args, **kwargs)
 
     async def write_background(
@@ -92,8 +88,12 @@ class AsyncIndex:
         """:meth:`write` for background work (an eviction batch): in the writer's turn and on
         its connection, but run by a thread at a lower CPU priority (:data:`BACKGROUND_NICE`)
         while the writer thread waits for it. On a busy host the CPU it needs (an eviction
-        batch is mostly SQLite's own work, the GIL released) goes to the event loop first."""
-        call = functools.partial(self._on_writer, fn, *args, **kwargs)
+        batch is mostly SQLite's own work, the GIL released) goes to the event loop first.
+        ``fn`` uses the connection only inside one ``index.transaction()``: until it begins,
+        :meth:`peek_version` may read on the connection (the thread may wait long for a CPU)."""
+        # the connection is the call's only inside its ``index.transaction()``, where all its
+        # work must be: a batch handed over but not run yet leaves it free to peek at
+        call = functools.partial(index_call, fn, self._writer_index, *args, **kwargs)
         background = self._background
 
         def handed_over() -> T:
@@ -116,12 +116,13 @@ class AsyncIndex:
         return await asyncio.get_running_loop().run_in_executor(None, self._peek)
 
     def _peek(self) -> int | None:
-        if not self._writer_busy.acquire(blocking=False):
+        ix = self._writer_index
+        if not ix.busy.acquire(blocking=False):
             return None
         try:
-            return self._writer_index.data_version()
+            return ix.data_version()
         finally:
-            self._writer_busy.release()
+            ix.busy.release()
 
     async def read(
         self, fn: Callable[Concatenate[Index, P], T], *args: P.args, **kwargs: P.kwargs

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,9 @@ class Index:
         #: :meth:`transaction`): its ``data_version`` read right after taking it; else None. No
         #: other connection commits while it is set (see :meth:`writing_unchanged`)
         self.locked_version: int | None = None
+        #: held by the thread using the connection (across a write transaction, and across a
+        #: whole call of ``AsyncIndex.write``): another thread may read on it only when it is free
+        self.busy = threading.RLock()
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -460,13 +464,18 @@ class _Transaction:
 
     def __enter__(self) -> sqlite3.Connection:
         if not self.db.in_transaction:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.outer = True
+            self.index.busy.acquire()
             try:
-                self.index.locked_version = self.index.data_version()
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    self.index.locked_version = self.index.data_version()
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self.index.busy.release()
                 raise
+            self.outer = True
         return self.db
 
     def __exit__(self, exc_type: object, *_: object) -> None:
@@ -480,8 +489,11 @@ class _Transaction:
             if exc_type is None:
                 self.db.execute("COMMIT")
         finally:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
+            try:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+            finally:
+                self.index.busy.release()
 
 
 def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

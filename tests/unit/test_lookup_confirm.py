@@ -96,18 +96,26 @@ async def test_a_change_by_another_process_is_never_confirmed_behind_a_long_writ
     assert cache.tag("r", "v1", time.monotonic()) is None
 
 
-async def test_tags_are_confirmed_while_a_queued_write_waits_for_its_thread(
+async def test_tags_are_confirmed_while_a_background_write_waits_for_the_cpu(
     db: AsyncIndex,
 ) -> None:
-    """An eviction batch handed to the background thread, which the kernel has not run yet
-    (it runs at a lower priority): the writer's queue waits, its connection is free."""
+    """An eviction batch handed to the background thread, which the kernel has not run up to
+    its transaction yet (it runs at a lower priority): the writer's queue waits, the
+    connection is free."""
     cache = LookupCache()
     watch = IndexWatch(db, cache)
     await watch.check()
     await vouched_for_by_confirmations_only(cache)
-    release = threading.Event()
-    db._background.submit(release.wait, 30)  # the background thread is not running the batch
-    queued = asyncio.ensure_future(db.write_background(Index.data_version))
+    started, release = threading.Event(), threading.Event()
+
+    def batch(ix: Index) -> None:
+        started.set()
+        release.wait(30)  # not run yet
+        with ix.transaction():
+            ix.ensure_repo("evicting", None, "evicting")
+
+    queued = asyncio.ensure_future(db.write_background(batch))
+    assert await asyncio.to_thread(started.wait, 30)
     try:
         await asyncio.wait_for(watch.check(), 30)
         assert not queued.done()
@@ -115,3 +123,5 @@ async def test_tags_are_confirmed_while_a_queued_write_waits_for_its_thread(
     finally:
         release.set()
         await queued
+    await watch.check()  # the daemon's own commit is no other process's change
+    assert cache.tag("r", "v1", time.monotonic()) == ROW
