@@ -466,14 +466,27 @@ class TLSRelay:
                 extra = {"peername": peer, "sockname": conn.getsockname()}
             except OSError:  # gone already
                 extra = {"peername": peer, "sockname": sock.getsockname()}
+            if not self._hand_over(conn, self._handshake(key, conn, extra)):
+                conn.close()  # no worker left
+                self._pending.pop(key, None)
+
+    def _hand_over(self, conn: socket.socket, handshake: Callable[[_Worker], Any]) -> bool:
+        """Give the connection to the next worker whose loop runs; a worker whose loop ended
+        (a bug: it is not stopped before the listener) is said once and passed over."""
+        for _ in range(len(self.workers)):
             worker = next(self._next)
             try:
-                worker.loop.call_soon_threadsafe(
-                    worker.take, conn, self._handshake(key, conn, extra)
-                )
-            except RuntimeError:  # the workers are stopping
-                conn.close()
-                self._pending.pop(key, None)
+                worker.loop.call_soon_threadsafe(worker.take, conn, handshake)
+                return True
+            except RuntimeError:  # its loop is closed
+                if self._closed:
+                    return False
+                log.error("tls.worker_gone name=%s", worker.thread.name)
+                self.workers.remove(worker)
+                self._next = itertools.cycle(self.workers)
+                if not self.workers:
+                    return False
+        return False
 
     def _resume(self, sock: socket.socket) -> None:
         if not self._closed:

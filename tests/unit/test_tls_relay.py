@@ -489,3 +489,23 @@ async def test_a_connection_counts_until_the_worker_lets_the_client_go(
     await _until(lambda: s.guard.open == 0, "its place given back once the client is gone")
     head, _, _ = await _get(port, "/")
     assert head.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_worker_that_died_is_passed_over_and_said(
+    certs: Path, served: Callable[..., _Served], caplog: pytest.LogCaptureFixture
+) -> None:
+    # a worker whose loop ended (a bug) no longer takes connections: every other TLS client
+    # was closed at the accept, silently; the others serve them, and the log says so once
+    s = served(_answer(b"ok"))
+    port = s.start(lambda: _context(certs))
+    assert s.relay is not None
+    dead = s.relay.workers[0]
+    dead.loop.call_soon_threadsafe(dead.loop.stop)
+    dead.thread.join(5)
+    assert not dead.thread.is_alive()
+    for _ in range(4):
+        head, body, _ = await _get(port, "/")
+        assert head.startswith(b"HTTP/1.1 200") and body == b"ok"
+    assert [r.message for r in caplog.records].count(
+        f"tls.worker_gone name={dead.thread.name}"
+    ) == 1
