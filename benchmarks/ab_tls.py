@@ -3,6 +3,7 @@
 
     python -m benchmarks.ab_tls                       # workers 0 and 2; c=8,32; 1 MiB blob
     python -m benchmarks.ab_tls --workers 0,1,2 --rounds 6 --seconds 2 --concurrency 1,8,32
+    python -m benchmarks.ab_tls --size-mib 256 --concurrency 1 --no-peer   # one big stream
 
 Medians over the rounds of req/s, server CPU-seconds per GiB and peak RSS for each
 (server, concurrency). Needs ``wrk``, ``docker-registry`` and ``openssl``.
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--concurrency", default="8,32")
+    p.add_argument("--size-mib", type=int, default=1, help="the blob's size (default 1 MiB)")
     p.add_argument("--no-peer", action="store_true", help="leave docker-registry out")
     args = p.parse_args(argv)
     check_tools("ab_tls", {t: t for t in ("wrk", "docker-registry", "openssl")})
@@ -76,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
                 extra={"log": {"level": "error", "accesslog": {"disabled": True}}},
                 tls=(ca.cert, ca.key),
             )
-        blob = os.urandom(MiB)
+        blob = os.urandom(max(1, min(args.size_mib, 1024)) * MiB)
         digest = Content.digest(blob)
         script = tmp / "report.lua"
         script.write_text(WRK_DONE)
-        results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+        results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
         rss: dict[tuple[str, int], float] = {}
         with started(*servers.values()):
             for server in servers.values():
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name, server in servers.items():
                         url = f"https://127.0.0.1:{server.port}/v2/{REPO}/blobs/{digest}"
                         if r == 0:
-                            run_wrk(url, conc, 1, {}, script)
+                            run_wrk(url, conc, seconds, {}, script)
                             reset_peak_rss(server.proc.pid)
                         cpu = CpuMeter({name: server.proc.pid}).start()
                         loop_at = loop_cpu_seconds(server.proc.pid)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                             (loop_cpu_seconds(server.proc.pid) - loop_at) / gib,
                         )
                         results.setdefault((name, conc), []).append(
-                            (out["req_s"], per_gib, loop_gib)
+                            (out["req_s"], per_gib, loop_gib, out["gb_s"])
                         )
                         rss[(name, conc)] = peak_rss_mb(server.proc.pid)
                         print(
@@ -112,15 +114,26 @@ def main(argv: list[str] | None = None) -> int:
                             flush=True,
                         )
         print(f"\nmedians of {rounds} rounds x {seconds:g} s, load {load_start} -> {load_1m()}")
-        print("| server | c | req/s | CPU-s/GiB | of it the main thread | peak RSS MB |")
-        print("|---|---|---|---|---|---|")
+        print("| server | c | req/s | GB/s | CPU-s/GiB | of it the main thread | peak RSS MB |")
+        print("|---|---|---|---|---|---|---|")
         for (name, conc), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             req = statistics.median(x[0] for x in runs)
             cpu_gib = statistics.median(x[1] for x in runs)
             loop_gib = statistics.median(x[2] for x in runs)
+            gb_s = statistics.median(x[3] for x in runs)
             print(
-                f"| {name} | {conc} | {req:.0f} | {cpu_gib:.2f} | {loop_gib:.2f} | "
+                f"| {name} | {conc} | {req:.0f} | {gb_s:.2f} | {cpu_gib:.2f} | {loop_gib:.2f} | "
                 f"{rss[(name, conc)]:.1f} |"
+            )
+        base = f"regproxy w={workers[0]}"
+        print(f"\nper round, req/s against {base} in the same round (median, min-max):")
+        for (name, conc), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            if name == base:
+                continue
+            ratios = [x[0] / b[0] for x, b in zip(runs, results[(base, conc)], strict=True)]
+            print(
+                f"  c={conc} {name}: {statistics.median(ratios):.2f}x "
+                f"({min(ratios):.2f}-{max(ratios):.2f})"
             )
     return 0
 
