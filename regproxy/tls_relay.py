@@ -20,8 +20,11 @@ a connection holds a bounded amount of memory. What the socket pair and the TCP 
 no longer seen waiting on the event loop's side (a 4 MiB answer fits; a cut end of the pair is
 not read while the client takes nothing), so each worker also watches its clients'
 connections as the guard does (regproxy.write_watch): one that takes none of the bytes waiting
-for it for ``http.write_timeout`` is aborted, and with it the event loop's side. An end of file goes on as an end of file; a
-reset, or an abort on the event loop's side (a response cut short), as an abort.
+for it for ``http.write_timeout`` is aborted, and with it the event loop's side. An end of file
+goes on as an end of file; a reset, or an abort on the event loop's side (a response cut short),
+as an abort (at once: the worker does not read its end of the pair while the client takes
+nothing). The connection's protocol hears of its end once the worker has let the client's
+connection go, so it counts against ``http.max_connections`` until then, as without the relay.
 """
 
 from __future__ import annotations
