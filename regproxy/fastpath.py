@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 from email.utils import formatdate
 from typing import Final, NamedTuple
@@ -219,7 +220,8 @@ class FastPath:
                     ref = check_reference(parts["ref"]) if kind == "manifest" else parts["digest"]
                     if kind == "blob":
                         Digest.parse(ref)
-                    found = (kind, self.resolver.resolve(name), ref)
+                    # one copy of a digest for all that caches it (see ``lookups._shared``)
+                    found = (kind, self.resolver.resolve(name), sys.intern(ref))
                 except (OCIError, ValueError):
                     found = None
         if len(self._targets) >= _MAX_TARGETS:

@@ -18,16 +18,18 @@ is not cached. (Each eviction batch forgets what it removed: were any forget eno
 every lookup out, the first lookups of a warming cache would keep being thrown away during an
 eviction.)
 
-Bounds and what they hold (about 1.2 KB of memory per manifest a client asks for by digest and
-by tag, plus its body: 10,000 such manifests with 2 KB bodies take ~31 MB): 50,000 manifest rows
-by digest, 50,000 tags, 200,000 blob links, 100,000 small bodies up to 32 MiB in all.
+Bounds and what they hold (about 0.85 KB of memory per manifest a client asks for by digest and
+by tag, plus its body: 10,000 such manifests with 2 KB bodies take ~28 MB; each digest and media
+type string is kept once, however many caches hold it): 50,000 manifest rows by digest, 50,000
+tags, 200,000 blob links, 100,000 small bodies up to 32 MiB in all.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from sys import intern
 from typing import Final, Generic, TypeVar
 
 from regproxy.index import ManifestRow
@@ -42,44 +44,49 @@ TAG_CACHE_SECONDS: Final = 1.0
 TAG_CONFIRM_SECONDS: Final = TAG_CACHE_SECONDS / 2
 #: the last forgets remembered, with the keys they named (a lookup's answer is refused only if
 #: one of them since its ticket named its key), and the keys they may name in all
-FORGETS_KEPT: Final = 256
-FORGOTTEN_KEYS_KEPT: Final = 10_000  # ~2 MB; an eviction batch names up to ~500
+FORGETS_KEPT: Final = 64
+FORGOTTEN_KEYS_KEPT: Final = 4_000  # <1 MB: ~8 eviction batches of ~500 keys, a second or two
 
 Key = tuple[str, str]
 
 
 class LRU(Generic[K, V]):
-    """Least recently used entries go first, above ``max_entries`` or ``max_weight``."""
+    """Least recently used entries go first, above ``max_entries`` or ``max_weight`` (the sum
+    of ``weigh(value)``, when both are given). Values are kept as they are (no wrapper per
+    entry: a cache of 100,000 entries holds 100,000 objects fewer)."""
 
-    def __init__(self, max_entries: int, max_weight: int = 0) -> None:
-        self._d: OrderedDict[K, tuple[V, int]] = OrderedDict()
+    def __init__(
+        self, max_entries: int, max_weight: int = 0, weigh: Callable[[V], int] | None = None
+    ) -> None:
+        self._d: OrderedDict[K, V] = OrderedDict()
         self.max_entries = max_entries
-        self.max_weight = max_weight
+        self.max_weight = max_weight if weigh is not None else 0
+        self._weigh = weigh
         self.weight = 0
 
     def get(self, key: K) -> V | None:
-        item = self._d.get(key)
-        if item is None:
+        value = self._d.get(key)
+        if value is None:
             return None
         self._d.move_to_end(key)
-        return item[0]
+        return value
 
-    def put(self, key: K, value: V, weight: int = 0) -> None:
-        old = self._d.pop(key, None)
-        if old is not None:
-            self.weight -= old[1]
-        self._d[key] = (value, weight)
-        self.weight += weight
+    def put(self, key: K, value: V) -> None:
+        self.pop(key)
+        self._d[key] = value
+        if self._weigh is not None:
+            self.weight += self._weigh(value)
         while len(self._d) > self.max_entries or (
             self.max_weight and self.weight > self.max_weight
         ):
-            _, (_, w) = self._d.popitem(last=False)
-            self.weight -= w
+            _, old = self._d.popitem(last=False)
+            if self._weigh is not None:
+                self.weight -= self._weigh(old)
 
     def pop(self, key: K) -> None:
-        item = self._d.pop(key, None)
-        if item is not None:
-            self.weight -= item[1]
+        value = self._d.pop(key, None)
+        if value is not None and self._weigh is not None:
+            self.weight -= self._weigh(value)
 
     def drop_where(self, pred: Callable[[K], bool]) -> None:
         for key in [k for k in self._d if pred(k)]:
@@ -118,11 +125,18 @@ class _Forget:
         return key in (self.links if kind == "link" else self.manifests)
 
 
+def _shared(row: ManifestRow) -> ManifestRow:
+    """The row with its digest and media type as the one copy of each string that all cached
+    lookups share (each read from the index, or parsed from a request, is a copy of its own:
+    ~200 bytes a manifest by digest and by tag, its body and its request paths)."""
+    return replace(row, digest=intern(row.digest), media_type=intern(row.media_type))
+
+
 class LookupCache:
     """Blob links, manifest rows, tags and small bodies; :meth:`forget` is the one way out."""
 
     def __init__(self) -> None:
-        self._bodies: LRU[str, bytes] = LRU(100_000, SMALL_CACHE_BYTES)
+        self._bodies: LRU[str, bytes] = LRU(100_000, SMALL_CACHE_BYTES, len)
         self._links: LRU[tuple[str, str], int] = LRU(200_000)
         self._manifests: LRU[tuple[str, str], ManifestRow] = LRU(50_000)
         self._tags: LRU[tuple[str, str], tuple[ManifestRow, float]] = LRU(50_000)
@@ -188,15 +202,15 @@ class LookupCache:
 
     def put_manifest(self, repo: str, digest: str, row: ManifestRow, ticket: int) -> None:
         if self._current(ticket, "manifest", (repo, digest)):
-            self._manifests.put((repo, digest), row)
+            self._manifests.put((intern(repo), intern(digest)), _shared(row))
 
     def put_tag(self, repo: str, tag: str, row: ManifestRow, now: float, ticket: int) -> None:
         if self._current(ticket, "tag", (repo, tag)):
-            self._tags.put((repo, tag), (row, now))
+            self._tags.put((intern(repo), tag), (_shared(row), now))
 
     def put_body(self, digest: str, body: bytes) -> None:
         """Bodies are immutable (named by their digest): no ticket needed."""
-        self._bodies.put(digest, body, len(body))
+        self._bodies.put(intern(digest), body)
 
     def restart_tags(self, at: float) -> None:
         """Confirmations start over (monotonic ``at``, taken after the index's version was

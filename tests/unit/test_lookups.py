@@ -52,14 +52,17 @@ def test_a_cached_tag_is_believed_for_a_second_only() -> None:
 
 
 def test_lru_bounds_entries_and_weight() -> None:
-    lru: LRU[str, bytes] = LRU(3, max_weight=10)
+    lru: LRU[str, bytes] = LRU(3, max_weight=10, weigh=len)
     for k in "abc":
-        lru.put(k, b"x", 1)
+        lru.put(k, b"x")
     assert lru.get("a") == b"x"  # a is now the most recent
-    lru.put("d", b"x", 1)
+    lru.put("d", b"x")
     assert lru.get("b") is None and len(lru) == 3
-    lru.put("big", b"y" * 9, 9)
+    lru.put("big", b"y" * 9)
     assert lru.weight <= 10 and lru.get("big") is not None
+    lru.put("big", b"z")  # replaced: its old weight goes
+    lru.pop("d")
+    assert lru.weight == sum(len(v) for v in (lru.get(k) for k in ("a", "big")) if v)
 
 
 def test_tags_are_believed_on_while_confirmations_find_the_index_unchanged() -> None:
