@@ -325,7 +325,7 @@ class Fetcher:
                             source.kind,
                             exc,
                         )
-                    if t.written:
+                    if t.written and i + 1 < len(sources):  # else the end cuts its readers
                         await self._next_generation(t)
                     continue
                 try:
@@ -346,7 +346,8 @@ class Fetcher:
                     last = TransferFailed(
                         f"{t.digest}: {t.source} sent bytes that hash to {exc.actual}"
                     )
-                    await self._next_generation(t)
+                    if i + 1 < len(sources):
+                        await self._next_generation(t)
                     continue
                 break
             else:

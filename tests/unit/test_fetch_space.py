@@ -150,3 +150,29 @@ async def test_the_room_is_released_however_the_transfer_ends(store: Store, end:
     committed = store.stat(DIGEST) == len(DATA)
     assert committed == (end in ("success", "client gone"))
     await f.drain(0)
+
+
+async def test_a_reader_cut_by_the_last_sources_failure_finds_the_transfer_gone(
+    store: Store,
+) -> None:
+    """The only source fails after some bytes went out: the response reading them is cut,
+    and by then the transfer is out of the fetcher, so a client that asks again at once
+    starts a new one instead of joining the one that is ending (it got a second failure)."""
+    f, _ = fetcher(store, Disk(free=1 << 30))
+    body = Body(fail=UpstreamError("up.test", "slow", kind="slow"))
+    sources = [Source("up.test", "upstream", body.open)]
+    t = f.start(DIGEST, sources, "docker.io/a")
+    seen: list[object] = []
+
+    async def read() -> None:
+        async for _ in t.read_range(0, len(DATA) - 1):
+            seen.append(f.get(DIGEST))
+            body.go.set()  # bytes went out: now the source fails
+
+    with pytest.raises(UpstreamError):
+        await read()
+    assert seen  # it read bytes before the cut
+    assert f.get(DIGEST) is None  # at the cut, nothing to join
+    again = f.start(DIGEST, [Source("up.test", "upstream", Body().open)], "docker.io/a")
+    assert again is not t
+    await f.drain(0)
