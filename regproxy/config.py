@@ -273,7 +273,11 @@ _SCHEMA: Final[dict[str, Any]] = {
         "realm": values.string,
         "login_failures_per_minute": values.count,
     },
-    "tls": {"cert": values.optional_string, "key": values.optional_string, "workers": values.count},
+    "tls": {
+        "cert": values.optional_string,
+        "key": values.optional_string,
+        "workers": values.count_up_to(64),
+    },
     "prefetch": {
         "images": values.images,
         "interval": parse_duration,

@@ -5,6 +5,7 @@ value or raises ValueError saying what is allowed; :mod:`regproxy.config` names 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -159,6 +160,18 @@ def count(v: Any) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise ValueError("must be a whole number, 0 or more")
     return v
+
+
+def count_up_to(most: int) -> Callable[[Any], int]:
+    """A :func:`count` of at most ``most`` (threads, loops: each costs memory and a stack)."""
+
+    def check(v: Any) -> int:
+        n = count(v)
+        if n > most:
+            raise ValueError(f"must be at most {most}")
+        return n
+
+    return check
 
 
 def images(v: Any) -> tuple[str, ...]:

@@ -193,6 +193,7 @@ def test_unknown_key(tmp_path: Path, doc: Any, key: str) -> None:
         ({"auth": {"users": ["u"]}}, "auth.users"),
         ({"tls": {"cert": "/c.pem"}}, "tls"),
         ({"tls": {"cert": "/c.pem", "key": "/k.pem", "workers": -1}}, "tls.workers"),
+        ({"tls": {"cert": "/c.pem", "key": "/k.pem", "workers": 65}}, "tls.workers"),
         ({"prefetch": {"images": "nginx"}}, "prefetch.images"),
         ({"prefetch": {"images": [{"img": "x"}]}}, "prefetch.images"),
         ({"log": {"level": "loud"}}, "log.level"),
