@@ -106,10 +106,11 @@ def test_tls_skopeo_trusts_cert_and_sighup_reloads(
     live_cert, live_key = certs / "tls.crt", certs / "tls.key"
     _replace(first_cert, live_cert)
     _replace(first_key, live_key)
-    d = daemon_factory({"tls": {"cert": str(live_cert), "key": str(live_key)}})
+    # TLS on worker threads (regproxy.tls_relay; the default on hosts of more than 2 CPUs)
+    d = daemon_factory({"tls": {"cert": str(live_cert), "key": str(live_key), "workers": 2}})
     assert d.url.startswith("https://")
     assert _served_der(d.port) == _der(first_cert)
-    assert "tls_workers=0" not in d.log()  # TLS on worker threads (regproxy.tls_relay)
+    assert "tls_workers=2" in d.log()
 
     img = make_image("amd64")
     layout = tmp_path / "layout"
@@ -161,14 +162,18 @@ def test_plain_http_when_tls_not_configured(daemon_factory: Callable[..., Daemon
     assert d.stop() == 0
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-loop", "workers"])
 def test_a_stalled_tls_reader_is_cut_after_write_timeout_and_logged_with_its_address(
-    daemon_factory: Callable[..., Daemon], tmp_path: Path
+    daemon_factory: Callable[..., Daemon], tmp_path: Path, workers: int
 ) -> None:
-    """Over TLS (worker threads relay it) the deadlines bite as on plain HTTP, and the access
-    line names the client's address, not the relay's socket."""
+    """Over TLS (on the event loop, or relayed by worker threads) the deadlines bite as on
+    plain HTTP, and the access line names the client's address, not the relay's socket."""
     cert, key = _make_cert(tmp_path / "certs", "stall")
     d = daemon_factory(
-        {"tls": {"cert": str(cert), "key": str(key)}, "http": {"write_timeout": "1s"}}
+        {
+            "tls": {"cert": str(cert), "key": str(key), "workers": workers},
+            "http": {"write_timeout": "1s"},
+        }
     )
     client = ssl.create_default_context(cafile=str(cert))
     big = os.urandom(16 * 1024 * 1024)
@@ -204,8 +209,9 @@ def test_a_stalled_tls_reader_is_cut_after_write_timeout_and_logged_with_its_add
     assert "Traceback" not in d.log()
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-loop", "workers"])
 def test_hostile_tls_clients_leave_no_descriptor_or_traceback(
-    daemon_factory: Callable[..., Daemon], tmp_path: Path
+    daemon_factory: Callable[..., Daemon], tmp_path: Path, workers: int
 ) -> None:
     """Connections dropped before, in and after the handshake, garbage under TLS, and clients
     that take none of a 4 MiB answer (it fits in the socket pair and TCP buffers: the event
@@ -213,7 +219,10 @@ def test_hostile_tls_clients_leave_no_descriptor_or_traceback(
     holds the descriptors it held before, and its log shows no crash."""
     cert, key = _make_cert(tmp_path / "certs", "hostile")
     d = daemon_factory(
-        {"tls": {"cert": str(cert), "key": str(key)}, "http": {"write_timeout": "1s"}}
+        {
+            "tls": {"cert": str(cert), "key": str(key), "workers": workers},
+            "http": {"write_timeout": "1s"},
+        }
     )
     assert d.proc is not None
     pid = d.proc.pid

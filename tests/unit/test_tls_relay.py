@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from regproxy.config import HttpConfig
+from regproxy.app import tls_workers
+from regproxy.config import HttpConfig, config_from_dict
 from regproxy.connections import ConnectionGuard
 from regproxy.metrics import Metrics
 from regproxy.tls import ServerTLS
@@ -509,3 +510,18 @@ async def test_a_worker_that_died_is_passed_over_and_said(
     assert [r.message for r in caplog.records].count(
         f"tls.worker_gone name={dead.thread.name}"
     ) == 1
+
+
+@pytest.mark.parametrize(
+    ("workers", "cpus", "threads"),
+    [(None, 1, 0), (None, 2, 0), (None, 4, 4), (None, 64, 8), (3, 2, 3), (0, 16, 0)],
+)
+def test_tls_workers_by_default_only_above_two_cpus(
+    workers: int | None, cpus: int, threads: int
+) -> None:
+    """On 2 CPUs, with the client on the same host, the workers were no faster and dearer
+    (benchmarks/ab_tls): the event loop does TLS there unless tls.workers says otherwise."""
+    tls: dict[str, object] = {"cert": "/c.pem", "key": "/k.pem"}
+    if workers is not None:
+        tls["workers"] = workers
+    assert tls_workers(config_from_dict({"tls": tls}), cpus=cpus) == threads
