@@ -5,21 +5,16 @@ handshake: connections that never finish a handshake hold a place (and a descrip
 from __future__ import annotations
 
 import asyncio
-import datetime
 import gc
 import socket
 import ssl
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from regproxy.config import HttpConfig
 from regproxy.connections import ConnectionGuard
 from regproxy.metrics import Metrics
+from tests.certs import self_signed
 
 
 class _Hello(asyncio.Protocol):
@@ -33,30 +28,9 @@ class _Hello(asyncio.Protocol):
 @pytest.fixture(scope="module")
 def server_ssl(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
     """A throw-away self-signed certificate for 127.0.0.1, made in this process."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    d: Path = tmp_path_factory.mktemp("tls")
-    (d / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "k.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"), "server")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(d / "c.pem", d / "k.pem")
+    ctx.load_cert_chain(cert, key)
     return ctx
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import gc
 import hashlib
 import os
@@ -19,8 +18,6 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from regproxy.app import tls_workers
@@ -29,39 +26,13 @@ from regproxy.connections import ConnectionGuard
 from regproxy.metrics import Metrics
 from regproxy.tls import ServerTLS
 from regproxy.tls_relay import TLSRelay
+from tests.certs import self_signed
 
 MiB = 1024 * 1024
 
 
 def _write_cert(d: Path, org: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1"),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
-        ]
-    )
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    c, k = d / f"{org}.crt", d / f"{org}.key"
-    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    k.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return c, k
+    return self_signed(d, org, org)
 
 
 @pytest.fixture(scope="module")
