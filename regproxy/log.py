@@ -199,8 +199,12 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: IO[str] | None = None) -> None:
         super().__init__(stream)
         self._render: Callable[[str, str, tuple[object, ...]], str] | None = None
-        self._mutex = threading.Lock()  # the pending lines
-        self._io = threading.Lock()  # held while writing: whole chunks, in order
+        # both re-entrant, as logging's own handler lock is: a record logged on a thread that
+        # holds one (a finalizer the cyclic GC runs there: asyncio's "Task was destroyed but it
+        # is pending!") is written, before the chunk in hand, instead of hanging that thread and
+        # every thread that logs after it
+        self._mutex = threading.RLock()  # the pending lines
+        self._io = threading.RLock()  # held while writing: whole chunks, in order
         self._pending: list[str] = []
         self._pending_bytes = 0
         self._kick: queue.SimpleQueue[bool] = queue.SimpleQueue()
@@ -294,8 +298,9 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
                         break
 
     def _take(self) -> list[str]:
+        fresh: list[str] = []  # made before the lock: no collection (no finalizer) while held
         with self._mutex:
-            lines, self._pending, self._pending_bytes = self._pending, [], 0
+            lines, self._pending, self._pending_bytes = self._pending, fresh, 0
         return lines
 
     def _write_pending(self, after: str = "") -> None:

@@ -303,3 +303,56 @@ def test_lines_from_threads_are_whole_and_none_is_lost() -> None:
     for n in range(3):  # each thread's lines in its order
         mine = [ln for ln in warnings if f" n={n} " in ln]
         assert [int(ln.rsplit("=", 1)[1]) for ln in mine] == list(range(200))
+
+
+class _Reentrant(io.StringIO):
+    """A stream whose first write logs a record of its own, as a finalizer that logs (asyncio's
+    "Task was destroyed but it is pending!", an unclosed aiohttp session) does when the cyclic
+    GC runs it in the middle of a write, on whichever thread that is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged = False
+
+    def write(self, s: str) -> int:
+        if not self.logged:
+            self.logged = True
+            logging.getLogger("regproxy.test_gc").error("finalizer.said")
+        return super().write(s)
+
+
+@pytest.mark.parametrize("by", ["record", "writer"])
+def test_a_record_logged_inside_a_write_is_written_not_a_deadlock(by: str) -> None:
+    """logging's handler lock is re-entrant for this: a record logged while the handler writes
+    (a finalizer, on the same thread) is written, as by logging.StreamHandler; a plain lock
+    held across the write hung that thread, and with it every thread that logs after it."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    stream = _Reentrant()
+    handler = LineHandler(stream)
+    handler.setFormatter(_TextFormatter(TEXT_FORMAT))
+    handler.linger = 0.0
+    root.handlers[:] = [handler]
+    try:
+        if by == "record":
+            done = threading.Thread(
+                target=logging.getLogger("regproxy.test").warning, args=("a.record",), daemon=True
+            )
+            done.start()
+            done.join(30)
+            assert not done.is_alive(), "the thread that logged hangs"
+        else:
+            assert handler.queue_line("regproxy.access", "an.access_line", ())
+            deadline = time.monotonic() + 30
+            while "an.access_line" not in stream.getvalue():
+                assert time.monotonic() < deadline, "the writer thread hangs"
+                time.sleep(0.005)
+        flusher = threading.Thread(target=handler.flush, daemon=True)
+        flusher.start()
+        flusher.join(30)
+        assert not flusher.is_alive(), "a flush hangs"
+        text = stream.getvalue()
+        assert "finalizer.said" in text
+        assert ("a.record" if by == "record" else "an.access_line") in text
+    finally:
+        root.handlers[:] = saved
