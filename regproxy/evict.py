@@ -136,7 +136,7 @@ class Evictor:
 
     async def stop(self) -> None:
         if self.fetcher is not None and self.fetcher.space is not None:
-            self.fetcher.space.room_from(None)
+            await self.fetcher.space.stop()  # and the rounds transfers started
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

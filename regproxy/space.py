@@ -103,6 +103,15 @@ class Space:
         """Who frees bytes when a blob does not fit (the evictor; None: nobody)."""
         self._make_room = make_room
 
+    async def stop(self) -> None:
+        """Nobody frees bytes from now on (shutdown): the rounds asked for and still running
+        are cut, as the evictor's own round is, and waited for (none outlives the evictor)."""
+        self._make_room = None
+        rounds = list(self.asks)
+        for task in rounds:
+            task.cancel()
+        await asyncio.gather(*rounds, return_exceptions=True)
+
     @property
     def reserved(self) -> int:
         return sum(h.size for h in self._held.values())

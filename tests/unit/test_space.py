@@ -221,3 +221,28 @@ async def test_the_turn_to_ask_for_room_is_waited_for_a_bounded_time() -> None:
     go.set()
     await first
     assert s.reserved == 3 * GiB
+
+
+async def test_stop_cuts_the_rounds_asked_for_and_starts_no_more() -> None:
+    """At shutdown (Evictor.stop) a round a transfer started is cut and waited for, as the
+    evictor's own round is: left running, it went on with its batches while the index closed."""
+    disk = Disk(100 * GiB, 90 * GiB, stored=10 * GiB)
+    s = space(disk, max_size="10GiB")
+    started, cut = asyncio.Event(), asyncio.Event()
+
+    async def make_room(need: int) -> int:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # a long round
+        except asyncio.CancelledError:
+            cut.set()
+            raise
+        return 0
+
+    s.room_from(make_room)
+    await reserve(s, "one", GiB)  # over the target: a round starts, not waited for
+    await started.wait()
+    await s.stop()
+    assert cut.is_set() and not s.asks
+    await reserve(s, "two", GiB)  # fetched; nobody to ask any more
+    assert not s.asks
