@@ -203,8 +203,12 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         # holds one (a finalizer the cyclic GC runs there: asyncio's "Task was destroyed but it
         # is pending!") is written, before the chunk in hand, instead of hanging that thread and
         # every thread that logs after it
-        self._mutex = threading.RLock()  # the pending lines
-        self._io = threading.RLock()  # held while writing: whole chunks, in order
+        self._mutex = threading.RLock()  # the pending lines (nothing that logs runs under it)
+        #: held while writing (whole chunks, in order): logging's own handler lock, which
+        #: ``handle`` holds around ``emit``, so every thread takes the locks in one order (a
+        #: lock of its own, taken by the writer thread before a finalizer's record took this
+        #: one, made two threads wait for each other)
+        self._io = self.lock or threading.RLock()
         self._pending: list[str] = []
         self._pending_bytes = 0
         self._kick: queue.SimpleQueue[bool] = queue.SimpleQueue()
@@ -277,11 +281,12 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return True
 
     def _start_writer(self) -> None:
-        with self._mutex:
+        writer = threading.Thread(target=self._run, name="regproxy-log", daemon=True)
+        with self._mutex:  # made before: nothing is made (no finalizer runs) under the lock
             if self._writer is not None:
                 return
-            self._writer = threading.Thread(target=self._run, name="regproxy-log", daemon=True)
-        self._writer.start()
+            self._writer = writer
+        writer.start()
 
     def _run(self) -> None:
         while self._kick.get():

@@ -356,3 +356,56 @@ def test_a_record_logged_inside_a_write_is_written_not_a_deadlock(by: str) -> No
         assert ("a.record" if by == "record" else "an.access_line") in text
     finally:
         root.handlers[:] = saved
+
+
+def test_a_record_logged_inside_the_writer_threads_write_while_another_thread_logs() -> None:
+    """The writer thread's write takes the locks in the order every emit does (logging's
+    handler lock first): a record logged inside it (a finalizer) while another thread is in an
+    emit, holding that lock and waiting to write, is written; taken the other way round, each
+    thread held the lock the other waited for."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    in_write, holding = threading.Event(), threading.Event()
+
+    class Inverting(io.StringIO):
+        done = False
+
+        def write(self, s: str) -> int:
+            if not self.done and threading.current_thread().name == "regproxy-log":
+                self.done = True
+                in_write.set()
+                lock = handler.lock
+                assert lock is not None
+                if not lock._is_owned():  # type: ignore[attr-defined]
+                    # wait (bounded) until the other thread is in its emit, holding the lock
+                    for _ in range(10_000):
+                        if not lock.acquire(blocking=False):
+                            break
+                        lock.release()
+                        time.sleep(0.001)
+                    holding.set()
+                logging.getLogger("regproxy.test_gc").error("finalizer.said")
+            return super().write(s)
+
+    stream = Inverting()
+    handler = LineHandler(stream)
+    handler.setFormatter(_TextFormatter(TEXT_FORMAT))
+    handler.linger = 0.0
+    root.handlers[:] = [handler]
+    try:
+        assert handler.queue_line("regproxy.access", "an.access_line", ())
+        assert in_write.wait(30)
+        other = threading.Thread(
+            target=logging.getLogger("regproxy.test").warning, args=("a.record",), daemon=True
+        )
+        other.start()
+        other.join(30)
+        assert not other.is_alive(), "the thread that logged hangs"
+        flusher = threading.Thread(target=handler.flush, daemon=True)
+        flusher.start()
+        flusher.join(30)
+        assert not flusher.is_alive(), "a flush hangs"
+        text = stream.getvalue()
+        assert all(s in text for s in ("finalizer.said", "an.access_line", "a.record"))
+    finally:
+        root.handlers[:] = saved
