@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -334,6 +335,13 @@ async def serve(
         config.http.read_timeout,
         config.uploads.max_sessions,
     )
+    # Everything made so far (modules, the app, its routes and config) lives as long as the
+    # process: out of the garbage collector's sight, each full collection scans half as many
+    # objects. Measured with 10,000 manifests' lookups warmed: 20-29 ms instead of 72-79 ms, a
+    # pause of the event loop and every thread (the likely cause of a 129 ms /readyz during an
+    # eviction at full scale)
+    gc.freeze()
+    log.info("startup.gc_frozen objects=%d", gc.get_freeze_count())
     if on_ready is not None:
         result = on_ready(port)
         if asyncio.iscoroutine(result):

@@ -446,3 +446,6 @@ def test_shipped_defaults_are_logged_at_start(plain: Daemon) -> None:
     assert nofile == resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # raised to the hard limit
     assert "header_timeout=10s keepalive_timeout=75s write_timeout=60s read_timeout=60s" in line
     assert "max_upload_sessions=1000" in line
+    # what start-up made is frozen out of the garbage collector's scans (regproxy.app.serve)
+    frozen = re.search(r"startup\.gc_frozen objects=(\d+)", plain.log())
+    assert frozen is not None and int(frozen.group(1)) > 10_000, plain.log()[-2000:]
