@@ -162,26 +162,39 @@ def test_plain_http_when_tls_not_configured(daemon_factory: Callable[..., Daemon
     assert d.stop() == 0
 
 
-@pytest.mark.parametrize("workers", [0, 2], ids=["in-loop", "workers"])
-def test_a_stalled_tls_reader_is_cut_after_write_timeout_and_logged_with_its_address(
-    daemon_factory: Callable[..., Daemon], tmp_path: Path, workers: int
-) -> None:
-    """Over TLS (on the event loop, or relayed by worker threads) the deadlines bite as on
-    plain HTTP, and the access line names the client's address, not the relay's socket."""
-    cert, key = _make_cert(tmp_path / "certs", "stall")
+def _tls_daemon(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path, name: str, workers: int
+) -> tuple[Daemon, ssl.SSLContext]:
+    """A daemon on HTTPS with a 1 s write_timeout, and a client context that trusts it."""
+    cert, key = _make_cert(tmp_path / "certs", name)
     d = daemon_factory(
         {
             "tls": {"cert": str(cert), "key": str(key), "workers": workers},
             "http": {"write_timeout": "1s"},
         }
     )
-    client = ssl.create_default_context(cafile=str(cert))
-    big = os.urandom(16 * 1024 * 1024)
-    digest = "sha256:" + hashlib.sha256(big).hexdigest()
+    return d, ssl.create_default_context(cafile=str(cert))
+
+
+def _push_tls(d: Daemon, client: ssl.SSLContext, repo: str, blob: bytes) -> str:
+    """Push a blob over HTTPS (one POST); its digest."""
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     conn = http.client.HTTPSConnection("127.0.0.1", d.port, context=client, timeout=30)
-    conn.request("POST", f"/v2/stall/blobs/uploads/?digest={digest}", body=big)
+    conn.request("POST", f"/v2/{repo}/blobs/uploads/?digest={digest}", body=blob)
     assert conn.getresponse().status == 201
     conn.close()
+    return digest
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-loop", "workers"])
+def test_a_stalled_tls_reader_is_cut_after_write_timeout_and_logged_with_its_address(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path, workers: int
+) -> None:
+    """Over TLS (on the event loop, or relayed by worker threads) the deadlines bite as on
+    plain HTTP, and the access line names the client's address, not the relay's socket."""
+    d, client = _tls_daemon(daemon_factory, tmp_path, "stall", workers)
+    big = os.urandom(16 * 1024 * 1024)
+    digest = _push_tls(d, client, "stall", big)
 
     raw = socket.socket()
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, as a slow reader
@@ -217,22 +230,11 @@ def test_hostile_tls_clients_leave_no_descriptor_or_traceback(
     that take none of a 4 MiB answer (it fits in the socket pair and TCP buffers: the event
     loop's side is done with it, the worker cuts it after write_timeout): afterwards the daemon
     holds the descriptors it held before, and its log shows no crash."""
-    cert, key = _make_cert(tmp_path / "certs", "hostile")
-    d = daemon_factory(
-        {
-            "tls": {"cert": str(cert), "key": str(key), "workers": workers},
-            "http": {"write_timeout": "1s"},
-        }
-    )
+    d, client = _tls_daemon(daemon_factory, tmp_path, "hostile", workers)
     assert d.proc is not None
     pid = d.proc.pid
-    client = ssl.create_default_context(cafile=str(cert))
     blob = os.urandom(4 * 1024 * 1024)
-    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    conn = http.client.HTTPSConnection("127.0.0.1", d.port, context=client, timeout=30)
-    conn.request("POST", f"/v2/hostile/blobs/uploads/?digest={digest}", body=blob)
-    assert conn.getresponse().status == 201
-    conn.close()
+    digest = _push_tls(d, client, "hostile", blob)
 
     def tls() -> ssl.SSLSocket:
         raw = socket.create_connection(("127.0.0.1", d.port), timeout=10)
