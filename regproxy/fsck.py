@@ -2,8 +2,9 @@
 
 fsck walks the index (every stored digest, in keyset pages: memory stays flat) and hashes the
 files on a few threads at once, a batch of files per task; a large file is read ahead on one
-thread while the previous chunk is hashed on another, so reading and hashing overlap (the
-benchmark compares it with ``sha256sum`` on the same files). It runs beside a working daemon:
+thread while the previous chunk is hashed on another, so reading and hashing overlap, and on a
+large store the small files are hashed in worker processes, one per core (the benchmark
+compares it with ``sha256sum`` on the same files). It runs beside a working daemon:
 
 * a file that is missing or does not hash to its name is **checked again** before it is called
   damaged: if the index no longer stores the digest (evicted, collected meanwhile) or the file
@@ -23,9 +24,11 @@ rebuilds them (this holds the index's writer for as long as the recount takes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from regproxy import schema
+from regproxy import hash_files, schema
 from regproxy.async_index import AsyncIndex
 from regproxy.config import Config
+from regproxy.hash_files import Found, hash_small_files
 from regproxy.index import Index, Totals
 from regproxy.oci import Digest
 from regproxy.progress import Progress, rate
@@ -49,6 +53,9 @@ PAGE: Final = 1000
 #: million small files: a task, its future and the loop's wake-up are paid once per batch)
 BATCH_FILES: Final = 512
 BATCH_BYTES: Final = 64 * 1024 * 1024
+#: stores of this many files or more hash their small files in worker processes (starting them
+#: costs ~50 ms each: below this the one thread is as quick)
+PROCESSES_FROM: Final = 20_000
 #: files larger than this are read ahead on another thread while the last chunk is hashed
 READ_AHEAD_ABOVE: Final = 8 * 1024 * 1024
 
@@ -129,7 +136,9 @@ class Hasher:
     Batches of small files go to one thread of their own: hashing one is a few microseconds
     of Python around an open, a read and a close, and two threads doing that hand the GIL to
     each other at every call (on 2 quiet cores 0.72-0.87 s instead of 0.53-0.61 s for 38,539
-    files); a large file's hash lets the GIL go, so those share ``workers`` threads."""
+    files); on a large store they go to worker processes instead (:meth:`use_processes`), which
+    share no GIL with anything. A large file's hash lets the GIL go, so those share ``workers``
+    threads."""
 
     def __init__(self, store: Store, workers: int) -> None:
         self.store = store
@@ -137,39 +146,42 @@ class Hasher:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="regproxy-fsck")
         self.small = ThreadPoolExecutor(1, thread_name_prefix="regproxy-fsck-small")
         self.readers = ThreadPoolExecutor(workers, thread_name_prefix="regproxy-fsck-read")
+        self.processes: Workers | None = None
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.small.shutdown(wait=True)
         self.readers.shutdown(wait=True)
 
+    async def use_processes(self, count: int) -> None:
+        """Hash batches of small files in ``count`` worker processes of their own (see
+        :mod:`regproxy.hash_files`); where a host cannot start them, the thread does it."""
+        workers = Workers(str(self.store.blobs))
+        try:
+            await workers.start(count)
+        except OSError as e:  # no room for a process, no interpreter to run
+            log.warning("fsck.no_processes error=%r: small files hashed on one thread", e)
+            await workers.close()
+            return
+        self.processes = workers
+
     def hash_batch(self, items: list[tuple[str, int]]) -> Tally:
-        """Hash each file; a small one with one read and no stat (per-file cost is what counts
-        at a million small files), a large one in chunks, read ahead."""
+        """Hash each file; the small ones with one read and no stat (per-file cost is what
+        counts at a million small files), a large one in chunks, read ahead."""
         tally = Tally()
-        blobs = str(self.store.blobs)
+        small = [item for item in items if item[1] < BULK_CHUNK]
+        if small:
+            tally.add(_tally(hash_small_files(str(self.store.blobs), small)))
         for d, size in items:
-            alg, _, hexd = d.partition(":")
-            path = f"{blobs}/{alg}/{hexd[:2]}/{hexd}"
-            tally.files += 1
             if size < BULK_CHUNK:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    tally.suspicious.append(Hashed(d, None, 0, None))
-                    continue
-                try:
-                    data = os.read(fd, size + 1)  # a short read is the end of a regular file
-                    while len(data) > size and (more := os.read(fd, BULK_CHUNK)):
-                        data += more
-                finally:
-                    os.close(fd)
-                tally.bytes += len(data)
-                got = hashlib.new(alg, data).hexdigest()
-                if got != hexd:
-                    tally.suspicious.append(Hashed(d, got, len(data), None))
                 continue
-            h = Hashed(d, *hash_file(Path(path), alg, self.readers))
+            tally.files += 1
+            h = Hashed(
+                d,
+                *hash_file(
+                    self.store.blob_path(Digest.parse(d)), d.partition(":")[0], self.readers
+                ),
+            )
             tally.bytes += h.size
             if not h.ok:
                 tally.suspicious.append(h)
@@ -182,9 +194,98 @@ class Hasher:
         return Hashed(digest, got, n, ident)
 
     async def run(self, items: list[tuple[str, int]]) -> Tally:
-        small = all(size < BULK_CHUNK for _, size in items)
-        pool = self.small if small else self.pool
-        return await asyncio.get_running_loop().run_in_executor(pool, self.hash_batch, items)
+        loop = asyncio.get_running_loop()
+        if not all(size < BULK_CHUNK for _, size in items):
+            return await loop.run_in_executor(self.pool, self.hash_batch, items)
+        if (workers := self.processes) is not None:
+            try:
+                return _tally(await workers.hash(items))
+            except WorkerGone as e:  # killed (the OOM killer, a signal) or broken
+                if self.processes is workers:  # the first batch to find out
+                    log.warning("fsck.worker_gone error=%s: small files on one thread now", e)
+                    self.processes = None
+                    await workers.close()
+        return await loop.run_in_executor(self.small, self.hash_batch, items)
+
+    async def aclose(self) -> None:
+        if self.processes is not None:
+            await self.processes.close()
+        self.close()
+
+
+def _tally(found: tuple[int, int, list[Found]]) -> Tally:
+    files, size, suspicious = found
+    return Tally(files, size, [Hashed(d, got, n, None) for d, got, n in suspicious])
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):  # ended already
+        proc.kill()
+
+
+class WorkerGone(Exception):
+    """A worker process ended or answered what it should not."""
+
+
+class Workers:
+    """Worker processes hashing batches of small files (:func:`regproxy.hash_files.serve`),
+    each busy with one batch at a time."""
+
+    def __init__(self, blobs: str) -> None:
+        self.blobs = blobs
+        self.all: list[asyncio.subprocess.Process] = []
+        #: the workers free for a batch; None once closed (each waiter passes it on)
+        self.idle: asyncio.Queue[asyncio.subprocess.Process | None] = asyncio.Queue()
+
+    async def start(self, count: int) -> None:
+        for _ in range(count):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-I",
+                hash_files.__file__,
+                self.blobs,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            self.all.append(proc)
+            self.idle.put_nowait(proc)
+
+    async def hash(self, items: list[tuple[str, int]]) -> tuple[int, int, list[Found]]:
+        proc = await self.idle.get()
+        if proc is None:  # closed: the next one waiting is told as well
+            self.idle.put_nowait(None)
+            raise WorkerGone("closed")
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write("".join(f"{d} {n}\n" for d, n in items).encode() + b"\n")
+            await proc.stdin.drain()
+            files, size, count = (int(x) for x in (await proc.stdout.readline()).split())
+            found: list[Found] = []
+            for _ in range(count):
+                d, got, n = (await proc.stdout.readline()).decode().split()
+                found.append((d, None if got == "-" else got, int(n)))
+        except (OSError, ValueError) as e:  # a broken pipe, an ended or garbled reply
+            _kill(proc)
+            raise WorkerGone(f"pid={proc.pid} {e!r}") from e
+        if files != len(items):
+            _kill(proc)
+            raise WorkerGone(f"pid={proc.pid} hashed {files} of {len(items)} files")
+        self.idle.put_nowait(proc)
+        return files, size, found
+
+    async def close(self) -> None:
+        """Tell each worker there is no more (end of its input) and wait for it."""
+        self.idle.put_nowait(None)
+        for proc in self.all:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()
+        for proc in self.all:
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                _kill(proc)
+                await proc.wait()
+        self.all.clear()
 
 
 @dataclass
@@ -307,8 +408,11 @@ async def fsck(
     workers: int | None = None,
     progress: Progress | None = None,
     hasher: Callable[[Store, int], Hasher] = Hasher,
+    processes: int | None = None,
 ) -> FsckReport:
-    """Check every stored digest; with ``repair`` remove what is damaged (see the module)."""
+    """Check every stored digest; with ``repair`` remove what is damaged (see the module).
+    ``processes``: worker processes for the small files (None: ``workers`` of them when the
+    store holds :data:`PROCESSES_FROM` files or more, none below)."""
     started = time.monotonic()
     progress = progress or Progress("fsck", enabled=False)
     root = config.storage.root
@@ -320,9 +424,13 @@ async def fsck(
     work = hasher(store, workers or min(4, os.cpu_count() or 2))
     report = FsckReport(repair)
     suspicious: list[Hashed] = []
+    pending: set[asyncio.Future[Tally]] = set()
     try:
         expected = await db.read(Index.totals)
-        pending: set[asyncio.Future[Tally]] = set()
+        if processes is None:
+            processes = work.workers if expected.stored_count >= PROCESSES_FROM else 0
+        if processes:
+            await work.use_processes(processes)
 
         async def collect(until: int) -> None:
             while len(pending) > until:
@@ -379,7 +487,10 @@ async def fsck(
                 await db.write(rebuild_totals)
     finally:
         progress.done()
-        work.close()
+        for fut in pending:  # interrupted: the batches still out end before their workers
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await work.aclose()
         await db.close()
     report.seconds = time.monotonic() - started
     for x in report.damaged:

@@ -58,6 +58,8 @@ LAYERS: dict[str, Layer] = {
     "schema": _layer("schema", "base"),
     "index": _layer("index", "base oci config schema"),
     "facade": _layer("async_index", "base index"),
+    # the small-file hashing loop fsck runs in worker processes: the standard library only
+    "hashing": _layer("hash_files"),
     # the web page's parts that know no HTTP: its index queries, formatting, charts, history
     "queries": _layer("ui.queries", "base oci index"),
     "ui_model": _layer("ui.format ui.history ui.charts", "base"),
@@ -105,7 +107,7 @@ LAYERS: dict[str, Layer] = {
     "pinning": _layer("pins", f"{_MODEL} index facade registry proxy"),
     "tools": _layer(
         "bundle containerd fsck health maintenance prefetch tls",
-        f"{_MODEL} schema store index facade transfer registry proxy gc pinning staging archives "
+        f"{_MODEL} schema store index facade hashing transfer registry proxy gc pinning staging archives "
         "export policy",
     ),
     # the HTTP layer: shared keys and error rendering low, handlers above them

@@ -4,6 +4,7 @@ called damaged or removed."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -145,6 +146,52 @@ async def test_damage_is_reported_without_a_change_and_repair_removes_it(running
     assert await reg.db.read(Index.blob_in_repo, REPO.canonical, str(Digest.of(LAYERS[1]))) is None
     assert await reg.db.read(Index.totals) == await reg.db.read(Index.recount)
     assert not (await fsck(config)).damaged
+
+
+@pytest.mark.process
+async def test_small_files_in_worker_processes_find_what_the_thread_finds(running) -> None:
+    """The worker processes (a large store's small files) report the same damage as the
+    thread: a file changed, a file gone, a file grown; the large one still on threads."""
+    reg, config = running
+    small = [b'{"os": "linux"}', LAYERS[0], b"loose"]
+    damage(reg.store, LAYERS[0])
+    reg.store.blob_path(Digest.of(b"loose")).unlink()
+    grown = reg.store.blob_path(Digest.of(small[0]))
+    grown.write_bytes(small[0] + b" ")
+    on_thread = await fsck(config, processes=0)
+    in_processes = await fsck(config, processes=2)
+    found = sorted((d.problem, d.digest) for d in in_processes.damaged)
+    assert found == sorted((d.problem, d.digest) for d in on_thread.damaged)
+    assert found == sorted(
+        [
+            ("mismatch", str(Digest.of(LAYERS[0]))),
+            ("mismatch", str(Digest.of(small[0]))),
+            ("missing", str(Digest.of(b"loose"))),
+        ]
+    )
+    assert (in_processes.checked, in_processes.bytes) == (on_thread.checked, on_thread.bytes)
+
+
+@pytest.mark.process
+async def test_a_worker_process_killed_leaves_its_batch_to_the_thread(running) -> None:
+    reg, _ = running
+    hasher = Hasher(reg.store, 2)
+    try:
+        await hasher.use_processes(2)
+        assert hasher.processes is not None
+        for proc in hasher.processes.all:
+            proc.kill()
+            await proc.wait()
+        items = [(str(Digest.of(b)), len(b)) for b in (b'{"os": "linux"}', LAYERS[0])]
+        damage(reg.store, LAYERS[0])
+        # more batches at once than workers: some wait for a worker that never comes back
+        tallies = await asyncio.gather(*(hasher.run(items) for _ in range(5)))
+        assert hasher.processes is None  # given up: the rest goes to the thread
+        for tally in tallies:
+            assert (tally.files, tally.bytes) == (2, 15 + len(LAYERS[0]))
+            assert [h.digest for h in tally.suspicious] == [str(Digest.of(LAYERS[0]))]
+    finally:
+        await hasher.aclose()
 
 
 async def test_content_evicted_while_fsck_runs_is_not_damage(running) -> None:
