@@ -416,7 +416,9 @@ async def patch_upload(request: web.Request, name: str, uid: str) -> web.Respons
     start, end = _content_range(request)
     if start is None:
         registry.uploads.offset(repo, uid)  # 404 for an unknown session before reading a body
-    offset = await registry.uploads.append(repo, uid, body_chunks(request), start=start, end=end)
+    offset = await registry.uploads.append(
+        repo, uid, body_chunks(request), start=start, end=end, length=_content_length(request)
+    )
     return web.Response(
         status=202, headers=_upload_headers(_where(request, name, repo), uid, offset)
     )
@@ -435,7 +437,7 @@ async def put_upload(request: web.Request, name: str, uid: str) -> web.Response:
     if start is not None and start != registry.uploads.offset(repo, uid):
         raise RangeNotSatisfiable("chunk out of order", offset=registry.uploads.offset(repo, uid))
     chunks = body_chunks(request) if _has_body(request) else None
-    await registry.uploads.finish(repo, uid, digest, chunks)
+    await registry.uploads.finish(repo, uid, digest, chunks, _content_length(request))
     return _blob_created(_where(request, name, repo), digest)
 
 

@@ -200,6 +200,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.upload_refused = Counter(
+            "regproxy_upload_refused_total",
+            "Pushed blob bodies (POST/PATCH/PUT) refused with 507 before the bytes that do not "
+            "fit were written, by reason (no_space: no room above storage.min_free even after "
+            "eviction; too_large: larger than the cache may ever hold)",
+            ["reason"],
+            registry=r,
+        )
         self.store_limit_bytes = Gauge(
             "regproxy_store_limit_bytes",
             "storage.max_size in bytes (a percentage resolved on the store's filesystem); 0: no limit",

@@ -80,12 +80,16 @@ class ProxyRegistry:
     ) -> None:
         #: the app's metrics (counted into by everything this registry owns)
         self.metrics = metrics if metrics is not None else Metrics()
+        #: room for pull-through blobs and pushed bodies, reserved before their first byte
+        #: (the evictor frees it): fetches and uploads in flight see each other's reservations
+        self.space = Space(config.storage, store.disk_usage, self._stored_bytes, self.metrics)
         local = LocalRegistry(
             store,
             db,
             max_upload_sessions=config.uploads.max_sessions,
             settle=self._settle_blobs,
             metrics=self.metrics,
+            space=self.space,
         )
         #: what this host holds: every answer starts here
         self.local = local
@@ -113,8 +117,6 @@ class ProxyRegistry:
         self.timing = timing
         #: manifests the cluster's hosts answer, stored in the local registry
         self.from_cluster = FromCluster(local, timing, config.tag_ttl)
-        #: room for pull-through blobs, reserved before their first byte (the evictor frees it)
-        self.space = Space(config.storage, store.disk_usage, self._stored_bytes, self.metrics)
         self.fetcher = Fetcher(
             store, self._on_fetched, timing=timing, metrics=self.metrics, space=self.space
         )

@@ -41,6 +41,7 @@ from regproxy.lookups import LookupCache
 from regproxy.metrics import Metrics
 from regproxy.names import RepoName
 from regproxy.oci import Descriptor, Digest, is_digest_reference, parse_manifest_async, validate_tag
+from regproxy.space import Space
 from regproxy.store import BlobWriter, Store
 from regproxy.uploads import DEFAULT_MAX_SESSIONS, UploadSessions
 
@@ -138,6 +139,7 @@ class LocalRegistry:
         max_upload_sessions: int = DEFAULT_MAX_SESSIONS,
         settle: Settle | None = None,
         metrics: Metrics | None = None,
+        space: Space | None = None,
     ) -> None:
         #: this registry's metrics (the app's, or a fresh registry of their own)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -145,9 +147,10 @@ class LocalRegistry:
         self._settle = settle
         #: the index, for every module: ``await registry.db.read(Index.x, ...)`` / ``.write``
         self.db = db
-        #: blob upload sessions (regproxy.uploads); their commits go through :meth:`commit_blob`
+        #: blob upload sessions (regproxy.uploads); their commits go through :meth:`commit_blob`,
+        #: their bodies reserve room in ``space`` first (the pull-through's, when there is one)
         self.uploads = UploadSessions(
-            store, db, self.commit_blob, max_upload_sessions, metrics=self.metrics
+            store, db, self.commit_blob, max_upload_sessions, metrics=self.metrics, space=space
         )
         #: cached lookups; ``registry.cache.forget(...)`` is how a change invalidates them
         self.cache = LookupCache()

@@ -1,4 +1,9 @@
-"""Room on disk for pull-through blobs, reserved before their first byte is written.
+"""Room on disk for pull-through blobs and pushed bodies, reserved before their first byte.
+
+Pushes (regproxy.uploads) reserve here too, with :meth:`Space.reserve_upload`: a body with a
+length all of it before it is read, a streamed one a step at a time; the same floor, the same
+eviction ask, logged as ``upload.no_space`` and counted in ``regproxy_upload_refused_total``.
+Fetches and pushes in flight thus see each other's reservations.
 
 A transfer (regproxy.fetch) learns the blob's size from its source's answer (a registry blob GET
 always carries it: an answer without a Content-Length is refused by the upstream client) and
@@ -73,6 +78,19 @@ class Verdict:
     limit: int | None  # max_size, resolved
     floor: int  # min_free, resolved
 
+    def why(self) -> str:
+        """The refusal's detail, after what was refused: size and room."""
+        return (
+            (
+                "more than the cache may ever hold"
+                if self.reason == "too_large"
+                else f"{self.short} bytes more than there is room for"
+            )
+            + f" (free {self.free}, min_free {self.floor}, stored {self.stored}, "
+            f"max_size {self.limit if self.limit is not None else '-'}, "
+            f"reserved by transfers in flight {self.reserved})"
+        )
+
 
 class Space:
     """The reservations of the transfers in flight, and the checks against the watermarks."""
@@ -132,15 +150,7 @@ class Space:
         """Reserve ``size`` bytes for ``key`` (replacing what it held), making room if need be;
         :class:`NoRoom` when there is none to be had."""
         self.release(key)
-        v = await self._verdict(size)
-        if v.reason == "no_space" and self._make_room is not None and await self._turn():
-            try:  # one ask at a time; the one before may have made room
-                v = await self._verdict(size)
-                if v.reason == "no_space":
-                    await self._ask(max(v.short, v.over), digest)
-            finally:
-                self._asking.release()
-            v = await self._verdict(size)
+        v = await self._room(size, size, size, str(digest))
         if not v.reason and v.over:
             self._past_target(v, size, digest, repo, source)
         if v.reason:
@@ -160,18 +170,73 @@ class Space:
                 v.short,
                 v.reason,
             )
-            raise NoRoom(
-                f"{digest} is {size} bytes: "
-                + (
-                    "more than the cache may ever hold"
-                    if v.reason == "too_large"
-                    else f"{v.short} bytes more than there is room for"
-                )
-                + f" (free {v.free}, min_free {v.floor}, stored {v.stored}, "
-                f"max_size {v.limit if v.limit is not None else '-'}, "
-                f"reserved by transfers in flight {v.reserved})"
-            )
+            raise NoRoom(f"{digest} is {size} bytes: " + v.why())
         self._held[key] = _Held(size, written)  # no await since the measure: no other fits in
+
+    async def reserve_upload(
+        self,
+        key: Hashable,
+        size: int,
+        written: Callable[[], int],
+        *,
+        whole: int,
+        repo: str,
+        uid: str,
+    ) -> None:
+        """Reserve ``size`` bytes of a pushed body for ``key`` (replacing what it held, of which
+        ``written()`` bytes are in its file already), the same way as :meth:`reserve`: the floor
+        and the eviction ask are the same, and pushes and fetches see each other's reservations.
+        ``whole`` is what the blob is then sure to hold (the session's earlier chunks and this
+        body): larger than the cache may ever hold, it is refused (``too_large``).
+        :class:`NoRoom` before the body's next byte when there is no room."""
+        self.release(key)
+        pending = max(0, size - written())
+        v = await self._room(pending, size, whole, f"upload {uid}")
+        if not v.reason and v.over:
+            log.info(
+                "upload.over_max_size repo=%s uuid=%s size=%d stored=%d reserved=%d "
+                "max_size=%s over=%d (written; eviction started)",
+                repo,
+                uid,
+                whole,
+                v.stored,
+                v.reserved,
+                v.limit,
+                v.over,
+            )
+            self._evict_excess(v.over, f"upload {uid}")
+        if v.reason:
+            self.metrics.upload_refused.labels(v.reason).inc()
+            log.warning(
+                "upload.no_space repo=%s uuid=%s size=%d free=%d min_free=%d stored=%d "
+                "reserved=%d max_size=%s short=%d reason=%s",
+                repo,
+                uid,
+                whole,
+                v.free,
+                v.floor,
+                v.stored,
+                v.reserved,
+                v.limit if v.limit is not None else "-",
+                v.short,
+                v.reason,
+            )
+            raise NoRoom(f"upload {uid} would hold {whole} bytes: " + v.why())
+        self._held[key] = _Held(size, written)  # no await since the measure: no other fits in
+
+    async def _room(self, pending: int, size: int, whole: int, who: str) -> Verdict:
+        """The verdict on ``pending`` more bytes on disk (``size`` held in all, for a blob of
+        at least ``whole``), after one bounded eviction ask when they are under the floor."""
+        v = await self._verdict(pending, size, whole)
+        if v.reason == "no_space" and self._make_room is not None and await self._turn():
+            try:  # one ask at a time; the one before may have made room
+                v = await self._verdict(pending, size, whole)
+                if v.reason == "no_space":
+                    await self._ask(max(v.short, v.over), who)
+            finally:
+                self._asking.release()
+            v = await self._verdict(pending, size, whole)
+        return v
 
     def _past_target(self, v: Verdict, size: int, digest: Digest, repo: str, source: str) -> None:
         """The blob takes the store over max_size: it is fetched, and eviction is started for
@@ -188,10 +253,15 @@ class Space:
             v.limit,
             v.over,
         )
-        if self._make_room is not None and not self.asks and not self._asking.locked():
-            _ = self._start(v.over, digest)  # kept in self.asks until it ends
+        self._evict_excess(v.over, str(digest))
 
-    async def _verdict(self, size: int) -> Verdict:
+    def _evict_excess(self, over: int, who: str) -> None:
+        if self._make_room is not None and not self.asks and not self._asking.locked():
+            _ = self._start(over, who)  # kept in self.asks until it ends
+
+    async def _verdict(self, pending: int, size: int, whole: int) -> Verdict:
+        """``pending``: bytes still to be written (under the floor?); ``size``: the reservation
+        (over max_size?); ``whole``: the blob's size (can it ever fit?)."""
         loop = asyncio.get_running_loop()
         total, free = await loop.run_in_executor(None, self.disk)
         max_size, min_free = self.storage.max_size, self.storage.min_free
@@ -201,8 +271,8 @@ class Space:
         reserved = self.reserved
         unwritten = sum(h.unwritten for h in self._held.values())
         over = max(0, stored + reserved + size - limit) if limit is not None else 0
-        short = max(0, floor + unwritten + size - free)
-        if (limit is not None and size > limit) or size + floor > total:
+        short = max(0, floor + unwritten + pending - free)
+        if (limit is not None and whole > limit) or whole + floor > total:
             reason = "too_large"
         else:
             reason = "no_space" if short else ""
@@ -218,13 +288,13 @@ class Space:
         except TimeoutError:
             return False
 
-    async def _ask(self, need: int, digest: Digest) -> None:
+    async def _ask(self, need: int, who: str) -> None:
         """Ask for ``need`` bytes and wait for the round a bounded time (never cut it)."""
         assert self._make_room is not None
-        log.info("fetch.making_room digest=%s need=%d", digest, need)
-        await asyncio.wait([self._start(need, digest)], timeout=self.wait)
+        log.info("space.making_room for=%s need=%d", who, need)
+        await asyncio.wait([self._start(need, who)], timeout=self.wait)
 
-    def _start(self, need: int, digest: Digest) -> asyncio.Task[object]:
+    def _start(self, need: int, who: str) -> asyncio.Task[object]:
         """An eviction round for ``need`` bytes, running on its own (kept in :attr:`asks`)."""
         make_room = self._make_room
         assert make_room is not None
@@ -232,7 +302,7 @@ class Space:
         async def round_() -> object:
             return await make_room(need)
 
-        task = asyncio.create_task(round_(), name=f"make room {digest}")
+        task = asyncio.create_task(round_(), name=f"make room {who}")
         self.asks.add(task)
         task.add_done_callback(self._asked)
         return task

@@ -32,21 +32,75 @@ from regproxy.errors import (
     BlobUploadUnknown,
     RangeNotSatisfiable,
     SizeInvalid,
+    StorageFull,
     TooManyRequests,
 )
 from regproxy.index import Index
 from regproxy.metrics import Metrics
 from regproxy.names import RepoName
 from regproxy.oci import Digest
+from regproxy.space import Space
 from regproxy.store import BlobWriter, Store
 
 log = logging.getLogger("regproxy.registry")
 T = TypeVar("T")
 WRITE_BUFFER: Final = 1024 * 1024  # request bytes gathered per executor hop
 DEFAULT_MAX_SESSIONS: Final = 1000
+#: a body of unknown length (chunked transfer encoding) reserves its room this much at a time:
+#: one room check (a statvfs and an index read, off the loop) per 64 MiB written costs nothing
+#: next to writing them, and such a body is refused only once less than this is left above
+#: ``storage.min_free`` (a body with a length is reserved to the byte)
+UPLOAD_STEP: Final = 64 * 1024 * 1024
 
 #: verify, move into place and index a written temp file: ``LocalRegistry.commit_blob``
 Commit = Callable[[RepoName, BlobWriter, Digest, str], Awaitable[int]]
+
+
+class Room:
+    """The room one request's body holds in :class:`~regproxy.space.Space`, from before its
+    first byte is read until the request ends (:meth:`release`, however it ends): all of a
+    known ``length`` at :meth:`first`, else :data:`UPLOAD_STEP` more each time what is written
+    reaches what is held. Without a space (tools, tests), nothing is reserved."""
+
+    def __init__(
+        self,
+        space: Space | None,
+        repo: str,
+        uid: str,
+        writer: BlobWriter,
+        length: int | None,
+        step: int = UPLOAD_STEP,
+    ) -> None:
+        self.space, self.repo, self.uid, self.writer = space, repo, uid, writer
+        self.length, self.step = length, step
+        self.base = writer.size  # what the session held before this request
+        self.held = 0
+        self.key = object()
+
+    def written(self) -> int:
+        return self.writer.size - self.base
+
+    async def first(self) -> None:
+        """A body with a length: all of it, before its first byte is read (:class:`NoRoom`)."""
+        if self.length:
+            await self._hold(self.length, self.length)
+
+    async def cover(self, upto: int) -> None:
+        """Room for the body's first ``upto`` bytes, before they are written."""
+        if upto > self.held:
+            size = upto if self.length is not None else max(upto, self.held + self.step)
+            await self._hold(size, upto)
+
+    async def _hold(self, size: int, need: int) -> None:
+        if self.space is not None:
+            await self.space.reserve_upload(
+                self.key, size, self.written, whole=self.base + need, repo=self.repo, uid=self.uid
+            )
+        self.held = size
+
+    def release(self) -> None:
+        if self.space is not None:
+            self.space.release(self.key)
 
 
 @dataclass
@@ -69,8 +123,13 @@ class UploadSessions:
         commit: Commit,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         metrics: Metrics | None = None,
+        space: Space | None = None,
     ) -> None:
         self.metrics = metrics if metrics is not None else Metrics()
+        #: room on disk, shared with pull-through: every body reserves its bytes first
+        self.space = space
+        #: a body without a length reserves this much at a time
+        self.step = UPLOAD_STEP
         self.store = store
         self.db = db
         self.commit = commit
@@ -137,9 +196,10 @@ class UploadSessions:
         await self.db.write(Index.remove_upload, s.uid)
 
     async def _drain(
-        self, writer: BlobWriter, chunks: AsyncIterator[bytes], limit: int | None
+        self, writer: BlobWriter, chunks: AsyncIterator[bytes], limit: int | None, room: Room
     ) -> int:
-        """Write a request body into an open writer, buffered to few large executor hops."""
+        """Write a request body into an open writer, buffered to few large executor hops, each
+        within the room reserved for it (:class:`NoRoom` when a step does not fit)."""
         written = 0
         buf = bytearray()
         async for chunk in chunks:
@@ -147,12 +207,17 @@ class UploadSessions:
             written += len(chunk)
             if limit is not None and written > limit:
                 raise SizeInvalid(f"body longer than the declared {limit} bytes")
+            await room.cover(written)  # held already, but for a body's next step
             if len(buf) >= WRITE_BUFFER:
                 data, buf = bytes(buf), bytearray()
                 await self._io(writer.write, data)
         if buf:
             await self._io(writer.write, bytes(buf))
         return written
+
+    def _room(self, s: Session | None, writer: BlobWriter, length: int | None) -> Room:
+        repo, uid = (s.repo, s.uid) if s is not None else ("-", "-")
+        return Room(self.space, repo, uid, writer, length, self.step)
 
     async def append(
         self,
@@ -162,8 +227,11 @@ class UploadSessions:
         *,
         start: int | None = None,
         end: int | None = None,
+        length: int | None = None,
     ) -> int:
-        """PATCH: append a chunk; ``start``/``end`` from Content-Range must continue the upload."""
+        """PATCH: append a chunk; ``start``/``end`` from Content-Range must continue the upload.
+        ``length`` (Content-Length; else from Content-Range) is reserved before the first byte
+        is read: without room the chunk is refused (:class:`NoRoom`) and the session stays."""
         s = self._get(repo, uid)
         async with s.lock:
             self._still_open(s)
@@ -174,15 +242,19 @@ class UploadSessions:
                 )
             limit = None if end is None or start is None else end - start + 1
             mark = s.writer.mark()
+            room = self._room(s, s.writer, length if length is not None else limit)
             try:
+                await room.first()
                 await self._io(s.writer.reopen)
-                written = await self._drain(s.writer, chunks, limit)
+                written = await self._drain(s.writer, chunks, limit, room)
                 if limit is not None and written != limit:
                     raise SizeInvalid(f"Content-Range says {limit} bytes, body had {written}")
             except BaseException:
                 s.writer.close()
                 await self._undo(s, mark)
                 raise
+            finally:
+                room.release()
             s.writer.close()
             s.touched = time.time()
             return s.writer.size
@@ -200,22 +272,47 @@ class UploadSessions:
             await self._end(s)
 
     async def finish(
-        self, repo: RepoName, uid: str, digest: Digest, chunks: AsyncIterator[bytes] | None
+        self,
+        repo: RepoName,
+        uid: str,
+        digest: Digest,
+        chunks: AsyncIterator[bytes] | None,
+        length: int | None = None,
     ) -> int:
-        """PUT: take the last bytes, verify the digest, commit. A bad digest ends the upload."""
+        """PUT: take the last bytes, verify the digest, commit. A bad digest ends the upload;
+        no room for the last bytes (refused before them, or a step or the disk full among them)
+        does not: they are undone and the session stays, to be finished once there is room."""
         s = self._get(repo, uid)
         async with s.lock:
             self._still_open(s)
+            mark = s.writer.mark()
+            room = self._room(s, s.writer, length if chunks is not None else 0)
             try:
-                await self._io(s.writer.reopen)  # an upload with no PATCH: the file starts here
-                if chunks is not None:
-                    await self._drain(s.writer, chunks, None)
-                size = await self.commit(repo, s.writer, digest, f"upload {uid}")
+                try:
+                    await room.first()
+                    await self._io(s.writer.reopen)  # an upload with no PATCH: starts here
+                    if chunks is not None:
+                        await self._drain(s.writer, chunks, None, room)
+                except StorageFull:
+                    s.writer.close()
+                    await self._undo(s, mark)
+                    raise
+                try:
+                    size = await self.commit(repo, s.writer, digest, f"upload {uid}")
+                except BaseException:
+                    await self._io(s.writer.abort)
+                    raise
+                finally:
+                    await self._end(s)
+            except StorageFull:
+                raise
             except BaseException:
-                await self._io(s.writer.abort)
+                if self._sessions.get(uid) is s:  # the body failed otherwise: the upload ends
+                    await self._io(s.writer.abort)
+                    await self._end(s)
                 raise
             finally:
-                await self._end(s)
+                room.release()
         return size
 
     async def cancel(self, repo: RepoName, uid: str) -> None:
@@ -239,13 +336,20 @@ class UploadSessions:
     async def monolithic(
         self, repo: RepoName, digest: Digest, chunks: AsyncIterator[bytes], length: int | None
     ) -> int:
-        """POST ``?digest=`` with the whole blob as its body: no session."""
-        writer = await self._io(self.store.writer)
+        """POST ``?digest=`` with the whole blob as its body: no session. Its room is reserved
+        before the temp file is made or a byte read (:class:`NoRoom`: nothing is left behind)."""
+        writer = self.store.writer(deferred=True)
+        room = Room(self.space, repo.canonical, f"monolithic {digest}", writer, length, self.step)
         try:
-            written = await self._drain(writer, chunks, length)
-            if length is not None and written != length:
-                raise SizeInvalid(f"Content-Length {length}, body {written}")
-        except BaseException:
-            await self._io(writer.abort)
-            raise
-        return await self.commit(repo, writer, digest, "monolithic upload")
+            await room.first()
+            await self._io(writer.reopen)
+            try:
+                written = await self._drain(writer, chunks, length, room)
+                if length is not None and written != length:
+                    raise SizeInvalid(f"Content-Length {length}, body {written}")
+            except BaseException:
+                await self._io(writer.abort)
+                raise
+            return await self.commit(repo, writer, digest, "monolithic upload")
+        finally:
+            room.release()

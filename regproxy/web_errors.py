@@ -14,7 +14,7 @@ from typing import Final
 
 from aiohttp import web
 
-from regproxy.errors import BodyTimeout, OCIError, RangeNotSatisfiable, Unsupported
+from regproxy.errors import BodyTimeout, OCIError, RangeNotSatisfiable, StorageFull, Unsupported
 from regproxy.headers import API_VERSION
 from regproxy.web_keys import notes
 
@@ -44,7 +44,17 @@ def error_response(exc: OCIError, request: web.Request | None = None) -> web.Res
     )
     if isinstance(exc, BodyTimeout):
         resp.force_close()  # the rest of a stalled body is not waited for
+    elif isinstance(exc, StorageFull) and request is not None and _body_unread(request):
+        # refused before (the rest of) its body was read: the client may still be sending it,
+        # so the connection is not kept for another request (``Connection: close``); aiohttp
+        # still reads and drops what comes for its lingering time, so the client reads this
+        # answer before the connection closes, not a reset
+        resp.force_close()
     return resp
+
+
+def _body_unread(request: web.Request) -> bool:
+    return request.body_exists and not request.content.is_eof()
 
 
 @web.middleware

@@ -66,7 +66,7 @@ LAYERS: dict[str, Layer] = {
     # the transfer knows no transport: sources are callables handed in by proxy
     # a plain-TCP body copied into the store on a thread (the socket is handed in)
     "pump": _layer("pump", "base store"),
-    # room for pull-through blobs, reserved before their first byte
+    # room for pull-through blobs and pushed bodies, reserved before their first byte
     "space": _layer("space", "base oci config values"),
     "transfer": _layer("fetch", "base oci store pump space"),
     "upstream": _layer("upstream", "base oci config names"),
@@ -76,12 +76,14 @@ LAYERS: dict[str, Layer] = {
     # home hosts: what a miss asks of the cluster, and in which order
     "cluster": _layer("cluster", "base oci transfer upstream peers"),
     # upload sessions: temp files in the store, rows in the index (the registry composes them)
-    "uploads": _layer("uploads", f"{_MODEL} store index facade"),
+    "uploads": _layer("uploads", f"{_MODEL} store index facade space"),
     # the registry's cached lookups, with their one invalidation API
     "lookups": _layer("lookups", "base index"),
     # whether another process changed the index: what keeps cached tags believed
     "lookup_confirm": _layer("lookup_confirm", "base index facade lookups"),
-    "registry": _layer("registry", f"{_MODEL} store index facade uploads lookups lookup_confirm"),
+    "registry": _layer(
+        "registry", f"{_MODEL} store index facade space uploads lookups lookup_confirm"
+    ),
     # referrers pulled through: composed into proxy (a Protocol names what it needs of it)
     "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),
     # manifests the cluster's hosts answer, stored in the local registry (composed into proxy)
