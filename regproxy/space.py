@@ -35,6 +35,7 @@ A reservation is released when its transfer ends, however it ends (the fetcher's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
@@ -182,16 +183,25 @@ class Space:
         whole: int,
         repo: str,
         uid: str,
-    ) -> None:
+        at_least: int | None = None,
+    ) -> int:
         """Reserve ``size`` bytes of a pushed body for ``key`` (replacing what it held, of which
         ``written()`` bytes are in its file already), the same way as :meth:`reserve`: the floor
         and the eviction ask are the same, and pushes and fetches see each other's reservations.
         ``whole`` is what the blob is then sure to hold (the session's earlier chunks and this
-        body): larger than the cache may ever hold, it is refused (``too_large``).
-        :class:`NoRoom` before the body's next byte when there is no room."""
+        body): larger than the cache may ever hold, it is refused (``too_large``). ``at_least``
+        (a step of a body of unknown length): when ``size`` does not fit, what does is held if it
+        is ``at_least``. Returns the bytes held; :class:`NoRoom` before the body's next byte
+        when there is no room."""
         self.release(key)
         pending = max(0, size - written())
         v = await self._room(pending, size, whole, f"upload {uid}")
+        if v.reason == "no_space" and at_least is not None:
+            spare = size - at_least  # of the step, what the body has not come to yet
+            if v.short <= spare:
+                size, v = size - v.short, dataclasses.replace(v, short=0, reason="")
+            else:
+                v = dataclasses.replace(v, short=v.short - spare)
         if not v.reason and v.over:
             log.info(
                 "upload.over_max_size repo=%s uuid=%s size=%d stored=%d reserved=%d "
@@ -223,6 +233,7 @@ class Space:
             )
             raise NoRoom(f"upload {uid} would hold {whole} bytes: " + v.why())
         self._held[key] = _Held(size, written)  # no await since the measure: no other fits in
+        return size
 
     async def _room(self, pending: int, size: int, whole: int, who: str) -> Verdict:
         """The verdict on ``pending`` more bytes on disk (``size`` held in all, for a blob of

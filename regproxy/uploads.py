@@ -48,8 +48,8 @@ WRITE_BUFFER: Final = 1024 * 1024  # request bytes gathered per executor hop
 DEFAULT_MAX_SESSIONS: Final = 1000
 #: a body of unknown length (chunked transfer encoding) reserves its room this much at a time:
 #: one room check (a statvfs and an index read, off the loop) per 64 MiB written costs nothing
-#: next to writing them, and such a body is refused only once less than this is left above
-#: ``storage.min_free`` (a body with a length is reserved to the byte)
+#: next to writing them; when a step does not fit above ``storage.min_free``, what is left
+#: above it is held instead, so such a body is refused only when its bytes do not fit
 UPLOAD_STEP: Final = 64 * 1024 * 1024
 
 #: verify, move into place and index a written temp file: ``LocalRegistry.commit_blob``
@@ -86,15 +86,24 @@ class Room:
             await self._hold(self.length, self.length)
 
     async def cover(self, upto: int) -> None:
-        """Room for the body's first ``upto`` bytes, before they are written."""
+        """Room for the body's first ``upto`` bytes, before they are written: a step more, or
+        (near the floor) what is left above it, as long as that holds ``upto``."""
         if upto > self.held:
-            size = upto if self.length is not None else max(upto, self.held + self.step)
-            await self._hold(size, upto)
+            if self.length is not None:
+                await self._hold(upto, upto)
+            else:
+                await self._hold(max(upto, self.held + self.step), upto, at_least=upto)
 
-    async def _hold(self, size: int, need: int) -> None:
+    async def _hold(self, size: int, need: int, at_least: int | None = None) -> None:
         if self.space is not None:
-            await self.space.reserve_upload(
-                self.key, size, self.written, whole=self.base + need, repo=self.repo, uid=self.uid
+            size = await self.space.reserve_upload(
+                self.key,
+                size,
+                self.written,
+                whole=self.base + need,
+                repo=self.repo,
+                uid=self.uid,
+                at_least=at_least,
             )
         self.held = size
 

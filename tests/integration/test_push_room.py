@@ -20,6 +20,7 @@ from regproxy.app import create_app
 from regproxy.config import config_from_dict
 from regproxy.oci import Digest
 from regproxy.proxy import ProxyRegistry
+from regproxy.uploads import UPLOAD_STEP
 from regproxy.web_keys import REGISTRY_KEY
 from tests.fakes import BlobFault, FakeUpstream
 
@@ -194,9 +195,9 @@ async def test_a_chunk_without_room_keeps_the_session_which_resumes_at_its_offse
 async def test_a_streamed_patch_is_cut_at_the_step_that_does_not_fit(
     proxy: Client, tmp_path: Path
 ) -> None:
-    """A chunked PATCH (no length) reserves 256 kB at a time: on a 4 MB disk (3 MB above the
-    floor), of 4 MB sent the step that would cross the floor is refused after 2 MB reached the
-    file; what the PATCH wrote is cut off, the session is as before and goes on."""
+    """A chunked PATCH (no length) reserves 256 kB at a time: with 3 MB above the floor, of
+    4 MB sent the bytes that would cross the floor are refused after 2 MB reached the file;
+    what the PATCH wrote is cut off, the session is as before and goes on."""
     small_disk(proxy, tmp_path / "store", 5000 * KB)
     registry(proxy).uploads.step = 256 * KB
     uid = await start(proxy)
@@ -219,9 +220,18 @@ async def test_a_streamed_patch_is_cut_at_the_step_that_does_not_fit(
     assert temp_files(tmp_path) == {uid: len(first)}
     assert await refused(proxy, "no_space") == 1
     assert registry(proxy).space.reserved == 0
+    # near the floor a step (64 MiB by default) does not fit: what is left above it is held,
+    # and a streamed body that fits in it goes through
+    registry(proxy).uploads.step = UPLOAD_STEP
     rest = os.urandom(500 * KB)
-    resp = await proxy.patch(f"{REPO}/blobs/uploads/{uid}", data=rest)  # a length again
+
+    async def rest_stream() -> AsyncIterator[bytes]:
+        for i in range(0, len(rest), 100 * KB):
+            yield rest[i : i + 100 * KB]
+
+    resp = await proxy.patch(f"{REPO}/blobs/uploads/{uid}", data=rest_stream())
     assert resp.status == 202, await resp.text()
+    assert await refused(proxy, "no_space") == 1
     resp = await proxy.put(f"{REPO}/blobs/uploads/{uid}?digest={sha(first + rest)}")
     assert resp.status == 201, await resp.text()
 

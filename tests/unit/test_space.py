@@ -246,3 +246,55 @@ async def test_stop_cuts_the_rounds_asked_for_and_starts_no_more() -> None:
     assert cut.is_set() and not s.asks
     await reserve(s, "two", GiB)  # fetched; nobody to ask any more
     assert not s.asks
+
+
+def upload_refused(m: Metrics, reason: str) -> float:
+    return m.registry.get_sample_value("regproxy_upload_refused_total", {"reason": reason}) or 0.0
+
+
+async def test_a_pushed_body_and_a_miss_share_the_room_above_the_floor() -> None:
+    """10 GiB free, 5 GiB floor: a 3 GiB push held, a 3 GiB miss is refused, and the other way
+    round; what a body already wrote is in the free bytes, not counted twice."""
+    m = Metrics()
+    disk = Disk(100 * GiB, 10 * GiB)
+    s = space(disk, m, min_free="5GiB")
+    await s.reserve_upload("push", 3 * GiB, lambda: 0, whole=3 * GiB, repo="r", uid="u")
+    with pytest.raises(NoRoom, match="reserved by transfers in flight 3221225472"):
+        await reserve(s, "miss", 3 * GiB)
+    s.release("push")
+    await reserve(s, "miss", 3 * GiB)
+    with pytest.raises(NoRoom, match="upload u would hold"):
+        await s.reserve_upload("push", 3 * GiB, lambda: 0, whole=3 * GiB, repo="r", uid="u")
+    assert refused(m, "no_space") == 1 and upload_refused(m, "no_space") == 1
+    s.release("miss")
+    disk.free = 7 * GiB  # 3 GiB of the push's 4 are written: 1 GiB more to come
+    await s.reserve_upload("push", 4 * GiB, lambda: 3 * GiB, whole=4 * GiB, repo="r", uid="u")
+    assert s.reserved == 4 * GiB
+
+
+async def test_a_streamed_step_that_does_not_fit_holds_what_is_left_above_the_floor() -> None:
+    m = Metrics()
+    s = space(Disk(100 * GiB, 6 * GiB), m, min_free="5GiB")
+    held = await s.reserve_upload(
+        "push", 2 * GiB, lambda: 0, whole=GiB // 2, repo="r", uid="u", at_least=GiB // 2
+    )
+    assert held == GiB and s.reserved == GiB and upload_refused(m, "no_space") == 0
+    with pytest.raises(NoRoom, match=f"{GiB // 2} bytes more than there is room for"):
+        await s.reserve_upload(
+            "push",
+            3 * GiB,
+            lambda: 0,
+            whole=GiB + GiB // 2,
+            repo="r",
+            uid="u",
+            at_least=GiB + GiB // 2,
+        )
+    assert upload_refused(m, "no_space") == 1 and s.reserved == 0
+
+
+async def test_a_push_larger_than_the_disk_less_its_floor_is_too_large() -> None:
+    m = Metrics()
+    s = space(Disk(10 * GiB, 10 * GiB), m, min_free="5GiB")
+    with pytest.raises(NoRoom, match="more than the cache may ever hold"):
+        await s.reserve_upload("push", GiB, lambda: 0, whole=6 * GiB, repo="r", uid="u")
+    assert upload_refused(m, "too_large") == 1
