@@ -43,6 +43,7 @@ from regproxy.peers import Peers
 from regproxy.policy import Policy
 from regproxy.prefetch import Prefetcher
 from regproxy.proxy import ProxyRegistry, build_registry
+from regproxy.repo_sizes import count_some
 from regproxy.tls import ServerTLS
 from regproxy.tls import reload_all as reload_tls
 from regproxy.tls_relay import PAIR_FDS, TLSRelay
@@ -75,6 +76,26 @@ async def _housekeeping(app: web.Application) -> None:
             log.exception("housekeeping.failed")
 
 
+async def _count_sizes(app: web.Application) -> None:
+    """Count the repositories' sizes the index does not keep (new, changed, or a store just
+    upgraded): batches of ~20 ms on the writer, in the background (regproxy.repo_sizes)."""
+    registry = app[REGISTRY_KEY]
+    logged = float("-inf")
+    while True:
+        await asyncio.sleep(HOUSEKEEPING_SECONDS)
+        try:
+            left = await registry.db.write_background(count_some)
+            while left:
+                await asyncio.sleep(0.05)  # the writer's other work goes between batches
+                left = await registry.db.write_background(count_some)
+        except Exception as exc:
+            # the page counts what is not kept itself: slower, never wrong (once a minute)
+            now = asyncio.get_running_loop().time()
+            if now - logged >= 60.0:
+                logged = now
+                log.warning("sizes.count_failed error=%r", exc)
+
+
 async def _confirm_lookups(app: web.Application) -> None:
     """Keep the cached tags believed while no other process changes the index (lookups)."""
     registry = app[REGISTRY_KEY]
@@ -104,7 +125,11 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
         )
         registry.attach_peers(peers)
         await peers.start()
-    tasks = [asyncio.create_task(_housekeeping(app)), asyncio.create_task(_confirm_lookups(app))]
+    tasks = [
+        asyncio.create_task(_housekeeping(app)),
+        asyncio.create_task(_confirm_lookups(app)),
+        asyncio.create_task(_count_sizes(app)),
+    ]
     yield
     for task in tasks:
         task.cancel()

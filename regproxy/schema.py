@@ -25,7 +25,7 @@ log = logging.getLogger("regproxy.index")
 #: the writer's page cache: the pages an eviction batch or a burst of commits rewrites
 WRITER_CACHE_KIB: Final = 16 * 1024
 #: the schema version this code writes
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 
 #: version 1: the schema of every store written before versioning (user_version 0)
 V1: Final = (
@@ -241,6 +241,8 @@ def rebuild_counts(db: sqlite3.Connection) -> None:
             f"INSERT INTO refs(digest, {column}) SELECT d, count(*) FROM uses WHERE true "
             f"GROUP BY d ON CONFLICT(digest) DO UPDATE SET {column} = excluded.{column}"
         )
+    if _has_column(db, "repos", "size"):
+        db.execute("UPDATE repos SET size = NULL")  # counted again (regproxy.repo_sizes)
     sums = recount(db)
     db.execute(
         "UPDATE totals SET " + ", ".join(f"{c} = ?" for c in TOTALS_COLUMNS),
@@ -285,12 +287,52 @@ def _v5(db: sqlite3.Connection) -> None:
     )
 
 
+# --- version 6: each repository's size, kept as "not known" when it may have changed ------------
+#
+# ``repos.size``: the bytes a repository's manifests reach that the store holds (the web page's
+# size column; regproxy.repo_sizes counts it). A trigger sets it to NULL, "to count again", in
+# the transaction of every change that can move it: a repository row added or removed, and a
+# digest that something references getting or losing its file (a pull-through blob arriving
+# after its manifest, a manifest stored or evicted under an index). The walk up from such a
+# digest goes two manifests deep (an index, its manifests, their blobs). Digests nothing
+# references (live = 0: eviction's and gc's deletions) cost no walk.
+
+#: name -> body of the triggers that forget a repository's size
+SIZE_TRIGGERS: Final[dict[str, str]] = {
+    "size_rows_added": "AFTER INSERT ON repo_manifests BEGIN"
+    " UPDATE repos SET size = NULL WHERE name = NEW.repo AND size IS NOT NULL; END",
+    "size_rows_removed": "AFTER DELETE ON repo_manifests BEGIN"
+    " UPDATE repos SET size = NULL WHERE name = OLD.repo AND size IS NOT NULL; END",
+    "size_stored": "AFTER UPDATE OF size ON refs"
+    " WHEN OLD.size IS NOT NEW.size AND (OLD.live > 0 OR NEW.live > 0) BEGIN"
+    " UPDATE repos SET size = NULL WHERE size IS NOT NULL AND name IN ("
+    "SELECT repo FROM repo_manifests WHERE digest = NEW.digest"
+    " UNION SELECT r.repo FROM manifest_refs x JOIN repo_manifests r ON r.digest = x.parent"
+    " WHERE x.child = NEW.digest"
+    " UNION SELECT r.repo FROM manifest_refs x JOIN manifest_refs y ON y.child = x.parent"
+    " JOIN repo_manifests r ON r.digest = y.parent WHERE x.child = NEW.digest); END",
+}
+
+
+def _v6(db: sqlite3.Connection) -> None:
+    """Each repository's size, counted once and kept until something changes it."""
+    db.execute("ALTER TABLE repos ADD COLUMN size INTEGER")
+    db.execute("CREATE INDEX repos_unsized ON repos(name) WHERE size IS NULL")
+    for name, body in SIZE_TRIGGERS.items():
+        db.execute(f"CREATE TRIGGER {name} {body}")
+
+
+def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(r[1] == column for r in db.execute(f"PRAGMA table_info({table})"))
+
+
 #: (version it brings the schema to, what it does), in order; append, never edit a released one
 MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] = (
     (2, _v2),
     (3, _v3),
     (4, _v4),
     (5, _v5),
+    (6, _v6),
 )
 
 

@@ -60,8 +60,10 @@ LAYERS: dict[str, Layer] = {
     "facade": _layer("async_index", "base index"),
     # the small-file hashing loop fsck runs in worker processes: the standard library only
     "hashing": _layer("hash_files"),
+    # each repository's size, kept in the index and counted again when it may have moved
+    "sizes": _layer("repo_sizes", "base index"),
     # the web page's parts that know no HTTP: its index queries, formatting, charts, history
-    "queries": _layer("ui.queries", "base oci index"),
+    "queries": _layer("ui.queries", "base oci index sizes"),
     "ui_model": _layer("ui.format ui.history ui.charts", "base"),
     # the transfer knows no transport: sources are callables handed in by proxy
     # a plain-TCP body copied into the store on a thread (the socket is handed in)
@@ -132,8 +134,8 @@ LAYERS: dict[str, Layer] = {
     # nothing imports app but the command line, and nothing imports the command line
     "app": _layer(
         "app",
-        f"{_MODEL} store index facade transfer upstream peers lookups registry proxy gc pinning "
-        "tools keys serving web auth queries ui_model eviction_view handlers policy fast relay",
+        f"{_MODEL} store index facade sizes transfer upstream peers lookups registry proxy gc "
+        "pinning tools keys serving web auth queries ui_model eviction_view handlers policy fast relay",
     ),
     "cli": _layer(
         "cli",

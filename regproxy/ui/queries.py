@@ -4,10 +4,12 @@ Every function takes the :class:`~regproxy.index.Index` and runs on an index rea
 (``registry.db.read(queries.x, ...)``), never on the event loop. Lists in name order are
 paginated by key (``after``/``before`` the name of a row, a range with a ``LIMIT``: no ``OFFSET``
 scan), and the per-row figures (tags, sizes) are computed for the rows of one page only, so the
-500th page costs what the first does, with 10 or 100,000 repositories. The repository list's
-other orders (size, last pull) are keyset pages too, their key the row's sort values and name
-(a JSON array); ordering by size sizes every matching repository (it is no column), on every
-page alike. A repository's tags in orders other than by name are numbered pages (``OFFSET``).
+500th page costs what the first does, with 10 or 100,000 repositories. A repository's size is
+the one the index keeps (``repos.size``, :mod:`regproxy.repo_sizes`), counted in the query only
+for a repository whose size a change just forgot. The repository list's other orders (size,
+last pull) are keyset pages too, their key the row's sort values and name (a JSON array);
+ordering by size reads every matching repository's kept size (a scan of ``repos``, no walk).
+A repository's tags in orders other than by name are numbered pages (``OFFSET``).
 """
 
 from __future__ import annotations
@@ -18,19 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
 from regproxy.index import Index
+from regproxy.repo_sizes import size_sql
 
 T = TypeVar("T")
 
 #: digests under a manifest (itself, an index's children), for sizes
 _TREE = "WITH RECURSIVE t(d) AS (SELECT ? UNION SELECT child FROM manifest_refs JOIN t ON parent = t.d) "
-#: bytes a repository's manifests reach (``{repo}``: the SQL naming the repository): what a
-#: delete takes away at once, though the files go at the next eviction or gc
-_REPO_SIZE = (
-    "(WITH RECURSIVE t(d) AS (SELECT digest FROM repo_manifests WHERE repo = {repo} "
-    "UNION SELECT child FROM manifest_refs JOIN t ON parent = t.d) "
-    "SELECT (SELECT COALESCE(SUM(size), 0) FROM blobs WHERE digest IN t) + "
-    "(SELECT COALESCE(SUM(size), 0) FROM manifests WHERE digest IN t))"
-)
 #: how the repository list may be ordered (``sort=``): each row's key, ascending (``size`` is
 #: what the page's query computes; a repository never pulled goes last)
 REPO_SORTS: Final = {
@@ -238,16 +233,16 @@ def repositories(
     if sort not in REPO_SORTS or sort == "name":
         cond, order, more, reverse = _keyset("name", after, before, limit)
         page = (
-            "SELECT name, host, path, created, last_access, manifests FROM repos "
+            "SELECT name, host, path, created, last_access, manifests, size FROM repos "
             f"WHERE {where} AND {cond} ORDER BY {order} LIMIT ?"
         )
-        size, params, sort = _REPO_SIZE.format(repo="page.name"), [*args, *more], "name"
+        size, params, sort = size_sql("page"), [*args, *more], "name"
     else:
         keys = REPO_SORTS[sort]
         reverse = before is not None
         cursor = _key_of(before if reverse else after, len(keys))
         order = ", ".join(f"{k} DESC" if reverse else k for k in keys)
-        sized = _REPO_SIZE.format(repo="repos.name") if sort == "size" else "NULL"
+        sized = size_sql("repos") if sort == "size" else "size"
         cond = f"({', '.join(keys)}) {'<' if reverse else '>'} ({', '.join('?' * len(keys))})"
         page = (
             "SELECT * FROM (SELECT name, host, path, created, last_access, manifests, "
@@ -255,7 +250,7 @@ def repositories(
             f"WHERE {cond if cursor else '1'} ORDER BY {order} LIMIT ?"
         )
         params = [*args, *(cursor or []), limit + 1]
-        size = "page.size" if sort == "size" else _REPO_SIZE.format(repo="page.name")
+        size = "page.size" if sort == "size" else size_sql("page")
     rows = index.db.execute(
         f"WITH page AS ({page}) "
         "SELECT name, host, path, created, last_access, "
@@ -302,7 +297,8 @@ def repository(index: Index, name: str) -> RepoRow | None:
         return None
     counts = index.db.execute(
         "SELECT (SELECT count(*) FROM tags WHERE repo=?), "
-        "(SELECT count(*) FROM repo_manifests WHERE repo=?), " + _REPO_SIZE.format(repo="?"),
+        "(SELECT count(*) FROM repo_manifests WHERE repo=?), "
+        f"(SELECT {size_sql('repos')} FROM repos WHERE name=?)",
         (name, name, name),
     ).fetchone()
     return RepoRow(
