@@ -97,6 +97,7 @@ class ProxyRegistry:
         # what only the store can answer goes straight to it
         self.open = local.open
         self.pending_access = local.pending_access
+        self.unflushed_access = local.unflushed_access
         self.flush_access = local.flush_access
         self.confirm_lookups = local.confirm_lookups
         self.local_blob = local.local_blob

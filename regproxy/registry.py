@@ -17,10 +17,11 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final, Protocol, TypeVar
 
 from regproxy.async_index import AsyncIndex
@@ -191,6 +192,12 @@ class LocalRegistry:
     def pending_access(self) -> set[str]:
         """Digests served since the last :meth:`flush_access` (eviction keeps them: in use)."""
         return {d for _, d in self._access}
+
+    def unflushed_access(self) -> Mapping[tuple[str, str], float]:
+        """(repository, digest) -> when it was last served, of what :meth:`flush_access` has
+        not written yet: a read-only view (the web page shows these times over the index's
+        instead of waiting for the write, which on a busy host is thousands of rows)."""
+        return MappingProxyType(self._access)
 
     async def flush_access(self) -> None:
         if not self._access:
@@ -531,6 +538,7 @@ class Registry(Protocol):
     async def open(self, *, sweep: bool = True) -> None: ...
     async def close(self) -> None: ...
     def pending_access(self) -> set[str]: ...
+    def unflushed_access(self) -> Mapping[tuple[str, str], float]: ...
     async def flush_access(self) -> None: ...
     async def confirm_lookups(self) -> None: ...
     async def local_blob(self, repo: RepoName, digest: Digest) -> Blob | None: ...

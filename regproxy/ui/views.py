@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from regproxy.ui import queries
+from regproxy.ui import queries, served
 from regproxy.ui.base import (
     PREFIX,
     Refused,
@@ -102,11 +102,12 @@ def _position(request: web.Request, sort: str) -> tuple[int, dict[str, Any]]:
 
 async def _repositories(request: web.Request) -> dict[str, Any]:
     registry = registry_of(request)
-    await registry.flush_access()  # last pulled: what was served until now
     _, per = page_args(request)
     q = request.query.get("q", "").strip()[:200] or None
     project = request.query.get("project", "").strip()[:200] or None
     sort = _choice(request, "sort", queries.REPO_SORTS, "name")
+    if sort == "pulled":
+        await registry.flush_access()  # the order needs what was served until now
     page, where = _cursor(request)  # keyset pages in every order (queries.repositories)
     found = await registry.db.read(
         queries.repositories, project=project, q=q, limit=per, sort=sort, **where
@@ -116,7 +117,7 @@ async def _repositories(request: web.Request) -> dict[str, Any]:
         "project_filter": project or "",
         "sort": sort,
         **_paged(request, page, per, found, False),
-        "rows": found.rows,
+        "rows": served.repos(found.rows, registry.unflushed_access()),
     }
 
 
@@ -161,13 +162,14 @@ def stale_tags(registry: Any, repo: str) -> dict[str, float]:
 async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     ui = ui_of(request)
     registry = registry_of(request)
-    await registry.flush_access()  # last pulled: what was served until now
     repo = resolve(request, name)
+    sort = _choice(request, "sort", queries.TAG_SORTS, "name")
+    if sort == "pulled":
+        await registry.flush_access()  # the order needs what was served until now
     info = await registry.db.read(queries.repository, repo.canonical)
     if info is None:
         raise Refused(f"no repository {repo.canonical} in the store", 404)
     _, per = page_args(request)
-    sort = _choice(request, "sort", queries.TAG_SORTS, "name")
     show = _choice(request, "show", (*queries.TAG_FILTERS, "stale"), "all")
     page, where = _position(request, sort)
     stale = stale_tags(registry, repo.canonical)
@@ -182,6 +184,10 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     )
     tags = found.rows
     other = await registry.db.read(queries.untagged, repo.canonical, limit=100)
+    # last pulled: the index's times and what was served since they were written
+    unflushed = registry.unflushed_access()
+    info = served.repo(info, unflushed)
+    served.tags(repo.canonical, (*tags, *other), unflushed)
     for row in (*tags, *other):
         row.platforms.extend(await platforms_of(registry, row.digest, row.media_type))
     for row in tags:
