@@ -105,6 +105,12 @@ class UI:
         self.env = make_env()
         self.static = load_static()
 
+    def compile_templates(self) -> None:
+        """Compile every template now (Jinja compiles one at its first use: the first view of
+        the overview took ~50 ms more than the next). On a thread, after start-up."""
+        for name in self.env.list_templates():
+            self.env.get_template(name)
+
 
 UI_KEY: Final = web.AppKey("ui", UI)
 
