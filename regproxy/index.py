@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from regproxy import schema
 from regproxy.errors import StorageFull
@@ -30,8 +30,12 @@ _MANIFEST_COLUMNS: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ManifestRow:
+class ManifestRow(NamedTuple):
+    """A manifest's row. A tuple, not a dataclass: the lookup cache holds up to 100,000 of
+    them for years, and CPython leaves a tuple of strings, numbers and None out of the garbage
+    collector's walks (a slotted instance is always walked: at that many, each full collection
+    paused the event loop and every thread for tens of milliseconds more)."""
+
     digest: str
     media_type: str
     size: int

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from sys import intern
 from typing import Final, Generic, TypeVar
 
@@ -125,11 +125,36 @@ class _Forget:
         return key in (self.links if kind == "link" else self.manifests)
 
 
-def _shared(row: ManifestRow) -> ManifestRow:
+#: a cached manifest row: a plain tuple of strings, numbers and None (the annotations as a tuple
+#: of pairs). CPython leaves such a tuple out of the garbage collector's walks once a
+#: collection has seen it (never a subclass such as ManifestRow itself, nor a dict): with
+#: 100,000 rows cached, each full collection, which pauses the event loop and every thread,
+#: would walk 100,000 objects more (tens of milliseconds)
+Packed = tuple[
+    str, str, int, "str | None", "str | None", "tuple[tuple[str, str], ...] | None", float
+]
+
+
+def _pack(row: ManifestRow) -> Packed:
     """The row with its digest and media type as the one copy of each string that all cached
     lookups share (each read from the index, or parsed from a request, is a copy of its own:
     ~200 bytes a manifest by digest and by tag, its body and its request paths)."""
-    return replace(row, digest=intern(row.digest), media_type=intern(row.media_type))
+    ann = tuple(row.annotations.items()) if row.annotations is not None else None
+    return (
+        intern(row.digest),
+        intern(row.media_type),
+        row.size,
+        row.artifact_type,
+        row.subject,
+        ann,
+        row.checked,
+    )
+
+
+def _unpack(packed: Packed) -> ManifestRow:
+    digest, media_type, size, artifact_type, subject, ann, checked = packed
+    annotations = dict(ann) if ann is not None else None
+    return ManifestRow(digest, media_type, size, artifact_type, subject, annotations, checked)
 
 
 class LookupCache:
@@ -138,8 +163,8 @@ class LookupCache:
     def __init__(self) -> None:
         self._bodies: LRU[str, bytes] = LRU(100_000, SMALL_CACHE_BYTES, len)
         self._links: LRU[tuple[str, str], int] = LRU(200_000)
-        self._manifests: LRU[tuple[str, str], ManifestRow] = LRU(50_000)
-        self._tags: LRU[tuple[str, str], tuple[ManifestRow, float]] = LRU(50_000)
+        self._manifests: LRU[tuple[str, str], Packed] = LRU(50_000)
+        self._tags: LRU[tuple[str, str], tuple[Packed, float]] = LRU(50_000)
         #: moves on every forget: an answer read before one that named its key is not cached
         self._generation = 0
         #: the last forgets (oldest first), and the generation from which on all are there
@@ -175,7 +200,8 @@ class LookupCache:
         return self._links.get((repo, digest))
 
     def manifest(self, repo: str, digest: str) -> ManifestRow | None:
-        return self._manifests.get((repo, digest))
+        packed = self._manifests.get((repo, digest))
+        return _unpack(packed) if packed is not None else None
 
     def tag(self, repo: str, tag: str, now: float) -> ManifestRow | None:
         """The tag's row if it was looked up less than :data:`TAG_CACHE_SECONDS` ago, or
@@ -184,11 +210,11 @@ class LookupCache:
         cached = self._tags.get((repo, tag))
         if cached is None:
             return None
-        row, read = cached
+        packed, read = cached
         if now - read < TAG_CACHE_SECONDS:
-            return row
+            return _unpack(packed)
         if read >= self._chain_start and now - self._tags_confirmed < TAG_CACHE_SECONDS:
-            return row
+            return _unpack(packed)
         return None
 
     def body(self, digest: str) -> bytes | None:
@@ -202,11 +228,11 @@ class LookupCache:
 
     def put_manifest(self, repo: str, digest: str, row: ManifestRow, ticket: int) -> None:
         if self._current(ticket, "manifest", (repo, digest)):
-            self._manifests.put((intern(repo), intern(digest)), _shared(row))
+            self._manifests.put((intern(repo), intern(digest)), _pack(row))
 
     def put_tag(self, repo: str, tag: str, row: ManifestRow, now: float, ticket: int) -> None:
         if self._current(ticket, "tag", (repo, tag)):
-            self._tags.put((intern(repo), tag), (_shared(row), now))
+            self._tags.put((intern(repo), tag), (_pack(row), now))
 
     def put_body(self, digest: str, body: bytes) -> None:
         """Bodies are immutable (named by their digest): no ticket needed."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from regproxy.index import ManifestRow
 from regproxy.lookups import (
     FORGETS_KEPT,
@@ -136,3 +138,34 @@ def test_a_lookup_out_across_more_forgets_than_are_kept_is_not_cached() -> None:
     cache.forget(links=[("r", f"k{i}") for i in range(FORGOTTEN_KEYS_KEPT + 1)])
     cache.put_link("r", "f", 1, t)
     assert cache.link("r", "f") is None  # too many keys to keep: not known either
+
+
+def test_cached_rows_come_back_equal_and_stay_out_of_the_garbage_collectors_walks() -> None:
+    """100,000 cached rows must not lengthen every full collection (a pause of the event loop
+    and every thread): once collections have seen them, they are no longer tracked."""
+    cache = LookupCache()
+    rows = [
+        ManifestRow(
+            f"sha256:{i:064x}",
+            "application/vnd.oci.image.manifest.v1+json",
+            1000 + i,
+            "application/vnd.example" if i % 2 else None,
+            f"sha256:{i + 1:064x}" if i % 3 else None,
+            {"org.opencontainers.image.created": str(i)} if i % 2 else None,
+            float(i),
+        )
+        for i in range(1000)
+    ]
+    for _ in range(3):
+        gc.collect()
+    before = len(gc.get_objects())
+    for i, row in enumerate(rows):
+        cache.put_manifest("repo", row.digest, row, cache.ticket())
+        cache.put_tag("repo", f"v{i}", row, 0.0, cache.ticket())
+    for i, row in enumerate(rows):
+        assert cache.manifest("repo", row.digest) == row
+        assert cache.tag("repo", f"v{i}", 0.5) == row
+    del rows, row
+    for _ in range(4):  # a tuple is left out once every tuple inside it was
+        gc.collect()
+    assert len(gc.get_objects()) - before < 50  # not 2,000 rows and 1,000 tag entries
