@@ -26,7 +26,10 @@ class BundleInvalid(OCIError):
 
 async def import_bundle(request: web.Request) -> web.Response:
     """POST a bundle (OCI archive, gzip/zstd, docker-save tar): streamed to disk, imported,
-    answered with the import summary as JSON. ``?name=`` names images the bundle does not."""
+    answered with the import summary as JSON. ``?name=`` names images the bundle does not.
+    Without room above ``storage.min_free`` for the body (its Content-Length, before a byte is
+    read) or for a file of the bundle: 507 (:class:`~regproxy.space.NoRoom`, through the error
+    middleware), nothing of the bundle committed."""
     importer = Importer(
         request.app[REGISTRY_KEY],
         request.app[RESOLVER_KEY],
@@ -34,7 +37,9 @@ async def import_bundle(request: web.Request) -> web.Response:
         policy=request.app[POLICY_KEY],
     )
     try:
-        summary = await importer.import_stream(body_chunks(request))
+        summary = await importer.import_stream(
+            body_chunks(request), request.content_length, f"upload from {request.remote}"
+        )
     except BundleError as exc:
         log.warning("import.refused remote=%s error=%s", request.remote, exc)
         return error_response(BundleInvalid(str(exc)))

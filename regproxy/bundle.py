@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from regproxy.bundle_stage import (
     BundleError,
     Image,
     Progress,
+    Room,
     Stage,
     image_for,
     stage_path,
@@ -46,7 +48,9 @@ from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MANIFEST_TYPES, Digest, ParsedManifest, parse_manifest
 from regproxy.policy import ImportedImage, Policy
 from regproxy.registry import Registry
+from regproxy.space import Space
 from regproxy.units import BULK_CHUNK
+from regproxy.uploads import Room as BodyRoom
 
 log = logging.getLogger("regproxy.bundle")
 
@@ -196,15 +200,51 @@ class Importer:
         #: the signature policy: with ``enforce: [import]`` an unsigned image refuses the bundle
         self.policy = policy
 
-    async def import_path(self, path: Path) -> ImportSummary:
+    @property
+    def space(self) -> Space | None:
+        """Room above ``storage.min_free``: the registry's (in the daemon, shared with its
+        pulls and pushes and able to ask eviction; in ``regproxy import``, a process of its
+        own, the filesystem's free bytes alone)."""
+        return self.registry.uploads.space
+
+    def _room(self, label: str, loop: asyncio.AbstractEventLoop) -> tuple[Room | None, object]:
+        """The staging thread's room check (blocking, on the loop's Space), and its key."""
+        space, key = self.space, object()
+        if space is None:
+            return None, key
+
+        def room(path: str, size: int, written: Callable[[], int]) -> None:
+            asyncio.run_coroutine_threadsafe(
+                space.reserve_upload(
+                    key, size, written, whole=size, repo=label, uid=path, kind="import"
+                ),
+                loop,
+            ).result()
+
+        return room, key
+
+    async def import_path(self, path: Path, label: str | None = None) -> ImportSummary:
+        """Import a bundle file or layout directory; each of its files reserves its room above
+        ``storage.min_free`` before its first byte is staged (:class:`~regproxy.space.NoRoom`
+        refuses the bundle then, with nothing of it committed). ``label``: the bundle's name
+        in logs and refusals (the path by default)."""
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        stage = Stage(self.registry.store, self.progress)
+        room, key = self._room(label or str(path), loop)
+        stage = Stage(self.registry.store, self.progress, room)
+        # a thread of its own: its room checks wait for the event loop, whose own blocking
+        # work (statvfs, the index) must find the default executor free
+        staging = ThreadPoolExecutor(1, thread_name_prefix="import")
         try:
-            await loop.run_in_executor(None, stage_path, stage, path)
+            await loop.run_in_executor(staging, stage_path, stage, path)
+            if self.space is not None:
+                self.space.release(key)  # staged: the files are in the free bytes now
             summary = await self._commit(stage, loop)
         finally:
-            await loop.run_in_executor(None, stage.discard)
+            if self.space is not None:
+                self.space.release(key)
+            await loop.run_in_executor(staging, stage.discard)
+            staging.shutdown(wait=False)
         summary.seconds = time.monotonic() - started
         summary.bytes_read = stage.bytes_read
         log.info(
@@ -218,22 +258,34 @@ class Importer:
         )
         return summary
 
-    async def import_stream(self, chunks: AsyncIterator[bytes]) -> ImportSummary:
-        """An uploaded bundle: streamed to a temp file of the store, imported, removed."""
+    async def import_stream(
+        self, chunks: AsyncIterator[bytes], length: int | None = None, label: str = "upload"
+    ) -> ImportSummary:
+        """An uploaded bundle: streamed to a temp file of the store, imported, removed. Its room
+        above ``storage.min_free`` is reserved as a push's is: all of ``length`` (the request's,
+        when it has one) before the first byte is read, else a step at a time
+        (:class:`~regproxy.space.NoRoom`); then its files reserve theirs as they are staged."""
         loop = asyncio.get_running_loop()
         writer = await loop.run_in_executor(None, self.registry.store.writer)
+        body = BodyRoom(self.space, label, "-", writer, length, kind="import")
         try:
+            await body.first()
             buf = bytearray()
+            received = 0
             async for chunk in chunks:
                 buf += chunk
+                received += len(chunk)
+                await body.cover(received)
                 if len(buf) >= BULK_CHUNK:
                     data, buf = bytes(buf), bytearray()
                     await loop.run_in_executor(None, writer.write, data)
             if buf:
                 await loop.run_in_executor(None, writer.write, bytes(buf))
             writer.close()
-            return await self.import_path(writer.path)
+            body.release()  # written: in the filesystem's free bytes from now on
+            return await self.import_path(writer.path, label)
         finally:
+            body.release()
             await loop.run_in_executor(None, writer.abort)
 
     async def _commit(self, stage: Stage, loop: Any) -> ImportSummary:

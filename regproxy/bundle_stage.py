@@ -46,6 +46,9 @@ _EXTENDED: Final = frozenset(
 )
 
 Progress = Callable[[int, int], None]  # (bytes read so far, files staged so far)
+#: room for one file before its first byte is written: (its path in the bundle, its size, the
+#: bytes of it written so far); blocking, raises (regproxy.space.NoRoom) when there is none
+Room = Callable[[str, int, Callable[[], int]], None]
 
 
 class BundleError(RegproxyError):
@@ -69,9 +72,11 @@ class Staged:
 class Stage:
     """Files -> verified temp files. Synchronous: runs in a worker thread."""
 
-    def __init__(self, store: Store, progress: Progress | None) -> None:
+    def __init__(self, store: Store, progress: Progress | None, room: Room | None = None) -> None:
         self.store = store
         self.progress = progress
+        #: asked before each file is written (storage.min_free: regproxy.bundle); None: nobody
+        self.room = room
         self.blobs: dict[Digest, Staged] = {}
         self.by_path: dict[str, Digest] = {}
         #: path -> the digest its name claims (top-level files named by a digest)
@@ -104,9 +109,15 @@ class Stage:
             self.by_path[path] = expected
             return
         keep_small = size <= SMALL_FILE and self._small_total + size <= SMALL_TOTAL
+        if expected is not None and self.store.stat(expected) == size:
+            # in the store already (an earlier import): hashed, not written, so it takes no room
+            self._check_present(path, f, expected, size, bytearray() if keep_small else None)
+            return
         buf = bytearray() if keep_small else None
         writer = self.store.writer()
         try:
+            if self.room is not None:
+                self.room(path, size, lambda: writer.size)
             while chunk := f.read(BULK_CHUNK):
                 writer.write(chunk)
                 if buf is not None:
@@ -135,6 +146,33 @@ class Stage:
             self.blobs.setdefault(actual, Staged(actual, writer.size, None))
         else:
             self.blobs[actual] = Staged(actual, writer.size, writer)
+
+    def _check_present(
+        self, path: str, f: IO[bytes], expected: Digest, size: int, buf: bytearray | None
+    ) -> None:
+        """A ``blobs/<alg>/<hex>`` file the store holds: its bytes must still hash to its name
+        (a damaged bundle is refused all the same), but go nowhere."""
+        h = expected.hasher()
+        read = 0
+        while chunk := f.read(BULK_CHUNK):
+            h.update(chunk)
+            if buf is not None:
+                buf += chunk
+            read += len(chunk)
+            self.bytes_read += len(chunk)
+            self._report()
+        if read != size:
+            raise BundleError(f"bundle file {path!r} is truncated ({read} of {size} bytes)")
+        actual = Digest(expected.algorithm, h.hexdigest())
+        if actual != expected:
+            raise BundleError(
+                f"blob {expected} in the bundle is damaged: its bytes hash to {actual}"
+            )
+        if buf is not None:
+            self.small[path] = bytes(buf)
+            self._small_total += len(buf)
+        self.by_path[path] = expected
+        self.blobs.setdefault(expected, Staged(expected, size, None))
 
     @staticmethod
     def _skip(f: IO[bytes]) -> None:

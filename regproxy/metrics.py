@@ -208,6 +208,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.import_refused = Counter(
+            "regproxy_import_refused_total",
+            "Bundle files (and bundles uploaded to /admin/import or the web page) the daemon "
+            "refused with 507 before writing them, by reason (no_space: no room above "
+            "storage.min_free even after eviction; too_large: larger than the cache may ever "
+            "hold); the bundle is not imported",
+            ["reason"],
+            registry=r,
+        )
         self.store_limit_bytes = Gauge(
             "regproxy_store_limit_bytes",
             "storage.max_size in bytes (a percentage resolved on the store's filesystem); 0: no limit",

@@ -184,6 +184,7 @@ class Space:
         repo: str,
         uid: str,
         at_least: int | None = None,
+        kind: str = "upload",
     ) -> int:
         """Reserve ``size`` bytes of a pushed body for ``key`` (replacing what it held, of which
         ``written()`` bytes are in its file already), the same way as :meth:`reserve`: the floor
@@ -192,19 +193,24 @@ class Space:
         body): larger than the cache may ever hold, it is refused (``too_large``). ``at_least``
         (a step of a body of unknown length): when ``size`` does not fit, what does is held if it
         is ``at_least``. Returns the bytes held; :class:`NoRoom` before the body's next byte
-        when there is no room."""
+        when there is no room.
+
+        ``kind="import"``: a bundle's file (or an uploaded bundle) on its way into the store,
+        ``repo`` naming the bundle and ``uid`` the file; logged as ``import.*`` and counted in
+        ``regproxy_import_refused_total`` instead."""
         self.release(key)
         pending = max(0, size - written())
-        v = await self._room(pending, size, whole, f"upload {uid}")
+        v = await self._room(pending, size, whole, f"{kind} {uid}")
         if v.reason == "no_space" and at_least is not None:
             spare = size - at_least  # of the step, what the body has not come to yet
             if v.short <= spare:
                 size, v = size - v.short, dataclasses.replace(v, short=0, reason="")
             else:
                 v = dataclasses.replace(v, short=v.short - spare)
+        keys = "bundle=%s file=%s" if kind == "import" else "repo=%s uuid=%s"
         if not v.reason and v.over:
             log.info(
-                "upload.over_max_size repo=%s uuid=%s size=%d stored=%d reserved=%d "
+                f"{kind}.over_max_size {keys} size=%d stored=%d reserved=%d "
                 "max_size=%s over=%d (written; eviction started)",
                 repo,
                 uid,
@@ -214,11 +220,14 @@ class Space:
                 v.limit,
                 v.over,
             )
-            self._evict_excess(v.over, f"upload {uid}")
+            self._evict_excess(v.over, f"{kind} {uid}")
         if v.reason:
-            self.metrics.upload_refused.labels(v.reason).inc()
+            refused = (
+                self.metrics.import_refused if kind == "import" else self.metrics.upload_refused
+            )
+            refused.labels(v.reason).inc()
             log.warning(
-                "upload.no_space repo=%s uuid=%s size=%d free=%d min_free=%d stored=%d "
+                f"{kind}.no_space {keys} size=%d free=%d min_free=%d stored=%d "
                 "reserved=%d max_size=%s short=%d reason=%s",
                 repo,
                 uid,
@@ -231,7 +240,10 @@ class Space:
                 v.short,
                 v.reason,
             )
-            raise NoRoom(f"upload {uid} would hold {whole} bytes: " + v.why())
+            what = f"upload {uid} would hold"
+            if kind == "import":
+                what = f"bundle file {uid!r} is" if uid != "-" else f"the bundle ({repo}) is"
+            raise NoRoom(f"{what} {whole} bytes: " + v.why())
         self._held[key] = _Held(size, written)  # no await since the measure: no other fits in
         return size
 

@@ -70,9 +70,11 @@ class Room:
         writer: BlobWriter,
         length: int | None,
         step: int = UPLOAD_STEP,
+        kind: str = "upload",
     ) -> None:
+        """``kind="import"``: a bundle uploaded for import (regproxy.bundle), ``repo`` naming it."""
         self.space, self.repo, self.uid, self.writer = space, repo, uid, writer
-        self.length, self.step = length, step
+        self.length, self.step, self.kind = length, step, kind
         self.base = writer.size  # what the session held before this request
         self.held = 0
         self.key = object()
@@ -104,6 +106,7 @@ class Room:
                 repo=self.repo,
                 uid=self.uid,
                 at_least=at_least,
+                kind=self.kind,
             )
         self.held = size
 

@@ -112,7 +112,7 @@ LAYERS: dict[str, Layer] = {
     "tools": _layer(
         "bundle containerd fsck health maintenance prefetch tls",
         f"{_MODEL} schema store index facade hashing transfer registry proxy gc pinning staging archives "
-        "export policy",
+        "export policy space uploads",
     ),
     # the HTTP layer: shared keys and error rendering low, handlers above them
     "keys": _layer("web_keys", f"{_MODEL} registry tools policy"),

@@ -10,7 +10,7 @@ from pathlib import Path
 from regproxy.bundle import BundleError, Exporter, Importer
 from regproxy.cli.common import SubParsers, run
 from regproxy.config import Config
-from regproxy.errors import OCIError
+from regproxy.errors import OCIError, StorageFull
 from regproxy.names import NameResolver
 from regproxy.policy import Policy
 
@@ -71,6 +71,15 @@ async def run_import(config: Config, paths: list[Path], name: str | None) -> int
                     progress=progress,
                     policy=Policy(registry),  # policy.enforce: import
                 ).import_path(path)
+            except StorageFull as exc:  # no room above storage.min_free: nothing of it committed
+                progress.end()
+                print(
+                    f"regproxy import: {path}: refused, insufficient storage: {exc.detail}; "
+                    "nothing of this bundle was imported (make room and import it again)",
+                    file=sys.stderr,
+                )
+                failed += 1
+                continue
             except (BundleError, OCIError) as exc:
                 progress.end()
                 print(f"regproxy import: {path}: refused: {exc}", file=sys.stderr)

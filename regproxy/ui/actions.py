@@ -12,7 +12,7 @@ from aiohttp import BodyPartReader, web
 from regproxy import pins
 from regproxy.bundle import BundleError, Importer
 from regproxy.connections import read_body
-from regproxy.errors import OCIError
+from regproxy.errors import OCIError, StorageFull
 from regproxy.names import RepoName
 from regproxy.oci import is_digest_reference
 from regproxy.ui import queries
@@ -129,14 +129,17 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
                 return
             yield chunk
 
-    try:
-        summary = await importer.import_stream(chunks())
-    except BundleError as exc:
+    try:  # the whole form's length: an upper bound of the file's, reserved before it is read
+        summary = await importer.import_stream(
+            chunks(), request.content_length, file_part.filename or "upload"
+        )
+    except (BundleError, StorageFull) as exc:  # StorageFull: no room above storage.min_free
         log.warning("import.refused user=%r remote=%s error=%s", session.user, request.remote, exc)
         why = _for_the_browser(str(exc), registry_of(request).store.tmp, file_part.filename)
+        status = exc.http_status if isinstance(exc, StorageFull) else 400
         if wants_json(request):
-            return json_response({"error": why}, status=400)
-        return render(request, "upload.html", status=400, error=why)
+            return json_response({"error": why}, status=status)
+        return render(request, "upload.html", status=status, error=why)
     log.info("import.ui user=%r remote=%s %s", session.user, request.remote, summary)
     result = summary.to_json()
     if wants_json(request):
