@@ -495,6 +495,9 @@ class ProxyRegistry:
         if cluster is not None:
             held = await cluster.blob_size(repo.canonical, digest, wide=client is None)
             if held is not None:
+                await self.space.never_kept(
+                    held, digest=digest, repo=repo.canonical, source="peers"
+                )
                 return Blob(digest, held)
         if client is None:
             raise BlobUnknown(str(digest))
@@ -503,6 +506,9 @@ class ProxyRegistry:
             raise BlobUnknown(str(digest))
         if size < 0:  # the upstream did not say: only a GET can tell
             return await self.get_blob(repo, digest)
+        # as a GET would: 507 for a blob that can never be kept (room above min_free, which
+        # changes, is a GET's to reserve and to evict for)
+        await self.space.never_kept(size, digest=digest, repo=repo.canonical, source="upstream")
         return Blob(digest, size)
 
     def _joinable(self, digest: Digest, label: str) -> Transfer | None:

@@ -247,6 +247,29 @@ class Space:
         self._held[key] = _Held(size, written)  # no await since the measure: no other fits in
         return size
 
+    async def never_kept(self, size: int, *, digest: Digest, repo: str, source: str) -> None:
+        """:class:`NoRoom` for a blob of ``size`` bytes that can never be kept (``too_large``:
+        larger than ``max_size``, or than the filesystem less ``min_free``), as its GET would
+        be refused: what a HEAD of a blob not held answers (regproxy.proxy). A permanent
+        property of the size, so no reservation and no eviction; not counted in
+        ``regproxy_fetch_refused_total`` (a HEAD transfers nothing), logged as
+        ``blob.head_too_large``. Room above ``min_free``, which changes, is not checked."""
+        v = await self._verdict(0, 0, size)
+        if v.reason != "too_large":
+            return
+        log.info(
+            "blob.head_too_large digest=%s repo=%s upstream=%s size=%d free=%d max_size=%s "
+            "min_free=%d",
+            digest,
+            repo,
+            source,
+            size,
+            v.free,
+            v.limit if v.limit is not None else "-",
+            v.floor,
+        )
+        raise NoRoom(f"{digest} is {size} bytes: " + v.why())
+
     async def _room(self, pending: int, size: int, whole: int, who: str) -> Verdict:
         """The verdict on ``pending`` more bytes on disk (``size`` held in all, for a blob of
         at least ``whole``), after one bounded eviction ask when they are under the floor."""

@@ -240,3 +240,34 @@ async def test_two_misses_that_do_not_both_fit_do_not_both_start(
     assert resp1.status == 200 and await resp1.read() == first
     assert on_disk(tmp_path, d1) and not on_disk(tmp_path, d2)
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+async def test_a_head_answers_507_where_a_get_is_refused_as_too_large_not_for_room(
+    proxy: Callable[..., Any],
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """HEAD of a blob not held: larger than max_size it is 507 as its GET is (a property of its
+    size), with nothing fetched, reserved or counted; one under the floor for now (no_space,
+    which eviction may change) is 200 with its size, and the HEAD asks no eviction."""
+    caplog.set_level(logging.INFO)
+    client = await proxy(max_size="1MB", min_free="1000KB")
+    big, small = os.urandom(1500 * KB), os.urandom(500 * KB)
+    d_big, d_small = upstream.add_blob(big), upstream.add_blob(small)
+    registry = client.server.app[REGISTRY_KEY]
+    assert isinstance(registry, ProxyRegistry)
+    registry.space.disk = lambda: (10_000 * KB, 1200 * KB)  # 200 kB above the floor
+    resp = await client.head(f"/v2/fake.test/team/app/blobs/{d_big}")
+    assert resp.status == 507
+    assert "blob.head_too_large" in caplog.text and f"digest={d_big}" in caplog.text
+    assert upstream.count("GET", d_big[7:]) == 0 and await refused(client, "too_large") == 0
+    resp = await client.get(f"/v2/fake.test/team/app/blobs/{d_big}")
+    assert resp.status == 507 and await refused(client, "too_large") == 1
+    resp = await client.head(f"/v2/fake.test/team/app/blobs/{d_small}")
+    assert resp.status == 200 and resp.headers["Content-Length"] == str(len(small))
+    assert "space.making_room" not in caplog.text and not registry.space.asks
+    assert upstream.count("GET", d_small[7:]) == 0 and not on_disk(tmp_path, d_small)
+    resp = await client.get(f"/v2/fake.test/team/app/blobs/{d_small}")
+    assert resp.status == 507 and await refused(client, "no_space") == 1
+    assert "300000 bytes more than there is room for" in (await resp.json())["errors"][0]["detail"]
