@@ -135,8 +135,10 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
         )
     except (BundleError, StorageFull) as exc:  # StorageFull: no room above storage.min_free
         log.warning("import.refused user=%r remote=%s error=%s", session.user, request.remote, exc)
-        why = _for_the_browser(str(exc), registry_of(request).store.tmp, file_part.filename)
-        status = exc.http_status if isinstance(exc, StorageFull) else 400
+        message, status = str(exc), 400
+        if isinstance(exc, StorageFull):
+            message, status = f"{exc.message}: {exc.detail}", exc.http_status
+        why = _for_the_browser(message, registry_of(request).store.tmp, file_part.filename)
         if wants_json(request):
             return json_response({"error": why}, status=status)
         return render(request, "upload.html", status=status, error=why)

@@ -25,7 +25,7 @@ from regproxy.config import config_from_dict
 from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.index import Index
 from regproxy.store import Store
-from regproxy.web_keys import METRICS_KEY
+from regproxy.web_keys import METRICS_KEY, REGISTRY_KEY
 from tests.images import make_image
 from tests.inproc import FakeTime
 
@@ -448,6 +448,16 @@ async def test_plain_form_upload_without_javascript(client, tmp_path: Path) -> N
     form.add_field("bundle", b"not a tar at all" * 100, filename="bad.tar")
     resp = await client.post("/ui/upload", data=form)
     assert resp.status == 400 and "upload-error" in await resp.text()
+    # no room above storage.min_free: 507 with the reason on the page, before the file is read
+    registry = client.server.app[REGISTRY_KEY]
+    registry.uploads.space.disk = lambda: (100 * 2**30, 2**30)  # 1 GiB free, floor 5 GiB
+    form = aiohttp.FormData()
+    form.add_field("csrf", token)
+    form.add_field("bundle", archive.read_bytes(), filename="bundle.tar")
+    resp = await client.post("/ui/upload", data=form)
+    text = await resp.text()
+    assert resp.status == 507 and "upload-error" in text, text
+    assert "insufficient storage" in text and "bytes more than there is room for" in text
 
 
 #: bodies aiohttp cannot read as a form: a part header with no colon, a boundary that never
