@@ -21,6 +21,7 @@ from pathlib import Path
 
 from regproxy.index import Index, ManifestRecord
 from regproxy.oci import Digest
+from regproxy.repo_sizes import count_some
 from regproxy.store import Store
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -100,6 +101,10 @@ def build(root: Path, shape: Shape, seed: int = 11, progress: bool = True) -> Bu
                     _repo(ix, store, r, shared, shared_d, rnd, now, pinned)
             if progress and (first // TX_REPOS) % 20 == 0:
                 print(f"  built {first + TX_REPOS}/{shape.repos} repositories", flush=True)
+        # every repository's size counted, as a daemon that has run a while keeps them
+        # (regproxy.repo_sizes): the daemon measured has none left to count in the background
+        while count_some(ix, 1.0, 64):
+            pass
     finally:
         ix.close()
     names = sorted(repo_name(r) for r in range(shape.repos))
