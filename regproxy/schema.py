@@ -25,7 +25,7 @@ log = logging.getLogger("regproxy.index")
 #: the writer's page cache: the pages an eviction batch or a burst of commits rewrites
 WRITER_CACHE_KIB: Final = 16 * 1024
 #: the schema version this code writes
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
 
 #: version 1: the schema of every store written before versioning (user_version 0)
 V1: Final = (
@@ -294,8 +294,9 @@ def _v5(db: sqlite3.Connection) -> None:
 # the transaction of every change that can move it: a repository row added or removed, and a
 # digest that something references getting or losing its file (a pull-through blob arriving
 # after its manifest, a manifest stored or evicted under an index). The walk up from such a
-# digest goes two manifests deep (an index, its manifests, their blobs). Digests nothing
-# references (live = 0: eviction's and gc's deletions) cost no walk.
+# digest follows every manifest that lists it, to any depth (an index may list indexes, and
+# each level may be another repository's row). Digests nothing references (live = 0:
+# eviction's and gc's deletions) cost no walk.
 
 #: name -> body of the triggers that forget a repository's size
 SIZE_TRIGGERS: Final[dict[str, str]] = {
@@ -306,11 +307,9 @@ SIZE_TRIGGERS: Final[dict[str, str]] = {
     "size_stored": "AFTER UPDATE OF size ON refs"
     " WHEN OLD.size IS NOT NEW.size AND (OLD.live > 0 OR NEW.live > 0) BEGIN"
     " UPDATE repos SET size = NULL WHERE size IS NOT NULL AND name IN ("
-    "SELECT repo FROM repo_manifests WHERE digest = NEW.digest"
-    " UNION SELECT r.repo FROM manifest_refs x JOIN repo_manifests r ON r.digest = x.parent"
-    " WHERE x.child = NEW.digest"
-    " UNION SELECT r.repo FROM manifest_refs x JOIN manifest_refs y ON y.child = x.parent"
-    " JOIN repo_manifests r ON r.digest = y.parent WHERE x.child = NEW.digest); END",
+    "SELECT repo FROM repo_manifests WHERE digest IN (WITH RECURSIVE up(d) AS ("
+    "SELECT NEW.digest UNION SELECT x.parent FROM manifest_refs x JOIN up ON x.child = up.d)"
+    " SELECT d FROM up)); END",
 }
 
 
@@ -320,6 +319,15 @@ def _v6(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX repos_unsized ON repos(name) WHERE size IS NULL")
     for name, body in SIZE_TRIGGERS.items():
         db.execute(f"CREATE TRIGGER {name} {body}")
+
+
+def _v7(db: sqlite3.Connection) -> None:
+    """The size trigger walks up to any depth (version 6's went two manifests up: a blob under
+    an index of indexes left the top repository's kept size stale), and every size kept by
+    version 6 is counted again."""
+    db.execute("DROP TRIGGER IF EXISTS size_stored")
+    db.execute(f"CREATE TRIGGER size_stored {SIZE_TRIGGERS['size_stored']}")
+    db.execute("UPDATE repos SET size = NULL")
 
 
 def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:
@@ -333,6 +341,7 @@ MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] 
     (4, _v4),
     (5, _v5),
     (6, _v6),
+    (7, _v7),
 )
 
 

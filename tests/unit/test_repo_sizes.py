@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from regproxy import schema
-from regproxy.index import Index
+from regproxy.index import Index, ManifestRecord
 from regproxy.oci import Digest
 from regproxy.registry import Registry
 from regproxy.repo_sizes import COUNT_SQL, count_some
@@ -160,3 +160,63 @@ async def test_sizes_not_kept_are_counted_in_batches(registry: Registry, tmp_pat
 
     await registry.db.write(repair)
     assert all(s is None for s in kept(path).values())
+
+
+def test_a_blob_under_an_index_of_indexes_forgets_the_top_repositorys_size(
+    tmp_path: Path,
+) -> None:
+    """An index listing an index (OCI allows any depth) kept in one repository, its manifests
+    in another: a blob arriving three manifests below the first repository's row changes its
+    size too (the walk up from a digest that gets or loses its file has no fixed depth)."""
+    ix = Index(tmp_path / "index.db")
+    ix.open()
+    try:
+
+        def rec(digest: str, blobs: list[str], children: list[str]) -> ManifestRecord:
+            return ManifestRecord(digest, OCI_INDEX, 10, None, None, None, blobs, children)
+
+        top, mid, image, layer = (f"sha256:{c * 64}" for c in "abcd")
+        for repo in ("top", "below"):
+            ix.ensure_repo(repo, None, repo)
+        ix.add_manifest("top", rec(top, [], [mid]))
+        ix.add_manifest("below", rec(mid, [], [image]))
+        ix.add_manifest("below", rec(image, [layer], []))
+        while count_some(ix):
+            pass
+        ix.add_blob("below", layer, 1000)  # the layer arrives after its manifests (a lazy pull)
+        sizes = kept(tmp_path / "index.db")
+        truth = counted(tmp_path / "index.db")
+        assert truth == {"top": 1030, "below": 1020}
+        assert {n: s for n, s in sizes.items() if s is not None} == {
+            n: truth[n] for n, s in sizes.items() if s is not None
+        }
+        while count_some(ix):
+            pass
+        assert kept(tmp_path / "index.db") == truth
+    finally:
+        ix.close()
+
+
+def test_an_upgrade_from_v6_counts_every_kept_size_again(tmp_path: Path) -> None:
+    """A version 6 store may keep a stale size (its trigger walked two manifests up): version 7
+    forgets them all, to be counted again, and walks to any depth."""
+    path = tmp_path / "index.db"
+    ix = Index(path)
+    ix.open()
+    ix.ensure_repo("top", None, "top")
+    ix.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE repos SET size = 123")
+    db.execute("PRAGMA user_version = 6")
+    db.commit()
+    db.close()
+    ix = Index(path)
+    ix.open()
+    try:
+        assert kept(path) == {"top": None}
+        (body,) = ix.db.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'size_stored'"
+        ).fetchone()
+        assert "RECURSIVE" in body
+    finally:
+        ix.close()
