@@ -545,6 +545,7 @@ class Totals:
     manifests: int
     tags: int
     repos: int
+    loose_bytes: int
 
 
 @dataclass(frozen=True, slots=True)

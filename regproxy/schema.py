@@ -112,12 +112,15 @@ TOTALS_COLUMNS: Final = (
     "manifests",
     "tags",
     "repos",  # repositories holding at least one manifest
+    "loose_bytes",  # stored digests nothing references (live = 0): gone at eviction or gc
 )
 
 _F_NEW = "COALESCE(NEW.size, 0)"
 _F_OLD = "COALESCE(OLD.size, 0)"
 _PIN_NEW = f"CASE WHEN NEW.pinned > 0 THEN {_F_NEW} ELSE 0 END"
 _PIN_OLD = f"CASE WHEN OLD.pinned > 0 THEN {_F_OLD} ELSE 0 END"
+_LOOSE_NEW = f"CASE WHEN NEW.live = 0 THEN {_F_NEW} ELSE 0 END"
+_LOOSE_OLD = f"CASE WHEN OLD.live = 0 THEN {_F_OLD} ELSE 0 END"
 _HELD_NEW = "(NEW.size IS NOT NULL)"
 _HELD_OLD = "(OLD.size IS NOT NULL)"
 
@@ -188,15 +191,17 @@ TRIGGERS: Final[dict[str, str]] = {
     # the totals follow every refs row
     "totals_added": "AFTER INSERT ON refs BEGIN UPDATE totals SET"
     f" stored_bytes = stored_bytes + {_F_NEW}, stored_count = stored_count + {_HELD_NEW},"
-    f" pinned_bytes = pinned_bytes + {_PIN_NEW},"
+    f" pinned_bytes = pinned_bytes + {_PIN_NEW}, loose_bytes = loose_bytes + {_LOOSE_NEW},"
     f" pinned_count = pinned_count + (NEW.pinned > 0 AND {_HELD_NEW}); END",
     "totals_removed": "AFTER DELETE ON refs BEGIN UPDATE totals SET"
     f" stored_bytes = stored_bytes - {_F_OLD}, stored_count = stored_count - {_HELD_OLD},"
-    f" pinned_bytes = pinned_bytes - {_PIN_OLD},"
+    f" pinned_bytes = pinned_bytes - {_PIN_OLD}, loose_bytes = loose_bytes - {_LOOSE_OLD},"
     f" pinned_count = pinned_count - (OLD.pinned > 0 AND {_HELD_OLD}); END",
     "totals_changed": "AFTER UPDATE ON refs"
-    " WHEN OLD.size IS NOT NEW.size OR (OLD.pinned > 0) <> (NEW.pinned > 0) BEGIN"
+    " WHEN OLD.size IS NOT NEW.size OR (OLD.pinned > 0) <> (NEW.pinned > 0)"
+    " OR (OLD.live = 0) <> (NEW.live = 0) BEGIN"
     " UPDATE totals SET"
+    f" loose_bytes = loose_bytes + {_LOOSE_NEW} - {_LOOSE_OLD},"
     f" stored_bytes = stored_bytes + {_F_NEW} - {_F_OLD},"
     f" stored_count = stored_count + {_HELD_NEW} - {_HELD_OLD},"
     f" pinned_bytes = pinned_bytes + {_PIN_NEW} - {_PIN_OLD},"
@@ -257,6 +262,8 @@ def recount(db: sqlite3.Connection) -> dict[str, int]:
     row = db.execute(
         "WITH RECURSIVE p(d) AS (SELECT digest FROM repo_manifests WHERE pinned <> 0 "
         "UNION SELECT child FROM manifest_refs JOIN p ON parent = p.d), "
+        "l(d) AS (SELECT digest FROM repo_manifests "
+        "UNION SELECT child FROM manifest_refs JOIN l ON parent = l.d), "
         "stored(digest, size) AS (SELECT digest, max(size) FROM "
         "(SELECT digest, size FROM blobs UNION ALL SELECT digest, size FROM manifests) "
         "GROUP BY digest) "
@@ -265,7 +272,8 @@ def recount(db: sqlite3.Connection) -> dict[str, int]:
         "(SELECT count(*) FROM stored WHERE digest IN p), "
         "(SELECT count(*) FROM blobs), (SELECT count(*) FROM manifests), "
         "(SELECT count(*) FROM tags), "
-        "(SELECT count(*) FROM repos WHERE name IN (SELECT repo FROM repo_manifests))"
+        "(SELECT count(*) FROM repos WHERE name IN (SELECT repo FROM repo_manifests)), "
+        "(SELECT COALESCE(sum(size), 0) FROM stored WHERE digest NOT IN l)"
     ).fetchone()
     return {c: int(v) for c, v in zip(TOTALS_COLUMNS, row, strict=True)}
 
@@ -332,6 +340,20 @@ def _v7(db: sqlite3.Connection) -> None:
 
 def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:
     return any(r[1] == column for r in db.execute(f"PRAGMA table_info({table})"))
+
+
+def _v7(db: sqlite3.Connection) -> None:
+    """The bytes nothing references (the overview's "unreferenced") kept in ``totals``: the
+    page summed them over every such digest, half a million after a large delete."""
+    if not _has_column(db, "totals", "loose_bytes"):  # a store from before v3 has it already
+        db.execute("ALTER TABLE totals ADD COLUMN loose_bytes INTEGER NOT NULL DEFAULT 0")
+    for name in ("totals_added", "totals_removed", "totals_changed"):
+        db.execute(f"DROP TRIGGER IF EXISTS {name}")
+        db.execute(f"CREATE TRIGGER {name} {TRIGGERS[name]}")
+    db.execute(
+        "UPDATE totals SET loose_bytes = (SELECT COALESCE(SUM(size), 0) FROM refs "
+        "WHERE live = 0 AND size IS NOT NULL)"
+    )
 
 
 #: (version it brings the schema to, what it does), in order; append, never edit a released one

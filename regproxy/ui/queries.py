@@ -524,13 +524,10 @@ def manifest_info(index: Index, repo: str, digest: str) -> ManifestInfo | None:
 
 
 def totals(index: Index) -> dict[str, int]:
-    """Counts for the overview: the index's running totals (one row, no scan), and the bytes no
-    repository manifest reaches any more (deleted, or a push without its manifest): still on
-    disk and in the store's size until the next eviction or gc (``refs.live = 0``, an index)."""
+    """Counts for the overview: the index's running totals (one row, no scan), with the bytes
+    no repository manifest reaches any more (deleted, or a push without its manifest): still on
+    disk and in the store's size until the next eviction or gc."""
     t = index.totals()
-    loose = index.db.execute(
-        "SELECT COALESCE(SUM(size), 0) FROM refs WHERE live = 0 AND size IS NOT NULL"
-    ).fetchone()
     return {
         "repositories": t.repos,
         "tags": t.tags,
@@ -538,5 +535,5 @@ def totals(index: Index) -> dict[str, int]:
         "blobs": t.blobs,
         "store_bytes": t.stored_bytes,
         "pinned_bytes": t.pinned_bytes,
-        "unreferenced_bytes": int(loose[0]),
+        "unreferenced_bytes": t.loose_bytes,
     }

@@ -162,3 +162,31 @@ def test_a_store_from_a_newer_release_is_refused_with_one_line(
         want = f"schema version {schema.SCHEMA_VERSION + 7}, newer than the"
         assert len(err) == 1 and want in err[0] and "newer release" in err[0], err
     assert path.read_bytes() == before  # untouched
+
+
+def test_a_v6_store_keeps_its_unreferenced_bytes_after_the_upgrade(tmp_path: Path) -> None:
+    """Version 7 keeps the bytes nothing references in ``totals`` (the overview summed them):
+    a store at version 6, with such bytes, opens with them counted and keeps them after."""
+    path = tmp_path / "index.db"
+    ix = Index(path)
+    ix.open()
+    ix.ensure_repo("spectro-images/x", None, "x")
+    ix.add_blob("spectro-images/x", "sha256:" + "a" * 64, 700)  # pushed, no manifest yet
+    ix.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    try:  # back to version 6: no column, the v6 triggers (here: none) and its version
+        for name in ("totals_added", "totals_removed", "totals_changed"):
+            db.execute(f"DROP TRIGGER {name}")
+        db.execute("ALTER TABLE totals DROP COLUMN loose_bytes")
+        db.execute("PRAGMA user_version = 6")
+    finally:
+        db.close()
+    ix = Index(path)
+    ix.open()
+    try:
+        assert schema.user_version(ix.db) == schema.SCHEMA_VERSION
+        assert ix.totals().loose_bytes == 700 == ix.recount().loose_bytes
+        ix.add_blob("spectro-images/x", "sha256:" + "b" * 64, 50)
+        assert ix.totals() == ix.recount() and ix.totals().loose_bytes == 750
+    finally:
+        ix.close()
