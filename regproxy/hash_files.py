@@ -12,7 +12,6 @@ path nor anything of the command's ``__main__`` (which ``multiprocessing`` would
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import signal
@@ -76,7 +75,11 @@ def serve(blobs: str, requests: BinaryIO, replies: BinaryIO) -> None:
 
 if __name__ == "__main__":
     # Ctrl-C on a terminal reaches the whole process group: the command stops its workers
-    # by ending their input; one whose command died ends at the broken pipe, quietly
+    # by ending their input; one whose command died ends at the broken pipe, quietly (the
+    # reply it could not write is dropped: the interpreter's last flush at exit would print
+    # "Exception ignored ... BrokenPipeError" on the terminal it shares with the command)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(BrokenPipeError):
+    try:
         serve(sys.argv[1], sys.stdin.buffer, sys.stdout.buffer)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -9,12 +9,15 @@ import io
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from regproxy import hash_files
 from regproxy.async_index import AsyncIndex
 from regproxy.config import Config, config_from_dict
 from regproxy.fsck import Hashed, Hasher, Tally, fsck
@@ -269,3 +272,24 @@ async def test_progress_only_on_a_terminal(running) -> None:
         written = stream.getvalue()
         assert (f"{found.checked}/{found.checked} files" in written) is tty
         assert written.endswith("\r") if tty else written == ""
+
+
+@pytest.mark.process
+def test_a_worker_whose_command_died_ends_quietly(tmp_path: Path) -> None:
+    """A worker whose command is gone (killed mid-batch: its end of the reply pipe closed)
+    ends at the broken pipe with nothing on the terminal the command shared with it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-I", hash_files.__file__, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.close()
+        _, err = proc.communicate(f"sha256:{'a' * 64} 3\n\n".encode(), timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert err == b""
+    assert proc.returncode == 0
