@@ -25,7 +25,7 @@ log = logging.getLogger("regproxy.index")
 #: the writer's page cache: the pages an eviction batch or a burst of commits rewrites
 WRITER_CACHE_KIB: Final = 16 * 1024
 #: the schema version this code writes
-SCHEMA_VERSION: Final = 7
+SCHEMA_VERSION: Final = 8
 
 #: version 1: the schema of every store written before versioning (user_version 0)
 V1: Final = (
@@ -342,7 +342,7 @@ def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:
     return any(r[1] == column for r in db.execute(f"PRAGMA table_info({table})"))
 
 
-def _v7(db: sqlite3.Connection) -> None:
+def _v8(db: sqlite3.Connection) -> None:
     """The bytes nothing references (the overview's "unreferenced") kept in ``totals``: the
     page summed them over every such digest, half a million after a large delete."""
     if not _has_column(db, "totals", "loose_bytes"):  # a store from before v3 has it already
@@ -364,6 +364,7 @@ MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] 
     (5, _v5),
     (6, _v6),
     (7, _v7),
+    (8, _v8),
 )
 
 

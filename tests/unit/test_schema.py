@@ -164,9 +164,9 @@ def test_a_store_from_a_newer_release_is_refused_with_one_line(
     assert path.read_bytes() == before  # untouched
 
 
-def test_a_v6_store_keeps_its_unreferenced_bytes_after_the_upgrade(tmp_path: Path) -> None:
-    """Version 7 keeps the bytes nothing references in ``totals`` (the overview summed them):
-    a store at version 6, with such bytes, opens with them counted and keeps them after."""
+def test_a_v7_store_keeps_its_unreferenced_bytes_after_the_upgrade(tmp_path: Path) -> None:
+    """Version 8 keeps the bytes nothing references in ``totals`` (the overview summed them):
+    a store at version 7, with such bytes, opens with them counted and keeps them after."""
     path = tmp_path / "index.db"
     ix = Index(path)
     ix.open()
@@ -174,11 +174,11 @@ def test_a_v6_store_keeps_its_unreferenced_bytes_after_the_upgrade(tmp_path: Pat
     ix.add_blob("spectro-images/x", "sha256:" + "a" * 64, 700)  # pushed, no manifest yet
     ix.close()
     db = sqlite3.connect(path, isolation_level=None)
-    try:  # back to version 6: no column, the v6 triggers (here: none) and its version
+    try:  # back to version 7: no column, the v7 triggers (here: none) and its version
         for name in ("totals_added", "totals_removed", "totals_changed"):
             db.execute(f"DROP TRIGGER {name}")
         db.execute("ALTER TABLE totals DROP COLUMN loose_bytes")
-        db.execute("PRAGMA user_version = 6")
+        db.execute("PRAGMA user_version = 7")
     finally:
         db.close()
     ix = Index(path)
