@@ -4,6 +4,8 @@
     python -m benchmarks.ab_tls                       # workers 0 and 2; c=8,32; 1 MiB blob
     python -m benchmarks.ab_tls --workers 0,1,2 --rounds 6 --seconds 2 --concurrency 1,8,32
     python -m benchmarks.ab_tls --size-mib 256 --concurrency 1 --no-peer   # one big stream
+    git archive main regproxy | tar -x -C /tmp/base          # another version of the code ...
+    python -m benchmarks.ab_tls --workers 0 --baseline /tmp/base   # ... against this tree's
 
 Medians over the rounds of req/s, server CPU-seconds per GiB and peak RSS for each
 (server, concurrency). Needs ``wrk``, ``docker-registry`` and ``openssl``.
@@ -53,6 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="8,32")
     p.add_argument("--size-mib", type=int, default=1, help="the blob's size (default 1 MiB)")
     p.add_argument("--no-peer", action="store_true", help="leave docker-registry out")
+    p.add_argument(
+        "--client-order",
+        choices=("go", "openssl"),
+        default="go",
+        help="the TLS 1.3 suites wrk offers first: go (AES-128-GCM, as containerd and skopeo "
+        "on AES hardware; the default) or openssl (AES-256-GCM, wrk's own order)",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run the regproxy package found in this directory (another version), "
+        "with the first --workers value",
+    )
     args = p.parse_args(argv)
     check_tools("ab_tls", {t: t for t in ("wrk", "docker-registry", "openssl")})
     workers = [int(w) for w in args.workers.split(",")]
@@ -63,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         ca = make_test_ca(tmp / "tls")
         tls = ca.client_context()
+        wrk_env = ca.go_order_env() if args.client_order == "go" else None
         servers: dict[str, Any] = {}
         for w in workers:
             config = {
@@ -72,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             d = Daemon(tmp / f"regproxy-w{w}", config)
             d.root.mkdir(parents=True)
             servers[f"regproxy w={w}"] = d
+        if args.baseline is not None:
+            # PYTHONSAFEPATH: the working directory (this tree) does not come first on sys.path
+            env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(args.baseline.resolve())}
+            config = {**config, "tls": {**config["tls"], "workers": workers[0]}}
+            d = Daemon(tmp / "regproxy-base", config, env=env)
+            d.root.mkdir(parents=True)
+            servers["regproxy base"] = d
         if not args.no_peer:
             servers["registry"] = DockerRegistry(
                 tmp / "registry",
@@ -93,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                     for name, server in servers.items():
                         url = f"https://127.0.0.1:{server.port}/v2/{REPO}/blobs/{digest}"
                         if r == 0:
-                            run_wrk(url, conc, seconds, {}, script)
+                            run_wrk(url, conc, seconds, {}, script, wrk_env)
                             reset_peak_rss(server.proc.pid)
                         cpu = CpuMeter({name: server.proc.pid}).start()
                         loop_at = loop_cpu_seconds(server.proc.pid)
-                        out = run_wrk(url, conc, seconds, {}, script)
+                        out = run_wrk(url, conc, seconds, {}, script, wrk_env)
                         used = cpu.used()[name]
                         gib = out["bytes"] / GiB or 1.0
                         per_gib, loop_gib = (
@@ -113,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"{per_gib:.2f} CPU-s/GiB (main thread {loop_gib:.2f})",
                             flush=True,
                         )
-        print(f"\nmedians of {rounds} rounds x {seconds:g} s, load {load_start} -> {load_1m()}")
+        print(
+            f"\nmedians of {rounds} rounds x {seconds:g} s, load {load_start} -> {load_1m()}, "
+            f"wrk offering the TLS 1.3 suites in {args.client_order}'s order"
+        )
         print("| server | c | req/s | GB/s | CPU-s/GiB | of it the main thread | peak RSS MB |")
         print("|---|---|---|---|---|---|---|")
         for (name, conc), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -125,15 +151,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {name} | {conc} | {req:.0f} | {gb_s:.2f} | {cpu_gib:.2f} | {loop_gib:.2f} | "
                 f"{rss[(name, conc)]:.1f} |"
             )
-        base = f"regproxy w={workers[0]}"
-        print(f"\nper round, req/s against {base} in the same round (median, min-max):")
+        base = "regproxy base" if args.baseline is not None else f"regproxy w={workers[0]}"
+        print(f"\nper round, against {base} in the same round (median, min-max):")
         for (name, conc), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             if name == base:
                 continue
-            ratios = [x[0] / b[0] for x, b in zip(runs, results[(base, conc)], strict=True)]
+            pairs = list(zip(runs, results[(base, conc)], strict=True))
+            ratios = [x[0] / b[0] for x, b in pairs]
+            cpu = [x[1] / b[1] for x, b in pairs]
             print(
-                f"  c={conc} {name}: {statistics.median(ratios):.2f}x "
-                f"({min(ratios):.2f}-{max(ratios):.2f})"
+                f"  c={conc} {name}: req/s {statistics.median(ratios):.2f}x "
+                f"({min(ratios):.2f}-{max(ratios):.2f}), CPU-s/GiB {statistics.median(cpu):.2f}x "
+                f"({min(cpu):.2f}-{max(cpu):.2f})"
             )
     return 0
 

@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a file: the repository root is not on sy
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
+    GO_SUITES,
     OCI_CONFIG,
     OCI_LAYER,
     OCI_MANIFEST,
@@ -172,8 +173,8 @@ def with_cpu(r: dict[str, float], cpu_s: float) -> dict[str, float]:
 def run_curl(url: str, timeout: float, ca: Path | None) -> dict[str, float]:
     cmd = ["curl", "-sS", "--fail", "-o", "/dev/null", "--max-time", str(int(timeout))]
     cmd += ["-w", "%{size_download} %{time_total} %{time_starttransfer}"]
-    if ca is not None:
-        cmd += ["--cacert", str(ca)]
+    if ca is not None:  # the TLS 1.3 suites in Go's order, as wrk (TestCA.go_order_env)
+        cmd += ["--cacert", str(ca), "--tls13-ciphers", GO_SUITES]
     proc = subprocess.run(
         [*cmd, url], capture_output=True, text=True, timeout=timeout + 10, check=False
     )
@@ -259,6 +260,8 @@ def bench(settings: Settings, progress: bool = True) -> dict[str, Any]:
         tmp = Path(tmpdir)
         ca = make_test_ca(tmp / "tls") if settings.tls else None
         tls = ca.client_context() if ca is not None else None
+        # wrk offers the TLS 1.3 suites as Go clients (containerd, skopeo) do
+        wrk_env = ca.go_order_env() if ca is not None else None
         daemon, peer = servers(tmp, ca, settings.access_log)
         floor: Floor | None = None
         try:
@@ -307,11 +310,11 @@ def bench(settings: Settings, progress: bool = True) -> dict[str, Any]:
                             cell = Cell(server, case, conc)
                             if time.monotonic() > deadline:
                                 raise BenchError("time budget exhausted; use --quick or fewer runs")
-                            run_wrk(url, conc, settings.warmup, headers, script)
+                            run_wrk(url, conc, settings.warmup, headers, script, wrk_env)
                             reset_peak_rss(pids[server])
                             for _ in range(settings.runs):
                                 cpu = CpuMeter({server: pids[server]}).start()
-                                r = run_wrk(url, conc, settings.seconds, headers, script)
+                                r = run_wrk(url, conc, settings.seconds, headers, script, wrk_env)
                                 cell.runs.append(with_cpu(r, cpu.used()[server]))
                             cell.rss_mb = peak_rss_mb(pids[server])
                             cells.append(cell)
@@ -438,7 +441,7 @@ def render(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines += [
         "",
-        f"{'HTTPS (TLS, test CA)' if tls else 'plain HTTP'}; access lines "
+        f"{'HTTPS (test CA, suites offered in Go order)' if tls else 'plain HTTP'}; access lines "
         f"{'on (both servers, to a file)' if s.get('access_log') else 'off'}; medians of {s['runs']} runs x "
         f"{s['seconds']:g} s per cell (wrk -t1, after a {s['warmup']:g} s warm-up); stream: "
         f"median of {s['stream_runs']} curl runs, p50 = time to first byte, p99 = whole transfer",
