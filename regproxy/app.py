@@ -18,8 +18,9 @@ from typing import Final
 
 from aiohttp import web
 
-from regproxy import admin, api, auth, ui
+from regproxy import admin, api, auth, repo_sizes, ui
 from regproxy.access import AccessLogger
+from regproxy.async_index import AsyncIndex
 from regproxy.config import Config
 from regproxy.connections import (
     HTTP_KEY,
@@ -43,7 +44,6 @@ from regproxy.peers import Peers
 from regproxy.policy import Policy
 from regproxy.prefetch import Prefetcher
 from regproxy.proxy import ProxyRegistry, build_registry
-from regproxy.repo_sizes import count_some
 from regproxy.tls import ServerTLS
 from regproxy.tls import reload_all as reload_tls
 from regproxy.tls_relay import PAIR_FDS, TLSRelay
@@ -76,21 +76,31 @@ async def _housekeeping(app: web.Application) -> None:
             log.exception("housekeeping.failed")
 
 
+async def count_sizes(db: AsyncIndex, *, unclaim: bool = True) -> None:
+    """Count every repository's size the index does not keep (new, changed, or a store just
+    upgraded), :data:`repo_sizes.CLAIM` at a time: each walk on a reader, the writer only
+    marks them and keeps the counts (regproxy.repo_sizes). ``unclaim``: first forget the marks
+    a count that did not end left."""
+    if unclaim:
+        await db.write_background(repo_sizes.unclaim)
+    while names := await db.write_background(repo_sizes.claim):
+        sizes = await db.read(repo_sizes.measure, names)
+        await db.write_background(repo_sizes.keep, sizes)
+        await asyncio.sleep(0.1)  # the readers' other work (the pages) goes between batches
+
+
 async def _count_sizes(app: web.Application) -> None:
-    """Count the repositories' sizes the index does not keep (new, changed, or a store just
-    upgraded): batches of ~20 ms on the writer, in the background (regproxy.repo_sizes)."""
+    """:func:`count_sizes` in the background, every :data:`HOUSEKEEPING_SECONDS`."""
     registry = app[REGISTRY_KEY]
     logged = float("-inf")
+    ended = False  # whether the last count ended (else it may have left marks)
     while True:
         await asyncio.sleep(HOUSEKEEPING_SECONDS)
         try:
-            left = await registry.db.write_background(count_some)
-            while left:
-                # the writer's other work goes between batches (an eviction's first): a
-                # sixth of its time at most
-                await asyncio.sleep(0.1)
-                left = await registry.db.write_background(count_some)
+            await count_sizes(registry.db, unclaim=not ended)
+            ended = True
         except Exception as exc:
+            ended = False
             # the page counts what is not kept itself: slower, never wrong (once a minute)
             now = asyncio.get_running_loop().time()
             if now - logged >= 60.0:

@@ -12,13 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from regproxy import schema
+from regproxy import repo_sizes, schema
+from regproxy.app import count_sizes
 from regproxy.index import Index, ManifestRecord
 from regproxy.oci import Digest
 from regproxy.registry import Registry
 from regproxy.repo_sizes import COUNT_SQL, count_some
 from regproxy.ui import queries
-from tests.unit.test_index_totals import OCI_INDEX, OCI_MANIFEST, UPSTREAM, World, index
+from tests.unit.test_index_totals import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    UPSTREAM,
+    World,
+    index,
+    manifest,
+)
 
 
 class SizedWorld(World):
@@ -122,8 +130,11 @@ async def test_kept_sizes_equal_a_full_count_after_any_sequence(
             info = await registry.db.read(queries.repository, rnd.choice(sorted(truth)))
             assert info is not None and info.size == truth[info.name]
         if rnd.random() < 0.5:  # the daemon's background pass, sometimes before the next change
-            while await registry.db.write(count_some):
-                pass
+            if rnd.random() < 0.5:
+                await count_sizes(registry.db)
+            else:
+                while await registry.db.write(count_some):
+                    pass
             assert kept(path) == truth, done
     assert set(done) == set(ops)  # the seed exercised every kind of change
     assert moved > 10  # changes did forget kept sizes (and the counts above held)
@@ -220,3 +231,48 @@ def test_an_upgrade_from_v6_counts_every_kept_size_again(tmp_path: Path) -> None
         assert "RECURSIVE" in body
     finally:
         ix.close()
+
+
+async def test_the_background_count_walks_on_a_reader_and_the_writer_only_marks_and_keeps(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """The daemon's count (regproxy.app.count_sizes) walks each repository on a reader: on the
+    writer it only marks the repositories it counts and keeps what it counted, a few rows (a
+    repository of 5,000 manifests held the writer ~0.4 s in one statement, 4 of them 1.5 s).
+    A change that lands between the mark and the keep is not lost: that size is counted again."""
+    world = SizedWorld(registry, random.Random(3), tmp_path / "store")
+    for _ in range(5):
+        await world.push()
+        await world.lazy_pull()
+    path = tmp_path / "store" / "index.db"
+    on_writer: list[str] = []
+
+    def trace(ix: Index) -> None:
+        ix.db.set_trace_callback(on_writer.append)
+
+    await registry.db.write(trace)
+    await count_sizes(registry.db)
+    await registry.db.write(lambda ix: ix.db.set_trace_callback(None))
+    assert kept(path) == counted(path)
+    assert on_writer and not [s for s in on_writer if "RECURSIVE" in s.upper()]
+
+    # a change between the mark and the keep: its repository's size is not kept stale
+    await registry.db.write(lambda ix: ix.db.execute("UPDATE repos SET size = NULL"))
+    names = await registry.db.write(repo_sizes.claim, 1000)
+    assert sorted(names) == sorted(kept(path))
+    for sort in ("name", "size"):  # a marked size is counted by the page, as one not kept
+        assert await shown(registry, sort) == {
+            n: s for n, s in counted(path).items() if _holding(path)[n] > 0
+        }
+    sizes = await registry.db.read(repo_sizes.measure, names)
+    changed = world.held[0][0]
+    layer = b"a layer pushed meanwhile"
+    await world.put_blobs(changed, [layer, world.configs[0]])
+    pushed = manifest(world.configs[0], [layer])
+    await registry.put_manifest(changed, "meanwhile", pushed, OCI_MANIFEST)
+    await registry.db.write(repo_sizes.keep, sizes)
+    assert kept(path)[changed.canonical] is None
+    still = {n: s for n, s in kept(path).items() if s is not None}
+    assert still == {n: counted(path)[n] for n in still}
+    await count_sizes(registry.db)
+    assert kept(path) == counted(path)
