@@ -51,13 +51,13 @@ def size_sql(table: str) -> str:
 def claim(index: Index, limit: int = CLAIM) -> list[str]:
     """Mark up to ``limit`` repositories that have no size as being counted (on the writer: a
     few rows); their names."""
-    with index.transaction() as db:
-        rows = db.execute(
-            "UPDATE repos SET size = ? "
-            "WHERE name IN (SELECT name FROM repos WHERE size IS NULL LIMIT ?) RETURNING name",
-            (COUNTING, limit),
-        ).fetchall()
-    return [str(name) for (name,) in rows]
+    with index.transaction() as db:  # (no RETURNING: SQLite before 3.35 has none)
+        names = [
+            str(n)
+            for (n,) in db.execute("SELECT name FROM repos WHERE size IS NULL LIMIT ?", (limit,))
+        ]
+        db.executemany(f"UPDATE repos SET size = {COUNTING} WHERE name = ?", [(n,) for n in names])
+    return names
 
 
 def measure(index: Index, names: list[str]) -> list[tuple[int, str]]:

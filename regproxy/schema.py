@@ -302,9 +302,30 @@ def _v5(db: sqlite3.Connection) -> None:
 # the transaction of every change that can move it: a repository row added or removed, and a
 # digest that something references getting or losing its file (a pull-through blob arriving
 # after its manifest, a manifest stored or evicted under an index). The walk up from such a
-# digest follows every manifest that lists it, to any depth (an index may list indexes, and
-# each level may be another repository's row). Digests nothing references (live = 0:
-# eviction's and gc's deletions) cost no walk.
+# digest follows the manifests that list it :data:`SIZE_WALK_UP` levels up (an index may list
+# indexes, and each level may be another repository's row), by joins: SQLite documents a WITH
+# clause in a trigger as not supported (a nested one parses on recent releases only by
+# accident), and a trigger that fails to parse would stop every start-up at the upgrade.
+# Digests nothing references (live = 0: eviction's and gc's deletions) cost no walk.
+
+#: manifests above a digest whose repositories' sizes its file changes: a blob, its image
+#: manifest, an index and three more indexes above it (OCI sets no limit; nothing nests so deep)
+SIZE_WALK_UP: Final = 5
+
+
+def _repos_above(levels: int) -> str:
+    """The repositories with a row for NEW.digest or a manifest up to ``levels`` above it."""
+    parts = ["SELECT repo FROM repo_manifests WHERE digest = NEW.digest"]
+    for n in range(1, levels + 1):
+        joins = " ".join(
+            f"JOIN manifest_refs x{i} ON x{i}.child = x{i - 1}.parent" for i in range(2, n + 1)
+        )
+        parts.append(
+            f"SELECT r.repo FROM manifest_refs x1 {joins} JOIN repo_manifests r"
+            f" ON r.digest = x{n}.parent WHERE x1.child = NEW.digest".replace("  ", " ")
+        )
+    return " UNION ".join(parts)
+
 
 #: name -> body of the triggers that forget a repository's size
 SIZE_TRIGGERS: Final[dict[str, str]] = {
@@ -315,9 +336,8 @@ SIZE_TRIGGERS: Final[dict[str, str]] = {
     "size_stored": "AFTER UPDATE OF size ON refs"
     " WHEN OLD.size IS NOT NEW.size AND (OLD.live > 0 OR NEW.live > 0) BEGIN"
     " UPDATE repos SET size = NULL WHERE size IS NOT NULL AND name IN ("
-    "SELECT repo FROM repo_manifests WHERE digest IN (WITH RECURSIVE up(d) AS ("
-    "SELECT NEW.digest UNION SELECT x.parent FROM manifest_refs x JOIN up ON x.child = up.d)"
-    " SELECT d FROM up)); END",
+    + _repos_above(SIZE_WALK_UP)
+    + "); END",
 }
 
 
@@ -330,7 +350,7 @@ def _v6(db: sqlite3.Connection) -> None:
 
 
 def _v7(db: sqlite3.Connection) -> None:
-    """The size trigger walks up to any depth (version 6's went two manifests up: a blob under
+    """The size trigger walks further up (version 6's went two manifests up: a blob under
     an index of indexes left the top repository's kept size stale), and every size kept by
     version 6 is counted again."""
     db.execute("DROP TRIGGER IF EXISTS size_stored")
