@@ -10,9 +10,11 @@ No thread and no slot is tied to a client's pace:
 - TLS: the bytes must go through the TLS transport; they are read with ``pread`` and written
   with the transport's flow control.
 
-The disk must not stall the loop either: before a ``WINDOW`` of the file is sent, a
-``preadv(RWF_NOWAIT)`` probe asks whether its pages are in the page cache; if not, a worker
-thread reads the window in first (a bounded disk read, not the client's pace).
+The disk must not stall the loop either: the blob file is opened on the loop only when its
+path is all in the kernel's caches (regproxy.cached_open), else on a worker thread; before a
+``WINDOW`` of the file is sent, a ``preadv(RWF_NOWAIT)`` probe asks whether its pages are in
+the page cache; if not, a worker thread reads the window in first (a bounded disk read, not the
+client's pace).
 
 A response that makes no progress for ``http.write_timeout`` is dropped; a client that hangs up
 is one access line (``error=client_gone``), and the access line counts the body bytes sent.
@@ -31,6 +33,7 @@ from typing import Final
 
 from aiohttp import web
 
+from regproxy.cached_open import open_cached
 from regproxy.connections import app_metrics, http_limits
 from regproxy.errors import BlobUnknown
 from regproxy.oci import Digest
@@ -202,6 +205,15 @@ def _open(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
+async def open_file(path: Path) -> int:
+    """A read-only descriptor of ``path``: opened on the loop when its path is all in the
+    kernel's caches, else on a worker thread (which waits for the disk)."""
+    fd = open_cached(path)
+    if fd is None:
+        fd = await asyncio.get_running_loop().run_in_executor(None, _open, path)
+    return fd
+
+
 async def send_file(
     request: web.Request,
     digest: Digest,
@@ -219,9 +231,8 @@ async def send_file(
     if request.method == "HEAD" or count <= 0:
         headers["Content-Length"] = str(max(count, 0))
         return web.Response(status=status, headers=headers)
-    loop = asyncio.get_running_loop()
     try:
-        file_fd = await loop.run_in_executor(None, _open, path)
+        file_fd = await open_file(path)
     except FileNotFoundError:
         raise BlobUnknown(str(digest)) from None
     resp = web.StreamResponse(status=status, headers=headers)

@@ -40,10 +40,11 @@ def _layer(modules: str, may_import: str = "") -> Layer:
 #: give it a layer of its own (and name that layer in the ``may_import`` of the layers above).
 _MODEL = "base oci values config names"
 LAYERS: dict[str, Layer] = {
-    # leaves any module may import: the version, errors, header names, logging, metrics, units
+    # leaves any module may import: the version, errors, header names, logging, metrics, units,
+    # opening a file whose path is cached
     "base": _layer(
         ". errors headers log metrics systemd progress login_budget units deadline flights "
-        "rendezvous"
+        "rendezvous cached_open"
     ),
     "oci": _layer("oci", "base"),
     # pure signature verification: no internal imports at all
