@@ -414,6 +414,9 @@ def measure(
         f"/ui/repositories?per_page=20&page={ui500}&after={quote(names[(ui500 - 1) * 20 - 1])}",
         50,
     )
+    # sorted by size (every repository's kept size), and one repository's tags page
+    out["ui_page1_by_size"] = timed_gets(port, "/ui/repositories?per_page=20&sort=size", 20)
+    out["ui_tags"] = timed_gets(port, f"/ui/repositories/{names[len(names) // 2]}", 20)
     out["rss_idle_mb"] = round(peak_rss_mb(first.proc.pid), 1) if first.proc else None
     first.stop()
     # again, with a limit that makes 30% of the store go: lookups while it goes
@@ -553,6 +556,8 @@ def render(r: dict[str, Any]) -> str:
         )
     for k in ui:
         lines.append(f"web page repositories {k[3:]:>8}: {lat(r[k])}")
+    if "ui_tags" in r:
+        lines.append(f"web page a repository's tags: {lat(r['ui_tags'])}")
     for k in ("gc_dry_run", "fsck"):
         lines.append(
             f"{k}: {r[k]['seconds']} s, /readyz worst {r[k]['readyz']['max_ms']} ms "
