@@ -151,12 +151,13 @@ async def manifest_data(request: web.Request) -> dict[str, Any]:
         raise Refused("a manifest is named REPOSITORY@DIGEST (sha256:…)", 404)
     registry = registry_of(request)
     repo = resolve(request, name)
+    unflushed = registry.unflushed_access()  # before the read: see served.py
     info = await registry.db.read(queries.manifest_info, repo.canonical, digest)
     if info is None:
         raise Refused(f"{repo.canonical}@{digest} is not in the store", 404)
     # last pulled: the index's time and what was served since it was written
     info.last_access = served.manifest(
-        repo.canonical, digest, info.cached, info.last_access, registry.unflushed_access()
+        repo.canonical, digest, info.cached, info.last_access, unflushed
     )
     signature = await signature_of(request, repo, digest, info.media_type)
     body = await read_small(registry, digest)

@@ -5,6 +5,11 @@ index gives for one page.
 Writing those times first made the page wait for a write transaction of one row per digest
 served since the last one (thousands on a busy host: hundreds of milliseconds). The rows shown
 are the same either way; only an order by last pull needs the times in the index, and flushes.
+
+A page takes ``registry.unflushed_access()`` *before* it reads the index: the write swaps in an
+empty map and then commits, so a map taken after a read whose snapshot came before that commit
+would miss the times in neither place (a repository pulled a second ago shown as pulled days
+ago). The map taken before holds them, whichever side of the commit the read falls on.
 """
 
 from __future__ import annotations

@@ -109,6 +109,7 @@ async def _repositories(request: web.Request) -> dict[str, Any]:
     if sort == "pulled":
         await registry.flush_access()  # the order needs what was served until now
     page, where = _cursor(request)  # keyset pages in every order (queries.repositories)
+    unflushed = registry.unflushed_access()  # before the read: see served.py
     found = await registry.db.read(
         queries.repositories, project=project, q=q, limit=per, sort=sort, **where
     )
@@ -117,7 +118,7 @@ async def _repositories(request: web.Request) -> dict[str, Any]:
         "project_filter": project or "",
         "sort": sort,
         **_paged(request, page, per, found, False),
-        "rows": served.repos(found.rows, registry.unflushed_access()),
+        "rows": served.repos(found.rows, unflushed),
     }
 
 
@@ -166,6 +167,7 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     sort = _choice(request, "sort", queries.TAG_SORTS, "name")
     if sort == "pulled":
         await registry.flush_access()  # the order needs what was served until now
+    unflushed = registry.unflushed_access()  # before the reads: see served.py
     info = await registry.db.read(queries.repository, repo.canonical)
     if info is None:
         raise Refused(f"no repository {repo.canonical} in the store", 404)
@@ -185,7 +187,6 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     tags = found.rows
     other = await registry.db.read(queries.untagged, repo.canonical, limit=100)
     # last pulled: the index's times and what was served since they were written
-    unflushed = registry.unflushed_access()
     info = served.repo(info, unflushed)
     served.tags(repo.canonical, (*tags, *other), unflushed)
     for row in (*tags, *other):
@@ -263,6 +264,7 @@ async def api_tags(request: web.Request) -> web.Response:
 async def _eviction(request: web.Request) -> dict[str, Any]:
     registry = registry_of(request)
     ui = ui_of(request)
+    unflushed = dict(registry.unflushed_access())  # before the read: see served.py
     rows = await registry.db.read(
         eviction_order,
         limit=EVICT_ROWS,
@@ -270,7 +272,7 @@ async def _eviction(request: web.Request) -> dict[str, Any]:
         # what was served since access times were last written: not waited for (a write of
         # thousands of rows on a busy host), put last in the order instead (a copy: read on
         # the reader's thread)
-        served=dict(registry.unflushed_access()),
+        served=unflushed,
     )
     return {"rows": rows, "limit": EVICT_ROWS}
 

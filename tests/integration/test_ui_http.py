@@ -520,3 +520,50 @@ async def test_a_form_body_larger_than_a_form_is_refused_unread(client) -> None:
     token = await csrf_of(client)
     resp = await client.post("/ui/pin", data={"csrf": token, "repo": "x" * 20_000, "ref": "v1"})
     assert resp.status == 413
+
+
+async def test_last_pulled_keeps_what_was_served_when_its_write_lands_during_the_read(
+    client,
+) -> None:
+    """A page lays what was served since access times were last written over the index's
+    rows. The housekeeping's write of those times may land while the page reads the index,
+    after the read's snapshot: what the page lays over is taken before the read, so those
+    times are in one or the other (they were in neither: a pull shown as days old)."""
+    digest = await _push(client, "v1")
+    registry = client.server.app[REGISTRY_KEY]
+    assert (await login(client)).status == 303
+    db = registry.db
+    read = db.read
+    old = 1000.0
+
+    async def read_then_flush(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        out = await read(fn, *args, **kwargs)
+        await registry.flush_access()  # the write lands after the read's snapshot
+        return out
+
+    async def served_then(path: str) -> Any:
+        await registry.flush_access()
+
+        def long_ago(ix: Index) -> None:
+            ix.db.execute("UPDATE repos SET last_access = ?", (old,))
+            ix.db.execute("UPDATE repo_manifests SET last_access = ?", (old,))
+
+        await db.write(long_ago)
+        resp = await client.get(f"/v2/{REPO}/manifests/{digest}", headers=basic("alice", PASSWORD))
+        assert resp.status == 200
+        assert registry.unflushed_access()
+        db.read = read_then_flush
+        try:
+            resp = await client.get(path)
+            assert resp.status == 200
+            return await resp.json()
+        finally:
+            del db.read
+
+    repos = await served_then("/ui/api/repositories")
+    assert [r["last_pulled"] > old for r in repos["repositories"]] == [True]
+    tags = await served_then(f"/ui/api/repositories/{REPO}/tags")
+    assert tags["repository"]["last_pulled"] > old
+    assert [t["last_pulled"] > old for t in tags["tags"]] == [True]
+    manifest = await served_then(f"/ui/api/manifests/{REPO}@{digest}")
+    assert manifest["last_pulled"] > old
