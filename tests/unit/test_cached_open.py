@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -59,11 +60,19 @@ async def test_a_file_whose_path_is_cached_is_opened_on_the_loop(tmp_path: Path)
 
 
 @needs_openat2
-async def test_a_path_the_kernel_must_look_up_again_is_opened_on_a_thread() -> None:
-    # /proc's per-process entries are checked again at every lookup: never "all cached"
-    status = Path("/proc/self/status")
-    assert cached_open.open_cached(status) is None
-    data, handed = await _opened(status)
+async def test_a_path_not_in_the_kernels_caches_is_opened_on_a_thread() -> None:
+    # a thread just started: nothing has looked up its /proc entry yet (the kernel makes it at
+    # the first lookup, which RESOLVE_CACHED refuses to do)
+    gate = threading.Event()
+    thread = threading.Thread(target=gate.wait, args=(30,), daemon=True)
+    thread.start()
+    try:
+        status = Path(f"/proc/{os.getpid()}/task/{thread.native_id}/status")
+        assert cached_open.open_cached(status) is None
+        data, handed = await _opened(status)
+    finally:
+        gate.set()
+        thread.join(30)
     assert data.startswith(b"Name:")
     assert handed == [status]
     assert cached_open.available()  # EAGAIN is no reason to stop trying
