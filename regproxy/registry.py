@@ -17,14 +17,13 @@ import asyncio
 import functools
 import logging
 import time
-from collections import ChainMap
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Final, Protocol, TypeVar
 
+from regproxy.access_times import AccessTimes
 from regproxy.async_index import AsyncIndex
 from regproxy.errors import (
     BlobUnknown,
@@ -71,8 +70,6 @@ def note(**items: str) -> None:
         notes.update(items)
 
 
-#: access times written per index transaction (see :meth:`LocalRegistry.flush_access`)
-TOUCH_BATCH: Final = 500
 SMALL_OBJECT: Final = 64 * 1024  # served from memory at or below this size
 
 
@@ -158,9 +155,8 @@ class LocalRegistry:
         )
         #: cached lookups; ``registry.cache.forget(...)`` is how a change invalidates them
         self.cache = LookupCache()
-        self._access: dict[tuple[str, str], float] = {}
-        #: the accesses a flush is writing (newest last), until its last batch committed
-        self._flushing: list[dict[tuple[str, str], float]] = []
+        #: when each (repository, digest) was last served, written to the index in batches
+        self._access = AccessTimes(db)
         #: what :meth:`confirm_lookups` knows of other processes' changes to the index
         self._watch = IndexWatch(db, self.cache)
         self._stored_listeners: list[Callable[[], None]] = []
@@ -192,37 +188,19 @@ class LocalRegistry:
 
     def _touch(self, repo: str, digest: str) -> None:
         if not PROBE.get():
-            self._access[(repo, digest)] = time.time()
+            self._access.note(repo, digest)
 
     def pending_access(self) -> set[str]:
-        """Digests served since the last :meth:`flush_access` (eviction keeps them: in use),
-        with those a flush is still writing (between its batches eviction may run)."""
-        return {d for served in (self._access, *self._flushing) for _, d in served}
+        """Digests served and not yet written (eviction keeps them: in use)."""
+        return self._access.pending()
 
     def unflushed_access(self) -> Mapping[tuple[str, str], float]:
-        """(repository, digest) -> when it was last served, of what :meth:`flush_access` has
-        not written yet (or not all of yet): a read-only view (the web page shows these times
-        over the index's instead of waiting for the write, which on a busy host is thousands
-        of rows)."""
-        if not self._flushing:
-            return MappingProxyType(self._access)
-        return MappingProxyType(ChainMap(self._access, *reversed(self._flushing)))
+        """When each (repository, digest) not yet written was last served (the web page shows
+        these over the index's times instead of waiting for the write)."""
+        return self._access.unflushed()
 
     async def flush_access(self) -> None:
-        """Write the access times served since the last flush, :data:`TOUCH_BATCH` rows a
-        transaction, so the index's writer (every commit of a pull or a push waits for it) is
-        held for milliseconds at a time, not for the whole flush (10,000 rows: ~0.8 s at a
-        million blobs)."""
-        if not self._access:
-            return
-        served, self._access = self._access, {}
-        self._flushing.append(served)
-        try:
-            items = [(r, d, t) for (r, d), t in served.items()]
-            for i in range(0, len(items), TOUCH_BATCH):
-                await self.db.write(Index.touch, items[i : i + TOUCH_BATCH])
-        finally:
-            self._flushing = [m for m in self._flushing if m is not served]
+        await self._access.flush()
 
     async def confirm_lookups(self) -> None:
         """Confirm the cached tags, unless another process changed the index (then every

@@ -7,18 +7,16 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from regproxy.access_times import TOUCH_BATCH, AccessTimes
 from regproxy.async_index import AsyncIndex
 from regproxy.index import Index
-from regproxy.registry import TOUCH_BATCH, LocalRegistry
-from regproxy.store import Store
 
 SERVED_AT = 12345.0
 
 
 async def test_a_flush_lets_other_writes_in_between_its_batches(tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
-    await reg.open()
+    db = AsyncIndex(tmp_path / "index.db")
+    await db.open()
     try:
         n = 2 * TOUCH_BATCH + 200
         digests = [f"sha256:{i:064x}" for i in range(n)]
@@ -35,19 +33,20 @@ async def test_a_flush_lets_other_writes_in_between_its_batches(tmp_path: Path) 
             ).fetchone()
             return int(row[0])
 
-        await reg.db.write(add)
-        for d in digests:  # served, as the blob handlers note it
-            reg._access[("r", d)] = SERVED_AT
-        flush = asyncio.create_task(reg.flush_access())
+        await db.write(add)
+        access = AccessTimes(db, clock=lambda: SERVED_AT)
+        for d in digests:
+            access.note("r", d)
+        flush = asyncio.create_task(access.flush())
         await asyncio.sleep(0)  # its first batch is with the writer
-        during = reg.unflushed_access()
+        during = access.unflushed()
         assert len(during) == n and all(t == SERVED_AT for t in during.values())
-        assert reg.pending_access() == set(digests)
-        between = await reg.db.write(written)  # another write: it waits for one batch only
+        assert access.pending() == set(digests)
+        between = await db.write(written)  # another write: it waits for one batch only
         assert 0 < between < n
         await flush
-        assert await reg.db.read(written) == n
-        assert not reg.unflushed_access() and not reg.pending_access()
+        assert await db.read(written) == n
+        assert not access.unflushed() and not access.pending()
         assert len(during) == n  # a view taken during the flush keeps what it saw
     finally:
-        await reg.close()
+        await db.close()
