@@ -84,8 +84,10 @@ LAYERS: dict[str, Layer] = {
     "lookups": _layer("lookups", "base index"),
     # whether another process changed the index: what keeps cached tags believed
     "lookup_confirm": _layer("lookup_confirm", "base index facade lookups"),
+    # when content was last served, written to the index in batches
+    "access": _layer("access_times", "base index facade"),
     "registry": _layer(
-        "registry", f"{_MODEL} store index facade space uploads lookups lookup_confirm"
+        "registry", f"{_MODEL} store index facade space uploads lookups lookup_confirm access"
     ),
     # referrers pulled through: composed into proxy (a Protocol names what it needs of it)
     "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),
