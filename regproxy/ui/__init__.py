@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Final
 
 from aiohttp import web
 
@@ -53,22 +52,6 @@ async def _history_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-#: how long after start-up the templates are compiled (the start-up's own work goes first)
-COMPILE_AFTER_SECONDS: Final = 2.0
-
-
-async def _templates_ctx(app: web.Application) -> AsyncIterator[None]:
-    async def compile_later() -> None:
-        await asyncio.sleep(COMPILE_AFTER_SECONDS)
-        await asyncio.to_thread(app[UI_KEY].compile_templates)
-
-    task = asyncio.create_task(compile_later(), name="ui-templates")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 def setup(
     app: web.Application,
     config: Config,
@@ -82,7 +65,6 @@ def setup(
     app[UI_KEY] = ui
     app[auth.UI_SESSIONS_KEY] = ui.sessions
     app.cleanup_ctx.append(_history_ctx)
-    app.cleanup_ctx.append(_templates_ctx)
     r = app.router
     r.add_get(PREFIX, refusals(views.to_overview))
     r.add_get(PREFIX + "/", refusals(overview.overview))

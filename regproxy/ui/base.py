@@ -44,23 +44,6 @@ log = logging.getLogger("regproxy.ui")
 
 PREFIX: Final = "/ui"
 PAGE_SIZE: Final = 50
-#: the templates compiled after start-up (:meth:`UI.compile_templates`): every one in
-#: ``templates/`` (tests/unit/test_ui_served.py checks the list)
-TEMPLATES: Final = (
-    "base.html",
-    "macros.html",
-    "overview.html",
-    "projects.html",
-    "repositories.html",
-    "repository.html",
-    "manifest.html",
-    "evict.html",
-    "login.html",
-    "logout.html",
-    "upload.html",
-    "confirm.html",
-    "error.html",
-)
 MAX_PAGE_SIZE: Final = 500
 CSP: Final = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -121,16 +104,6 @@ class UI:
         self.history = History(self.metrics)
         self.env = make_env()
         self.static = load_static()
-
-    def compile_templates(self) -> None:
-        """Compile the templates now (Jinja compiles one at its first use: the first view of
-        the overview took ~50 ms more than the next). On a thread, after start-up; one that
-        fails is compiled again (and fails again, on the page) at its first use."""
-        for name in TEMPLATES:
-            try:
-                self.env.get_template(name)
-            except Exception as exc:
-                log.warning("ui.template_failed template=%s error=%r", name, exc)
 
 
 UI_KEY: Final = web.AppKey("ui", UI)

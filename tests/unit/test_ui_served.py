@@ -30,17 +30,3 @@ def test_a_tag_is_pulled_only_when_served_after_it_came() -> None:
     assert [t.last_access for t in rows] == [110.0, None, 120.0]
     assert served.manifest("r", "d1", 100.0, None, unflushed) == 110.0
     assert served.manifest("r", "d2", 100.0, None, unflushed) is None  # its arrival, no pull
-
-
-def test_every_template_is_compiled_after_start_up() -> None:
-    """What ``UI.compile_templates`` compiles is every template the package ships."""
-    from pathlib import Path
-
-    import regproxy.ui
-    from regproxy.ui.base import TEMPLATES, make_env
-
-    shipped = {p.name for p in (Path(regproxy.ui.__file__).parent / "templates").glob("*.html")}
-    assert set(TEMPLATES) == shipped
-    env = make_env()
-    for name in TEMPLATES:
-        env.get_template(name)
