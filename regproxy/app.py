@@ -38,6 +38,7 @@ from regproxy.headers import INSTANCE_HEADER
 from regproxy.health import Health
 from regproxy.log import flush_lines
 from regproxy.lookups import TAG_CONFIRM_SECONDS
+from regproxy.malloc_arenas import cap_arenas
 from regproxy.metrics import Metrics
 from regproxy.names import NameResolver
 from regproxy.peers import Peers
@@ -327,6 +328,7 @@ async def serve(
 ) -> None:
     """Run until ``stop`` is set (or SIGTERM/SIGINT when run from the CLI), then shut down."""
     stop = stop or asyncio.Event()
+    arenas = cap_arenas()  # before the threads start: see regproxy.malloc_arenas
     nofile = raise_nofile_limit()
     relayed = config.tls.enabled and tls_workers(config) > 0
     max_connections = config.http.max_connections or default_max_connections(
@@ -381,6 +383,7 @@ async def serve(
     # eviction at full scale)
     gc.freeze()
     log.info("startup.gc_frozen objects=%d", gc.get_freeze_count())
+    log.info("startup.malloc_arenas max=%s", arenas if arenas is not None else "unchanged")
     if on_ready is not None:
         result = on_ready(port)
         if asyncio.iscoroutine(result):

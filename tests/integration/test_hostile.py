@@ -449,3 +449,6 @@ def test_shipped_defaults_are_logged_at_start(plain: Daemon) -> None:
     # what start-up made is frozen out of the garbage collector's scans (regproxy.app.serve)
     frozen = re.search(r"startup\.gc_frozen objects=(\d+)", plain.log())
     assert frozen is not None and int(frozen.group(1)) > 10_000, plain.log()[-2000:]
+    # glibc's malloc arenas capped (regproxy.malloc_arenas), unless the environment set them
+    arenas = "unchanged" if os.environ.get("MALLOC_ARENA_MAX") else "2"
+    assert f"startup.malloc_arenas max={arenas}" in plain.log(), plain.log()[-2000:]
