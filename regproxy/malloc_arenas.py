@@ -15,7 +15,6 @@ An operator's ``MALLOC_ARENA_MAX`` in the environment wins; a C library without 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Final
 
@@ -30,7 +29,8 @@ def cap_arenas(arenas: int = ARENAS) -> int | None:
     if os.environ.get("MALLOC_ARENA_MAX"):
         return None
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        # the C library this process already runs on (find_library would run ldconfig)
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return None
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
