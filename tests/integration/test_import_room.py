@@ -23,6 +23,7 @@ from regproxy.proxy import ProxyRegistry, build_registry
 from regproxy.space import NoRoom
 from regproxy.web_keys import REGISTRY_KEY
 from tests.images import make_image, write_layout
+from tests.room import small_disk_usage
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 KB = 1000
@@ -44,16 +45,7 @@ def small_disk(registry: ProxyRegistry, store: Path, size: int) -> None:
     """The store's filesystem, as the room check sees it, is ``size`` bytes: free is what the
     other workloads and the store's blobs and temp files leave of them."""
 
-    def usage() -> tuple[int, int]:
-        used = sum(
-            f.stat().st_size
-            for part in ("blobs", "tmp")
-            for f in (store / part).rglob("*")
-            if f.is_file()
-        )
-        return size, max(0, size - OTHERS - used)
-
-    registry.space.disk = usage
+    registry.space.disk = small_disk_usage(store, size, OTHERS)
 
 
 def temp_files(store: Path) -> list[Path]:

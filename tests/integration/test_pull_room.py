@@ -21,6 +21,7 @@ from regproxy.oci import Digest
 from regproxy.proxy import ProxyRegistry
 from regproxy.web_keys import REGISTRY_KEY
 from tests.fakes import BlobFault, FakeUpstream
+from tests.room import small_disk_usage
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -109,16 +110,7 @@ def small_disk(client: Client, tmp_path: Path, size: int) -> ProxyRegistry:
     assert isinstance(registry, ProxyRegistry)
     store = tmp_path / "store"
 
-    def usage() -> tuple[int, int]:
-        used = sum(
-            f.stat().st_size
-            for part in ("blobs", "tmp")
-            for f in (store / part).rglob("*")
-            if f.is_file()
-        )
-        return size, max(0, size - used)
-
-    registry.space.disk = usage
+    registry.space.disk = small_disk_usage(store, size)
     return registry
 
 

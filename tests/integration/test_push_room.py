@@ -23,6 +23,7 @@ from regproxy.proxy import ProxyRegistry
 from regproxy.uploads import UPLOAD_STEP
 from regproxy.web_keys import REGISTRY_KEY
 from tests.fakes import BlobFault, FakeUpstream
+from tests.room import small_disk_usage
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 KB = 1000
@@ -62,16 +63,7 @@ def small_disk(client: Client, store: Path, size: int) -> None:
     """The store's filesystem, as the room check sees it, is ``size`` bytes: free is what the
     host's other workloads (:data:`OTHERS`) and the store's blobs and temp files leave of them."""
 
-    def usage() -> tuple[int, int]:
-        used = sum(
-            f.stat().st_size
-            for part in ("blobs", "tmp")
-            for f in (store / part).rglob("*")
-            if f.is_file()
-        )
-        return size, max(0, size - OTHERS - used)
-
-    registry(client).space.disk = usage
+    registry(client).space.disk = small_disk_usage(store, size, OTHERS)
 
 
 def registry(client: Client) -> ProxyRegistry:
