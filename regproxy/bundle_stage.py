@@ -129,23 +129,23 @@ class Stage:
         except BaseException:
             writer.abort()
             raise
-        if writer.size != size:
+        try:
+            _verify(path, size, writer.size, expected, actual)
+        except BundleError:
             writer.abort()
-            raise BundleError(f"bundle file {path!r} is truncated ({writer.size} of {size} bytes)")
-        if expected is not None and actual != expected:
-            writer.abort()
-            raise BundleError(
-                f"blob {expected} in the bundle is damaged: its bytes hash to {actual}"
-            )
-        if buf is not None:
-            self.small[path] = bytes(buf)
-            self._small_total += len(buf)
+            raise
+        self._keep_small(path, buf)
         self.by_path[path] = actual
         if actual in self.blobs or self.store.stat(actual) == writer.size:
             writer.abort()
             self.blobs.setdefault(actual, Staged(actual, writer.size, None))
         else:
             self.blobs[actual] = Staged(actual, writer.size, writer)
+
+    def _keep_small(self, path: str, buf: bytearray | None) -> None:
+        if buf is not None:
+            self.small[path] = bytes(buf)
+            self._small_total += len(buf)
 
     def _check_present(
         self, path: str, f: IO[bytes], expected: Digest, size: int, buf: bytearray | None
@@ -161,16 +161,8 @@ class Stage:
             read += len(chunk)
             self.bytes_read += len(chunk)
             self._report()
-        if read != size:
-            raise BundleError(f"bundle file {path!r} is truncated ({read} of {size} bytes)")
-        actual = Digest(expected.algorithm, h.hexdigest())
-        if actual != expected:
-            raise BundleError(
-                f"blob {expected} in the bundle is damaged: its bytes hash to {actual}"
-            )
-        if buf is not None:
-            self.small[path] = bytes(buf)
-            self._small_total += len(buf)
+        _verify(path, size, read, expected, Digest(expected.algorithm, h.hexdigest()))
+        self._keep_small(path, buf)
         self.by_path[path] = expected
         self.blobs.setdefault(expected, Staged(expected, size, None))
 
@@ -329,3 +321,11 @@ def image_for(
     elif ":" in override.rsplit("/", 1)[-1]:
         tag = reference
     return Image(repo, tag, digest)
+
+
+def _verify(path: str, size: int, read: int, expected: Digest | None, actual: Digest) -> None:
+    """A bundle file read whole, to the size its entry states, hashing to its name (if it has one)."""
+    if read != size:
+        raise BundleError(f"bundle file {path!r} is truncated ({read} of {size} bytes)")
+    if expected is not None and actual != expected:
+        raise BundleError(f"blob {expected} in the bundle is damaged: its bytes hash to {actual}")
