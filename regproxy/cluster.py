@@ -138,7 +138,14 @@ class Cluster:
                     hold=True,
                 )
 
-        return Source("peers", "peer", open_blob, bad)
+        def cut(digest: Digest, exc: UpstreamError) -> None:
+            if chosen:
+                self.peers.failed(chosen[0], f"GET {repo}@{digest} body", exc)
+
+        def usable() -> bool:
+            return not chosen or self.peers.liveness.is_up(chosen[0].url)
+
+        return Source("peers", "peer", open_blob, bad, on_cut=cut, usable=usable)
 
     async def blob_size(self, repo: str, digest: Digest, *, wide: bool) -> int | None:
         """The size a peer that holds the blob answers a lookup with (``wide``: the remaining

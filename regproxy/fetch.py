@@ -1,18 +1,23 @@
 """Single-flight blob transfers: one upstream download per digest, tailed by every waiter.
 
-The first miss for a digest starts a :class:`Transfer` in a task of its own (a client hanging up
-does not cancel it). It writes into a temp file of the store while hashing. Every request for the
-digest, the first and all that come before the end, reads the growing file as bytes land
-(zot's InFlightBlobCopier), Range included. The final byte of any response is held back until
-the digest has been verified, so a client never receives a complete response with wrong bytes:
-on a mismatch or a failure every open response is cut instead. A cut transfer is resumed with a
-Range request where the source allows it (after a backoff with jitter), then the next source is
-tried.
+The first miss for a digest starts a :class:`~regproxy.inflight.Transfer` in a task of its own
+(a client hanging up does not cancel it). It writes into a temp file of the store while hashing;
+every request for the digest reads the growing file (regproxy.inflight), and the last byte of
+any response waits for the digest check. A cut transfer is resumed with a Range request where
+the source allows it (after a backoff with jitter), then the next source is tried.
+
+The next source **continues** where the last one stopped (a Range request at the bytes in the
+file), so responses that already sent bytes go on to the end: every byte of the file is hashed
+in order, and the last byte of a response still waits for the whole file's digest check. If a
+file of several sources' bytes does not match, none of them is blamed: it starts over, whole,
+from the source that finished it (responses that had sent bytes are cut, never finished wrong).
+Where the next source sizes the blob otherwise, it starts over from byte 0 too.
 
 Every source has a deadline (regproxy.deadline): its body must keep ``min_rate`` over ``window``
 and the whole transfer from it must end within ``max_time``. A source that is too slow is
 dropped for this fetch — a stall is not resumed, the next source is tried or the fetch fails —
-and the in-flight entry is released either way, so the next request starts afresh.
+and the in-flight entry is released either way, so the next request starts afresh. A source that
+its owner set aside after a failure (a peer, regproxy.peers) is not tried again either.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,12 +35,13 @@ from typing import Any, Final, Protocol, runtime_checkable
 
 from regproxy.deadline import DEFAULT_LIMITS, DEFAULT_TIMING, Pace, Timing, TransferLimits, backoff
 from regproxy.errors import BlobUnknown, DigestMismatch, OCIError, UpstreamError, UpstreamTooSlow
+from regproxy.inflight import Transfer, TransferFailed
 from regproxy.metrics import Metrics
 from regproxy.oci import Digest
 from regproxy.pump import SocketBody, pump
 from regproxy.space import Space
-from regproxy.store import BlobWriter, Store
-from regproxy.units import BLOB_CHUNK, BULK_CHUNK
+from regproxy.store import Store
+from regproxy.units import BULK_CHUNK
 
 log = logging.getLogger("regproxy.fetch")
 MAX_ATTEMPTS_PER_SOURCE: Final = 3
@@ -68,6 +73,10 @@ class SocketStream(Stream, Protocol):
     def take_socket(self, at_least: int) -> SocketBody | None: ...
 
 
+def _always() -> bool:
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Source:
     """Somewhere a blob may come from: a peer or an upstream (with its mirrors)."""
@@ -81,157 +90,11 @@ class Source:
     on_bad: Callable[[], None] | None = None
     #: how slow it may be, and for how long
     limits: TransferLimits = DEFAULT_LIMITS
-
-
-class TransferFailed(OCIError):
-    code, http_status, message = "UNKNOWN", 502, "the blob transfer failed"
-
-
-class Transfer:
-    """One blob on its way from a source into the store."""
-
-    def __init__(self, digest: Digest, store: Store, metrics: Metrics | None = None) -> None:
-        self.digest = digest
-        self.store = store
-        self.metrics = metrics
-        self.size: int | None = None
-        self.written = 0
-        self.committed = False
-        self.error: OCIError | None = None
-        self.source = ""
-        self.repo = ""
-        self.kind = "upstream"
-        #: how the last body was copied: "thread" (regproxy.pump) or "loop"
-        self.copy = ""
-        self.writer: BlobWriter | None = None
-        self.started = time.monotonic()
-        self.waiters = 0
-        #: the kinds of its current and remaining sources: a transfer that is or may be fed
-        #: by another host's transfer ("home") is never joined by a peer's fetch request, so
-        #: no two hosts ever tail each other
-        self.kinds: frozenset[str] = frozenset()
-        #: bumped when a source is abandoned and the file starts over for the next one
-        self.generation = 0
-        #: set (and replaced) on every change: what waiters wake up on
-        self._changed = asyncio.Event()
-
-    @property
-    def done(self) -> bool:
-        return self.committed or self.error is not None
-
-    def notify(self) -> None:
-        """Something changed (bytes landed, a size, the end, a new generation): wake waiters."""
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    async def _wait_change(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self._changed.wait()
-
-    async def wait_size(self) -> int:
-        """Until the source answered with a size (or the transfer failed)."""
-        await self._wait_change(lambda: self.size is not None or self.error is not None)
-        if self.size is None:
-            assert self.error is not None
-            raise self.error
-        return self.size
-
-    async def wait_begun(self) -> None:
-        """Until a first byte is in the file, or the transfer ended: a response waits for this
-        before its headers, so a transfer that fails at once (a full disk: 507; a source that
-        fails before sending anything) is answered with its error, not a 200 cut at 0 bytes."""
-        await self._wait_change(lambda: self.written > 0 or self.done)
-        if self.error is not None:
-            raise self.error
-
-    async def wait_done(self) -> None:
-        await self._wait_change(lambda: self.done)
-        if self.error is not None:
-            raise self.error
-
-    def _open_for_read(self) -> Any:
-        # The temp file is renamed into blobs/ on commit; an fd opened before stays valid.
-        assert self.writer is not None
-        try:
-            return open(self.writer.path, "rb")
-        except FileNotFoundError:
-            pass
-        try:
-            return open(self.store.blob_path(self.digest), "rb")
-        except FileNotFoundError:
-            # neither the temp file nor the blob: the transfer failed (or moved on to another
-            # source) and removed its file; an OCI error lets the response be cut cleanly
-            raise self.error or TransferFailed(f"{self.digest}: its file is gone") from None
-
-    def _progress_past(self, pos: int, end: int, generation: int) -> Callable[[], bool]:
-        def ready() -> bool:
-            return (
-                self.error is not None
-                or self.committed
-                or self.generation != generation
-                or min(self.written, end) > pos
-            )
-
-        return ready
-
-    async def spans(
-        self, start: int, end: int, size: int | None = None
-    ) -> AsyncIterator[tuple[int, int, int]]:
-        """Bytes start..end (inclusive) as they land, as ``(fd, pos, stop)``: the bytes
-        ``pos..stop-1`` of the file open on ``fd`` may be sent now (``sendfile``), and are sent
-        before the next span is asked for. The last byte comes only once verified.
-
-        ``size`` is the blob size the response announced: it is cut if the transfer's changes.
-        """
-        loop = asyncio.get_running_loop()
-        current = await self.wait_size()
-        size = current if size is None else size
-        generation = self.generation
-        f = await loop.run_in_executor(None, self._open_for_read)
-        self.waiters += 1
-        if self.metrics is not None:
-            self.metrics.inflight_waiters.inc()
-        try:
-            pos = start
-            while pos <= end:
-                if self.error is not None:
-                    raise self.error
-                if self.size != size:  # sized by a source that was abandoned: cut
-                    raise TransferFailed(f"{self.digest}: size {self.size}, answered {size}")
-                if self.generation != generation:
-                    if pos > start:  # bytes of an abandoned source went out: cut this response
-                        raise TransferFailed(f"{self.digest}: source changed mid-response")
-                    generation = self.generation
-                    await loop.run_in_executor(None, f.close)
-                    f = await loop.run_in_executor(None, self._open_for_read)
-                # readable now: what is written, but never the response's last byte
-                # before the digest is verified
-                limit = end + 1 if self.committed else min(self.written, end)
-                if limit > pos:
-                    yield f.fileno(), pos, limit
-                    pos = limit
-                    continue
-                await self._wait_change(self._progress_past(pos, end, generation))
-        finally:
-            self.waiters -= 1
-            if self.metrics is not None:
-                self.metrics.inflight_waiters.dec()
-            await loop.run_in_executor(None, f.close)
-
-    async def read_range(
-        self, start: int, end: int, size: int | None = None
-    ) -> AsyncIterator[bytes]:
-        """The bytes of :meth:`spans`, read from the file (for clients without sendfile)."""
-        loop = asyncio.get_running_loop()
-        async for fd, pos, stop in self.spans(start, end, size):
-            while pos < stop:
-                data = await loop.run_in_executor(
-                    None, os.pread, fd, min(stop - pos, BLOB_CHUNK), pos
-                )
-                if not data:
-                    raise TransferFailed(f"{self.digest}: short read at {pos} of {size}")
-                pos += len(data)
-                yield data
+    #: called when its answer failed part-way (the body cut, stalled, too slow, missized): a
+    #: peer is set aside for it (regproxy.peers)
+    on_cut: Callable[[Digest, UpstreamError], None] | None = None
+    #: whether another attempt at it is worth making now (False: a peer set aside)
+    usable: Callable[[], bool] = _always
 
 
 class Fetcher:
@@ -308,7 +171,9 @@ class Fetcher:
         try:
             t.writer = await loop.run_in_executor(None, self.store.writer)
             last: OCIError = BlobUnknown(str(t.digest))
-            for i, source in enumerate(sources):
+            i = 0
+            while i < len(sources):
+                source, more = sources[i], i + 1 < len(sources)
                 t.kinds = frozenset(s.kind for s in sources[i:])
                 try:
                     await self._from_source(t, source)
@@ -318,20 +183,33 @@ class Fetcher:
                         self.metrics.meters_for(source.kind).failed(source.name, exc.kind)
                     if not isinstance(exc, BlobUnknown):
                         log.warning(
-                            "fetch.source_failed digest=%s repo=%s source=%s kind=%s error=%s",
+                            "fetch.source_failed digest=%s repo=%s source=%s kind=%s "
+                            "offset=%d error=%s",
                             t.digest,
                             repo,
                             source.name,
                             source.kind,
+                            t.written,
                             exc,
                         )
-                    if t.written and i + 1 < len(sources):  # else the end cuts its readers
-                        await self._next_generation(t)
+                    if t.written and more:  # else the end cuts its readers
+                        self._continue(t, source, sources[i + 1])
+                    i += 1
                     continue
                 try:
                     commit = functools.partial(t.writer.commit, t.digest, source=t.source)
                     await loop.run_in_executor(None, commit)
                 except DigestMismatch as exc:
+                    if t.mixed:  # several sources' bytes: none is blamed; this one, whole
+                        log.warning(
+                            "fetch.mixed_mismatch digest=%s repo=%s source=%s actual=%s",
+                            t.digest,
+                            repo,
+                            t.source,
+                            exc.actual,
+                        )
+                        await self._next_generation(t, source)
+                        continue
                     meters = self.metrics.meters_for(source.kind)
                     meters.failed(source.name, "digest_mismatch")
                     log.error(
@@ -346,8 +224,9 @@ class Fetcher:
                     last = TransferFailed(
                         f"{t.digest}: {t.source} sent bytes that hash to {exc.actual}"
                     )
-                    if i + 1 < len(sources):
-                        await self._next_generation(t)
+                    if more:
+                        await self._next_generation(t, source)
+                    i += 1
                     continue
                 break
             else:
@@ -387,13 +266,32 @@ class Fetcher:
             self.metrics.inflight_fetches.set(len(self.inflight))
             t.notify()
 
-    async def _next_generation(self, t: Transfer) -> None:
-        """Start over in a new temp file for the next source; readers that already sent
-        bytes of the old one are cut, the others follow the new file."""
+    def _continue(self, t: Transfer, left: Source, to: Source) -> None:
+        """The next source goes on from the bytes in the file (a Range request): readers
+        keep them, and keep sending."""
+        t.mixed = True
+        self.metrics.fetch_switches.labels(left.kind, "continued").inc()
+        log.info(
+            "fetch.continue digest=%s repo=%s source=%s next=%s next_kind=%s offset=%d",
+            t.digest,
+            t.repo,
+            left.name,
+            to.name,
+            to.kind,
+            t.written,
+        )
+
+    async def _next_generation(self, t: Transfer, left: Source) -> None:
+        """Start over in a new temp file (for the next source, or this one again from byte
+        0); readers that already sent bytes of the old one are cut, the others follow the
+        new file."""
         loop = asyncio.get_running_loop()
+        if t.written:
+            self.metrics.fetch_switches.labels(left.kind, "restarted").inc()
         old = t.writer
         t.writer = await loop.run_in_executor(None, self.store.writer)
         t.written = 0
+        t.mixed = False
         t.generation += 1
         if old is not None:
             await loop.run_in_executor(None, old.abort)
@@ -419,7 +317,11 @@ class Fetcher:
             except UpstreamTooSlow:
                 raise
             except UpstreamError as exc:
-                if attempts >= MAX_ATTEMPTS_PER_SOURCE or exc.kind not in _TRANSIENT:
+                if (
+                    attempts >= MAX_ATTEMPTS_PER_SOURCE
+                    or exc.kind not in _TRANSIENT
+                    or not source.usable()
+                ):
                     raise
                 delay = backoff(attempts, self.timing.random)
                 log.info(
@@ -437,14 +339,21 @@ class Fetcher:
         """One request to the source: open, then copy until the end, the pace kept throughout."""
         assert t.writer is not None
         offset = t.written
-        opening = asyncio.timeout(max(0.0, deadline - self.timing.now()))
-        try:
-            async with opening:
-                stream = await source.open(t.digest, offset)
-        except TimeoutError:
-            if not opening.expired():
-                raise
-            raise UpstreamTooSlow(source.name, "no answer within max_transfer_time") from None
+        stream = await self._open(t, source, offset, deadline)
+        if t.mixed and offset and stream.size != t.size:
+            # the bytes in hand came from a source that sized the blob otherwise: from 0
+            log.warning(
+                "fetch.size_differs digest=%s repo=%s source=%s size=%d expected=%s",
+                t.digest,
+                t.repo,
+                source.name,
+                stream.size,
+                t.size,
+            )
+            await stream.close()
+            await self._next_generation(t, source)
+            offset = 0
+            stream = await self._open(t, source, offset, deadline)
         try:
             pace = Pace(source.limits, self.timing.now, deadline)
             t.source, t.kind = stream.source, source.kind
@@ -477,8 +386,22 @@ class Fetcher:
                 await self._copy(t, source.name, stream, pace, skip, fetched)
             if t.written != t.size:
                 raise UpstreamError(source.name, f"body ended at {t.written} of {t.size}")
+        except UpstreamError as exc:
+            if source.on_cut is not None:
+                source.on_cut(t.digest, exc)
+            raise
         finally:
             await stream.close()
+
+    async def _open(self, t: Transfer, source: Source, offset: int, deadline: float) -> Stream:
+        opening = asyncio.timeout(max(0.0, deadline - self.timing.now()))
+        try:
+            async with opening:
+                return await source.open(t.digest, offset)
+        except TimeoutError:
+            if not opening.expired():
+                raise
+            raise UpstreamTooSlow(source.name, "no answer within max_transfer_time") from None
 
     async def _pump(
         self,

@@ -200,6 +200,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.fetch_switches = Counter(
+            "regproxy_fetch_switches_total",
+            "Blob transfers that changed source part-way, by the kind of the source that failed "
+            "(or that starts over: upstream, peer, home) and how: continued (the next source "
+            "went on with a Range request; responses kept going), restarted (from byte 0; "
+            "responses that had sent bytes were cut)",
+            ["kind", "how"],
+            registry=r,
+        )
         self.upload_refused = Counter(
             "regproxy_upload_refused_total",
             "Pushed blob bodies (POST/PATCH/PUT) refused with 507 before the bytes that do not "

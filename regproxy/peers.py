@@ -17,7 +17,8 @@ host's own entry.
 Liveness (regproxy.liveness): a peer that fails a probe or a request is set aside with an
 exponential backoff (1 s at first, up to ``peers.refresh``) and probed again when it ends;
 requests skip it meanwhile, so a dead peer costs one probe per interval, not a timeout per
-request. A peer that sent wrong bytes is set aside for ``peers.refresh``; one that answered with
+request. A blob body that it cuts or stalls part-way is such a failure: the transfer goes on
+from the next source at once (regproxy.fetch), without another attempt at this peer. A peer that sent wrong bytes is set aside for ``peers.refresh``; one that answered with
 an error status is up (only its answer failed).
 
 Bytes served to each peer (the web page's peers panel) are counted only for a request that
@@ -400,7 +401,17 @@ class Peers:
                 hold=True,
             )
 
-        return Source(peer.url, "home" if fetch else "peer", open_blob, bad)
+        def cut(digest: Digest, exc: UpstreamError) -> None:
+            self.failed(peer, f"GET {repo}@{digest} body", exc)
+
+        return Source(
+            peer.url,
+            "home" if fetch else "peer",
+            open_blob,
+            bad,
+            on_cut=cut,
+            usable=lambda: self.liveness.is_up(peer.url),
+        )
 
     def manifest_op(
         self, repo: str, reference: str, *, fetch: bool

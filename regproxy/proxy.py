@@ -35,9 +35,10 @@ from regproxy.errors import (
     OCIError,
     UpstreamError,
 )
-from regproxy.fetch import Fetcher, Source, Stream, Transfer
+from regproxy.fetch import Fetcher, Source, Stream
 from regproxy.flights import SingleFlights
 from regproxy.index import Index
+from regproxy.inflight import Transfer
 from regproxy.lookups import LRU
 from regproxy.metrics import Metrics
 from regproxy.names import RepoName

@@ -71,7 +71,9 @@ LAYERS: dict[str, Layer] = {
     "pump": _layer("pump", "base store"),
     # room for pull-through blobs and pushed bodies, reserved before their first byte
     "space": _layer("space", "base oci config values"),
-    "transfer": _layer("fetch", "base oci store pump space"),
+    # a blob on its way into the store, as its readers see it (the fetcher fills it)
+    "inflight": _layer("inflight", "base oci store"),
+    "transfer": _layer("fetch", "base oci store pump space inflight"),
     "upstream": _layer("upstream", "base oci config names"),
     # which peers are up: backoff on the clock handed in
     "liveness": _layer("liveness", "base"),
@@ -95,8 +97,8 @@ LAYERS: dict[str, Layer] = {
     "from_cluster": _layer("cluster_manifests", f"{_MODEL} cluster registry"),
     "proxy": _layer(
         "proxy",
-        f"{_MODEL} store index facade transfer space upstream peers cluster lookups registry "
-        "referrers from_cluster",
+        f"{_MODEL} store index facade inflight transfer space upstream peers cluster lookups "
+        "registry referrers from_cluster",
     ),
     # the signature policy: rules, decisions, verification through the referrers
     "policy": _layer("policy", f"{_MODEL} signatures index facade registry referrers"),

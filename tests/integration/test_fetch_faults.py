@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -401,6 +402,85 @@ async def test_source_that_lied_about_the_size_does_not_fail_the_next_source(
     finally:
         await liar.stop()
         await good.stop()
+
+
+async def pull_past_a_peer_that_cuts(
+    daemon_factory, data: bytes, lie: bytes, cut_at: int, **fault: object
+) -> tuple[AppDaemon, FakeUpstream, str, list[bytes | None]]:
+    """A peer holds ``lie`` for the digest of ``data`` and cuts its body at ``cut_at``; the
+    upstream holds ``data``. Two pulls: each body whole (and exact) or None (cut)."""
+    liar = await FakeUpstream().start()
+    good = await FakeUpstream().start()
+    try:
+        d = good.add_blob(data)
+        liar.blobs[d] = lie
+        liar.blob_faults[d] = BlobFault(cut_at=cut_at, cuts=1, **fault)  # type: ignore[arg-type]
+        cfg = {
+            "upstreams": {good.hostport: {"url": good.url, "alias": "good.test"}},
+            "peers": {"urls": [liar.url], "timeout": "1s", "refresh": "60s"},
+        }
+        proxy = await asyncio.to_thread(daemon_factory, cfg)
+        url = f"{proxy.url}/v2/spectro-images/good.test/app/blobs/{d}"
+        bodies: list[bytes | None] = []
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                try:
+                    async with s.get(url) as r:
+                        assert r.status == 200
+                        bodies.append(await r.read())
+                except aiohttp.ClientPayloadError:
+                    bodies.append(None)
+        assert all(b is None or b == data for b in bodies)  # never complete and wrong
+        assert liar.count("GET", d) == 1  # set aside when it cut: not asked again
+        return proxy, good, d, bodies
+    finally:
+        await liar.stop()
+        await good.stop()
+
+
+async def switches(proxy: AppDaemon) -> dict[tuple[str, str], float]:
+    """regproxy_fetch_switches_total by (kind, how) (the exposition sorts the labels)."""
+    async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/metrics") as r:
+        text = await r.text()
+    out = {}
+    for how, kind, n in re.findall(
+        r'^regproxy_fetch_switches_total\{how="(\w+)",kind="(\w+)"\} (\S+)$', text, re.M
+    ):
+        out[(kind, how)] = float(n)
+    return out
+
+
+@COPY_PATHS
+async def test_a_peer_that_cut_wrong_bytes_is_continued_then_started_over_whole(
+    daemon_factory, size: int
+) -> None:
+    """A peer sends 3/4 of the blob with a byte flipped and cuts: the upstream continues with
+    a Range request; the file of both does not match, blames neither, and starts over, whole,
+    from the upstream. The response that tailed it is cut; the next one is exact."""
+    data = os.urandom(size)
+    proxy, good, d, bodies = await pull_past_a_peer_that_cuts(
+        daemon_factory, data, data, size * 3 // 4, corrupt=True
+    )
+    assert bodies[0] is None and bodies[1] == data
+    assert good.count("GET", d) == 2  # the continuation, then the whole blob
+    assert "fetch.mixed_mismatch" in proxy.log()
+    got = await switches(proxy)
+    assert got[("peer", "continued")] == 1 and got[("upstream", "restarted")] == 1
+
+
+async def test_a_peer_that_cut_a_blob_of_another_size_is_started_over_from_the_upstream(
+    daemon_factory,
+) -> None:
+    """The peer's bytes have another length: the upstream's size holds, from byte 0."""
+    data = os.urandom(800_000)
+    proxy, good, d, bodies = await pull_past_a_peer_that_cuts(
+        daemon_factory, data, os.urandom(900_000), 400_000
+    )
+    assert bodies[0] is None and bodies[1] == data  # the first carried the liar's length
+    assert good.count("GET", d) == 2  # asked from 400000, then from 0
+    assert "fetch.size_differs" in proxy.log()
+    stored = proxy.root / "store" / "blobs" / "sha256" / d[7:9] / d[7:]
+    assert stored.read_bytes() == data
 
 
 async def test_empty_body_for_a_digest_is_not_answered_before_verification(

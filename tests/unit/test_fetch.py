@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from regproxy.errors import OCIError
-from regproxy.fetch import Transfer
+from regproxy.inflight import Transfer
 from regproxy.oci import Digest
 from regproxy.store import Store
 
