@@ -173,6 +173,16 @@ async def test_home_host_killed_mid_blob_the_client_gets_the_whole_blob(daemon_f
             assert r.status == 200 and await r.read() == d.data
         assert d.up.count("GET", f"/blobs/{d.digest}") == gets
         assert len(d.a_lines("fetch.committed")) == 1
+        # the next digest whose home was H does not wait on it: H is set aside, A fetches
+        while True:
+            other = os.urandom(50_000)
+            d2 = digest_of(other)
+            if order([d.a.url, d.h.url], d2)[0] == d.h.url:
+                break
+        d.up.add_blob(other)
+        async with d.session.get(d.url.replace(d.digest, d2)) as r:
+            assert r.status == 200 and await r.read() == other
+        assert not [ln for ln in d.a.log().splitlines() if d2 in ln and d.h.url in ln]
 
 
 async def test_home_host_killed_and_the_upstream_failing_the_client_is_cut_cleanly(
