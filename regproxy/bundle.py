@@ -14,6 +14,15 @@ Import in three phases, so a damaged bundle leaves nothing behind:
 3. *commit*: only then are blobs moved into place and indexed, children before parents, and
    tags last (the store's durability order); everything imported is pinned.
 
+A blob the store already held when it was staged is not written again: the import relies on
+the store's copy, which eviction (or ``regproxy gc``) may remove before the manifests that need
+it are committed. So such a blob is only linked while the index still stores it (never indexed
+again by the import: its file may be on its way out), and each manifest is added in the same
+write transaction that checks its blobs are there (``Index.add_manifest(verify_refs=True)``):
+a manifest is never committed without its blobs, and once committed (pinned) nothing of it is
+evicted. A blob gone meanwhile makes the import run once more, staging it from the bundle this
+time; gone again, the import fails, naming the blob, with nothing that needs it committed.
+
 Staged files that were not needed are removed whatever happens.
 Export (an OCI archive out) is :mod:`regproxy.bundle_export`.
 """
@@ -42,7 +51,7 @@ from regproxy.bundle_stage import (
     image_for,
     stage_path,
 )
-from regproxy.errors import OCIError
+from regproxy.errors import ManifestBlobUnknown, OCIError
 from regproxy.index import ManifestRow
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MANIFEST_TYPES, Digest, ParsedManifest, parse_manifest
@@ -53,6 +62,17 @@ from regproxy.units import BULK_CHUNK
 from regproxy.uploads import Room as BodyRoom
 
 log = logging.getLogger("regproxy.bundle")
+#: runs of one import when blobs it relied on were evicted meanwhile (the later ones stage them)
+ATTEMPTS = 2
+
+
+class _Gone(Exception):
+    """Blobs the store held when they were staged, evicted (or gc'd) before the commit."""
+
+    def __init__(self, digests: set[Digest], summary: ImportSummary) -> None:
+        super().__init__(digests)
+        self.digests = digests
+        self.summary = summary  # what the run committed before it stopped
 
 
 @dataclass
@@ -228,10 +248,50 @@ class Importer:
         ``storage.min_free`` before its first byte is staged (:class:`~regproxy.space.NoRoom`
         refuses the bundle then, with nothing of it committed). ``label``: the bundle's name
         in logs and refusals (the path by default)."""
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
+        restage: set[Digest] = set()
+        done: ImportSummary | None = None  # what runs before this one committed
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                summary, bytes_read = await self._run(path, label, frozenset(restage))
+                break
+            except _Gone as gone:
+                done = _add(done, gone.summary)
+                restage |= gone.digests
+                log.warning(
+                    "import.blob_evicted path=%s digest=%s attempt=%d",
+                    path,
+                    ",".join(sorted(map(str, gone.digests))),
+                    attempt,
+                )
+                if attempt == ATTEMPTS:
+                    raise BundleError(
+                        f"{label or path}: blob {min(map(str, gone.digests))} was evicted from "
+                        f"the store while the import ran ({attempt} times): nothing that needs "
+                        "it was committed; import the bundle again"
+                    ) from None
+        summary = _add(done, summary)
+        summary.seconds = time.monotonic() - started
+        summary.bytes_read = bytes_read
+        log.info(
+            "import.done path=%s images=%d blobs_new=%d blobs_present=%d bytes_new=%d seconds=%.1f",
+            path,
+            len(summary.images),
+            summary.blobs_new,
+            summary.blobs_present,
+            summary.bytes_new,
+            summary.seconds,
+        )
+        return summary
+
+    async def _run(
+        self, path: Path, label: str | None, restage: frozenset[Digest]
+    ) -> tuple[ImportSummary, int]:
+        """One run of an import: stage, check, commit. ``restage``: blobs to stage from the
+        bundle even though the store has them (a run before found them evicted)."""
+        loop = asyncio.get_running_loop()
         room, key = self._room(label or str(path), loop)
-        stage = Stage(self.registry.store, self.progress, room)
+        stage = Stage(self.registry.store, self.progress, room, restage)
         # a thread of its own: its room checks wait for the event loop, whose own blocking
         # work (statvfs, the index) must find the default executor free
         staging = ThreadPoolExecutor(1, thread_name_prefix="import")
@@ -245,18 +305,7 @@ class Importer:
                 self.space.release(key)
             await loop.run_in_executor(staging, stage.discard)
             staging.shutdown(wait=False)
-        summary.seconds = time.monotonic() - started
-        summary.bytes_read = stage.bytes_read
-        log.info(
-            "import.done path=%s images=%d blobs_new=%d blobs_present=%d bytes_new=%d seconds=%.1f",
-            path,
-            len(summary.images),
-            summary.blobs_new,
-            summary.blobs_present,
-            summary.bytes_new,
-            summary.seconds,
-        )
-        return summary
+        return summary, stage.bytes_read
 
     async def import_stream(
         self, chunks: AsyncIterator[bytes], length: int | None = None, label: str = "upload"
@@ -297,19 +346,28 @@ class Importer:
         summary = ImportSummary()
         committed: set[Digest] = set()
         for img, graph in zip(images, graphs, strict=True):
+            gone = set()
             for digest, size in graph.blobs.items():
-                await self._commit_blob(stage, img.repo, digest, size, committed, summary, loop)
+                if not await self._commit_blob(
+                    stage, img.repo, digest, size, committed, summary, loop
+                ):
+                    gone.add(digest)
+            if gone:
+                raise _Gone(gone, summary)
             for digest, body, parsed in graph.manifests:
-                if digest not in extra:
-                    await self._commit_blob(
-                        stage, img.repo, digest, len(body), committed, summary, loop, count=False
-                    )
                 is_top = digest == img.top
                 ref = img.tag if (is_top and img.tag) else str(digest)
                 before = await self.registry.local_manifest(img.repo, ref)
-                await self.registry.put_manifest(
-                    img.repo, ref, body, parsed.media_type, verify_refs=True, pinned=True
-                )
+                try:
+                    # its bytes are written from memory, and its row added only if its blobs
+                    # are still stored, in the transaction that adds it
+                    await self.registry.put_manifest(
+                        img.repo, ref, body, parsed.media_type, verify_refs=True, pinned=True
+                    )
+                except ManifestBlobUnknown as exc:
+                    raise _Gone({Digest.parse(str(exc.detail))}, summary) from None
+                if digest not in extra:  # a bundle's manifest is a blob of the repository too
+                    await self.registry.index_blob(img.repo, digest, len(body))
                 if before is None or not _same(before[0], digest):
                     summary.manifests_new += 1
             summary.images.append(
@@ -350,22 +408,34 @@ class Importer:
         committed: set[Digest],
         summary: ImportSummary,
         loop: Any,
-        *,
-        count: bool = True,
-    ) -> None:
+    ) -> bool:
+        """Commit (or link) one blob into ``repo``; False: the store held it when it was
+        staged and does not any more (evicted or gc'd meanwhile)."""
         staged = stage.blobs.get(digest)
-        if staged is not None and staged.writer is not None and digest not in committed:
+        if staged is not None and staged.writer is not None:
             writer = staged.writer
             await loop.run_in_executor(None, lambda: writer.commit(digest, source="bundle"))
             staged.writer = None
             committed.add(digest)
-            if count:
-                summary.blobs_new += 1
-                summary.bytes_new += size
-        elif count and digest not in committed:
+            summary.blobs_new += 1
+            summary.bytes_new += size
+            await self.registry.index_blob(repo, digest, size)  # written just now
+            return True
+        if digest not in committed:
             summary.blobs_present += 1
             committed.add(digest)
-        await self.registry.index_blob(repo, digest, size)
+        # not written by this import (or for an image before this one): linked only while the
+        # index still stores it, never indexed again (its file may be on its way out)
+        return await self.registry.mount_blob(repo, digest, None)
+
+
+def _add(a: ImportSummary | None, b: ImportSummary) -> ImportSummary:
+    """``b`` with the new content ``a`` (an earlier run of the same import) committed."""
+    if a is not None:
+        b.manifests_new += a.manifests_new
+        b.blobs_new += a.blobs_new
+        b.bytes_new += a.bytes_new
+    return b
 
 
 def _same(row: ManifestRow, digest: Digest) -> bool:

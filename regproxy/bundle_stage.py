@@ -72,8 +72,16 @@ class Staged:
 class Stage:
     """Files -> verified temp files. Synchronous: runs in a worker thread."""
 
-    def __init__(self, store: Store, progress: Progress | None, room: Room | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        progress: Progress | None,
+        room: Room | None = None,
+        restage: frozenset[Digest] = frozenset(),
+    ) -> None:
         self.store = store
+        #: written from the bundle even if the store has them (found evicted by a run before)
+        self.restage = restage
         self.progress = progress
         #: asked before each file is written (storage.min_free: regproxy.bundle); None: nobody
         self.room = room
@@ -109,7 +117,11 @@ class Stage:
             self.by_path[path] = expected
             return
         keep_small = size <= SMALL_FILE and self._small_total + size <= SMALL_TOTAL
-        if expected is not None and self.store.stat(expected) == size:
+        if (
+            expected is not None
+            and expected not in self.restage
+            and self.store.stat(expected) == size
+        ):
             # in the store already (an earlier import): hashed, not written, so it takes no room
             self._check_present(path, f, expected, size, bytearray() if keep_small else None)
             return
@@ -136,7 +148,9 @@ class Stage:
             raise
         self._keep_small(path, buf)
         self.by_path[path] = actual
-        if actual in self.blobs or self.store.stat(actual) == writer.size:
+        if actual in self.blobs or (
+            actual not in self.restage and self.store.stat(actual) == writer.size
+        ):
             writer.abort()
             self.blobs.setdefault(actual, Staged(actual, writer.size, None))
         else:

@@ -175,9 +175,19 @@ class Index:
         tag: str | None = None,
         pinned: bool = False,
         checked: float | None = None,
-    ) -> None:
+        verify_refs: bool = False,
+    ) -> list[str]:
+        """Add a manifest to a repository (and move ``tag`` to it). ``verify_refs``: only if
+        every blob and child manifest it lists is in the repository, checked in the same write
+        transaction (no eviction, gc or other process removes one between the check and the
+        row); else nothing is written. Returns what is missing (empty: added)."""
         now = time.time()
         with self._tx() as db:
+            if verify_refs:
+                missing = self.missing_blobs(repo, rec.blobs)
+                missing += self.missing_manifests(repo, rec.children)
+                if missing:
+                    return missing
             db.execute(
                 "INSERT OR IGNORE INTO manifests(digest, media_type, size, artifact_type, subject, "
                 "annotations, created) VALUES(?,?,?,?,?,?,?)",
@@ -209,6 +219,7 @@ class Index:
                     "updated=excluded.updated, checked=excluded.checked",
                     (repo, tag, rec.digest, now, checked if checked is not None else now),
                 )
+        return []
 
     def manifest_in_repo(self, repo: str, digest: str) -> ManifestRow | None:
         row = self.db.execute(

@@ -434,9 +434,19 @@ class LocalRegistry:
             blobs=[str(b.digest) for b in parsed.blobs],
             children=[str(m.digest) for m in parsed.manifests],
         )
-        await self.db.write(
-            Index.add_manifest, repo.canonical, rec, tag=tag, pinned=pinned, checked=checked
+        # checked again where the row is written: a blob evicted (or gc'd) since the check
+        # above leaves the manifest out, never a manifest whose blob is gone
+        missing = await self.db.write(
+            Index.add_manifest,
+            repo.canonical,
+            rec,
+            tag=tag,
+            pinned=pinned,
+            checked=checked,
+            verify_refs=verify_refs,
         )
+        if missing:
+            raise ManifestBlobUnknown(missing[0])
         self.cache.put_body(str(digest), body)
         self._stored()
         if tag is not None:
