@@ -13,6 +13,7 @@ from aiohttp import web
 from regproxy.bundle import BundleError, Importer
 from regproxy.connections import body_chunks
 from regproxy.errors import OCIError
+from regproxy.expect import defer_continue
 from regproxy.web_errors import error_response
 from regproxy.web_keys import POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 
@@ -48,4 +49,4 @@ async def import_bundle(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post(IMPORT_PATH, import_bundle)
+    app.router.add_post(IMPORT_PATH, import_bundle, expect_handler=defer_continue)

@@ -32,6 +32,7 @@ from regproxy.errors import (
     Unsupported,
     UpstreamError,
 )
+from regproxy.expect import defer_continue
 from regproxy.headers import API_VERSION, CONTENT_DIGEST, INSTANCE_HEADER, PEER_FETCH, PEER_HEADER
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import (
@@ -587,10 +588,10 @@ _HANDLERS: Final[dict[tuple[str, str], Handler]] = {
 
 def add_routes(app: web.Application) -> None:
     # [\s\S], not .: a decoded %0A must reach dispatch and get NAME_INVALID, not a bare 404.
-    # First of the routes under /v2: nearly every request is one of its, and aiohttp tries
-    # the routes of a prefix in the order they were added (/v2/ and /v2/_catalog are found
-    # by their whole path before it)
-    app.router.add_route("*", r"/v2/{path:[\s\S]+}", dispatch)
+    # First of the routes under /v2: nearly every request is one of its (aiohttp tries a
+    # prefix's routes in the order they were added; /v2/ and /v2/_catalog match whole paths).
+    # Expect: 100-continue is answered when a body is read, after the checks (regproxy.expect)
+    app.router.add_route("*", r"/v2/{path:[\s\S]+}", dispatch, expect_handler=defer_continue)
     app.router.add_get("/v2/", v2_base)
     app.router.add_get("/v2", v2_base)
     app.router.add_get("/v2/_catalog", catalog)

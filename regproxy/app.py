@@ -33,6 +33,7 @@ from regproxy.connections import (
 from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import ConfigError
 from regproxy.evict import Evictor
+from regproxy.expect import close_if_body_refused
 from regproxy.fastpath import FastPath
 from regproxy.headers import INSTANCE_HEADER
 from regproxy.health import Health
@@ -241,6 +242,7 @@ def create_app(
     api.add_routes(app)
     admin.add_routes(app)
     app.on_response_prepare.append(_instance_header)
+    app.on_response_prepare.append(close_if_body_refused)  # 100-continue never sent: closes
     app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
     app[HEALTH_KEY] = Health(app[REGISTRY_KEY], config)

@@ -49,6 +49,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from regproxy.config import HttpConfig
 from regproxy.deadline import DEFAULT_TIMING, Pace, Timing, TransferLimits
 from regproxy.errors import BodyTimeout
+from regproxy.expect import send_continue
 from regproxy.metrics import Metrics
 from regproxy.web_keys import METRICS_KEY
 from regproxy.write_watch import WriteWatch
@@ -127,6 +128,7 @@ async def read_body(request: web.Request, read: Awaitable[T]) -> T:
     """One read of the request's body (a chunk, a small form) within ``http.read_timeout``;
     a body that stalls is :class:`BodyTimeout` (408, and the connection is closed)."""
     timeout = http_limits(request.app).read_timeout
+    await send_continue(request)
     try:
         async with asyncio.timeout(timeout):
             return await read
@@ -147,6 +149,7 @@ async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
         math.inf,
     )
     content = request.content
+    await send_continue(request)  # the client may send it now (Expect: 100-continue)
     while True:
         try:
             async with asyncio.timeout(min(limits.read_timeout, pace.time_left())):

@@ -119,8 +119,9 @@ LAYERS: dict[str, Layer] = {
         f"{_MODEL} schema store index facade hashing transfer registry proxy gc pinning staging archives "
         "export policy space uploads",
     ),
-    # the HTTP layer: shared keys and error rendering low, handlers above them
-    "keys": _layer("web_keys", f"{_MODEL} registry tools policy"),
+    # the HTTP layer: shared keys and error rendering low, handlers above them (expect: when
+    # a 100 Continue goes out, for the routes and the body readers)
+    "keys": _layer("web_keys expect", f"{_MODEL} registry tools policy"),
     # connections: the guard in front of aiohttp's protocol, the http limits' app key
     # connections whose client takes none of the bytes waiting for it (the guard's watch)
     "write_watch": _layer("write_watch", "base"),

@@ -329,3 +329,61 @@ async def test_a_push_larger_than_the_cache_may_hold_is_refused_one_over_max_siz
         await asyncio.gather(*registry(client).space.asks)
     finally:
         await client.close()
+
+
+# --- Expect: 100-continue: the refusal comes instead of 100, not after the body (regproxy.expect)
+async def test_a_push_expecting_100_continue_gets_its_refusal_instead(proxy: Client) -> None:
+    """A monolithic POST that does not fit, a PATCH to an unknown session: their final answers
+    (507, 404) come to heads whose bodies wait for a 100 that never comes, and close the
+    connection (the announced body is never sent); a push that fits gets 100, sends, 201."""
+    big = os.urandom(1200 * KB)
+    for head, want in (
+        (f"POST {REPO}/blobs/uploads/?digest={sha(big)}", 507),
+        (f"PATCH {REPO}/blobs/uploads/no-such-session", 404),
+    ):
+        reader, writer = await raw(
+            proxy,
+            f"{head} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {len(big)}\r\n",
+        )
+        status, headers, _ = await answer(reader)
+        assert (status, headers.get("connection")) == (want, "close"), (head, headers)
+        assert await reader.read() == b""  # closed after it, nothing else was sent
+        writer.close()
+    assert await refused(proxy, "no_space") == 1
+    fits = os.urandom(900 * KB)
+    reader, writer = await raw(
+        proxy,
+        f"POST {REPO}/blobs/uploads/?digest={sha(fits)} HTTP/1.1\r\nHost: x\r\n"
+        f"Expect: 100-continue\r\nContent-Length: {len(fits)}\r\n",
+    )
+    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(fits)
+    status, headers, _ = await answer(reader)
+    writer.close()
+    assert status == 201 and headers.get("connection") != "close"
+    assert await (await proxy.get(f"{REPO}/blobs/{sha(fits)}")).read() == fits
+
+
+@pytest.mark.process
+async def test_curl_expecting_100_continue_sends_no_body_to_a_refused_push(
+    proxy: Client, tmp_path: Path
+) -> None:
+    """curl (which asks for 100-continue for a body over 1 MiB) waiting up to 50 s for it: the
+    507 comes at once and curl uploads nothing (its ``size_upload`` is 0)."""
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(1200 * KB))
+    url = f"http://127.0.0.1:{proxy.port}{REPO}/blobs/uploads/?digest={sha(big.read_bytes())}"
+    proc = await asyncio.create_subprocess_exec(
+        *("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}"),
+        *("--expect100-timeout", "50", "-H", "Expect: 100-continue"),
+        *("-H", "Content-Type: application/octet-stream", "--data-binary", f"@{big}", url),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 55)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert out.decode() == "507 0"
+    assert await refused(proxy, "no_space") == 1
