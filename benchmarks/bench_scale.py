@@ -12,8 +12,10 @@ index is what is measured), then, in one run:
   on 8 connections (bounded by :data:`WARM_SECONDS`); its figures, each path's first lookup
   through a Python client, are printed beside. The eviction rate (manifests/s, from
   ``evict.done``);
-* ``_catalog?n=100`` and the web page's repository list at page 1 and page 500 (20 per page),
-  beside the same ``_catalog`` walk on docker-registry holding as many repositories;
+* ``_catalog?n=100`` and the web page's repository list at page 1 and page 500 (20 per page;
+  the last page when there are fewer, none but page 1 when one page holds them all, as at
+  ``--scale`` 0.01 and below), beside the same ``_catalog`` walk on docker-registry holding as
+  many repositories;
 * ``gc --dry-run`` and ``fsck`` beside the daemon, and ``sha256sum`` over the same files, plus
   fsck against ``sha256sum`` on large files (read and hash throughput);
 * ``/readyz`` polled every 50 ms during the eviction, gc and fsck: its worst latency.
@@ -381,13 +383,21 @@ def peer_catalog(peer: DockerRegistry, shape: Shape, names: list[str]) -> dict[s
         f"docker-registry: {shape.repos} repositories laid out in {time.monotonic() - t0:.0f} s",
         flush=True,
     )
-    page500 = min(500, len(peer_names) // 100)
-    last = peer_names[(page500 - 1) * 100 - 1]
-    return {
-        "catalog_page1": timed_gets(peer.port, "/v2/_catalog?n=100", 10),
-        f"catalog_page{page500}": timed_gets(peer.port, f"/v2/_catalog?n=100&last={last}", 10),
-        "rss_mb": round(peak_rss_mb(peer.proc.pid), 1) if peer.proc else None,
-    }
+    out = {"catalog_page1": timed_gets(peer.port, "/v2/_catalog?n=100", 10)}
+    deep = deep_page(peer_names, 100)
+    if deep is not None:
+        page, last = deep
+        out[f"catalog_page{page}"] = timed_gets(peer.port, f"/v2/_catalog?n=100&last={last}", 10)
+    out["rss_mb"] = round(peak_rss_mb(peer.proc.pid), 1) if peer.proc else None
+    return out
+
+
+def deep_page(names: list[str], per_page: int, want: int = 500) -> tuple[int, str] | None:
+    """Page ``want`` of a listing of the (sorted) ``names``, ``per_page`` a page, or its last
+    page when it has fewer: (the page's number, the name before it: ``last``/``after``); None
+    when the listing is one page (page 1, measured anyway), as at small ``--scale``."""
+    page = min(want, -(-len(names) // per_page))
+    return (page, names[(page - 1) * per_page - 1]) if page >= 2 else None
 
 
 def measure(
@@ -402,18 +412,18 @@ def measure(
     out["idle_digest"] = lookups(first, by_digest, seconds, tmp, "digest", warm=True)
     out["idle_tag"] = lookups(first, by_tag, seconds, tmp, "tag", warm=True)
     names = built.names
-    page500 = min(500, len(names) // 100)
     out["catalog_page1"] = timed_gets(port, "/v2/_catalog?n=100", 200)
-    out[f"catalog_page{page500}"] = timed_gets(
-        port, f"/v2/_catalog?n=100&last={quote(names[(page500 - 1) * 100 - 1])}", 200
-    )
-    ui500 = min(500, len(names) // 20)
+    deep = deep_page(names, 100)
+    if deep is not None:
+        page, last = deep
+        out[f"catalog_page{page}"] = timed_gets(port, f"/v2/_catalog?n=100&last={quote(last)}", 200)
     out["ui_page1"] = timed_gets(port, "/ui/repositories?per_page=20", 50)
-    out[f"ui_page{ui500}"] = timed_gets(
-        port,
-        f"/ui/repositories?per_page=20&page={ui500}&after={quote(names[(ui500 - 1) * 20 - 1])}",
-        50,
-    )
+    deep = deep_page(names, 20)
+    if deep is not None:
+        page, last = deep
+        out[f"ui_page{page}"] = timed_gets(
+            port, f"/ui/repositories?per_page=20&page={page}&after={quote(last)}", 50
+        )
     # sorted by size (every repository's kept size), and one repository's tags page
     out["ui_page1_by_size"] = timed_gets(port, "/ui/repositories?per_page=20&sort=size", 20)
     out["ui_tags"] = timed_gets(port, f"/ui/repositories/{names[len(names) // 2]}", 20)

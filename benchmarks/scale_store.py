@@ -100,7 +100,8 @@ def build(root: Path, shape: Shape, seed: int = 11, progress: bool = True) -> Bu
                 for r in range(first, min(first + TX_REPOS, shape.repos)):
                     _repo(ix, store, r, shared, shared_d, rnd, now, pinned)
             if progress and (first // TX_REPOS) % 20 == 0:
-                print(f"  built {first + TX_REPOS}/{shape.repos} repositories", flush=True)
+                done = min(first + TX_REPOS, shape.repos)
+                print(f"  built {done}/{shape.repos} repositories", flush=True)
         # every repository's size counted, as a daemon that has run a while keeps them
         # (regproxy.repo_sizes): the daemon measured has none left to count in the background
         while count_some(ix, 1.0, 64):
