@@ -48,6 +48,7 @@ from regproxy.prefetch import Prefetcher
 from regproxy.proxy import ProxyRegistry, build_registry
 from regproxy.tls import ServerTLS
 from regproxy.tls import reload_all as reload_tls
+from regproxy.tls_failures import HandshakeFailures
 from regproxy.tls_relay import PAIR_FDS, TLSRelay
 from regproxy.web_errors import error_middleware
 from regproxy.web_keys import (
@@ -281,6 +282,9 @@ async def open_listener(
     fast = FastPath.of(app) if config.http.fast_path else None
     guard = ConnectionGuard(runner.server, config.http, max_connections, app[METRICS_KEY], fast)
     workers = tls_workers(config)
+    failures = HandshakeFailures(app[METRICS_KEY].tls_handshake_failures)
+    if server_tls is not None and workers == 0:
+        server_tls.report_failures(failures.failed)
     if server_tls is not None and workers > 0:
         server_tls.swap = True  # the workers read server_tls.context: SIGHUP replaces it
         relay = TLSRelay(
@@ -290,6 +294,7 @@ async def open_listener(
             handshake_timeout=config.http.header_timeout,
             write_timeout=config.http.write_timeout,
             on_write_cut=app[METRICS_KEY].slow_clients_cut.labels("write").inc,
+            on_handshake_failed=failures.failed,
         )
         try:
             relay.listen(host, port, backlog=1024)

@@ -354,6 +354,13 @@ class Metrics:
             ["phase"],
             registry=r,
         )
+        self.tls_handshake_failures = Counter(
+            "regproxy_tls_handshake_failures_total",
+            "TLS handshakes that failed, by reason (protocol_version, certificate_rejected, "
+            "no_shared_cipher, not_tls, timeout, closed, other; see regproxy.tls_failures)",
+            ["reason"],
+            registry=r,
+        )
         #: the numbers the web page and health read (never the metrics themselves)
         self.counts = Counts()
         #: where transfers from upstreams and from peers count (never into each other)

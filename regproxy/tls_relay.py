@@ -418,9 +418,13 @@ class TLSRelay:
         handshake_timeout: float,
         write_timeout: float,
         on_write_cut: Callable[[], None] = lambda: None,
+        on_handshake_failed: Callable[[Any, BaseException], object] = lambda *_: None,
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     ) -> None:
+        """``on_handshake_failed``: told (on a worker) of each handshake that did not end, with
+        the client's address (regproxy.tls_failures)."""
         self.context = context
+        self.on_handshake_failed = on_handshake_failed
         self.protocol_factory = protocol_factory
         self.handshake_timeout = handshake_timeout
         self.loop = asyncio.get_running_loop()
@@ -527,6 +531,7 @@ class TLSRelay:
             loop = worker.loop
             pair = _Pair(worker.pairs, worker.watch, extra["peername"], self.loop)
             ends: tuple[socket.socket, socket.socket] | None = None
+            shaken = False
             try:
                 # the client's side first (its reading held until the pair is up): a handshake
                 # in progress holds one descriptor, as without the relay
@@ -536,6 +541,7 @@ class TLSRelay:
                     ssl=context,
                     ssl_handshake_timeout=self.handshake_timeout,
                 )
+                shaken = True
                 ends = socket.socketpair()  # EMFILE under a flood: this connection goes
                 ends[1].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PAIR_SEND_BUFFER)
                 await loop.connect_accepted_socket(lambda: _PlainSide(pair), ends[0])
@@ -543,7 +549,10 @@ class TLSRelay:
                     raise ConnectionResetError("the client left")
                 self.loop.call_soon_threadsafe(self._attach, key, ends[1], extra, pair)
             except (Exception, asyncio.CancelledError) as exc:
-                log.debug("tls.handshake_failed remote=%s error=%r", extra["peername"], exc)
+                if not shaken and not isinstance(exc, asyncio.CancelledError):
+                    self.on_handshake_failed(extra["peername"], exc)
+                else:
+                    log.debug("tls.relay_failed remote=%s error=%r", extra["peername"], exc)
                 pair.aborted = True
                 pair.end(None)
                 worker.pairs.discard(pair)
