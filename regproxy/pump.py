@@ -101,9 +101,10 @@ def pump(
     hasher = hashing.submit(hash_all)
     try:
         if body.head:
-            _store(writer, body.head, pace, source)
+            _store(writer, body.head, pace)
             todo.put((memoryview(body.head), len(body.head), False))
             landed(len(body.head))
+            _keep_pace(pace, source)
         left = body.left
         last_byte = time.monotonic()
         while left > 0:
@@ -125,18 +126,25 @@ def pump(
                 raise ConnectionResetError(f"the body ended {left} bytes early")
             last_byte = time.monotonic()
             left -= n
-            _store(writer, buf[:n], pace, source)
+            _store(writer, buf[:n], pace)
             todo.put((buf, n, True))
             landed(n)
+            # only now: what is in the file is hashed and landed when the pace ends the body
+            # (a next source continues at the bytes landed, which must be the file's size)
+            _keep_pace(pace, source)
     finally:
         todo.put(None)
         hasher.result()
 
 
-def _store(writer: BlobWriter, data: bytes | memoryview, pace: Pace, source: str) -> None:
+def _store(writer: BlobWriter, data: bytes | memoryview, pace: Pace) -> None:
     """Into the file (its hash comes from the hashing thread)."""
     writer.write_unhashed(data)
     pace.add(len(data))
+
+
+def _keep_pace(pace: Pace, source: str) -> None:
+    """UpstreamTooSlow if the source fell below its pace."""
     why = pace.shortfall()
     if why is not None:
         raise UpstreamTooSlow(source, why)

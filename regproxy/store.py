@@ -92,6 +92,8 @@ class BlobWriter:
         self.path = path
         self._fd: int | None = None
         self.size = 0
+        #: bytes given to the hash: a commit refuses a file whose size is not this
+        self.hashed = 0
         self._flushed = 0
         self._hasher: Any = Digest("sha256", "").hasher()
         if deferred:
@@ -108,6 +110,7 @@ class BlobWriter:
             with open(path, "rb") as f:
                 while chunk := f.read(BULK_CHUNK):
                     self._hasher.update(chunk)
+                    self.hashed += len(chunk)
 
     @property
     def closed(self) -> bool:
@@ -143,6 +146,7 @@ class BlobWriter:
 
     def hash(self, data: bytes | bytearray | memoryview) -> None:
         self._hasher.update(data)
+        self.hashed += len(data)
 
     def digest(self, algorithm: str = "sha256") -> Digest:
         if algorithm == "sha256":
@@ -180,13 +184,18 @@ class BlobWriter:
         except FileNotFoundError:
             if size:
                 raise
-        self.size = size
+        self.size = self.hashed = size
         self._flushed = min(self._flushed, size)
         self._hasher = hasher.copy()
 
     def commit(self, expected: Digest, *, source: str = "") -> int:
         """Verify, fsync and move into place; on mismatch delete and raise DigestMismatch."""
         actual = self.digest(expected.algorithm)
+        if self.hashed != self.size:  # bytes in the file the hash never saw (a write cut short)
+            self.abort()
+            raise DigestMismatch(
+                str(expected), f"{self.size} bytes in the file, {self.hashed} hashed", source
+            )
         if actual != expected:
             self.abort()
             raise DigestMismatch(str(expected), str(actual), source)

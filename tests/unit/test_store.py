@@ -105,6 +105,21 @@ def test_commit_mismatch_leaves_nothing(store: Store) -> None:
     assert list(store.tmp.iterdir()) == []
 
 
+def test_bytes_in_the_file_the_hash_never_saw_are_not_committed(store: Store) -> None:
+    # a write cut short after its bytes reached the file (a pace check, a disk error), then the
+    # rest appended by a next source: the hash covers exactly the blob, the file holds more
+    body = b"0123456789" * 100
+    w = store.writer()
+    w.write(body[:400])
+    w.write_unhashed(body[400:500])  # in the file, never hashed
+    w.write(body[400:])
+    with pytest.raises(DigestMismatch) as info:
+        w.commit(Digest.of(body), source="test")
+    assert "1100 bytes in the file, 1000 hashed" in str(info.value)
+    assert store.stat(Digest.of(body)) is None
+    assert list(store.tmp.iterdir()) == []
+
+
 def test_abort_leaves_nothing(store: Store) -> None:
     before = files(store.root)
     w = store.writer()
