@@ -374,6 +374,10 @@ class Fetcher:
                 t.notify()
             elif stream.size != t.size:
                 raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
+            if stream.offset not in (0, offset):  # a Range answer that starts elsewhere
+                raise UpstreamError(
+                    source.name, f"range answer from byte {stream.offset}, asked from {offset}"
+                )
             skip = offset - stream.offset  # source ignored our Range: drop what we have
             fetched = self.metrics.meters_for(source.kind).fetched_from(source.name)
             body = None

@@ -40,6 +40,8 @@ class BlobFault:
     corrupt: bool = False  # flip one byte in the middle
     delay: float = 0.0  # seconds between chunks
     honor_range: bool = True
+    #: a Range answer (206) that starts this many bytes after the byte asked for
+    range_shift: int = 0
     step: int = 64 * 1024  # chunk size (1 with a delay: a dripping upstream)
     status: int | None = None  # answer with this status instead (429, 503, 500) ...
     statuses: int = 1  # ... this many times, then serve the blob
@@ -242,7 +244,7 @@ class FakeUpstream:
         status = 200
         headers = {"Docker-Content-Digest": ref, "Content-Type": "application/octet-stream"}
         if rng and fault.honor_range:
-            start = int(rng.split("=")[1].split("-")[0])
+            start = int(rng.split("=")[1].split("-")[0]) + fault.range_shift
             status = 206
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start:]

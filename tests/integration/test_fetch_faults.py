@@ -7,6 +7,7 @@ regproxy's app runs in this process on a loop of its own (tests/inproc.py, real 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -158,6 +159,31 @@ async def test_cut_mid_blob_is_resumed_with_range(
     ranged = [k for k in upstream.requests if d in k]
     assert upstream.count("GET", d) == 2, ranged  # the first, then one resume
     assert copied_by_thread(proxy, d) == (size == BY_THREAD)
+
+
+async def test_a_range_answer_that_starts_elsewhere_is_not_appended(
+    upstream: FakeUpstream, daemon_factory
+) -> None:
+    # cut once, then every Range answer starts 1,000 bytes after the byte asked for: appending it
+    # would send the client shifted bytes before the digest check cut it; it is refused at once
+    data = os.urandom(2 * 1024 * 1024)
+    d = upstream.add_blob(data)
+    upstream.blob_faults[d] = BlobFault(cut_at=700_000, cuts=1, range_shift=1000)
+    proxy = await start_daemon(daemon_factory, proxy_config(upstream), timing=FakeTime().timing)
+    got = bytearray()
+    with contextlib.suppress(aiohttp.ClientPayloadError):  # cut: the clean failure
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{proxy.url}/v2/fake.test/app/blobs/{d}") as r,
+        ):
+            async for chunk in r.content.iter_any():
+                got += chunk
+    # whatever the first response carried is the blob's own bytes: nothing shifted was sent
+    assert bytes(got) == data[: len(got)]
+    assert "range answer from byte" in proxy.log()
+    async with aiohttp.ClientSession() as s:  # the next pull is whole (no cut left)
+        status, body, _ = await get(s, f"{proxy.url}/v2/fake.test/app/blobs/{d}")
+    assert status == 200 and body == data
 
 
 async def test_cut_without_range_support_restarts_and_skips(
