@@ -250,7 +250,7 @@ class Evictor:
         started = time.monotonic()
         loose = Batch()  # the last batch of each kind: where the next one goes on
         lru = Batch()
-        unlinker = _Unlinker(reg, self._fetching)
+        unlinker = _Unlinker(reg)
         deleting: asyncio.Task[None] | None = None  # the files of the batch before
         await reg.flush_access()  # the order is decided on fresh access times
         try:
@@ -293,10 +293,6 @@ class Evictor:
         r.seconds = time.monotonic() - started
         return r
 
-    def _fetching(self, digest: Digest) -> bool:
-        """Being fetched right now (asked from the unlinker's threads: a dict lookup)."""
-        return self.fetcher is not None and digest in self.fetcher.inflight
-
     def _committed(self, batch: Batch) -> None:
         """After a batch committed: forget cached lookups of what went, log, count."""
         self.registry.cache.forget(
@@ -315,12 +311,13 @@ class _Unlinker:
     each thread takes the GIL after every unlink, and the event loop, made to hand the GIL
     over, would wait for a thread the kernel runs last.)
 
-    A file is deleted only if the index does not store its digest again (fetched and committed
-    since its batch) and no fetch of it runs right now (it would replace the file itself)."""
+    A file is deleted only if no writer holds its digest (a push, a fetch, an import or a
+    manifest ``PUT`` placing the same file: :class:`~regproxy.file_claims.FileClaims`) and the
+    index, asked after the claim is taken, does not store it again; writers of the digests being
+    deleted wait for their unlink and then place a new file."""
 
-    def __init__(self, registry: Registry, fetching: Callable[[Digest], bool]) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.fetching = fetching
         self.pool = ThreadPoolExecutor(UNLINK_THREADS, thread_name_prefix="regproxy-evict-unlink")
 
     def close(self) -> None:
@@ -329,21 +326,24 @@ class _Unlinker:
     async def delete(self, files: list[str]) -> None:
         if not files:
             return
-        stored = await self.registry.db.read(Index.stored_among, files)
-        doomed = [Digest.parse(d) for d in files if d not in stored]
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(
-            *(
+        with self.registry.store.claims.removing(files) as ours:
+            stored = await self.registry.db.read(Index.stored_among, ours)
+            doomed = [Digest.parse(d) for d in ours if d not in stored]
+            loop = asyncio.get_running_loop()
+            unlinks = [
                 loop.run_in_executor(self.pool, self._delete, doomed[i::UNLINK_THREADS])
                 for i in range(min(UNLINK_THREADS, len(doomed)))
-            )
-        )
+            ]
+            running = asyncio.gather(*unlinks)
+            try:
+                await asyncio.shield(running)
+            except asyncio.CancelledError:  # the claims last until no thread unlinks any more
+                await asyncio.wait([running])
+                raise
 
     def _delete(self, digests: list[Digest]) -> None:
         store = self.registry.store
         for d in digests:
-            if self.fetching(d):
-                continue  # the fetch replaces the file itself
             try:
                 store.delete(d)
             except OSError as exc:

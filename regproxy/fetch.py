@@ -168,7 +168,11 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         error: OCIError | None = None
         t.repo = repo
+        claimed = False
         try:
+            # from the first byte to the index row: eviction does not unlink the file meanwhile
+            await self.store.claims.hold(str(t.digest))
+            claimed = True
             t.writer = await loop.run_in_executor(None, self.store.writer)
             last: OCIError = BlobUnknown(str(t.digest))
             i = 0
@@ -264,6 +268,8 @@ class Fetcher:
                 t.error = error or TransferFailed(f"{t.digest}: transfer ended")
             self.inflight.pop(t.digest, None)
             self.metrics.inflight_fetches.set(len(self.inflight))
+            if claimed:
+                self.store.claims.release(str(t.digest))
             t.notify()
 
     def _continue(self, t: Transfer, left: Source, to: Source) -> None:

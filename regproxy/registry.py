@@ -289,14 +289,12 @@ class LocalRegistry:
         self, repo: RepoName, writer: BlobWriter, digest: Digest, source: str = ""
     ) -> int:
         """Verify and move a written temp file into place, then index it (durability order)."""
-        try:
-            size = await self._io(writer.commit, digest, source=source)
-        except DigestMismatch as exc:
-            raise DigestInvalid(str(digest), f"content hashes to {exc.actual}") from None
-        await self.ensure_repo(repo)
-        await self.db.write(Index.add_blob, repo.canonical, str(digest), size)
-        self.cache.put_link(repo.canonical, str(digest), size)
-        self._stored()
+        async with self.store.claims.writing(str(digest)):  # eviction keeps off the file
+            try:
+                size = await self._io(writer.commit, digest, source=source)
+            except DigestMismatch as exc:
+                raise DigestInvalid(str(digest), f"content hashes to {exc.actual}") from None
+            await self.index_blob(repo, digest, size)
         return size
 
     async def index_blob(self, repo: RepoName, digest: Digest, size: int) -> None:
@@ -422,29 +420,30 @@ class LocalRegistry:
             missing = await self.db.read(Index.missing_manifests, repo.canonical, children)
             if missing:
                 raise ManifestBlobUnknown(missing[0])
-        await self._io(self.store.write_bytes, digest, body)
-        await self.ensure_repo(repo)
-        rec = ManifestRecord(
-            digest=str(digest),
-            media_type=parsed.media_type,
-            size=len(body),
-            artifact_type=parsed.artifact_type,
-            subject=str(parsed.subject.digest) if parsed.subject else None,
-            annotations=parsed.annotations or None,
-            blobs=[str(b.digest) for b in parsed.blobs],
-            children=[str(m.digest) for m in parsed.manifests],
-        )
-        # checked again where the row is written: a blob evicted (or gc'd) since the check
-        # above leaves the manifest out, never a manifest whose blob is gone
-        missing = await self.db.write(
-            Index.add_manifest,
-            repo.canonical,
-            rec,
-            tag=tag,
-            pinned=pinned,
-            checked=checked,
-            verify_refs=verify_refs,
-        )
+        async with self.store.claims.writing(str(digest)):  # eviction keeps off the file
+            await self._io(self.store.write_bytes, digest, body)
+            await self.ensure_repo(repo)
+            rec = ManifestRecord(
+                digest=str(digest),
+                media_type=parsed.media_type,
+                size=len(body),
+                artifact_type=parsed.artifact_type,
+                subject=str(parsed.subject.digest) if parsed.subject else None,
+                annotations=parsed.annotations or None,
+                blobs=[str(b.digest) for b in parsed.blobs],
+                children=[str(m.digest) for m in parsed.manifests],
+            )
+            # checked again where the row is written: a blob evicted (or gc'd) since the check
+            # above leaves the manifest out, never a manifest whose blob is gone
+            missing = await self.db.write(
+                Index.add_manifest,
+                repo.canonical,
+                rec,
+                tag=tag,
+                pinned=pinned,
+                checked=checked,
+                verify_refs=verify_refs,
+            )
         if missing:
             raise ManifestBlobUnknown(missing[0])
         self.cache.put_body(str(digest), body)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 from regproxy.errors import DigestMismatch, StorageFull
+from regproxy.file_claims import FileClaims
 from regproxy.oci import ALGORITHMS, Digest
 from regproxy.units import BULK_CHUNK
 
@@ -227,6 +228,8 @@ class Store:
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         self.quarantine = root / "quarantine"
+        #: writers and eviction of one process agree on who may place or remove a file
+        self.claims = FileClaims()
 
     def open(self, *, sweep: bool = True) -> int:
         """Create the layout and remove partial files a crash left; returns how many."""

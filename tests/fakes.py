@@ -265,12 +265,7 @@ class FakeUpstream:
         step = fault.step
         while sent < len(body):
             chunk = body[sent : sent + step]
-            if cut is not None and sent + len(chunk) > cut:
-                await resp.write(chunk[: cut - sent])
-                assert request.transport is not None
-                request.transport.close()
-                return resp
-            if hold is not None and sent + len(chunk) > hold:
+            if hold is not None and sent + len(chunk) > hold:  # before a cut at the same byte
                 await resp.write(chunk[: hold - sent])
                 sent = hold
                 fault.holding.set()
@@ -278,6 +273,11 @@ class FakeUpstream:
                 await fault.gate.wait()
                 hold = None
                 continue
+            if cut is not None and sent + len(chunk) > cut:
+                await resp.write(chunk[: cut - sent])
+                assert request.transport is not None
+                request.transport.close()
+                return resp
             await resp.write(chunk)
             sent += len(chunk)
             if fault.delay:

@@ -168,7 +168,12 @@ async def test_a_range_answer_that_starts_elsewhere_is_not_appended(
     # would send the client shifted bytes before the digest check cut it; it is refused at once
     data = os.urandom(2 * 1024 * 1024)
     d = upstream.add_blob(data)
-    upstream.blob_faults[d] = BlobFault(cut_at=700_000, cuts=1, range_shift=1000)
+    # held at the cut until the client has every byte before it (so they are in the file, and
+    # the next source is asked from there, not from byte 0), then cut
+    gate = asyncio.Event()
+    upstream.blob_faults[d] = BlobFault(
+        cut_at=700_000, cuts=1, range_shift=1000, hold_at=700_000, gate=gate
+    )
     proxy = await start_daemon(daemon_factory, proxy_config(upstream), timing=FakeTime().timing)
     got = bytearray()
     with contextlib.suppress(aiohttp.ClientPayloadError):  # cut: the clean failure
@@ -178,6 +183,8 @@ async def test_a_range_answer_that_starts_elsewhere_is_not_appended(
         ):
             async for chunk in r.content.iter_any():
                 got += chunk
+                if len(got) >= 700_000:
+                    gate.set()
     # whatever the first response carried is the blob's own bytes: nothing shifted was sent
     assert bytes(got) == data[: len(got)]
     assert "range answer from byte" in proxy.log()
