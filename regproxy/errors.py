@@ -151,6 +151,13 @@ class StorageFull(OCIError):
     code, http_status, message = "UNKNOWN", 507, "insufficient storage on the registry host"
 
 
+class StoreFailed(OCIError):
+    """The registry host's own disk failed a write (EIO, EROFS, ...): a fault of this host,
+    never of the upstream or peer whose bytes were being written (500)."""
+
+    code, http_status, message = "UNKNOWN", 500, "storage error on the registry host"
+
+
 class UpstreamError(OCIError):
     """An upstream answered badly or not at all (502)."""
 

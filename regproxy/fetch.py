@@ -34,12 +34,20 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
 from regproxy.deadline import DEFAULT_LIMITS, DEFAULT_TIMING, Pace, Timing, TransferLimits, backoff
-from regproxy.errors import BlobUnknown, DigestMismatch, OCIError, UpstreamError, UpstreamTooSlow
+from regproxy.errors import (
+    BlobUnknown,
+    DigestMismatch,
+    OCIError,
+    StorageFull,
+    StoreFailed,
+    UpstreamError,
+    UpstreamTooSlow,
+)
 from regproxy.inflight import Transfer, TransferFailed
 from regproxy.metrics import Metrics
 from regproxy.oci import Digest
 from regproxy.pump import SocketBody, pump
-from regproxy.space import Space
+from regproxy.space import NoRoom, Space
 from regproxy.store import Store
 from regproxy.units import BULK_CHUNK
 
@@ -252,7 +260,9 @@ class Fetcher:
             )
         except OCIError as exc:
             error = exc
-            if not isinstance(exc, BlobUnknown):
+            if isinstance(exc, StorageFull | StoreFailed) and not isinstance(exc, NoRoom):
+                self._store_failed(t, repo, exc)
+            elif not isinstance(exc, BlobUnknown):
                 log.warning("fetch.failed digest=%s repo=%s error=%s", t.digest, repo, exc)
         except Exception as exc:  # a bug or a disk error: never leave waiters hanging
             log.exception("fetch.crashed digest=%s repo=%s", t.digest, repo)
@@ -271,6 +281,21 @@ class Fetcher:
             if claimed:
                 self.store.claims.release(str(t.digest))
             t.notify()
+
+    def _store_failed(self, t: Transfer, repo: str, exc: OCIError) -> None:
+        """Our own disk failed a write or the commit (full, EIO): no source is blamed or set
+        aside, and no next one is tried (it would land on the same disk)."""
+        reason = "no_space" if isinstance(exc, StorageFull) else "io"
+        self.metrics.fetch_store_errors.labels(reason).inc()
+        log.error(
+            "fetch.store_failed digest=%s repo=%s path=%s offset=%d reason=%s error=%s",
+            t.digest,
+            repo,
+            t.writer.path if t.writer is not None else self.store.tmp,
+            t.written,
+            reason,
+            exc.detail,
+        )
 
     def _continue(self, t: Transfer, left: Source, to: Source) -> None:
         """The next source goes on from the bytes in the file (a Range request): readers

@@ -200,6 +200,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.fetch_store_errors = Counter(
+            "regproxy_fetch_store_errors_total",
+            "Pull-through blob transfers ended by this host's own disk (a write or the commit "
+            "failed), by reason (no_space: ENOSPC/EDQUOT; io: any other error, e.g. EIO); no "
+            "source is blamed for them",
+            ["reason"],
+            registry=r,
+        )
         self.fetch_switches = Counter(
             "regproxy_fetch_switches_total",
             "Blob transfers that changed source part-way, by the kind of the source that failed "

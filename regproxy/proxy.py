@@ -33,6 +33,8 @@ from regproxy.errors import (
     ManifestUnknown,
     NameUnknown,
     OCIError,
+    StorageFull,
+    StoreFailed,
     UpstreamError,
 )
 from regproxy.fetch import Fetcher, Source, Stream
@@ -278,7 +280,8 @@ class ProxyRegistry:
                     ("tag", f"{repo.canonical}:{reference}"),
                     lambda: self._refresh_tag(repo, reference, row.digest, client),
                 )
-            except (TimeoutError, UpstreamError) as exc:
+            except (TimeoutError, UpstreamError, StorageFull, StoreFailed) as exc:
+                # (our disk could not take the new manifest: what we hold is still served)
                 self._served_stale(repo, reference, label)
                 self._count("manifest", "stale", label)
                 log.warning(
@@ -402,6 +405,8 @@ class ProxyRegistry:
             raise UpstreamError(
                 client.name, f"bad manifest: {exc}", kind="digest_mismatch"
             ) from None
+        except (StorageFull, StoreFailed):
+            raise  # our disk, not the upstream's answer
         except OCIError as exc:
             raise UpstreamError(client.name, f"unusable manifest: {exc}") from None
         log.info(

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, cast
 
-from regproxy.errors import DigestMismatch, StorageFull
+from regproxy.errors import DigestMismatch, OCIError, StorageFull, StoreFailed
 from regproxy.file_claims import FileClaims
 from regproxy.oci import ALGORITHMS, Digest
 from regproxy.units import BULK_CHUNK
@@ -71,17 +71,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _disk_error(exc: OSError, what: str) -> Exception:
+def _disk_error(exc: OSError, what: str) -> OCIError:
+    """A write to our own disk failed: the store's error, never an OSError (which callers
+    that also read a socket would take for the source's fault). Full is 507, else 500."""
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageFull(f"no space left while {what}")
-    return exc
+        return StorageFull(f"no space left ({code}) while {what}")
+    return StoreFailed(f"{code} ({exc.strerror or exc}) while {what}")
 
 
 class BlobWriter:
     """Bytes on their way into the store: a temp file, hashed as it is written.
 
     Writes go straight to the file descriptor (no user-space buffer), so a reader that opens
-    :attr:`path` sees every byte as soon as :meth:`write` returns.
+    :attr:`path` sees every byte as soon as :meth:`write` returns. A failed create, write or
+    commit raises :class:`StorageFull` (ENOSPC, EDQUOT: 507) or :class:`StoreFailed` (any
+    other errno: 500), never an OSError: a caller that also reads a socket (regproxy.fetch)
+    must not take this disk's fault for its source's.
     """
 
     def __init__(
@@ -102,6 +108,8 @@ class BlobWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_EXCL)
         try:
             self._fd = os.open(path, flags, 0o644)
+        except FileExistsError:  # a name taken: the caller's to handle, not a disk fault
+            raise
         except OSError as exc:
             raise _disk_error(exc, f"creating {path.name}") from exc
         self.size = os.fstat(self._fd).st_size
