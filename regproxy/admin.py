@@ -38,6 +38,7 @@ async def import_bundle(request: web.Request) -> web.Response:
         policy=request.app[POLICY_KEY],
     )
     try:
+        importer.check_name()  # before a byte of the body (and its 100 Continue)
         summary = await importer.import_stream(
             body_chunks(request), request.content_length, f"upload from {request.remote}"
         )

@@ -30,6 +30,7 @@ Export (an OCI archive out) is :mod:`regproxy.bundle_export`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -58,6 +59,7 @@ from regproxy.oci import MANIFEST_TYPES, Digest, ParsedManifest, parse_manifest
 from regproxy.policy import ImportedImage, Policy
 from regproxy.registry import Registry
 from regproxy.space import Space
+from regproxy.store import BlobWriter
 from regproxy.units import BULK_CHUNK
 from regproxy.uploads import Room as BodyRoom
 
@@ -307,35 +309,40 @@ class Importer:
             staging.shutdown(wait=False)
         return summary, stage.bytes_read
 
+    def check_name(self) -> None:
+        """The ``name`` given is an image reference, or BundleError (before a byte is read)."""
+        if self.name is None:
+            return
+        try:
+            self.resolver.parse_reference(self.name)
+        except OCIError as exc:
+            raise BundleError(
+                f"the name given with --name ({self.name!r}) is not an image reference: {exc}"
+            ) from None
+
+    @contextlib.asynccontextmanager
+    async def receiving(self, length: int | None, label: str = "upload") -> AsyncIterator[Upload]:
+        """An uploaded bundle's temp file and its room above ``storage.min_free``, reserved as
+        a push's is: all of ``length`` (the request's, when it has one) on entry, before a byte
+        of it is read (:class:`~regproxy.space.NoRoom`), else a step at a time as it arrives;
+        :meth:`Upload.take` streams and imports it. The room and the file go on exit."""
+        loop = asyncio.get_running_loop()
+        writer = await loop.run_in_executor(None, self.registry.store.writer)
+        room = BodyRoom(self.space, label, "-", writer, length, kind="import")
+        try:
+            await room.first()
+            yield Upload(self, writer, room, label)
+        finally:
+            room.release()
+            await loop.run_in_executor(None, writer.abort)
+
     async def import_stream(
         self, chunks: AsyncIterator[bytes], length: int | None = None, label: str = "upload"
     ) -> ImportSummary:
-        """An uploaded bundle: streamed to a temp file of the store, imported, removed. Its room
-        above ``storage.min_free`` is reserved as a push's is: all of ``length`` (the request's,
-        when it has one) before the first byte is read, else a step at a time
-        (:class:`~regproxy.space.NoRoom`); then its files reserve theirs as they are staged."""
-        loop = asyncio.get_running_loop()
-        writer = await loop.run_in_executor(None, self.registry.store.writer)
-        body = BodyRoom(self.space, label, "-", writer, length, kind="import")
-        try:
-            await body.first()
-            buf = bytearray()
-            received = 0
-            async for chunk in chunks:
-                buf += chunk
-                received += len(chunk)
-                await body.cover(received)
-                if len(buf) >= BULK_CHUNK:
-                    data, buf = bytes(buf), bytearray()
-                    await loop.run_in_executor(None, writer.write, data)
-            if buf:
-                await loop.run_in_executor(None, writer.write, bytes(buf))
-            writer.close()
-            body.release()  # written: in the filesystem's free bytes from now on
-            return await self.import_path(writer.path, label)
-        finally:
-            body.release()
-            await loop.run_in_executor(None, writer.abort)
+        """An uploaded bundle: streamed to a temp file of the store, imported, removed (see
+        :meth:`receiving`); then its files reserve their room as they are staged."""
+        async with self.receiving(length, label) as upload:
+            return await upload.take(chunks)
 
     async def _commit(self, stage: Stage, loop: Any) -> ImportSummary:
         images, extra = await loop.run_in_executor(None, _images, stage, self.resolver, self.name)
@@ -451,3 +458,32 @@ __all__ = [
     "Importer",
     "full_reference",
 ]
+
+
+@dataclass
+class Upload:
+    """A bundle on its way in over HTTP, its room held (:meth:`Importer.receiving`)."""
+
+    importer: Importer
+    writer: BlobWriter
+    room: BodyRoom
+    label: str
+
+    async def take(self, chunks: AsyncIterator[bytes], label: str | None = None) -> ImportSummary:
+        """Write the body to the temp file (room covered as it grows), then import it
+        (``label``: the bundle's name in logs and refusals, once known)."""
+        loop = asyncio.get_running_loop()
+        buf = bytearray()
+        received = 0
+        async for chunk in chunks:
+            buf += chunk
+            received += len(chunk)
+            await self.room.cover(received)
+            if len(buf) >= BULK_CHUNK:
+                data, buf = bytes(buf), bytearray()
+                await loop.run_in_executor(None, self.writer.write, data)
+        if buf:
+            await loop.run_in_executor(None, self.writer.write, bytes(buf))
+        self.writer.close()
+        self.room.release()  # written: in the filesystem's free bytes from now on
+        return await self.importer.import_path(self.writer.path, label or self.label)

@@ -36,6 +36,7 @@ from aiohttp import web
 
 from regproxy import auth
 from regproxy.config import Config
+from regproxy.expect import defer_continue
 from regproxy.health import Health
 from regproxy.prefetch import Prefetcher
 from regproxy.ui import actions, login, manifest, overview, views
@@ -78,7 +79,8 @@ def setup(
     r.add_get(PREFIX + "/evict", refusals(views.eviction_page))
     r.add_get(PREFIX + "/logout", refusals(login.logout_page))
     r.add_get(PREFIX + "/upload", refusals(actions.upload_page))
-    r.add_post(PREFIX + "/upload", refusals(actions.upload_post))
+    # its 100 Continue waits for the checks of the request's head (regproxy.expect)
+    r.add_post(PREFIX + "/upload", refusals(actions.upload_post), expect_handler=defer_continue)
     r.add_post(PREFIX + "/{action:pin|unpin|delete}", refusals(actions.change))
     r.add_get(PREFIX + "/static/{file}", refusals(views.static))
     r.add_get(PREFIX + "/api/overview", refusals(overview.api_overview))

@@ -23,6 +23,7 @@ from regproxy.ui.base import (
     form_of,
     json_response,
     manifest_url,
+    may_change,
     refused,
     registry_of,
     render,
@@ -105,40 +106,44 @@ async def upload_page(request: web.Request) -> web.Response:
 
 
 async def upload_post(request: web.Request) -> web.StreamResponse:
-    """A multipart form (csrf, optional name, then the file), streamed into the importer."""
+    """A multipart form (csrf, optional name, then the file), streamed into the importer.
+
+    What the request's head shows is refused before a byte of its body is read (so a client
+    that asked for ``100 Continue``, as curl does for a large file, gets the refusal instead
+    and never sends the body, regproxy.expect): no session or no right to change content
+    (401/403), a wrong ``X-CSRF-Token`` (403), not a form (400), a bad ``?name=`` (400), no
+    room above ``storage.min_free`` for its ``Content-Length`` (507). The form's own csrf and
+    name fields are checked once read, before a byte of the file is."""
     if not request.content_type.startswith("multipart/"):
         await changer(request, None)  # a token in X-CSRF-Token, or refused first
         return refused(request, "a multipart/form-data upload is expected", 400)
-    fields, file_part = await _form_fields(request)
-    session = await changer(request, fields)  # before a byte of the file is read
-    if file_part is None:
-        return refused(request, "no bundle file in the form", 400)
-    name = fields.get("name", "").strip() or None
+    session = may_change(request)
     importer = Importer(
-        registry_of(request), request.app[RESOLVER_KEY], name=name, policy=request.app[POLICY_KEY]
+        registry_of(request),
+        request.app[RESOLVER_KEY],
+        name=request.query.get("name", "").strip() or None,
+        policy=request.app[POLICY_KEY],
     )
-    part = file_part
-
-    async def chunks() -> AsyncIterator[bytes]:
-        while True:
-            try:
-                chunk = await read_body(request, part.read_chunk(1024 * 1024))
-            except BAD_FORM as exc:  # the part's end is missing or malformed
-                raise BundleError(f"the upload is malformed: {exc}") from None
-            if not chunk:
-                return
-            yield chunk
-
-    try:  # the whole form's length: an upper bound of the file's, reserved before it is read
-        summary = await importer.import_stream(
-            chunks(), request.content_length, file_part.filename or "upload"
-        )
+    filename: str | None = None
+    try:
+        importer.check_name()
+        # the whole form's length: an upper bound of the file's, reserved before it is read
+        async with importer.receiving(request.content_length) as upload:
+            fields, file_part = await _form_fields(request)  # 100 Continue goes out here
+            session = await changer(request, fields)  # before a byte of the file is read
+            if file_part is None:
+                return refused(request, "no bundle file in the form", 400)
+            filename = file_part.filename
+            if name := fields.get("name", "").strip():
+                importer.name = name
+                importer.check_name()
+            summary = await upload.take(_file_chunks(request, file_part), filename or "upload")
     except (BundleError, StorageFull) as exc:  # StorageFull: no room above storage.min_free
         log.warning("import.refused user=%r remote=%s error=%s", session.user, request.remote, exc)
         message, status = str(exc), 400
         if isinstance(exc, StorageFull):
             message, status = f"{exc.message}: {exc.detail}", exc.http_status
-        why = _for_the_browser(message, registry_of(request).store.tmp, file_part.filename)
+        why = _for_the_browser(message, registry_of(request).store.tmp, filename)
         if wants_json(request):
             return json_response({"error": why}, status=status)
         return render(request, "upload.html", status=status, error=why)
@@ -147,6 +152,17 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
     if wants_json(request):
         return json_response(result)
     return render(request, "upload.html", summary=result, links=_image_links(result["images"]))
+
+
+async def _file_chunks(request: web.Request, part: BodyPartReader) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            chunk = await read_body(request, part.read_chunk(1024 * 1024))
+        except BAD_FORM as exc:  # the part's end is missing or malformed
+            raise BundleError(f"the upload is malformed: {exc}") from None
+        if not chunk:
+            return
+        yield chunk
 
 
 async def _form_fields(request: web.Request) -> tuple[dict[str, str], BodyPartReader | None]:

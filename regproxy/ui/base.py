@@ -256,26 +256,48 @@ def bad_form(request: web.Request, exc: Exception) -> Refused:
     return Refused("the form could not be read: the request body is malformed", 400)
 
 
-async def checked(request: web.Request, form: Mapping[str, Any] | None = None) -> Session:
-    """The request's session when its CSRF token matches (header or form field)."""
+def _logged_in(request: web.Request) -> Session:
     if is_open_mode(request):
         raise Refused("no users are configured: the page is read-only (see README, web page)")
     session = session_of(request)
     if session is None:
         raise Refused("log in first", 401)
-    token = request.headers.get("X-CSRF-Token")
-    if token is None and form is not None:
-        token = str(form.get("csrf", ""))
+    return session
+
+
+def _token_checked(request: web.Request, session: Session, token: str | None) -> None:
     if not token or not hmac.compare_digest(token, session.csrf):
         log.warning(
             "ui.csrf_refused user=%r remote=%s path=%s", session.user, request.remote, request.path
         )
         raise Refused("missing or wrong CSRF token; reload the page", 403)
+
+
+async def checked(request: web.Request, form: Mapping[str, Any] | None = None) -> Session:
+    """The request's session when its CSRF token matches (header or form field)."""
+    session = _logged_in(request)
+    token = request.headers.get("X-CSRF-Token")
+    if token is None and form is not None:
+        token = str(form.get("csrf", ""))
+    _token_checked(request, session, token)
     return session
 
 
 async def changer(request: web.Request, form: Mapping[str, Any] | None) -> Session:
     session = await checked(request, form)
+    if not auth.may_change_content(request.app, session.user):
+        raise Refused(f"{session.user!r} may not change content")
+    return session
+
+
+def may_change(request: web.Request) -> Session:
+    """What the request's head shows, before a byte of its body is read: a session whose user
+    may change content, and an ``X-CSRF-Token`` that matches if it has one (a token in the
+    form is :func:`changer`'s to check, once the form is read)."""
+    session = _logged_in(request)
+    token = request.headers.get("X-CSRF-Token")
+    if token is not None:
+        _token_checked(request, session, token)
     if not auth.may_change_content(request.app, session.user):
         raise Refused(f"{session.user!r} may not change content")
     return session
