@@ -329,11 +329,11 @@ class Fetcher:
         t.notify()
 
     @staticmethod
-    async def _landed(t: Transfer, write: asyncio.Future[Any], n: int) -> None:
-        """A chunk of ``n`` bytes reached the file: readers may have it."""
-        await write
-        t.written += n
-        t.notify()
+    def _landed(t: Transfer, n: int, write: asyncio.Future[Any]) -> None:
+        """A chunk of ``n`` bytes reached the file (and its hash): readers may have it."""
+        if not write.cancelled() and write.exception() is None:
+            t.written += n
+            t.notify()
 
     async def _from_source(self, t: Transfer, source: Source) -> None:
         """Copy from one source; a cut is resumed with Range after a backoff, a few attempts at
@@ -504,7 +504,6 @@ class Fetcher:
         assert t.size is not None
         # one write (with its hashing) in flight while the next chunk arrives
         pending: asyncio.Future[Any] | None = None
-        queued = 0
         chunks = aiter(stream.chunks())
         try:
             while True:
@@ -528,18 +527,20 @@ class Fetcher:
                         skip -= len(chunk)
                         continue
                     chunk, skip = chunk[skip:], 0
-                if t.written + queued + len(chunk) > t.size:
-                    raise UpstreamError(source, f"sent more than {t.size} bytes")
                 if pending is not None:
-                    await self._landed(t, pending, queued)
+                    await pending
+                if t.written + len(chunk) > t.size:
+                    raise UpstreamError(source, f"sent more than {t.size} bytes")
                 writer = t.writer
                 assert writer is not None
                 pending = asyncio.gather(  # file and hash side by side, in order
                     loop.run_in_executor(self._write_thread, writer.write_unhashed, chunk),
                     loop.run_in_executor(self._hash_thread, writer.hash, chunk),
                 )
-                queued = len(chunk)
+                # readers have it once it is in the file, not when the next chunk comes (an
+                # upstream that stalls would hold back the last chunk it sent)
+                pending.add_done_callback(functools.partial(self._landed, t, len(chunk)))
                 fetched(len(chunk))
         finally:
             if pending is not None:
-                await self._landed(t, pending, queued)
+                await pending

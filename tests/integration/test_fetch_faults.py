@@ -447,7 +447,16 @@ async def pull_past_a_peer_that_cuts(
     try:
         d = good.add_blob(data)
         liar.blobs[d] = lie
-        liar.blob_faults[d] = BlobFault(cut_at=cut_at, cuts=1, **fault)  # type: ignore[arg-type]
+        # held at the cut until the first client has the bytes before it (so they are in the
+        # file when the cut comes: aiohttp may raise a cut before handing over what it buffered)
+        gate = asyncio.Event()
+        liar.blob_faults[d] = BlobFault(
+            cut_at=cut_at,
+            cuts=1,
+            hold_at=cut_at,
+            gate=gate,
+            **fault,  # type: ignore[arg-type]
+        )
         cfg = {
             "upstreams": {good.hostport: {"url": good.url, "alias": "good.test"}},
             "peers": {"urls": [liar.url], "timeout": "1s", "refresh": "60s"},
@@ -455,15 +464,29 @@ async def pull_past_a_peer_that_cuts(
         proxy = await asyncio.to_thread(daemon_factory, cfg)
         url = f"{proxy.url}/v2/spectro-images/good.test/app/blobs/{d}"
         bodies: list[bytes | None] = []
+        served_while_held = False
         async with aiohttp.ClientSession() as s:
             for _ in range(2):
+                body = bytearray()
                 try:
                     async with s.get(url) as r:
                         assert r.status == 200
-                        bodies.append(await r.read())
+                        async for chunk in r.content.iter_any():
+                            body += chunk
+                            if len(body) >= cut_at and not gate.is_set():
+                                gate.set()  # every byte the peer sent before it stalled
+                                served_while_held = True
+                        bodies.append(bytes(body))
                 except aiohttp.ClientPayloadError:
                     bodies.append(None)
+                finally:
+                    gate.set()
         assert all(b is None or b == data for b in bodies)  # never complete and wrong
+        # the bytes the peer sent before it stalled went out while it stalled (the peer then
+        # cut: set aside for its cut, not for a read timeout that waited for its next chunk)
+        assert served_while_held
+        failed = [line for line in proxy.log().splitlines() if "fetch.source_failed" in line]
+        assert failed and not any("timed out" in line for line in failed), failed
         assert liar.count("GET", d) == 1  # set aside when it cut: not asked again
         return proxy, good, d, bodies
     finally:
