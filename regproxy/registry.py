@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
+from regproxy import manifest_put
 from regproxy.access_times import AccessTimes
 from regproxy.async_index import AsyncIndex
 from regproxy.errors import (
@@ -36,7 +37,7 @@ from regproxy.errors import (
     NameUnknown,
     RangeNotSatisfiable,
 )
-from regproxy.index import Index, ManifestRecord, ManifestRow
+from regproxy.index import Index, ManifestRow
 from regproxy.lookup_confirm import IndexWatch
 from regproxy.lookups import LookupCache
 from regproxy.metrics import Metrics
@@ -420,31 +421,30 @@ class LocalRegistry:
             missing = await self.db.read(Index.missing_manifests, repo.canonical, children)
             if missing:
                 raise ManifestBlobUnknown(missing[0])
-        async with self.store.claims.writing(str(digest)):  # eviction keeps off the file
-            await self._io(self.store.write_bytes, digest, body)
-            await self.ensure_repo(repo)
-            rec = ManifestRecord(
-                digest=str(digest),
-                media_type=parsed.media_type,
-                size=len(body),
-                artifact_type=parsed.artifact_type,
-                subject=str(parsed.subject.digest) if parsed.subject else None,
-                annotations=parsed.annotations or None,
-                blobs=[str(b.digest) for b in parsed.blobs],
-                children=[str(m.digest) for m in parsed.manifests],
-            )
-            # checked again where the row is written: a blob evicted (or gc'd) since the check
-            # above leaves the manifest out, never a manifest whose blob is gone
-            missing = await self.db.write(
-                Index.add_manifest,
-                repo.canonical,
-                rec,
-                tag=tag,
-                pinned=pinned,
-                checked=checked,
-                verify_refs=verify_refs,
-            )
+        placed = False
+        try:
+            async with self.store.claims.writing(str(digest)):  # eviction keeps off the file
+                placed = await self._io(manifest_put.place, self.store, digest, body)
+                await self.ensure_repo(repo)
+                # checked again where the row is written: a blob evicted (or gc'd) since the
+                # check above leaves the manifest out, never a manifest whose blob is gone
+                missing = await self.db.write(
+                    Index.add_manifest,
+                    repo.canonical,
+                    manifest_put.record(digest, parsed, len(body)),
+                    tag=tag,
+                    pinned=pinned,
+                    checked=checked,
+                    verify_refs=verify_refs,
+                )
+        except Exception as exc:  # its index write ended, failed: no row names the file
+            if placed:
+                await manifest_put.drop_refused(self.store, self.db, digest, repo.canonical, exc)
+            raise
         if missing:
+            if placed:
+                why = f"blob {missing[0]} gone"
+                await manifest_put.drop_refused(self.store, self.db, digest, repo.canonical, why)
             raise ManifestBlobUnknown(missing[0])
         self.cache.put_body(str(digest), body)
         self._stored()

@@ -88,8 +88,11 @@ LAYERS: dict[str, Layer] = {
     "lookup_confirm": _layer("lookup_confirm", "base index facade lookups"),
     # when content was last served, written to the index in batches
     "access": _layer("access_times", "base index facade"),
+    # a manifest PUT's file and row: placed, or taken away again when the PUT is refused
+    "manifest_put": _layer("manifest_put", f"{_MODEL} store index facade"),
     "registry": _layer(
-        "registry", f"{_MODEL} store index facade space uploads lookups lookup_confirm access"
+        "registry",
+        f"{_MODEL} store index facade space uploads lookups lookup_confirm access manifest_put",
     ),
     # referrers pulled through: composed into proxy (a Protocol names what it needs of it)
     "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),
