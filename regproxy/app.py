@@ -49,6 +49,7 @@ from regproxy.proxy import ProxyRegistry, build_registry
 from regproxy.tls import ServerTLS
 from regproxy.tls import reload_all as reload_tls
 from regproxy.tls_failures import HandshakeFailures
+from regproxy.tls_loop import LoopTLS
 from regproxy.tls_relay import PAIR_FDS, TLSRelay
 from regproxy.web_errors import error_middleware
 from regproxy.web_keys import (
@@ -271,12 +272,13 @@ async def open_listener(
     port: int,
     max_connections: int,
     server_tls: ServerTLS | None = None,
-) -> asyncio.Server | TLSRelay:
+) -> asyncio.Server | TLSRelay | LoopTLS:
     """The listener for a set-up runner of :func:`create_app`'s app (``serve``'s, and the
     in-process tests'). It is ours, not a web.TCPSite: each connection goes through the guard
     (regproxy.connections), which hands it on to aiohttp's protocol for it, with the fast lane
     (regproxy.fastpath) in front when ``http.fast_path`` is on. With TLS, worker threads do
-    the handshakes and the encryption (regproxy.tls_relay) unless ``tls.workers`` is 0."""
+    the handshakes and the encryption (regproxy.tls_relay) unless ``tls.workers`` is 0: then
+    the event loop does, on connections it accepts itself (regproxy.tls_loop)."""
     assert runner.server is not None
     app = runner.app
     fast = FastPath.of(app) if config.http.fast_path else None
@@ -284,8 +286,15 @@ async def open_listener(
     workers = tls_workers(config)
     failures = HandshakeFailures(app[METRICS_KEY].tls_handshake_failures)
     if server_tls is not None and workers == 0:
-        server_tls.report_failures(failures.failed)
-    if server_tls is not None and workers > 0:
+        loop_tls = LoopTLS(
+            lambda: server_tls.context,
+            guard,
+            handshake_timeout=config.http.header_timeout,
+            on_handshake_failed=failures.failed,
+        )
+        loop_tls.listen(host, port, backlog=1024)
+        return loop_tls
+    if server_tls is not None:
         server_tls.swap = True  # the workers read server_tls.context: SIGHUP replaces it
         relay = TLSRelay(
             lambda: server_tls.context,
@@ -303,13 +312,7 @@ async def open_listener(
             raise
         return relay
     return await asyncio.get_running_loop().create_server(
-        guard,
-        host,
-        port,
-        ssl=server_tls.context if server_tls else None,
-        ssl_handshake_timeout=config.http.header_timeout if server_tls else None,
-        backlog=1024,
-        reuse_address=True,
+        guard, host, port, backlog=1024, reuse_address=True
     )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import ssl
 import weakref
-from collections.abc import Callable
 from typing import Final
 
 from regproxy.config import TLSConfig
@@ -25,32 +24,8 @@ log = logging.getLogger("regproxy.tls")
 _LIVE: Final[weakref.WeakSet[ServerTLS]] = weakref.WeakSet()
 
 
-#: told of a handshake OpenSSL refused: (the client's address, or "-"; the error)
-Report = Callable[[object, BaseException], object]
-
-
-def _reporting(report: Report) -> type[ssl.SSLObject]:
-    """An ``SSLObject`` class whose failed handshakes are told to ``report`` (the event loop's
-    TLS, asyncio's or uvloop's, makes one per connection with ``wrap_bio``); no address: the
-    object knows none."""
-
-    class Reporting(ssl.SSLObject):
-        def do_handshake(self) -> None:
-            try:
-                super().do_handshake()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                raise
-            except ssl.SSLError as exc:
-                report("-", exc)
-                raise
-
-    return Reporting
-
-
-def _new_context(report: Report | None = None) -> ssl.SSLContext:
+def _new_context() -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    if report is not None:
-        ctx.sslobject_class = _reporting(report)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # The client's order of cipher suites decides, not the server's. Python sets server
     # preference, and OpenSSL's own TLS 1.3 order starts with AES-256-GCM, so every client got
@@ -71,8 +46,6 @@ class ServerTLS:
         self.key = key
         #: reload makes a new context instead of changing this one (threads read ``context``)
         self.swap = False
-        #: told of each handshake OpenSSL refuses (:meth:`report_failures`)
-        self.report: Report | None = None
         self.context = _new_context()
         self.context.load_cert_chain(cert, key)
         _LIVE.add(self)
@@ -84,16 +57,10 @@ class ServerTLS:
         assert tls.cert and tls.key
         return cls(tls.cert, tls.key)
 
-    def report_failures(self, report: Report) -> None:
-        """Tell ``report`` of every handshake OpenSSL refuses on this context (and the ones
-        reloads make): for the event loop's own TLS (TLS workers see their failures whole)."""
-        self.report = report
-        self.context.sslobject_class = _reporting(report)
-
     def reload(self) -> bool:
         """Load the files again; True when the new chain is in use."""
         try:
-            fresh = _new_context(self.report)
+            fresh = _new_context()
             fresh.load_cert_chain(self.cert, self.key)  # validate first
             if self.swap:
                 self.context = fresh

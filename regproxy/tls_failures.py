@@ -10,11 +10,9 @@ minute (``suppressed``: how many went unsaid since the last one), else at DEBUG.
 closed, or left silent until ``http.header_timeout``, before its handshake ended (a TCP health
 check, a port scan) is counted (``closed``, ``timeout``) and said at DEBUG only.
 
-Where they are seen: the TLS workers (regproxy.tls_relay) report the handshake's exception with
-the client's address; when the event loop does TLS itself, the context's ``SSLObject``
-(``sslobject_class``, see :meth:`regproxy.tls.ServerTLS.report_failures`) reports what OpenSSL
-refused, without the address (``remote=-``: the loop does not tell it), and a connection that
-closed or timed out there is not seen at all.
+Where they are seen: both TLS listeners take each connection from their own accept, so they
+know the client's address and see whatever ended its handshake: the TLS workers
+(regproxy.tls_relay) and the event loop's own TLS (regproxy.tls_loop, ``tls.workers: 0``).
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
+from regproxy.accept_loop import Acceptor
 from regproxy.write_watch import WriteWatch
 
 log = logging.getLogger("regproxy.tls")
@@ -51,10 +52,6 @@ HIGH_WATER: Final = 256 * 1024
 PAIR_SEND_BUFFER: Final = 512 * 1024
 #: descriptors a relayed connection holds beyond a plain one's: the two ends of its pair
 PAIR_FDS: Final = 2
-#: connections taken from the listening socket per wake-up at most
-ACCEPT_BATCH: Final = 64
-#: after EMFILE/ENFILE the listener rests this long before accepting again (as asyncio's)
-ACCEPT_REST_SECONDS: Final = 1.0
 
 
 class _Pair:
@@ -380,28 +377,6 @@ class _Worker:
             log.warning("tls.worker_stuck name=%s", self.thread.name)
 
 
-def _listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
-    """Bound, listening, non-blocking sockets for ``host:port`` (as ``loop.create_server``)."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    socks: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            port = port or sock.getsockname()[1]  # one port for all, when the OS picks it
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
 class TLSRelay:
     """A TLS listener whose connections are relayed by worker threads (see the module).
 
@@ -442,40 +417,21 @@ class TLSRelay:
         self._pending: dict[int, asyncio.Protocol] = {}
         self._keys = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._acceptor = Acceptor(self._take)
         self.sockets: list[socket.socket] = []
         self._closed = False
 
     # --- the event loop's side ---------------------------------------------------------------
     def listen(self, host: str, port: int, backlog: int = 1024) -> None:
-        self.sockets = _listening_sockets(host, port, backlog)
-        for sock in self.sockets:
-            self.loop.add_reader(sock.fileno(), self._accept, sock)
+        self._acceptor.listen(host, port, backlog)
+        self.sockets = self._acceptor.sockets
 
-    def _accept(self, sock: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, peer = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:  # out of descriptors: rest, then accept again
-                log.warning("tls.accept_failed error=%s", exc)
-                self.loop.remove_reader(sock.fileno())
-                self.loop.call_later(ACCEPT_REST_SECONDS, self._resume, sock)
-                return
-            conn.setblocking(False)
-            # as aiohttp does for the socket it is handed (here the pair's end): a client whose
-            # host vanished is found out on an idle connection
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            key = next(self._keys)
-            self._pending[key] = self.protocol_factory()  # counted from here
-            try:
-                extra = {"peername": peer, "sockname": conn.getsockname()}
-            except OSError:  # gone already
-                extra = {"peername": peer, "sockname": sock.getsockname()}
-            if not self._hand_over(conn, self._handshake(key, conn, extra)):
-                conn.close()  # no worker left
-                self._pending.pop(key, None)
+    def _take(self, conn: socket.socket, extra: dict[str, Any]) -> None:
+        key = next(self._keys)
+        self._pending[key] = self.protocol_factory()  # counted from here
+        if not self._hand_over(conn, self._handshake(key, conn, extra)):
+            conn.close()  # no worker left
+            self._pending.pop(key, None)
 
     def _hand_over(self, conn: socket.socket, handshake: Callable[[_Worker], Any]) -> bool:
         """Give the connection to the next worker whose loop runs; a worker whose loop ended
@@ -494,10 +450,6 @@ class TLSRelay:
                 if not self.workers:
                     return False
         return False
-
-    def _resume(self, sock: socket.socket) -> None:
-        if not self._closed:
-            self.loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _failed(self, key: int) -> None:
         # the protocol goes unconnected: the guard gives its place back when it is collected
@@ -574,9 +526,7 @@ class TLSRelay:
         if self._closed:
             return
         self._closed = True
-        for sock in self.sockets:
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
+        self._acceptor.close()
         self._pending.clear()
 
     def stop(self, timeout: float = 5.0) -> None:

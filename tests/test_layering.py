@@ -132,7 +132,10 @@ LAYERS: dict[str, Layer] = {
     "web": _layer("web_errors sendfile access", f"{_MODEL} keys serving"),
     # TLS handshakes and records on worker threads, plaintext to the event loop (knows no HTTP;
     # its workers cut clients that take nothing, as the guard does)
-    "relay": _layer("tls_relay", "base write_watch"),
+    # the TLS listeners' accept loop, then TLS on the event loop (tls.workers: 0) and on
+    # worker threads
+    "accepting": _layer("accept_loop", "base"),
+    "relay": _layer("tls_relay tls_loop", "base write_watch accepting"),
     "auth": _layer("auth", f"{_MODEL} keys serving web"),
     "handlers": _layer(
         "api admin ui",

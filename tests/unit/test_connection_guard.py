@@ -14,6 +14,7 @@ import pytest
 from regproxy.config import HttpConfig
 from regproxy.connections import ConnectionGuard
 from regproxy.metrics import Metrics
+from regproxy.tls_loop import LoopTLS
 from tests.certs import self_signed
 
 
@@ -59,10 +60,8 @@ async def test_tls_handshakes_in_progress_count_and_give_their_place_back(
 ) -> None:
     metrics = Metrics()
     guard = ConnectionGuard(_Hello, HttpConfig(header_timeout=1.0), 2, metrics)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        guard, "127.0.0.1", 0, ssl=server_ssl, ssl_handshake_timeout=30
-    )
+    server = LoopTLS(lambda: server_ssl, guard, handshake_timeout=30)  # tls.workers: 0
+    server.listen("127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     silent: list[socket.socket] = []
     try:
@@ -85,7 +84,6 @@ async def test_tls_handshakes_in_progress_count_and_give_their_place_back(
         for s in silent:
             s.close()
         server.close()
-        await server.wait_closed()
 
 
 async def test_plain_connections_are_counted_as_before() -> None:
