@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import ChainMap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Set
 from types import MappingProxyType
 from typing import Final
 
@@ -32,16 +32,27 @@ class AccessTimes:
         self._db = db
         self._clock = clock
         self._noted: Served = {}
+        self._noted_digests: set[str] = set()  # the digests of ``_noted``
         #: what flushes are writing (newest last), each until its last batch committed
         self._flushing: list[Served] = []
+        self._flushing_digests: list[set[str]] = []
 
     def note(self, repo: str, digest: str) -> None:
         self._noted[(repo, digest)] = self._clock()
+        self._noted_digests.add(digest)
 
-    def pending(self) -> set[str]:
+    def pending(self) -> Set[str]:
         """Digests served since the last flush, with those a flush is still writing (between
-        its batches eviction may run)."""
-        return {d for served in (self._noted, *self._flushing) for _, d in served}
+        its batches eviction may run): a live view (see :class:`Pending`)."""
+        return Pending(self)
+
+    def _pending_has(self, digest: object) -> bool:
+        return digest in self._noted_digests or any(
+            digest in digests for digests in self._flushing_digests
+        )
+
+    def _pending_all(self) -> set[str]:
+        return self._noted_digests.union(*self._flushing_digests)
 
     def unflushed(self) -> Mapping[tuple[str, str], float]:
         """(repository, digest) -> when it was last served, of what no flush has written yet
@@ -54,11 +65,35 @@ class AccessTimes:
     async def flush(self) -> None:
         if not self._noted:
             return
-        served, self._noted = self._noted, {}
+        # each set is among the flushing before it leaves the noted: eviction's thread, asking
+        # meanwhile, finds a digest in one place or the other (see :class:`Pending`)
+        served, digests = self._noted, self._noted_digests
         self._flushing.append(served)
+        self._flushing_digests.append(digests)
+        self._noted, self._noted_digests = {}, set()
         try:
             items = [(r, d, t) for (r, d), t in served.items()]
             for i in range(0, len(items), TOUCH_BATCH):
                 await self._db.write(Index.touch, items[i : i + TOUCH_BATCH])
         finally:
             self._flushing = [m for m in self._flushing if m is not served]
+            self._flushing_digests = [s for s in self._flushing_digests if s is not digests]
+
+
+class Pending(Set[str]):
+    """The digests served and not written yet, as they are when asked, not when the view was
+    made: eviction holds one through a whole batch on the index's thread, which asks it about
+    each digest that would go (a lookup in a few sets; the event loop builds nothing per
+    batch, where a copy of 10,000 served digests took it ~1.5 ms at each batch)."""
+
+    def __init__(self, times: AccessTimes) -> None:
+        self._times = times
+
+    def __contains__(self, digest: object) -> bool:
+        return self._times._pending_has(digest)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._times._pending_all())
+
+    def __len__(self) -> int:
+        return len(self._times._pending_all())

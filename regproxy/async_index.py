@@ -28,6 +28,7 @@ from typing import Concatenate, Final, ParamSpec, TypeVar
 
 from regproxy.index import Index
 from regproxy.index import call as index_call
+from regproxy.thread_names import kernel_name
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -41,10 +42,14 @@ class AsyncIndex:
     def __init__(self, path: Path, *, readers: int = READERS) -> None:
         self.path = path
         self._writer_index = Index(path)
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="regproxy-index")
-        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="regproxy-index-read")
+        self._writer = ThreadPoolExecutor(
+            1, thread_name_prefix="regproxy-index", initializer=kernel_name
+        )
+        self._readers = ThreadPoolExecutor(
+            readers, thread_name_prefix="regproxy-index-read", initializer=kernel_name
+        )
         self._background = ThreadPoolExecutor(
-            1, thread_name_prefix="regproxy-index-background", initializer=_lower_priority
+            1, thread_name_prefix="regproxy-index-bg", initializer=_background_thread
         )
         self._local = threading.local()
         self._reader_indexes: list[Index] = []
@@ -142,6 +147,11 @@ class AsyncIndex:
             with self._lock:
                 self._reader_indexes.append(ix)
         return fn(ix, *args, **kwargs)
+
+
+def _background_thread() -> None:
+    kernel_name()
+    _lower_priority()
 
 
 def _lower_priority() -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -191,7 +191,7 @@ def evict_loose(
     after: str,
     *,
     before: float,
-    busy: Collection[str],
+    busy: Container[str],
     budget: float = BUDGET_SECONDS,
 ) -> Batch:
     """Stored digests nothing references, last accessed (a manifest: stored) before ``before``,
@@ -233,7 +233,7 @@ def evict_lru(
     *,
     now: float,
     in_use: float,
-    busy: Collection[str],
+    busy: Container[str],
     budget: float = BUDGET_SECONDS,
     unit_seconds: float = 0.0,
 ) -> Batch:
@@ -296,7 +296,7 @@ def _units(
     index: Index,
     roots: list[tuple[str, str]],
     recent: float,
-    busy: Collection[str],
+    busy: Container[str],
     batch: Batch,
     need: float,
 ) -> int:
@@ -362,7 +362,7 @@ def _drop(
 
 
 def _unit(
-    index: Index, repo: str, root: str, recent: float, busy: Collection[str], batch: Batch
+    index: Index, repo: str, root: str, recent: float, busy: Container[str], batch: Batch
 ) -> None:
     """Evict one unit if it may go (see the module docstring)."""
     db = index.db

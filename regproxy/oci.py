@@ -62,6 +62,12 @@ class Digest:
         return _parse_digest(text)
 
     @classmethod
+    def parse_uncached(cls, text: str) -> Digest:
+        """:meth:`parse` without its cache: for many digests each seen once (eviction's files),
+        which would push the requests' own digests out of it."""
+        return cls._parse(text)
+
+    @classmethod
     def _parse(cls, text: str) -> Digest:
         alg, sep, enc = text.partition(":")
         if not sep or not _ALGORITHM_RE.match(alg) or not _ENCODED_RE.match(enc):

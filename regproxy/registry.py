@@ -18,6 +18,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,8 +192,8 @@ class LocalRegistry:
         if not PROBE.get():
             self._access.note(repo, digest)
 
-    def pending_access(self) -> set[str]:
-        """Digests served and not yet written (eviction keeps them: in use)."""
+    def pending_access(self) -> AbstractSet[str]:
+        """Digests served and not yet written (eviction keeps them: in use): a live view."""
         return self._access.pending()
 
     def unflushed_access(self) -> Mapping[tuple[str, str], float]:
@@ -542,7 +543,7 @@ class Registry(Protocol):
 
     async def open(self, *, sweep: bool = True) -> None: ...
     async def close(self) -> None: ...
-    def pending_access(self) -> set[str]: ...
+    def pending_access(self) -> AbstractSet[str]: ...
     def unflushed_access(self) -> Mapping[tuple[str, str], float]: ...
     async def flush_access(self) -> None: ...
     async def confirm_lookups(self) -> None: ...

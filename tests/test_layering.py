@@ -44,7 +44,7 @@ LAYERS: dict[str, Layer] = {
     # opening a file whose path is cached
     "base": _layer(
         ". errors headers log metrics systemd progress login_budget units deadline flights "
-        "rendezvous cached_open malloc_arenas tls_failures file_claims"
+        "rendezvous cached_open malloc_arenas tls_failures file_claims thread_names"
     ),
     "oci": _layer("oci", "base"),
     # pure signature verification: no internal imports at all

@@ -302,16 +302,18 @@ async def test_background_writes_take_the_writers_turn_at_a_lower_priority(tmp_p
     await db.open()
     try:
 
-        def where(ix: Index) -> tuple[str, int, bool]:
+        def where(ix: Index) -> tuple[str, int, bool, str]:
             tid = threading.get_native_id()
             return (
                 threading.current_thread().name,
                 os.getpriority(os.PRIO_PROCESS, tid),
                 ix.readonly,
+                Path(f"/proc/self/task/{tid}/comm").read_text().strip(),
             )
 
-        name, nice, readonly = await db.write_background(where)
-        assert name.startswith("regproxy-index-background") and not readonly
+        name, nice, readonly, comm = await db.write_background(where)
+        assert name.startswith("regproxy-index-bg") and not readonly
+        assert comm == "index-bg_0"  # the kernel's name too (regproxy.thread_names)
         assert nice > os.getpriority(os.PRIO_PROCESS, 0) or nice == 19
         await db.write_background(lambda ix: ix.ensure_repo("spectro-images/x", None, "x"))
         assert await db.read(Index.repo_exists, "spectro-images/x")
