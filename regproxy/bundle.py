@@ -421,13 +421,15 @@ class Importer:
         staged = stage.blobs.get(digest)
         if staged is not None and staged.writer is not None:
             writer = staged.writer
-            async with self.registry.store.claims.writing(str(digest)):  # eviction keeps off
-                await loop.run_in_executor(None, lambda: writer.commit(digest, source="bundle"))
-                staged.writer = None
-                committed.add(digest)
-                summary.blobs_new += 1
-                summary.bytes_new += size
+            await loop.run_in_executor(None, lambda: writer.commit(digest, source="bundle"))
+            staged.writer = None
+            committed.add(digest)
+            summary.blobs_new += 1
+            summary.bytes_new += size
+            try:
                 await self.registry.index_blob(repo, digest, size)  # written just now
+            finally:  # the file is still in place (see regproxy.removal)
+                await loop.run_in_executor(None, writer.settle, digest)
             return True
         if digest not in committed:
             summary.blobs_present += 1

@@ -43,8 +43,8 @@ from regproxy.config import Config, StorageConfig
 from regproxy.evict_batch import Batch, evict_loose, evict_lru
 from regproxy.fetch import Fetcher
 from regproxy.index import Index
-from regproxy.oci import Digest
 from regproxy.registry import Registry
+from regproxy.removal import remove
 from regproxy.thread_names import kernel_name
 
 log = logging.getLogger("regproxy.evict")
@@ -292,7 +292,9 @@ class Evictor:
                 await deleting
         finally:
             if deleting is not None and not deleting.done():
-                deleting.cancel()
+                deleting.cancel()  # a removal begun runs to its end (regproxy.removal)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await deleting
             unlinker.close()
         r.seconds = time.monotonic() - started
         return r
@@ -335,10 +337,9 @@ class _Unlinker:
     each thread takes the GIL after every unlink, and the event loop, made to hand the GIL
     over, would wait for a thread the kernel runs last.)
 
-    A file is deleted only if no writer holds its digest (a push, a fetch, an import or a
-    manifest ``PUT`` placing the same file: :class:`~regproxy.file_claims.FileClaims`) and the
-    index, asked after the claim is taken, does not store it again; writers of the digests being
-    deleted wait for their unlink and then place a new file."""
+    A file is deleted only if the index, asked after the file was moved out of ``blobs/``, does
+    not store its digest again (:mod:`regproxy.removal`: a push, fetch, import or manifest
+    ``PUT`` of the same digest, in this process or another, keeps its file)."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -347,34 +348,16 @@ class _Unlinker:
         )
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=False)
 
     async def delete(self, files: list[str]) -> None:
         if not files:
             return
-        with self.registry.store.claims.removing(files) as ours:
-            stored = await self.registry.db.read(Index.stored_among, ours)
-            doomed = [d for d in ours if d not in stored]
-            loop = asyncio.get_running_loop()
-            unlinks = [
-                loop.run_in_executor(self.pool, self._delete, doomed[i::UNLINK_THREADS])
-                for i in range(min(UNLINK_THREADS, len(doomed)))
-            ]
-            running = asyncio.gather(*unlinks)
-            try:
-                await asyncio.shield(running)
-            except asyncio.CancelledError:  # the claims last until no thread unlinks any more
-                await asyncio.wait([running])
-                raise
-
-    def _delete(self, digests: list[str]) -> None:
-        """On an unlink thread: the digests are parsed here, not on the event loop (300 of
-        them a batch held it ~2.5 ms), and without the cache of parsed digests (the requests'
-        own, which a million evicted digests would push out)."""
-        store = self.registry.store
-        for text in digests:
-            d = Digest.parse_uncached(text)
-            try:
-                store.delete(d)
-            except OSError as exc:
-                log.warning("evict.unlink_failed digest=%s error=%s", d, exc)
+        db = self.registry.db
+        await remove(  # digests parsed on the unlink threads, not on the event loop
+            self.registry.store,
+            files,
+            lambda ds: db.read(Index.stored_among, ds),
+            pool=self.pool,
+            threads=UNLINK_THREADS,
+        )

@@ -176,11 +176,7 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         error: OCIError | None = None
         t.repo = repo
-        claimed = False
         try:
-            # from the first byte to the index row: eviction does not unlink the file meanwhile
-            await self.store.claims.hold(str(t.digest))
-            claimed = True
             t.writer = await loop.run_in_executor(None, self.store.writer)
             last: OCIError = BlobUnknown(str(t.digest))
             i = 0
@@ -244,7 +240,10 @@ class Fetcher:
             else:
                 raise last
             assert t.size is not None
-            await self.on_commit(t.digest, t.size, repo, t.source)
+            try:
+                await self.on_commit(t.digest, t.size, repo, t.source)
+            finally:  # the file is still in place (see regproxy.removal)
+                await loop.run_in_executor(None, t.writer.settle, t.digest)
             t.committed = True
             log.info(
                 "fetch.committed digest=%s repo=%s source=%s kind=%s copy=%s bytes=%d "
@@ -278,8 +277,6 @@ class Fetcher:
                 t.error = error or TransferFailed(f"{t.digest}: transfer ended")
             self.inflight.pop(t.digest, None)
             self.metrics.inflight_fetches.set(len(self.inflight))
-            if claimed:
-                self.store.claims.release(str(t.digest))
             t.notify()
 
     def _store_failed(self, t: Transfer, repo: str, exc: OCIError) -> None:

@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -43,6 +43,7 @@ from regproxy.errors import DigestInvalid
 from regproxy.index import Index
 from regproxy.oci import ALGORITHMS, Digest
 from regproxy.progress import Progress
+from regproxy.removal import remove
 from regproxy.store import Store
 
 log = logging.getLogger("regproxy.maintenance")
@@ -162,12 +163,6 @@ def expire_uploads(index: Index, uids: Sequence[str]) -> None:
 
 
 # --- on the files ------------------------------------------------------------------------------------
-def _delete(store: Store, digests: Sequence[str], still_stored: Callable[[str], bool]) -> None:
-    for d in digests:
-        if not still_stored(d):
-            store.delete(Digest.parse(d))
-
-
 def _list_dir(path: Path) -> list[str]:
     try:
         return [e.name for e in os.scandir(path) if e.is_file(follow_symlinks=False)]
@@ -198,7 +193,7 @@ def _sweep_temp(
 
 
 def _orphans(
-    store: Store, alg: str, names: list[str], stored: set[str], cutoff: float, dry_run: bool
+    store: Store, alg: str, names: list[str], stored: set[str], cutoff: float
 ) -> list[tuple[str, int]]:
     """Files of one directory the index does not know, older than ``cutoff``."""
     out = []
@@ -218,8 +213,6 @@ def _orphans(
         if st.st_mtime >= cutoff:
             continue
         out.append((d, st.st_size))
-        if not dry_run:
-            store.delete(digest)
     return out
 
 
@@ -258,8 +251,8 @@ async def gc(
                     drop_unreferenced, kind, [d for d, _ in page], now - ttl
                 )
                 found.extend(removed)
-                stored = await db.read(known, gone)  # stored again meanwhile: not ours
-                await loop.run_in_executor(None, _delete, store, gone, stored.__contains__)
+                # stored again meanwhile (asked after the files moved out): not ours
+                await remove(store, gone, lambda ds: db.read(known, ds))
                 progress.update(f"{len(report.manifests)} manifests, {len(report.blobs)} blobs")
         expired = await db.read(Index.uploads_before, now - ttl)
         report.uploads = [u for u, _ in expired]
@@ -279,9 +272,10 @@ async def gc(
                 names = await loop.run_in_executor(None, _list_dir, base / sub)
                 report.files += len(names)
                 stored = await db.read(known, [f"{alg}:{n}" for n in names])
-                report.orphans += await loop.run_in_executor(
-                    None, _orphans, store, alg, names, stored, stray, dry_run
-                )
+                found = await loop.run_in_executor(None, _orphans, store, alg, names, stored, stray)
+                report.orphans += found
+                if found and not dry_run:  # asked again after they moved out (regproxy.removal)
+                    await remove(store, [d for d, _ in found], lambda ds: db.read(known, ds))
                 progress.update(f"{report.files} files checked, {len(report.orphans)} orphans")
     finally:
         progress.done()

@@ -5,23 +5,23 @@ to find; and the row's record.
 A ``PUT`` checks its references, writes the manifest's file, then adds its row, checking the
 references again in the row's transaction (a blob deleted or evicted meanwhile refuses it:
 ``MANIFEST_BLOB_UNKNOWN``); the index write itself may fail too (a full disk: 507). Either way no
-row names the file this ``PUT`` placed. It is removed under the same claim eviction takes
-(:meth:`regproxy.file_claims.FileClaims.removing`), and only when
+row names the file this ``PUT`` placed. It is removed the way eviction removes files
+(:mod:`regproxy.removal`), and only when
 
-* this ``PUT`` put it there (a file that was there before is another writer's, or gc's),
-* no writer holds the digest now (the same bytes pushed to another repository, in flight), and
-* no index row stores the digest (asked after the claim is taken: the same manifest in another
-  repository keeps its file).
+* this ``PUT`` put it there (a file that was there before is another writer's, or gc's), and
+* no index row stores the digest, asked after the file moved out (the same manifest in another
+  repository keeps its file; a writer of the same bytes in flight puts its own back once its
+  row is in).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from regproxy.async_index import AsyncIndex
 from regproxy.index import Index, ManifestRecord
 from regproxy.oci import Digest, ParsedManifest
+from regproxy.removal import remove
 from regproxy.store import Store
 
 log = logging.getLogger("regproxy.registry")
@@ -51,11 +51,10 @@ def place(store: Store, digest: Digest, body: bytes) -> bool:
 async def drop_refused(
     store: Store, db: AsyncIndex, digest: Digest, repo: str, why: object
 ) -> None:
-    """The file a refused ``PUT`` placed goes, unless a writer holds its digest or a row stores
-    it. Call it after the ``PUT``'s own claim is released, and only once its index write has
-    ended (failed or refused): a write still running on its thread may yet add the row."""
-    with store.claims.removing([str(digest)]) as ours:
-        if not ours or await db.read(Index.is_stored, str(digest)):
-            return
-        await asyncio.get_running_loop().run_in_executor(None, store.delete, digest)
-    log.info("manifest.refused_file_removed digest=%s repo=%s reason=%s", digest, repo, why)
+    """The file a refused ``PUT`` placed goes, unless a row stores its digest (asked after the
+    file moved out: :mod:`regproxy.removal`; a writer of the same bytes in flight puts its own
+    back). Call it only once the ``PUT``'s index write has ended (failed or refused): a write
+    still running on its thread may yet add the row."""
+    gone = await remove(store, [str(digest)], lambda ds: db.read(Index.stored_among, ds))
+    if gone:
+        log.info("manifest.refused_file_removed digest=%s repo=%s reason=%s", digest, repo, why)

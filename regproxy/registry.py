@@ -291,12 +291,14 @@ class LocalRegistry:
         self, repo: RepoName, writer: BlobWriter, digest: Digest, source: str = ""
     ) -> int:
         """Verify and move a written temp file into place, then index it (durability order)."""
-        async with self.store.claims.writing(str(digest)):  # eviction keeps off the file
-            try:
-                size = await self._io(writer.commit, digest, source=source)
-            except DigestMismatch as exc:
-                raise DigestInvalid(str(digest), f"content hashes to {exc.actual}") from None
+        try:
+            size = await self._io(writer.commit, digest, source=source)
+        except DigestMismatch as exc:
+            raise DigestInvalid(str(digest), f"content hashes to {exc.actual}") from None
+        try:
             await self.index_blob(repo, digest, size)
+        finally:  # the file is still in place (see regproxy.removal)
+            await self._io(writer.settle, digest)
         return size
 
     async def index_blob(self, repo: RepoName, digest: Digest, size: int) -> None:
@@ -424,20 +426,19 @@ class LocalRegistry:
                 raise ManifestBlobUnknown(missing[0])
         placed = False
         try:
-            async with self.store.claims.writing(str(digest)):  # eviction keeps off the file
-                placed = await self._io(manifest_put.place, self.store, digest, body)
-                await self.ensure_repo(repo)
-                # checked again where the row is written: a blob evicted (or gc'd) since the
-                # check above leaves the manifest out, never a manifest whose blob is gone
-                missing = await self.db.write(
-                    Index.add_manifest,
-                    repo.canonical,
-                    manifest_put.record(digest, parsed, len(body)),
-                    tag=tag,
-                    pinned=pinned,
-                    checked=checked,
-                    verify_refs=verify_refs,
-                )
+            placed = await self._io(manifest_put.place, self.store, digest, body)
+            await self.ensure_repo(repo)
+            # checked again where the row is written: a blob evicted (or gc'd) since the
+            # check above leaves the manifest out, never a manifest whose blob is gone
+            missing = await self.db.write(
+                Index.add_manifest,
+                repo.canonical,
+                manifest_put.record(digest, parsed, len(body)),
+                tag=tag,
+                pinned=pinned,
+                checked=checked,
+                verify_refs=verify_refs,
+            )
         except Exception as exc:  # its index write ended, failed: no row names the file
             if placed:
                 await manifest_put.drop_refused(self.store, self.db, digest, repo.canonical, exc)
@@ -447,6 +448,7 @@ class LocalRegistry:
                 why = f"blob {missing[0]} gone"
                 await manifest_put.drop_refused(self.store, self.db, digest, repo.canonical, why)
             raise ManifestBlobUnknown(missing[0])
+        await self._io(self.store.ensure_bytes, digest, body)  # see regproxy.removal
         self.cache.put_body(str(digest), body)
         self._stored()
         if tag is not None:

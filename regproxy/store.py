@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 from regproxy.errors import DigestMismatch, OCIError, StorageFull, StoreFailed
-from regproxy.file_claims import FileClaims
 from regproxy.oci import ALGORITHMS, Digest
 from regproxy.units import BULK_CHUNK
 
@@ -60,6 +59,10 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range: Final = _load_sync_file_range()
+#: the suffix of a committed file's second name in ``tmp/``, kept until its index row is in
+SPARE: Final = ".spare"
+#: the infix of a file moved out of ``blobs/`` by a removal, until it is deleted or put back
+OUT: Final = ".out-"
 log = logging.getLogger("regproxy.store")
 
 
@@ -103,6 +106,8 @@ class BlobWriter:
         self.hashed = 0
         self._flushed = 0
         self._hasher: Any = Digest("sha256", "").hasher()
+        #: after a commit, a second name of the committed file, kept until :meth:`settle`
+        self.spare: Path | None = None
         if deferred:
             return
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_EXCL)
@@ -215,6 +220,9 @@ class BlobWriter:
             self.close()
             dest = self.store.blob_path(expected)
             dest.parent.mkdir(parents=True, exist_ok=True)
+            spare = self.path.with_name(self.path.name + SPARE)
+            os.link(self.path, spare)
+            self.spare = spare
             os.replace(self.path, dest)
             _fsync_dir(dest.parent)
         except OSError as exc:
@@ -222,10 +230,25 @@ class BlobWriter:
             raise _disk_error(exc, f"committing {expected}") from exc
         return self.size
 
+    def settle(self, digest: Digest) -> None:
+        """Once the digest's index row is written: the committed file is put back if another
+        process's eviction moved it out in between (see :meth:`Store.remove`), and the spare
+        name goes."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return
+        try:
+            self.store.put_back(digest, spare)
+        finally:
+            spare.unlink(missing_ok=True)
+
     def abort(self) -> None:
         self.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for path in (self.path, self.spare):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        self.spare = None
 
 
 class Store:
@@ -236,8 +259,6 @@ class Store:
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         self.quarantine = root / "quarantine"
-        #: writers and eviction of one process agree on who may place or remove a file
-        self.claims = FileClaims()
 
     def open(self, *, sweep: bool = True) -> int:
         """Create the layout and remove partial files a crash left; returns how many."""
@@ -318,7 +339,9 @@ class Store:
         except BaseException:
             w.abort()
             raise
-        return w.commit(digest)
+        size = w.commit(digest)
+        w.settle(digest)  # its caller makes sure of it once its row is in (ensure_bytes)
+        return size
 
     def temp_path(self, name: str | None = None) -> Path:
         return self.tmp / (name or uuid.uuid4().hex)
@@ -343,6 +366,37 @@ class Store:
             return True
         except FileNotFoundError:
             return False
+
+    def move_out(self, digest: Digest) -> Path | None:
+        """First step of a removal (:mod:`regproxy.removal`): the file moved to ``tmp/`` (None:
+        there is none)."""
+        out = self.tmp / f"{digest.hex}{OUT}{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.blob_path(digest), out)
+        except FileNotFoundError:
+            return None
+        return out
+
+    def put_back(self, digest: Digest, source: Path) -> bool:
+        """Give the file of ``digest`` the name ``source`` has, unless one is in place (any file
+        of a digest has its bytes); True if it was put back."""
+        dest = self.blob_path(digest)
+        try:
+            os.link(source, dest)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if not source.exists():
+                raise
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source, dest)
+        log.info("store.put_back digest=%s", digest)
+        return True
+
+    def ensure_bytes(self, digest: Digest, data: bytes) -> None:
+        """A small file whose index row was just written is still in place (else written)."""
+        if self.stat(digest) != len(data):
+            self.write_bytes(digest, data)
 
     def iter_blobs(self) -> Iterator[tuple[Digest, int]]:
         """Every committed blob (fsck and gc only: the serving path never scans)."""

@@ -44,7 +44,7 @@ LAYERS: dict[str, Layer] = {
     # opening a file whose path is cached
     "base": _layer(
         ". errors headers log metrics systemd progress login_budget units deadline flights "
-        "rendezvous cached_open malloc_arenas tls_failures file_claims thread_names"
+        "rendezvous cached_open malloc_arenas tls_failures thread_names"
     ),
     "oci": _layer("oci", "base"),
     # pure signature verification: no internal imports at all
@@ -55,6 +55,8 @@ LAYERS: dict[str, Layer] = {
     "names": _layer("names", "base oci config"),
     # the disk: blobs (store) and metadata (index) know neither each other nor HTTP
     "store": _layer("store", "base oci"),
+    # removing files the index no longer stores, safe against writers in any process
+    "removal": _layer("removal", "base oci store"),
     # the index: its schema and migrations, its queries, the one async facade over them
     "schema": _layer("schema", "base"),
     "index": _layer("index", "base oci config schema"),
@@ -89,7 +91,7 @@ LAYERS: dict[str, Layer] = {
     # when content was last served, written to the index in batches
     "access": _layer("access_times", "base index facade"),
     # a manifest PUT's file and row: placed, or taken away again when the PUT is refused
-    "manifest_put": _layer("manifest_put", f"{_MODEL} store index facade"),
+    "manifest_put": _layer("manifest_put", f"{_MODEL} store removal index facade"),
     "registry": _layer(
         "registry",
         f"{_MODEL} store index facade space uploads lookups lookup_confirm access manifest_put",
@@ -108,7 +110,7 @@ LAYERS: dict[str, Layer] = {
     # tools and background work over the store: no HTTP layer, no upstream of their own
     # one eviction batch in SQL, on the index's writer
     "evict_sql": _layer("evict_batch", "base index"),
-    "gc": _layer("evict", f"{_MODEL} store index facade evict_sql transfer registry"),
+    "gc": _layer("evict", f"{_MODEL} store removal index facade evict_sql transfer registry"),
     # the web page's "next to evict": eviction's own plan, read on an index reader thread
     "eviction_view": _layer("ui.evicting", "base oci index evict_sql"),
     # the importer's parts: staging and docker archives know no registry; export knows no import
@@ -119,7 +121,8 @@ LAYERS: dict[str, Layer] = {
     "pinning": _layer("pins", f"{_MODEL} index facade registry proxy"),
     "tools": _layer(
         "bundle containerd fsck health maintenance prefetch tls",
-        f"{_MODEL} schema store index facade hashing transfer registry proxy gc pinning staging archives "
+        f"{_MODEL} schema store removal index facade hashing transfer registry proxy gc pinning "
+        "staging archives "
         "export policy space uploads",
     ),
     # the HTTP layer: shared keys and error rendering low, handlers above them (expect: when

@@ -268,28 +268,29 @@ async def test_a_batch_whose_budget_is_spent_at_once_still_makes_progress(shop: 
     assert len(batch.evicted) == 1 and batch.after_digest
 
 
-async def test_the_unlinker_keeps_a_file_stored_again_or_being_fetched(shop: Shop) -> None:
+async def test_the_unlinker_keeps_a_file_stored_again(shop: Shop) -> None:
     """A batch's files are deleted after the next batch began: a digest committed again since
-    (stored in the index) or being fetched right now keeps its file."""
+    (stored in the index) keeps its file, and nothing is left in tmp/."""
     from regproxy.evict import _Unlinker
 
     repo = up("team/u")
-    stored, fetching, gone = layer("stored"), layer("fetching"), layer("gone")
-    for b in (stored, fetching, gone):
+    stored, gone = layer("stored"), layer("gone")
+    for b in (stored, gone):
         await shop.reg.uploads.monolithic(repo, Digest.of(b), chunks(b), len(b))
-    went = json.dumps([str(Digest.of(b)) for b in (fetching, gone)])
+    went = json.dumps([str(Digest.of(gone))])
     await shop.reg.db.write(  # their rows went with a batch; their files are still there
         lambda ix: ix.db.execute(
             "DELETE FROM blobs WHERE digest IN (SELECT value FROM json_each(?))", (went,)
         )
     )
     unlinker = _Unlinker(shop.reg)
-    try:  # a fetch holds its digest's claim from its first byte to its index row
-        async with shop.reg.store.claims.writing(str(Digest.of(fetching))):
-            await unlinker.delete([str(Digest.of(b)) for b in (stored, fetching, gone)])
+    try:
+        await unlinker.delete([str(Digest.of(b)) for b in (stored, gone)])
     finally:
         unlinker.close()
-    assert shop.has_file(stored) and shop.has_file(fetching) and not shop.has_file(gone)
+    assert shop.has_file(stored) and not shop.has_file(gone)
+    assert shop.reg.store.read(Digest.of(stored)) == stored
+    assert list(shop.reg.store.tmp.iterdir()) == []
 
 
 async def test_background_writes_take_the_writers_turn_at_a_lower_priority(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """A manifest PUT refused after its file was placed (its blob gone between the reference check
 and the row: add_manifest's second check) takes its file away again, unless another index row
-stores the digest, another writer holds it, or it was there before (in-process registry)."""
+stores the digest or it was there before (in-process registry)."""
 
 from __future__ import annotations
 
@@ -102,18 +102,6 @@ async def test_a_file_another_repository_stores_stays(registry: LocalRegistry) -
     await refused(registry, repo)
     assert registry.store.stat(DIGEST) == len(BODY)
     assert (await registry.get_manifest(other, "v1")).body == BODY
-
-
-async def test_a_file_another_writer_holds_stays(registry: LocalRegistry) -> None:
-    """A push of the same bytes in flight (its row not yet written) keeps the file."""
-    repo = RepoName("spectro-images/team/app")
-    await with_config(registry, repo)
-    await registry.store.claims.hold(str(DIGEST))
-    try:
-        await refused(registry, repo)
-        assert registry.store.stat(DIGEST) == len(BODY)
-    finally:
-        registry.store.claims.release(str(DIGEST))
 
 
 async def test_an_orphan_that_was_there_before_is_left_to_gc(registry: LocalRegistry) -> None:

@@ -45,6 +45,7 @@ def test_open_sweeps_tmp(store: Store) -> None:
     w = store.writer()
     w.write(data)
     w.commit(Digest.of(data))
+    w.settle(Digest.of(data))
     # what a crash leaves: partial writes, a dot file, a directory
     (store.tmp / "partial").write_bytes(b"half")
     (store.tmp / ".hidden").write_bytes(b"x")
@@ -74,6 +75,11 @@ def test_commit(store: Store) -> None:
     assert store.stat(digest) == len(data)
     assert store.read(digest) == data
     assert store.blob_path(digest) == store.blobs / "sha256" / digest.hex[:2] / digest.hex
+    # a second name is kept until the index row is in: then the file is checked, and it goes
+    assert w.spare is not None and w.spare.parent == store.tmp
+    store.delete(digest)  # a removal in another process took it meanwhile
+    w.settle(digest)
+    assert store.read(digest) == data  # put back
     assert list(store.tmp.iterdir()) == []
     assert store.verify(digest)
 

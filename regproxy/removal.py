@@ -1,0 +1,111 @@
+"""Removing blob files the index no longer stores, safe against writers in any process.
+
+A writer (a push, a pull-through fetch, an import, a manifest ``PUT``, in the daemon or in
+``regproxy import`` / ``prefetch`` beside it) puts its file in place, writes its index row, and
+then makes sure the file is still there, putting it back from a second name it kept
+(:meth:`~regproxy.store.BlobWriter.settle`) or from the bytes it has
+(:meth:`~regproxy.store.Store.ensure_bytes`). A removal (eviction, ``regproxy gc``) moves the
+files out of ``blobs/`` first, then asks the index which of them it stores, puts those back and
+deletes the rest. Whatever the interleaving with a writer of the same digest:
+
+* the index is asked after the writer's row is in: the removal puts the file back;
+* it is asked before: the move came before the writer's check, which finds the file gone and
+  puts its own back (a file the writer placed after the move is never touched).
+
+No lock is shared: a writer never waits for a removal, nor a removal for a writer. A digest
+stored again while it was being removed is missing from ``blobs/`` for the moment between the
+move and the put-back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import TypeVar
+
+from regproxy.oci import Digest
+from regproxy.store import Store
+
+log = logging.getLogger("regproxy.store")
+T = TypeVar("T")
+U = TypeVar("U")
+
+#: asks the index which of these digests it stores
+StoredAmong = Callable[[list[str]], Awaitable[set[str]]]
+
+
+async def remove(
+    store: Store,
+    digests: Sequence[str],
+    stored_among: StoredAmong,
+    *,
+    pool: Executor | None = None,
+    threads: int = 1,
+) -> list[str]:
+    """Delete the files of ``digests`` that the index does not store; returns those deleted.
+    The digests are parsed on the threads (without the requests' cache of parsed digests,
+    which a million evicted ones would push out), not on the event loop.
+    Runs to its end once begun (a file moved out is deleted or put back): a cancelled caller
+    waits for it."""
+    task = asyncio.ensure_future(_remove(store, list(digests), stored_among, pool, threads))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
+async def _remove(
+    store: Store,
+    digests: list[str],
+    stored_among: StoredAmong,
+    pool: Executor | None,
+    threads: int,
+) -> list[str]:
+    moved = await _spread(functools.partial(_move_out, store), digests, pool, threads)
+    if not moved:
+        return []
+    stored = await stored_among([text for text, _, _ in moved])
+    return await _spread(functools.partial(_finish, store, stored), moved, pool, threads)
+
+
+async def _spread(
+    job: Callable[[list[T]], list[U]], items: list[T], pool: Executor | None, threads: int
+) -> list[U]:
+    """``job`` over ``items``, split across up to ``threads`` threads of ``pool``."""
+    loop = asyncio.get_running_loop()
+    parts = [items[i::threads] for i in range(min(threads, len(items)))]
+    results = await asyncio.gather(*(loop.run_in_executor(pool, job, p) for p in parts))
+    return [x for part in results for x in part]
+
+
+def _move_out(store: Store, digests: list[str]) -> list[tuple[str, Digest, Path]]:
+    out = []
+    for text in digests:
+        d = Digest.parse_uncached(text)
+        try:
+            moved = store.move_out(d)
+        except OSError as exc:
+            log.warning("store.remove_failed digest=%s error=%s", d, exc)
+            continue
+        if moved is not None:
+            out.append((text, d, moved))
+    return out
+
+
+def _finish(store: Store, stored: set[str], moved: list[tuple[str, Digest, Path]]) -> list[str]:
+    gone = []
+    for text, d, path in moved:
+        try:
+            if text in stored:  # stored again meanwhile: its file goes back
+                store.put_back(d, path)
+            else:
+                gone.append(text)
+            path.unlink()
+        except OSError as exc:
+            log.warning("store.remove_failed digest=%s path=%s error=%s", d, path, exc)
+    return gone

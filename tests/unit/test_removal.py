@@ -1,0 +1,185 @@
+"""A file eviction removes while a writer stores the same digest again keeps its bytes, whatever
+the interleaving and whichever process the writer runs in (regproxy.removal): the writer runs
+to its end right before or right after eviction moves the file out, or a removal runs whole
+between a writer's placing and its index row. The tool is a second registry on the same store
+(`regproxy import` / `prefetch` beside the daemon)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from regproxy.async_index import AsyncIndex
+from regproxy.config import config_from_dict
+from regproxy.evict import Evictor
+from regproxy.evict_batch import evict_lru
+from regproxy.index import Index
+from regproxy.oci import Digest
+from regproxy.registry import LocalRegistry
+from regproxy.removal import remove
+from regproxy.store import Store
+from tests.unit.test_evict import NOW, OCI_MANIFEST, Shop, chunks, layer, up
+
+
+class MovingStore(Store):
+    """Runs ``hook`` (on the removal's thread) right before or after ``target`` moves out."""
+
+    target: Digest | None = None
+    after = False
+    hook: Callable[[], None] | None = None
+
+    def move_out(self, digest: Digest) -> Path | None:
+        hook = self.hook if digest == self.target else None
+        if hook is not None:
+            self.hook = None
+            if not self.after:
+                hook()
+        moved = super().move_out(digest)
+        if hook is not None and self.after:
+            hook()
+        return moved
+
+
+class RacingIndex(AsyncIndex):
+    """Awaits ``hook`` right before the row of ``target`` is written (after the writer placed
+    its file)."""
+
+    target: str | None = None
+    hook: Callable[[], Awaitable[object]] | None = None
+
+    async def write(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        hook = self.hook
+        if hook is not None and fn in (Index.add_blob, Index.add_manifest):
+            names = args[1].digest if fn is Index.add_manifest else args[1]
+            if names == self.target:
+                self.hook = None
+                await hook()
+        return await super().write(fn, *args, **kwargs)
+
+
+@pytest.fixture
+async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
+    root = tmp_path / "store"
+    reg = LocalRegistry(MovingStore(root), RacingIndex(root / "index.db"))
+    await reg.open()
+    yield Shop(reg)
+    await reg.close()
+
+
+@pytest.fixture
+async def tool(tmp_path: Path, shop: Shop) -> AsyncIterator[LocalRegistry]:
+    root = tmp_path / "store"
+    reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
+    await reg.open(sweep=False)
+    yield reg
+    await reg.close()
+
+
+def writers(reg: LocalRegistry, data: bytes) -> dict[str, Callable[[], Awaitable[object]]]:
+    d = Digest.of(data)
+    return {
+        "push": lambda: reg.uploads.monolithic(up("team/again"), d, chunks(data), len(data)),
+        "manifest": lambda: reg.put_manifest(
+            up("team/again"), "v2", data, OCI_MANIFEST, verify_refs=False, pinned=True
+        ),
+    }
+
+
+async def image(shop: Shop, kind: str) -> bytes:
+    """An image evicted whole; returns the bytes the writer stores again (layer or manifest)."""
+    data = layer("stored twice")
+    body = await shop.image(up("team/old"), "v1", [data], at=100.0)
+    return data if kind == "push" else body
+
+
+async def kept(reg: LocalRegistry, kind: str, data: bytes) -> None:
+    """The writer's row and its file, with the bytes."""
+    d = Digest.of(data)
+    repo = up("team/again").canonical
+    if kind == "push":
+        assert await reg.db.read(Index.blob_in_repo, repo, str(d)) is not None
+    else:
+        assert await reg.db.read(Index.manifest_in_repo, repo, str(d)) is not None
+    assert reg.store.read(d) == data
+    assert [p.name for p in reg.store.tmp.iterdir()] == []  # no spare, nothing moved out left
+
+
+@pytest.mark.parametrize("process", ["daemon", "tool"])
+@pytest.mark.parametrize("after", [False, True], ids=["before_move", "after_move"])
+@pytest.mark.parametrize("kind", ["push", "manifest"])
+async def test_a_digest_stored_again_while_eviction_removes_it_keeps_its_file(
+    shop: Shop, tool: LocalRegistry, tmp_path: Path, kind: str, after: bool, process: str
+) -> None:
+    data = await image(shop, kind)
+    reg = shop.reg if process == "daemon" else tool
+    loop = asyncio.get_running_loop()
+    store = shop.reg.store
+    assert isinstance(store, MovingStore)
+    done: list[object] = []
+
+    def hook() -> None:  # on the removal's thread: the writer runs to its end on the loop
+        fut = asyncio.run_coroutine_threadsafe(writers(reg, data)[kind](), loop)
+        done.append(fut.result(timeout=10))
+
+    store.target, store.after, store.hook = Digest.of(data), after, hook
+    config = config_from_dict(
+        {"storage": {"root": str(tmp_path / "store"), "max_size": 1, "min_free": 0}}
+    )
+    r = await Evictor(shop.reg, config, clock=lambda: NOW).check()
+    assert r is not None and r.manifests == 1 and done
+    await kept(reg, kind, data)
+
+
+@pytest.mark.parametrize("kind", ["push", "manifest"])
+async def test_a_removal_between_a_writers_file_and_its_row_is_undone_by_the_writer(
+    shop: Shop, kind: str
+) -> None:
+    """The removal asks the index before the writer's row is in: it deletes the file the writer
+    placed; the writer, checking after its row, puts it back."""
+    data = await image(shop, kind)
+    d = Digest.of(data)
+    batch = await shop.reg.db.write(  # the old rows gone (an eviction batch), files still there
+        evict_lru, 10**12, (float("-inf"), "", ""), now=NOW, in_use=0.0, busy=()
+    )
+    assert str(d) in batch.files
+    db = shop.reg.db
+    assert isinstance(db, RacingIndex)
+    removed: list[list[str]] = []
+
+    async def removal() -> None:
+        removed.append(
+            await remove(shop.reg.store, [str(d)], lambda ds: db.read(Index.stored_among, ds))
+        )
+
+    db.target, db.hook = str(d), removal
+    await writers(shop.reg, data)[kind]()
+    assert removed == [[str(d)]]  # it did delete the file the writer had placed
+    await kept(shop.reg, kind, data)
+
+
+async def test_a_cancelled_removal_finishes_what_it_moved_out(shop: Shop) -> None:
+    """Cancelled between moving a stored digest's file out and putting it back: the removal
+    runs to its end (the file goes back) before the cancellation is seen."""
+    data = layer("cancelled")
+    await shop.image(up("team/old"), "v1", [data], at=100.0)
+    d = Digest.of(data)
+    store = shop.reg.store
+    assert isinstance(store, MovingStore)
+    moved = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    store.target, store.after = d, True
+    store.hook = lambda: (loop.call_soon_threadsafe(moved.set), time.sleep(0.05))[0]
+    task = asyncio.create_task(
+        remove(store, [str(d)], lambda ds: shop.reg.db.read(Index.stored_among, ds))
+    )
+    await moved.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.read(d) == data  # stored: put back, not left in tmp/
+    assert list(store.tmp.iterdir()) == []
