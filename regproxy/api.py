@@ -17,6 +17,7 @@ from aiohttp import web
 
 from regproxy import pins, sendfile
 from regproxy.access import body_bytes
+from regproxy.byte_ranges import MAX_POSITION_DIGITS, parse_range
 from regproxy.connections import app_metrics, body_chunks
 from regproxy.errors import (
     BlobUnknown,
@@ -44,7 +45,7 @@ from regproxy.oci import (
     validate_tag,
 )
 from regproxy.policy import cosign_tag_subject
-from regproxy.registry import HOME_REQUEST, LOCAL_ONLY, NOTES, PROBE, Blob, Registry, check_range
+from regproxy.registry import HOME_REQUEST, LOCAL_ONLY, NOTES, PROBE, Blob, Registry
 from regproxy.web_errors import NotFound
 from regproxy.web_keys import POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 from regproxy.web_keys import notes as _notes
@@ -58,10 +59,7 @@ _LAST_PARTS: Final = {
     "referrers": ("referrers", "digest"),
 }
 _UPLOADS: Final = "/blobs/uploads"
-_RANGE_RE: Final = re.compile(r"^bytes=(\d*)-(\d*)$", re.ASCII)
 _CONTENT_RANGE_RE: Final = re.compile(r"^(?:bytes )?(\d+)-(\d+)$", re.ASCII)
-#: byte positions are int64 on the wire (what distribution parses); longer numbers are refused
-_MAX_POSITION_DIGITS: Final = 19
 
 
 class PaginationInvalid(OCIError):
@@ -110,31 +108,11 @@ def _link(path: str, n: int, last: str, extra: str = "") -> str:
     return f'<{path}?n={n}&last={quote(last, safe="")}{extra}>; rel="next"'
 
 
-def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """A single Range (RFC 9110); None for a whole-body answer. Malformed or outside: 416."""
-    if not header:
-        return None
-    m = _RANGE_RE.match(header.strip())
-    if not m or (not m.group(1) and not m.group(2)):
-        if "," in header:
-            return None  # several ranges: we answer with the whole blob, as RFC 9110 allows
-        raise RangeNotSatisfiable(f"malformed Range {header[:80]!r}", size=size)
-    if max(len(m.group(1)), len(m.group(2))) > _MAX_POSITION_DIGITS:
-        # beyond int64: no blob is that long; distribution answers 416 too
-        raise RangeNotSatisfiable("range position out of bounds", size=size)
-    if not m.group(1):  # suffix: last N bytes
-        n = int(m.group(2))
-        if n == 0:
-            raise RangeNotSatisfiable("empty suffix range", size=size)
-        return max(size - n, 0), size - 1
-    return check_range(size, int(m.group(1)), int(m.group(2)) if m.group(2) else None)
-
-
 def _content_length(request: web.Request) -> int | None:
     cl = request.headers.get("Content-Length")
     if cl is None:
         return None
-    if not (cl.isascii() and cl.isdigit() and len(cl) <= _MAX_POSITION_DIGITS):
+    if not (cl.isascii() and cl.isdigit() and len(cl) <= MAX_POSITION_DIGITS):
         raise SizeInvalid(f"Content-Length {cl[:40]!r}")
     return int(cl)
 
@@ -264,7 +242,7 @@ async def get_blob(request: web.Request, name: str, digest: str) -> web.StreamRe
         raise BlobUnknown(str(d)) from None
     _notes(request).setdefault("cache", "hit")
     headers = _blob_headers(blob)
-    rng = _parse_range(request.headers.get("Range"), blob.size)
+    rng = parse_range(request.headers.get("Range"), blob.size)
     if request.headers.get("If-None-Match") in (f'"{blob.digest}"', str(blob.digest)):
         return web.Response(status=304, headers=headers)
     if blob.data is not None:
@@ -398,7 +376,7 @@ def _content_range(request: web.Request) -> tuple[int | None, int | None]:
     m = _CONTENT_RANGE_RE.match(header.strip())
     if (
         not m
-        or max(len(m.group(1)), len(m.group(2))) > _MAX_POSITION_DIGITS
+        or max(len(m.group(1)), len(m.group(2))) > MAX_POSITION_DIGITS
         or int(m.group(2)) < int(m.group(1))
     ):
         raise BlobUploadInvalid(f"malformed Content-Range {header[:80]!r}")

@@ -36,7 +36,6 @@ from regproxy.errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
-    RangeNotSatisfiable,
 )
 from regproxy.index import Index, ManifestRow
 from regproxy.lookup_confirm import IndexWatch
@@ -255,9 +254,13 @@ class LocalRegistry:
         await self._lost(repo, digest)
 
     async def _lost(self, repo: RepoName, digest: Digest) -> None:
-        """The index says we have it but the file is gone (fsck, manual damage): forget it."""
-        log.warning("store.missing digest=%s repo=%s", digest, repo)
+        """The index says we have it but the file is gone (fsck, manual damage): forget it;
+        unless a removal has it moved out, to put it back (regproxy.removal)."""
         self.cache.forget(links=[(repo.canonical, str(digest))])
+        if not await self._io(self.store.missing, digest):
+            log.info("blob.gone_since_lookup digest=%s repo=%s", digest, repo)
+            return None
+        log.warning("store.missing digest=%s repo=%s", digest, repo)
         await self.db.write(Index.unlink_blob, repo.canonical, str(digest))
         return None
 
@@ -374,7 +377,7 @@ class LocalRegistry:
         every cached lookup of it goes, so the next lookup misses."""
         self.cache.forget(manifests=[(repo.canonical, digest)], tags_of=[repo.canonical])
         held = await self.db.read(Index.manifest_in_repo, repo.canonical, digest) is not None
-        if held and await self._io(self.store.stat, Digest.parse(digest)) is None:
+        if held and await self._io(self.store.missing, Digest.parse(digest)):
             log.warning("store.missing manifest=%s repo=%s", digest, repo)
             await self.db.write(Index.delete_manifest, repo.canonical, digest)
         else:
@@ -588,14 +591,4 @@ class Registry(Protocol):
     def subscribe_stored(self, callback: Callable[[], None]) -> None: ...
 
 
-def check_range(size: int, start: int, end: int | None) -> tuple[int, int]:
-    """Clamp a single byte range to a blob; raise RangeNotSatisfiable when it lies outside."""
-    if start >= size or (end is not None and end < start):
-        raise RangeNotSatisfiable(
-            f"bytes {start}-{'' if end is None else end} of {size}", size=size
-        )
-    last = size - 1 if end is None else min(end, size - 1)
-    return start, last
-
-
-__all__ = ["Blob", "BlobUploadInvalid", "Manifest", "ManifestInvalid", "Registry", "check_range"]
+__all__ = ["Blob", "BlobUploadInvalid", "Manifest", "ManifestInvalid", "Registry"]

@@ -377,6 +377,12 @@ class Store:
             return None
         return out
 
+    def missing(self, digest: Digest) -> bool:
+        """No file for ``digest``, and no removal has it moved out (it may be put back)."""
+        if self.stat(digest) is not None:
+            return False
+        return not any(self.tmp.glob(f"{digest.hex}{OUT}*"))
+
     def put_back(self, digest: Digest, source: Path) -> bool:
         """Give the file of ``digest`` the name ``source`` has, unless one is in place (any file
         of a digest has its bytes); True if it was put back."""

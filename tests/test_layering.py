@@ -46,7 +46,8 @@ LAYERS: dict[str, Layer] = {
         ". errors headers log metrics systemd progress login_budget units deadline flights "
         "rendezvous cached_open malloc_arenas tls_failures thread_names"
     ),
-    "oci": _layer("oci", "base"),
+    # the OCI model, and a blob request's byte range
+    "oci": _layer("oci byte_ranges", "base"),
     # pure signature verification: no internal imports at all
     "signatures": _layer("cosign"),
     # the config's value parsers (durations, sizes, lists), then the config itself

@@ -16,6 +16,7 @@ import pytest
 
 from regproxy.async_index import AsyncIndex
 from regproxy.config import config_from_dict
+from regproxy.errors import BlobUnknown, ManifestUnknown
 from regproxy.evict import Evictor
 from regproxy.evict_batch import evict_lru
 from regproxy.index import Index
@@ -183,3 +184,47 @@ async def test_a_cancelled_removal_finishes_what_it_moved_out(shop: Shop) -> Non
         await task
     assert store.read(d) == data  # stored: put back, not left in tmp/
     assert list(store.tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["blob", "manifest"])
+async def test_a_read_while_a_removal_has_the_file_out_forgets_nothing(
+    shop: Shop, kind: str
+) -> None:
+    """A removal that will put a stored digest's file back has it moved out when a read comes:
+    the read misses (as if evicted since its lookup) but the rows stay, and the next read has it.
+    A file lost for good (none moved out) is still forgotten."""
+    repo = up("team/kept")
+    data = layer("read in the window")
+    body = await shop.image(repo, "v1", [data], pinned=True, at=100.0)
+    target = data if kind == "blob" else body
+    d = Digest.of(target)
+    reg, loop = shop.reg, asyncio.get_running_loop()
+    store = reg.store
+    assert isinstance(store, MovingStore)
+    missed: list[BaseException] = []
+
+    async def read() -> object:
+        reg.cache.forget(bodies=[str(d)], manifests=[(repo.canonical, str(d))])
+        if kind == "blob":
+            return await reg.get_blob(repo, d)
+        return await reg.get_manifest(repo, str(d))
+
+    def hook() -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(read(), loop).result(timeout=10)
+        except Exception as exc:  # the miss
+            missed.append(exc)
+
+    store.target, store.after, store.hook = d, True, hook
+    assert await remove(store, [str(d)], lambda ds: reg.db.read(Index.stored_among, ds)) == []
+    assert missed  # the file was out when the read came
+    got = await read()
+    assert (got.data if kind == "blob" else got.body) == target  # type: ignore[attr-defined]
+    # lost for good: forgotten
+    store.delete(d)
+    with pytest.raises((BlobUnknown, ManifestUnknown)):
+        await read()
+    if kind == "blob":
+        assert await reg.db.read(Index.blob_in_repo, repo.canonical, str(d)) is None
+    else:
+        assert await reg.db.read(Index.manifest_in_repo, repo.canonical, str(d)) is None
