@@ -519,10 +519,12 @@ _TOUCH: Final = (
     "UPDATE repo_manifests SET last_access = (SELECT x.t FROM temp.touched x WHERE"
     " x.repo = repo_manifests.repo AND x.digest = repo_manifests.digest)"
     " WHERE (repo, digest) IN (SELECT repo, digest FROM temp.touched WHERE listed)",
+    # CROSS JOIN: the items first (the planner, knowing nothing of a temp table, would scan
+    # every manifest_refs row for them)
     "INSERT INTO temp.touched_up SELECT x.repo, m.parent, x.t FROM temp.touched x"
-    " JOIN manifest_refs m ON m.child = x.digest AND m.kind = 'manifest' WHERE x.listed"
+    " CROSS JOIN manifest_refs m ON m.child = x.digest AND m.kind = 'manifest' WHERE x.listed"
     " UNION ALL SELECT x.repo, s.subject, x.t FROM temp.touched x"
-    " JOIN manifests s ON s.digest = x.digest WHERE x.listed AND s.subject IS NOT NULL",
+    " CROSS JOIN manifests s ON s.digest = x.digest WHERE x.listed AND s.subject IS NOT NULL",
     "UPDATE repo_manifests SET last_access = max(last_access, (SELECT max(u.t) FROM"
     " temp.touched_up u WHERE u.repo = repo_manifests.repo AND u.digest = repo_manifests.digest))"
     " WHERE (repo, digest) IN (SELECT repo, digest FROM temp.touched_up)",
