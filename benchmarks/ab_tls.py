@@ -111,9 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers.values():
                 server.start()
                 push_blob(server.port, REPO, digest, blob, tls)
+            order = list(servers.items())
             for r in range(rounds):
                 for conc in concurrency:
-                    for name, server in servers.items():
+                    # each round starts with the next server: the first of a round ran ~10%
+                    # slower at c=8 whichever code it held (two runs with the roles swapped),
+                    # so a fixed order biases the per-round ratios
+                    k = r % len(order)
+                    for name, server in order[k:] + order[:k]:
                         url = f"https://127.0.0.1:{server.port}/v2/{REPO}/blobs/{digest}"
                         if r == 0:
                             run_wrk(url, conc, seconds, {}, script, wrk_env)
