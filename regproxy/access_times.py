@@ -12,7 +12,6 @@ web page's "last pulled" (:meth:`AccessTimes.unflushed`) and by eviction's "in u
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping, Set
@@ -73,10 +72,9 @@ class AccessTimes:
         self._flushing_digests.append(digests)
         self._noted, self._noted_digests = {}, set()
         try:
-            # each batch's rows made when it goes: not all of them at once on the event loop
-            rows = iter(served.items())
-            while batch := [(r, d, t) for (r, d), t in itertools.islice(rows, TOUCH_BATCH)]:
-                await self._db.write(Index.touch, batch)
+            items = [(r, d, t) for (r, d), t in served.items()]
+            for i in range(0, len(items), TOUCH_BATCH):
+                await self._db.write(Index.touch, items[i : i + TOUCH_BATCH])
         finally:
             self._flushing = [m for m in self._flushing if m is not served]
             self._flushing_digests = [s for s in self._flushing_digests if s is not digests]

@@ -281,14 +281,24 @@ class Index:
     def touch(self, items: Iterable[tuple[str, str, float]]) -> None:
         """Record accesses, in one transaction (the registry batches them). A manifest's access
         is also its unit's (see regproxy.evict_batch): the index of the repository listing it
-        and the subject it refers to are touched too, so eviction orders units by their use.
-        A digest that is no repository manifest is a blob. A few statements for all the items
-        (:data:`_TOUCH`), not a few per item: the thread takes the GIL back once per statement,
-        which the event loop, busy serving, must then wait to get back."""
-        rows = json.dumps([[repo, digest, t] for repo, digest, t in items])
+        and the subject it refers to are touched too, so eviction orders units by their use."""
         with self._tx() as db:
-            for sql in _TOUCH:
-                db.execute(sql, (rows,) if "?" in sql else ())
+            for repo, digest, t in items:
+                cur = db.execute(
+                    "UPDATE repo_manifests SET last_access=? WHERE repo=? AND digest=?",
+                    (t, repo, digest),
+                )
+                if cur.rowcount:
+                    db.execute(
+                        "UPDATE repo_manifests SET last_access = max(last_access, :t) "
+                        "WHERE repo = :repo AND (digest IN (SELECT parent FROM manifest_refs "
+                        " WHERE child = :d AND kind = 'manifest') "
+                        " OR digest = (SELECT subject FROM manifests WHERE digest = :d))",
+                        {"t": t, "repo": repo, "d": digest},
+                    )
+                else:
+                    db.execute("UPDATE blobs SET last_access=? WHERE digest=?", (t, digest))
+                db.execute("UPDATE repos SET last_access=? WHERE name=?", (t, repo))
 
     # --- uploads ----------------------------------------------------------------------------------
     def add_upload(self, uid: str, repo: str) -> None:
@@ -499,41 +509,6 @@ class _Transaction:
                     self.db.execute("ROLLBACK")
             finally:
                 self.index.busy.release()
-
-
-#: :meth:`Index.touch`: the items (JSON [repo, digest, time]) in tables of the connection's own
-#: (the last time of a key counts), then each row's time, its listing index's and its subject's
-#: (the later of theirs and its own, in ``touched_up``), a blob's, the repository's
-_TOUCH: Final = (
-    "CREATE TEMP TABLE IF NOT EXISTS touched(repo TEXT, digest TEXT, t REAL, listed INTEGER,"
-    " PRIMARY KEY(repo, digest)) WITHOUT ROWID",
-    "CREATE INDEX IF NOT EXISTS temp.touched_digest ON touched(digest)",
-    "CREATE TEMP TABLE IF NOT EXISTS touched_up(repo TEXT, digest TEXT, t REAL)",
-    "CREATE INDEX IF NOT EXISTS temp.touched_up_row ON touched_up(repo, digest)",
-    "DELETE FROM temp.touched",
-    "DELETE FROM temp.touched_up",
-    "INSERT OR REPLACE INTO temp.touched SELECT json_extract(value, '$[0]'),"
-    " json_extract(value, '$[1]'), json_extract(value, '$[2]'), 0 FROM json_each(?)",
-    "UPDATE temp.touched SET listed = 1 WHERE EXISTS (SELECT 1 FROM main.repo_manifests r"
-    " WHERE r.repo = touched.repo AND r.digest = touched.digest)",
-    "UPDATE repo_manifests SET last_access = (SELECT x.t FROM temp.touched x WHERE"
-    " x.repo = repo_manifests.repo AND x.digest = repo_manifests.digest)"
-    " WHERE (repo, digest) IN (SELECT repo, digest FROM temp.touched WHERE listed)",
-    # CROSS JOIN: the items first (the planner, knowing nothing of a temp table, would scan
-    # every manifest_refs row for them)
-    "INSERT INTO temp.touched_up SELECT x.repo, m.parent, x.t FROM temp.touched x"
-    " CROSS JOIN manifest_refs m ON m.child = x.digest AND m.kind = 'manifest' WHERE x.listed"
-    " UNION ALL SELECT x.repo, s.subject, x.t FROM temp.touched x"
-    " CROSS JOIN manifests s ON s.digest = x.digest WHERE x.listed AND s.subject IS NOT NULL",
-    "UPDATE repo_manifests SET last_access = max(last_access, (SELECT max(u.t) FROM"
-    " temp.touched_up u WHERE u.repo = repo_manifests.repo AND u.digest = repo_manifests.digest))"
-    " WHERE (repo, digest) IN (SELECT repo, digest FROM temp.touched_up)",
-    "UPDATE blobs SET last_access = (SELECT max(x.t) FROM temp.touched x"
-    " WHERE x.digest = blobs.digest AND NOT x.listed)"
-    " WHERE digest IN (SELECT digest FROM temp.touched WHERE NOT listed)",
-    "UPDATE repos SET last_access = (SELECT max(x.t) FROM temp.touched x WHERE x.repo = repos.name)"
-    " WHERE name IN (SELECT repo FROM temp.touched)",
-)
 
 
 def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -20,7 +20,6 @@ only saves the walk.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Final
 
@@ -51,18 +50,13 @@ def size_sql(table: str) -> str:
 
 def claim(index: Index, limit: int = CLAIM) -> list[str]:
     """Mark up to ``limit`` repositories that have no size as being counted (on the writer: a
-    few rows); their names. Two statements whatever the number (see :func:`keep`)."""
+    few rows); their names."""
     with index.transaction() as db:  # (no RETURNING: SQLite before 3.35 has none)
-        (doc,) = db.execute(
-            "SELECT json_group_array(name) FROM "
-            "(SELECT name FROM repos WHERE size IS NULL LIMIT ?)",
-            (limit,),
-        ).fetchone()
-        db.execute(
-            f"UPDATE repos SET size = {COUNTING} WHERE name IN (SELECT value FROM json_each(?))",
-            (doc,),
-        )
-    names: list[str] = json.loads(doc)
+        names = [
+            str(n)
+            for (n,) in db.execute("SELECT name FROM repos WHERE size IS NULL LIMIT ?", (limit,))
+        ]
+        db.executemany(f"UPDATE repos SET size = {COUNTING} WHERE name = ?", [(n,) for n in names])
     return names
 
 
@@ -73,19 +67,9 @@ def measure(index: Index, names: list[str]) -> list[tuple[int, str]]:
 
 
 def keep(index: Index, sizes: list[tuple[int, str]]) -> None:
-    """Keep each count whose repository is still marked (nothing changed it since the mark).
-    One statement for all of them: a thread takes the GIL back after each statement (and
-    each row a statement returns), and while the event loop serves it waits up to a switch
-    interval each time, and makes the loop wait for it."""
-    counts = json.dumps(sizes)
+    """Keep each count whose repository is still marked (nothing changed it since the mark)."""
     with index.transaction() as db:
-        db.execute(
-            "UPDATE repos SET size = (SELECT json_extract(j.value, '$[0]') FROM json_each(:c) j "
-            " WHERE json_extract(j.value, '$[1]') = repos.name) "
-            f"WHERE size = {COUNTING} AND name IN "
-            " (SELECT json_extract(value, '$[1]') FROM json_each(:c))",
-            {"c": counts},
-        )
+        db.executemany(f"UPDATE repos SET size = ? WHERE name = ? AND size = {COUNTING}", sizes)
 
 
 def unclaim(index: Index) -> None:
