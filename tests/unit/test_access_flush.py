@@ -9,7 +9,7 @@ from pathlib import Path
 
 from regproxy.access_times import TOUCH_BATCH, AccessTimes
 from regproxy.async_index import AsyncIndex
-from regproxy.index import Index
+from regproxy.index import Index, ManifestRecord
 
 SERVED_AT = 12345.0
 
@@ -52,3 +52,48 @@ async def test_a_flush_lets_other_writes_in_between_its_batches(tmp_path: Path) 
         assert len(during) == n  # a view taken during the flush keeps what it saw
     finally:
         await db.close()
+
+
+def test_touch_times_rows_their_units_blobs_and_repositories(tmp_path: Path) -> None:
+    """Index.touch: a repository manifest's time, the
+    index listing it and the subject it refers to (the later of theirs and its own), a blob
+    that is no repository manifest, the repository; other repositories' rows stay."""
+    ix = Index(tmp_path / "index.db")
+    ix.open()
+    d = [f"sha256:{i:064x}" for i in range(8)]
+    child, index, subject, referrer, blob, elsewhere = d[:6]
+
+    def rec(
+        digest: str, *, children: tuple[str, ...] = (), subject: str | None = None
+    ) -> ManifestRecord:
+        return ManifestRecord(digest, "m", 1, None, subject, None, [blob], children)
+
+    with ix.transaction():
+        for repo in ("r", "s"):
+            ix.ensure_repo(repo, None, repo)
+            ix.add_blob(repo, blob, 1)
+        ix.add_manifest("r", rec(child))
+        ix.add_manifest("r", rec(index, children=(child,)), tag="i")
+        ix.add_manifest("r", rec(subject), tag="s")
+        ix.add_manifest("r", rec(referrer, subject=subject))
+        ix.add_manifest("s", rec(index, children=(child,)), tag="i")  # another repository's row
+        ix.add_manifest("s", rec(elsewhere), tag="e")
+    with ix.transaction() as db:
+        db.execute("UPDATE repo_manifests SET last_access = 50")
+    # the same key twice: the last time counts; the index's own time is older than its child's
+    ix.touch([("r", child, 90.0), ("r", index, 60.0), ("r", referrer, 80.0), ("r", child, 100.0)])
+    ix.touch([("s", blob, 75.0), ("r", blob, 110.0)])
+
+    def row(repo: str, digest: str) -> float:
+        q = "SELECT last_access FROM repo_manifests WHERE repo=? AND digest=?"
+        return float(ix.db.execute(q, (repo, digest)).fetchone()[0])
+
+    assert row("r", child) == 100.0
+    assert row("r", index) == 100.0  # its own 60, then its child's 100
+    assert row("r", referrer) == 80.0 and row("r", subject) == 80.0
+    assert row("s", index) == 50.0 and row("s", elsewhere) == 50.0
+    blob_time = ix.db.execute("SELECT last_access FROM blobs WHERE digest=?", (blob,)).fetchone()
+    assert blob_time[0] == 110.0
+    repos = dict(ix.db.execute("SELECT name, last_access FROM repos").fetchall())
+    assert repos == {"r": 110.0, "s": 75.0}
+    ix.close()
