@@ -44,7 +44,7 @@ from regproxy.index import Index
 from regproxy.oci import ALGORITHMS, Digest
 from regproxy.progress import Progress
 from regproxy.removal import remove
-from regproxy.store import Store
+from regproxy.store import OUT, SPARE, Store
 
 log = logging.getLogger("regproxy.maintenance")
 STRAY_SECONDS: Final = 3600.0
@@ -170,6 +170,10 @@ def _list_dir(path: Path) -> list[str]:
         return []
 
 
+def _in_use(name: str) -> bool:
+    return name.endswith(SPARE) or OUT in name
+
+
 def _sweep_temp(
     store: Store, sessions: set[str], cutoff: float, dry_run: bool
 ) -> list[tuple[str, int]]:
@@ -177,7 +181,8 @@ def _sweep_temp(
     out = []
     for entry in sorted(store.tmp.iterdir()):
         mtime = _mtime(entry)
-        if entry.name in sessions or mtime is None or mtime >= cutoff:
+        # a running process's spare names and files moved out by a removal are not gc's
+        if entry.name in sessions or mtime is None or mtime >= cutoff or _in_use(entry.name):
             continue
         is_dir = entry.is_dir()
         size = 0 if is_dir else entry.stat().st_size

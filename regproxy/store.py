@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, cast
 
-from regproxy.errors import DigestMismatch, OCIError, StorageFull, StoreFailed
+from regproxy.errors import DigestInvalid, DigestMismatch, OCIError, StorageFull, StoreFailed
 from regproxy.oci import ALGORITHMS, Digest
 from regproxy.units import BULK_CHUNK
 
@@ -276,6 +276,10 @@ class Store:
         self._keep_reserve()
         removed = 0
         for entry in self.tmp.iterdir() if sweep else ():
+            if OUT in entry.name:  # a crash mid-removal: the file goes back (gc takes orphans)
+                with contextlib.suppress(OSError, DigestInvalid):
+                    hex_part = entry.name.split(OUT)[0]
+                    self.put_back(Digest.parse_uncached(f"sha256:{hex_part}"), entry)
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -381,7 +385,9 @@ class Store:
         """No file for ``digest``, and no removal has it moved out (it may be put back)."""
         if self.stat(digest) is not None:
             return False
-        return not any(self.tmp.glob(f"{digest.hex}{OUT}*"))
+        if any(self.tmp.glob(f"{digest.hex}{OUT}*")):
+            return False
+        return self.stat(digest) is None  # a put-back links it before it drops the moved name
 
     def put_back(self, digest: Digest, source: Path) -> bool:
         """Give the file of ``digest`` the name ``source`` has, unless one is in place (any file
@@ -393,6 +399,8 @@ class Store:
             return False
         except FileNotFoundError:
             if not source.exists():
+                if dest.exists():
+                    return False  # in place already (put back by another)
                 raise
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.link(source, dest)
