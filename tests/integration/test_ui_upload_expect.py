@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from regproxy.web_keys import REGISTRY_KEY
 from tests.images import make_image, write_layout
+from tests.integration.test_push_room import answer
 from tests.uiclient import login, start
 
 Client = TestClient[Any, Any]
@@ -50,13 +51,6 @@ async def ask(
     )
     await writer.drain()
     return reader, writer
-
-
-async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(lines[0].split()[1]), headers, body
 
 
 def form(csrf: str, bundle: bytes) -> bytes:
