@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -58,6 +59,7 @@ from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MANIFEST_TYPES, Digest, ParsedManifest, parse_manifest
 from regproxy.policy import ImportedImage, Policy
 from regproxy.registry import Registry
+from regproxy.settling import settle_row
 from regproxy.space import Space
 from regproxy.store import BlobWriter
 from regproxy.units import BULK_CHUNK
@@ -428,8 +430,10 @@ class Importer:
             summary.bytes_new += size
             try:
                 await self.registry.index_blob(repo, digest, size)  # written just now
-            finally:  # the file is still in place (see regproxy.removal)
-                await loop.run_in_executor(None, writer.settle, digest)
+            finally:  # the file is still in place, else the row goes (regproxy.settling)
+                settle = functools.partial(writer.settle, digest)
+                db, cache = self.registry.db, self.registry.cache
+                await settle_row(db, cache, repo.canonical, digest, settle)
             return True
         if digest not in committed:
             summary.blobs_present += 1

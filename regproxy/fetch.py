@@ -105,13 +105,24 @@ class Source:
     usable: Callable[[], bool] = _always
 
 
+#: runs a committed file's settle (blocking) for (repo, digest) after ``on_commit``'s row, and
+#: takes the row back when it fails (regproxy.settling)
+Settler = Callable[[str, Digest, Callable[[], object]], Awaitable[None]]
+
+
+async def _settle_only(repo: str, digest: Digest, settle: Callable[[], object]) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, settle)
+
+
 class Fetcher:
-    """Owns the in-flight transfers; ``on_commit`` indexes a verified blob."""
+    """Owns the in-flight transfers; ``on_commit`` indexes a verified blob, then ``settle``
+    makes sure of its file (its row taken back if that fails)."""
 
     def __init__(
         self,
         store: Store,
         on_commit: Callable[[Digest, int, str, str], Awaitable[None]],
+        settle: Settler = _settle_only,
         *,
         timing: Timing = DEFAULT_TIMING,
         metrics: Metrics | None = None,
@@ -119,6 +130,7 @@ class Fetcher:
     ) -> None:
         self.store = store
         self.on_commit = on_commit
+        self.settle = settle
         #: room reserved before a first byte is written (None: none checked, as for tools)
         self.space = space
         self.metrics = metrics if metrics is not None else Metrics()
@@ -243,7 +255,7 @@ class Fetcher:
             try:
                 await self.on_commit(t.digest, t.size, repo, t.source)
             finally:  # the file is still in place (see regproxy.removal)
-                await loop.run_in_executor(None, t.writer.settle, t.digest)
+                await self.settle(repo, t.digest, functools.partial(t.writer.settle, t.digest))
             t.committed = True
             log.info(
                 "fetch.committed digest=%s repo=%s source=%s kind=%s copy=%s bytes=%d "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,7 @@ from regproxy.registry import (
     ManifestGone,
     note,
 )
+from regproxy.settling import settle_row
 from regproxy.space import Space
 from regproxy.store import Store
 from regproxy.upstream import TagPage, UpstreamClient
@@ -121,8 +123,9 @@ class ProxyRegistry:
         self.timing = timing
         #: manifests the cluster's hosts answer, stored in the local registry
         self.from_cluster = FromCluster(local, timing, config.tag_ttl)
+        settle = functools.partial(settle_row, db, local.cache)  # its row back if it fails
         self.fetcher = Fetcher(
-            store, self._on_fetched, timing=timing, metrics=self.metrics, space=self.space
+            store, self._on_fetched, settle, timing=timing, metrics=self.metrics, space=self.space
         )
         self.clients = ClientPool(config, timing=timing, metrics=self.metrics)
         self._flights = SingleFlights("upstream")

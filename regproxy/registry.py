@@ -43,6 +43,7 @@ from regproxy.lookups import LookupCache
 from regproxy.metrics import Metrics
 from regproxy.names import RepoName
 from regproxy.oci import Descriptor, Digest, is_digest_reference, parse_manifest_async, validate_tag
+from regproxy.settling import settle_row
 from regproxy.space import Space
 from regproxy.store import BlobWriter, Store
 from regproxy.uploads import DEFAULT_MAX_SESSIONS, UploadSessions
@@ -300,8 +301,9 @@ class LocalRegistry:
             raise DigestInvalid(str(digest), f"content hashes to {exc.actual}") from None
         try:
             await self.index_blob(repo, digest, size)
-        finally:  # the file is still in place (see regproxy.removal)
-            await self._io(writer.settle, digest)
+        finally:  # the file is still in place, else the row goes (regproxy.settling)
+            settle = functools.partial(writer.settle, digest)
+            await settle_row(self.db, self.cache, repo.canonical, digest, settle)
         return size
 
     async def index_blob(self, repo: RepoName, digest: Digest, size: int) -> None:
@@ -451,7 +453,8 @@ class LocalRegistry:
                 why = f"blob {missing[0]} gone"
                 await manifest_put.drop_refused(self.store, self.db, digest, repo.canonical, why)
             raise ManifestBlobUnknown(missing[0])
-        await self._io(self.store.ensure_bytes, digest, body)  # see regproxy.removal
+        settle = functools.partial(self.store.ensure_bytes, digest, body)  # regproxy.settling
+        await settle_row(self.db, self.cache, repo.canonical, digest, settle, manifest=True)
         self.cache.put_body(str(digest), body)
         self._stored()
         if tag is not None:

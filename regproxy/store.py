@@ -231,16 +231,23 @@ class BlobWriter:
         return self.size
 
     def settle(self, digest: Digest) -> None:
-        """Once the digest's index row is written: the committed file is put back if another
-        process's eviction moved it out in between (see :meth:`Store.remove`), and the spare
-        name goes."""
+        """Once the digest's index row is written: the committed file is put back if a removal
+        (in any process) moved it out in between (:mod:`regproxy.removal`), and the spare name
+        goes. A put-back that fails is tried once more; then :class:`StorageFull` or
+        :class:`StoreFailed`: the file is not in place, and the caller takes its row back."""
         spare, self.spare = self.spare, None
         if spare is None:
             return
         try:
-            self.store.put_back(digest, spare)
+            try:
+                self.store.put_back(digest, spare)
+            except OSError:  # once more from the spare (EEXIST: put back by another meanwhile)
+                self.store.put_back(digest, spare)
+        except OSError as exc:
+            raise _disk_error(exc, f"putting {digest} back") from exc
         finally:
-            spare.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a spare left is the start-up sweep's
+                spare.unlink(missing_ok=True)
 
     def abort(self) -> None:
         self.close()
@@ -408,9 +415,13 @@ class Store:
         return True
 
     def ensure_bytes(self, digest: Digest, data: bytes) -> None:
-        """A small file whose index row was just written is still in place (else written)."""
-        if self.stat(digest) != len(data):
-            self.write_bytes(digest, data)
+        """A small file whose index row was just written is still in place (else written);
+        a disk fault is :class:`StorageFull` or :class:`StoreFailed`, never an OSError."""
+        try:
+            if self.stat(digest) != len(data):
+                self.write_bytes(digest, data)
+        except OSError as exc:
+            raise _disk_error(exc, f"writing {digest} again") from exc
 
     def iter_blobs(self) -> Iterator[tuple[Digest, int]]:
         """Every committed blob (fsck and gc only: the serving path never scans)."""

@@ -93,9 +93,12 @@ LAYERS: dict[str, Layer] = {
     "access": _layer("access_times", "base index facade"),
     # a manifest PUT's file and row: placed, or taken away again when the PUT is refused
     "manifest_put": _layer("manifest_put", f"{_MODEL} store removal index facade"),
+    # a writer's file made sure of after its row, else the row taken back
+    "settling": _layer("settling", "base oci index facade lookups"),
     "registry": _layer(
         "registry",
-        f"{_MODEL} store index facade space uploads lookups lookup_confirm access manifest_put",
+        f"{_MODEL} store index facade space uploads lookups lookup_confirm access manifest_put "
+        "settling",
     ),
     # referrers pulled through: composed into proxy (a Protocol names what it needs of it)
     "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),
@@ -104,7 +107,7 @@ LAYERS: dict[str, Layer] = {
     "proxy": _layer(
         "proxy",
         f"{_MODEL} store index facade inflight transfer space upstream peers cluster lookups "
-        "registry referrers from_cluster",
+        "registry referrers from_cluster settling",
     ),
     # the signature policy: rules, decisions, verification through the referrers
     "policy": _layer("policy", f"{_MODEL} signatures index facade registry referrers"),
@@ -123,7 +126,7 @@ LAYERS: dict[str, Layer] = {
     "tools": _layer(
         "bundle containerd fsck health maintenance prefetch tls",
         f"{_MODEL} schema store removal index facade hashing transfer registry proxy gc pinning "
-        "staging archives "
+        "staging archives settling "
         "export policy space uploads",
     ),
     # the HTTP layer: shared keys and error rendering low, handlers above them (expect: when

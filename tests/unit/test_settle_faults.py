@@ -1,0 +1,174 @@
+"""A writer whose file a removal took between its placing and its index row, on a disk that then
+fails the put-back (full: 507, EIO: 500): the row it wrote is taken back, so the index never
+names a missing file; nothing of it is left in tmp/; the log line names the digest and the
+repository (regproxy.settling). A put-back failing once is tried again from the spare.
+
+Every writer: a push, a pull-through fetch, an import, a manifest ``PUT``. The put-back's fault
+is an OSError with the errno a link on a full or broken disk gets, raised by the store's
+``put_back`` while the file is not in place (a link to a name that exists is EEXIST first); a
+manifest, written again from its bytes, fails on /dev/full or a dead pty as a fetch's write does
+(tests.unit.test_fetch_disk_faults)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from regproxy.bundle import Importer
+from regproxy.config import config_from_dict, load_config
+from regproxy.errors import OCIError, StorageFull, StoreFailed
+from regproxy.index import Index
+from regproxy.names import NameResolver, RepoName
+from regproxy.oci import Digest
+from regproxy.proxy import ProxyRegistry
+from regproxy.registry import LocalRegistry
+from regproxy.removal import remove
+from regproxy.store import BlobWriter, Store
+from tests.fakes import FakeUpstream
+from tests.unit.test_evict import OCI_MANIFEST, chunks, layer, up
+from tests.unit.test_fetch_disk_faults import FaultyWriter
+from tests.unit.test_import_evict_race import LAYER, layout, manifest
+from tests.unit.test_removal import RacingIndex
+
+KINDS = ["push", "fetch", "import", "manifest"]
+
+
+class BrokenStore(Store):
+    """Once ``fails`` is set, that many put-backs of a file not in place fail with ``fault``,
+    and new writers' writes fail with it."""
+
+    fault = "ENOSPC"
+    fails = 0
+
+    def put_back(self, digest: Digest, source: Path) -> bool:
+        if self.fails and self.stat(digest) is None:
+            self.fails -= 1
+            code = errno.ENOSPC if self.fault == "ENOSPC" else errno.EIO
+            raise OSError(code, os.strerror(code))
+        return super().put_back(digest, source)
+
+    def writer(
+        self, name: str | None = None, *, append: bool = False, deferred: bool = False
+    ) -> BlobWriter:
+        if not self.fails:
+            return super().writer(name, append=append, deferred=deferred)
+        w = FaultyWriter(self, self.temp_path(name), append=append, deferred=deferred)
+        w.fault, w.fail_at = self.fault, 0
+        return w
+
+
+class Case:
+    """One writer of ``data`` into ``repo`` on a broken store, a removal before its row."""
+
+    def __init__(
+        self, kind: str, reg: LocalRegistry | ProxyRegistry, repo: RepoName, data: bytes
+    ) -> None:
+        self.kind, self.reg, self.repo, self.data = kind, reg, repo, data
+        self.digest = Digest.of(data)
+        assert isinstance(reg.store, BrokenStore) and isinstance(reg.db, RacingIndex)
+        self.store, self.db = reg.store, reg.db
+        self.write: Callable[[], Awaitable[object]] = lambda: _never()
+
+    def strike(self, fault: str, fails: int) -> None:
+        """Right before the writer's row: a removal takes its file, then the disk breaks."""
+
+        async def removal() -> None:
+            d = str(self.digest)
+            assert await remove(self.store, [d], lambda ds: self.db.read(Index.stored_among, ds))
+            self.store.fault, self.store.fails = fault, fails
+
+        self.db.target, self.db.hook = str(self.digest), removal
+
+    async def row(self) -> object:
+        fn = Index.manifest_in_repo if self.kind == "manifest" else Index.blob_in_repo
+        return await self.reg.db.read(fn, self.repo.canonical, str(self.digest))
+
+
+async def _never() -> None:
+    raise AssertionError("no writer")
+
+
+@pytest.fixture
+async def case(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Case]:
+    kind, root = request.param, tmp_path / "store"
+    store, db = BrokenStore(root), RacingIndex(root / "index.db")
+    if kind == "fetch":
+        server = await FakeUpstream().start()
+        cfg = {
+            "storage": {"root": str(root), "min_free": 0},
+            "upstreams": {server.hostport: {"url": server.url, "alias": "fake.test"}},
+        }
+        config = config_from_dict(cfg)
+        proxy = ProxyRegistry(store, db, config)
+        await proxy.open()
+        repo, _ = NameResolver(config).parse_reference("fake.test/team/app")
+        c = Case(kind, proxy, repo, b"fetched" * 20_000)  # not a small blob: a transfer
+        server.add_blob(c.data)
+
+        async def fetch() -> None:
+            blob = await proxy.get_blob(repo, c.digest)
+            if blob.stream is not None:
+                await blob.stream.wait_done()
+
+        c.write = fetch
+        try:
+            yield c
+        finally:
+            await proxy.close()
+            await server.stop()
+        return
+    reg = LocalRegistry(store, db)
+    await reg.open()
+    if kind == "import":
+        c = Case(kind, reg, RepoName("spectro-images/docker.io/team/new"), LAYER)
+        path, _ = layout(tmp_path / "bundle", b'{"new": true}')
+        importer = Importer(reg, NameResolver(load_config(None, env={})))
+        c.write = lambda: importer.import_path(path)
+    elif kind == "push":
+        c = Case(kind, reg, up("team/again"), layer("pushed"))
+        c.write = lambda: reg.uploads.monolithic(c.repo, c.digest, chunks(c.data), len(c.data))
+    else:
+        body = manifest(b'{"put": true}')
+        c = Case(kind, reg, up("team/again"), body)
+        c.write = lambda: reg.put_manifest(
+            c.repo, "v1", body, OCI_MANIFEST, verify_refs=False, pinned=True
+        )
+    try:
+        yield c
+    finally:
+        await reg.close()
+
+
+@pytest.mark.parametrize("case", KINDS, indirect=True)
+@pytest.mark.parametrize("fault", ["ENOSPC", "EIO"])
+async def test_a_file_the_disk_cannot_put_back_takes_its_row_back(
+    case: Case, fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="regproxy.store")
+    case.strike(fault, fails=2)
+    with pytest.raises(OCIError) as err:
+        await case.write()
+    expected = StorageFull if fault == "ENOSPC" else StoreFailed
+    assert type(err.value) is expected, err.value
+    assert err.value.http_status == (507 if fault == "ENOSPC" else 500)
+    assert await case.row() is None  # no row names the missing file
+    assert case.store.stat(case.digest) is None
+    assert [p.name for p in case.store.tmp.iterdir()] == []  # no spare, nothing moved out
+    lines = [r.getMessage() for r in caplog.records if "settle_failed" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert f"digest={case.digest} repo={case.repo.canonical} " in lines[0]
+
+
+@pytest.mark.parametrize("case", ["push", "fetch", "import"], indirect=True)
+async def test_a_put_back_failing_once_is_tried_again_from_the_spare(case: Case) -> None:
+    """(A manifest is written again from its bytes, not put back from a spare.)"""
+    case.strike("EIO", fails=1)
+    await case.write()
+    assert await case.row() is not None
+    assert case.store.read(case.digest) == case.data
+    assert [p.name for p in case.store.tmp.iterdir()] == []
