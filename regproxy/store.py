@@ -327,6 +327,10 @@ class Store:
             return
         os.close(fd)
 
+    def sync_dir(self, path: Path) -> None:
+        """fsync a directory of the store: the names made in it are durable."""
+        _fsync_dir(path)
+
     def blob_path(self, digest: Digest) -> Path:
         # Digest.parse guarantees [a-z0-9] algorithm and hex: no path can escape the tree
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
@@ -398,7 +402,7 @@ class Store:
 
     def put_back(self, digest: Digest, source: Path) -> bool:
         """Give the file of ``digest`` the name ``source`` has, unless one is in place (any file
-        of a digest has its bytes); True if it was put back."""
+        of a digest has its bytes); True if it was put back (and its directory fsynced)."""
         dest = self.blob_path(digest)
         try:
             os.link(source, dest)
@@ -411,6 +415,9 @@ class Store:
                 raise
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.link(source, dest)
+        # durable before the caller drops the name it came from: after a power loss the file
+        # of a digest whose row is durable is in blobs/ (rare: only a digest stored again)
+        self.sync_dir(dest.parent)
         log.info("store.put_back digest=%s", digest)
         return True
 

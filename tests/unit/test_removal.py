@@ -243,3 +243,53 @@ async def test_a_file_a_crash_left_moved_out_goes_back_at_start(tmp_path: Path) 
     store.open()
     assert store.read(d) == data
     assert list(store.tmp.iterdir()) == []
+
+
+class SyncedStore(Store):
+    """Records each directory fsync with the names in tmp/ at that moment."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.synced: list[tuple[Path, list[str]]] = []
+
+    def sync_dir(self, path: Path) -> None:
+        self.synced.append((path, sorted(p.name for p in self.tmp.iterdir())))
+        super().sync_dir(path)
+
+
+async def test_a_put_back_is_durable_before_the_name_it_came_from_goes(tmp_path: Path) -> None:
+    """A removal putting a stored digest's file back, and a writer putting its own back from
+    its spare, fsync the blob's directory while the name in tmp/ still exists (a power loss
+    then keeps the file of a durable row); deleting what nobody stores syncs nothing."""
+    store = SyncedStore(tmp_path / "s")
+    store.open()
+    kept, gone = Digest.of(b"stored again"), Digest.of(b"evicted")
+    store.write_bytes(kept, b"stored again")
+    store.write_bytes(gone, b"evicted")
+
+    async def stored(ds: list[str]) -> set[str]:
+        return {str(kept)}
+
+    store.synced.clear()
+    assert await remove(store, [str(gone)], stored) == [str(gone)]
+    assert store.synced == []  # eviction's common path: no fsync per file
+    assert await remove(store, [str(kept)], stored) == []
+    assert len(store.synced) == 1
+    where, names = store.synced[0]
+    assert where == store.blob_path(kept).parent
+    assert [n for n in names if n.startswith(f"{kept.hex}.out-")]  # not yet deleted
+    assert store.read(kept) == b"stored again" and list(store.tmp.iterdir()) == []
+    # a writer whose file a removal took before its row: put back from its spare, synced first
+    data = b"written while a removal ran"
+    d = Digest.of(data)
+    w = store.writer()
+    w.write(data)
+    w.commit(d)
+    assert w.spare is not None and store.move_out(d) is not None
+    spare = w.spare.name
+    store.synced.clear()
+    w.settle(d)
+    assert len(store.synced) == 1
+    where, names = store.synced[0]
+    assert where == store.blob_path(d).parent and spare in names
+    assert store.read(d) == data
