@@ -41,6 +41,7 @@ from typing import Any, Final
 
 from regproxy.config import Config, StorageConfig
 from regproxy.evict_batch import Batch, evict_loose, evict_lru
+from regproxy.evict_pace import Pace
 from regproxy.fetch import Fetcher
 from regproxy.index import Index
 from regproxy.registry import Registry
@@ -79,12 +80,16 @@ class Watermarks:
         target = int(floor / ratio) if floor and ratio > 0 else floor
         return cls(limit, low, floor, target)
 
+    def short_of_disk(self, free: int) -> bool:
+        """Whether the filesystem is under ``min_free``."""
+        return bool(self.floor) and free < self.floor
+
     def need(self, stored: int, free: int) -> int:
         """Bytes to free now: 0 unless a high watermark is crossed."""
         over = stored - self.low if self.limit is not None and self.low is not None else 0
         if self.limit is None or stored <= self.limit:
             over = 0
-        under = self.floor_target - free if self.floor and free < self.floor else 0
+        under = self.floor_target - free if self.short_of_disk(free) else 0
         return max(0, over, under)
 
 
@@ -115,17 +120,21 @@ class Evictor:
         *,
         in_use: float = IN_USE_SECONDS,
         clock: Callable[[], float] = time.time,
+        pace: Callable[[], Pace] = Pace,
     ) -> None:
         self.registry = registry
         self.config = config
         self.in_use = in_use
         self.clock = clock
+        self.pace = pace
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._data_version: int | None = None
         self._stuck_logged = -STUCK_LOG_SECONDS
         #: one round at a time: the loop's, or one a transfer asked for (make_room)
         self._lock = asyncio.Lock()
+        #: transfers waiting for room: a paced round stops resting for them
+        self._wanted = 0
         fetcher = getattr(registry, "fetcher", None)
         self.fetcher = fetcher if isinstance(fetcher, Fetcher) else None
 
@@ -174,11 +183,18 @@ class Evictor:
         cache is not re-planned at every miss: a round like the loop's, by the same rules
         (nothing pinned, in use or being fetched goes). Returns the bytes freed."""
         reg = self.registry
-        async with self._lock:
+        self._wanted += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._wanted -= 1
+        try:
             total, _ = await asyncio.get_running_loop().run_in_executor(None, reg.store.disk_usage)
             marks = Watermarks.of(self.config.storage, total)
             margin = max((marks.limit or 0) - (marks.low or 0), marks.floor_target - marks.floor)
             r = await self.evict(need + margin)
+        finally:
+            self._lock.release()
         reg.metrics.store_bytes.set(await reg.db.read(Index.store_bytes))
         short = max(0, need - r.freed)
         (log.warning if short else log.info)(
@@ -217,7 +233,9 @@ class Evictor:
         if need <= 0:
             self.registry.metrics.short(0)
             return None
-        r = await self.evict(need)
+        # above max_size only (not short of disk): the batches rest while requests keep the
+        # event loop busy (regproxy.evict_pace)
+        r = await self.evict(need, paced=not marks.short_of_disk(free))
         after = await reg.db.read(Index.totals)
         self.registry.metrics.store_bytes.set(after.stored_bytes)
         self.registry.metrics.pinned_bytes.set(after.pinned_bytes)
@@ -243,14 +261,16 @@ class Evictor:
         )
         return r
 
-    async def evict(self, need: int) -> Round:
+    async def evict(self, need: int, *, paced: bool = False) -> Round:
         """Evict in batches until ``need`` bytes are freed or nothing more may go.
 
         The files of one batch are deleted while the next batch is planned (see
-        :class:`_Unlinker`); the round ends when the last of them is gone."""
+        :class:`_Unlinker`); the round ends when the last of them is gone. ``paced``: rest
+        between batches while the event loop is busy (:mod:`regproxy.evict_pace`)."""
         reg = self.registry
         r = Round(need)
         started = time.monotonic()
+        pace = self.pace()
         loose = Batch()  # the last batch of each kind: where the next one goes on
         lru = Batch()
         unlinker = _Unlinker(reg)
@@ -258,6 +278,11 @@ class Evictor:
         await reg.flush_access()  # the order is decided on fresh access times
         try:
             while r.freed < need:
+                if paced and r.batches and not self._wanted:
+                    # after the step before (not after the last); not while a transfer waits
+                    # for room (make_room)
+                    await pace.rest()
+                pace.begin()
                 if not loose.exhausted:
                     before = self.clock() - self.config.storage.upload_ttl
                     loose = batch = await reg.db.write_background(
