@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -431,9 +430,8 @@ class Importer:
             try:
                 await self.registry.index_blob(repo, digest, size)  # written just now
             finally:  # the file is still in place, else the row goes (regproxy.settling)
-                settle = functools.partial(writer.settle, digest)
                 db, cache = self.registry.db, self.registry.cache
-                await settle_row(db, cache, repo.canonical, digest, settle)
+                await settle_row(db, cache, repo.canonical, digest, writer.settle)
             return True
         if digest not in committed:
             summary.blobs_present += 1

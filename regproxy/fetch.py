@@ -107,11 +107,11 @@ class Source:
 
 #: runs a committed file's settle (blocking) for (repo, digest) after ``on_commit``'s row, and
 #: takes the row back when it fails (regproxy.settling)
-Settler = Callable[[str, Digest, Callable[[], object]], Awaitable[None]]
+Settler = Callable[[str, Digest, Callable[[Digest], object]], Awaitable[None]]
 
 
-async def _settle_only(repo: str, digest: Digest, settle: Callable[[], object]) -> None:
-    await asyncio.get_running_loop().run_in_executor(None, settle)
+async def _settle_only(repo: str, digest: Digest, settle: Callable[[Digest], object]) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, settle, digest)
 
 
 class Fetcher:
@@ -255,7 +255,7 @@ class Fetcher:
             try:
                 await self.on_commit(t.digest, t.size, repo, t.source)
             finally:  # the file is still in place (see regproxy.removal)
-                await self.settle(repo, t.digest, functools.partial(t.writer.settle, t.digest))
+                await self.settle(repo, t.digest, t.writer.settle)
             t.committed = True
             log.info(
                 "fetch.committed digest=%s repo=%s source=%s kind=%s copy=%s bytes=%d "

@@ -43,7 +43,7 @@ from regproxy.errors import DigestInvalid
 from regproxy.index import Index
 from regproxy.oci import ALGORITHMS, Digest
 from regproxy.progress import Progress
-from regproxy.removal import remove
+from regproxy.removal import remove, settle_spares
 from regproxy.store import OUT, SPARE, Store
 
 log = logging.getLogger("regproxy.maintenance")
@@ -270,6 +270,10 @@ async def gc(
         report.temp_files = await loop.run_in_executor(
             None, _sweep_temp, store, sessions, stray, dry_run
         )
+        if not dry_run:  # spares writers killed before their settle left (regproxy.removal)
+            report.temp_files += await settle_spares(
+                store, lambda ds: db.read(known, ds), before=stray
+            )
         for alg in ALGORITHMS:
             base = store.blobs / alg
             subdirs = await loop.run_in_executor(None, _subdirs, base)

@@ -43,6 +43,7 @@ from regproxy.lookups import LookupCache
 from regproxy.metrics import Metrics
 from regproxy.names import RepoName
 from regproxy.oci import Descriptor, Digest, is_digest_reference, parse_manifest_async, validate_tag
+from regproxy.removal import settle_spares
 from regproxy.settling import settle_row
 from regproxy.space import Space
 from regproxy.store import BlobWriter, Store
@@ -169,12 +170,13 @@ class LocalRegistry:
         return await asyncio.get_running_loop().run_in_executor(None, call)
 
     async def open(self, *, sweep: bool = True) -> None:
-        """Open store and index; ``sweep`` (the daemon's start-up) removes what a crash left.
-
-        Tools that run beside a live daemon (import, prefetch, pin) open with ``sweep=False``.
-        """
+        """Open store and index; ``sweep`` (the daemon's start-up, not the tools beside a live
+        daemon: import, prefetch, pin) removes what a crash left."""
         removed = await self._io(self.store.open, sweep=sweep)
         await self.db.open()
+        if sweep:  # the spares of writers killed before their settle (regproxy.removal)
+            spares = await settle_spares(self.store, lambda d: self.db.read(Index.stored_among, d))
+            removed += len(spares)
         cleared = await self.db.write(Index.clear_uploads) if sweep else 0
         log.info(
             "registry.open root=%s swept_tmp=%d cleared_uploads=%d",
@@ -302,8 +304,7 @@ class LocalRegistry:
         try:
             await self.index_blob(repo, digest, size)
         finally:  # the file is still in place, else the row goes (regproxy.settling)
-            settle = functools.partial(writer.settle, digest)
-            await settle_row(self.db, self.cache, repo.canonical, digest, settle)
+            await settle_row(self.db, self.cache, repo.canonical, digest, writer.settle)
         return size
 
     async def index_blob(self, repo: RepoName, digest: Digest, size: int) -> None:
@@ -453,7 +454,7 @@ class LocalRegistry:
                 why = f"blob {missing[0]} gone"
                 await manifest_put.drop_refused(self.store, self.db, digest, repo.canonical, why)
             raise ManifestBlobUnknown(missing[0])
-        settle = functools.partial(self.store.ensure_bytes, digest, body)  # regproxy.settling
+        settle = functools.partial(self.store.ensure_bytes, data=body)  # regproxy.settling
         await settle_row(self.db, self.cache, repo.canonical, digest, settle, manifest=True)
         self.cache.put_body(str(digest), body)
         self._stored()

@@ -15,6 +15,10 @@ deletes the rest. Whatever the interleaving with a writer of the same digest:
 No lock is shared: a writer never waits for a removal, nor a removal for a writer. A digest
 stored again while it was being removed is missing from ``blobs/`` for the moment between the
 move and the put-back.
+
+A writer killed between its row and its check (``regproxy import`` beside the daemon) leaves
+its spare in ``tmp/``; :func:`settle_spares` (the daemon's start, ``regproxy gc``) puts its file
+back if the index stores the digest and none is in place, and deletes it.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import TypeVar
 
 from regproxy.oci import Digest
-from regproxy.store import Store
+from regproxy.store import Store, spare_digest
 
 log = logging.getLogger("regproxy.store")
 T = TypeVar("T")
@@ -108,4 +113,50 @@ def _finish(store: Store, stored: set[str], moved: list[tuple[str, Digest, Path]
             path.unlink()
         except OSError as exc:
             log.warning("store.remove_failed digest=%s path=%s error=%s", d, path, exc)
+    return gone
+
+
+async def settle_spares(
+    store: Store, stored_among: StoredAmong, *, before: float | None = None
+) -> list[tuple[str, int]]:
+    """The spares writers left in ``tmp/``: the file of a digest the index stores goes back when
+    none is in place, and every spare goes; returns their (name, size). ``before``: only the
+    spares whose inode changed before then (a spare's link is made at its writer's commit:
+    ``regproxy gc`` beside live writers), else all (the daemon's start)."""
+    loop = asyncio.get_running_loop()
+    found = await loop.run_in_executor(None, _spares, store, before)
+    if not found:
+        return []
+    stored = await stored_among([str(d) for _, d, _ in found])
+    return await loop.run_in_executor(None, _settle_spares, store, found, stored)
+
+
+def _spares(store: Store, before: float | None) -> list[tuple[Path, Digest, int]]:
+    out = []
+    for entry in os.scandir(store.tmp):
+        d = spare_digest(entry.name)
+        if d is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if before is None or st.st_ctime < before:
+            out.append((Path(entry.path), d, st.st_size))
+    return out
+
+
+def _settle_spares(
+    store: Store, found: list[tuple[Path, Digest, int]], stored: set[str]
+) -> list[tuple[str, int]]:
+    gone = []
+    for path, d, size in found:
+        try:
+            if str(d) in stored:  # its writer's row is in: its file must be (a removal took it?)
+                store.put_back(d, path)
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("store.remove_failed digest=%s path=%s error=%s", d, path, exc)
+            continue
+        gone.append((path.name, size))
     return gone

@@ -28,15 +28,15 @@ async def settle_row(
     cache: LookupCache,
     repo: str,
     digest: Digest,
-    settle: Callable[[], object],
+    settle: Callable[[Digest], object],
     *,
     manifest: bool = False,
 ) -> None:
-    """Run ``settle`` (blocking, on the executor) after the row of ``digest`` in ``repo``;
+    """Run ``settle(digest)`` (blocking, on the executor) after the row of ``digest`` in ``repo``;
     if it raises the store's error, that row (a manifest's with its tags in ``repo``) is
     removed and the error raised."""
     try:
-        await asyncio.get_running_loop().run_in_executor(None, settle)
+        await asyncio.get_running_loop().run_in_executor(None, settle, digest)
     except (StorageFull, StoreFailed) as exc:
         log.error(
             "store.settle_failed digest=%s repo=%s kind=%s error=%s: the file could not be put "

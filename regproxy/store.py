@@ -59,11 +59,23 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range: Final = _load_sync_file_range()
-#: the suffix of a committed file's second name in ``tmp/``, kept until its index row is in
+#: the suffix of a committed file's second name in ``tmp/``, kept until its index row is in:
+#: ``<temp name>.<algorithm>-<hex>.spare`` (see :func:`spare_digest`)
 SPARE: Final = ".spare"
 #: the infix of a file moved out of ``blobs/`` by a removal, until it is deleted or put back
 OUT: Final = ".out-"
 log = logging.getLogger("regproxy.store")
+
+
+def spare_digest(name: str) -> Digest | None:
+    """The digest a spare's name carries (None: not one, or one named without it)."""
+    if not name.endswith(SPARE):
+        return None
+    alg, _, hex_part = name[: -len(SPARE)].rpartition(".")[2].partition("-")
+    try:
+        return Digest.parse_uncached(f"{alg}:{hex_part}")
+    except DigestInvalid:
+        return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -220,7 +232,9 @@ class BlobWriter:
             self.close()
             dest = self.store.blob_path(expected)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            spare = self.path.with_name(self.path.name + SPARE)
+            spare = self.path.with_name(
+                f"{self.path.name}.{expected.algorithm}-{expected.hex}{SPARE}"
+            )
             os.link(self.path, spare)
             self.spare = spare
             os.replace(self.path, dest)
@@ -246,7 +260,7 @@ class BlobWriter:
         except OSError as exc:
             raise _disk_error(exc, f"putting {digest} back") from exc
         finally:
-            with contextlib.suppress(OSError):  # a spare left is the start-up sweep's
+            with contextlib.suppress(OSError):  # a spare left: regproxy.removal.settle_spares
                 spare.unlink(missing_ok=True)
 
     def abort(self) -> None:
@@ -268,7 +282,8 @@ class Store:
         self.quarantine = root / "quarantine"
 
     def open(self, *, sweep: bool = True) -> int:
-        """Create the layout and remove partial files a crash left; returns how many."""
+        """Create the layout and remove partial files a crash left; returns how many. Spares
+        are left to :func:`regproxy.removal.settle_spares`, which asks the index."""
         for d in (self.root, self.blobs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         version_file = self.root / "LAYOUT_VERSION"
@@ -283,6 +298,8 @@ class Store:
         self._keep_reserve()
         removed = 0
         for entry in self.tmp.iterdir() if sweep else ():
+            if spare_digest(entry.name) is not None:
+                continue
             if OUT in entry.name:  # a crash mid-removal: the file goes back (gc takes orphans)
                 with contextlib.suppress(OSError, DigestInvalid):
                     hex_part = entry.name.split(OUT)[0]

@@ -97,8 +97,8 @@ LAYERS: dict[str, Layer] = {
     "settling": _layer("settling", "base oci index facade lookups"),
     "registry": _layer(
         "registry",
-        f"{_MODEL} store index facade space uploads lookups lookup_confirm access manifest_put "
-        "settling",
+        f"{_MODEL} store removal index facade space uploads lookups lookup_confirm access "
+        "manifest_put settling",
     ),
     # referrers pulled through: composed into proxy (a Protocol names what it needs of it)
     "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),

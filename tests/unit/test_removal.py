@@ -293,3 +293,55 @@ async def test_a_put_back_is_durable_before_the_name_it_came_from_goes(tmp_path:
     where, names = store.synced[0]
     assert where == store.blob_path(d).parent and spare in names
     assert store.read(d) == data
+
+
+@pytest.mark.parametrize("by", ["start", "gc"])
+async def test_a_spare_a_killed_writer_left_puts_its_file_back_if_its_row_is_in(
+    tmp_path: Path, by: str
+) -> None:
+    """A tool killed between its row and its settle, while a removal took its file: its spare in
+    tmp/ puts the file back, at the daemon's next start, or by gc once it is old enough that no
+    live writer can own it. A spare whose digest nobody stores, or whose file is in place, is
+    deleted."""
+    from regproxy.maintenance import gc
+
+    root = tmp_path / "store"
+    reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
+    await reg.open()
+    repo, store = up("team/tool"), reg.store
+
+    async def killed(data: bytes, row: bool, taken: bool) -> Digest:
+        d = Digest.of(data)
+        w = store.writer()
+        w.write(data)
+        w.commit(d)
+        if row:
+            await reg.index_blob(repo, d, len(data))
+        if taken:  # a removal that asked the index before the row: moved out and deleted
+            moved = store.move_out(d)
+            assert moved is not None
+            moved.unlink()
+        return d  # and no settle: the process died
+
+    lost = await killed(b"row in, file taken", row=True, taken=True)
+    orphan = await killed(b"no row, file taken", row=False, taken=True)
+    kept = await killed(b"row in, file in place", row=True, taken=False)
+    assert len(list(store.tmp.iterdir())) == 3 and store.stat(lost) is None
+    if by == "start":
+        await reg.close()
+        reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
+        await reg.open()
+    else:
+        config = config_from_dict({"storage": {"root": str(root)}})
+        await gc(config)  # just made: a live writer may own them
+        assert len(list(store.tmp.iterdir())) == 3
+        report = await gc(config, now=time.time() + 7200)
+        assert len([n for n, _ in report.temp_files if n.endswith(".spare")]) == 3
+    try:
+        assert reg.store.read(lost) == b"row in, file taken"
+        assert (await reg.get_blob(repo, lost)).size == len(b"row in, file taken")
+        assert reg.store.stat(orphan) is None
+        assert reg.store.read(kept) == b"row in, file in place"
+        assert list(reg.store.tmp.iterdir()) == []
+    finally:
+        await reg.close()
