@@ -303,7 +303,8 @@ class Store:
             if OUT in entry.name:  # a crash mid-removal: the file goes back (gc takes orphans)
                 with contextlib.suppress(OSError, DigestInvalid):
                     hex_part = entry.name.split(OUT)[0]
-                    self.put_back(Digest.parse_uncached(f"sha256:{hex_part}"), entry)
+                    alg = next((a for a, n in ALGORITHMS.items() if n == len(hex_part)), "")
+                    self.put_back(Digest.parse_uncached(f"{alg}:{hex_part}"), entry)
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

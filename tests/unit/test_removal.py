@@ -230,13 +230,16 @@ async def test_a_read_while_a_removal_has_the_file_out_forgets_nothing(
         assert await reg.db.read(Index.manifest_in_repo, repo.canonical, str(d)) is None
 
 
-async def test_a_file_a_crash_left_moved_out_goes_back_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
+async def test_a_file_a_crash_left_moved_out_goes_back_at_start(
+    tmp_path: Path, algorithm: str
+) -> None:
     """A crash between a removal's move and its put-back: the next start puts the file back
     (an unindexed one is then gc's orphan), and gc beside a daemon leaves moved-out files alone."""
     store = Store(tmp_path / "s")
     store.open()
     data = b"moved out when the process died"
-    d = Digest.of(data)
+    d = Digest.of(data, algorithm)
     store.write_bytes(d, data)
     moved = store.move_out(d)
     assert moved is not None and store.stat(d) is None and not store.missing(d)
