@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
@@ -133,16 +132,16 @@ async def settle_spares(
 
 def _spares(store: Store, before: float | None) -> list[tuple[Path, Digest, int]]:
     out = []
-    for entry in os.scandir(store.tmp):
-        d = spare_digest(entry.name)
+    for path in store.tmp.iterdir():
+        d = spare_digest(path.name)
         if d is None:
             continue
         try:
-            st = entry.stat(follow_symlinks=False)
+            st = path.lstat()
         except FileNotFoundError:
             continue
         if before is None or st.st_ctime < before:
-            out.append((Path(entry.path), d, st.st_size))
+            out.append((path, d, st.st_size))
     return out
 
 
