@@ -430,8 +430,10 @@ class Importer:
             try:
                 await self.registry.index_blob(repo, digest, size)  # written just now
             finally:  # the file is still in place, else the row goes (regproxy.settling)
-                db, cache = self.registry.db, self.registry.cache
-                await settle_row(db, cache, repo.canonical, digest, writer.settle)
+                reg = self.registry
+                await settle_row(
+                    reg.db, reg.cache, reg.store, repo.canonical, digest, writer.settle
+                )
             return True
         if digest not in committed:
             summary.blobs_present += 1

@@ -278,9 +278,9 @@ class Evictor:
         await reg.flush_access()  # the order is decided on fresh access times
         try:
             while r.freed < need:
-                if paced and r.batches and not self._wanted:
+                if paced and r.batches and not self._wanted and not await self._short_of_disk():
                     # after the step before (not after the last); not while a transfer waits
-                    # for room (make_room)
+                    # for room (make_room), nor once the disk is short (something else wrote)
                     await pace.rest()
                 pace.begin()
                 if not loose.exhausted:
@@ -323,6 +323,11 @@ class Evictor:
             unlinker.close()
         r.seconds = time.monotonic() - started
         return r
+
+    async def _short_of_disk(self) -> bool:
+        store = self.registry.store
+        total, free = await asyncio.get_running_loop().run_in_executor(None, store.disk_usage)
+        return Watermarks.of(self.config.storage, total).short_of_disk(free)
 
     def _forget(self, batch: Batch) -> None:
         """After a batch committed, before its files go: forget cached lookups of what went."""

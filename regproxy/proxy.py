@@ -123,7 +123,7 @@ class ProxyRegistry:
         self.timing = timing
         #: manifests the cluster's hosts answer, stored in the local registry
         self.from_cluster = FromCluster(local, timing, config.tag_ttl)
-        settle = functools.partial(settle_row, db, local.cache)  # its row back if it fails
+        settle = functools.partial(settle_row, db, local.cache, store)  # its row back if it fails
         self.fetcher = Fetcher(
             store, self._on_fetched, settle, timing=timing, metrics=self.metrics, space=self.space
         )

@@ -304,7 +304,7 @@ class LocalRegistry:
         try:
             await self.index_blob(repo, digest, size)
         finally:  # the file is still in place, else the row goes (regproxy.settling)
-            await settle_row(self.db, self.cache, repo.canonical, digest, writer.settle)
+            await settle_row(self.db, self.cache, self.store, repo.canonical, digest, writer.settle)
         return size
 
     async def index_blob(self, repo: RepoName, digest: Digest, size: int) -> None:
@@ -455,7 +455,9 @@ class LocalRegistry:
                 await manifest_put.drop_refused(self.store, self.db, digest, repo.canonical, why)
             raise ManifestBlobUnknown(missing[0])
         settle = functools.partial(self.store.ensure_bytes, data=body)  # regproxy.settling
-        await settle_row(self.db, self.cache, repo.canonical, digest, settle, manifest=True)
+        await settle_row(
+            self.db, self.cache, self.store, repo.canonical, digest, settle, manifest=True
+        )
         self.cache.put_body(str(digest), body)
         self._stored()
         if tag is not None:

@@ -4,8 +4,12 @@ A push, a pull-through fetch, an import and a manifest ``PUT`` write their row, 
 the file is still in place (:meth:`~regproxy.store.BlobWriter.settle`,
 :meth:`~regproxy.store.Store.ensure_bytes`): a removal may have moved it out meanwhile
 (:mod:`regproxy.removal`). When this host's disk keeps the file from going back (full, EIO), the
-row this writer wrote goes again, so the index never names a file that is not there, and the
-writer answers the disk's error (507 full, else 500), logged with the digest and repository.
+writer answers the disk's error (507 full, else 500), logged with the digest and repository,
+and the row goes again only if no file of the digest is left anywhere (``Store.missing``), so
+the index does not name a file that is not there. The row is keyed by repository and digest and
+may be another writer's too (two pushes of one tag's manifest, or of one layer, at once): while
+a removal still holds the file moved out, it is kept, and that removal, asking the index, puts
+the file back for them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from regproxy.errors import StorageFull, StoreFailed
 from regproxy.index import Index
 from regproxy.lookups import LookupCache
 from regproxy.oci import Digest
+from regproxy.store import Store
 
 log = logging.getLogger("regproxy.store")
 
@@ -26,6 +31,7 @@ log = logging.getLogger("regproxy.store")
 async def settle_row(
     db: AsyncIndex,
     cache: LookupCache,
+    store: Store,
     repo: str,
     digest: Digest,
     settle: Callable[[Digest], object],
@@ -33,19 +39,24 @@ async def settle_row(
     manifest: bool = False,
 ) -> None:
     """Run ``settle(digest)`` (blocking, on the executor) after the row of ``digest`` in ``repo``;
-    if it raises the store's error, that row (a manifest's with its tags in ``repo``) is
-    removed and the error raised."""
+    if it raises the store's error, the error is raised, and that row (a manifest's with its tags
+    in ``repo``) removed first if the store has no file of the digest left."""
+    loop = asyncio.get_running_loop()
     try:
-        await asyncio.get_running_loop().run_in_executor(None, settle, digest)
+        await loop.run_in_executor(None, settle, digest)
     except (StorageFull, StoreFailed) as exc:
+        gone = await loop.run_in_executor(None, store.missing, digest)
         log.error(
             "store.settle_failed digest=%s repo=%s kind=%s error=%s: the file could not be put "
-            "back, its row is removed",
+            "back; %s",
             digest,
             repo,
             "manifest" if manifest else "blob",
             exc.detail,
+            "its row is removed" if gone else "a removal holds it and puts it back: row kept",
         )
+        if not gone:
+            raise
         key = (repo, str(digest))
         if manifest:
             await db.write(Index.delete_manifest, repo, str(digest))

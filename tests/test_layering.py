@@ -94,7 +94,7 @@ LAYERS: dict[str, Layer] = {
     # a manifest PUT's file and row: placed, or taken away again when the PUT is refused
     "manifest_put": _layer("manifest_put", f"{_MODEL} store removal index facade"),
     # a writer's file made sure of after its row, else the row taken back
-    "settling": _layer("settling", "base oci index facade lookups"),
+    "settling": _layer("settling", "base oci store index facade lookups"),
     "registry": _layer(
         "registry",
         f"{_MODEL} store removal index facade space uploads lookups lookup_confirm access "

@@ -137,3 +137,23 @@ async def test_a_transfer_waiting_for_room_stops_the_rests(shop: Shop, tmp_path:
     assert r is not None and r.manifests == 4 and r.batches == alone.batches
     assert clocks.slept == []  # no rest while the transfer waited
     assert await room >= 0
+
+
+async def test_a_round_stops_resting_once_the_disk_runs_short(shop: Shop, tmp_path: Path) -> None:
+    await _stocked(shop)
+    config = config_from_dict(
+        {"storage": {"root": str(tmp_path / "store"), "max_size": 1000, "min_free": 1000}}
+    )
+    looks: list[int] = []
+
+    def disk_usage() -> tuple[int, int]:
+        # plenty free when the round starts (above max_size only: paced); then something
+        # else on the filesystem fills it
+        looks.append(1)
+        return 10**12, 10**11 if len(looks) == 1 else 0
+
+    shop.reg.store.disk_usage = disk_usage  # type: ignore[method-assign]
+    clocks = Clocks(busy=1.0)
+    r = await Evictor(shop.reg, config, clock=lambda: NOW, pace=clocks.pace).check()
+    assert r is not None and r.manifests == 4 and r.batches >= 2 and len(looks) >= 2
+    assert clocks.slept == []

@@ -1,6 +1,8 @@
 """A writer whose file a removal took between its placing and its index row, on a disk that then
-fails the put-back (full: 507, EIO: 500): the row it wrote is taken back, so the index never
-names a missing file; nothing of it is left in tmp/; the log line names the digest and the
+fails the put-back (full: 507, EIO: 500): the row it wrote is taken back when no file of the
+digest is left, so the index never names a missing file, and kept while a removal still holds the
+file moved out (the row may be another writer's too: that removal puts the file back); nothing of
+it is left in tmp/; the log line names the digest and the
 repository (regproxy.settling). A put-back failing once is tried again from the spare.
 
 Every writer: a push, a pull-through fetch, an import, a manifest ``PUT``. The put-back's fault
@@ -27,10 +29,11 @@ from regproxy.names import NameResolver, RepoName
 from regproxy.oci import Digest
 from regproxy.proxy import ProxyRegistry
 from regproxy.registry import LocalRegistry
-from regproxy.removal import remove
+from regproxy.removal import _finish, remove
 from regproxy.store import BlobWriter, Store
 from tests.fakes import FakeUpstream
 from tests.unit.test_evict import OCI_MANIFEST, chunks, layer, up
+from tests.unit.test_evict import manifest as image_manifest
 from tests.unit.test_fetch_disk_faults import FaultyWriter
 from tests.unit.test_import_evict_race import LAYER, layout, manifest
 from tests.unit.test_removal import RacingIndex
@@ -172,3 +175,69 @@ async def test_a_put_back_failing_once_is_tried_again_from_the_spare(case: Case)
     assert await case.row() is not None
     assert case.store.read(case.digest) == case.data
     assert [p.name for p in case.store.tmp.iterdir()] == []
+
+
+# Two writers of one digest (from a review of the first version, which took back the shared row
+# and lost the other writer's acknowledged content): C's write lands while a removal chosen before
+# C's row moves the file out; A's write of the same digest then fails its put-back. A is told,
+# the row stays, and the removal, asking the index, puts the file back for both.
+
+
+async def _racing(tmp_path: Path) -> tuple[LocalRegistry, BrokenStore, RacingIndex]:
+    root = tmp_path / "store"
+    reg = LocalRegistry(BrokenStore(root), RacingIndex(root / "index.db"))
+    await reg.open()
+    assert isinstance(reg.store, BrokenStore) and isinstance(reg.db, RacingIndex)
+    return reg, reg.store, reg.db
+
+
+async def test_a_failed_put_keeps_the_manifest_another_put_of_it_stored(tmp_path: Path) -> None:
+    reg, store, db = await _racing(tmp_path)
+    repo = up("team/app")
+    m = manifest(b'{"m": 1}')
+    dm = Digest.of(m)
+    moved: list[Path] = []
+
+    async def race() -> None:
+        await reg.put_manifest(repo, "t", m, OCI_MANIFEST, verify_refs=False)  # C: 201
+        moved.append(store.move_out(dm))  # the removal moves it out now
+        store.fault, store.fails = "ENOSPC", 2
+
+    db.target, db.hook = str(dm), race
+    with pytest.raises(StorageFull):  # A: PUT M:u, its file cannot go back: 507
+        await reg.put_manifest(repo, "u", m, OCI_MANIFEST, verify_refs=False)
+    store.fails = 0
+    stored = await db.read(Index.stored_among, [str(dm)])
+    _finish(store, stored, [(str(dm), dm, moved[0])])  # the removal asks, and finishes
+    try:
+        assert await reg.local_manifest(repo, "t") is not None  # C's acknowledged M:t
+        assert store.stat(dm) == len(m)
+    finally:
+        await reg.close()
+
+
+async def test_a_failed_push_keeps_the_layer_another_push_of_it_stored(tmp_path: Path) -> None:
+    reg, store, db = await _racing(tmp_path)
+    repo = up("team/app")
+    lay, config = layer("shared"), b'{"c": 1}'
+    d = Digest.of(lay)
+    moved: list[Path] = []
+
+    async def race() -> None:  # C pushes the layer, the config and manifest v1: all 201
+        for b in (config, lay):
+            await reg.uploads.monolithic(repo, Digest.of(b), chunks(b), len(b))
+        await reg.put_manifest(repo, "v1", image_manifest(config, [lay], None), OCI_MANIFEST)
+        moved.append(store.move_out(d))
+        store.fault, store.fails = "EIO", 2
+
+    db.target, db.hook = str(d), race
+    with pytest.raises(StoreFailed):  # A's push of the same layer: 500
+        await reg.uploads.monolithic(repo, d, chunks(lay), len(lay))
+    store.fails = 0
+    stored = await db.read(Index.stored_among, [str(d)])
+    _finish(store, stored, [(str(d), d, moved[0])])
+    try:
+        assert await db.read(Index.blob_in_repo, repo.canonical, str(d)) is not None
+        assert store.stat(d) == len(lay)
+    finally:
+        await reg.close()
