@@ -255,8 +255,11 @@ class BlobWriter:
         try:
             try:
                 self.store.put_back(digest, spare)
-            except OSError:  # once more from the spare (EEXIST: put back by another meanwhile)
-                self.store.put_back(digest, spare)
+            except OSError:  # once more from the spare
+                if not self.store.put_back(digest, spare):
+                    # in place: put back by another meanwhile, or linked by the first try and
+                    # its directory's fsync failed: synced again before the spare goes
+                    self.store.sync_dir(self.store.blob_path(digest).parent)
         except OSError as exc:
             raise _disk_error(exc, f"putting {digest} back") from exc
         finally:

@@ -7,6 +7,7 @@ between a writer's placing and its index row. The tool is a second registry on t
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -348,3 +349,33 @@ async def test_a_spare_a_killed_writer_left_puts_its_file_back_if_its_row_is_in(
         assert list(reg.store.tmp.iterdir()) == []
     finally:
         await reg.close()
+
+
+class FailingSyncStore(SyncedStore):
+    """The first directory fsync fails (EIO), after its link was made."""
+
+    def sync_dir(self, path: Path) -> None:
+        fail = not self.synced
+        super().sync_dir(path)
+        if fail:
+            raise OSError(errno.EIO, "fsync of the directory failed")
+
+
+def test_a_put_back_whose_directory_sync_failed_is_synced_again(tmp_path: Path) -> None:
+    """settle's second try finds the file in place (the first linked it, then its directory's
+    fsync failed): it syncs again before the spare goes, not only when it linked (a review)."""
+    store = FailingSyncStore(tmp_path / "s")
+    store.open()
+    data = b"linked back, not yet durable"
+    d = Digest.of(data)
+    w = store.writer()
+    w.write(data)
+    w.commit(d)
+    assert w.spare is not None and store.move_out(d) is not None
+    spare = w.spare.name
+    w.settle(d)
+    assert len(store.synced) == 2  # the failed one, and one more while the spare still existed
+    assert all(
+        where == store.blob_path(d).parent and spare in names for where, names in store.synced
+    )
+    assert store.read(d) == data
