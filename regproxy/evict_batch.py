@@ -3,10 +3,13 @@
 A batch is one short write transaction: it walks a page of candidates with a ``LIMIT``, drops
 what may go, and stops after :data:`BUDGET_SECONDS` (lookups run on the index's readers
 meanwhile, and the writer's other work queues behind one batch at most), though never before it
-has dealt with one candidate (a batch always makes progress). Nothing is loaded
-whole: the least recently used order is an index (``repo_manifests_lru``), references are the
-counts the schema's triggers keep (``refs``, see :mod:`regproxy.schema`), and the caller carries
-a keyset cursor from one batch to the next.
+has dealt with one candidate (a batch always makes progress). Units go a few at a time, as many
+as fit in the budget left at the time per unit measured so far (:func:`go_size`), so a batch's
+work ends within about its budget; its commit then waits for the disk (an fsync, and now and
+then SQLite's WAL checkpoint) on top. Nothing is loaded whole: the least recently used order
+is an index (``repo_manifests_lru``), references are the counts the schema's triggers keep
+(``refs``, see :mod:`regproxy.schema`), and the caller carries a keyset cursor from one batch
+to the next.
 
 Two kinds of candidates, in this order:
 
@@ -97,12 +100,12 @@ _DEAD_OF = (
     "JOIN refs f ON f.digest = t.d LEFT JOIN blobs b ON b.digest = t.d "
     "LEFT JOIN manifests m ON m.digest = t.d WHERE f.size IS NOT NULL"
 )
-#: the longest one go of units should take (from the time per unit of the go before): a go
-#: cannot stop halfway, so on a busy host it takes fewer units
-GO_SECONDS: Final = 0.1
 #: units handled in one go at most (a few statements for all of them: the writer thread takes
 #: the GIL back once per statement, which costs when the event loop is busy)
 CHUNK: Final = 32
+#: units in a go when no time per unit is known yet (a round's first go): a go cannot stop
+#: halfway, and a unit took 1.2-2.5 ms here (3,000 manifests, idle), so 4 fit a batch's budget
+FIRST_GO: Final = 4
 #: the child of an index, or a referrer, of the same repository: part of another unit
 _MEMBER = (
     "SELECT EXISTS (SELECT 1 FROM manifest_refs x JOIN repo_manifests p "
@@ -178,6 +181,18 @@ def _forget(index: Index, dead: list[tuple[str, int, bool]], batch: Batch) -> No
     batch.freed += sum(size for _, size, _ in dead)
 
 
+def go_size(want: int, left: float, unit_seconds: float, *, moved: bool) -> int:
+    """How many units the next go of a batch takes: as many as the bytes still to free suggest
+    (``want``), at most :data:`CHUNK`, and no more than fit in the ``left`` seconds of the
+    batch's budget at ``unit_seconds`` each (the time per unit measured in the go before;
+    :data:`FIRST_GO` while none was measured). A go cannot stop halfway, so this is what keeps
+    a batch within its budget. 0 (the batch ends) when not one more fits, unless the batch has
+    not ``moved`` yet: then one, so every batch makes progress."""
+    fit = FIRST_GO if unit_seconds <= 0 else int(max(0.0, left) / unit_seconds)
+    n = min(want, CHUNK, fit)
+    return n if moved else max(1, n)
+
+
 def _spent(started: float, budget: float, moved: bool) -> bool:
     """Whether a batch's time is up. Only once its cursor has moved by a candidate: however
     slow the disk (or long the wait for the writer's lock), every batch makes progress, and a
@@ -240,10 +255,11 @@ def evict_lru(
     """Least recently used units after the cursor ``after`` (last access, repo, digest).
 
     A go of units is one set of statements for all of them and cannot stop halfway, so it
-    takes as many as fit in :data:`GO_SECONDS` at ``unit_seconds`` each (measured in the go
-    before, this batch's or the last one's, see :attr:`Batch.unit_seconds`): on a busy host,
-    where a batch runs at a lower priority (``AsyncIndex.write_background``) and a unit takes
-    10x longer, a batch still ends soon for the writes waiting behind it."""
+    takes as many as fit in what is left of the ``budget`` at ``unit_seconds`` each (measured
+    in the go before, this batch's or the last one's, see :attr:`Batch.unit_seconds` and
+    :func:`go_size`): on a busy host, where a batch runs at a lower priority
+    (``AsyncIndex.write_background``) and a unit takes 10x longer, a batch still ends within
+    about its budget for the writes waiting behind it."""
     started = time.monotonic()
     recent = now - in_use
     batch = Batch(after_row=after, unit_seconds=unit_seconds)
@@ -269,12 +285,16 @@ def evict_lru(
                 and batch.freed < need
                 and not _spent(started, budget, batch.after_row != after)
             ):
-                # as many units as the bytes still to free suggest (from those gone so far)
+                # as many units as the bytes still to free suggest (from those gone so far),
+                # as fit in the budget left
                 units = len(batch.evicted)
                 each = batch.freed / units if units and batch.freed else 0
-                n = max(1, min(CHUNK, math.ceil((need - batch.freed) / each))) if each else CHUNK
-                if batch.unit_seconds > 0:
-                    n = max(1, min(n, int(GO_SECONDS / batch.unit_seconds)))
+                want = max(1, math.ceil((need - batch.freed) / each)) if each else CHUNK
+                left = budget - (time.monotonic() - started)
+                moved = batch.after_row != after
+                n = go_size(want, left, batch.unit_seconds, moved=moved)
+                if n == 0:
+                    break  # the budget is spent: the rest of the page comes next batch
                 chunk = fresh[:n]
                 went = time.monotonic()
                 used = _units(

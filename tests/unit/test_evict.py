@@ -343,3 +343,54 @@ async def test_a_batch_out_of_time_mid_page_is_not_the_end_of_the_walk(shop: Sho
         evict_lru, 1 << 40, first.after_row, now=NOW, in_use=IN_USE_SECONDS, busy=()
     )
     assert len(first.evicted) + len(rest.evicted) == len(old) and rest.exhausted
+
+
+def test_a_go_takes_no_more_units_than_fit_in_the_budget_left() -> None:
+    from regproxy.evict_batch import CHUNK, FIRST_GO, go_size
+
+    assert go_size(CHUNK, 0.02, 0.0, moved=False) == FIRST_GO  # nothing measured: a small go
+    assert go_size(CHUNK, 0.02, 0.001, moved=True) == 20
+    assert go_size(CHUNK, 0.02, 0.00001, moved=True) == CHUNK
+    assert go_size(3, 0.02, 0.001, moved=True) == 3  # what the bytes still to free suggest
+    assert go_size(CHUNK, 0.0005, 0.001, moved=True) == 0  # not one more fits: the batch ends
+    assert go_size(CHUNK, -1.0, 0.001, moved=False) == 1  # but every batch deals with one
+    for unit in (0.00001, 0.0007, 0.001, 0.004, 0.03, 1.0):
+        for left in (-0.01, 0.0, 0.001, 0.0099, 0.02, 0.05):
+            n = go_size(CHUNK, left, unit, moved=True)
+            assert 0 <= n <= CHUNK and n * unit <= max(left, 0.0), (unit, left, n)
+
+
+async def test_a_batch_sizes_its_goes_of_units_by_the_budget(shop: Shop) -> None:
+    """A go of units cannot stop halfway: a round's first go (no time per unit known yet) takes
+    a few, and with a time per unit known a go takes no more than fit in the batch's budget.
+    The go sizes are read from the writer's statements (the candidates of each units query)."""
+    from regproxy.evict_batch import FIRST_GO, evict_lru
+
+    gos: list[int] = []
+
+    def seen(sql: str) -> None:
+        if "roots(repo, root)" in sql:
+            gos.append(sql.count("sha256:"))
+
+    await shop.reg.db.write(lambda ix: ix.db.set_trace_callback(seen))
+    start = (float("-inf"), "", "")
+    try:
+        for i in range(2 * FIRST_GO + 2):
+            await shop.image(up(f"team/g{i}"), "v1", [layer(f"g{i}")], at=100.0 + i)
+        first = await shop.reg.db.write(
+            evict_lru, 1 << 40, start, now=NOW, in_use=0.0, busy=(), budget=60.0
+        )
+        assert len(first.evicted) == 2 * FIRST_GO + 2 and first.exhausted
+        assert gos[0] == FIRST_GO and sum(gos) == 2 * FIRST_GO + 2, gos
+        assert first.unit_seconds > 0  # measured: where the next batch starts from
+
+        gos.clear()
+        for i in range(8):
+            await shop.image(up(f"team/h{i}"), "v1", [layer(f"h{i}")], at=300.0 + i)
+        # 8 ms a unit: 2 fit a 20 ms budget (fewer once the batch's own time is counted)
+        second = await shop.reg.db.write(
+            evict_lru, 1 << 40, start, now=NOW, in_use=0.0, busy=(), unit_seconds=0.008
+        )
+        assert second.evicted and 1 <= gos[0] <= 2, gos
+    finally:
+        await shop.reg.db.write(lambda ix: ix.db.set_trace_callback(None))
