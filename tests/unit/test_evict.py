@@ -214,6 +214,53 @@ async def test_nothing_pinned_referenced_or_in_use_goes_even_when_short(
     assert await shop.held(up("team/b"), b)
 
 
+async def test_short_of_min_free_a_round_takes_what_may_go_and_keeps_the_rest(
+    shop: Shop, tmp_path: Path
+) -> None:
+    """No size limit, but the filesystem under ``min_free`` (99% of the test disk: never
+    reached, whatever goes): one round takes everything that may go, loose content first, and
+    keeps what is pinned, referenced by a kept manifest or in use, with their files."""
+    pinned_layer, shared = layer("pinned"), layer("shared-with-recent")
+    pushed = await shop.image(
+        RepoName("spectro-images/mine/app"), "v1", [pinned_layer], pinned=True, at=100.0
+    )
+    mixed = await shop.image(up("team/mixed"), "v1", [pinned_layer, layer("mixed")], at=150.0)
+    older = await shop.image(up("team/older"), "v1", [shared], at=160.0)
+    recent = await shop.image(up("team/recent"), "v1", [shared, layer("recent")], at=NOW - 1)
+    old = [await shop.image(up(f"team/o{i}"), "v1", [layer(f"o{i}")], at=200.0 + i) for i in (0, 1)]
+    sig = await shop.image(up("team/o0"), "sig", [layer("sig")], subject=old[0], at=250.0)
+    loose = layer("loose")  # pushed by digest alone, long before the evictor's clock
+    await shop.reg.uploads.monolithic(up("team/o1"), Digest.of(loose), chunks(loose), LAYER)
+    config = config_from_dict({"storage": {"root": str(tmp_path / "store"), "min_free": "99%"}})
+    r = await Evictor(shop.reg, config, clock=lambda: NOW).check()
+    assert r is not None and r.short > 0  # the floor is out of reach: said, not looped on
+    assert r.loose == 1 and r.manifests == 4  # mixed, older, o0 (its signature with it), o1
+    assert not shop.has_file(loose)
+    for repo, body, own in (
+        ("team/mixed", mixed, "mixed"),
+        ("team/older", older, None),
+        ("team/o0", old[0], "o0"),
+        ("team/o0", sig, "sig"),
+        ("team/o1", old[1], "o1"),
+    ):
+        assert not await shop.held(up(repo), body) and not shop.has_file(body), repo
+        assert own is None or not shop.has_file(layer(own)), own
+    # pinned (its layer too, though an evicted image listed it), shared with a manifest in
+    # use, and in use: kept, with their files
+    assert await shop.held(RepoName("spectro-images/mine/app"), pushed)
+    assert shop.has_file(pushed) and shop.has_file(pinned_layer)
+    assert await shop.held(up("team/recent"), recent)
+    assert shop.has_file(recent) and shop.has_file(shared) and shop.has_file(layer("recent"))
+    assert await shop.reg.db.read(Index.totals) == await shop.reg.db.read(Index.recount)
+    for d, size in await shop.reg.db.read(
+        lambda ix: ix.db.execute("SELECT digest, size FROM refs WHERE size IS NOT NULL").fetchall()
+    ):
+        assert shop.reg.store.stat(Digest.parse(d)) == size, d
+    # the next round finds nothing more that may go
+    again = await Evictor(shop.reg, config, clock=lambda: NOW).check()
+    assert again is not None and again.freed == 0
+
+
 def test_watermarks() -> None:
     storage = config_from_dict(
         {"storage": {"root": "/x", "max_size": "1000", "min_free": "10%"}}

@@ -225,6 +225,7 @@ def test_an_upgrade_from_v6_counts_every_kept_size_again(tmp_path: Path) -> None
     ix.open()
     try:
         assert kept(path) == {"top": None}
+        assert ix.totals() == ix.recount()
         (body,) = ix.db.execute(
             "SELECT sql FROM sqlite_master WHERE name = 'size_stored'"
         ).fetchone()

@@ -103,9 +103,17 @@ async def test_a_store_from_before_versioning_is_upgraded_in_place(tmp_path: Pat
         assert {(p.repo, p.digest) for p in pins} == {(PUSHED, IDX), (PUSHED, M2)}
         assert await reg.db.read(Index.blob_in_repo, REPO, L2) == 2000
         assert await reg.db.read(Index.upload_ids) == {"u1"}
+        # the running totals start from what the old rows hold, equal to a full recount
+        totals = await reg.db.read(Index.totals)
+        assert totals == await reg.db.read(Index.recount)
+        # every file once (M1 is a blob row too); pinned: the index, its child and its layer;
+        # loose: the pushed layer no manifest lists
+        assert (totals.stored_bytes, totals.stored_count, totals.manifests) == (6900, 6, 3)
+        assert (totals.pinned_bytes, totals.loose_bytes) == (200 + 400 + 2000, 3000)
         # and it takes writes in the new schema
         await reg.db.write(Index.ensure_repo, "spectro-images/new", None, "new")
         assert await reg.repo_exists(RepoName("spectro-images/new"))
+        assert await reg.db.read(Index.totals) == await reg.db.read(Index.recount)
     finally:
         await reg.close()
     db = sqlite3.connect(path)
@@ -186,6 +194,7 @@ def test_a_v7_store_keeps_its_unreferenced_bytes_after_the_upgrade(tmp_path: Pat
     try:
         assert schema.user_version(ix.db) == schema.SCHEMA_VERSION
         assert ix.totals().loose_bytes == 700 == ix.recount().loose_bytes
+        assert ix.totals() == ix.recount()
         ix.add_blob("spectro-images/x", "sha256:" + "b" * 64, 50)
         assert ix.totals() == ix.recount() and ix.totals().loose_bytes == 750
     finally:
