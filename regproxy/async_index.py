@@ -59,6 +59,17 @@ class AsyncIndex:
         """Open (create or upgrade, see :mod:`regproxy.schema`) the index on the writer."""
         await self.write(Index.open)
 
+    async def open_readonly(self) -> None:
+        """For a command that only reads (plain ``fsck``, ``gc --dry-run``, ``pins``): check on
+        a reader that the index is there with this release's schema, and open no writer, so
+        nothing is created or upgraded (:func:`regproxy.schema.require_current`); then use
+        :meth:`read` only. On a refusal the threads are ended here."""
+        try:
+            await self.read(Index.require_current)
+        except BaseException:
+            await self.close()
+            raise
+
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         await self.write(Index.close)

@@ -9,8 +9,9 @@ compares it with ``sha256sum`` on the same files). It runs beside a working daem
 * a file that is missing or does not hash to its name is **checked again** before it is called
   damaged: if the index no longer stores the digest (evicted, collected meanwhile) or the file
   hashes right now (fetched again meanwhile) it is not damage;
-* plain ``fsck`` changes nothing: it prints what it found, with the manifests that reference
-  it, and exits 1;
+* plain ``fsck`` changes nothing: it opens the index on readers only (no writer: an index of an
+  older schema is refused, not upgraded; a missing one is not created), prints what it found,
+  with the manifests that reference it, and exits 1;
 * ``fsck --repair`` removes each damaged digest from the index (its blob row and repository
   links; a manifest also its repository rows, tags and references), in a transaction that
   checks once more that the row is still there and the file is still the one found damaged (same
@@ -332,8 +333,13 @@ class FsckReport:
         status = f"{len(self.damaged)} damaged" if self.damaged else "clean"
         if self.drift:
             status += f", {len(self.drift)} totals drifted"
-        if self.damaged and not self.repair:
-            status += " (nothing changed; run fsck --repair to remove the damage)"
+        fix = [
+            w
+            for c, w in ((self.damaged, "remove the damage"), (self.drift, "rebuild the totals"))
+            if c
+        ]
+        if fix and not self.repair:
+            status += f" (nothing changed; run fsck --repair to {' and '.join(fix)})"
         out.append(
             f"fsck: {self.checked} files, {self.bytes} bytes hashed in {self.hash_seconds:.2f}s "
             f"({rate(self.bytes, self.hash_seconds) / 1e6:.0f} MB/s, "
@@ -392,7 +398,13 @@ def rebuild_totals(index: Index) -> None:
 
 
 def drift(index: Index) -> dict[str, tuple[int, int]]:
-    kept, counted = index.totals(), index.recount()
+    """The running totals that differ from a recount, both read in one snapshot (a commit of
+    the daemon between the two would look like a drift)."""
+    index.db.execute("BEGIN")
+    try:
+        kept, counted = index.totals(), index.recount()
+    finally:
+        index.db.execute("COMMIT")
     return {
         name: (getattr(kept, name), getattr(counted, name))
         for name in Totals.__dataclass_fields__
@@ -418,9 +430,17 @@ async def fsck(
     root = config.storage.root
     store = Store(root)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, lambda: store.open(sweep=False))
     db = AsyncIndex(root / "index.db")
-    await db.open()
+    if repair:
+        await loop.run_in_executor(None, lambda: store.open(sweep=False))
+        await db.open()
+    else:  # plain fsck only reads: it neither creates nor upgrades anything
+        await db.open_readonly()
+        try:
+            await loop.run_in_executor(None, store.check)
+        except BaseException:
+            await db.close()
+            raise
     work = hasher(store, workers or min(4, os.cpu_count() or 2))
     report = FsckReport(repair)
     suspicious: list[Hashed] = []

@@ -93,6 +93,10 @@ class Index:
     def open(self) -> None:
         _ = self.db
 
+    def require_current(self) -> None:
+        """For a command that only reads: refuse an index of another schema (never upgrade)."""
+        schema.require_current(self.db, self.path)
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()

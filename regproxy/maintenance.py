@@ -21,7 +21,8 @@ the daemon notices that another process changed the index at its next eviction t
   index in one query: memory stays flat at a million files.
 
 Each row is checked again inside the transaction that removes it (the daemon may have used it
-meanwhile). ``--dry-run`` only reads. A progress line is shown on a terminal.
+meanwhile). ``--dry-run`` only reads: the index on readers only (an older schema is refused,
+not upgraded; a missing store is not created), no file touched. A progress line is shown on a terminal.
 """
 
 from __future__ import annotations
@@ -178,8 +179,12 @@ def _sweep_temp(
     store: Store, sessions: set[str], cutoff: float, dry_run: bool
 ) -> list[tuple[str, int]]:
     """Temp files no upload session names and nobody wrote to since ``cutoff``."""
-    out = []
-    for entry in sorted(store.tmp.iterdir()):
+    out: list[tuple[str, int]] = []
+    try:
+        entries = sorted(store.tmp.iterdir())
+    except FileNotFoundError:  # a dry run on a store without tmp/ (made at the daemon's start)
+        return out
+    for entry in entries:
         mtime = _mtime(entry)
         # a running process's spare names and files moved out by a removal are not gc's
         if entry.name in sessions or mtime is None or mtime >= cutoff or _in_use(entry.name):
@@ -236,9 +241,17 @@ async def gc(
     root = config.storage.root
     loop = asyncio.get_running_loop()
     store = Store(root)
-    await loop.run_in_executor(None, lambda: store.open(sweep=False))  # not ours to sweep
     db = AsyncIndex(root / "index.db")
-    await db.open()
+    if dry_run:  # only reads: creates nothing, upgrades nothing (see AsyncIndex.open_readonly)
+        await db.open_readonly()
+        try:
+            await loop.run_in_executor(None, store.check)
+        except BaseException:
+            await db.close()
+            raise
+    else:
+        await loop.run_in_executor(None, lambda: store.open(sweep=False))  # not ours to sweep
+        await db.open()
     report = GcReport(dry_run)
     try:
         # index first: what nothing references, page by page, each page its own transaction
@@ -251,13 +264,13 @@ async def gc(
                 after = page[-1][0]
                 if dry_run:
                     found.extend(page)
-                    continue
-                removed, gone = await db.write(
-                    drop_unreferenced, kind, [d for d, _ in page], now - ttl
-                )
-                found.extend(removed)
-                # stored again meanwhile (asked after the files moved out): not ours
-                await remove(store, gone, lambda ds: db.read(known, ds))
+                else:
+                    removed, gone = await db.write(
+                        drop_unreferenced, kind, [d for d, _ in page], now - ttl
+                    )
+                    found.extend(removed)
+                    # stored again meanwhile (asked after the files moved out): not ours
+                    await remove(store, gone, lambda ds: db.read(known, ds))
                 progress.update(f"{len(report.manifests)} manifests, {len(report.blobs)} blobs")
         expired = await db.read(Index.uploads_before, now - ttl)
         report.uploads = [u for u, _ in expired]

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from regproxy.async_index import AsyncIndex
 from regproxy.errors import ManifestUnknown
 from regproxy.index import Index, PinRow
 from regproxy.names import RepoName
@@ -121,33 +122,34 @@ async def delete(registry: Registry, repo: RepoName, reference: str) -> list[str
     return out
 
 
-async def iter_pins(registry: Registry, repo: RepoName | None = None) -> AsyncIterator[PinnedImage]:
+async def iter_pins(db: AsyncIndex, repo: RepoName | None = None) -> AsyncIterator[PinnedImage]:
     """Pinned images in (repository, digest) order, read in keyset pages of the index, one
-    repository at a time (an index and its children are grouped within a repository)."""
+    repository at a time (an index and its children are grouped within a repository). Only
+    reads: ``regproxy pins`` calls it on an index opened read-only."""
     after = ("", "")
     pending: list[PinRow] = []  # the rows of one repository
     while True:
-        rows = await registry.db.read(
+        rows = await db.read(
             Index.list_pins, repo.canonical if repo else None, after=after, limit=PIN_PAGE
         )
         for r in rows:
             if pending and r.repo != pending[0].repo:
-                for image in await _images(registry, pending):
+                for image in await _images(db, pending):
                     yield image
                 pending = []
             pending.append(r)
         if len(rows) < PIN_PAGE:
             break
         after = (rows[-1].repo, rows[-1].digest)
-    for image in await _images(registry, pending):
+    for image in await _images(db, pending):
         yield image
 
 
 async def list_pins(registry: Registry, repo: RepoName | None = None) -> list[PinnedImage]:
-    return [image async for image in iter_pins(registry, repo)]
+    return [image async for image in iter_pins(registry.db, repo)]
 
 
-async def _images(registry: Registry, rows: list[PinRow]) -> list[PinnedImage]:
+async def _images(db: AsyncIndex, rows: list[PinRow]) -> list[PinnedImage]:
     """The pinned rows of one repository as images: an index with its pinned children."""
     by_key = {(r.repo, r.digest): r for r in rows}
     child_of: dict[tuple[str, str], list[PinRow]] = {}
@@ -157,7 +159,7 @@ async def _images(registry: Registry, rows: list[PinRow]) -> list[PinnedImage]:
             continue
         kids = [
             by_key[(r.repo, c)]
-            for c in await registry.db.read(Index.manifest_children, r.digest)
+            for c in await db.read(Index.manifest_children, r.digest)
             if (r.repo, c) in by_key
         ]
         child_of[(r.repo, r.digest)] = kids

@@ -7,6 +7,13 @@ by that code can be recognised and tested); a new store starts as version 1 too,
 goes through the same migrations. Opening a store with an older schema upgrades it in place, in
 one transaction (a crash leaves the old schema); a store written by a newer release (a higher
 ``user_version``) is refused with :class:`IndexVersionError`, one line naming both versions.
+
+Commands that only read (plain ``fsck``, ``gc --dry-run``, ``pins``) never migrate nor create:
+they open readers only (:func:`require_current`), and an older schema is
+:class:`IndexOutdated`, a missing index :class:`IndexMissing`. An upgrade that recounts (from a
+schema before version 3: a full pass, tens of seconds at a million blobs) logs
+``index.migrating`` first and keeps telling systemd that the start is alive
+(``EXTEND_TIMEOUT_USEC``, see :class:`_StartExtender`).
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 from regproxy.errors import RegproxyError
+from regproxy.systemd import notify_once
 
 log = logging.getLogger("regproxy.index")
 
@@ -75,6 +84,31 @@ class IndexVersionError(RegproxyError):
             f"index {self.path} has schema version {self.found}, newer than the {SCHEMA_VERSION} "
             "this regproxy knows: it was written by a newer release; run that release "
             "(or move the store aside to start empty)"
+        )
+
+
+class IndexOutdated(IndexVersionError):
+    """A command that only reads found an index of an older schema: it does not upgrade it."""
+
+    def __str__(self) -> str:
+        return (
+            f"index {self.path} has schema version {self.found}, older than the {SCHEMA_VERSION} "
+            "this regproxy writes, and this command only reads: upgrade it first (start the "
+            "daemon, or run `regproxy gc` or `regproxy fsck --repair`)"
+        )
+
+
+class IndexMissing(RegproxyError):
+    """A command that only reads found no index (a wrong ``storage.root``, an empty store)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.path = path
+
+    def __str__(self) -> str:
+        return (
+            f"no index at {self.path}: {self.path.parent} is not a regproxy store (check "
+            "storage.root); this command only reads and created nothing"
         )
 
 
@@ -397,6 +431,31 @@ def _has_tables(db: sqlite3.Connection) -> bool:
     return row is not None
 
 
+#: while an upgrade runs, systemd's start timeout is pushed this far ahead (``TimeoutStartSec``
+#: of the unit is 120 s; an upgrade that recounts a million blobs takes tens of seconds)...
+EXTEND_SECONDS: Final = 60
+#: ...this often (SQLite calls :class:`_StartExtender` every :data:`EXTEND_STEPS` VM steps)
+EXTEND_EVERY: Final = 10.0
+EXTEND_STEPS: Final = 100_000
+
+
+class _StartExtender:
+    """A SQLite progress handler for an upgrade: tells systemd (``EXTEND_TIMEOUT_USEC``) at
+    once and then every :data:`EXTEND_EVERY` seconds that the start is busy, not hung. Outside
+    systemd (no ``NOTIFY_SOCKET``: ``gc``, ``fsck --repair`` from a shell) it sends nothing."""
+
+    def __init__(self, found: int) -> None:
+        self.status = f"STATUS=upgrading the index from schema {found} to {SCHEMA_VERSION}"
+        self.next = 0.0
+
+    def __call__(self) -> int:
+        now = time.monotonic()
+        if now >= self.next:
+            self.next = now + EXTEND_EVERY
+            notify_once(f"EXTEND_TIMEOUT_USEC={EXTEND_SECONDS * 1_000_000}", self.status)
+        return 0  # go on
+
+
 def migrate(db: sqlite3.Connection, path: Path) -> int:
     """Bring the schema to :data:`SCHEMA_VERSION` in one transaction; the version found."""
     found = user_version(db)
@@ -410,14 +469,26 @@ def migrate(db: sqlite3.Connection, path: Path) -> int:
         if found > SCHEMA_VERSION:
             raise IndexVersionError(path, found)
         version = found
+        # a store that has rows (not a new one, not one another process just upgraded)
+        upgrading = SCHEMA_VERSION > found > 0 or (found == 0 and _has_tables(db))
         if version == 0:
-            fresh = not _has_tables(db)
             for stmt in V1:
                 db.execute(stmt)
             version = 1
-            if not fresh:
+            if upgrading:
                 log.info("index.upgrade path=%s from=unversioned", path)
         started = time.monotonic()
+        if upgrading:
+            log.info(
+                "index.migrating path=%s from=%d to=%d recount=%s",
+                path,
+                found,
+                SCHEMA_VERSION,
+                "yes" if found < 3 else "no",  # version 3's counts: a pass over every row
+            )
+            extender = _StartExtender(found)
+            extender()
+            db.set_progress_handler(extender, EXTEND_STEPS)
         for to, step in MIGRATIONS:
             if to > version:
                 step(db)
@@ -427,7 +498,9 @@ def migrate(db: sqlite3.Connection, path: Path) -> int:
     except BaseException:
         db.execute("ROLLBACK")
         raise
-    if found:
+    finally:
+        db.set_progress_handler(None, 0)
+    if upgrading:
         log.info(
             "index.upgraded path=%s from=%d to=%d seconds=%.2f",
             path,
@@ -438,13 +511,32 @@ def migrate(db: sqlite3.Connection, path: Path) -> int:
     return found
 
 
+def require_current(db: sqlite3.Connection, path: Path) -> None:
+    """For a command that only reads: the index must have this release's schema (it is not
+    upgraded here; :class:`IndexOutdated` says how)."""
+    found = user_version(db)
+    if found > SCHEMA_VERSION:
+        raise IndexVersionError(path, found)
+    if found == 0 and not _has_tables(db):
+        raise IndexMissing(path)  # an empty file: nothing was ever written to it
+    if found < SCHEMA_VERSION:
+        raise IndexOutdated(path, found)
+
+
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """A connection with the index's settings; the writer also migrates the schema.
 
     Readers (``readonly``) run beside the writer in WAL mode and never wait for it; they refuse
-    to write (``query_only``) and to read a schema they do not know.
+    to write (``query_only``) and to read a schema they do not know, and never create the file
+    (:class:`IndexMissing`).
     """
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if readonly:
+        if not path.exists():
+            raise IndexMissing(path)
+        uri = f"file:{urllib.parse.quote(str(path))}?mode=rw"  # never creates it
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         db.execute("PRAGMA busy_timeout=10000")
         # statement and savepoint journals (every statement that fires a trigger has one) in

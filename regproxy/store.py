@@ -289,15 +289,8 @@ class Store:
         are left to :func:`regproxy.removal.settle_spares`, which asks the index."""
         for d in (self.root, self.blobs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
-        version_file = self.root / "LAYOUT_VERSION"
-        if version_file.exists():
-            found = version_file.read_text().strip()
-            if found != str(LAYOUT_VERSION):
-                raise RuntimeError(
-                    f"store layout {found} at {self.root}, expected {LAYOUT_VERSION}"
-                )
-        else:
-            version_file.write_text(f"{LAYOUT_VERSION}\n")
+        if not self.check():
+            (self.root / "LAYOUT_VERSION").write_text(f"{LAYOUT_VERSION}\n")
         self._keep_reserve()
         removed = 0
         for entry in self.tmp.iterdir() if sweep else ():
@@ -316,6 +309,18 @@ class Store:
         if removed:
             log.info("store.sweep removed=%d root=%s", removed, self.root)
         return removed
+
+    def check(self) -> bool:
+        """Refuse another layout; whether ``LAYOUT_VERSION`` is there. Creates nothing (what
+        a command that only reads calls instead of :meth:`open`)."""
+        version_file = self.root / "LAYOUT_VERSION"
+        try:
+            found = version_file.read_text().strip()
+        except FileNotFoundError:
+            return False
+        if found != str(LAYOUT_VERSION):
+            raise RuntimeError(f"store layout {found} at {self.root}, expected {LAYOUT_VERSION}")
+        return True
 
     def _keep_reserve(self) -> None:
         """Give the reserve up when the disk is full; make it while there is plenty of room."""

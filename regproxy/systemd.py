@@ -115,12 +115,26 @@ class Notifier:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self.close_socket()
+
+
+def notify_once(*states: str, env: Mapping[str, str] | None = None) -> bool:
+    """Send states from any thread, on a socket of its own closed at once (work that runs
+    before the daemon's notifier exists: an index upgrade at start-up); a no-op outside
+    systemd."""
+    notifier = Notifier.from_env(env)
+    try:
+        return notifier.notify(*states)
+    finally:
+        notifier.close_socket()

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 1 a missing config file or a command's own failure (a full or read-only disk,
 a damaged index: one line on stderr, the traceback only at debug level), 2 an invalid config or
-invalid arguments, 130 interrupted. ``--config`` is accepted before and after the command
+invalid arguments, an index of a newer release, or (for a command that only reads) of an older
+one or none at all, 130 interrupted. ``--config`` is accepted before and after the command
 (``regproxy --config F serve`` and ``regproxy serve --config F``). Each command lives in a
 module of this package with ``add_parsers(sub, common)``, which sets ``run(config, args) -> int``.
 """
@@ -19,7 +20,7 @@ from regproxy.cli.common import Command
 from regproxy.config import load_config
 from regproxy.errors import ConfigError, ConfigMissing, OCIError, RegproxyError
 from regproxy.log import flush_lines, setup_logging
-from regproxy.schema import IndexDatabaseError, IndexVersionError
+from regproxy.schema import IndexDatabaseError, IndexMissing, IndexVersionError
 
 #: every module that adds commands, in the order ``--help`` lists them
 log = logging.getLogger("regproxy")
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             return command(config, args)
         finally:
             flush_lines()  # the access lines that wait go out before any last word below
-    except IndexVersionError as exc:  # a store from a newer release: one line, no traceback
+    except (IndexVersionError, IndexMissing) as exc:
+        # a store from a newer release; a command that only reads (plain fsck, gc --dry-run,
+        # pins) on an older one or on none: one line, no traceback
         print(f"regproxy: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -42,17 +42,30 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     return run(_pins(config, args))
 
 
+async def _list(config: Config, args: argparse.Namespace) -> int:
+    """``regproxy pins`` only reads: the index on readers, nothing created or upgraded."""
+    from regproxy.async_index import AsyncIndex
+
+    resolver = NameResolver(config)
+    repo = resolver.parse_reference(args.name)[0] if args.name else None
+    db = AsyncIndex(config.storage.root / "index.db")
+    await db.open_readonly()
+    try:
+        await _print_pins(iter_pins(db, repo), args.json)
+    finally:
+        await db.close()
+    return 0
+
+
 async def _pins(config: Config, args: argparse.Namespace) -> int:
     from regproxy.proxy import build_registry
 
+    if args.command == "pins":
+        return await _list(config, args)
     resolver = NameResolver(config)
     registry = build_registry(config)
     await registry.open(sweep=False)
     try:
-        if args.command == "pins":
-            repo = resolver.parse_reference(args.name)[0] if args.name else None
-            await _print_pins(iter_pins(registry, repo), args.json)
-            return 0
         failed = 0
         for ref in args.refs:
             try:

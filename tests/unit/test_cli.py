@@ -95,11 +95,13 @@ def test_containerd_config_dry_run_writes_nothing(
 
 
 def test_pins_of_an_empty_store(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gc", "--config", str(config_file)]) == 0  # makes the store: pins only reads
     assert main(["pins", "--config", str(config_file)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "0 pinned image(s)"
 
 
 def test_gc_of_an_empty_store(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gc", "--config", str(config_file)]) == 0
     assert main(["gc", "--dry-run", "--config", str(config_file)]) == 0
     assert capsys.readouterr().out.strip()
 

@@ -293,3 +293,36 @@ def test_a_worker_whose_command_died_ends_quietly(tmp_path: Path) -> None:
         proc.wait()
     assert err == b""
     assert proc.returncode == 0
+
+
+async def test_a_drift_of_the_running_totals_is_reported_and_only_repair_rebuilds_it(
+    running,
+) -> None:
+    """Totals that differ from a recount (a bug, a hand edit): plain fsck names each one and
+    changes nothing; --repair rebuilds them from the rows."""
+    reg, config = running
+    root = config.storage.root
+    db = sqlite3.connect(root / "index.db", isolation_level=None)
+    try:
+        db.execute("UPDATE totals SET stored_bytes = stored_bytes + 5, tags = tags + 2")
+    finally:
+        db.close()
+    counted = await reg.db.read(Index.recount)
+    want = {
+        "stored_bytes": (counted.stored_bytes + 5, counted.stored_bytes),
+        "tags": (counted.tags + 2, counted.tags),
+    }
+    before = snapshot(root)
+    found = await fsck(config)
+    assert found.drift == want and not found.damaged
+    lines = found.lines()
+    kept, recounted = want["stored_bytes"]
+    assert f"totals drift stored_bytes: kept {kept}, counted {recounted}" in lines
+    assert "run fsck --repair to rebuild the totals" in lines[-1], lines
+    assert snapshot(root) == before  # reported, not changed
+
+    repaired = await fsck(config, repair=True)
+    assert repaired.drift == want
+    assert "(rebuilt)" in "\n".join(repaired.lines())
+    assert await reg.db.read(Index.totals) == counted
+    assert not (await fsck(config)).drift

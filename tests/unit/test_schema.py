@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -199,3 +202,127 @@ def test_a_v7_store_keeps_its_unreferenced_bytes_after_the_upgrade(tmp_path: Pat
         assert ix.totals() == ix.recount() and ix.totals().loose_bytes == 750
     finally:
         ix.close()
+
+
+def reopen(path: Path) -> None:
+    """Open the index as the daemon's writer does (upgrading it), and close it."""
+    ix = Index(path)
+    try:
+        ix.open()
+    finally:
+        ix.close()
+
+
+def set_back_to_v7(path: Path) -> None:
+    """An index of this release put back to schema version 7 (before ``loose_bytes``)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        for name in ("totals_added", "totals_removed", "totals_changed"):
+            db.execute(f"DROP TRIGGER {name}")
+        db.execute("ALTER TABLE totals DROP COLUMN loose_bytes")
+        db.execute("PRAGMA user_version = 7")
+    finally:
+        db.close()
+
+
+def files(root: Path) -> dict[str, object]:
+    """What a store holds: every file and directory by name (the WAL's ``-wal``/``-shm``
+    aside: SQLite makes and removes those around any connection) with its size and mtime, and
+    the index as a dump of its schema and rows, with its version."""
+    out: dict[str, object] = {}
+    for p in sorted(root.rglob("*")):
+        if p.name.endswith(("-wal", "-shm")):
+            continue
+        st = p.stat()
+        out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns) if p.is_file() else "dir"
+    path = root / "index.db"
+    if path.exists():
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            out["index.db"] = (schema.user_version(db), list(db.iterdump()))
+        finally:
+            db.close()
+    return out
+
+
+#: the commands that only read the store
+READ_ONLY = (["fsck"], ["gc", "--dry-run"], ["pins"])
+
+
+@pytest.mark.parametrize("command", READ_ONLY, ids=" ".join)
+def test_a_command_that_only_reads_creates_and_upgrades_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """Plain fsck, gc --dry-run and pins open the index on readers only: no store is made
+    where there is none, an older schema is refused with one line (exit 2) and left as it is,
+    and on a current store they change no byte of it."""
+    root = tmp_path / "store"
+    conf = tmp_path / "regproxy.yaml"
+    conf.write_text(yaml.safe_dump({"storage": {"root": str(root)}}))
+
+    def run() -> tuple[int, list[str]]:
+        capsys.readouterr()
+        code = cli.main(["--config", str(conf), *command])
+        return code, capsys.readouterr().err.strip().splitlines()
+
+    code, err = run()
+    assert code == 2 and len(err) == 1 and f"no index at {root / 'index.db'}" in err[0], err
+    assert not root.exists()  # nothing made
+
+    path = v1_store(root)  # unversioned (0), then version 7
+    for version in (0, 7):
+        if version == 7:
+            reopen(path)  # upgraded to the current schema, then put back to 7
+            set_back_to_v7(path)
+        before = files(root)
+        code, err = run()
+        want = f"schema version {version}, older than the {schema.SCHEMA_VERSION}"
+        assert code == 2 and len(err) == 1 and want in err[0], err
+        assert "fsck --repair" in err[0]
+        assert files(root) == before  # not upgraded, nothing made
+    reopen(path)  # current again
+    before = files(root)
+    code, err = run()
+    # no file of the fixture's blobs is on disk: fsck reports them missing (and exits 1)
+    assert code == (1 if command == ["fsck"] else 0), err
+    assert files(root) == before
+
+
+def test_an_upgrade_says_so_before_it_starts_and_keeps_systemd_waiting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade runs before the listener and READY=1 (from before version 3 it recounts every
+    row: tens of seconds at a million blobs): ``index.migrating`` is logged before it starts,
+    and systemd is told to extend its start timeout (EXTEND_TIMEOUT_USEC) while it runs. A
+    current or a new index logs and sends nothing."""
+    path = v1_store(tmp_path / "store")
+    with tempfile.TemporaryDirectory(prefix="rp-") as d:  # a socket path under 108 bytes
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(f"{d}/notify")
+            sock.setblocking(False)
+            monkeypatch.setenv("NOTIFY_SOCKET", f"{d}/notify")
+            monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+            caplog.set_level(logging.INFO, logger="regproxy.index")
+            for version in (0, 7):
+                if version == 7:
+                    set_back_to_v7(path)
+                caplog.clear()
+                reopen(path)
+                lines = [r.getMessage() for r in caplog.records]
+                migrating = [n for n, m in enumerate(lines) if m.startswith("index.migrating")]
+                upgraded = [n for n, m in enumerate(lines) if m.startswith("index.upgraded")]
+                assert migrating and upgraded and migrating[0] < upgraded[0], lines
+                recount = "yes" if version < 3 else "no"
+                want = f"from={version} to={schema.SCHEMA_VERSION} recount={recount}"
+                assert lines[migrating[0]].endswith(want), lines
+                sent = sock.recv(4096).decode().splitlines()
+                assert f"EXTEND_TIMEOUT_USEC={schema.EXTEND_SECONDS * 1_000_000}" in sent, sent
+            caplog.clear()
+            reopen(path)  # current: nothing to say
+            reopen(tmp_path / "new.db")  # new: nothing to upgrade
+            assert not [r for r in caplog.records if "index.migrat" in r.getMessage()]
+            with pytest.raises(BlockingIOError):
+                sock.recv(4096)
+        finally:
+            sock.close()
