@@ -59,6 +59,18 @@ class ManifestRecord:
     children: Sequence[str]
 
 
+class ManifestAdded(NamedTuple):
+    """What :meth:`Index.add_manifest` did: the references ``missing`` (then nothing written);
+    whether the repository ``held`` the manifest before; the ``tag`` moved and its row before
+    (``tag_was``: digest, updated, checked; None when new), for taking it back
+    (:mod:`regproxy.settling`)."""
+
+    missing: list[str]
+    held: bool = False
+    tag: str | None = None
+    tag_was: tuple[str, float, float] | None = None
+
+
 class Index:
     """One connection to the index. ``readonly``: a reader beside the writer (never migrates,
     refuses writes)."""
@@ -180,18 +192,26 @@ class Index:
         pinned: bool = False,
         checked: float | None = None,
         verify_refs: bool = False,
-    ) -> list[str]:
+    ) -> ManifestAdded:
         """Add a manifest to a repository (and move ``tag`` to it). ``verify_refs``: only if
         every blob and child manifest it lists is in the repository, checked in the same write
         transaction (no eviction, gc or other process removes one between the check and the
-        row); else nothing is written. Returns what is missing (empty: added)."""
+        row); else nothing is written and ``missing`` says what is missing."""
         now = time.time()
         with self._tx() as db:
             if verify_refs:
                 missing = self.missing_blobs(repo, rec.blobs)
                 missing += self.missing_manifests(repo, rec.children)
                 if missing:
-                    return missing
+                    return ManifestAdded(missing)
+            held = self.manifest_in_repo(repo, rec.digest) is not None
+            was = (
+                None
+                if tag is None
+                else db.execute(
+                    "SELECT digest, updated, checked FROM tags WHERE repo=? AND tag=?", (repo, tag)
+                ).fetchone()
+            )
             db.execute(
                 "INSERT OR IGNORE INTO manifests(digest, media_type, size, artifact_type, subject, "
                 "annotations, created) VALUES(?,?,?,?,?,?,?)",
@@ -223,7 +243,7 @@ class Index:
                     "updated=excluded.updated, checked=excluded.checked",
                     (repo, tag, rec.digest, now, checked if checked is not None else now),
                 )
-        return []
+        return ManifestAdded([], held, tag, None if was is None else (was[0], was[1], was[2]))
 
     def manifest_in_repo(self, repo: str, digest: str) -> ManifestRow | None:
         row = self.db.execute(

@@ -16,10 +16,13 @@ row names the file this ``PUT`` placed. It is removed the way eviction removes f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from regproxy.async_index import AsyncIndex
-from regproxy.index import Index, ManifestRecord
+from regproxy.errors import ManifestBlobUnknown
+from regproxy.index import Index, ManifestAdded, ManifestRecord
+from regproxy.names import RepoName
 from regproxy.oci import Digest, ParsedManifest
 from regproxy.removal import remove
 from regproxy.store import Store
@@ -39,6 +42,48 @@ def record(digest: Digest, parsed: ParsedManifest, size: int) -> ManifestRecord:
         blobs=[str(b.digest) for b in parsed.blobs],
         children=[str(m.digest) for m in parsed.manifests],
     )
+
+
+async def add(
+    store: Store,
+    db: AsyncIndex,
+    repo: RepoName,
+    digest: Digest,
+    body: bytes,
+    parsed: ParsedManifest,
+    *,
+    tag: str | None,
+    pinned: bool,
+    checked: float | None,
+    verify_refs: bool,
+) -> ManifestAdded:
+    """Place the manifest's file, then write its row (and move ``tag``), its references
+    checked again in the row's transaction when ``verify_refs``: a blob evicted (or gc'd)
+    since the ``PUT`` checked them refuses it (``MANIFEST_BLOB_UNKNOWN``), never a manifest
+    whose blob is gone. A refusal or a failed write drops the file this call placed."""
+    placed = False
+    try:
+        placed = await asyncio.get_running_loop().run_in_executor(None, place, store, digest, body)
+        await db.write(Index.ensure_repo, repo.canonical, repo.host, repo.path)
+        added = await db.write(
+            Index.add_manifest,
+            repo.canonical,
+            record(digest, parsed, len(body)),
+            tag=tag,
+            pinned=pinned,
+            checked=checked,
+            verify_refs=verify_refs,
+        )
+    except Exception as exc:  # its index write ended, failed: no row names the file
+        if placed:
+            await drop_refused(store, db, digest, repo.canonical, exc)
+        raise
+    if added.missing:
+        if placed:
+            why = f"blob {added.missing[0]} gone"
+            await drop_refused(store, db, digest, repo.canonical, why)
+        raise ManifestBlobUnknown(added.missing[0])
+    return added
 
 
 def place(store: Store, digest: Digest, body: bytes) -> bool:

@@ -430,33 +430,21 @@ class LocalRegistry:
             missing = await self.db.read(Index.missing_manifests, repo.canonical, children)
             if missing:
                 raise ManifestBlobUnknown(missing[0])
-        placed = False
-        try:
-            placed = await self._io(manifest_put.place, self.store, digest, body)
-            await self.ensure_repo(repo)
-            # checked again where the row is written: a blob evicted (or gc'd) since the
-            # check above leaves the manifest out, never a manifest whose blob is gone
-            missing = await self.db.write(
-                Index.add_manifest,
-                repo.canonical,
-                manifest_put.record(digest, parsed, len(body)),
-                tag=tag,
-                pinned=pinned,
-                checked=checked,
-                verify_refs=verify_refs,
-            )
-        except Exception as exc:  # its index write ended, failed: no row names the file
-            if placed:
-                await manifest_put.drop_refused(self.store, self.db, digest, repo.canonical, exc)
-            raise
-        if missing:
-            if placed:
-                why = f"blob {missing[0]} gone"
-                await manifest_put.drop_refused(self.store, self.db, digest, repo.canonical, why)
-            raise ManifestBlobUnknown(missing[0])
+        added = await manifest_put.add(
+            self.store,
+            self.db,
+            repo,
+            digest,
+            body,
+            parsed,
+            tag=tag,
+            pinned=pinned,
+            checked=checked,
+            verify_refs=verify_refs,
+        )
         settle = functools.partial(self.store.ensure_bytes, data=body)  # regproxy.settling
         await settle_row(
-            self.db, self.cache, self.store, repo.canonical, digest, settle, manifest=True
+            self.db, self.cache, self.store, repo.canonical, digest, settle, manifest=added
         )
         self.cache.put_body(str(digest), body)
         self._stored()

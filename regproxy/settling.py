@@ -10,6 +10,11 @@ the index does not name a file that is not there. The row is keyed by repository
 may be another writer's too (two pushes of one tag's manifest, or of one layer, at once): while
 a removal still holds the file moved out, it is kept, and that removal, asking the index, puts
 the file back for them.
+
+A manifest ``PUT`` that fails so leaves its repository as it was (:func:`take_back`): the tag
+it moved points where it did before (if that manifest is still in the repository; else it
+goes), and the row goes only if this ``PUT`` added it, with the tags naming it since; a row
+the repository held before is not the ``PUT``'s to remove, nor are the tags naming it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Callable
 
 from regproxy.async_index import AsyncIndex
 from regproxy.errors import StorageFull, StoreFailed
-from regproxy.index import Index
+from regproxy.index import Index, ManifestAdded
 from regproxy.lookups import LookupCache
 from regproxy.oci import Digest
 from regproxy.store import Store
@@ -36,11 +41,11 @@ async def settle_row(
     digest: Digest,
     settle: Callable[[Digest], object],
     *,
-    manifest: bool = False,
+    manifest: ManifestAdded | None = None,
 ) -> None:
     """Run ``settle(digest)`` (blocking, on the executor) after the row of ``digest`` in ``repo``;
-    if it raises the store's error, the error is raised, and that row (a manifest's with its tags
-    in ``repo``) removed first if the store has no file of the digest left."""
+    if it raises the store's error, the error is raised, and that row removed first if the
+    store has no file of the digest left (a manifest's, what ``manifest`` added: :func:`take_back`)."""
     loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(None, settle, digest)
@@ -51,17 +56,45 @@ async def settle_row(
             "back; %s",
             digest,
             repo,
-            "manifest" if manifest else "blob",
+            "blob" if manifest is None else "manifest",
             exc.detail,
             "its row is removed" if gone else "a removal holds it and puts it back: row kept",
         )
         if not gone:
             raise
         key = (repo, str(digest))
-        if manifest:
-            await db.write(Index.delete_manifest, repo, str(digest))
+        if manifest is not None:
+            await db.write(take_back, repo, str(digest), manifest)
             cache.forget(manifests=[key], tags_of=[repo], bodies=[str(digest)])
         else:
             await db.write(Index.unlink_blob, repo, str(digest))
             cache.forget(links=[key])
         raise
+
+
+def take_back(ix: Index, repo: str, digest: str, added: ManifestAdded) -> None:
+    """Undo what :meth:`Index.add_manifest` did (``added``) for a manifest whose file is gone:
+    the tag it moved, if it still names the manifest, goes back to its row before
+    (``tag_was``) if that manifest is still in the repository, else goes; the manifest's row
+    goes if the repository did not hold it before, with every tag naming it (none did before:
+    a tag never names a manifest its repository does not hold)."""
+    with ix.transaction() as db:
+        tag, was = added.tag, added.tag_was
+        now = (
+            None
+            if tag is None
+            else db.execute(
+                "SELECT digest FROM tags WHERE repo=? AND tag=?", (repo, tag)
+            ).fetchone()
+        )
+        if now is not None and now[0] == digest:  # else moved on since
+            if was is not None and ix.manifest_in_repo(repo, was[0]) is not None:
+                db.execute(
+                    "UPDATE tags SET digest=?, updated=?, checked=? WHERE repo=? AND tag=?",
+                    (*was, repo, tag),
+                )
+            else:
+                db.execute("DELETE FROM tags WHERE repo=? AND tag=?", (repo, tag))
+        if not added.held:
+            db.execute("DELETE FROM repo_manifests WHERE repo=? AND digest=?", (repo, digest))
+            db.execute("DELETE FROM tags WHERE repo=? AND digest=?", (repo, digest))

@@ -241,3 +241,84 @@ async def test_a_failed_push_keeps_the_layer_another_push_of_it_stored(tmp_path:
         assert store.stat(d) == len(lay)
     finally:
         await reg.close()
+
+
+# A failed PUT leaves its repository as it was (from a review: the first version deleted the
+# manifest with every tag naming it, so a failed ``PUT M:u`` lost ``u``'s old value and the tags
+# that named M before it).
+
+
+class GoneStore(BrokenStore):
+    """Runs ``on_missing`` (on the executor) when a writer asks whether any file is left."""
+
+    on_missing: Callable[[], None] | None = None
+
+    def missing(self, digest: Digest) -> bool:
+        if self.on_missing is not None:
+            self.on_missing()
+        return super().missing(digest)
+
+
+async def _failing_put(
+    tmp_path: Path, before: dict[str, bytes], also_gone: str | None = None
+) -> tuple[dict[str, str | None], str, str]:
+    """``before`` put as tags of team/app; then ``PUT M:u`` whose file is lost right before its
+    row and the disk cannot write again (507); ``also_gone``: a tag whose manifest is deleted right before
+    the PUT takes its row back. The tags after, M's digest, and whether M's row is left."""
+    root = tmp_path / "store"
+    store = GoneStore(root)
+    reg = LocalRegistry(store, RacingIndex(root / "index.db"))
+    await reg.open()
+    db = reg.db
+    assert isinstance(db, RacingIndex)
+    repo, m = up("team/app"), manifest(b'{"m": 1}')
+    try:
+        for tag, body in before.items():
+            await reg.put_manifest(repo, tag, body, OCI_MANIFEST, verify_refs=False)
+        dm = str(Digest.of(m))
+
+        async def lost() -> None:  # the file is lost for good (a removal's, or the disk's)
+            moved = store.move_out(Digest.parse(dm))
+            assert moved is not None
+            moved.unlink()
+            store.fault, store.fails = "ENOSPC", 2
+
+        if also_gone is not None:
+            gone = str(Digest.of(before[also_gone]))
+            writer = Index(root / "index.db")  # another connection: as another process would
+            store.on_missing = lambda: writer.delete_manifest(repo.canonical, gone)
+        db.target, db.hook = dm, lost
+        with pytest.raises(StorageFull):
+            await reg.put_manifest(repo, "u", m, OCI_MANIFEST, verify_refs=False)
+        tags = {}
+        for tag in [*before, "u"]:
+            found = await reg.local_manifest(repo, tag)
+            tags[tag] = None if found is None else found[0].digest
+        row = await db.read(Index.manifest_in_repo, repo.canonical, dm)
+        return tags, dm, "kept" if row is not None else "gone"
+    finally:
+        await reg.close()
+
+
+async def test_a_failed_put_puts_the_tag_back_where_it_was(tmp_path: Path) -> None:
+    x = manifest(b'{"x": 1}')
+    tags, _, row = await _failing_put(tmp_path, {"u": x})
+    assert tags == {"u": str(Digest.of(x))}, "the failed PUT moved or deleted u"
+    assert row == "gone"  # this PUT's row: no row names the missing file
+
+
+async def test_a_failed_put_keeps_the_row_and_tags_the_repository_held_before(
+    tmp_path: Path,
+) -> None:
+    x, m = manifest(b'{"x": 1}'), manifest(b'{"m": 1}')
+    tags, dm, row = await _failing_put(tmp_path, {"u": x, "t": m})
+    assert tags == {"u": str(Digest.of(x)), "t": dm}
+    assert row == "kept"  # not this PUT's row (a lookup finding the file gone removes it)
+
+
+async def test_a_failed_put_drops_its_tag_when_the_old_manifest_went_meanwhile(
+    tmp_path: Path,
+) -> None:
+    x = manifest(b'{"x": 1}')
+    tags, _, row = await _failing_put(tmp_path, {"u": x}, also_gone="u")
+    assert tags == {"u": None} and row == "gone"
