@@ -33,6 +33,14 @@ from regproxy.store import Store
 log = logging.getLogger("regproxy.store")
 
 
+class PutBackFull(StorageFull):
+    """A writer's file the full disk kept from going back once its row was written (507)."""
+
+
+class PutBackFailed(StoreFailed):
+    """A writer's file the disk failed otherwise (EIO, ...) to put back after its row (500)."""
+
+
 async def settle_row(
     db: AsyncIndex,
     cache: LookupCache,
@@ -44,8 +52,9 @@ async def settle_row(
     manifest: ManifestAdded | None = None,
 ) -> None:
     """Run ``settle(digest)`` (blocking, on the executor) after the row of ``digest`` in ``repo``;
-    if it raises the store's error, the error is raised, and that row removed first if the
-    store has no file of the digest left (a manifest's, what ``manifest`` added: :func:`take_back`)."""
+    if it raises the store's error, :class:`PutBackFull` or :class:`PutBackFailed` (naming the
+    digest) is raised, and that row removed first if the store has no file of the digest left
+    (a manifest's, what ``manifest`` added: :func:`take_back`)."""
     loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(None, settle, digest)
@@ -60,8 +69,10 @@ async def settle_row(
             exc.detail,
             "its row is removed" if gone else "a removal holds it and puts it back: row kept",
         )
+        failed = PutBackFull if isinstance(exc, StorageFull) else PutBackFailed
+        error = failed(f"the disk refused putting {digest} back into the store ({exc.detail})")
         if not gone:
-            raise
+            raise error from exc
         key = (repo, str(digest))
         if manifest is not None:
             await db.write(take_back, repo, str(digest), manifest)
@@ -69,7 +80,7 @@ async def settle_row(
         else:
             await db.write(Index.unlink_blob, repo, str(digest))
             cache.forget(links=[key])
-        raise
+        raise error from exc
 
 
 def take_back(ix: Index, repo: str, digest: str, added: ManifestAdded) -> None:

@@ -159,7 +159,7 @@ LAYERS: dict[str, Layer] = {
     "cli": _layer(
         "cli",
         f"{_MODEL} schema store index facade transfer upstream peers registry proxy gc pinning "
-        "tools app policy",
+        "tools app policy settling",
     ),
     "main": _layer("__main__", "cli"),
 }

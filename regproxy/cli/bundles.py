@@ -13,6 +13,7 @@ from regproxy.config import Config
 from regproxy.errors import OCIError, StorageFull
 from regproxy.names import NameResolver
 from regproxy.policy import Policy
+from regproxy.settling import PutBackFailed, PutBackFull
 
 
 def add_parsers(sub: SubParsers, common: argparse.ArgumentParser) -> None:
@@ -71,6 +72,15 @@ async def run_import(config: Config, paths: list[Path], name: str | None) -> int
                     progress=progress,
                     policy=Policy(registry),  # policy.enforce: import
                 ).import_path(path)
+            except (PutBackFull, PutBackFailed) as exc:  # while committing: some of it may be in
+                progress.end()
+                print(
+                    f"regproxy import: {path}: failed: {exc.detail}; what was committed before "
+                    "it stays (import the bundle again once the disk takes it)",
+                    file=sys.stderr,
+                )
+                failed += 1
+                continue
             except StorageFull as exc:  # no room above storage.min_free: nothing of it committed
                 progress.end()
                 print(

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from regproxy.bundle import Importer
+from regproxy.cli.bundles import run_import
 from regproxy.config import config_from_dict, load_config
 from regproxy.errors import OCIError, StorageFull, StoreFailed
 from regproxy.index import Index
@@ -30,6 +31,7 @@ from regproxy.oci import Digest
 from regproxy.proxy import ProxyRegistry
 from regproxy.registry import LocalRegistry
 from regproxy.removal import _finish, remove
+from regproxy.settling import PutBackFailed, PutBackFull
 from regproxy.store import BlobWriter, Store
 from tests.fakes import FakeUpstream
 from tests.unit.test_evict import OCI_MANIFEST, chunks, layer, up
@@ -156,9 +158,10 @@ async def test_a_file_the_disk_cannot_put_back_takes_its_row_back(
     case.strike(fault, fails=2)
     with pytest.raises(OCIError) as err:
         await case.write()
-    expected = StorageFull if fault == "ENOSPC" else StoreFailed
+    expected = PutBackFull if fault == "ENOSPC" else PutBackFailed
     assert type(err.value) is expected, err.value
     assert err.value.http_status == (507 if fault == "ENOSPC" else 500)
+    assert f"the disk refused putting {case.digest} back" in err.value.detail
     assert await case.row() is None  # no row names the missing file
     assert case.store.stat(case.digest) is None
     assert [p.name for p in case.store.tmp.iterdir()] == []  # no spare, nothing moved out
@@ -322,3 +325,28 @@ async def test_a_failed_put_drops_its_tag_when_the_old_manifest_went_meanwhile(
     x = manifest(b'{"x": 1}')
     tags, _, row = await _failing_put(tmp_path, {"u": x}, also_gone="u")
     assert tags == {"u": None} and row == "gone"
+
+
+async def test_the_import_command_names_the_file_the_disk_refused_to_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``regproxy import`` (the command's function, in this process) whose layer the disk
+    cannot put back once its row is in: exit 1, one line naming the bundle and the digest,
+    and no claim that nothing was imported (it was committing)."""
+    root = tmp_path / "store"
+    config = config_from_dict({"storage": {"root": str(root), "min_free": 0}})
+    store, db = BrokenStore(root), RacingIndex(root / "index.db")
+    monkeypatch.setattr("regproxy.proxy.build_registry", lambda c: ProxyRegistry(store, db, c))
+    path, _ = layout(tmp_path / "bundle", b'{"new": true}')
+    d = str(Digest.of(LAYER))
+
+    async def removal() -> None:
+        assert await remove(store, [d], lambda ds: db.read(Index.stored_among, ds))
+        store.fault, store.fails = "ENOSPC", 2
+
+    db.target, db.hook = d, removal
+    assert await run_import(config, [path], None) == 1
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if str(path) in ln)
+    assert f"regproxy import: {path}: failed: the disk refused putting {d} back" in line, line
+    assert "ENOSPC" in line and "nothing of this bundle" not in line, line
