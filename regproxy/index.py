@@ -238,10 +238,17 @@ class Index:
             )
             if tag is not None:
                 db.execute(
-                    "INSERT INTO tags(repo, tag, digest, updated, checked) VALUES(?,?,?,?,?) "
-                    "ON CONFLICT(repo, tag) DO UPDATE SET digest=excluded.digest, "
-                    "updated=excluded.updated, checked=excluded.checked",
-                    (repo, tag, rec.digest, now, checked if checked is not None else now),
+                    "INSERT INTO tags(repo, tag, digest, updated, checked, sortkey) "
+                    "VALUES(?,?,?,?,?,?) ON CONFLICT(repo, tag) DO UPDATE SET "
+                    "digest=excluded.digest, updated=excluded.updated, checked=excluded.checked",
+                    (
+                        repo,
+                        tag,
+                        rec.digest,
+                        now,
+                        checked if checked is not None else now,
+                        schema.tag_order(tag),
+                    ),
                 )
         return ManifestAdded([], held, tag, None if was is None else (was[0], was[1], was[2]))
 

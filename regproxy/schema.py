@@ -19,6 +19,7 @@ schema before version 3: a full pass, tens of seconds at a million blobs) logs
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import time
 import urllib.parse
@@ -34,7 +35,7 @@ log = logging.getLogger("regproxy.index")
 #: the writer's page cache: the pages an eviction batch or a burst of commits rewrites
 WRITER_CACHE_KIB: Final = 16 * 1024
 #: the schema version this code writes
-SCHEMA_VERSION: Final = 8
+SCHEMA_VERSION: Final = 9
 
 #: version 1: the schema of every store written before versioning (user_version 0)
 V1: Final = (
@@ -410,6 +411,52 @@ def _v8(db: sqlite3.Connection) -> None:
     )
 
 
+# --- version 9: a repository's tags in the web page's orders, each read by an index ------------
+_DIGITS = re.compile(r"\d+")
+
+
+def _number(m: re.Match[str]) -> str:
+    digits = m.group().lstrip("0") or "0"
+    return f"\x00{chr(len(digits))}{digits}"  # before any text; fewer digits, smaller
+
+
+def natural_key(text: str) -> str:
+    """Sort key that orders the numbers inside a name as numbers: 1.9 before 1.10 (a string
+    compared as one: each number is its digit count and digits, after a NUL that puts it
+    before text at the same place)."""
+    return _DIGITS.sub(_number, text)
+
+
+def tag_order(tag: str) -> bytes:
+    """``tags.sortkey``: a tag's place in name order (:func:`natural_key`, UTF-8: compared as
+    bytes it orders as the text does), ties broken by the tag itself. Stored, never computed
+    by SQL: the schema names no function of ours, so any SQLite reads and writes the index
+    (a row written without it sorts first by name)."""
+    return natural_key(tag).encode()
+
+
+def _v9(db: sqlite3.Connection) -> None:
+    """The web page's tag list pages by key in each of its orders: by name (numbers as
+    numbers, ``sortkey``), by when the tag moved, by when the repository got the manifest and
+    by last pull (the last two walk the repository's rows in that order and their tags)."""
+    if not _has_column(db, "tags", "sortkey"):
+        db.execute("ALTER TABLE tags ADD COLUMN sortkey BLOB")
+    db.create_function("regproxy_tag_order", 1, tag_order, deterministic=True)
+    try:
+        db.execute("UPDATE tags SET sortkey = regproxy_tag_order(tag)")
+    finally:
+        db.create_function("regproxy_tag_order", 1, None)
+    db.execute("CREATE INDEX IF NOT EXISTS tags_by_name ON tags(repo, sortkey, tag)")
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS tags_by_updated ON tags(repo, updated DESC, sortkey, tag)"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS repo_manifests_created ON repo_manifests(repo, created)")
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS repo_manifests_pulled ON repo_manifests(repo, last_access) "
+        "WHERE last_access > created"
+    )
+
+
 #: (version it brings the schema to, what it does), in order; append, never edit a released one
 MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] = (
     (2, _v2),
@@ -419,6 +466,7 @@ MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] 
     (6, _v6),
     (7, _v7),
     (8, _v8),
+    (9, _v9),
 )
 
 

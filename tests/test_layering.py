@@ -67,7 +67,7 @@ LAYERS: dict[str, Layer] = {
     # each repository's size, kept in the index and counted again when it may have moved
     "sizes": _layer("repo_sizes", "base index"),
     # the web page's parts that know no HTTP: its index queries, formatting, charts, history
-    "queries": _layer("ui.queries", "base oci index sizes"),
+    "queries": _layer("ui.queries ui.tag_list", "base oci schema index sizes"),
     "ui_model": _layer("ui.format ui.history ui.charts", "base"),
     # the transfer knows no transport: sources are callables handed in by proxy
     # a plain-TCP body copied into the store on a thread (the socket is handed in)

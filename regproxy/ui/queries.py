@@ -9,14 +9,13 @@ the one the index keeps (``repos.size``, :mod:`regproxy.repo_sizes`), counted in
 for a repository whose size a change just forgot. The repository list's other orders (size,
 last pull) are keyset pages too, their key the row's sort values and name (a JSON array);
 ordering by size reads every matching repository's kept size (a scan of ``repos``, no walk).
-A repository's tags in orders other than by name are numbered pages (``OFFSET``).
+A repository's tags: :mod:`regproxy.ui.tag_list`.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
-import re
+import math
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
@@ -34,43 +33,6 @@ REPO_SORTS: Final = {
     "size": ("-size", "name"),
     "pulled": ("last_access IS NULL", "COALESCE(-last_access, 0)", "name"),
 }
-#: how a repository's tags may be ordered (``sort=``); ``name`` orders numbers as numbers
-TAG_SORTS: Final = {
-    "name": "t.tag COLLATE natsort",
-    "pulled": "pulled IS NULL, pulled DESC, t.tag COLLATE natsort",
-    "cached": "COALESCE(rm.created, t.updated) DESC, t.tag COLLATE natsort",
-    "updated": "t.updated DESC, t.tag COLLATE natsort",
-}
-#: tag filters (``show=``)
-TAG_FILTERS: Final = {
-    "all": "",
-    "pinned": " AND COALESCE(rm.pinned, 0) = 1",
-    "cached": " AND COALESCE(rm.pinned, 0) = 0",
-}
-_DIGITS = re.compile(r"\d+")
-
-
-def _number(m: re.Match[str]) -> str:
-    digits = m.group().lstrip("0") or "0"
-    return f"\x00{chr(len(digits))}{digits}"  # before any text; fewer digits, smaller
-
-
-def natural_key(text: str) -> str:
-    """Sort key that orders the numbers inside a name as numbers: 1.9 before 1.10 (a string
-    compared as one: each number is its digit count and digits, after a NUL that puts it
-    before text at the same place; sorting 10,000 tags by it takes milliseconds)."""
-    return _DIGITS.sub(_number, text)
-
-
-def _natural(a: str, b: str) -> int:
-    ka, kb = natural_key(a), natural_key(b)
-    return (ka > kb) - (ka < kb)
-
-
-def _collations(index: Index) -> None:
-    index.db.create_collation("natsort", _natural)
-
-
 #: config media types of plain images: what the index records as their "artifact type" (the
 #: OCI fallback to the config's type), which the page does not show as one
 IMAGE_CONFIGS: Final = frozenset(
@@ -165,10 +127,14 @@ class Page(Generic[T]):
     rows: list[T]
     #: how many rows the whole list has
     total: int
-    #: ``after=`` for the next page (the last row's key), None on the last page or by number
+    #: ``after=`` for the next page (the last row's key), None on the last page
     next_after: str | None
-    #: ``before=`` for the previous page (the first row's key), None on the first or by number
+    #: ``before=`` for the previous page (the first row's key), None on the first page
     prev_before: str | None
+
+
+class BadKey(ValueError):
+    """An ``after``/``before`` key that is not one of the list's order (the page answers 400)."""
 
 
 def _keyset(
@@ -181,9 +147,11 @@ def _keyset(
     return f"{column} > ?", column, [after or "", limit + 1], False
 
 
-def _page(
+def keyset_page(
     rows: list[Any], key: Any, limit: int, reverse: bool, cursor: bool, total: int
 ) -> Page[Any]:
+    """The page of ``rows`` (read one more than ``limit``, nearest first when ``reverse``: a
+    page before a key) and the keys of the pages around it; ``cursor``: it is after a key."""
     more = len(rows) > limit
     rows = rows[:limit]
     if reverse:
@@ -204,6 +172,17 @@ def _where(project: str | None, q: str | None) -> tuple[str, list[Any]]:
         where.append("name LIKE ? ESCAPE '\\'")
         args.append(_like(q.lower()))
     return " AND ".join(where), args
+
+
+def _others(index: Index, project: str) -> bool:
+    """Whether a repository holding content is outside the project: the first one found on
+    either side of its range of names (no count)."""
+    row = index.db.execute(
+        "SELECT EXISTS (SELECT 1 FROM repos WHERE name < ? AND manifests > 0) "
+        "OR EXISTS (SELECT 1 FROM repos WHERE name >= ? AND manifests > 0)",
+        (project + "/", project + "0"),
+    ).fetchone()
+    return bool(row[0])
 
 
 def projects(index: Index) -> list[tuple[str, int]]:
@@ -230,11 +209,11 @@ def repositories(
     running total when nothing filters), after or before a key: a name in name order, else
     the JSON array of a row's :data:`REPO_SORTS` key (:func:`repo_key`)."""
     where, args = _where(project, q)
-    if project or q:
+    if q or (project and _others(index, project)):
         total = int(
             index.db.execute(f"SELECT count(*) FROM repos WHERE {where}", args).fetchone()[0]
         )
-    else:
+    else:  # every repository, or every one is the project's (a host's usual one project)
         total = index.totals().repos
     if sort not in REPO_SORTS or sort == "name":
         cond, order, more, reverse = _keyset("name", after, before, limit)
@@ -270,8 +249,8 @@ def repositories(
     ]
     cursor_given = after is not None or before is not None
     if sort == "name":
-        return _page(repos, lambda r: r.name, limit, reverse, after is not None, total)
-    return _page(repos, lambda r: repo_key(r, sort), limit, reverse, cursor_given, total)
+        return keyset_page(repos, lambda r: r.name, limit, reverse, after is not None, total)
+    return keyset_page(repos, lambda r: repo_key(r, sort), limit, reverse, cursor_given, total)
 
 
 def repo_key(row: RepoRow, sort: str) -> str:
@@ -283,16 +262,29 @@ def repo_key(row: RepoRow, sort: str) -> str:
 
 
 def _key_of(text: str | None, n: int) -> list[Any] | None:
-    """A key from a request (:func:`repo_key`), or None (the first page) when it is not one."""
+    """A key from a request (:func:`repo_key`), None for none (the first page); :class:`BadKey`
+    for one that is not a key of the order."""
+    if not text:
+        return None
     try:
-        key = json.loads(text) if text else None
+        key = json.loads(text)
     except ValueError:
-        return None
+        key = None
     if not isinstance(key, list) or len(key) != n or not isinstance(key[-1], str):
-        return None
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in key[:-1]):
-        return None
+        raise BadKey(f"not a key of this order: {text[:80]!r}")
+    if not all(finite(v) for v in key[:-1]):
+        raise BadKey(f"not a key of this order: {text[:80]!r}")
     return key
+
+
+def finite(value: Any) -> bool:
+    """A JSON number a key may hold (not a bool, NaN, an infinity or beyond a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def repository(index: Index, name: str) -> RepoRow | None:
@@ -326,96 +318,6 @@ def tree_size(index: Index, digest: str) -> int:
         _TREE + "SELECT COALESCE(SUM(size), 0) FROM refs WHERE digest IN t", (digest,)
     ).fetchone()
     return int(row[0])
-
-
-def repo_tags(
-    index: Index,
-    repo: str,
-    *,
-    limit: int,
-    after: str | None = None,
-    before: str | None = None,
-    sort: str = "name",
-    offset: int = 0,
-    show: str = "all",
-    only: list[str] | None = None,
-) -> Page[TagRow]:
-    """One page of a repository's tags, and how many match. By name (numbers as numbers):
-    after or before a tag; by :data:`TAG_SORTS`' others: ``offset`` rows in. ``show``:
-    :data:`TAG_FILTERS`; ``only``: just these tags (the stale ones)."""
-    _collations(index)
-    where = "t.repo=?" + TAG_FILTERS.get(show, "")
-    args: list[Any] = [repo]
-    if only is not None:
-        where += f" AND t.tag IN ({','.join('?' * len(only))})"
-        args += only
-    base = (
-        "FROM tags t JOIN manifests m ON m.digest = t.digest "
-        "LEFT JOIN repo_manifests rm ON rm.repo = t.repo AND rm.digest = t.digest "
-    )
-    by_name = sort not in TAG_SORTS or sort == "name"
-    columns = (
-        "SELECT t.tag, t.digest, m.media_type, m.artifact_type, rm.created, rm.last_access, "
-        "t.updated, t.checked, COALESCE(rm.pinned, 0), "
-        "CASE WHEN rm.last_access > rm.created THEN rm.last_access END AS pulled "
-    )
-    if by_name:
-        # the matching names sorted here (SQLite would call the collation for every pair:
-        # half a second at 10,000 tags), the page's rows read by name
-        names = [r[0] for r in index.db.execute(f"SELECT t.tag {base} WHERE {where}", args)]
-        names.sort(key=tag_key)
-        total = len(names)
-        window, reverse = _window(names, after, before, limit)
-        found = {
-            r[0]: r
-            for r in index.db.execute(
-                f"{columns} {base} WHERE {where} AND t.tag IN ({','.join('?' * len(window))})",
-                [*args, *window],
-            )
-        }
-        rows = [found[t] for t in window if t in found]
-    else:
-        total = int(index.db.execute(f"SELECT count(*) {base} WHERE {where}", args).fetchone()[0])
-        rows = index.db.execute(
-            f"{columns} {base} WHERE {where} ORDER BY {TAG_SORTS[sort]} LIMIT ? OFFSET ?",
-            [*args, limit, offset],
-        ).fetchall()
-    out = [
-        TagRow(
-            r[0],
-            r[1],
-            r[2],
-            artifact(r[3]),
-            tree_size(index, r[1]),
-            float(r[4] or r[6]),
-            r[9],
-            r[6],
-            r[7],
-            bool(r[8]),
-        )
-        for r in rows[: limit + 1]
-    ]
-    if not by_name:
-        return Page(out, total, None, None)
-    return _page(out, lambda t: t.tag, limit, reverse, after is not None, total)
-
-
-def tag_key(tag: str) -> tuple[str, str]:
-    """A tag's place in name order: numbers as numbers, then the name itself (1.01 and 1.1
-    are both kept, one after the other)."""
-    return natural_key(tag), tag
-
-
-def _window(
-    names: list[str], after: str | None, before: str | None, limit: int
-) -> tuple[list[str], bool]:
-    """(names of the page and one more, whether reversed): after ``after``, or the ``limit``
-    (and one) before ``before`` nearest first (as a keyset page in SQL reads them)."""
-    if before is not None:
-        end = bisect.bisect_left(names, tag_key(before), key=tag_key)
-        return names[max(0, end - limit - 1) : end][::-1], True
-    start = bisect.bisect_right(names, tag_key(after), key=tag_key) if after else 0
-    return names[start : start + limit + 1], False
 
 
 def untagged(index: Index, repo: str, *, limit: int) -> list[TagRow]:

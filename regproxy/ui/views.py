@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from regproxy.ui import queries, served
+from regproxy.ui import queries, served, tag_list
 from regproxy.ui.base import (
     PREFIX,
     Refused,
@@ -60,11 +60,9 @@ def _cursor(request: web.Request) -> tuple[int, dict[str, str]]:
     return 1, {}
 
 
-def _paged(
-    request: web.Request, page: int, per: int, found: queries.Page[Any], by_number: bool
-) -> dict[str, Any]:
-    """The page's numbers and its links to the pages around it: ``after=``/``before=`` in name
-    order, ``page=`` in the other orders."""
+def _paged(request: web.Request, page: int, per: int, found: queries.Page[Any]) -> dict[str, Any]:
+    """The page's numbers and its links to the pages around it: ``after=``/``before=`` the key
+    of the row at the edge (the ``page=`` number beside it is only shown)."""
     pages = max(1, math.ceil(found.total / per))
     page = min(page, pages)
 
@@ -74,12 +72,8 @@ def _paged(
         }
         return f"{request.path}?{urlencode({**params, **cursor, 'page': str(number)})}"
 
-    if by_number:
-        nxt = link(page + 1) if page < pages else None
-        prev = link(page - 1) if page > 1 else None
-    else:
-        nxt = link(page + 1, after=found.next_after) if found.next_after else None
-        prev = link(max(1, page - 1), before=found.prev_before) if found.prev_before else None
+    nxt = link(page + 1, after=found.next_after) if found.next_after else None
+    prev = link(max(1, page - 1), before=found.prev_before) if found.prev_before else None
     return {
         "page": page,
         "per_page": per,
@@ -92,12 +86,13 @@ def _paged(
     }
 
 
-def _position(request: web.Request, sort: str) -> tuple[int, dict[str, Any]]:
-    """Where the page is: a key in name order, a number (an offset) in the others."""
-    if sort == "name":
-        return _cursor(request)
-    page, per = page_args(request)
-    return page, {"offset": (page - 1) * per}
+async def _read_page(registry: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+    """A keyset page from the index; a key in the URL that is not one of the order's is a 400
+    (a hand-edited or truncated link), never a 500."""
+    try:
+        return await registry.db.read(query, *args, **kwargs)
+    except queries.BadKey as exc:
+        raise Refused(f"{exc}: follow the page's Next / Previous links", 400) from None
 
 
 async def _repositories(request: web.Request) -> dict[str, Any]:
@@ -110,14 +105,14 @@ async def _repositories(request: web.Request) -> dict[str, Any]:
         await registry.flush_access()  # the order needs what was served until now
     page, where = _cursor(request)  # keyset pages in every order (queries.repositories)
     unflushed = registry.unflushed_access()  # before the read: see served.py
-    found = await registry.db.read(
-        queries.repositories, project=project, q=q, limit=per, sort=sort, **where
+    found = await _read_page(
+        registry, queries.repositories, project=project, q=q, limit=per, sort=sort, **where
     )
     return {
         "q": q or "",
         "project_filter": project or "",
         "sort": sort,
-        **_paged(request, page, per, found, False),
+        **_paged(request, page, per, found),
         "rows": served.repos(found.rows, unflushed),
     }
 
@@ -164,7 +159,7 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     ui = ui_of(request)
     registry = registry_of(request)
     repo = resolve(request, name)
-    sort = _choice(request, "sort", queries.TAG_SORTS, "name")
+    sort = _choice(request, "sort", tag_list.TAG_ORDERS, "name")
     if sort == "pulled":
         await registry.flush_access()  # the order needs what was served until now
     unflushed = registry.unflushed_access()  # before the reads: see served.py
@@ -172,16 +167,18 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
     if info is None:
         raise Refused(f"no repository {repo.canonical} in the store", 404)
     _, per = page_args(request)
-    show = _choice(request, "show", (*queries.TAG_FILTERS, "stale"), "all")
-    page, where = _position(request, sort)
+    show = _choice(request, "show", (*tag_list.TAG_FILTERS, "stale"), "all")
+    page, where = _cursor(request)  # keyset pages in every order (tag_list.repo_tags)
     stale = stale_tags(registry, repo.canonical)
-    found = await registry.db.read(
-        queries.repo_tags,
+    found = await _read_page(
+        registry,
+        tag_list.repo_tags,
         repo.canonical,
         limit=per,
         sort=sort,
         show="all" if show == "stale" else show,
         only=sorted(stale) if show == "stale" else None,
+        every=info.tags,  # the repository's tags, just counted
         **where,
     )
     tags = found.rows
@@ -209,7 +206,7 @@ async def _tags(request: web.Request, name: str) -> dict[str, Any]:
         "upstream": repo.host,
         "sort": sort,
         "show": show,
-        **_paged(request, page, per, found, sort != "name"),
+        **_paged(request, page, per, found),
         "tags": tags,
         "untagged": other,
         "tag_ttl": ui.config.tag_ttl,
