@@ -17,7 +17,10 @@ the tag in name order, else the JSON array of the row's sort values, ascending (
 a smaller negative number), and its tag, as the repository list's keys are: ``[-updated,
 tag]``, ``[-cached, tag]``, ``[0, -last_pulled, tag]`` or ``[1, 0, tag]`` (never pulled). A key
 the page did not make is :class:`BadKey` (the page answers 400). A tag added or removed between
-two pages moves nothing else: the next page starts right after the key it was given.
+two pages moves nothing else: the next page starts right after the key it was given. A filter
+(pinned, not pinned) skips the rows it leaves out of the walk; where that would pass most of
+the repository (a few pinned tags among many, the list of stale ones), those few are read whole
+by their own index and ordered here, with the same keys.
 """
 
 from __future__ import annotations
@@ -71,6 +74,20 @@ TAG_ORDERS: Final = {
 }
 #: tag filters (``show=``)
 TAG_FILTERS: Final = {"all": "", "pinned": " AND rm.pinned <> 0", "cached": " AND rm.pinned = 0"}
+#: the repository's pinned tags, by the pinned rows' index
+_PINNED: Final = (
+    "FROM repo_manifests rm INDEXED BY repo_manifests_pinned CROSS JOIN tags t "
+    "INDEXED BY tags_by_digest ON t.digest = rm.digest AND t.repo = rm.repo "
+    "CROSS JOIN manifests m ON m.digest = t.digest WHERE rm.repo = ? AND rm.pinned <> 0"
+)
+_COUNT_PINNED: Final = (
+    "SELECT count(*) FROM repo_manifests rm INDEXED BY repo_manifests_pinned CROSS JOIN tags t "
+    "INDEXED BY tags_by_digest ON t.digest = rm.digest AND t.repo = rm.repo "
+    "WHERE rm.repo = ? AND rm.pinned <> 0"
+)
+#: up to how many pinned tags a page reads whole and orders itself (at least one in this many
+#: of the repository's tags is pinned otherwise: a walk in an order passes few others)
+FEW: Final = 2000
 _COLUMNS: Final = (
     "SELECT t.tag, t.digest, m.media_type, m.artifact_type, rm.created, rm.last_access, "
     "t.updated, t.checked, rm.pinned, "
@@ -152,6 +169,48 @@ def _part_rows(
     return rows
 
 
+def _walk(
+    index: Index, sort: str, at: _Key | None, back: bool, n: int, where: str, args: list[Any]
+) -> list[Any]:
+    """Up to ``n`` rows after ``at`` (before it, nearest first) in the order, part by part."""
+    parts = TAG_ORDERS[sort]
+    rows: list[Any] = []
+    for i in reversed(range(len(parts))) if back else range(len(parts)):
+        if at is not None and (i > at.part if back else i < at.part):
+            continue
+        here = at if at is not None and i == at.part else None
+        rows += _part_rows(index, parts[i], here, back, n - len(rows), where, args)
+        if len(rows) >= n:
+            break
+    return rows
+
+
+def _place(sort: str, part: int, time: float | None, tag: str) -> tuple[Any, ...]:
+    """A row's place in the order, as a tuple Python compares as the order does."""
+    name = (tag_order(tag), tag)
+    if sort == "pulled":
+        return (part, -(time or 0.0) if part == 0 else 0.0, *name)
+    if sort in ("updated", "cached"):
+        return (-(time or 0.0), *name)
+    return name
+
+
+def _row_place(sort: str, r: Any) -> tuple[Any, ...]:
+    if sort == "pulled":
+        return _place(sort, 0 if r[9] is not None else 1, r[9], r[0])
+    return _place(sort, 0, r[6] if sort == "updated" else r[4], r[0])
+
+
+def _window(rows: list[Any], sort: str, at: _Key | None, back: bool, n: int) -> list[Any]:
+    """Up to ``n`` of ``rows`` after ``at`` (before it, nearest first) in the order."""
+    ordered = sorted(rows, key=lambda r: _row_place(sort, r), reverse=back)
+    if at is not None:
+        mark = _place(sort, at.part, at.time, at.tag)
+        ordered = [r for r in ordered if (_row_place(sort, r) < mark) == back]
+        ordered = [r for r in ordered if _row_place(sort, r) != mark]
+    return ordered[:n]
+
+
 def _total(
     index: Index, repo: str, show: str, listed: tuple[str, list[Any]] | None, every: int | None
 ) -> int:
@@ -164,14 +223,7 @@ def _total(
         return int(index.db.execute(sql, args).fetchone()[0])
     pinned = 0
     if show in ("pinned", "cached"):
-        pinned = int(
-            index.db.execute(
-                "SELECT count(*) FROM repo_manifests rm INDEXED BY repo_manifests_pinned "
-                "CROSS JOIN tags t INDEXED BY tags_by_digest ON t.digest = rm.digest "
-                "AND t.repo = rm.repo WHERE rm.repo = ? AND rm.pinned <> 0",
-                (repo,),
-            ).fetchone()[0]
-        )
+        pinned = int(index.db.execute(_COUNT_PINNED, (repo,)).fetchone()[0])
         if show == "pinned":
             return pinned
     if every is None:
@@ -192,11 +244,13 @@ def repo_tags(
     show: str = "all",
     only: list[str] | None = None,
     every: int | None = None,
+    few: int = FEW,
 ) -> Page[TagRow]:
     """One page of a repository's tags in a :data:`TAG_ORDERS` order, after or before a key
     (:func:`tag_key`; :class:`BadKey` if it is none), and how many match. ``show``:
     :data:`TAG_FILTERS`; ``only``: just these tags (the stale ones); ``every``: how many tags
-    the repository has, when the caller just counted them (:func:`queries.repository`)."""
+    the repository has, when the caller just counted them (:func:`queries.repository`);
+    ``few``: up to how many pinned tags are read whole and ordered in Python."""
     sort = sort if sort in TAG_ORDERS else "name"
     back = before is not None
     text = before if back else after
@@ -206,15 +260,15 @@ def repo_tags(
     if only is not None:
         where += f" AND t.tag IN ({','.join('?' * len(only))})"
         args += only
-    parts = TAG_ORDERS[sort]
-    rows: list[Any] = []
-    for i in reversed(range(len(parts))) if back else range(len(parts)):
-        if at is not None and (i > at.part if back else i < at.part):
-            continue
-        here = at if at is not None and i == at.part else None
-        rows += _part_rows(index, parts[i], here, back, limit + 1 - len(rows), where, args)
-        if len(rows) > limit:
-            break
+    total = _total(index, repo, show, (where, args) if only is not None else None, every)
+    if only is not None or (show == "pinned" and total <= few):
+        # a few tags (stale ones, or the pinned ones of a repository that pins few): read
+        # them all and order them here, rather than walk an order past every other tag
+        source = _tags() if only is not None else _PINNED
+        chosen = index.db.execute(f"{_COLUMNS} {source}{where}", args).fetchall()
+        rows = _window(chosen, sort, at, back, limit + 1)
+    else:
+        rows = _walk(index, sort, at, back, limit + 1, where, args)
     out = [
         TagRow(
             r[0],
@@ -230,5 +284,4 @@ def repo_tags(
         )
         for n, r in enumerate(rows)
     ]
-    total = _total(index, repo, show, (where, args) if only is not None else None, every)
     return keyset_page(out, lambda t: tag_key(sort, t), limit, back, after is not None, total)

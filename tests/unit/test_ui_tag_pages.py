@@ -40,14 +40,24 @@ def store(path: Path, tags: list[str], pinned: set[str]) -> Index:
     return ix
 
 
-def walk(ix: Index, sort: str, show: str = "all", limit: int = 7) -> list[str]:
+def walk(
+    ix: Index,
+    sort: str,
+    show: str = "all",
+    limit: int = 7,
+    few: int = 0,
+    only: list[str] | None = None,
+) -> list[str]:
     """Every page forward by each page's ``next``, then back from the last by ``prev``; the
-    tags of both walks must agree."""
+    tags of both walks must agree. ``few``: up to how many pinned tags are read whole (0: the
+    pages walk the order's index)."""
     seen: list[str] = []
     pages: list[Page[TagRow]] = []
     after: str | None = None
     for _ in range(200):
-        page = tag_list.repo_tags(ix, REPO, limit=limit, after=after, sort=sort, show=show)
+        page = tag_list.repo_tags(
+            ix, REPO, limit=limit, after=after, sort=sort, show=show, few=few, only=only
+        )
         assert len(page.rows) <= limit
         pages.append(page)
         seen += [t.tag or "" for t in page.rows]
@@ -58,7 +68,14 @@ def walk(ix: Index, sort: str, show: str = "all", limit: int = 7) -> list[str]:
     back = [t.tag or "" for t in page.rows]
     while page.prev_before is not None:
         page = tag_list.repo_tags(
-            ix, REPO, limit=limit, before=page.prev_before, sort=sort, show=show
+            ix,
+            REPO,
+            limit=limit,
+            before=page.prev_before,
+            sort=sort,
+            show=show,
+            few=few,
+            only=only,
         )
         assert len(page.rows) == limit  # a page back is a whole page
         back = [t.tag or "" for t in page.rows] + back
@@ -79,7 +96,8 @@ def test_tag_pages_cover_every_tag_once_in_natural_order(tmp_path: Path) -> None
     assert ordered.index("01.1") < ordered.index("1.01") < ordered.index("1.1")  # ties: by name
     try:
         assert walk(ix, "name") == ordered
-        assert walk(ix, "name", "pinned") == [t for t in ordered if t in pinned]
+        for few in (0, tag_list.FEW):
+            assert walk(ix, "name", "pinned", few=few) == [t for t in ordered if t in pinned]
         assert walk(ix, "name", "cached") == [t for t in ordered if t not in pinned]
         # the sizes of the rows shown are their manifests' (what the store holds)
         first = tag_list.repo_tags(ix, REPO, limit=3)
@@ -134,11 +152,14 @@ def test_each_order_pages_every_tag_once_in_order_both_ways(tmp_path: Path, sort
         for limit in (1, 4, 7):
             assert walk(ix, sort, limit=limit) == expected, limit
         pinned = [t for t in expected if facts[t][3]]
-        assert walk(ix, sort, "pinned") == pinned
+        for few in (0, 5, tag_list.FEW):  # walked, read whole
+            for limit in (1, 4, 7):
+                assert walk(ix, sort, "pinned", limit=limit, few=few) == pinned, (few, limit)
         assert walk(ix, sort, "cached") == [t for t in expected if not facts[t][3]]
-        stale = expected[3:40:4]
-        page = tag_list.repo_tags(ix, REPO, limit=5, sort=sort, only=stale)
-        assert [t.tag for t in page.rows] == stale[:5] and page.total == len(stale)
+        stale = expected[3:40:4]  # the list of tags served stale: read whole
+        assert walk(ix, sort, limit=3, only=sorted(stale)) == stale
+        stale_pinned = [t for t in stale if facts[t][3]]
+        assert walk(ix, sort, "pinned", limit=2, only=sorted(stale)) == stale_pinned
         # what the rows say matches the order they came in
         rows = tag_list.repo_tags(ix, REPO, limit=500, sort=sort).rows
         for row in rows:
@@ -231,7 +252,7 @@ def test_each_order_reads_an_index_in_its_order_not_a_sort_of_every_tag(
             for show in ("all", "pinned"):
 
                 def page(w: dict[str, str] = where, s: str = show) -> object:
-                    return tag_list.repo_tags(ix, REPO, limit=7, sort=sort, show=s, **w)
+                    return tag_list.repo_tags(ix, REPO, limit=7, sort=sort, show=s, few=0, **w)
 
                 plans = _plans(ix, page)
                 page_reads = [p for sql, p in plans if "ORDER BY" in sql]
