@@ -22,6 +22,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from regproxy import schema
 from regproxy.errors import StorageFull
+from regproxy.tag_order import tag_order
 
 T = TypeVar("T")
 #: the columns :func:`_manifest_row` reads, in its order (``m`` is the manifests table)
@@ -237,18 +238,12 @@ class Index:
                 + [(rec.digest, c, "manifest") for c in rec.children],
             )
             if tag is not None:
+                order = tag_order(tag)
                 db.execute(
                     "INSERT INTO tags(repo, tag, digest, updated, checked, sortkey) "
                     "VALUES(?,?,?,?,?,?) ON CONFLICT(repo, tag) DO UPDATE SET "
                     "digest=excluded.digest, updated=excluded.updated, checked=excluded.checked",
-                    (
-                        repo,
-                        tag,
-                        rec.digest,
-                        now,
-                        checked if checked is not None else now,
-                        schema.tag_order(tag),
-                    ),
+                    (repo, tag, rec.digest, now, now if checked is None else checked, order),
                 )
         return ManifestAdded([], held, tag, None if was is None else (was[0], was[1], was[2]))
 

@@ -19,7 +19,6 @@ schema before version 3: a full pass, tens of seconds at a million blobs) logs
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
 import time
 import urllib.parse
@@ -29,6 +28,7 @@ from typing import Final
 
 from regproxy.errors import RegproxyError
 from regproxy.systemd import notify_once
+from regproxy.tag_order import tag_order
 
 log = logging.getLogger("regproxy.index")
 
@@ -412,29 +412,6 @@ def _v8(db: sqlite3.Connection) -> None:
 
 
 # --- version 9: a repository's tags in the web page's orders, each read by an index ------------
-_DIGITS = re.compile(r"\d+")
-
-
-def _number(m: re.Match[str]) -> str:
-    digits = m.group().lstrip("0") or "0"
-    return f"\x00{chr(len(digits))}{digits}"  # before any text; fewer digits, smaller
-
-
-def natural_key(text: str) -> str:
-    """Sort key that orders the numbers inside a name as numbers: 1.9 before 1.10 (a string
-    compared as one: each number is its digit count and digits, after a NUL that puts it
-    before text at the same place)."""
-    return _DIGITS.sub(_number, text)
-
-
-def tag_order(tag: str) -> bytes:
-    """``tags.sortkey``: a tag's place in name order (:func:`natural_key`, UTF-8: compared as
-    bytes it orders as the text does), ties broken by the tag itself. Stored, never computed
-    by SQL: the schema names no function of ours, so any SQLite reads and writes the index
-    (a row written without it sorts first by name)."""
-    return natural_key(tag).encode()
-
-
 def _v9(db: sqlite3.Connection) -> None:
     """The web page's tag list pages by key in each of its orders: by name (numbers as
     numbers, ``sortkey``), by when the tag moved, by when the repository got the manifest and

@@ -44,7 +44,7 @@ LAYERS: dict[str, Layer] = {
     # opening a file whose path is cached
     "base": _layer(
         ". errors headers log metrics systemd progress login_budget units deadline flights "
-        "rendezvous cached_open malloc_arenas tls_failures thread_names evict_pace"
+        "rendezvous cached_open malloc_arenas tls_failures thread_names evict_pace tag_order"
     ),
     # the OCI model, and a blob request's byte range
     "oci": _layer("oci byte_ranges", "base"),
@@ -67,7 +67,7 @@ LAYERS: dict[str, Layer] = {
     # each repository's size, kept in the index and counted again when it may have moved
     "sizes": _layer("repo_sizes", "base index"),
     # the web page's parts that know no HTTP: its index queries, formatting, charts, history
-    "queries": _layer("ui.queries ui.tag_list", "base oci schema index sizes"),
+    "queries": _layer("ui.queries ui.tag_list", "base oci index sizes"),
     "ui_model": _layer("ui.format ui.history ui.charts", "base"),
     # the transfer knows no transport: sources are callables handed in by proxy
     # a plain-TCP body copied into the store on a thread (the socket is handed in)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from regproxy.index import Index
-from regproxy.schema import tag_order
+from regproxy.tag_order import tag_order
 from regproxy.ui.queries import BadKey, Page, TagRow, artifact, finite, keyset_page, tree_size
 
 

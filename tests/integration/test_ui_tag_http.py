@@ -13,8 +13,8 @@ from urllib.parse import quote
 import pytest
 
 from regproxy.index import Index, ManifestRecord
-from regproxy.schema import tag_order
 from regproxy.store import Store
+from regproxy.tag_order import tag_order
 from tests.integration.test_ui_http import REPO, _client, login
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")

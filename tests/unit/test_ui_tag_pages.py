@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from regproxy.index import Index, ManifestRecord
-from regproxy.schema import tag_order
+from regproxy.tag_order import tag_order
 from regproxy.ui import tag_list
 from regproxy.ui.queries import BadKey, Page, TagRow
 
