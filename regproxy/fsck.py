@@ -45,6 +45,7 @@ from regproxy.index import Index, Totals
 from regproxy.oci import Digest
 from regproxy.progress import Progress, rate
 from regproxy.store import Store
+from regproxy.store_open import open_store
 from regproxy.units import BULK_CHUNK
 
 log = logging.getLogger("regproxy.fsck")
@@ -428,19 +429,8 @@ async def fsck(
     started = time.monotonic()
     progress = progress or Progress("fsck", enabled=False)
     root = config.storage.root
-    store = Store(root)
-    loop = asyncio.get_running_loop()
-    db = AsyncIndex(root / "index.db")
-    if repair:
-        await loop.run_in_executor(None, lambda: store.open(sweep=False))
-        await db.open()
-    else:  # plain fsck only reads: it neither creates nor upgrades anything
-        await db.open_readonly()
-        try:
-            await loop.run_in_executor(None, store.check)
-        except BaseException:
-            await db.close()
-            raise
+    # plain fsck only reads: it neither creates nor upgrades anything
+    store, db = await open_store(root, readonly=not repair)
     work = hasher(store, workers or min(4, os.cpu_count() or 2))
     report = FsckReport(repair)
     suspicious: list[Hashed] = []

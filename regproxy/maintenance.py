@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from regproxy.async_index import AsyncIndex
 from regproxy.config import Config
 from regproxy.errors import DigestInvalid
 from regproxy.index import Index
@@ -46,6 +45,7 @@ from regproxy.oci import ALGORITHMS, Digest
 from regproxy.progress import Progress
 from regproxy.removal import remove, settle_spares
 from regproxy.store import OUT, SPARE, Store
+from regproxy.store_open import open_store
 
 log = logging.getLogger("regproxy.maintenance")
 STRAY_SECONDS: Final = 3600.0
@@ -240,18 +240,7 @@ async def gc(
     progress = progress or Progress("gc", enabled=False)
     root = config.storage.root
     loop = asyncio.get_running_loop()
-    store = Store(root)
-    db = AsyncIndex(root / "index.db")
-    if dry_run:  # only reads: creates nothing, upgrades nothing (see AsyncIndex.open_readonly)
-        await db.open_readonly()
-        try:
-            await loop.run_in_executor(None, store.check)
-        except BaseException:
-            await db.close()
-            raise
-    else:
-        await loop.run_in_executor(None, lambda: store.open(sweep=False))  # not ours to sweep
-        await db.open()
+    store, db = await open_store(root, readonly=dry_run)  # a dry run creates nothing
     report = GcReport(dry_run)
     try:
         # index first: what nothing references, page by page, each page its own transaction

@@ -123,9 +123,12 @@ LAYERS: dict[str, Layer] = {
     "export": _layer("bundle_export", f"{_MODEL} staging registry referrers"),
     # pins: what eviction keeps (the command, the web page and prefetch pin through it)
     "pinning": _layer("pins", f"{_MODEL} index facade registry proxy"),
+    # a store and its index opened for a command, to change or only to read
+    "opening": _layer("store_open", "base oci store index facade"),
     "tools": _layer(
         "bundle containerd fsck health maintenance prefetch tls",
         f"{_MODEL} schema store removal index facade hashing transfer registry proxy gc pinning "
+        "opening "
         "staging archives settling "
         "export policy space uploads",
     ),

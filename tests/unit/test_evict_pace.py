@@ -4,18 +4,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from regproxy.async_index import AsyncIndex
 from regproxy.config import config_from_dict
 from regproxy.evict import Evictor
 from regproxy.evict_pace import MAX_REST, Pace
-from regproxy.registry import LocalRegistry
-from regproxy.store import Store
 from tests.unit.test_evict import NOW, Shop, layer, up
+from tests.unit.test_evict import shop as shop  # the fixture: a registry over a real store
 
 
 class Clocks:
@@ -60,15 +57,6 @@ def test_rests_as_long_as_the_step_took_while_the_loop_is_busy() -> None:
     pace.begin()
     idle.pass_time(0.030)
     assert pace.rest_for() == 0.0
-
-
-@pytest.fixture
-async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
-    root = tmp_path / "store"
-    reg = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
-    await reg.open()
-    yield Shop(reg)
-    await reg.close()
 
 
 async def _stocked(shop: Shop) -> None:
