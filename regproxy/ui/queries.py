@@ -270,11 +270,23 @@ def _key_of(text: str | None, n: int) -> list[Any] | None:
         key = json.loads(text)
     except ValueError:
         key = None
-    if not isinstance(key, list) or len(key) != n or not isinstance(key[-1], str):
+    if not isinstance(key, list) or len(key) != n or not plain_text(key[-1]):
         raise BadKey(f"not a key of this order: {text[:80]!r}")
     if not all(finite(v) for v in key[:-1]):
         raise BadKey(f"not a key of this order: {text[:80]!r}")
     return key
+
+
+def plain_text(value: Any) -> bool:
+    """A JSON string a key may hold: one UTF-8 can encode (JSON's ``\\ud800`` escapes give
+    lone surrogates, which neither SQLite's binding nor the tag order takes)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def finite(value: Any) -> bool:

@@ -31,7 +31,16 @@ from typing import Any, Final
 
 from regproxy.index import Index
 from regproxy.tag_order import tag_order
-from regproxy.ui.queries import BadKey, Page, TagRow, artifact, finite, keyset_page, tree_size
+from regproxy.ui.queries import (
+    BadKey,
+    Page,
+    TagRow,
+    artifact,
+    finite,
+    keyset_page,
+    plain_text,
+    tree_size,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +124,7 @@ def parse_key(sort: str, text: str) -> _Key:
     if (
         not isinstance(key, list)
         or len(key) != width
-        or not isinstance(key[-1], str)
+        or not plain_text(key[-1])
         or not all(finite(v) for v in key[:-1])
         or (sort == "pulled" and key[0] not in (0, 1))
     ):
