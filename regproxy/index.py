@@ -242,7 +242,8 @@ class Index:
                 db.execute(
                     "INSERT INTO tags(repo, tag, digest, updated, checked, sortkey) "
                     "VALUES(?,?,?,?,?,?) ON CONFLICT(repo, tag) DO UPDATE SET "
-                    "digest=excluded.digest, updated=excluded.updated, checked=excluded.checked",
+                    "digest=excluded.digest, updated=excluded.updated, checked=excluded.checked, "
+                    "sortkey=excluded.sortkey",
                     (repo, tag, rec.digest, now, now if checked is None else checked, order),
                 )
         return ManifestAdded([], held, tag, None if was is None else (was[0], was[1], was[2]))

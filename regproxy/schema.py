@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from regproxy.errors import RegproxyError
-from regproxy.systemd import notify_once
+from regproxy.start_extender import EXTEND_STEPS, StartExtender
 from regproxy.tag_order import tag_order
 
 log = logging.getLogger("regproxy.index")
@@ -35,7 +35,7 @@ log = logging.getLogger("regproxy.index")
 #: the writer's page cache: the pages an eviction batch or a burst of commits rewrites
 WRITER_CACHE_KIB: Final = 16 * 1024
 #: the schema version this code writes
-SCHEMA_VERSION: Final = 9
+SCHEMA_VERSION: Final = 10
 
 #: version 1: the schema of every store written before versioning (user_version 0)
 V1: Final = (
@@ -434,6 +434,25 @@ def _v9(db: sqlite3.Connection) -> None:
     )
 
 
+def _v10(db: sqlite3.Connection) -> None:
+    """Tag rows without a sort key (written by a daemon of version 8 or older after a newer
+    tool upgraded its store beside it) found without a scan, for :func:`sort_new_tags`."""
+    db.execute("CREATE INDEX IF NOT EXISTS tags_unsorted ON tags(repo) WHERE sortkey IS NULL")
+
+
+def sort_new_tags(db: sqlite3.Connection) -> int:
+    """Give the tag rows without a sort key theirs (see :func:`_v10`; each writer's connection,
+    once migrated): such a row would drop out of the web page's keyset pages. Returns how many."""
+    db.create_function("regproxy_tag_order", 1, tag_order, deterministic=True)
+    try:
+        return db.execute(
+            "UPDATE tags INDEXED BY tags_unsorted SET sortkey = regproxy_tag_order(tag) "
+            "WHERE sortkey IS NULL"
+        ).rowcount
+    finally:
+        db.create_function("regproxy_tag_order", 1, None)
+
+
 #: (version it brings the schema to, what it does), in order; append, never edit a released one
 MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] = (
     (2, _v2),
@@ -444,6 +463,7 @@ MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] 
     (7, _v7),
     (8, _v8),
     (9, _v9),
+    (10, _v10),
 )
 
 
@@ -454,31 +474,6 @@ def user_version(db: sqlite3.Connection) -> int:
 def _has_tables(db: sqlite3.Connection) -> bool:
     row = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='repos'").fetchone()
     return row is not None
-
-
-#: while an upgrade runs, systemd's start timeout is pushed this far ahead (``TimeoutStartSec``
-#: of the unit is 120 s; an upgrade that recounts a million blobs takes tens of seconds)...
-EXTEND_SECONDS: Final = 60
-#: ...this often (SQLite calls :class:`_StartExtender` every :data:`EXTEND_STEPS` VM steps)
-EXTEND_EVERY: Final = 10.0
-EXTEND_STEPS: Final = 100_000
-
-
-class _StartExtender:
-    """A SQLite progress handler for an upgrade: tells systemd (``EXTEND_TIMEOUT_USEC``) at
-    once and then every :data:`EXTEND_EVERY` seconds that the start is busy, not hung. Outside
-    systemd (no ``NOTIFY_SOCKET``: ``gc``, ``fsck --repair`` from a shell) it sends nothing."""
-
-    def __init__(self, found: int) -> None:
-        self.status = f"STATUS=upgrading the index from schema {found} to {SCHEMA_VERSION}"
-        self.next = 0.0
-
-    def __call__(self) -> int:
-        now = time.monotonic()
-        if now >= self.next:
-            self.next = now + EXTEND_EVERY
-            notify_once(f"EXTEND_TIMEOUT_USEC={EXTEND_SECONDS * 1_000_000}", self.status)
-        return 0  # go on
 
 
 def migrate(db: sqlite3.Connection, path: Path) -> int:
@@ -511,7 +506,7 @@ def migrate(db: sqlite3.Connection, path: Path) -> int:
                 SCHEMA_VERSION,
                 "yes" if found < 3 else "no",  # version 3's counts: a pass over every row
             )
-            extender = _StartExtender(found)
+            extender = StartExtender(f"upgrading the index from schema {found} to {SCHEMA_VERSION}")
             extender()
             db.set_progress_handler(extender, EXTEND_STEPS)
         for to, step in MIGRATIONS:
@@ -578,6 +573,8 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         db.execute("PRAGMA recursive_triggers=ON")  # the reference counts cascade
         db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
         migrate(db, path)
+        if sorted_now := sort_new_tags(db):
+            log.info("index.tags_sorted path=%s rows=%d", path, sorted_now)
     except BaseException:
         db.close()
         raise

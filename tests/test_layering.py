@@ -59,7 +59,9 @@ LAYERS: dict[str, Layer] = {
     # removing files the index no longer stores, safe against writers in any process
     "removal": _layer("removal", "base oci store"),
     # the index: its schema and migrations, its queries, the one async facade over them
-    "schema": _layer("schema", "base"),
+    # telling systemd a long start is busy (an index upgrade)
+    "starting": _layer("start_extender", "base"),
+    "schema": _layer("schema", "base starting"),
     "index": _layer("index", "base oci config schema"),
     "facade": _layer("async_index", "base index"),
     # the small-file hashing loop fsck runs in worker processes: the standard library only

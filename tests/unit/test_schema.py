@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from regproxy import cli, schema
+from regproxy import cli, schema, start_extender
 from regproxy.async_index import AsyncIndex
 from regproxy.index import Index
 from regproxy.names import RepoName
@@ -317,7 +317,9 @@ def test_an_upgrade_says_so_before_it_starts_and_keeps_systemd_waiting(
                 want = f"from={version} to={schema.SCHEMA_VERSION} recount={recount}"
                 assert lines[migrating[0]].endswith(want), lines
                 sent = sock.recv(4096).decode().splitlines()
-                assert f"EXTEND_TIMEOUT_USEC={schema.EXTEND_SECONDS * 1_000_000}" in sent, sent
+                assert f"EXTEND_TIMEOUT_USEC={start_extender.EXTEND_SECONDS * 1_000_000}" in sent, (
+                    sent
+                )
             caplog.clear()
             reopen(path)  # current: nothing to say
             reopen(tmp_path / "new.db")  # new: nothing to upgrade

@@ -280,6 +280,7 @@ def test_an_upgrade_from_v8_keys_the_tags_it_holds(tmp_path: Path) -> None:
         for name in ("tags_by_name", "tags_by_updated", "repo_manifests_created"):
             db.execute(f"DROP INDEX {name}")
         db.execute("DROP INDEX repo_manifests_pulled")
+        db.execute("DROP INDEX tags_unsorted")  # version 10's
         db.execute("ALTER TABLE tags DROP COLUMN sortkey")
         db.execute("PRAGMA user_version = 8")
     finally:
@@ -293,5 +294,47 @@ def test_an_upgrade_from_v8_keys_the_tags_it_holds(tmp_path: Path) -> None:
         assert [t.tag for t in page.rows] == ["1.10", "latest"] and page.next_after is None
         keys = dict(ix.db.execute("SELECT tag, sortkey FROM tags").fetchall())
         assert keys == {t: tag_order(t) for t in ("1.10", "1.9", "latest", "1.9.1")}
+    finally:
+        ix.close()
+
+
+def test_tag_rows_an_older_daemon_wrote_without_a_key_get_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon of version 8 or older, running while a newer tool upgraded its store, writes
+    tag rows without ``sortkey`` (from a review: they hid the rest of the name order behind
+    them). Moving such a tag again keys it; the next writer's connection keys the rest, found
+    through the partial index, without a scan."""
+    path = tmp_path / "index.db"
+    tags = [f"v{i}" for i in range(10)]
+    ix = store(path, tags, set())
+    old = sqlite3.connect(path, isolation_level=None)
+    try:  # as version 8's add_manifest writes a tag: no sortkey
+        for i, tag in enumerate(["z-old-1", "z-old-2", "z-old-3"]):
+            old.execute(
+                "INSERT INTO tags(repo, tag, digest, updated, checked) VALUES(?,?,?,?,?)",
+                (REPO, tag, _record(i).digest, 5.0, 5.0),
+            )
+    finally:
+        old.close()
+    ix.add_manifest(REPO, _record(4), tag="z-old-1")  # moved again by today's code: keyed
+    assert ix.db.execute("SELECT sortkey FROM tags WHERE tag='z-old-1'").fetchone()[0] is not None
+    plan = " ".join(
+        str(r[3])
+        for r in ix.db.execute(
+            "EXPLAIN QUERY PLAN UPDATE tags INDEXED BY tags_unsorted SET sortkey = x'00' "
+            "WHERE sortkey IS NULL"
+        )
+    )
+    assert "tags_unsorted" in plan, plan
+    ix.close()
+    with caplog.at_level("INFO", logger="regproxy.index"):
+        ix = Index(path)
+        ix.open()
+    try:
+        assert "index.tags_sorted" in caplog.text and "rows=2" in caplog.text
+        expected = sorted([*tags, "z-old-1", "z-old-2", "z-old-3"], key=tag_order)
+        assert walk(ix, "name", limit=2) == expected
+        assert sorted(walk(ix, "updated", limit=2)) == sorted(expected)
     finally:
         ix.close()
