@@ -24,7 +24,7 @@ from regproxy.index import Index
 from regproxy.oci import Digest
 from regproxy.registry import LocalRegistry
 from regproxy.removal import remove
-from regproxy.store import Store
+from regproxy.store import BlobWriter, Store
 from tests.unit.test_evict import NOW, OCI_MANIFEST, Shop, chunks, layer, up
 
 
@@ -249,6 +249,17 @@ async def test_a_file_a_crash_left_moved_out_goes_back_at_start(
     assert list(store.tmp.iterdir()) == []
 
 
+def _committed_then_moved_out(store: Store, data: bytes) -> tuple[BlobWriter, str]:
+    """A writer's file committed, then moved out by a removal before its row: the writer, and
+    the name of its spare."""
+    d = Digest.of(data)
+    w = store.writer()
+    w.write(data)
+    w.commit(d)
+    assert w.spare is not None and store.move_out(d) is not None
+    return w, w.spare.name
+
+
 class SyncedStore(Store):
     """Records each directory fsync with the names in tmp/ at that moment."""
 
@@ -286,11 +297,7 @@ async def test_a_put_back_is_durable_before_the_name_it_came_from_goes(tmp_path:
     # a writer whose file a removal took before its row: put back from its spare, synced first
     data = b"written while a removal ran"
     d = Digest.of(data)
-    w = store.writer()
-    w.write(data)
-    w.commit(d)
-    assert w.spare is not None and store.move_out(d) is not None
-    spare = w.spare.name
+    w, spare = _committed_then_moved_out(store, data)
     store.synced.clear()
     w.settle(d)
     assert len(store.synced) == 1
@@ -368,11 +375,7 @@ def test_a_put_back_whose_directory_sync_failed_is_synced_again(tmp_path: Path) 
     store.open()
     data = b"linked back, not yet durable"
     d = Digest.of(data)
-    w = store.writer()
-    w.write(data)
-    w.commit(d)
-    assert w.spare is not None and store.move_out(d) is not None
-    spare = w.spare.name
+    w, spare = _committed_then_moved_out(store, data)
     w.settle(d)
     assert len(store.synced) == 2  # the failed one, and one more while the spare still existed
     assert all(
