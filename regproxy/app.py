@@ -39,6 +39,7 @@ from regproxy.headers import INSTANCE_HEADER
 from regproxy.health import Health
 from regproxy.log import flush_lines
 from regproxy.lookups import TAG_CONFIRM_SECONDS
+from regproxy.maintenance import OrphanSweeper
 from regproxy.malloc_arenas import cap_arenas
 from regproxy.metrics import Metrics
 from regproxy.names import NameResolver
@@ -170,9 +171,14 @@ async def _flush_access_lines(app: web.Application) -> None:
 
 async def _evict_ctx(app: web.Application) -> AsyncIterator[None]:
     """Keep the store under storage.max_size and above min_free (regproxy.evict)."""
-    evictor = Evictor(app[REGISTRY_KEY], app[CONFIG_KEY])
+    reg, storage = app[REGISTRY_KEY], app[CONFIG_KEY].storage
+    evictor = Evictor(reg, app[CONFIG_KEY])
     evictor.start()
+    # and take back the files a crash left between an eviction's rows and its files
+    sweeper = OrphanSweeper(reg.store, reg.db, storage.orphan_sweep_interval)
+    sweeper.start()
     yield
+    await sweeper.stop()
     await evictor.stop()
 
 

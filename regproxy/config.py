@@ -82,6 +82,8 @@ class StorageConfig:
     evict_to: SizeLimit = SizeLimit(fraction=0.9)
     upload_ttl: float = 86400.0
     evict_interval: float = 60.0
+    #: how often the daemon removes blob files no index row names (a crash's); 0: never
+    orphan_sweep_interval: float = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +253,7 @@ _SCHEMA: Final[dict[str, Any]] = {
         "evict_to": values.size_limit,
         "upload_ttl": parse_duration,
         "evict_interval": parse_duration,
+        "orphan_sweep_interval": parse_duration,
     },
     "upstreams": "UPSTREAMS",
     "default_upstream": values.optional_string,

@@ -33,11 +33,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from regproxy.async_index import AsyncIndex
 from regproxy.config import Config
 from regproxy.errors import DigestInvalid
 from regproxy.index import Index
@@ -226,6 +227,94 @@ def _orphans(
     return out
 
 
+async def sweep_orphans(
+    store: Store,
+    db: AsyncIndex,
+    report: GcReport,
+    *,
+    stray: float,
+    dry_run: bool,
+    progress: Progress | None = None,
+) -> None:
+    """Blob files the index does not know, last written before ``stray``: one directory at a
+    time, its names looked up in one query; removed (unless ``dry_run``) through
+    :mod:`regproxy.removal`, which asks the index again once they moved out."""
+    loop = asyncio.get_running_loop()
+    for alg in ALGORITHMS:
+        base = store.blobs / alg
+        for sub in await loop.run_in_executor(None, _subdirs, base):
+            names = await loop.run_in_executor(None, _list_dir, base / sub)
+            report.files += len(names)
+            stored = await db.read(known, [f"{alg}:{n}" for n in names])
+            found = await loop.run_in_executor(None, _orphans, store, alg, names, stored, stray)
+            report.orphans += found
+            if found and not dry_run:
+                await remove(store, [d for d, _ in found], lambda ds: db.read(known, ds))
+            if progress is not None:
+                progress.update(f"{report.files} files checked, {len(report.orphans)} orphans")
+
+
+class OrphanSweeper:
+    """The daemon's own sweep of orphan blob files, every ``storage.orphan_sweep_interval``
+    (the first a while after start: an orphan must be older than :data:`STRAY_SECONDS`).
+
+    A crash (power loss, ``kill -9``) between an eviction batch's commit and the removal of its
+    files leaves files no index row names: outside the store's size (``max_size`` does not see
+    them) and outside ``fsck``'s view; only ``regproxy gc`` took them back, and on a host nobody
+    reaches nobody runs it. The sweep is gc's walk of ``blobs/`` (:func:`sweep_orphans`): each
+    directory listed on a thread, looked up on an index reader, the event loop's turn between
+    directories."""
+
+    def __init__(
+        self,
+        store: Store,
+        db: AsyncIndex,
+        interval: float,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.store, self.db, self.interval = store, db, interval
+        self.clock, self._sleep = clock, sleep
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._task = asyncio.create_task(self._run(), name="orphan-sweep")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def sweep(self) -> GcReport:
+        """One pass: orphans last written more than :data:`STRAY_SECONDS` ago go."""
+        report = GcReport(dry_run=False)
+        started = time.monotonic()
+        await sweep_orphans(
+            self.store, self.db, report, stray=self.clock() - STRAY_SECONDS, dry_run=False
+        )
+        (log.warning if report.orphans else log.info)(
+            "gc.orphans_swept files=%d orphans=%d bytes=%d seconds=%.1f",
+            report.files,
+            len(report.orphans),
+            sum(n for _, n in report.orphans),
+            time.monotonic() - started,
+        )
+        return report
+
+    async def _run(self) -> None:
+        await self._sleep(STRAY_SECONDS + min(self.interval, 600.0))
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("gc.orphans_sweep_failed")
+            await self._sleep(self.interval)
+
+
 # --- the command ----------------------------------------------------------------------------------------
 async def gc(
     config: Config,
@@ -276,18 +365,7 @@ async def gc(
             report.temp_files += await settle_spares(
                 store, lambda ds: db.read(known, ds), before=stray
             )
-        for alg in ALGORITHMS:
-            base = store.blobs / alg
-            subdirs = await loop.run_in_executor(None, _subdirs, base)
-            for sub in subdirs:
-                names = await loop.run_in_executor(None, _list_dir, base / sub)
-                report.files += len(names)
-                stored = await db.read(known, [f"{alg}:{n}" for n in names])
-                found = await loop.run_in_executor(None, _orphans, store, alg, names, stored, stray)
-                report.orphans += found
-                if found and not dry_run:  # asked again after they moved out (regproxy.removal)
-                    await remove(store, [d for d, _ in found], lambda ds: db.read(known, ds))
-                progress.update(f"{report.files} files checked, {len(report.orphans)} orphans")
+        await sweep_orphans(store, db, report, stray=stray, dry_run=dry_run, progress=progress)
     finally:
         progress.done()
         await db.close()

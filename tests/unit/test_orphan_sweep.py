@@ -1,0 +1,80 @@
+"""The daemon's own sweep of blob files no index row names (regproxy.maintenance.OrphanSweeper):
+what a crash between an eviction batch's commit and its files' removal leaves (found by a drill:
+kill -9 mid-eviction left 5 files, 510 kB, outside max_size and fsck, until someone ran gc)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from regproxy.async_index import AsyncIndex
+from regproxy.config import config_from_dict
+from regproxy.maintenance import STRAY_SECONDS, OrphanSweeper
+from regproxy.oci import Digest
+from regproxy.registry import LocalRegistry
+from regproxy.store import Store
+from tests.unit.test_evict import chunks, up
+
+
+@pytest.fixture
+async def reg(tmp_path: Path) -> AsyncIterator[LocalRegistry]:
+    root = tmp_path / "store"
+    r = LocalRegistry(Store(root), AsyncIndex(root / "index.db"))
+    await r.open()
+    yield r
+    await r.close()
+
+
+async def test_a_sweep_takes_old_orphans_and_nothing_else(
+    reg: LocalRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    stored = b"a layer a repository holds"
+    await reg.uploads.monolithic(up("team/a"), Digest.of(stored), chunks(stored), len(stored))
+    orphan, young = b"left by a crash mid-eviction", b"committed, its row not yet in"
+    for data in (orphan, young):
+        reg.store.write_bytes(Digest.of(data), data)
+    long_ago = time.time() - STRAY_SECONDS - 60
+    for data in (stored, orphan):  # the stored file is as old: its row keeps it
+        os.utime(reg.store.blob_path(Digest.of(data)), (long_ago, long_ago))
+    with caplog.at_level("INFO", logger="regproxy.maintenance"):
+        report = await OrphanSweeper(reg.store, reg.db, 86400.0).sweep()
+    assert report.orphans == [(str(Digest.of(orphan)), len(orphan))]
+    assert reg.store.stat(Digest.of(orphan)) is None
+    assert reg.store.read(Digest.of(stored)) == stored
+    assert reg.store.read(Digest.of(young)) == young
+    assert "gc.orphans_swept files=3 orphans=1" in caplog.text
+
+
+async def test_the_daemon_sweeps_after_the_stray_age_then_every_interval(
+    reg: LocalRegistry,
+) -> None:
+    waits: list[float] = []
+    swept = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) >= 3:
+            swept.set()
+            await asyncio.Event().wait()  # until stopped
+
+    sweeper = OrphanSweeper(reg.store, reg.db, 7200.0, sleep=sleep)
+    sweeper.start()
+    await asyncio.wait_for(swept.wait(), 10)
+    await sweeper.stop()
+    assert waits[0] >= STRAY_SECONDS and waits[1:] == [7200.0, 7200.0]
+    # 0: never
+    off = OrphanSweeper(reg.store, reg.db, 0.0, sleep=sleep)
+    off.start()
+    assert off._task is None
+    await off.stop()
+
+
+def test_the_interval_is_a_storage_key() -> None:
+    config = config_from_dict({"storage": {"root": "/tmp/x", "orphan_sweep_interval": "6h"}})
+    assert config.storage.orphan_sweep_interval == 6 * 3600
+    assert config_from_dict({"storage": {"root": "/tmp/x"}}).storage.orphan_sweep_interval == 86400
