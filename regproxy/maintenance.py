@@ -64,6 +64,9 @@ class GcReport:
     orphans: list[tuple[str, int]] = field(default_factory=list)
     #: files under blobs/ looked at
     files: int = 0
+    #: orphans found, and their bytes (the daemon's sweep counts them without listing them)
+    orphan_count: int = 0
+    orphan_bytes: int = 0
 
     @property
     def bytes(self) -> int:
@@ -206,14 +209,15 @@ def _sweep_temp(
 def _orphans(
     store: Store, alg: str, names: list[str], stored: set[str], cutoff: float
 ) -> list[tuple[str, int]]:
-    """Files of one directory the index does not know, older than ``cutoff``."""
+    """Files of one directory the index does not know, untouched since ``cutoff`` (the inode's
+    change time: a commit's rename, or a put-back's link, makes an old upload's file new)."""
     out = []
     for name in names:
         d = f"{alg}:{name}"
         if d in stored:
             continue
-        try:
-            digest = Digest.parse(d)
+        try:  # not through the requests' cache of parsed digests, which a sweep would flush
+            digest = Digest.parse_uncached(d)
         except DigestInvalid:
             continue  # not a name the store writes: not ours to remove
         path = store.blob_path(digest)
@@ -221,7 +225,7 @@ def _orphans(
             st = path.stat()
         except FileNotFoundError:
             continue
-        if st.st_mtime >= cutoff:
+        if st.st_ctime >= cutoff:
             continue
         out.append((d, st.st_size))
     return out
@@ -235,23 +239,33 @@ async def sweep_orphans(
     stray: float,
     dry_run: bool,
     progress: Progress | None = None,
+    listed: bool = True,
 ) -> None:
-    """Blob files the index does not know, last written before ``stray``: one directory at a
+    """Blob files the index does not know, untouched since ``stray``: one directory at a
     time, its names looked up in one query; removed (unless ``dry_run``) through
-    :mod:`regproxy.removal`, which asks the index again once they moved out."""
+    :mod:`regproxy.removal`, which asks the index again once they moved out. ``listed``: each
+    one in ``report.orphans`` too (gc prints them), else only counted. A directory the disk
+    fails (EIO, EACCES) is logged and passed over."""
     loop = asyncio.get_running_loop()
     for alg in ALGORITHMS:
         base = store.blobs / alg
         for sub in await loop.run_in_executor(None, _subdirs, base):
-            names = await loop.run_in_executor(None, _list_dir, base / sub)
+            try:
+                names = await loop.run_in_executor(None, _list_dir, base / sub)
+                stored = await db.read(known, [f"{alg}:{n}" for n in names])
+                found = await loop.run_in_executor(None, _orphans, store, alg, names, stored, stray)
+                if found and not dry_run:
+                    await remove(store, [d for d, _ in found], lambda ds: db.read(known, ds))
+            except OSError as exc:
+                log.warning("gc.orphans_dir_failed dir=%s error=%s", base / sub, exc)
+                continue
             report.files += len(names)
-            stored = await db.read(known, [f"{alg}:{n}" for n in names])
-            found = await loop.run_in_executor(None, _orphans, store, alg, names, stored, stray)
-            report.orphans += found
-            if found and not dry_run:
-                await remove(store, [d for d, _ in found], lambda ds: db.read(known, ds))
+            report.orphan_count += len(found)
+            report.orphan_bytes += sum(n for _, n in found)
+            if listed:
+                report.orphans += found
             if progress is not None:
-                progress.update(f"{report.files} files checked, {len(report.orphans)} orphans")
+                progress.update(f"{report.files} files checked, {report.orphan_count} orphans")
 
 
 class OrphanSweeper:
@@ -293,14 +307,13 @@ class OrphanSweeper:
         """One pass: orphans last written more than :data:`STRAY_SECONDS` ago go."""
         report = GcReport(dry_run=False)
         started = time.monotonic()
-        await sweep_orphans(
-            self.store, self.db, report, stray=self.clock() - STRAY_SECONDS, dry_run=False
-        )
-        (log.warning if report.orphans else log.info)(
+        stray = self.clock() - STRAY_SECONDS
+        await sweep_orphans(self.store, self.db, report, stray=stray, dry_run=False, listed=False)
+        (log.warning if report.orphan_count else log.info)(
             "gc.orphans_swept files=%d orphans=%d bytes=%d seconds=%.1f",
             report.files,
-            len(report.orphans),
-            sum(n for _, n in report.orphans),
+            report.orphan_count,
+            report.orphan_bytes,
             time.monotonic() - started,
         )
         return report
@@ -311,7 +324,7 @@ class OrphanSweeper:
             try:
                 await self.sweep()
             except Exception:
-                log.exception("gc.orphans_sweep_failed")
+                log.exception("gc.orphans_sweep_failed root=%s", self.store.root)
             await self._sleep(self.interval)
 
 

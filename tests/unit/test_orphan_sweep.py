@@ -38,12 +38,23 @@ async def test_a_sweep_takes_old_orphans_and_nothing_else(
     orphan, young = b"left by a crash mid-eviction", b"committed, its row not yet in"
     for data in (orphan, young):
         reg.store.write_bytes(Digest.of(data), data)
-    long_ago = time.time() - STRAY_SECONDS - 60
-    for data in (stored, orphan):  # the stored file is as old: its row keeps it
-        os.utime(reg.store.blob_path(Digest.of(data)), (long_ago, long_ago))
+    # the sweep's clock an hour after the young file's last change (a file's change time cannot
+    # be set back, so the young one is changed again, as a commit's rename or a put-back's link
+    # does, until the kernel's clock has moved past the orphan's: a bounded loop of links)
+    orphan_changed = reg.store.blob_path(Digest.of(orphan)).stat().st_ctime
+    young_path = reg.store.blob_path(Digest.of(young))
+    for _ in range(100_000):
+        os.link(young_path, young_path.with_name("relinked"))
+        os.unlink(young_path.with_name("relinked"))
+        if young_path.stat().st_ctime > orphan_changed:
+            break
+    young_changed = young_path.stat().st_ctime
+    assert young_changed > orphan_changed
+    later = young_changed + STRAY_SECONDS
     with caplog.at_level("INFO", logger="regproxy.maintenance"):
-        report = await OrphanSweeper(reg.store, reg.db, 86400.0).sweep()
-    assert report.orphans == [(str(Digest.of(orphan)), len(orphan))]
+        report = await OrphanSweeper(reg.store, reg.db, 86400.0, clock=lambda: later).sweep()
+    # counted, not listed (a million orphans, a lost index: the daemon's memory stays flat)
+    assert (report.orphan_count, report.orphan_bytes, report.orphans) == (1, len(orphan), [])
     assert reg.store.stat(Digest.of(orphan)) is None
     assert reg.store.read(Digest.of(stored)) == stored
     assert reg.store.read(Digest.of(young)) == young
@@ -78,3 +89,29 @@ def test_the_interval_is_a_storage_key() -> None:
     config = config_from_dict({"storage": {"root": "/tmp/x", "orphan_sweep_interval": "6h"}})
     assert config.storage.orphan_sweep_interval == 6 * 3600
     assert config_from_dict({"storage": {"root": "/tmp/x"}}).storage.orphan_sweep_interval == 86400
+
+
+async def test_a_directory_the_disk_fails_is_passed_over(
+    reg: LocalRegistry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from regproxy import maintenance
+
+    a, b = b"orphan one", b"orphan two"
+    for data in (a, b):
+        reg.store.write_bytes(Digest.of(data), data)
+    bad = reg.store.blob_path(Digest.of(a)).parent
+    assert bad != reg.store.blob_path(Digest.of(b)).parent  # aa/ and d1/
+    listing = maintenance._list_dir
+
+    def failing(path: Path) -> list[str]:
+        if path == bad:
+            raise OSError(5, "Input/output error")
+        return listing(path)
+
+    monkeypatch.setattr(maintenance, "_list_dir", failing)
+    later = time.time() + 2 * STRAY_SECONDS
+    with caplog.at_level("INFO", logger="regproxy.maintenance"):
+        report = await OrphanSweeper(reg.store, reg.db, 86400.0, clock=lambda: later).sweep()
+    assert report.orphan_count == 1  # the other directory's, after the failed one or before
+    assert reg.store.stat(Digest.of(b)) is None and reg.store.read(Digest.of(a)) == a
+    assert f"gc.orphans_dir_failed dir={bad}" in caplog.text
