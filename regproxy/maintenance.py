@@ -207,10 +207,11 @@ def _sweep_temp(
 
 
 def _orphans(
-    store: Store, alg: str, names: list[str], stored: set[str], cutoff: float
+    store: Store, alg: str, names: list[str], stored: set[str], cutoff: float, by_change: bool
 ) -> list[tuple[str, int]]:
-    """Files of one directory the index does not know, untouched since ``cutoff`` (the inode's
-    change time: a commit's rename, or a put-back's link, makes an old upload's file new)."""
+    """Files of one directory the index does not know, not written since ``cutoff`` (with
+    ``by_change``, not changed: a commit's rename, or a put-back's link, makes an old upload's
+    file new)."""
     out = []
     for name in names:
         d = f"{alg}:{name}"
@@ -225,7 +226,7 @@ def _orphans(
             st = path.stat()
         except FileNotFoundError:
             continue
-        if st.st_ctime >= cutoff:
+        if (st.st_ctime if by_change else st.st_mtime) >= cutoff:
             continue
         out.append((d, st.st_size))
     return out
@@ -240,12 +241,15 @@ async def sweep_orphans(
     dry_run: bool,
     progress: Progress | None = None,
     listed: bool = True,
+    by_change: bool = False,
 ) -> None:
     """Blob files the index does not know, untouched since ``stray``: one directory at a
     time, its names looked up in one query; removed (unless ``dry_run``) through
     :mod:`regproxy.removal`, which asks the index again once they moved out. ``listed``: each
-    one in ``report.orphans`` too (gc prints them), else only counted. A directory the disk
-    fails (EIO, EACCES) is logged and passed over."""
+    one in ``report.orphans`` too (gc prints them), else only counted. ``by_change``: aged by
+    the inode's change time, not its last write (the daemon's sweep, always beside writers; gc
+    ages by the last write, which an operator can set back). A directory the disk fails (EIO,
+    EACCES) is logged and passed over."""
     loop = asyncio.get_running_loop()
     for alg in ALGORITHMS:
         base = store.blobs / alg
@@ -253,7 +257,9 @@ async def sweep_orphans(
             try:
                 names = await loop.run_in_executor(None, _list_dir, base / sub)
                 stored = await db.read(known, [f"{alg}:{n}" for n in names])
-                found = await loop.run_in_executor(None, _orphans, store, alg, names, stored, stray)
+                found = await loop.run_in_executor(
+                    None, _orphans, store, alg, names, stored, stray, by_change
+                )
                 if found and not dry_run:
                     await remove(store, [d for d, _ in found], lambda ds: db.read(known, ds))
             except OSError as exc:
@@ -308,7 +314,9 @@ class OrphanSweeper:
         report = GcReport(dry_run=False)
         started = time.monotonic()
         stray = self.clock() - STRAY_SECONDS
-        await sweep_orphans(self.store, self.db, report, stray=stray, dry_run=False, listed=False)
+        await sweep_orphans(
+            self.store, self.db, report, stray=stray, dry_run=False, listed=False, by_change=True
+        )
         (log.warning if report.orphan_count else log.info)(
             "gc.orphans_swept files=%d orphans=%d bytes=%d seconds=%.1f",
             report.files,
