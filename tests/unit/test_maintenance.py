@@ -20,6 +20,7 @@ from regproxy.progress import Progress
 from regproxy.registry import LocalRegistry, Registry
 from regproxy.store import Store
 from tests.unit.local import OCI_MANIFEST, REPO, body, digest
+from tests.unit.test_fsck import _Terminal
 
 
 async def test_gc_of_a_deleted_manifest_keeps_the_file_of_a_blob_with_the_same_digest(
@@ -48,15 +49,6 @@ async def test_gc_of_a_deleted_manifest_keeps_the_file_of_a_blob_with_the_same_d
     assert str(md) not in [d for d, _ in report.blobs]  # recent: the blob row stays
     assert registry.store.stat(md) == len(m), "gc removed the file of a blob it kept"
     assert not (await fsck(config)).damaged
-
-
-class _Terminal(io.StringIO):
-    def __init__(self, tty: bool) -> None:
-        super().__init__()
-        self.tty = tty
-
-    def isatty(self) -> bool:
-        return self.tty
 
 
 async def deleted_manifest(registry: Registry) -> str:

@@ -184,14 +184,7 @@ def test_a_v7_store_keeps_its_unreferenced_bytes_after_the_upgrade(tmp_path: Pat
     ix.ensure_repo("spectro-images/x", None, "x")
     ix.add_blob("spectro-images/x", "sha256:" + "a" * 64, 700)  # pushed, no manifest yet
     ix.close()
-    db = sqlite3.connect(path, isolation_level=None)
-    try:  # back to version 7: no column, the v7 triggers (here: none) and its version
-        for name in ("totals_added", "totals_removed", "totals_changed"):
-            db.execute(f"DROP TRIGGER {name}")
-        db.execute("ALTER TABLE totals DROP COLUMN loose_bytes")
-        db.execute("PRAGMA user_version = 7")
-    finally:
-        db.close()
+    set_back_to_v7(path)  # no column, the v7 triggers (here: none) and its version
     ix = Index(path)
     ix.open()
     try:
