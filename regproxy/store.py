@@ -34,7 +34,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, cast
 
-from regproxy.errors import DigestInvalid, DigestMismatch, OCIError, StorageFull, StoreFailed
+from regproxy.errors import (
+    DigestInvalid,
+    DigestMismatch,
+    OCIError,
+    RegproxyError,
+    StorageFull,
+    StoreFailed,
+)
 from regproxy.oci import ALGORITHMS, Digest
 from regproxy.units import BULK_CHUNK
 
@@ -275,6 +282,23 @@ class BlobWriter:
         self.spare = None
 
 
+class StoreLayoutError(RegproxyError):
+    """The store was laid out by another (a newer, or an unknown) regproxy: it is refused, and
+    left as it is."""
+
+    def __init__(self, root: Path, found: str) -> None:
+        super().__init__(root, found)
+        self.root = root
+        self.found = found
+
+    def __str__(self) -> str:
+        return (
+            f"store {self.root} has layout version {self.found[:20]!r}, not the "
+            f"{LAYOUT_VERSION} this regproxy knows: it was laid out by a newer release; run "
+            "that release (or move the store aside to start empty)"
+        )
+
+
 class Store:
     """Blob files by digest under one root. All methods block: run them in an executor."""
 
@@ -287,9 +311,10 @@ class Store:
     def open(self, *, sweep: bool = True) -> int:
         """Create the layout and remove partial files a crash left; returns how many. Spares
         are left to :func:`regproxy.removal.settle_spares`, which asks the index."""
+        laid_out = self.check()  # before anything is made in a store of another layout
         for d in (self.root, self.blobs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
-        if not self.check():
+        if not laid_out:
             (self.root / "LAYOUT_VERSION").write_text(f"{LAYOUT_VERSION}\n")
         self._keep_reserve()
         removed = 0
@@ -319,7 +344,7 @@ class Store:
         except FileNotFoundError:
             return False
         if found != str(LAYOUT_VERSION):
-            raise RuntimeError(f"store layout {found} at {self.root}, expected {LAYOUT_VERSION}")
+            raise StoreLayoutError(self.root, found)
         return True
 
     def _keep_reserve(self) -> None:

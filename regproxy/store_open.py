@@ -19,10 +19,6 @@ async def open_store(root: Path, *, readonly: bool) -> tuple[Store, AsyncIndex]:
         await loop.run_in_executor(None, lambda: store.open(sweep=False))  # not ours to sweep
         await db.open()
         return store, db
+    await loop.run_in_executor(None, store.check)  # another layout: refused before its index
     await db.open_readonly()
-    try:
-        await loop.run_in_executor(None, store.check)
-    except BaseException:
-        await db.close()
-        raise
     return store, db

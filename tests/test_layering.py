@@ -164,7 +164,7 @@ LAYERS: dict[str, Layer] = {
     "cli": _layer(
         "cli",
         f"{_MODEL} schema store index facade transfer upstream peers registry proxy gc pinning "
-        "tools app policy settling",
+        "tools app policy settling opening",
     ),
     "main": _layer("__main__", "cli"),
 }

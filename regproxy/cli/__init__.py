@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok, 1 a missing config file or a command's own failure (a full or read-only disk,
 a damaged index: one line on stderr, the traceback only at debug level), 2 an invalid config or
-invalid arguments, an index of a newer release, or (for a command that only reads) of an older
+invalid arguments, a store or an index of a newer release, or (for a command that only reads) of an older
 one or none at all, 130 interrupted. ``--config`` is accepted before and after the command
 (``regproxy --config F serve`` and ``regproxy serve --config F``). Each command lives in a
 module of this package with ``add_parsers(sub, common)``, which sets ``run(config, args) -> int``.
@@ -21,6 +21,7 @@ from regproxy.config import load_config
 from regproxy.errors import ConfigError, ConfigMissing, OCIError, RegproxyError
 from regproxy.log import flush_lines, setup_logging
 from regproxy.schema import IndexDatabaseError, IndexMissing, IndexVersionError
+from regproxy.store import StoreLayoutError
 
 #: every module that adds commands, in the order ``--help`` lists them
 log = logging.getLogger("regproxy")
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             return command(config, args)
         finally:
             flush_lines()  # the access lines that wait go out before any last word below
-    except (IndexVersionError, IndexMissing) as exc:
-        # a store from a newer release; a command that only reads (plain fsck, gc --dry-run,
+    except (IndexVersionError, IndexMissing, StoreLayoutError) as exc:
+        # a store (its layout, its index) from a newer release; a command that only reads (plain fsck, gc --dry-run,
         # pins) on an older one or on none: one line, no traceback
         print(f"regproxy: {exc}", file=sys.stderr)
         return 2

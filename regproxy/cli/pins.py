@@ -44,12 +44,11 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
 async def _list(config: Config, args: argparse.Namespace) -> int:
     """``regproxy pins`` only reads: the index on readers, nothing created or upgraded."""
-    from regproxy.async_index import AsyncIndex
+    from regproxy.store_open import open_store
 
     resolver = NameResolver(config)
     repo = resolver.parse_reference(args.name)[0] if args.name else None
-    db = AsyncIndex(config.storage.root / "index.db")
-    await db.open_readonly()
+    _, db = await open_store(config.storage.root, readonly=True)
     try:
         await _print_pins(iter_pins(db, repo), args.json)
     finally:

@@ -175,6 +175,43 @@ def test_a_store_from_a_newer_release_is_refused_with_one_line(
     assert path.read_bytes() == before  # untouched
 
 
+#: every command that opens a store, with what it needs to get that far
+OPENS_A_STORE = (
+    ["serve"],
+    ["gc"],
+    ["gc", "--dry-run"],
+    ["fsck"],
+    ["fsck", "--repair"],
+    ["pins"],
+    ["pin", "docker.io/library/app:v1"],
+    ["prefetch", "docker.io/library/app:v1"],
+    ["export", "-o", "out.tar", "docker.io/library/app:v1"],
+    ["import", "in.tar"],
+)
+
+
+def test_a_store_of_another_layout_is_refused_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store whose ``LAYOUT_VERSION`` this regproxy does not know (a newer release laid it
+    out) stops the daemon and every command that opens it with one line naming it, exit 2 (no
+    traceback), and nothing in it changes."""
+    root = tmp_path / "store"
+    v1_store(root)
+    (root / "LAYOUT_VERSION").write_text("2\n")
+    conf = tmp_path / "regproxy.yaml"
+    conf.write_text(yaml.safe_dump({"storage": {"root": str(root)}, "listen": "127.0.0.1:0"}))
+    before = files(root)
+    for command in OPENS_A_STORE:
+        capsys.readouterr()
+        code = cli.main(["--config", str(conf), *command])
+        err = capsys.readouterr().err.strip().splitlines()
+        want = f"store {root} has layout version '2', not the 1 this regproxy knows"
+        assert code == 2 and len(err) == 1 and want in err[0], (command, err)
+        assert "newer release" in err[0]
+        assert files(root) == before, command
+
+
 def test_a_v7_store_keeps_its_unreferenced_bytes_after_the_upgrade(tmp_path: Path) -> None:
     """Version 8 keeps the bytes nothing references in ``totals`` (the overview summed them):
     a store at version 7, with such bytes, opens with them counted and keeps them after."""

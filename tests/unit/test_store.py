@@ -10,7 +10,7 @@ import pytest
 
 from regproxy.errors import DigestMismatch
 from regproxy.oci import Digest
-from regproxy.store import LAYOUT_VERSION, Store
+from regproxy.store import LAYOUT_VERSION, Store, StoreLayoutError
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_open_refuses_other_layout(tmp_path: Path) -> None:
     s = Store(tmp_path / "old")
     s.open()
     (s.root / "LAYOUT_VERSION").write_text("999\n")
-    with pytest.raises(RuntimeError, match="999"):
+    with pytest.raises(StoreLayoutError, match="999"):
         s.open()
 
 
