@@ -16,12 +16,16 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, TypeVar
 
 from regproxy import schema
 from regproxy.errors import StorageFull
+from regproxy.index_rows import ManifestAdded as ManifestAdded
+from regproxy.index_rows import ManifestRecord as ManifestRecord
+from regproxy.index_rows import ManifestRow as ManifestRow
+from regproxy.index_rows import PinRow as PinRow
+from regproxy.index_rows import Totals as Totals
 from regproxy.tag_order import tag_order
 
 T = TypeVar("T")
@@ -29,47 +33,6 @@ T = TypeVar("T")
 _MANIFEST_COLUMNS: Final = (
     "m.digest, m.media_type, m.size, m.artifact_type, m.subject, m.annotations"
 )
-
-
-class ManifestRow(NamedTuple):
-    """A manifest's row. A tuple, not a dataclass: the lookup cache holds up to 100,000 of
-    them for years, and CPython leaves a tuple of strings, numbers and None out of the garbage
-    collector's walks (a slotted instance is always walked: at that many, each full collection
-    paused the event loop and every thread for tens of milliseconds more)."""
-
-    digest: str
-    media_type: str
-    size: int
-    artifact_type: str | None = None
-    subject: str | None = None
-    annotations: dict[str, str] | None = None
-    checked: float = 0.0  # for tag lookups: when the tag was last confirmed upstream
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestRecord:
-    """A manifest to add to a repository, with what it references."""
-
-    digest: str
-    media_type: str
-    size: int
-    artifact_type: str | None
-    subject: str | None
-    annotations: dict[str, str] | None
-    blobs: Sequence[str]
-    children: Sequence[str]
-
-
-class ManifestAdded(NamedTuple):
-    """What :meth:`Index.add_manifest` did: the references ``missing`` (then nothing written);
-    whether the repository ``held`` the manifest before; the ``tag`` moved and its row before
-    (``tag_was``: digest, updated, checked; None when new), for taking it back
-    (:mod:`regproxy.settling`)."""
-
-    missing: list[str]
-    held: bool = False
-    tag: str | None = None
-    tag_was: tuple[str, float, float] | None = None
 
 
 class Index:
@@ -569,31 +532,3 @@ def _no_room(directory: Path) -> bool:
 def _manifest_row(row: Sequence[Any]) -> ManifestRow:
     ann = json.loads(row[5]) if row[5] else None
     return ManifestRow(row[0], row[1], int(row[2]), row[3], row[4], ann)
-
-
-@dataclass(frozen=True, slots=True)
-class Totals:
-    """What the store holds (see :data:`regproxy.schema.TOTALS_COLUMNS`)."""
-
-    stored_bytes: int
-    stored_count: int
-    pinned_bytes: int
-    pinned_count: int
-    blobs: int
-    manifests: int
-    tags: int
-    repos: int
-    loose_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class PinRow:
-    """A pinned manifest in a repository (see :meth:`Index.list_pins`)."""
-
-    repo: str
-    digest: str
-    media_type: str
-    size: int
-    tags: list[str]
-    #: bytes of the blobs the manifest lists that the store holds (config and layers)
-    blob_bytes: int

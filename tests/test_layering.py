@@ -62,7 +62,9 @@ LAYERS: dict[str, Layer] = {
     # telling systemd a long start is busy (an index upgrade)
     "starting": _layer("start_extender", "base"),
     "schema": _layer("schema", "base starting"),
-    "index": _layer("index", "base oci config schema"),
+    # the values it takes and answers (rows), then the queries
+    "rows": _layer("index_rows"),
+    "index": _layer("index", "base oci config schema rows"),
     "facade": _layer("async_index", "base index"),
     # the small-file hashing loop fsck runs in worker processes: the standard library only
     "hashing": _layer("hash_files"),
