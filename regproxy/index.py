@@ -168,7 +168,11 @@ class Index:
                 missing += self.missing_manifests(repo, rec.children)
                 if missing:
                     return ManifestAdded(missing)
-            held = self.manifest_in_repo(repo, rec.digest) is not None
+            held_pin = db.execute(
+                "SELECT r.pinned FROM repo_manifests r JOIN manifests m ON m.digest = r.digest "
+                "WHERE r.repo=? AND r.digest=?",
+                (repo, rec.digest),
+            ).fetchone()
             was = (
                 None
                 if tag is None
@@ -209,7 +213,9 @@ class Index:
                     "sortkey=excluded.sortkey",
                     (repo, tag, rec.digest, now, now if checked is None else checked, order),
                 )
-        return ManifestAdded([], held, tag, None if was is None else (was[0], was[1], was[2]))
+        was_row = None if was is None else (str(was[0]), float(was[1]), float(was[2]))
+        held = held_pin is not None
+        return ManifestAdded([], held, tag, was_row, held and pinned and not held_pin[0])
 
     def manifest_in_repo(self, repo: str, digest: str) -> ManifestRow | None:
         row = self.db.execute(

@@ -40,13 +40,14 @@ class ManifestRecord:
 class ManifestAdded(NamedTuple):
     """What :meth:`Index.add_manifest` did: the references ``missing`` (then nothing written);
     whether the repository ``held`` the manifest before; the ``tag`` moved and its row before
-    (``tag_was``: digest, updated, checked; None when new), for taking it back
-    (:mod:`regproxy.settling`)."""
+    (``tag_was``: digest, updated, checked; None when new); whether it ``pinned`` a manifest
+    the repository held unpinned; for taking it back (:mod:`regproxy.settling`)."""
 
     missing: list[str]
     held: bool = False
     tag: str | None = None
     tag_was: tuple[str, float, float] | None = None
+    pinned: bool = False
 
 
 @dataclass(frozen=True, slots=True)

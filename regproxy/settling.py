@@ -14,7 +14,8 @@ the file back for them.
 A manifest ``PUT`` that fails so leaves its repository as it was (:func:`take_back`): the tag
 it moved points where it did before (if that manifest is still in the repository; else it
 goes), and the row goes only if this ``PUT`` added it, with the tags naming it since; a row
-the repository held before is not the ``PUT``'s to remove, nor are the tags naming it.
+the repository held before is not the ``PUT``'s to remove, nor are the tags naming it, and a
+pin the ``PUT`` gave it goes again (it was held unpinned: pulled through, say).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def take_back(ix: Index, repo: str, digest: str, added: ManifestAdded) -> None:
     the tag it moved, if it still names the manifest, goes back to its row before
     (``tag_was``) if that manifest is still in the repository, else goes; the manifest's row
     goes if the repository did not hold it before, with every tag naming it (none did before:
-    a tag never names a manifest its repository does not hold)."""
+    a tag never names a manifest its repository does not hold); if it did, the pin this add
+    gave it (``added.pinned``) goes."""
     with ix.transaction() as db:
         tag, was = added.tag, added.tag_was
         now = (
@@ -109,3 +111,5 @@ def take_back(ix: Index, repo: str, digest: str, added: ManifestAdded) -> None:
         if not added.held:
             db.execute("DELETE FROM repo_manifests WHERE repo=? AND digest=?", (repo, digest))
             db.execute("DELETE FROM tags WHERE repo=? AND digest=?", (repo, digest))
+        elif added.pinned:  # held unpinned before: the pin was this PUT's
+            ix.pin_manifests(repo, [digest], False)

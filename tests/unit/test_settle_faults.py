@@ -263,11 +263,15 @@ class GoneStore(BrokenStore):
 
 
 async def _failing_put(
-    tmp_path: Path, before: dict[str, bytes], also_gone: str | None = None
-) -> tuple[dict[str, str | None], str, str]:
-    """``before`` put as tags of team/app; then ``PUT M:u`` whose file is lost right before its
-    row and the disk cannot write again (507); ``also_gone``: a tag whose manifest is deleted right before
-    the PUT takes its row back. The tags after, M's digest, and whether M's row is left."""
+    tmp_path: Path,
+    before: dict[str, bytes],
+    also_gone: str | None = None,
+    pinned_before: bool = True,
+) -> tuple[dict[str, str | None], str, str, bool]:
+    """``before`` put as tags of team/app (pinned, as a push, or not, as a pull); then ``PUT
+    M:u`` whose file is lost right before its row and the disk cannot write again (507);
+    ``also_gone``: a tag whose manifest is deleted right before the PUT takes its row back.
+    The tags after, M's digest, whether M's row is left, and whether it is pinned."""
     root = tmp_path / "store"
     store = GoneStore(root)
     reg = LocalRegistry(store, RacingIndex(root / "index.db"))
@@ -277,7 +281,9 @@ async def _failing_put(
     repo, m = up("team/app"), manifest(b'{"m": 1}')
     try:
         for tag, body in before.items():
-            await reg.put_manifest(repo, tag, body, OCI_MANIFEST, verify_refs=False)
+            await reg.put_manifest(
+                repo, tag, body, OCI_MANIFEST, verify_refs=False, pinned=pinned_before
+            )
         dm = str(Digest.of(m))
 
         async def lost() -> None:  # the file is lost for good (a removal's, or the disk's)
@@ -298,14 +304,15 @@ async def _failing_put(
             found = await reg.local_manifest(repo, tag)
             tags[tag] = None if found is None else found[0].digest
         row = await db.read(Index.manifest_in_repo, repo.canonical, dm)
-        return tags, dm, "kept" if row is not None else "gone"
+        pins = {p.digest for p in await db.read(Index.list_pins, repo.canonical)}
+        return tags, dm, "kept" if row is not None else "gone", dm in pins
     finally:
         await reg.close()
 
 
 async def test_a_failed_put_puts_the_tag_back_where_it_was(tmp_path: Path) -> None:
     x = manifest(b'{"x": 1}')
-    tags, _, row = await _failing_put(tmp_path, {"u": x})
+    tags, _, row, _ = await _failing_put(tmp_path, {"u": x})
     assert tags == {"u": str(Digest.of(x))}, "the failed PUT moved or deleted u"
     assert row == "gone"  # this PUT's row: no row names the missing file
 
@@ -314,16 +321,28 @@ async def test_a_failed_put_keeps_the_row_and_tags_the_repository_held_before(
     tmp_path: Path,
 ) -> None:
     x, m = manifest(b'{"x": 1}'), manifest(b'{"m": 1}')
-    tags, dm, row = await _failing_put(tmp_path, {"u": x, "t": m})
+    tags, dm, row, pinned = await _failing_put(tmp_path, {"u": x, "t": m})
     assert tags == {"u": str(Digest.of(x)), "t": dm}
-    assert row == "kept"  # not this PUT's row (a lookup finding the file gone removes it)
+    assert (
+        row == "kept" and pinned
+    )  # not this PUT's row (a lookup finding the file gone removes it)
+
+
+async def test_a_failed_put_takes_back_the_pin_it_gave_a_manifest_held_unpinned(
+    tmp_path: Path,
+) -> None:
+    """M was pulled through (unpinned); a failed ``PUT M:u`` pinned it: the pin goes again."""
+    x, m = manifest(b'{"x": 1}'), manifest(b'{"m": 1}')
+    tags, dm, row, pinned = await _failing_put(tmp_path, {"u": x, "t": m}, pinned_before=False)
+    assert tags == {"u": str(Digest.of(x)), "t": dm} and row == "kept"
+    assert not pinned, "the failed PUT left its pin on a manifest it did not add"
 
 
 async def test_a_failed_put_drops_its_tag_when_the_old_manifest_went_meanwhile(
     tmp_path: Path,
 ) -> None:
     x = manifest(b'{"x": 1}')
-    tags, _, row = await _failing_put(tmp_path, {"u": x}, also_gone="u")
+    tags, _, row, _ = await _failing_put(tmp_path, {"u": x}, also_gone="u")
     assert tags == {"u": None} and row == "gone"
 
 
