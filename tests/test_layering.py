@@ -153,7 +153,8 @@ LAYERS: dict[str, Layer] = {
     "auth": _layer("auth", f"{_MODEL} keys serving web"),
     "handlers": _layer(
         "api admin ui",
-        f"{_MODEL} registry queries ui_model eviction_view pinning tools keys serving web auth policy referrers",
+        f"{_MODEL} registry queries ui_model eviction_view pinning tools keys serving web auth policy referrers "
+        "settling",
     ),
     # simple GETs answered from memory in front of aiohttp's parser (connections hands them on)
     "fast": _layer("fastpath", f"{_MODEL} registry proxy policy keys serving web auth handlers"),

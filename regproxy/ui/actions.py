@@ -15,6 +15,7 @@ from regproxy.connections import read_body
 from regproxy.errors import OCIError, StorageFull
 from regproxy.names import RepoName
 from regproxy.oci import is_digest_reference
+from regproxy.settling import PutBackFailed, PutBackFull
 from regproxy.ui import queries
 from regproxy.ui.base import (
     BAD_FORM,
@@ -113,7 +114,9 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
     and never sends the body, regproxy.expect): no session or no right to change content
     (401/403), a wrong ``X-CSRF-Token`` (403), not a form (400), a bad ``?name=`` (400), no
     room above ``storage.min_free`` for its ``Content-Length`` (507). The form's own csrf and
-    name fields are checked once read, before a byte of the file is."""
+    name fields are checked once read, before a byte of the file is. A file the disk refuses to
+    put back while the bundle is committed (regproxy.settling) is 507 (full) or 500, on the
+    page, saying that what was committed before it stays."""
     if not request.content_type.startswith("multipart/"):
         await changer(request, None)  # a token in X-CSRF-Token, or refused first
         return refused(request, "a multipart/form-data upload is expected", 400)
@@ -138,20 +141,31 @@ async def upload_post(request: web.Request) -> web.StreamResponse:
                 importer.name = name
                 importer.check_name()
             summary = await upload.take(_file_chunks(request, file_part), filename or "upload")
+    except (PutBackFull, PutBackFailed) as exc:  # while committing: some of it may be in
+        log.warning("import.failed user=%r remote=%s error=%s", session.user, request.remote, exc)
+        why = (
+            f"{filename or 'the upload'}: failed: {exc.detail}; what was committed before it "
+            "stays (upload the bundle again once the disk takes it)"
+        )
+        return _upload_refused(request, why, exc.http_status)
     except (BundleError, StorageFull) as exc:  # StorageFull: no room above storage.min_free
         log.warning("import.refused user=%r remote=%s error=%s", session.user, request.remote, exc)
         message, status = str(exc), 400
         if isinstance(exc, StorageFull):
             message, status = f"{exc.message}: {exc.detail}", exc.http_status
         why = _for_the_browser(message, registry_of(request).store.tmp, filename)
-        if wants_json(request):
-            return json_response({"error": why}, status=status)
-        return render(request, "upload.html", status=status, error=why)
+        return _upload_refused(request, why, status)
     log.info("import.ui user=%r remote=%s %s", session.user, request.remote, summary)
     result = summary.to_json()
     if wants_json(request):
         return json_response(result)
     return render(request, "upload.html", summary=result, links=_image_links(result["images"]))
+
+
+def _upload_refused(request: web.Request, why: str, status: int) -> web.Response:
+    if wants_json(request):
+        return json_response({"error": why}, status=status)
+    return render(request, "upload.html", status=status, error=why)
 
 
 async def _file_chunks(request: web.Request, part: BodyPartReader) -> AsyncIterator[bytes]:

@@ -14,11 +14,14 @@ manifest, written again from its bytes, fails on /dev/full or a dead pty as a fe
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
+import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from regproxy.bundle import Importer
@@ -34,6 +37,7 @@ from regproxy.removal import _finish, remove
 from regproxy.settling import PutBackFailed, PutBackFull
 from regproxy.store import BlobWriter, Store
 from tests.fakes import FakeUpstream
+from tests.uiclient import login, start
 from tests.unit.test_evict import OCI_MANIFEST, chunks, layer, up
 from tests.unit.test_evict import manifest as image_manifest
 from tests.unit.test_fetch_disk_faults import FaultyWriter
@@ -369,3 +373,40 @@ async def test_the_import_command_names_the_file_the_disk_refused_to_put_back(
     line = next(ln for ln in err.splitlines() if str(path) in ln)
     assert f"regproxy import: {path}: failed: the disk refused putting {d} back" in line, line
     assert "ENOSPC" in line and "nothing of this bundle" not in line, line
+
+
+@pytest.mark.parametrize(("fault", "status"), [("ENOSPC", 507), ("EIO", 500)])
+async def test_the_upload_page_names_the_file_the_disk_refused_to_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, status: int
+) -> None:
+    """A bundle uploaded on the web page whose layer the disk cannot put back once its row is
+    in: the upload page answers (507 full, else 500), naming the file and the digest and that
+    what was committed before it stays; not the API's JSON error."""
+    root = tmp_path / "store"
+    store, db = BrokenStore(root), RacingIndex(root / "index.db")
+    monkeypatch.setattr(
+        "regproxy.app.build_registry", lambda c, **kw: ProxyRegistry(store, db, c, **kw)
+    )
+    path, _ = layout(tmp_path / "bundle", b'{"new": true}')
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(path, arcname=".")
+    d = str(Digest.of(LAYER))
+
+    async def removal() -> None:
+        assert await remove(store, [d], lambda ds: db.read(Index.stored_among, ds))
+        store.fault, store.fails = fault, 2
+
+    db.target, db.hook = d, removal
+    client = await start(root, storage={"min_free": 0})
+    try:
+        form = aiohttp.FormData()
+        form.add_field("csrf", await login(client))
+        form.add_field("bundle", buf.getvalue(), filename="my-images.tar")
+        resp = await client.post("/ui/upload", data=form)
+        text = await resp.text()
+        assert resp.status == status and resp.content_type == "text/html", text[-600:]
+        assert f"my-images.tar: failed: the disk refused putting {d} back" in text, text[-600:]
+        assert "what was committed before it stays" in text
+    finally:
+        await client.close()
