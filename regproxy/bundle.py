@@ -52,13 +52,13 @@ from regproxy.bundle_stage import (
     image_for,
     stage_path,
 )
-from regproxy.errors import ManifestBlobUnknown, OCIError
+from regproxy.errors import ManifestBlobUnknown, OCIError, StorageFull
 from regproxy.index import ManifestRow
 from regproxy.names import NameResolver, RepoName
 from regproxy.oci import MANIFEST_TYPES, Digest, ParsedManifest, parse_manifest
 from regproxy.policy import ImportedImage, Policy
 from regproxy.registry import Registry
-from regproxy.settling import settle_row
+from regproxy.settling import PutBackFull, settle_row
 from regproxy.space import Space
 from regproxy.store import BlobWriter
 from regproxy.units import BULK_CHUNK
@@ -76,6 +76,26 @@ class _Gone(Exception):
         super().__init__(digests)
         self.digests = digests
         self.summary = summary  # what the run committed before it stopped
+
+
+class ImportStopped(StorageFull):
+    """The disk filled (the index, most likely) while a bundle was committed: 507 as any full
+    disk, its detail naming the images imported before it (``summary``) and those not
+    (``left``: an image cut midway may have some of its blobs stored, unreferenced)."""
+
+    def __init__(self, cause: StorageFull, summary: ImportSummary, left: list[str]) -> None:
+        super().__init__(
+            f"{cause.detail}; imported before it: {_listed(summary.images)}; "
+            f"not imported: {_listed(left)}"
+        )
+        self.cause, self.summary, self.left = cause, summary, left
+
+
+def _listed(names: list[str], show: int = 5) -> str:
+    shown = ", ".join(names[:show]) + (
+        f", and {len(names) - show} more" if len(names) > show else ""
+    )
+    return f"{len(names)} image(s)" + (f" ({shown})" if names else "")
 
 
 @dataclass
@@ -258,6 +278,13 @@ class Importer:
             try:
                 summary, bytes_read = await self._run(path, label, frozenset(restage))
                 break
+            except ImportStopped as stop:  # with what runs before this one committed
+                if done is None:
+                    raise
+                summary = _add(done, stop.summary)
+                summary.images += [i for i in done.images if i not in summary.images]
+                left = [i for i in stop.left if i not in summary.images]
+                raise ImportStopped(stop.cause, summary, left) from stop.cause
             except _Gone as gone:
                 done = _add(done, gone.summary)
                 restage |= gone.digests
@@ -352,6 +379,25 @@ class Importer:
             await self._check_policy(stage, images, graphs, loop)
         # everything is verified and complete: commit
         summary = ImportSummary()
+        try:
+            await self._commit_images(stage, images, graphs, extra, summary, loop)
+        except PutBackFull:  # says itself that what was committed before it stays
+            raise
+        except StorageFull as exc:  # the index filled midway: say what is in and what is not
+            left = [_name(img) for img in images[len(summary.images) :]]
+            raise ImportStopped(exc, summary, left) from exc
+        return summary
+
+    async def _commit_images(
+        self,
+        stage: Stage,
+        images: list[Image],
+        graphs: list[_Graph],
+        extra: dict[Digest, bytes],
+        summary: ImportSummary,
+        loop: Any,
+    ) -> None:
+        """Commit each image in turn (``summary.images`` lists those committed)."""
         committed: set[Digest] = set()
         for img, graph in zip(images, graphs, strict=True):
             gone = set()
@@ -378,10 +424,7 @@ class Importer:
                     await self.registry.index_blob(img.repo, digest, len(body))
                 if before is None or not _same(before[0], digest):
                     summary.manifests_new += 1
-            summary.images.append(
-                f"{img.repo.canonical}{':' + img.tag if img.tag else '@' + str(img.top)}"
-            )
-        return summary
+            summary.images.append(_name(img))
 
     async def _check_policy(
         self, stage: Stage, images: list[Image], graphs: list[_Graph], loop: Any
@@ -452,6 +495,10 @@ def _add(a: ImportSummary | None, b: ImportSummary) -> ImportSummary:
     return b
 
 
+def _name(img: Image) -> str:
+    return f"{img.repo.canonical}{':' + img.tag if img.tag else '@' + str(img.top)}"
+
+
 def _same(row: ManifestRow, digest: Digest) -> bool:
     return row.digest == str(digest)
 
@@ -460,6 +507,7 @@ __all__ = [
     "BundleError",
     "ExportImage",
     "Exporter",
+    "ImportStopped",
     "ImportSummary",
     "Importer",
     "full_reference",

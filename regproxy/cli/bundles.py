@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from regproxy.bundle import BundleError, Exporter, Importer
+from regproxy.bundle import BundleError, Exporter, Importer, ImportStopped
 from regproxy.cli.common import SubParsers, run
 from regproxy.config import Config
 from regproxy.errors import OCIError, StorageFull
@@ -77,6 +77,15 @@ async def run_import(config: Config, paths: list[Path], name: str | None) -> int
                 print(
                     f"regproxy import: {path}: failed: {exc.detail}; what was committed before "
                     "it stays (import the bundle again once the disk takes it)",
+                    file=sys.stderr,
+                )
+                failed += 1
+                continue
+            except ImportStopped as exc:  # the index filled while committing: some of it is in
+                progress.end()
+                print(
+                    f"regproxy import: {path}: stopped, insufficient storage: {exc.detail} (make "
+                    "room and import the bundle again)",
                     file=sys.stderr,
                 )
                 failed += 1

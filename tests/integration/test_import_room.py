@@ -18,12 +18,15 @@ from regproxy.app import create_app
 from regproxy.bundle import Importer
 from regproxy.cli.bundles import run_import
 from regproxy.config import Config, config_from_dict
+from regproxy.errors import StorageFull
 from regproxy.names import NameResolver, RepoName
 from regproxy.proxy import ProxyRegistry, build_registry
 from regproxy.space import NoRoom
+from regproxy.store import Store
 from regproxy.web_keys import REGISTRY_KEY
-from tests.images import make_image, write_layout
+from tests.images import make_image, sha256, write_layout
 from tests.room import small_disk_usage
+from tests.unit.test_removal import RacingIndex
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 KB = 1000
@@ -198,3 +201,40 @@ async def test_admin_import_without_room_is_507_for_the_body_and_for_its_files(
         assert (await client.get("/v2/docker.io/team/a/manifests/1")).status == 200
     finally:
         await client.close()
+
+
+async def test_an_index_that_fills_midway_says_what_was_imported_and_what_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``regproxy import`` of a bundle of two images whose index fills (507) as the second
+    image's manifest is written: the line names the image imported before it and the one not
+    (not "nothing of this bundle was imported"), exit 1, and the first image stays."""
+    store = tmp_path / "store"
+    cfg = config(store, min_free=0)
+    a, b = make_image(seed=b"a"), make_image(seed=b"b")
+    bundle = tmp_path / "two"
+    write_layout(bundle, {"docker.io/team/a:1": a, "docker.io/team/b:1": b})
+    db = RacingIndex(store / "index.db")
+
+    async def full() -> None:
+        raise StorageFull("the metadata index could not be written: database or disk is full")
+
+    db.target, db.hook = sha256(b.manifest), full
+    monkeypatch.setattr(
+        "regproxy.proxy.build_registry", lambda c: ProxyRegistry(Store(store), db, c)
+    )
+    assert await run_import(cfg, [bundle], None) == 1
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if str(bundle) in ln)
+    assert "stopped, insufficient storage: the metadata index could not be written" in line, line
+    assert "imported before it: 1 image(s) (spectro-images/docker.io/team/a:1)" in line, line
+    assert "not imported: 1 image(s) (spectro-images/docker.io/team/b:1)" in line, line
+    assert "nothing of this bundle" not in line
+    registry = build_registry(cfg)
+    await registry.open(sweep=False)
+    try:
+        team_a = RepoName("spectro-images/docker.io/team/a", "docker.io", "team/a")
+        team_b = RepoName("spectro-images/docker.io/team/b", "docker.io", "team/b")
+        assert await registry.local_manifest(team_a, "1") is not None
+        assert await registry.local_manifest(team_b, "1") is None
+    finally:
+        await registry.close()
