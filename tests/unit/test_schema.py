@@ -234,6 +234,75 @@ def test_a_v7_store_keeps_its_unreferenced_bytes_after_the_upgrade(tmp_path: Pat
         ix.close()
 
 
+def at_version(path: Path, version: int) -> None:
+    """An unversioned index (:func:`v1_store`) brought to ``version`` (2 to 7) by the released
+    steps, as that release left it: without what a later one added to those steps (version 8's
+    ``loose_bytes`` and the triggers that keep it, which version 3 creates today)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN")
+        for to, step in schema.MIGRATIONS:
+            if to <= version:
+                step(db)
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    if version >= 3:
+        set_back_to_v7(path)
+    db = sqlite3.connect(path)
+    try:
+        db.execute(f"PRAGMA user_version = {version}")
+    finally:
+        db.close()
+
+
+def shape(path: Path) -> dict[str, object]:
+    """An index's schema as the code sees it: each table's columns, each index's table and
+    columns, each trigger's text (not the tables' text: the fixture's DDL is spelt otherwise)."""
+    db = sqlite3.connect(path)
+    try:
+        out: dict[str, object] = {}
+        for kind, name, table, sql in db.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+        ):
+            if kind == "table":
+                out[name] = [r[1:] for r in db.execute(f"PRAGMA table_info({name})")]
+            elif kind == "index":
+                out[name] = (table, [r[2] for r in db.execute(f"PRAGMA index_info({name})")])
+            else:
+                out[name] = sql
+        return out
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("version", [2, 3, 4, 5])
+def test_a_store_of_schema_2_to_5_is_upgraded_to_the_schema_of_a_new_one(
+    tmp_path: Path, version: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each version between the unversioned one and 6 upgrades to exactly the schema a new
+    store gets, with its rows, pins and counts."""
+    path = v1_store(tmp_path / "store")
+    at_version(path, version)
+    caplog.set_level(logging.INFO, logger="regproxy.index")
+    reopen(path)
+    want = f"from={version} to={schema.SCHEMA_VERSION} recount={'yes' if version < 3 else 'no'}"
+    assert any(r.getMessage().endswith(want) for r in caplog.records), caplog.text
+    new = tmp_path / "new.db"
+    reopen(new)
+    assert shape(path) == shape(new)
+    ix = Index(path)
+    ix.open()
+    try:
+        assert schema.user_version(ix.db) == schema.SCHEMA_VERSION
+        assert ix.totals() == ix.recount()
+        assert (ix.totals().stored_bytes, ix.totals().pinned_bytes) == (6900, 2600)
+        assert {(p.repo, p.digest) for p in ix.list_pins()} == {(PUSHED, IDX), (PUSHED, M2)}
+        assert ix.list_tags(PUSHED, None, None) == ["latest"]
+    finally:
+        ix.close()
+
+
 def reopen(path: Path) -> None:
     """Open the index as the daemon's writer does (upgrading it), and close it."""
     ix = Index(path)
