@@ -46,7 +46,7 @@ from regproxy.errors import (
 from regproxy.inflight import Transfer, TransferFailed
 from regproxy.metrics import Metrics
 from regproxy.oci import Digest
-from regproxy.pump import SocketBody, pump
+from regproxy.pump import BUFFERS, MOST_BUFFERS, SocketBody, pump
 from regproxy.space import NoRoom, Space
 from regproxy.store import Store
 from regproxy.units import BULK_CHUNK
@@ -60,6 +60,9 @@ PUMPS: Final = 8
 #: a body shorter than this stays on the loop (a thread hop and a connection not reused
 #: would cost more than they save)
 PUMP_AT_LEAST: Final = BULK_CHUNK
+#: buffers (of regproxy.pump.CHUNK bytes) the pumps together may take beyond their first
+#: regproxy.pump.BUFFERS each while their hash lags: two pumps' worth of depth at once
+PUMP_SPARE_BUFFERS: Final = 2 * (MOST_BUFFERS - BUFFERS)
 
 
 class Stream(Protocol):
@@ -143,6 +146,7 @@ class Fetcher:
         self._pump_threads = ThreadPoolExecutor(PUMPS, thread_name_prefix="regproxy-fetch-pump")
         # one hashing thread beside each pump: as many as pumps, so a pump never waits for one
         self._pump_hashing = ThreadPoolExecutor(PUMPS, thread_name_prefix="regproxy-pump-hash")
+        self._pump_spare = threading.BoundedSemaphore(PUMP_SPARE_BUFFERS)
         self._pumping = 0
 
     def get(self, digest: Digest) -> Transfer | None:
@@ -480,6 +484,7 @@ class Fetcher:
             landed=landed,
             stop=stop,
             hashing=self._pump_hashing,
+            spare=self._pump_spare,
         )
         self._pumping += 1
         done = loop.run_in_executor(self._pump_threads, job)

@@ -3,9 +3,9 @@
 For a plain-HTTP source (a peer on the LAN, an HTTP mirror or upstream) the event loop reads the
 response headers, then hands the connection's socket over (see
 :meth:`regproxy.upstream.answers.BlobStream.take_socket`). :func:`pump` then moves the body in
-``CHUNK``-sized steps, each one ``recv_into`` one of a few preallocated buffers (``MSG_WAITALL``:
-one call fills it) and a ``write`` to the temp file, while a second thread runs the ``hashlib``
-update of the chunk before. All three release the GIL, no byte is copied in Python, and the
+``CHUNK``-sized steps, each one ``recv_into`` one of a few buffers (``MSG_WAITALL``: one call
+fills it) and a ``write`` to the temp file, while a second thread runs the ``hashlib`` update of
+the chunks before. All three release the GIL, no byte is copied in Python, and the
 loop hears of each chunk once it is in the file (readers send it from there with ``sendfile``). On two cores this leaves the loop free for the clients, and
 takes aiohttp's body parsing (two copies and a task wake-up per socket read) off the path.
 
@@ -32,8 +32,15 @@ from regproxy.units import BULK_CHUNK
 
 #: bytes per receive, hash and write
 CHUNK: Final = BULK_CHUNK
-#: buffers per pump: one being received into and written, the others waiting for their hash
+#: buffers a pump starts with: one being received into and written, the others waiting for
+#: their hash
 BUFFERS: Final = 3
+#: the most a pump holds. On a busy machine the hash thread (the longest chain: SHA-256 of
+#: every byte) is preempted often; with 3 buffers the pump then waited for a free one, and the
+#: hash, back on a core, for the pump: on two cores both idled 10-20% of a cold pull. Up to this
+#: many (taken from the pumps' shared ``spare`` allowance only when all are waiting for their
+#: hash) the pump keeps receiving meanwhile (benchmarks/README.md, "Third pass")
+MOST_BUFFERS: Final = 8
 
 
 class SocketBody(Protocol):
@@ -77,17 +84,21 @@ def pump(
     landed: Callable[[int], None],
     stop: threading.Event,
     hashing: Executor,
+    spare: threading.Semaphore,
 ) -> None:
     """Copy the whole body into ``writer`` (written and hashed), calling ``landed(n)`` after
     every ``n`` bytes that are in the file. Runs on a thread; raises what ended it early.
 
-    The hash runs beside it on a thread of ``hashing`` (which must have one free), a chunk
-    behind: this thread receives and writes the next chunk meanwhile. It returns once the last
+    The hash runs beside it on a thread of ``hashing`` (which must have one free), a few chunks
+    behind: this thread receives and writes the next chunks meanwhile, in :data:`BUFFERS`
+    buffers, and in more (up to :data:`MOST_BUFFERS`) while ``spare`` (one count per buffer,
+    shared by the pumps of a process: it bounds their memory) lets it. It returns once the last
     chunk is hashed too, so the writer is whole when it does (and no thread touches it after).
     """
     free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
     for _ in range(BUFFERS):
         free.put(memoryview(bytearray(CHUNK)))
+    grown = 0  # buffers taken on ``spare``, given back at the end
     #: (bytes, how many, the buffer to give back once hashed)
     todo: queue.SimpleQueue[tuple[memoryview, int, bool] | None] = queue.SimpleQueue()
 
@@ -110,7 +121,14 @@ def pump(
         while left > 0:
             if stop.is_set():
                 raise Stopped
-            buf = free.get()  # waits while every buffer is still being hashed
+            try:
+                buf = free.get_nowait()
+            except queue.Empty:  # every buffer waits for its hash: one more, or wait for one
+                if BUFFERS + grown < MOST_BUFFERS and spare.acquire(blocking=False):
+                    grown += 1
+                    buf = memoryview(bytearray(CHUNK))
+                else:
+                    buf = free.get()
             try:
                 n = body.receive_into(buf[: min(CHUNK, left)])
             except BlockingIOError:  # a slice without a byte: look at the clocks, wait on
@@ -134,7 +152,11 @@ def pump(
             _keep_pace(pace, source)
     finally:
         todo.put(None)
-        hasher.result()
+        try:
+            hasher.result()
+        finally:
+            for _ in range(grown):
+                spare.release()
 
 
 def _store(writer: BlobWriter, data: bytes | memoryview, pace: Pace) -> None:

@@ -16,7 +16,7 @@ import pytest
 from regproxy.deadline import Pace, TransferLimits
 from regproxy.errors import UpstreamTooSlow
 from regproxy.oci import Digest
-from regproxy.pump import CHUNK, Stopped, pump
+from regproxy.pump import BUFFERS, CHUNK, MOST_BUFFERS, Stopped, pump
 from regproxy.store import BlobWriter, Store
 
 MiB = 1024 * 1024
@@ -94,6 +94,7 @@ def run(body: FakeBody, writer: BlobWriter, hashing: ThreadPoolExecutor, pace: P
         landed=landed.append,
         stop=threading.Event(),
         hashing=hashing,
+        spare=threading.Semaphore(MOST_BUFFERS),
     )
     return landed
 
@@ -166,4 +167,64 @@ def test_a_stop_request_ends_the_pump(writer: BlobWriter, hashing: ThreadPoolExe
             landed=lambda n: None,
             stop=stop,
             hashing=hashing,
+            spare=threading.Semaphore(0),
         )
+
+
+class GatedBody(FakeBody):
+    """Counts the buffers it is handed; opens ``gate`` (which holds the hashing thread) at the
+    ``open_at``-th receive, so until then every buffer the pump has waits for its hash."""
+
+    def __init__(self, data: bytes, clock: Clock, gate: threading.Event, open_at: int) -> None:
+        super().__init__(b"", [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)], 0, clock)
+        self.left = len(data)
+        self.gate, self.open_at = gate, open_at
+        self.buffers: set[int] = set()
+        self.calls = 0
+
+    def receive_into(self, buffer: memoryview) -> int:
+        self.calls += 1
+        self.buffers.add(id(buffer.obj))
+        if self.calls == self.open_at:
+            self.gate.set()
+        return super().receive_into(buffer)
+
+
+@pytest.mark.parametrize(("allowance", "cut"), [(2, False), (MOST_BUFFERS, False), (2, True)])
+def test_a_lagging_hash_gets_more_buffers_within_the_shared_allowance(
+    writer: BlobWriter, hashing: ThreadPoolExecutor, allowance: int, cut: bool
+) -> None:
+    """While every buffer waits for its hash the pump takes one more, up to MOST_BUFFERS and
+    as far as the shared ``spare`` allowance lets it, and gives the allowance back at the end,
+    also when the body is cut."""
+    gate = threading.Event()
+    hashing.submit(gate.wait, 30)  # the one hashing thread is held until the gate opens
+    most = min(BUFFERS + allowance, MOST_BUFFERS)
+    data = os.urandom((MOST_BUFFERS + 4) * CHUNK)
+    body = GatedBody(data, Clock(), gate, open_at=most)
+    if cut:
+        body.left += 10  # the peer closes 10 bytes early
+    spare = threading.Semaphore(allowance)
+    with ThreadPoolExecutor(1) as runner:
+        done = runner.submit(
+            pump,
+            body,
+            writer,
+            source="fake",
+            pace=lenient(body.clock),
+            landed=lambda n: None,
+            stop=threading.Event(),
+            hashing=hashing,
+            spare=spare,
+        )
+        try:
+            with pytest.raises(ConnectionResetError) if cut else contextlib.nullcontext():
+                done.result(timeout=30)  # a pump that waits for a buffer never gets one
+        finally:
+            gate.set()
+    assert len(body.buffers) == most
+    if not cut:
+        assert writer.digest() == Digest("sha256", hashlib.sha256(data).hexdigest())
+    # the allowance is whole again
+    assert all(spare.acquire(blocking=False) for _ in range(allowance))
+    assert not spare.acquire(blocking=False)
