@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -11,11 +12,29 @@ from typing import Any, Final
 import pytest
 
 from regproxy.deadline import Timing
+from regproxy.log import LineHandler
 from tests.fakes import FakeUpstream
 from tests.inproc import AppDaemon
 from tests.peers import Containerd, Daemon, DockerRegistry, have
 
 needs_registry = pytest.mark.skipif(not have("docker-registry"), reason="docker-registry missing")
+
+
+@pytest.fixture(autouse=True)
+def root_logging() -> Iterator[None]:
+    """A test that runs the command line in this process (``cli.main``) gets regproxy's log
+    handler on the root logger, writing to that test's captured stderr, which pytest closes when
+    the test ends: the handler goes with the test, and the root's level is put back. Left on,
+    every line logged after (asyncio's at interpreter exit too) met a closed stream: a
+    ``--- Logging error ---`` after the run's summary."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if isinstance(handler, LineHandler) and handler not in before:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
 
 
 @pytest.fixture
