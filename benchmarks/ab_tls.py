@@ -6,9 +6,11 @@
     python -m benchmarks.ab_tls --size-mib 256 --concurrency 1 --no-peer   # one big stream
     git archive main regproxy | tar -x -C /tmp/base          # another version of the code ...
     python -m benchmarks.ab_tls --workers 0 --baseline /tmp/base   # ... against this tree's
+    python -m benchmarks.ab_tls --size-kib 128 --no-peer ...   # a 128 KiB blob
+    python -m benchmarks.ab_tls --range --no-peer ...          # its first byte only (Range)
 
-Medians over the rounds of req/s, server CPU-seconds per GiB and peak RSS for each
-(server, concurrency). Needs ``wrk``, ``docker-registry`` and ``openssl``.
+Medians over the rounds of req/s, server CPU-seconds per GiB and per request, and peak RSS for
+each (server, concurrency). Needs ``wrk``, ``docker-registry`` and ``openssl``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--concurrency", default="8,32")
     p.add_argument("--size-mib", type=int, default=1, help="the blob's size (default 1 MiB)")
+    p.add_argument("--size-kib", type=int, help="the blob's size in KiB (instead of --size-mib)")
+    p.add_argument("--range", action="store_true", help="ask for its first byte only (Range)")
     p.add_argument("--no-peer", action="store_true", help="leave docker-registry out")
     p.add_argument(
         "--client-order",
@@ -101,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                 extra={"log": {"level": "error", "accesslog": {"disabled": True}}},
                 tls=(ca.cert, ca.key),
             )
-        blob = os.urandom(max(1, min(args.size_mib, 1024)) * MiB)
+        size = args.size_kib * 1024 if args.size_kib else args.size_mib * MiB
+        blob = os.urandom(max(1, min(size, 1024 * MiB)))
+        headers = {"Range": "bytes=0-0"} if args.range else {}
         digest = Content.digest(blob)
         script = tmp / "report.lua"
         script.write_text(WRK_DONE)
-        results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
+        results: dict[tuple[str, int], list[tuple[float, float, float, float, float]]] = {}
         rss: dict[tuple[str, int], float] = {}
         with started(*servers.values()):
             for server in servers.values():
@@ -121,40 +127,46 @@ def main(argv: list[str] | None = None) -> int:
                     for name, server in order[k:] + order[:k]:
                         url = f"https://127.0.0.1:{server.port}/v2/{REPO}/blobs/{digest}"
                         if r == 0:
-                            run_wrk(url, conc, seconds, {}, script, wrk_env)
+                            run_wrk(url, conc, seconds, headers, script, wrk_env)
                             reset_peak_rss(server.proc.pid)
                         cpu = CpuMeter({name: server.proc.pid}).start()
                         loop_at = loop_cpu_seconds(server.proc.pid)
-                        out = run_wrk(url, conc, seconds, {}, script, wrk_env)
+                        out = run_wrk(url, conc, seconds, headers, script, wrk_env)
                         used = cpu.used()[name]
                         gib = out["bytes"] / GiB or 1.0
                         per_gib, loop_gib = (
                             used / gib,
                             (loop_cpu_seconds(server.proc.pid) - loop_at) / gib,
                         )
+                        us_req = used * 1e6 / out["requests"]
                         results.setdefault((name, conc), []).append(
-                            (out["req_s"], per_gib, loop_gib, out["gb_s"])
+                            (out["req_s"], per_gib, loop_gib, out["gb_s"], us_req)
                         )
                         rss[(name, conc)] = peak_rss_mb(server.proc.pid)
                         print(
                             f"round {r} c={conc} {name}: {out['req_s']:.0f} req/s "
-                            f"{per_gib:.2f} CPU-s/GiB (main thread {loop_gib:.2f})",
+                            f"{per_gib:.2f} CPU-s/GiB (main thread {loop_gib:.2f}) "
+                            f"{us_req:.0f} CPU-us/req",
                             flush=True,
                         )
         print(
             f"\nmedians of {rounds} rounds x {seconds:g} s, load {load_start} -> {load_1m()}, "
             f"wrk offering the TLS 1.3 suites in {args.client_order}'s order"
         )
-        print("| server | c | req/s | GB/s | CPU-s/GiB | of it the main thread | peak RSS MB |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            "| server | c | req/s | GB/s | CPU-s/GiB | of it the main thread | CPU-µs/req "
+            "| peak RSS MB |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
         for (name, conc), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             req = statistics.median(x[0] for x in runs)
             cpu_gib = statistics.median(x[1] for x in runs)
             loop_gib = statistics.median(x[2] for x in runs)
             gb_s = statistics.median(x[3] for x in runs)
+            us_req = statistics.median(x[4] for x in runs)
             print(
                 f"| {name} | {conc} | {req:.0f} | {gb_s:.2f} | {cpu_gib:.2f} | {loop_gib:.2f} | "
-                f"{rss[(name, conc)]:.1f} |"
+                f"{us_req:.0f} | {rss[(name, conc)]:.1f} |"
             )
         base = "regproxy base" if args.baseline is not None else f"regproxy w={workers[0]}"
         print(f"\nper round, against {base} in the same round (median, min-max):")
@@ -163,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             pairs = list(zip(runs, results[(base, conc)], strict=True))
             ratios = [x[0] / b[0] for x, b in pairs]
-            cpu = [x[1] / b[1] for x, b in pairs]
+            cpu = [x[4] / b[4] for x, b in pairs]  # per request: also for a 1-byte range
             print(
                 f"  c={conc} {name}: req/s {statistics.median(ratios):.2f}x "
-                f"({min(ratios):.2f}-{max(ratios):.2f}), CPU-s/GiB {statistics.median(cpu):.2f}x "
+                f"({min(ratios):.2f}-{max(ratios):.2f}), CPU per request {statistics.median(cpu):.2f}x "
                 f"({min(cpu):.2f}-{max(cpu):.2f})"
             )
     return 0

@@ -23,7 +23,9 @@ adds what aiohttp lacks:
   other request goes to aiohttp with all that follows, for good. aiohttp thus always gets
   whole requests from a boundary on, and never answers behind an answer still to come. The
   guard keeps aiohttp's keep-alive for a connection aiohttp never answered, and lets aiohttp
-  answer a request at least every half ``keepalive_timeout`` on one it did.
+  answer a request at least every half ``keepalive_timeout`` on one it did. Over TLS on the
+  event loop the lane also streams committed blob files (regproxy.fastfile): the guard pumps
+  the body as the transport takes it and holds the requests behind it until it is out.
 
 Response and body deadlines (``http.write_timeout``, ``http.read_timeout``,
 ``http.body_min_rate``) belong to the requests themselves: every read of a request body goes
@@ -41,7 +43,7 @@ import resource
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final, Protocol, TypeVar, cast
+from typing import Final, TypeVar, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -50,6 +52,7 @@ from regproxy.config import HttpConfig
 from regproxy.deadline import DEFAULT_TIMING, Pace, Timing, TransferLimits
 from regproxy.errors import BodyTimeout
 from regproxy.expect import send_continue
+from regproxy.lane import FAST_HEAD_MAX, FastLane, LaneBody, bodiless, partial_head
 from regproxy.metrics import Metrics
 from regproxy.web_keys import METRICS_KEY
 from regproxy.write_watch import WriteWatch
@@ -73,18 +76,6 @@ RETRY_AFTER_SECONDS: Final = 1
 #: close (closing with its request unread would reset the connection and lose the answer)
 LINGER_SECONDS: Final = 1.0
 LINGER_MAX: Final = 256
-#: a request head the fast lane waits for may be this long; a longer one goes to aiohttp
-FAST_HEAD_MAX: Final = 8192
-_FAST_STARTS: Final = (b"GET ", b"HEAD ")
-
-
-class FastLane(Protocol):
-    """Answers some requests itself (regproxy.fastpath.FastPath)."""
-
-    def answer(self, head: bytes, remote: str | None, followed: bool) -> tuple[bytes, bool] | None:
-        """The whole response to a request head (its bytes before the empty line that ends
-        it; the request has no body; ``followed``: more bytes came after it) and whether the
-        connection closes after it, or None: aiohttp is to answer it."""
 
 
 class _ClientFault(logging.Filter):
@@ -283,9 +274,12 @@ class _Guarded(asyncio.Protocol):
         "__weakref__",
         "answered_at",
         "begun",
+        "body",
         "counted",
+        "files",
         "guard",
         "handed",
+        "held",
         "idle",
         "inner",
         "inner_done_at",
@@ -318,6 +312,9 @@ class _Guarded(asyncio.Protocol):
         self.lane = guard.fast
         self.pending = b""  # the start of a request head the lane waits for the rest of
         self.paused = False  # the transport asked us to stop writing
+        self.body: LaneBody | None = None  # a response the lane is streaming
+        self.held = b""  # what came while it streams (the requests after it)
+        self.files = False  # the lane may stream blob files (TLS on the event loop)
         self.idle: asyncio.TimerHandle | None = None  # keep-alive while the lane answers
         self.answered_at = 0.0
         self.remote: str | None = None
@@ -344,6 +341,7 @@ class _Guarded(asyncio.Protocol):
             return
         self.timer = loop.call_later(self.guard.header_timeout, self._header_timeout)
         self.guard.writes.add(self)
+        self.files = transport.get_extra_info("ssl_object") is not None
         self.inner = self.guard.handler_factory()
         self.inner.connection_made(transport)
 
@@ -377,6 +375,11 @@ class _Guarded(asyncio.Protocol):
                 self.tail = b""
             else:
                 self.tail = seen[-2:]
+        if self.body is not None:  # answered in order once the body is out
+            was, self.held = len(self.held), self.held + data
+            if was <= FAST_HEAD_MAX < len(self.held) and self.transport is not None:
+                self.transport.pause_reading()  # resumed when the body is out
+            return
         if self.lane is not None:
             data = self._fast(data)
             if not data:
@@ -400,23 +403,30 @@ class _Guarded(asyncio.Protocol):
         while buf:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
-                if _partial_head(buf):
+                if partial_head(buf):
                     self.pending = buf  # the rest of the head is on its way
                     buf = b""
                 break
             head = buf[:end]
             if self.handed == 0 and self._lane_open():
-                answer = self.lane.answer(head, self._remote(), len(buf) > end + 4)
+                answer = self.lane.answer(head, self._remote(), len(buf) > end + 4, self.files)
                 if answer is not None:
-                    self.transport.write(answer[0])
                     answered = True
                     buf = buf[end + 4 :]
+                    if not isinstance(answer[0], bytes):
+                        go_on = self._stream(answer[0], answer[1])
+                        if go_on is None:  # still streaming: what follows waits for it
+                            self.held = buf  # (:meth:`wake`)
+                        if not go_on:  # or cut short, or Connection: close
+                            return b""
+                        continue
+                    self.transport.write(answer[0])
                     if answer[1]:  # Connection: close: what follows is not read (as aiohttp)
                         self.transport.close()
                         self.lane = None
                         return b""
                     continue
-            if not _bodiless(head):
+            if not bodiless(head):
                 break
             handed.append(buf[: end + 4])
             self.handed += 1
@@ -434,6 +444,50 @@ class _Guarded(asyncio.Protocol):
         if handed:
             return b"".join(handed) + buf
         return buf
+
+    def _stream(self, body: LaneBody, close: bool) -> bool | None:
+        """Start a body the lane streams: None while it streams, else whether the connection
+        goes on (not if the body was cut short, or the client said ``Connection: close``).
+        aiohttp's keep-alive clock (it would close a connection it thinks idle) stops; the
+        guard's runs instead, from the body's end, until aiohttp answers again."""
+        if self.inner_used:
+            keep_alive = getattr(self.inner, "keep_alive", None)
+            if keep_alive is not None:
+                keep_alive(True)  # cancels aiohttp's keep-alive timer
+            self.inner_used = False
+        self.body = body
+        if close:
+            self.lane = None  # nothing after it is answered (as aiohttp)
+        if not body.pump(self):
+            return None
+        self._body_over(close)
+        return self.lane is not None
+
+    def wake(self) -> None:
+        """Pump the body again; once it is over, the requests held behind it go on."""
+        body = self.body
+        if body is None or not body.pump(self):
+            return
+        self._body_over(self.lane is None)
+        held, self.held = self.held, b""
+        if len(held) > FAST_HEAD_MAX and self.transport and not self.transport.is_closing():
+            self.transport.resume_reading()
+        if held and self.lane is not None:
+            held = self._fast(held)
+            if held and self.inner is not None:
+                self.inner.data_received(held)
+
+    def _body_over(self, close: bool) -> None:
+        body, self.body = self.body, None
+        assert body is not None and self.transport is not None
+        if body.error is not None:  # cut short: the connection is aborted
+            self.lane = None
+        elif close:
+            self.transport.close()
+        else:
+            self.answered_at = self.guard.clock()
+            if self.idle is None:
+                self._arm_idle()
 
     def _lane_open(self) -> bool:
         """Whether the lane may answer the next request: the transport takes more, and
@@ -477,6 +531,8 @@ class _Guarded(asyncio.Protocol):
         self.idle = None
         if self.lane is None or self.transport is None or self.inner_used or self.handed:
             return
+        if self.body is not None:  # re-armed when the body is out
+            return
         if self.guard.clock() < self.answered_at + self.guard.keepalive_timeout:
             self._arm_idle()
             return
@@ -494,6 +550,8 @@ class _Guarded(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self.body is not None:
+            self.wake()
         if self.inner is not None:
             self.inner.resume_writing()
 
@@ -510,31 +568,12 @@ class _Guarded(asyncio.Protocol):
             return
         self.counted.release()
         self.guard.writes.discard(self)
+        body, self.body = self.body, None
+        if body is not None:
+            body.lost()
         inner, self.inner = self.inner, None
         if inner is not None:
             inner.connection_lost(exc)
-
-
-_FRAMING: Final = (b"content-length", b"transfer-encoding", b"upgrade", b"expect")
-
-
-def _bodiless(head: bytes) -> bool:
-    """Whether a request head (before its empty line) is a GET or HEAD in HTTP/1.1 that says
-    nothing of a body or of the connection (but ``Connection: keep-alive`` or ``close``): after
-    aiohttp answered it, the connection is at the next request, or closed. Conservative: a header that
-    names a body or an upgrade anywhere, even in a value, counts."""
-    line, _, rest = head.partition(b"\r\n")
-    parts = line.split(b" ")
-    if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD") or parts[2] != b"HTTP/1.1":
-        return False
-    lower = rest.lower()
-    if not _partial_head(head) or any(name in lower for name in _FRAMING):
-        return False
-    for field in lower.split(b"\r\n"):
-        name, _, value = field.partition(b":")
-        if b"connection" in name and value.strip(b" \t") not in (b"keep-alive", b"close"):
-            return False
-    return True
 
 
 def request_done(request: web.BaseRequest, response: web.StreamResponse) -> None:
@@ -544,14 +583,3 @@ def request_done(request: web.BaseRequest, response: web.StreamResponse) -> None
     guarded = transport.get_protocol() if transport is not None else None
     if isinstance(guarded, _Guarded):
         guarded.inner_done(bool(response.keep_alive))
-
-
-def _partial_head(buf: bytes) -> bool:
-    """Whether ``buf`` may be the start of a strict request head (lines ended by CRLF, no
-    empty line yet, not too long): else it goes to aiohttp, which answers what it is."""
-    if len(buf) < 5:
-        return any(start.startswith(buf) for start in _FAST_STARTS)
-    if not buf.startswith(_FAST_STARTS) or len(buf) > FAST_HEAD_MAX or b"\n\n" in buf:
-        return False
-    rest = buf.replace(b"\r\n", b"")
-    return b"\n" not in rest and b"\r" not in (rest[:-1] if rest.endswith(b"\r") else rest)

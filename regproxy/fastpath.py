@@ -16,9 +16,11 @@ a blob, a name and reference that resolve, anonymous pulls allowed; for a manife
 believed (a digest, a tag confirmed upstream within ``tag_ttl`` or without upstream, see
 ``ProxyRegistry.cached_manifest``), its body in memory, and the signature policy decided; for a
 blob, a ``GET`` without ``Range`` or ``If-None-Match`` of a small blob (up to 64 KiB) this
-repository holds, its bytes in memory. The lookup is counted, the access recorded (eviction's
-"in use"), the bytes served counted, and the request counted and logged as the access logger
-would (``regproxy.access``).
+repository holds, its bytes in memory, or, on a connection whose TLS the event loop does, a
+larger one whose file opens without waiting for the disk (``cached_open``; a file gone since
+the lookup does not: aiohttp answers), streamed by regproxy.fastfile. The lookup is counted,
+the access recorded (eviction's "in use"), the bytes served counted, and the request counted
+and logged as the access logger would (``regproxy.access``), a streamed body's when it ends.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ from aiohttp.http_parser import SINGLETON_HEADERS
 from regproxy.access import count_request, write_line
 from regproxy.api import check_reference, route
 from regproxy.auth import USERS_KEY, UserDB, needs
+from regproxy.cached_open import open_cached
+from regproxy.connections import http_limits
 from regproxy.errors import OCIError
+from regproxy.fastfile import FileBody
 from regproxy.headers import API_VERSION, CONTENT_DIGEST, INSTANCE_HEADER
 from regproxy.metrics import Metrics
 from regproxy.names import NameResolver, RepoName
@@ -46,6 +51,7 @@ from regproxy.policy import Policy
 from regproxy.proxy import ProxyRegistry
 from regproxy.web_keys import INSTANCE_KEY, METRICS_KEY, POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 
+log = logging.getLogger("regproxy.api")
 _METHODS: Final = frozenset({"GET", "HEAD"})
 #: a path of plain characters only: no percent-encoding, query, fragment or backslash
 _PATH_RE: Final = re.compile(r"/v2/[A-Za-z0-9._:/-]+\Z", re.ASCII)
@@ -89,6 +95,14 @@ _BLOB_LINES: Final = (
 #: after Server, as aiohttp places it, for a request that asked to close
 _CLOSE: Final = "Connection: close\r\n"
 _API_VERSION_LINES: Final = "".join(f"{k}: {v}\r\n" for k, v in API_VERSION.items())
+
+
+class _Opened(NamedTuple):
+    """A blob file opened to be streamed (regproxy.fastfile)."""
+
+    fd: int
+    size: int
+    digest: Digest
 
 
 class Head(NamedTuple):
@@ -177,6 +191,7 @@ class FastPath:
         users: UserDB,
         metrics: Metrics,
         instance: str,
+        write_timeout: float = 60.0,
     ) -> None:
         self.registry = registry
         self.resolver = resolver
@@ -189,6 +204,7 @@ class FastPath:
         self._date = _Date()
         self._targets: dict[str, tuple[str, RepoName, str] | None] = {}
         self._answers = metrics.fast_answers
+        self.write_timeout = write_timeout
 
     @classmethod
     def of(cls, app: web.Application) -> FastPath | None:
@@ -203,6 +219,7 @@ class FastPath:
             app[USERS_KEY],
             app[METRICS_KEY],
             app[INSTANCE_KEY],
+            http_limits(app).write_timeout,
         )
 
     def _target(self, target: str) -> tuple[str, RepoName, str] | None:
@@ -230,11 +247,12 @@ class FastPath:
         return found
 
     def answer(
-        self, head: bytes, remote: str | None, followed: bool = False
-    ) -> tuple[bytes, bool] | None:
-        """The whole response to this request head and whether the connection closes after
-        it (the client said ``Connection: close``), or None to leave it to aiohttp (also a
-        ``close`` with more bytes after it, which aiohttp's parser refuses: ``followed``)."""
+        self, head: bytes, remote: str | None, followed: bool = False, files: bool = False
+    ) -> tuple[bytes | FileBody, bool] | None:
+        """The whole response to this request head (or, where ``files``, a blob file's to
+        stream) and whether the connection closes after it (the client said ``Connection:
+        close``), or None to leave it to aiohttp (also a ``close`` with more bytes after it,
+        which aiohttp's parser refuses: ``followed``)."""
         started = time.monotonic()
         h = parse_head(head)
         if h is None or (h.close and followed):
@@ -248,26 +266,67 @@ class FastPath:
         if need is not None and not (need == "read" and self.users.anonymous_read):
             return None
         kind, repo, ref = routed
-        found = self._blob(h, repo, ref) if kind == "blob" else self._manifest(h, repo, ref)
+        found = self._blob(h, repo, ref, files) if kind == "blob" else self._manifest(h, repo, ref)
         if found is None:
             return None
         lines, body, label = found
         get = h.method == "GET"
-        response = (
-            f"HTTP/1.1 200 OK\r\n{lines}Date: {self._date.now()}\r\n"
-            f"{self._server}{_CLOSE if h.close else ''}{self._tail}"
-        ).encode()
+        response = self._head(lines, h.close)
+        if isinstance(body, _Opened):
+            return self._file(response, h, repo, body, label, started, remote), h.close
         if get:
             response += body
-        seconds = time.monotonic() - started
-        count_request(self.metrics, kind, h.method, 200, seconds)
-        self._answers.inc()
-        if self.access.isEnabledFor(logging.INFO):
-            notes = {"route": kind, "repo": repo.canonical, "cache": "hit", "upstream": label}
-            sent = len(body) if get else 0
-            if not write_line(self.access, h.method, h.target, 200, sent, seconds, notes, remote):
-                self.metrics.access_lines_dropped.inc()
+        notes = {"route": kind, "repo": repo.canonical, "cache": "hit", "upstream": label}
+        self._done(h, len(body) if get else 0, started, notes, remote)
         return response, h.close
+
+    def _head(self, lines: str, close: bool) -> bytes:
+        """The status line and headers of a 200, as aiohttp writes them."""
+        return (
+            f"HTTP/1.1 200 OK\r\n{lines}Date: {self._date.now()}\r\n"
+            f"{self._server}{_CLOSE if close else ''}{self._tail}"
+        ).encode()
+
+    def _done(
+        self, h: Head, sent: int, started: float, notes: dict[str, str], remote: str | None
+    ) -> None:
+        """The request counted and logged (its body sent), as the access logger does."""
+        seconds = time.monotonic() - started
+        route = notes["route"]
+        count_request(self.metrics, route, h.method, 200, seconds)
+        self._answers.inc()
+        if self.access.isEnabledFor(logging.INFO) and not write_line(
+            self.access, h.method, h.target, 200, sent, seconds, notes, remote
+        ):
+            self.metrics.access_lines_dropped.inc()
+
+    def _file(
+        self,
+        head: bytes,
+        h: Head,
+        repo: RepoName,
+        opened: _Opened,
+        label: str,
+        started: float,
+        remote: str | None,
+    ) -> FileBody:
+        """The body of a blob file opened by :meth:`_blob`; when it ends its bytes served,
+        and the request, are counted as ``sendfile.send_file`` and the access logger do."""
+        notes = {"route": "blob", "repo": repo.canonical, "cache": "hit", "upstream": label}
+
+        def finish(sent: int, error: str | None, fault: BaseException | None) -> None:
+            self.metrics.served("blob", "disk", sent)
+            if error is not None:  # as sendfile.note_cut
+                notes["error"] = error
+                if error == "client_stalled":
+                    self.metrics.slow_clients_cut.labels("write").inc()
+                elif error == "aborted":
+                    log.warning(
+                        "blob.aborted digest=%s repo=%s error=%r", opened.digest, repo, fault
+                    )
+            self._done(h, sent, started, notes, remote)
+
+        return FileBody(head, opened.fd, opened.size, self.write_timeout, finish)
 
     def _manifest(self, h: Head, repo: RepoName, ref: str) -> tuple[str, bytes, str] | None:
         """(headers up to Content-Length, body, upstream label) of a manifest answered from
@@ -290,24 +349,35 @@ class FastPath:
         )
         return lines, m.body, label
 
-    def _blob(self, h: Head, repo: RepoName, ref: str) -> tuple[str, bytes, str] | None:
-        """The same for a small blob GET (a HEAD asks whether it exists: aiohttp answers it,
-        as ranges and conditions), counted as ``api.get_blob`` counts it."""
+    def _blob(
+        self, h: Head, repo: RepoName, ref: str, files: bool
+    ) -> tuple[str, bytes | _Opened, str] | None:
+        """The same for a blob GET (a HEAD asks whether it exists: aiohttp answers it, as
+        ranges and conditions), counted as ``api.get_blob`` counts it: a small blob's bytes,
+        or (``files``) a larger one's file opened, if it opens without waiting for the disk."""
         if h.method != "GET" or h.conditional:
             return None
-        cached = self.registry.cached_blob(repo, Digest.parse(ref))
+        cached = self.registry.cached_blob(repo, Digest.parse(ref), files)
         if cached is None:
             return None
         blob, label = cached
-        assert blob.data is not None
+        body: bytes | _Opened
+        if blob.data is not None:
+            body = blob.data
+            self.metrics.served("blob", "disk", blob.size)
+        else:
+            assert blob.file is not None
+            fd = open_cached(blob.file)
+            if fd is None:  # not in the caches, or gone since the lookup (evicted)
+                return None
+            body = _Opened(fd, blob.size, blob.digest)
         self.metrics.lookup("blob", "hit", label)
-        self.metrics.served("blob", "disk", blob.size)
         digest = str(blob.digest)
         lines = (
             f"{_API_VERSION_LINES}{CONTENT_DIGEST}: {digest}\r\n{_BLOB_LINES}"
-            f'ETag: "{digest}"\r\nContent-Length: {len(blob.data)}\r\n'
+            f'ETag: "{digest}"\r\nContent-Length: {blob.size}\r\n'
         )
-        return lines, blob.data, label
+        return lines, body, label
 
 
 __all__ = ["FastPath", "Head", "parse_head"]

@@ -248,11 +248,10 @@ class ProxyRegistry:
         m = self.local.cached_manifest(repo, found[0])
         return None if m is None else (m, self._label(repo))
 
-    def cached_blob(self, repo: RepoName, digest: Digest) -> tuple[Blob, str] | None:
-        """What :meth:`get_blob` answers a client's GET when all it needs is in memory (a
-        small blob this repository holds, see ``LocalRegistry.cached_blob``) and the upstream
-        label of the hit, which the caller counts if it serves it. None: ask :meth:`get_blob`."""
-        blob = self.local.cached_blob(repo, digest)
+    def cached_blob(self, repo: RepoName, digest: Digest, files: bool) -> tuple[Blob, str] | None:
+        """What :meth:`get_blob` answers a client's GET from memory (``LocalRegistry.cached_blob``)
+        and the hit's upstream label, which the caller counts if it serves it; else None."""
+        blob = self.local.cached_blob(repo, digest, files)
         return None if blob is None else (blob, self._label(repo))
 
     async def _get_manifest(self, repo: RepoName, reference: str) -> Manifest:

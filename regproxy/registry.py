@@ -239,13 +239,17 @@ class LocalRegistry:
             return Blob(digest, size, data=data)
         return Blob(digest, size, file=self.store.blob_path(digest))
 
-    def cached_blob(self, repo: RepoName, digest: Digest) -> Blob | None:
-        """What :meth:`local_blob` answers when all it needs is in memory: a small blob this
-        repository holds, its bytes cached (the access recorded); None otherwise."""
+    def cached_blob(self, repo: RepoName, digest: Digest, files: bool = False) -> Blob | None:
+        """What :meth:`local_blob` answers when all it needs is in memory: a blob this
+        repository holds, a small one with its bytes cached, (``files``) a larger one by its
+        file (the access recorded); None otherwise."""
         key = str(digest)
         size = self.cache.link(repo.canonical, key)
-        if size is None or size > SMALL_OBJECT:
+        if size is None or (size > SMALL_OBJECT and not files):
             return None
+        if size > SMALL_OBJECT:
+            self._touch(repo.canonical, key)
+            return Blob(digest, size, file=self.store.blob_path(digest))
         data = self.cache.body(key)
         if data is None:
             return None

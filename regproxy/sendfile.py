@@ -122,11 +122,17 @@ async def _warm(loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: in
         await loop.run_in_executor(None, _read_in, fd, offset, count)
 
 
+def readable_now(fd: int, offset: int, count: int) -> bool:
+    """Whether ``pread`` of this range may run on the loop: its first and last byte are in the
+    page cache (as for ``sendfile``'s windows), known by a ``RWF_NOWAIT`` probe."""
+    return _cached(fd, offset, count) and _nowait
+
+
 async def _read(loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: int) -> bytes:
     """``count`` bytes at ``offset``: on the loop when they are cached (first and last byte, as
     for ``sendfile``), else on a worker. ``pread`` into a fresh ``bytes`` handed to the transport
     as it is: no zero-filled buffer first, no copy after."""
-    if _cached(fd, offset, count) and _nowait:
+    if readable_now(fd, offset, count):
         return os.pread(fd, count, offset)
     return await loop.run_in_executor(None, os.pread, fd, count, offset)
 

@@ -30,6 +30,7 @@ from regproxy.app import create_app, open_listener
 from regproxy.config import config_from_dict
 from regproxy.connections import default_max_connections, server_logger
 from regproxy.deadline import Timing
+from regproxy.tls import ServerTLS
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -109,7 +110,7 @@ class AppDaemon:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.config.get('tls') else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def hostport(self) -> str:
@@ -158,7 +159,7 @@ class AppDaemon:
         loop.run_forever()
         self._finish()
 
-    async def _listen(self, app: Any, config: Any) -> tuple[web.AppRunner, asyncio.Server]:
+    async def _listen(self, app: Any, config: Any) -> tuple[web.AppRunner, Any]:
         runner = web.AppRunner(
             app,
             access_log_class=AccessLogger,
@@ -171,14 +172,15 @@ class AppDaemon:
         await runner.setup()
         try:
             limit = config.http.max_connections or default_max_connections(1024)
-            listener = await open_listener(runner, config, "127.0.0.1", self.port, limit)
+            tls = ServerTLS.from_config(config.tls)  # tls: {cert, key}: served over TLS
+            listener = await open_listener(runner, config, "127.0.0.1", self.port, limit, tls)
         except BaseException:
             await runner.cleanup()
             raise
         return runner, listener
 
     @staticmethod
-    async def _close(server: tuple[web.AppRunner, asyncio.Server]) -> None:
+    async def _close(server: tuple[web.AppRunner, Any]) -> None:
         runner, listener = server
         listener.close()
         await runner.cleanup()

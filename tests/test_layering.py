@@ -142,7 +142,9 @@ LAYERS: dict[str, Layer] = {
     # connections: the guard in front of aiohttp's protocol, the http limits' app key
     # connections whose client takes none of the bytes waiting for it (the guard's watch)
     "write_watch": _layer("write_watch", "base"),
-    "serving": _layer("connections", f"{_MODEL} keys write_watch"),
+    # what the guard knows of the fast lane, and how it frames requests for it
+    "lane": _layer("lane"),
+    "serving": _layer("connections", f"{_MODEL} keys write_watch lane"),
     "web": _layer("web_errors sendfile access", f"{_MODEL} keys serving"),
     # TLS handshakes and records on worker threads, plaintext to the event loop (knows no HTTP;
     # its workers cut clients that take nothing, as the guard does)
@@ -157,7 +159,11 @@ LAYERS: dict[str, Layer] = {
         "settling",
     ),
     # simple GETs answered from memory in front of aiohttp's parser (connections hands them on)
-    "fast": _layer("fastpath", f"{_MODEL} registry proxy policy keys serving web auth handlers"),
+    # a committed blob file the lane streams over TLS, without aiohttp's request path
+    "fast_file": _layer("fastfile", "base lane web"),
+    "fast": _layer(
+        "fastpath", f"{_MODEL} registry proxy policy keys serving web auth handlers fast_file"
+    ),
     # nothing imports app but the command line, and nothing imports the command line
     "app": _layer(
         "app",

@@ -46,7 +46,9 @@ class Inner(asyncio.Protocol):
 class Lane:
     """Answers ``GET /fast...`` (``/fastclose`` with Connection: close), declines the rest."""
 
-    def answer(self, head: bytes, remote: str | None, followed: bool) -> tuple[bytes, bool] | None:
+    def answer(
+        self, head: bytes, remote: str | None, followed: bool, files: bool = False
+    ) -> tuple[bytes, bool] | None:
         target = head.split(b" ")[1]
         if not target.startswith(b"/fast"):
             return None

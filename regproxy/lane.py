@@ -1,0 +1,84 @@
+"""The fast lane as the connection guard (regproxy.connections) sees it: what a lane answers
+(:class:`FastLane`, regproxy.fastpath), a body it streams (:class:`LaneBody`,
+regproxy.fastfile), and how the guard frames a connection's requests for it: whether bytes may
+be the start of a strict request head, and whether a request head leaves the connection at the
+next request once answered (no body, nothing about the connection)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final, Protocol
+
+#: a request head the fast lane waits for may be this long; a longer one goes to aiohttp
+FAST_HEAD_MAX: Final = 8192
+_FAST_STARTS: Final = (b"GET ", b"HEAD ")
+
+
+class Outlet(Protocol):
+    """The connection a body is written to (the guard's protocol for it)."""
+
+    transport: asyncio.Transport | None
+    #: the transport asked to stop writing (``pause_writing``) and has not resumed
+    paused: bool
+
+    def wake(self) -> None:
+        """Pump the body again (a disk read came back, or its turn came round)."""
+
+
+class LaneBody(Protocol):
+    """A response the lane streams (regproxy.fastfile.FileBody): the guard pumps it until it
+    says it is over, again whenever the transport resumes or the body wakes it."""
+
+    #: why it was cut short (it aborted the connection), None when it went out whole
+    error: str | None
+
+    def pump(self, out: Outlet) -> bool: ...
+    def lost(self) -> None: ...
+
+
+class FastLane(Protocol):
+    """Answers some requests itself (regproxy.fastpath.FastPath)."""
+
+    def answer(
+        self, head: bytes, remote: str | None, followed: bool, files: bool = False
+    ) -> tuple[bytes | LaneBody, bool] | None:
+        """The whole response to a request head (its bytes before the empty line that ends
+        it; the request has no body; ``followed``: more bytes came after it), or a body to
+        stream (only where ``files``: the connection's TLS is on the event loop), and whether
+        the connection closes after it, or None: aiohttp is to answer it."""
+
+
+_FRAMING: Final = (b"content-length", b"transfer-encoding", b"upgrade", b"expect")
+
+
+def bodiless(head: bytes) -> bool:
+    """Whether a request head (before its empty line) is a GET or HEAD in HTTP/1.1 that says
+    nothing of a body or of the connection (but ``Connection: keep-alive`` or ``close``): after
+    aiohttp answered it, the connection is at the next request, or closed. Conservative: a header that
+    names a body or an upgrade anywhere, even in a value, counts."""
+    line, _, rest = head.partition(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD") or parts[2] != b"HTTP/1.1":
+        return False
+    lower = rest.lower()
+    if not partial_head(head) or any(name in lower for name in _FRAMING):
+        return False
+    for field in lower.split(b"\r\n"):
+        name, _, value = field.partition(b":")
+        if b"connection" in name and value.strip(b" \t") not in (b"keep-alive", b"close"):
+            return False
+    return True
+
+
+def partial_head(buf: bytes) -> bool:
+    """Whether ``buf`` may be the start of a strict request head (lines ended by CRLF, no
+    empty line yet, not too long): else it goes to aiohttp, which answers what it is."""
+    if len(buf) < 5:
+        return any(start.startswith(buf) for start in _FAST_STARTS)
+    if not buf.startswith(_FAST_STARTS) or len(buf) > FAST_HEAD_MAX or b"\n\n" in buf:
+        return False
+    rest = buf.replace(b"\r\n", b"")
+    return b"\n" not in rest and b"\r" not in (rest[:-1] if rest.endswith(b"\r") else rest)
+
+
+__all__ = ["FAST_HEAD_MAX", "FastLane", "LaneBody", "Outlet", "bodiless", "partial_head"]
