@@ -46,8 +46,9 @@ from regproxy.oci import ALGORITHMS, Digest
 from regproxy.units import BULK_CHUNK
 
 LAYOUT_VERSION: Final = 1
-#: start writeback every this many bytes, so a commit's fsync of a large blob is short
-WRITEBACK_EVERY: Final = 32 * 1024 * 1024
+#: start writeback every this many bytes, so a commit's fsync of a large blob has little left:
+#: after a cold 1 GiB pull 2-6 ms, against 13-40 with 32 MiB (benchmarks/README.md, "Third pass")
+WRITEBACK_EVERY: Final = 4 * 1024 * 1024
 #: room kept back on the store's filesystem: a start on a full disk gives it up, so the index
 #: (its WAL files need room to open at all), eviction and gc can run and make room again
 RESERVE_BYTES: Final = 8 * 1024 * 1024
