@@ -10,6 +10,7 @@ of a source the transfer abandoned for a fresh file (a new *generation*).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -92,6 +93,7 @@ class Transfer:
             raise self.error
 
     def _open_for_read(self) -> Any:
+        """The file open for reading, or None: neither the temp file nor the blob is there."""
         # The temp file is renamed into blobs/ on commit; an fd opened before stays valid.
         assert self.writer is not None
         try:
@@ -101,9 +103,28 @@ class Transfer:
         try:
             return open(self.store.blob_path(self.digest), "rb")
         except FileNotFoundError:
-            # neither the temp file nor the blob: the transfer failed (or moved on to another
-            # source) and removed its file; an OCI error lets the response be cut cleanly
-            raise self.error or TransferFailed(f"{self.digest}: its file is gone") from None
+            return None
+
+    async def _open(self) -> tuple[Any, int]:
+        """The file open for reading, and the generation it is of. Gone: the transfer failed
+        (or moved on to another source) and removed its file; it removes the file before it
+        publishes the failure, so until it does this waits, then raises that failure (a full
+        disk is 507, not this response's own 502), or opens the file it moved on to."""
+        loop = asyncio.get_running_loop()
+        while True:
+            generation = self.generation
+            f = await loop.run_in_executor(None, self._open_for_read)
+            if f is not None:
+                return f, generation
+            if self.error is not None:
+                raise self.error
+            if self.committed:  # committed, then removed (evicted) before this read
+                raise TransferFailed(f"{self.digest}: its file is gone")
+            await self._wait_change(functools.partial(self._said, generation))
+
+    def _said(self, generation: int) -> bool:
+        """Whether the transfer ended, or moved on from ``generation`` to a fresh file."""
+        return self.done or self.generation != generation
 
     def _progress_past(self, pos: int, end: int, generation: int) -> Callable[[], bool]:
         def ready() -> bool:
@@ -128,8 +149,7 @@ class Transfer:
         loop = asyncio.get_running_loop()
         current = await self.wait_size()
         size = current if size is None else size
-        generation = self.generation
-        f = await loop.run_in_executor(None, self._open_for_read)
+        f, generation = await self._open()
         self.waiters += 1
         if self.metrics is not None:
             self.metrics.inflight_waiters.inc()
@@ -143,9 +163,8 @@ class Transfer:
                 if self.generation != generation:
                     if pos > start:  # bytes of an abandoned source went out: cut this response
                         raise TransferFailed(f"{self.digest}: source changed mid-response")
-                    generation = self.generation
-                    await loop.run_in_executor(None, f.close)
-                    f = await loop.run_in_executor(None, self._open_for_read)
+                    await loop.run_in_executor(None, f.close)  # closed again at the end: no-op
+                    f, generation = await self._open()
                 # readable now: what is written, but never the response's last byte
                 # before the digest is verified
                 limit = end + 1 if self.committed else min(self.written, end)
