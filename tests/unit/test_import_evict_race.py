@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from regproxy.async_index import AsyncIndex
-from regproxy.bundle import BundleError, Importer
+from regproxy.bundle import BundleError, Importer, ImportStopped
 from regproxy.config import load_config
+from regproxy.errors import StorageFull
 from regproxy.evict_batch import evict_loose, evict_lru
 from regproxy.index import Index
 from regproxy.names import NameResolver, RepoName
@@ -169,3 +171,62 @@ async def test_a_blob_evicted_every_time_fails_the_import_with_nothing_broken(
     assert await registry.local_manifest(NEW, str(top)) is None
     assert await registry.local_manifest(OLD, "v1") is not None  # nothing else lost
     await consistent(registry)
+
+
+class FullAt(AsyncIndex):
+    """The index fills as the manifest ``target`` is written the second time (the import's
+    second run): StorageFull, as :func:`regproxy.index.call` raises it on SQLITE_FULL."""
+
+    target = ""
+    seen = 0
+
+    async def write(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is Index.add_manifest and args[1].digest == self.target:
+            self.seen += 1
+            if self.seen == 2:
+                raise StorageFull("the metadata index could not be written: disk is full")
+        return await super().write(fn, *args, **kwargs)
+
+
+async def test_an_index_full_in_the_second_run_counts_what_the_first_run_imported(
+    tmp_path: Path,
+) -> None:
+    """A bundle of two images, A and NEW (NEW needs the layer the store holds): the first run
+    commits A, then finds the layer evicted; the second run fills the index at A. A was
+    imported (by the first run) and says so; NEW was not."""
+    root = tmp_path / "store"
+    reg = LocalRegistry(RacingStore(root), FullAt(root / "index.db"))
+    await reg.open()
+    try:
+        config = b'{"old": true}'
+        for data in (config, LAYER):
+            reg.store.write_bytes(digest(data), data)
+            await reg.index_blob(OLD, digest(data), len(data))
+        await reg.put_manifest(OLD, "v1", manifest(config), OCI_MANIFEST, pinned=False)
+        path, _ = layout(tmp_path / "bundle", b'{"new": true}')
+        a_config, a_layer = b'{"a": true}', b"a layer of its own" * 100
+        a = json.loads(manifest(a_config))
+        a["layers"] = [{"mediaType": LAYER_TYPE, "digest": str(digest(a_layer)), "size": 1800}]
+        a_body = json.dumps(a).encode()
+        for data in (a_config, a_layer, a_body):
+            (path / "blobs" / "sha256" / digest(data).hex).write_bytes(data)
+        index = json.loads((path / "index.json").read_text())
+        ref = {"org.opencontainers.image.ref.name": "docker.io/team/a:1"}
+        entry = {"mediaType": OCI_MANIFEST, "digest": str(digest(a_body)), "size": len(a_body)}
+        index["manifests"].insert(0, {**entry, "annotations": ref})
+        (path / "index.json").write_text(json.dumps(index))
+        assert isinstance(reg.store, RacingStore) and isinstance(reg.db, FullAt)
+        reg.store.before_write = lambda: evict_units(root, reg.store)  # at A's manifest
+        reg.db.target = str(digest(a_body))
+        importer = Importer(reg, NameResolver(load_config(None, env={})))
+        with pytest.raises(ImportStopped) as stopped:
+            await importer.import_path(path)
+        assert stopped.value.http_status == 507
+        assert stopped.value.summary.images == ["spectro-images/docker.io/team/a:1"]
+        assert stopped.value.left == ["spectro-images/docker.io/team/new:1"]
+        detail = str(stopped.value.detail)
+        assert "imported before it: 1 image(s) (spectro-images/docker.io/team/a:1)" in detail
+        assert await reg.local_manifest(RepoName("spectro-images/docker.io/team/a"), "1")
+        assert await reg.local_manifest(NEW, "1") is None
+    finally:
+        await reg.close()
