@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=1, help="the blob's size (default 1 MiB)")
     p.add_argument("--size-kib", type=int, help="the blob's size in KiB (instead of --size-mib)")
     p.add_argument("--range", action="store_true", help="ask for its first byte only (Range)")
+    p.add_argument("--plain", action="store_true", help="plain HTTP instead (the same A/B)")
     p.add_argument("--no-peer", action="store_true", help="leave docker-registry out")
     p.add_argument(
         "--client-order",
@@ -81,21 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="regproxy-abtls-") as tmpdir:
         tmp = Path(tmpdir)
         ca = make_test_ca(tmp / "tls")
-        tls = ca.client_context()
+        tls = None if args.plain else ca.client_context()
         wrk_env = ca.go_order_env() if args.client_order == "go" else None
         servers: dict[str, Any] = {}
         for w in workers:
-            config = {
-                "log": {"access": False, "level": "WARNING"},
-                "tls": {"cert": str(ca.cert), "key": str(ca.key), "workers": w},
-            }
+            config: dict[str, Any] = {"log": {"access": False, "level": "WARNING"}}
+            if not args.plain:
+                config["tls"] = {"cert": str(ca.cert), "key": str(ca.key), "workers": w}
             d = Daemon(tmp / f"regproxy-w{w}", config)
             d.root.mkdir(parents=True)
             servers[f"regproxy w={w}"] = d
         if args.baseline is not None:
             # PYTHONSAFEPATH: the working directory (this tree) does not come first on sys.path
             env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(args.baseline.resolve())}
-            config = {**config, "tls": {**config["tls"], "workers": workers[0]}}
+            if not args.plain:
+                config = {**config, "tls": {**config["tls"], "workers": workers[0]}}
             d = Daemon(tmp / "regproxy-base", config, env=env)
             d.root.mkdir(parents=True)
             servers["regproxy base"] = d
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             servers["registry"] = DockerRegistry(
                 tmp / "registry",
                 extra={"log": {"level": "error", "accesslog": {"disabled": True}}},
-                tls=(ca.cert, ca.key),
+                tls=None if args.plain else (ca.cert, ca.key),
             )
         size = args.size_kib * 1024 if args.size_kib else args.size_mib * MiB
         blob = os.urandom(max(1, min(size, 1024 * MiB)))
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                     # so a fixed order biases the per-round ratios
                     k = r % len(order)
                     for name, server in order[k:] + order[:k]:
-                        url = f"https://127.0.0.1:{server.port}/v2/{REPO}/blobs/{digest}"
+                        scheme = "http" if args.plain else "https"
+                        url = f"{scheme}://127.0.0.1:{server.port}/v2/{REPO}/blobs/{digest}"
                         if r == 0:
                             run_wrk(url, conc, seconds, headers, script, wrk_env)
                             reset_peak_rss(server.proc.pid)
