@@ -37,6 +37,7 @@ from regproxy.expect import close_if_body_refused
 from regproxy.fastpath import FastPath
 from regproxy.headers import INSTANCE_HEADER
 from regproxy.health import Health
+from regproxy.lane import Streams
 from regproxy.log import flush_lines
 from regproxy.lookups import TAG_CONFIRM_SECONDS
 from regproxy.maintenance import OrphanSweeper
@@ -64,6 +65,8 @@ from regproxy.web_keys import (
     RESOLVER_KEY,
 )
 
+#: the fast lane's blob bodies going (regproxy.lane.Streams)
+STREAMS_KEY: Final = web.AppKey("lane_streams", Streams)
 log = logging.getLogger("regproxy")
 HOUSEKEEPING_SECONDS: Final = 10.0
 _BACKGROUND: set[asyncio.Task[None]] = set()
@@ -235,6 +238,7 @@ def create_app(
     app[TIMING_KEY] = timing
     app[INSTANCE_KEY] = uuid.uuid4().hex
     app[METRICS_KEY] = metrics = metrics if metrics is not None else Metrics()
+    app[STREAMS_KEY] = Streams()  # blob bodies the fast lane streams (a stop waits for them)
     registry = build_registry(config, timing=timing, metrics=metrics)
     app[REGISTRY_KEY] = registry
     app[POLICY_KEY] = Policy(registry)  # the signature policy, checked before manifests are served
@@ -288,7 +292,14 @@ async def open_listener(
     assert runner.server is not None
     app = runner.app
     fast = FastPath.of(app) if config.http.fast_path else None
-    guard = ConnectionGuard(runner.server, config.http, max_connections, app[METRICS_KEY], fast)
+    guard = ConnectionGuard(
+        runner.server,
+        config.http,
+        max_connections,
+        app[METRICS_KEY],
+        fast,
+        streams=app[STREAMS_KEY],
+    )
     workers = tls_workers(config)
     failures = HandshakeFailures(app[METRICS_KEY].tls_handshake_failures)
     if server_tls is not None and workers == 0:
@@ -409,6 +420,10 @@ async def serve(
     finally:
         log.info("shutdown.start timeout=%.0fs", config.shutdown_timeout)
         listener.close()  # no new connections; the open ones are drained by the runner
+        # ... but for bodies the fast lane streams, whose connections aiohttp sees idle
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(config.shutdown_timeout):
+                await runner.app[STREAMS_KEY].drained()
         await runner.cleanup()
         if isinstance(listener, TLSRelay):
             listener.stop()  # what is still relayed is aborted; the threads end

@@ -23,9 +23,10 @@ adds what aiohttp lacks:
   other request goes to aiohttp with all that follows, for good. aiohttp thus always gets
   whole requests from a boundary on, and never answers behind an answer still to come. The
   guard keeps aiohttp's keep-alive for a connection aiohttp never answered, and lets aiohttp
-  answer a request at least every half ``keepalive_timeout`` on one it did. Over TLS on the
-  event loop the lane also streams committed blob files (regproxy.fastfile): the guard pumps
-  the body as the transport takes it and holds the requests behind it until it is out.
+  answer a request at least every half ``keepalive_timeout`` on one it did. The lane also
+  streams committed blob files (regproxy.fastfile over TLS on the event loop, regproxy.fastsend
+  with ``sendfile`` on plain TCP once the transport's buffer is empty): the guard pumps the
+  body as the connection takes it and holds the requests behind it until it is out.
 
 Response and body deadlines (``http.write_timeout``, ``http.read_timeout``,
 ``http.body_min_rate``) belong to the requests themselves: every read of a request body goes
@@ -40,6 +41,7 @@ import json
 import logging
 import math
 import resource
+import socket
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,7 +54,7 @@ from regproxy.config import HttpConfig
 from regproxy.deadline import DEFAULT_TIMING, Pace, Timing, TransferLimits
 from regproxy.errors import BodyTimeout
 from regproxy.expect import send_continue
-from regproxy.lane import FAST_HEAD_MAX, FastLane, LaneBody, bodiless, partial_head
+from regproxy.lane import FAST_HEAD_MAX, FastLane, LaneBody, Streams, bodiless, partial_head
 from regproxy.metrics import Metrics
 from regproxy.web_keys import METRICS_KEY
 from regproxy.write_watch import WriteWatch
@@ -218,8 +220,10 @@ class ConnectionGuard:
         metrics: Metrics,
         fast: FastLane | None = None,
         clock: Callable[[], float] = time.monotonic,
+        streams: Streams | None = None,
     ) -> None:
         self.metrics = metrics
+        self.streams = streams or Streams()  # the lane's bodies going (a stop waits for them)
         self.handler_factory = handler_factory
         self.fast = fast
         #: the keep-alive clock of the fast lane (monotonic seconds; tests hand in their own)
@@ -314,7 +318,7 @@ class _Guarded(asyncio.Protocol):
         self.paused = False  # the transport asked us to stop writing
         self.body: LaneBody | None = None  # a response the lane is streaming
         self.held = b""  # what came while it streams (the requests after it)
-        self.files = False  # the lane may stream blob files (TLS on the event loop)
+        self.files = ""  # how the lane may stream blob files here ("tls", "plain"; lane.py)
         self.idle: asyncio.TimerHandle | None = None  # keep-alive while the lane answers
         self.answered_at = 0.0
         self.remote: str | None = None
@@ -341,7 +345,11 @@ class _Guarded(asyncio.Protocol):
             return
         self.timer = loop.call_later(self.guard.header_timeout, self._header_timeout)
         self.guard.writes.add(self)
-        self.files = transport.get_extra_info("ssl_object") is not None
+        sock = transport.get_extra_info("socket")
+        if transport.get_extra_info("ssl_object") is not None:
+            self.files = "tls"
+        elif sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            self.files = "plain"  # (not a TLS relay's socket pair: aiohttp's sendfile there)
         self.inner = self.guard.handler_factory()
         self.inner.connection_made(transport)
 
@@ -409,7 +417,10 @@ class _Guarded(asyncio.Protocol):
                 break
             head = buf[:end]
             if self.handed == 0 and self._lane_open():
-                answer = self.lane.answer(head, self._remote(), len(buf) > end + 4, self.files)
+                files = self.files
+                if files == "plain" and self.transport.get_write_buffer_size():
+                    files = ""  # sendfile goes around the transport: only once it is empty
+                answer = self.lane.answer(head, self._remote(), len(buf) > end + 4, files)
                 if answer is not None:
                     answered = True
                     buf = buf[end + 4 :]
@@ -456,6 +467,7 @@ class _Guarded(asyncio.Protocol):
                 keep_alive(True)  # cancels aiohttp's keep-alive timer
             self.inner_used = False
         self.body = body
+        self.guard.streams.add(self)
         if close:
             self.lane = None  # nothing after it is answered (as aiohttp)
         if not body.pump(self):
@@ -479,6 +491,7 @@ class _Guarded(asyncio.Protocol):
 
     def _body_over(self, close: bool) -> None:
         body, self.body = self.body, None
+        self.guard.streams.discard(self)
         assert body is not None and self.transport is not None
         if body.error is not None:  # cut short: the connection is aborted
             self.lane = None
@@ -570,6 +583,7 @@ class _Guarded(asyncio.Protocol):
         self.guard.writes.discard(self)
         body, self.body = self.body, None
         if body is not None:
+            self.guard.streams.discard(self)
             body.lost()
         inner, self.inner = self.inner, None
         if inner is not None:

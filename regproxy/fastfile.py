@@ -25,21 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from typing import Final
 
-from regproxy.lane import Outlet
+from regproxy.lane import Finish, Outlet
 from regproxy.sendfile import readable_now
 from regproxy.units import BLOB_CHUNK
 
 #: bytes sent to one client before the loop serves others (as ``sendfile.TURN``)
 TURN: Final = 4 * 1024 * 1024
-
-
-#: ``(bytes sent, error, fault)`` when a body ends: ``error`` is None, ``client_gone``,
-#: ``client_stalled`` or ``aborted`` (the access line's ``error=``); ``fault``: what aborted it
-#: (the disk's error, or a file shorter than its record)
-Finish = Callable[[int, str | None, BaseException | None], None]
 
 
 class FileBody:
@@ -188,4 +181,4 @@ class FileBody:
         self.finish(self.sent, error, fault)
 
 
-__all__ = ["FileBody", "Finish"]
+__all__ = ["FileBody"]

@@ -16,9 +16,10 @@ a blob, a name and reference that resolve, anonymous pulls allowed; for a manife
 believed (a digest, a tag confirmed upstream within ``tag_ttl`` or without upstream, see
 ``ProxyRegistry.cached_manifest``), its body in memory, and the signature policy decided; for a
 blob, a ``GET`` without ``Range`` or ``If-None-Match`` of a small blob (up to 64 KiB) this
-repository holds, its bytes in memory, or, on a connection whose TLS the event loop does, a
-larger one whose file opens without waiting for the disk (``cached_open``; a file gone since
-the lookup does not: aiohttp answers), streamed by regproxy.fastfile. The lookup is counted,
+repository holds, its bytes in memory, or a larger one whose file opens without waiting for
+the disk (``cached_open``; a file gone since the lookup does not: aiohttp answers), streamed
+over TLS on the event loop by regproxy.fastfile, over plain TCP with ``sendfile`` by
+regproxy.fastsend (not over a TLS relay's socket pair). The lookup is counted,
 the access recorded (eviction's "in use"), the bytes served counted, and the request counted
 and logged as the access logger would (``regproxy.access``), a streamed body's when it ends.
 """
@@ -43,6 +44,7 @@ from regproxy.cached_open import open_cached
 from regproxy.connections import http_limits
 from regproxy.errors import OCIError
 from regproxy.fastfile import FileBody
+from regproxy.fastsend import SendfileBody
 from regproxy.headers import API_VERSION, CONTENT_DIGEST, INSTANCE_HEADER
 from regproxy.metrics import Metrics
 from regproxy.names import NameResolver, RepoName
@@ -103,6 +105,8 @@ class _Opened(NamedTuple):
     fd: int
     size: int
     digest: Digest
+    #: how: ``tls`` (through the transport) or ``plain`` (sendfile)
+    files: str
 
 
 class Head(NamedTuple):
@@ -247,8 +251,8 @@ class FastPath:
         return found
 
     def answer(
-        self, head: bytes, remote: str | None, followed: bool = False, files: bool = False
-    ) -> tuple[bytes | FileBody, bool] | None:
+        self, head: bytes, remote: str | None, followed: bool = False, files: str = ""
+    ) -> tuple[bytes | FileBody | SendfileBody, bool] | None:
         """The whole response to this request head (or, where ``files``, a blob file's to
         stream) and whether the connection closes after it (the client said ``Connection:
         close``), or None to leave it to aiohttp (also a ``close`` with more bytes after it,
@@ -309,7 +313,7 @@ class FastPath:
         label: str,
         started: float,
         remote: str | None,
-    ) -> FileBody:
+    ) -> FileBody | SendfileBody:
         """The body of a blob file opened by :meth:`_blob`; when it ends its bytes served,
         and the request, are counted as ``sendfile.send_file`` and the access logger do."""
         notes = {"route": "blob", "repo": repo.canonical, "cache": "hit", "upstream": label}
@@ -326,7 +330,8 @@ class FastPath:
                     )
             self._done(h, sent, started, notes, remote)
 
-        return FileBody(head, opened.fd, opened.size, self.write_timeout, finish)
+        kind = FileBody if opened.files == "tls" else SendfileBody
+        return kind(head, opened.fd, opened.size, self.write_timeout, finish)
 
     def _manifest(self, h: Head, repo: RepoName, ref: str) -> tuple[str, bytes, str] | None:
         """(headers up to Content-Length, body, upstream label) of a manifest answered from
@@ -350,14 +355,14 @@ class FastPath:
         return lines, m.body, label
 
     def _blob(
-        self, h: Head, repo: RepoName, ref: str, files: bool
+        self, h: Head, repo: RepoName, ref: str, files: str
     ) -> tuple[str, bytes | _Opened, str] | None:
         """The same for a blob GET (a HEAD asks whether it exists: aiohttp answers it, as
         ranges and conditions), counted as ``api.get_blob`` counts it: a small blob's bytes,
         or (``files``) a larger one's file opened, if it opens without waiting for the disk."""
         if h.method != "GET" or h.conditional:
             return None
-        cached = self.registry.cached_blob(repo, Digest.parse(ref), files)
+        cached = self.registry.cached_blob(repo, Digest.parse(ref), bool(files))
         if cached is None:
             return None
         blob, label = cached
@@ -370,7 +375,7 @@ class FastPath:
             fd = open_cached(blob.file)
             if fd is None:  # not in the caches, or gone since the lookup (evicted)
                 return None
-            body = _Opened(fd, blob.size, blob.digest)
+            body = _Opened(fd, blob.size, blob.digest, files)
         self.metrics.lookup("blob", "hit", label)
         digest = str(blob.digest)
         lines = (

@@ -7,6 +7,7 @@ next request once answered (no body, nothing about the connection)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Final, Protocol
 
 #: a request head the fast lane waits for may be this long; a longer one goes to aiohttp
@@ -25,6 +26,12 @@ class Outlet(Protocol):
         """Pump the body again (a disk read came back, or its turn came round)."""
 
 
+#: ``(bytes sent, error, fault)`` when a body ends: ``error`` is None, ``client_gone``,
+#: ``client_stalled`` or ``aborted`` (the access line's ``error=``); ``fault``: what aborted it
+#: (the disk's error, or a file shorter than its record)
+Finish = Callable[[int, str | None, BaseException | None], None]
+
+
 class LaneBody(Protocol):
     """A response the lane streams (regproxy.fastfile.FileBody): the guard pumps it until it
     says it is over, again whenever the transport resumes or the body wakes it."""
@@ -36,16 +43,40 @@ class LaneBody(Protocol):
     def lost(self) -> None: ...
 
 
+class Streams:
+    """The connections whose lane body is still going (the guard keeps them here), which a
+    stop waits for: aiohttp sees such a connection idle, and would close it at once."""
+
+    def __init__(self) -> None:
+        self.live: set[object] = set()
+        self._idle: asyncio.Event | None = None
+
+    def add(self, conn: object) -> None:
+        self.live.add(conn)
+
+    def discard(self, conn: object) -> None:
+        self.live.discard(conn)
+        if not self.live and self._idle is not None:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once no body is going."""
+        while self.live:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+
 class FastLane(Protocol):
     """Answers some requests itself (regproxy.fastpath.FastPath)."""
 
     def answer(
-        self, head: bytes, remote: str | None, followed: bool, files: bool = False
+        self, head: bytes, remote: str | None, followed: bool, files: str = ""
     ) -> tuple[bytes | LaneBody, bool] | None:
         """The whole response to a request head (its bytes before the empty line that ends
         it; the request has no body; ``followed``: more bytes came after it), or a body to
-        stream (only where ``files``: the connection's TLS is on the event loop), and whether
-        the connection closes after it, or None: aiohttp is to answer it."""
+        stream (only where ``files`` says how: ``tls``, the connection's TLS is on the event
+        loop; ``plain``, a TCP socket with nothing waiting in its transport), and whether the
+        connection closes after it, or None: aiohttp is to answer it."""
 
 
 _FRAMING: Final = (b"content-length", b"transfer-encoding", b"upgrade", b"expect")
@@ -81,4 +112,13 @@ def partial_head(buf: bytes) -> bool:
     return b"\n" not in rest and b"\r" not in (rest[:-1] if rest.endswith(b"\r") else rest)
 
 
-__all__ = ["FAST_HEAD_MAX", "FastLane", "LaneBody", "Outlet", "bodiless", "partial_head"]
+__all__ = [
+    "FAST_HEAD_MAX",
+    "FastLane",
+    "Finish",
+    "LaneBody",
+    "Outlet",
+    "Streams",
+    "bodiless",
+    "partial_head",
+]

@@ -122,6 +122,17 @@ async def _warm(loop: asyncio.AbstractEventLoop, fd: int, offset: int, count: in
         await loop.run_in_executor(None, _read_in, fd, offset, count)
 
 
+def in_page_cache(fd: int, offset: int, count: int) -> bool:
+    """Whether ``sendfile`` of this range may run on the loop (as ``_sendfile``'s windows: the
+    first and last byte in the page cache; taken as so where ``RWF_NOWAIT`` is not known)."""
+    return _cached(fd, offset, count)
+
+
+def read_in(fd: int, offset: int, count: int) -> None:
+    """Bring a range into the page cache (on a worker thread: it waits for the disk)."""
+    _read_in(fd, offset, count)
+
+
 def readable_now(fd: int, offset: int, count: int) -> bool:
     """Whether ``pread`` of this range may run on the loop: its first and last byte are in the
     page cache (as for ``sendfile``'s windows), known by a ``RWF_NOWAIT`` probe."""

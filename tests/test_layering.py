@@ -160,7 +160,7 @@ LAYERS: dict[str, Layer] = {
     ),
     # simple GETs answered from memory in front of aiohttp's parser (connections hands them on)
     # a committed blob file the lane streams over TLS, without aiohttp's request path
-    "fast_file": _layer("fastfile", "base lane web"),
+    "fast_file": _layer("fastfile fastsend", "base lane web"),
     "fast": _layer(
         "fastpath", f"{_MODEL} registry proxy policy keys serving web auth handlers fast_file"
     ),
@@ -168,7 +168,8 @@ LAYERS: dict[str, Layer] = {
     "app": _layer(
         "app",
         f"{_MODEL} store index facade sizes transfer upstream peers lookups registry proxy gc "
-        "pinning tools keys serving web auth queries ui_model eviction_view handlers policy fast relay",
+        "pinning tools keys serving web auth queries ui_model eviction_view handlers policy fast relay "
+        "lane",
     ),
     "cli": _layer(
         "cli",

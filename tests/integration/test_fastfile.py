@@ -1,9 +1,9 @@
-"""Committed blob files streamed by the fast lane over TLS on the event loop (regproxy.fastfile,
-regproxy.connections): the same bytes, headers, access lines and metrics as aiohttp's answer,
+"""Committed blob files streamed by the fast lane, over TLS on the event loop (regproxy.fastfile)
+and over plain HTTP with sendfile (regproxy.fastsend), each test on both: the same bytes, headers, access lines and metrics as aiohttp's answer,
 in order behind pipelined requests, bounded for a client that does not read, cut cleanly for one
 that goes away, and left to aiohttp when the file is gone or credentials are needed.
 
-In-process (tests/inproc.py serves through the daemon's own listener, ``tls.workers: 0``), a TLS
+In-process (tests/inproc.py serves through the daemon's own listener, ``tls.workers: 0``), a
 client of the test's own on a raw socket where the framing matters.
 """
 
@@ -40,7 +40,7 @@ PASSWORD = "fast-file-pw"
 
 def https(
     d: AppDaemon,
-    ctx: ssl.SSLContext,
+    ctx: ssl.SSLContext | None,
     method: str,
     path: str,
     body: bytes | None = None,
@@ -69,20 +69,26 @@ def settled(d: AppDaemon, digest: str) -> list[str]:
 
 
 class TLSConn(Conn):
-    """:class:`tests.integration.test_fastpath.Conn` over TLS."""
+    """:class:`tests.integration.test_fastpath.Conn`, over TLS with ``ctx``."""
 
-    def __init__(self, d: AppDaemon, ctx: ssl.SSLContext, rcvbuf: int = 0) -> None:
+    def __init__(self, d: AppDaemon, ctx: ssl.SSLContext | None, rcvbuf: int = 0) -> None:
         raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:  # before the connect: the window the client offers stays small
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         raw.settimeout(10)
         raw.connect(("127.0.0.1", d.port))
-        self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1") if ctx else raw
         self.buf = b""
 
 
-@pytest.fixture
-def tls(tmp_path: Path) -> tuple[dict[str, str], ssl.SSLContext]:
+TLS = tuple[dict[str, str] | None, ssl.SSLContext | None]
+
+
+@pytest.fixture(params=["tls", "plain"])
+def tls(tmp_path: Path, request: pytest.FixtureRequest) -> TLS:
+    """(the daemon's ``tls`` section, the client's context), or (None, None): plain HTTP."""
+    if request.param == "plain":
+        return None, None
     cert, key = self_signed(tmp_path, "server")
     ctx = ssl.create_default_context(cafile=str(cert))
     ctx.check_hostname = False  # the certificate names 127.0.0.1 in its subject only
@@ -91,13 +97,16 @@ def tls(tmp_path: Path) -> tuple[dict[str, str], ssl.SSLContext]:
 
 def start(
     app_factory: Callable[..., AppDaemon],
-    tls: tuple[dict[str, str], ssl.SSLContext],
+    tls: TLS,
     extra: dict[str, object] | None = None,
 ) -> AppDaemon:
-    return app_factory({"log": {"access": True}, "tls": tls[0], **(extra or {})})
+    config: dict[str, object] = {"log": {"access": True}, **(extra or {})}
+    if tls[0] is not None:
+        config["tls"] = tls[0]
+    return app_factory(config)
 
 
-def put_blob(d: AppDaemon, ctx: ssl.SSLContext, data: bytes, auth: str = "") -> str:
+def put_blob(d: AppDaemon, ctx: ssl.SSLContext | None, data: bytes, auth: str = "") -> str:
     digest = sha256(data)
     headers = {"Authorization": auth} if auth else {}
     status, _ = https(d, ctx, "POST", f"/v2/{REPO}/blobs/uploads/?digest={digest}", data, headers)
@@ -114,7 +123,7 @@ def access_lines(d: AppDaemon, digest: str) -> list[str]:
 
 
 def test_a_blob_file_over_tls_is_the_applications_answer(
-    app_factory: Callable[..., AppDaemon], tls: tuple[dict[str, str], ssl.SSLContext]
+    app_factory: Callable[..., AppDaemon], tls: TLS
 ) -> None:
     """GET from the lane and from aiohttp (credentials send it there; without users they
     change nothing): the same status, headers but Date, body, access line; HEAD, a range and a
@@ -163,7 +172,7 @@ def test_a_blob_file_over_tls_is_the_applications_answer(
 
 
 def test_pipelined_requests_behind_a_file_are_answered_in_order(
-    app_factory: Callable[..., AppDaemon], tls: tuple[dict[str, str], ssl.SSLContext]
+    app_factory: Callable[..., AppDaemon], tls: TLS
 ) -> None:
     """Files, a small blob, a range and a miss in one write: each answer in its place, the
     lane's and aiohttp's; then Connection: close after a file closes the connection."""
@@ -198,7 +207,7 @@ def test_pipelined_requests_behind_a_file_are_answered_in_order(
 
 
 def test_a_reader_that_takes_nothing_is_bounded_then_cut(
-    app_factory: Callable[..., AppDaemon], tls: tuple[dict[str, str], ssl.SSLContext]
+    app_factory: Callable[..., AppDaemon], tls: TLS
 ) -> None:
     """A 32 MiB blob to a client that reads nothing: the lane stops writing when the transport
     is full (what it handed out stays a small part of the blob) and cuts the connection after
@@ -223,7 +232,7 @@ def test_a_reader_that_takes_nothing_is_bounded_then_cut(
 
 
 def test_a_client_gone_mid_body_and_a_file_gone_before_the_open(
-    app_factory: Callable[..., AppDaemon], tls: tuple[dict[str, str], ssl.SSLContext]
+    app_factory: Callable[..., AppDaemon], tls: TLS
 ) -> None:
     """A client that reads a little and hangs up: one access line, ``error=client_gone``, the
     daemon serves on. A file removed behind the index's back (the lookup cached): the lane
@@ -255,7 +264,7 @@ def test_a_client_gone_mid_body_and_a_file_gone_before_the_open(
 
 def test_credentials_required_go_to_aiohttp(
     app_factory: Callable[..., AppDaemon],
-    tls: tuple[dict[str, str], ssl.SSLContext],
+    tls: TLS,
 ) -> None:
     """With anonymous pulls off, a blob GET is aiohttp's (401 without credentials, the blob
     with them), never the lane's."""

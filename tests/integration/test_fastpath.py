@@ -397,8 +397,9 @@ def test_connection_close_is_answered_then_closed_as_aiohttp_does(daemon: AppDae
 
 
 def test_small_blob_gets_are_the_applications_answers(daemon: AppDaemon) -> None:
-    """A small blob GET: the lane's answer is aiohttp's; a range, a condition, a HEAD and a
-    blob over 64 KiB (sent from its file) are aiohttp's, on the same connection."""
+    """A small blob GET: the lane's answer is aiohttp's; a range, a condition and a HEAD are
+    aiohttp's, on the same connection (a blob over 64 KiB is sent from its file by the lane
+    too: tests/integration/test_fastfile.py)."""
     small, big = b"s" * 5000, b"b" * 70_000
     for data in (small, big):
         url = f"{daemon.url}/v2/{REPO}/blobs/uploads/?digest={sha256(data)}"
@@ -425,7 +426,7 @@ def test_small_blob_gets_are_the_applications_answers(daemon: AppDaemon) -> None
         c.send(request("HEAD", path))
         status, headers, _ = c.response(head_only=True)
         assert status.endswith("200 OK") and headers["content-length"] == str(len(small))
-        c.send(request("GET", f"/v2/{REPO}/blobs/{sha256(big)}"))
+        c.send(request("GET", f"/v2/{REPO}/blobs/{sha256(big)}", CREDENTIALS))
         assert c.response()[2] == big
         assert fast_answers(daemon) == before  # all of them aiohttp's
         c.send(request("GET", path))

@@ -1,5 +1,5 @@
-"""A blob file's body as the fast lane streams it (regproxy.fastfile), against a fake connection
-over a real file: the head and then the bytes whole and in order, no write while the transport
+"""A blob file's body as the fast lane streams it (regproxy.fastfile over TLS, regproxy.fastsend
+with sendfile), against a fake connection over a real file: the head and then the bytes whole and in order, no write while the transport
 says stop, a client that takes nothing cut after ``http.write_timeout``, a file shorter than its
 record cut, a chunk not in the page cache read on a worker, the descriptor closed once."""
 
@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from regproxy import fastfile
+from regproxy import fastfile, fastsend
 from regproxy.fastfile import FileBody
+from regproxy.fastsend import SendfileBody
 from regproxy.units import BLOB_CHUNK
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: n\r\n\r\n"
@@ -181,3 +183,87 @@ async def test_gone_while_a_worker_reads_closes_the_file_when_the_read_is_back(
             break
         await asyncio.sleep(0.01)
     assert closed(fd) and out.transport is not None and out.transport.written == []
+
+
+class SocketTransport:
+    """A transport as :class:`SendfileBody` sees it: the socket to send around it, nothing
+    buffered in it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.aborted = False
+
+    def get_extra_info(self, name: str) -> object:
+        return self.sock if name == "socket" else None
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+
+async def drive(body: SendfileBody, out: Out, reader: socket.socket, want: int) -> bytes:
+    """Pump the body while reading the other end, as a client would, until ``want`` bytes."""
+    loop = asyncio.get_running_loop()
+    got = b""
+    over = body.pump(out)
+    for _ in range(10_000):  # a bound on the test, not a figure
+        if len(got) >= want:
+            break
+        try:
+            got += reader.recv(1 << 20)
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+        if not over and out.woken.is_set():
+            out.woken.clear()
+            over = body.pump(out)
+    await asyncio.sleep(0)
+    if not over:
+        over = body.pump(out)
+    assert over and loop.is_running()
+    return got
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_sendfile_sends_the_head_then_the_file_whole(
+    blob: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch, cached: bool
+) -> None:
+    """Plain HTTP: the head then the bytes in order, through a socket that fills (EAGAIN, then
+    writable again); windows not in the page cache read in on a worker first."""
+    fd, data = blob
+    monkeypatch.setattr(fastsend, "in_page_cache", lambda fd, offset, count: cached)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    try:
+        out, ends = Out(), Ends()
+        out.transport = SocketTransport(a)  # type: ignore[assignment]
+        body = SendfileBody(HEAD, fd, len(data), 60.0, ends)
+        got = await drive(body, out, b, len(HEAD) + len(data))
+        assert got == HEAD + data
+        assert ends.calls == [(len(data), None, None)] and closed(fd)
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_sendfile_of_a_file_shorter_than_its_record_is_cut(blob: tuple[int, bytes]) -> None:
+    fd, data = blob
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    try:
+        out, ends = Out(), Ends()
+        transport = SocketTransport(a)
+        out.transport = transport  # type: ignore[assignment]
+        body = SendfileBody(HEAD, fd, len(data) + 5, 60.0, ends)
+        got = await drive(body, out, b, len(HEAD) + len(data))
+        assert got == HEAD + data and transport.aborted
+        ((sent, error, fault),) = ends.calls
+        assert sent == len(data) and error == "aborted" and isinstance(fault, EOFError)
+        assert closed(fd)
+    finally:
+        a.close()
+        b.close()

@@ -47,7 +47,7 @@ class Lane:
     """Answers ``GET /fast...`` (``/fastclose`` with Connection: close), declines the rest."""
 
     def answer(
-        self, head: bytes, remote: str | None, followed: bool, files: bool = False
+        self, head: bytes, remote: str | None, followed: bool, files: str = ""
     ) -> tuple[bytes, bool] | None:
         target = head.split(b" ")[1]
         if not target.startswith(b"/fast"):
