@@ -26,8 +26,6 @@ from regproxy.connections import (
     HTTP_KEY,
     TIMING_KEY,
     ConnectionGuard,
-    default_max_connections,
-    raise_nofile_limit,
     server_logger,
 )
 from regproxy.deadline import DEFAULT_TIMING, Timing
@@ -35,6 +33,7 @@ from regproxy.errors import ConfigError
 from regproxy.evict import Evictor
 from regproxy.expect import close_if_body_refused
 from regproxy.fastpath import FastPath
+from regproxy.fd_limits import default_max_connections, raise_nofile_limit
 from regproxy.headers import INSTANCE_HEADER
 from regproxy.health import Health
 from regproxy.lane import Streams

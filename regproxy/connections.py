@@ -40,7 +40,6 @@ import asyncio
 import json
 import logging
 import math
-import resource
 import socket
 import time
 import weakref
@@ -65,14 +64,6 @@ HTTP_KEY: Final = web.AppKey("http", HttpConfig)
 #: where the app's clocks come from (a body's pace is judged on it; tests move a fake one)
 TIMING_KEY: Final = web.AppKey("timing", Timing)
 _DEFAULT: Final = HttpConfig()
-#: descriptors kept for everything but client sockets: blob and temp files, upstream and peer
-#: connections, the index, logs
-NOFILE_RESERVE: Final = 256
-#: a connection may hold three descriptors while it is sent a blob: its socket, a twin of it
-#: that the event loop watches, and the blob file
-FDS_PER_CONNECTION: Final = 3
-#: no more than this by default, however high the descriptor limit (memory stays bounded)
-MAX_CONNECTIONS_CAP: Final = 16384
 RETRY_AFTER_SECONDS: Final = 1
 #: a refused connection is kept this long at most, so that the client reads the 503 before the
 #: close (closing with its request unread would reset the connection and lose the answer)
@@ -159,26 +150,6 @@ async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
             why = short or f"no body bytes for {limits.read_timeout:.0f}s"
             raise BodyTimeout(f"request body stalled: {why}")
         yield chunk
-
-
-def raise_nofile_limit() -> int:
-    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns the soft limit in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:
-            log.warning("limits.nofile_not_raised soft=%d hard=%d error=%s", soft, hard, exc)
-    return soft
-
-
-def default_max_connections(nofile: int, extra_fds: int = 0) -> int:
-    """Connections that fit in ``nofile`` descriptors with room for everything else
-    (``extra_fds``: each connection holds that many more, as a relayed TLS one does)."""
-    reserve = min(NOFILE_RESERVE, nofile // 4)
-    per_connection = FDS_PER_CONNECTION + extra_fds
-    return max(8, min(MAX_CONNECTIONS_CAP, (nofile - reserve) // per_connection))
 
 
 def _refusal() -> bytes:
@@ -284,6 +255,7 @@ class _Guarded(asyncio.Protocol):
         "guard",
         "handed",
         "held",
+        "held_paused",
         "idle",
         "inner",
         "inner_done_at",
@@ -318,6 +290,7 @@ class _Guarded(asyncio.Protocol):
         self.paused = False  # the transport asked us to stop writing
         self.body: LaneBody | None = None  # a response the lane is streaming
         self.held = b""  # what came while it streams (the requests after it)
+        self.held_paused = False  # reading paused while more than FAST_HEAD_MAX is held
         self.files = ""  # how the lane may stream blob files here ("tls", "plain"; lane.py)
         self.idle: asyncio.TimerHandle | None = None  # keep-alive while the lane answers
         self.answered_at = 0.0
@@ -384,9 +357,8 @@ class _Guarded(asyncio.Protocol):
             else:
                 self.tail = seen[-2:]
         if self.body is not None:  # answered in order once the body is out
-            was, self.held = len(self.held), self.held + data
-            if was <= FAST_HEAD_MAX < len(self.held) and self.transport is not None:
-                self.transport.pause_reading()  # resumed when the body is out
+            self.held += data
+            self._bound_held()
             return
         if self.lane is not None:
             data = self._fast(data)
@@ -428,6 +400,7 @@ class _Guarded(asyncio.Protocol):
                         go_on = self._stream(answer[0], answer[1])
                         if go_on is None:  # still streaming: what follows waits for it
                             self.held = buf  # (:meth:`wake`)
+                            self._bound_held()
                         if not go_on:  # or cut short, or Connection: close
                             return b""
                         continue
@@ -445,6 +418,7 @@ class _Guarded(asyncio.Protocol):
         if answered:
             self.answered_at = self.guard.clock()
             if self.idle is None and not self.inner_used:
+                self._quiet_inner()
                 self._arm_idle()
         if buf:  # aiohttp answers this request and all that follow
             self.lane = None
@@ -461,11 +435,8 @@ class _Guarded(asyncio.Protocol):
         goes on (not if the body was cut short, or the client said ``Connection: close``).
         aiohttp's keep-alive clock (it would close a connection it thinks idle) stops; the
         guard's runs instead, from the body's end, until aiohttp answers again."""
-        if self.inner_used:
-            keep_alive = getattr(self.inner, "keep_alive", None)
-            if keep_alive is not None:
-                keep_alive(True)  # cancels aiohttp's keep-alive timer
-            self.inner_used = False
+        self._quiet_inner()
+        self.inner_used = False
         self.body = body
         self.guard.streams.add(self)
         if close:
@@ -482,12 +453,31 @@ class _Guarded(asyncio.Protocol):
             return
         self._body_over(self.lane is None)
         held, self.held = self.held, b""
-        if len(held) > FAST_HEAD_MAX and self.transport and not self.transport.is_closing():
-            self.transport.resume_reading()
+        if self.held_paused:
+            self.held_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
         if held and self.lane is not None:
             held = self._fast(held)
             if held and self.inner is not None:
                 self.inner.data_received(held)
+
+    def _bound_held(self) -> None:
+        """Stop reading while more than a request head waits behind a body (resumed in
+        :meth:`wake`): a client that keeps sending and reads nothing holds no more than that
+        and one read."""
+        if len(self.held) > FAST_HEAD_MAX and not self.held_paused and self.transport:
+            self.held_paused = True
+            self.transport.pause_reading()
+
+    def _quiet_inner(self) -> None:
+        """Stop aiohttp's keep-alive clock: it runs from the connection's start (aiohttp 3.10+)
+        or its last answer, and closes a connection it thinks idle, also in the middle of a
+        body the lane sends. The guard's own clock runs from the lane's answers instead
+        (:meth:`_arm_idle`); aiohttp starts its clock again after an answer of its own."""
+        keep_alive = getattr(self.inner, "keep_alive", None)
+        if keep_alive is not None:
+            keep_alive(True)  # cancels aiohttp's keep-alive timer
 
     def _body_over(self, close: bool) -> None:
         body, self.body = self.body, None

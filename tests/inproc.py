@@ -28,8 +28,9 @@ from aiohttp.test_utils import TestServer
 from regproxy.access import AccessLogger
 from regproxy.app import create_app, open_listener
 from regproxy.config import config_from_dict
-from regproxy.connections import default_max_connections, server_logger
+from regproxy.connections import server_logger
 from regproxy.deadline import Timing
+from regproxy.fd_limits import default_max_connections
 from regproxy.tls import ServerTLS
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"

@@ -151,6 +151,8 @@ LAYERS: dict[str, Layer] = {
     # the TLS listeners' accept loop, then TLS on the event loop (tls.workers: 0) and on
     # worker threads
     "accepting": _layer("accept_loop", "base"),
+    # the descriptor limit and the connections that fit in it
+    "fd_limits": _layer("fd_limits", "base"),
     "relay": _layer("tls_relay tls_loop", "base write_watch accepting"),
     "auth": _layer("auth", f"{_MODEL} keys serving web"),
     "handlers": _layer(
@@ -169,7 +171,7 @@ LAYERS: dict[str, Layer] = {
         "app",
         f"{_MODEL} store index facade sizes transfer upstream peers lookups registry proxy gc "
         "pinning tools keys serving web auth queries ui_model eviction_view handlers policy fast relay "
-        "lane",
+        "lane fd_limits",
     ),
     "cli": _layer(
         "cli",
