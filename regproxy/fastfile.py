@@ -27,7 +27,7 @@ import asyncio
 import os
 from typing import Final
 
-from regproxy.lane import Finish, Outlet
+from regproxy.lane import Ending, Finish, Outlet
 from regproxy.sendfile import readable_now
 from regproxy.units import BLOB_CHUNK
 
@@ -43,54 +43,44 @@ class FileBody:
     connection goes first.
     """
 
-    __slots__ = (
-        "count",
-        "error",
-        "fd",
-        "finish",
-        "head",
-        "offset",
-        "over",
-        "reading",
-        "ready",
-        "sent",
-        "timer",
-        "write_timeout",
-    )
+    __slots__ = ("count", "ending", "head", "offset", "ready", "write_timeout")
 
     def __init__(
         self, head: bytes, fd: int, count: int, write_timeout: float, finish: Finish
     ) -> None:
         self.head = head
-        self.fd = fd
         self.offset = 0
         self.count = count
         self.write_timeout = write_timeout
-        self.finish = finish
-        self.sent = 0
-        self.over = False
-        self.error: str | None = None
-        self.reading = False  # a read on a worker thread is out
-        self.ready: bytes | None = None  # what it brought back
-        self.timer: asyncio.TimerHandle | None = None
+        self.ready: bytes | None = None  # what a read on a worker brought back
+        self.ending = Ending(fd, finish, self._release)
+
+    @property
+    def error(self) -> str | None:
+        """Why it was cut short, None when it went out whole."""
+        return self.ending.error
+
+    @property
+    def reading(self) -> bool:
+        """A read on a worker thread is out."""
+        return self.ending.reading
 
     def pump(self, out: Outlet) -> bool:
         """Write what the transport takes now; True once the body is over (whole or cut)."""
-        if self.over:
+        e = self.ending
+        if e.over:
             return True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        e.stop_timer()
         transport = out.transport
         turn = 0
         while self.count > 0:
             if transport is None or transport.is_closing():
-                self._end("client_gone")
+                e.end("client_gone")
                 return True
             if out.paused:
-                self._arm_stall(out)
+                e.arm_stall(out, self.write_timeout)
                 return False
-            if self.reading:
+            if e.reading:
                 return False
             if turn >= TURN:
                 asyncio.get_running_loop().call_soon(out.wake)
@@ -99,15 +89,15 @@ class FileBody:
             chunk, self.ready = self.ready, None
             try:
                 if chunk is None:
-                    if not readable_now(self.fd, self.offset, n):
+                    if not readable_now(e.fd, self.offset, n):
                         self._read_in(out, n)
                         return False
-                    chunk = os.pread(self.fd, n, self.offset)
+                    chunk = os.pread(e.fd, n, self.offset)
             except OSError as exc:
-                self._cut(transport, "aborted", exc)
+                e.cut(transport, "aborted", exc)
                 return True
             if not chunk:
-                self._cut(transport, "aborted", EOFError("blob file is shorter than its record"))
+                e.cut(transport, "aborted", EOFError("blob file is shorter than its record"))
                 return True
             if self.head:
                 transport.writelines((self.head, chunk))
@@ -116,69 +106,36 @@ class FileBody:
                 transport.write(chunk)
             self.offset += len(chunk)
             self.count -= len(chunk)
-            self.sent += len(chunk)
+            e.sent += len(chunk)
             turn += len(chunk)
-        self._end(None)
+        e.end(None)
         return True
 
     def lost(self) -> None:
         """The connection is gone with the body unfinished."""
-        if not self.over:
-            self._end("client_gone")
+        self.ending.lost()
 
     def _read_in(self, out: Outlet, n: int) -> None:
         """Read the next chunk on a worker thread (the disk may wait), then pump again."""
-        self.reading = True
+        e = self.ending
+        e.reading = True
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, os.pread, self.fd, n, self.offset)
+        future = loop.run_in_executor(None, os.pread, e.fd, n, self.offset)
 
         def back(f: asyncio.Future[bytes]) -> None:
-            self.reading = False
-            if self.over:  # the connection went meanwhile
-                os.close(self.fd)
+            if not e.read_back():  # the connection went meanwhile
                 return
             exc = ConnectionAbortedError("read cancelled") if f.cancelled() else f.exception()
             if exc is not None:
-                self._cut(out.transport, "aborted", exc)
+                e.cut(out.transport, "aborted", exc)
             else:
                 self.ready = f.result()
             out.wake()
 
         future.add_done_callback(back)
 
-    def _arm_stall(self, out: Outlet) -> None:
-        if self.write_timeout > 0:
-            self.timer = asyncio.get_running_loop().call_later(
-                self.write_timeout, self._stalled, out
-            )
-
-    def _stalled(self, out: Outlet) -> None:
-        """The client took nothing for ``http.write_timeout``."""
-        self.timer = None
-        if not self.over:
-            self._cut(out.transport, "client_stalled", None)
-            out.wake()
-
-    def _cut(
-        self, transport: asyncio.Transport | None, error: str, exc: BaseException | None
-    ) -> None:
-        """Cut the response short: abort the connection, so no client takes it for whole."""
-        self._end(error, exc)
-        if transport is not None:
-            transport.abort()
-
-    def _end(self, error: str | None, fault: BaseException | None = None) -> None:
-        if self.over:
-            return
-        self.over = True
-        self.error = error
+    def _release(self) -> None:
         self.ready = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if not self.reading:
-            os.close(self.fd)
-        self.finish(self.sent, error, fault)
 
 
 __all__ = ["FileBody"]

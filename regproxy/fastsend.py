@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from regproxy.lane import Finish, Outlet
+from regproxy.lane import Ending, Finish, Outlet
 from regproxy.sendfile import CLIENT_GONE, TURN, WINDOW, in_page_cache, read_in
 
 
@@ -32,16 +32,10 @@ class SendfileBody:
 
     __slots__ = (
         "count",
-        "error",
-        "fd",
-        "finish",
+        "ending",
         "head",
         "offset",
         "out",
-        "over",
-        "reading",
-        "sent",
-        "timer",
         "waiting",
         "warm_until",
         "write_timeout",
@@ -51,30 +45,35 @@ class SendfileBody:
         self, head: bytes, fd: int, count: int, write_timeout: float, finish: Finish
     ) -> None:
         self.head = head
-        self.fd = fd
         self.offset = 0
         self.count = count
         self.write_timeout = write_timeout
-        self.finish = finish
-        self.sent = 0
-        self.over = False
-        self.error: str | None = None
-        self.reading = False  # a worker reads the next window into the page cache
         self.out = -1  # the twin of the socket's descriptor
         self.waiting = False  # the loop watches the twin for room
         self.warm_until = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.ending = Ending(fd, finish, self._release)
+
+    @property
+    def error(self) -> str | None:
+        """Why it was cut short, None when it went out whole."""
+        return self.ending.error
+
+    @property
+    def reading(self) -> bool:
+        """A worker reads the next window into the page cache."""
+        return self.ending.reading
 
     def pump(self, out: Outlet) -> bool:
         """Send what the socket takes now; True once the body is over (whole or cut)."""
-        if self.over:
+        e = self.ending
+        if e.over:
             return True
         self._unwait()
         transport = out.transport
         if transport is None or transport.is_closing():
-            self._end("client_gone")
+            e.end("client_gone")
             return True
-        if self.reading:
+        if e.reading:
             return False
         turn = 0
         try:
@@ -85,104 +84,77 @@ class SendfileBody:
             while self.count > 0:
                 if self.offset >= self.warm_until:
                     window = min(WINDOW, self.count)
-                    if not in_page_cache(self.fd, self.offset, window):
+                    if not in_page_cache(e.fd, self.offset, window):
                         self._read_in(out, window)
                         return False
                     self.warm_until = self.offset + window
                 if turn >= TURN:
                     asyncio.get_running_loop().call_soon(out.wake)
                     return False
-                n = os.sendfile(self.out, self.fd, self.offset, self.warm_until - self.offset)
+                n = os.sendfile(self.out, e.fd, self.offset, self.warm_until - self.offset)
                 if n == 0:
                     short = EOFError("blob file is shorter than its record")
-                    self._cut(transport, "aborted", short)
+                    e.cut(transport, "aborted", short)
                     return True
                 self.offset += n
                 self.count -= n
-                self.sent += n
+                e.sent += n
                 turn += n
         except BlockingIOError:
             self._wait(out)
             return False
         except CLIENT_GONE:
-            self._cut(transport, "client_gone", None)
+            e.cut(transport, "client_gone", None)
             return True
         except OSError as exc:
-            self._cut(transport, "aborted", exc)
+            e.cut(transport, "aborted", exc)
             return True
-        self._end(None)
+        e.end(None)
         return True
 
     def lost(self) -> None:
         """The connection is gone with the body unfinished."""
-        if not self.over:
-            self._end("client_gone")
+        self.ending.lost()
 
     def _wait(self, out: Outlet) -> None:
         """Pump again when the socket has room; cut it if that takes ``write_timeout``."""
-        loop = asyncio.get_running_loop()
-        loop.add_writer(self.out, out.wake)
+        asyncio.get_running_loop().add_writer(self.out, out.wake)
         self.waiting = True
-        if self.write_timeout > 0:
-            self.timer = loop.call_later(self.write_timeout, self._stalled, out)
+        self.ending.arm_stall(out, self.write_timeout)
 
     def _unwait(self) -> None:
         if self.waiting:
             self.waiting = False
             asyncio.get_running_loop().remove_writer(self.out)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _stalled(self, out: Outlet) -> None:
-        """The client took nothing for ``http.write_timeout``."""
-        self.timer = None
-        if not self.over:
-            self._cut(out.transport, "client_stalled", None)
-            out.wake()
+        self.ending.stop_timer()
 
     def _read_in(self, out: Outlet, window: int) -> None:
         """Bring the next window into the page cache on a worker thread, then pump again."""
-        self.reading = True
+        e = self.ending
+        e.reading = True
         future = asyncio.get_running_loop().run_in_executor(
-            None, read_in, self.fd, self.offset, window
+            None, read_in, e.fd, self.offset, window
         )
         end = self.offset + window
 
         def back(f: asyncio.Future[None]) -> None:
-            self.reading = False
-            if self.over:  # the connection went meanwhile
-                os.close(self.fd)
+            if not e.read_back():  # the connection went meanwhile
                 return
             exc = ConnectionAbortedError("read cancelled") if f.cancelled() else f.exception()
             if exc is not None:
-                self._cut(out.transport, "aborted", exc)
+                e.cut(out.transport, "aborted", exc)
             else:
                 self.warm_until = end
             out.wake()
 
         future.add_done_callback(back)
 
-    def _cut(
-        self, transport: asyncio.Transport | None, error: str, exc: BaseException | None
-    ) -> None:
-        """Cut the response short: abort the connection, so no client takes it for whole."""
-        self._end(error, exc)
-        if transport is not None:
-            transport.abort()
-
-    def _end(self, error: str | None, fault: BaseException | None = None) -> None:
-        if self.over:
-            return
-        self.over = True
-        self.error = error
+    def _release(self) -> None:
+        """The socket's twin goes when the body ends."""
         self._unwait()
         if self.out >= 0:
             os.close(self.out)
             self.out = -1
-        if not self.reading:
-            os.close(self.fd)
-        self.finish(self.sent, error, fault)
 
 
 __all__ = ["SendfileBody"]

@@ -7,6 +7,7 @@ next request once answered (no body, nothing about the connection)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Final, Protocol
 
@@ -32,12 +33,79 @@ class Outlet(Protocol):
 Finish = Callable[[int, str | None, BaseException | None], None]
 
 
+class Ending:
+    """How a lane file body (regproxy.fastfile, regproxy.fastsend) ends, once: its stall timer
+    stopped, what else it holds let go (``release``), its file closed unless a read on a worker
+    still holds it (then when that read is back), and ``finish`` told what was sent."""
+
+    __slots__ = ("error", "fd", "finish", "over", "reading", "release", "sent", "timer")
+
+    def __init__(self, fd: int, finish: Finish, release: Callable[[], None]) -> None:
+        self.fd = fd
+        self.finish = finish
+        self.release = release
+        self.over = False
+        self.error: str | None = None
+        self.sent = 0
+        self.reading = False  # a read on a worker thread is out (it holds the file)
+        self.timer: asyncio.TimerHandle | None = None
+
+    def stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def arm_stall(self, out: Outlet, seconds: float) -> None:
+        """Cut the body if the client takes nothing for ``seconds`` (``http.write_timeout``)."""
+        if seconds > 0:
+            self.timer = asyncio.get_running_loop().call_later(seconds, self._stalled, out)
+
+    def _stalled(self, out: Outlet) -> None:
+        self.timer = None
+        if not self.over:
+            self.cut(out.transport, "client_stalled", None)
+            out.wake()
+
+    def read_back(self) -> bool:
+        """A worker's read is back: False (and the file closed) if the body ended meanwhile."""
+        self.reading = False
+        if self.over:
+            os.close(self.fd)
+            return False
+        return True
+
+    def lost(self) -> None:
+        """The connection is gone with the body unfinished."""
+        if not self.over:
+            self.end("client_gone")
+
+    def cut(
+        self, transport: asyncio.Transport | None, error: str, exc: BaseException | None
+    ) -> None:
+        """Cut the response short: abort the connection, so no client takes it for whole."""
+        self.end(error, exc)
+        if transport is not None:
+            transport.abort()
+
+    def end(self, error: str | None, fault: BaseException | None = None) -> None:
+        if self.over:
+            return
+        self.over = True
+        self.error = error
+        self.stop_timer()
+        self.release()
+        if not self.reading:
+            os.close(self.fd)
+        self.finish(self.sent, error, fault)
+
+
 class LaneBody(Protocol):
     """A response the lane streams (regproxy.fastfile.FileBody): the guard pumps it until it
     says it is over, again whenever the transport resumes or the body wakes it."""
 
-    #: why it was cut short (it aborted the connection), None when it went out whole
-    error: str | None
+    @property
+    def error(self) -> str | None:
+        """Why it was cut short (it aborted the connection), None when it went out whole."""
 
     def pump(self, out: Outlet) -> bool: ...
     def lost(self) -> None: ...
@@ -115,6 +183,7 @@ def partial_head(buf: bytes) -> bool:
 __all__ = [
     "FAST_HEAD_MAX",
     "FastLane",
+    "Ending",
     "Finish",
     "LaneBody",
     "Outlet",
