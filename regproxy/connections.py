@@ -483,7 +483,7 @@ class _Guarded(asyncio.Protocol):
         body, self.body = self.body, None
         self.guard.streams.discard(self)
         assert body is not None and self.transport is not None
-        if body.error is not None:  # cut short: the connection is aborted
+        if body.ending.error is not None:  # cut short: the connection is aborted
             self.lane = None
         elif close:
             self.transport.close()
@@ -574,7 +574,7 @@ class _Guarded(asyncio.Protocol):
         body, self.body = self.body, None
         if body is not None:
             self.guard.streams.discard(self)
-            body.lost()
+            body.ending.lost()
         inner, self.inner = self.inner, None
         if inner is not None:
             inner.connection_lost(exc)

@@ -55,16 +55,6 @@ class FileBody:
         self.ready: bytes | None = None  # what a read on a worker brought back
         self.ending = Ending(fd, finish, self._release)
 
-    @property
-    def error(self) -> str | None:
-        """Why it was cut short, None when it went out whole."""
-        return self.ending.error
-
-    @property
-    def reading(self) -> bool:
-        """A read on a worker thread is out."""
-        return self.ending.reading
-
     def pump(self, out: Outlet) -> bool:
         """Write what the transport takes now; True once the body is over (whole or cut)."""
         e = self.ending
@@ -110,10 +100,6 @@ class FileBody:
             turn += len(chunk)
         e.end(None)
         return True
-
-    def lost(self) -> None:
-        """The connection is gone with the body unfinished."""
-        self.ending.lost()
 
     def _read_in(self, out: Outlet, n: int) -> None:
         """Read the next chunk on a worker thread (the disk may wait), then pump again."""

@@ -53,16 +53,6 @@ class SendfileBody:
         self.warm_until = 0
         self.ending = Ending(fd, finish, self._release)
 
-    @property
-    def error(self) -> str | None:
-        """Why it was cut short, None when it went out whole."""
-        return self.ending.error
-
-    @property
-    def reading(self) -> bool:
-        """A worker reads the next window into the page cache."""
-        return self.ending.reading
-
     def pump(self, out: Outlet) -> bool:
         """Send what the socket takes now; True once the body is over (whole or cut)."""
         e = self.ending
@@ -111,10 +101,6 @@ class SendfileBody:
             return True
         e.end(None)
         return True
-
-    def lost(self) -> None:
-        """The connection is gone with the body unfinished."""
-        self.ending.lost()
 
     def _wait(self, out: Outlet) -> None:
         """Pump again when the socket has room; cut it if that takes ``write_timeout``."""

@@ -103,12 +103,11 @@ class LaneBody(Protocol):
     """A response the lane streams (regproxy.fastfile.FileBody): the guard pumps it until it
     says it is over, again whenever the transport resumes or the body wakes it."""
 
-    @property
-    def error(self) -> str | None:
-        """Why it was cut short (it aborted the connection), None when it went out whole."""
+    #: how it ends: ``ending.error`` says why it was cut short (it aborted the connection),
+    #: None when it went out whole; ``ending.lost()`` when the connection goes first
+    ending: Ending
 
     def pump(self, out: Outlet) -> bool: ...
-    def lost(self) -> None: ...
 
 
 class Streams:

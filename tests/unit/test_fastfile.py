@@ -83,7 +83,7 @@ async def pump(body: FileBody, out: Out) -> bool:
     for _ in range(100):
         if body.pump(out):
             return True
-        if not body.reading:
+        if not body.ending.reading:
             return False
         await asyncio.wait_for(out.woken.wait(), 30)  # a bound on the test, not a figure
         out.woken.clear()
@@ -112,7 +112,7 @@ async def test_the_head_then_the_bytes_with_no_write_while_paused(blob: tuple[in
     assert sent == HEAD + data
     assert max(len(w) for w in out.transport.written[1:]) <= BLOB_CHUNK
     assert ends.calls == [(len(data), None, None)] and closed(fd)
-    body.lost()  # after its end: nothing more
+    body.ending.lost()  # after its end: nothing more
     assert len(ends.calls) == 1
 
 
@@ -145,8 +145,8 @@ async def test_a_client_gone_ends_it_once(blob: tuple[int, bytes]) -> None:
     out, ends = Out(room=1), Ends()
     body = FileBody(HEAD, fd, len(data), 60.0, ends)
     assert not await pump(body, out)
-    body.lost()
-    body.lost()
+    body.ending.lost()
+    body.ending.lost()
     assert ends.calls == [(BLOB_CHUNK, "client_gone", None)] and closed(fd)
 
 
@@ -175,7 +175,7 @@ async def test_gone_while_a_worker_reads_closes_the_file_when_the_read_is_back(
     out, ends = Out(), Ends()
     body = FileBody(HEAD, fd, len(data), 60.0, ends)
     assert not body.pump(out)
-    body.lost()
+    body.ending.lost()
     assert ends.calls == [(0, "client_gone", None)]
     assert not closed(fd)  # the worker still reads it: not yet (its number must not be reused)
     for _ in range(500):  # a bound on the test, not a figure
