@@ -253,6 +253,7 @@ class _Guarded(asyncio.Protocol):
         "counted",
         "files",
         "guard",
+        "half_closed",
         "handed",
         "held",
         "held_paused",
@@ -291,6 +292,7 @@ class _Guarded(asyncio.Protocol):
         self.body: LaneBody | None = None  # a response the lane is streaming
         self.held = b""  # what came while it streams (the requests after it)
         self.held_paused = False  # reading paused while more than FAST_HEAD_MAX is held
+        self.half_closed = False  # the client shut its side while a body went out
         self.files = ""  # how the lane may stream blob files here ("tls", "plain"; lane.py)
         self.idle: asyncio.TimerHandle | None = None  # keep-alive while the lane answers
         self.answered_at = 0.0
@@ -485,8 +487,9 @@ class _Guarded(asyncio.Protocol):
         assert body is not None and self.transport is not None
         if body.ending.error is not None:  # cut short: the connection is aborted
             self.lane = None
-        elif close:
+        elif close or self.half_closed:
             self.transport.close()
+            self.lane = None
         else:
             self.answered_at = self.guard.clock()
             if self.idle is None:
@@ -542,6 +545,11 @@ class _Guarded(asyncio.Protocol):
         self.transport.close()
 
     def eof_received(self) -> bool | None:
+        if self.body is not None and self.files == "plain":
+            # a client may shut its side once its request is sent (SHUT_WR): the body it asked
+            # for still goes out whole, then the connection closes (nothing after it is read)
+            self.half_closed = True
+            return True
         if self.inner is not None:
             return self.inner.eof_received()
         return None

@@ -81,6 +81,29 @@ def test_bytes_pipelined_behind_a_streaming_body_are_bounded(
     assert pushed < 32 * 1024 * 1024, f"server kept reading: {pushed} bytes held"
 
 
+def test_a_half_closed_client_gets_the_whole_body(
+    app_factory: Callable[..., AppDaemon], loop_kind: str
+) -> None:
+    """A plain-HTTP client that sends its request and shuts its side (SHUT_WR), then reads: the
+    lane's body goes out whole, then the connection closes (it sent ~4.6 of 8 MiB, then FIN)."""
+    d = start(app_factory, (None, None))
+    data = os.urandom(8 * 1024 * 1024)
+    digest = put_blob(d, None, data)
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(request("GET", f"/v2/{REPO}/blobs/{digest}"))
+        s.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while chunk := s.recv(1 << 20):  # bounded by the socket's timeout
+            got += chunk
+    finally:
+        s.close()
+    settled(d, digest)
+    assert metric(d, FAST) == 1  # the lane streamed it
+    assert bytes(got).partition(b"\r\n\r\n")[2] == data
+
+
 def test_no_descriptor_leaks_after_many_bodies_cut(
     app_factory: Callable[..., AppDaemon],
     tls: TLS,  # noqa: F811
