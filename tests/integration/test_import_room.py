@@ -146,6 +146,11 @@ async def test_the_import_command_names_the_bundle_that_does_not_fit_and_exits_1
     assert "refused, insufficient storage: bundle file 'blobs/sha256/" in line, line
     assert "more than the cache may ever hold" in line and "max_size 100000" in line, line
     assert temp_files(store) == []
+    await assert_a_imported_b_not(cfg)
+
+
+async def assert_a_imported_b_not(cfg: Config) -> None:
+    """team/a:1 is in the store, team/b:1 is not."""
     registry = build_registry(cfg)
     await registry.open(sweep=False)
     try:
@@ -229,12 +234,4 @@ async def test_an_index_that_fills_midway_says_what_was_imported_and_what_not(
     assert "imported before it: 1 image(s) (spectro-images/docker.io/team/a:1)" in line, line
     assert "not imported: 1 image(s) (spectro-images/docker.io/team/b:1)" in line, line
     assert "nothing of this bundle" not in line
-    registry = build_registry(cfg)
-    await registry.open(sweep=False)
-    try:
-        team_a = RepoName("spectro-images/docker.io/team/a", "docker.io", "team/a")
-        team_b = RepoName("spectro-images/docker.io/team/b", "docker.io", "team/b")
-        assert await registry.local_manifest(team_a, "1") is not None
-        assert await registry.local_manifest(team_b, "1") is None
-    finally:
-        await registry.close()
+    await assert_a_imported_b_not(cfg)
