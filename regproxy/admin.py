@@ -11,9 +11,9 @@ from typing import Final
 from aiohttp import web
 
 from regproxy.bundle import BundleError, Importer
-from regproxy.connections import body_chunks
 from regproxy.errors import OCIError
 from regproxy.expect import defer_continue
+from regproxy.request_limits import body_chunks
 from regproxy.web_errors import error_response
 from regproxy.web_keys import POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 

@@ -18,7 +18,6 @@ from aiohttp import web
 from regproxy import pins, sendfile
 from regproxy.access import body_bytes
 from regproxy.byte_ranges import MAX_POSITION_DIGITS, parse_range
-from regproxy.connections import app_metrics, body_chunks
 from regproxy.errors import (
     BlobUnknown,
     BlobUploadInvalid,
@@ -46,6 +45,7 @@ from regproxy.oci import (
 )
 from regproxy.policy import cosign_tag_subject
 from regproxy.registry import HOME_REQUEST, LOCAL_ONLY, NOTES, PROBE, Blob, Registry
+from regproxy.request_limits import app_metrics, body_chunks
 from regproxy.web_errors import NotFound
 from regproxy.web_keys import POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 from regproxy.web_keys import notes as _notes

@@ -22,12 +22,7 @@ from regproxy import admin, api, auth, repo_sizes, ui
 from regproxy.access import AccessLogger
 from regproxy.async_index import AsyncIndex
 from regproxy.config import Config
-from regproxy.connections import (
-    HTTP_KEY,
-    TIMING_KEY,
-    ConnectionGuard,
-    server_logger,
-)
+from regproxy.connections import ConnectionGuard, server_logger
 from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import ConfigError
 from regproxy.evict import Evictor
@@ -47,6 +42,7 @@ from regproxy.peers import Peers
 from regproxy.policy import Policy
 from regproxy.prefetch import Prefetcher
 from regproxy.proxy import ProxyRegistry, build_registry
+from regproxy.request_limits import HTTP_KEY, TIMING_KEY
 from regproxy.tls import ServerTLS
 from regproxy.tls import reload_all as reload_tls
 from regproxy.tls_failures import HandshakeFailures

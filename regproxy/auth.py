@@ -67,11 +67,11 @@ import bcrypt
 from aiohttp import BasicAuth, hdrs, web
 
 from regproxy.config import AuthConfig
-from regproxy.connections import TIMING_KEY, app_metrics
 from regproxy.deadline import DEFAULT_TIMING
 from regproxy.errors import Denied, OCIError, TooManyRequests, Unauthorized
 from regproxy.login_budget import LoginBudget, client_key
 from regproxy.metrics import Metrics
+from regproxy.request_limits import TIMING_KEY, app_metrics
 from regproxy.web_errors import error_response
 from regproxy.web_keys import notes
 

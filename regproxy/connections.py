@@ -29,9 +29,8 @@ adds what aiohttp lacks:
   body as the connection takes it and holds the requests behind it until it is out.
 
 Response and body deadlines (``http.write_timeout``, ``http.read_timeout``,
-``http.body_min_rate``) belong to the requests themselves: every read of a request body goes
-through :func:`read_body` or :func:`body_chunks` here (aiohttp has no deadline for request
-bodies); responses, see regproxy.sendfile.
+``http.body_min_rate``) belong to the requests themselves: request bodies, see
+regproxy.request_limits; responses, regproxy.sendfile.
 """
 
 from __future__ import annotations
@@ -39,31 +38,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final, TypeVar, cast
+from collections.abc import Callable
+from typing import Final, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from regproxy.config import HttpConfig
-from regproxy.deadline import DEFAULT_TIMING, Pace, Timing, TransferLimits
-from regproxy.errors import BodyTimeout
-from regproxy.expect import send_continue
 from regproxy.lane import FAST_HEAD_MAX, FastLane, LaneBody, Streams, bodiless, partial_head
 from regproxy.metrics import Metrics
-from regproxy.web_keys import METRICS_KEY
 from regproxy.write_watch import WriteWatch
 
 log = logging.getLogger("regproxy")
-T = TypeVar("T")
-HTTP_KEY: Final = web.AppKey("http", HttpConfig)
-#: where the app's clocks come from (a body's pace is judged on it; tests move a fake one)
-TIMING_KEY: Final = web.AppKey("timing", Timing)
-_DEFAULT: Final = HttpConfig()
 RETRY_AFTER_SECONDS: Final = 1
 #: a refused connection is kept this long at most, so that the client reads the 503 before the
 #: close (closing with its request unread would reset the connection and lose the answer)
@@ -92,64 +81,6 @@ def server_logger() -> logging.Logger:
     if not any(isinstance(f, _ClientFault) for f in logger.filters):
         logger.addFilter(_ClientFault())
     return logger
-
-
-def app_metrics(app: web.Application) -> Metrics:
-    """The app's metrics (a fresh set for an app made without any, as some tests make)."""
-    found = app.get(METRICS_KEY)
-    if found is None:
-        found = Metrics()
-        app[METRICS_KEY] = found
-    return found
-
-
-def http_limits(app: web.Application) -> HttpConfig:
-    """The ``http`` section of the config the app was made with (defaults without one)."""
-    return app.get(HTTP_KEY) or _DEFAULT
-
-
-async def read_body(request: web.Request, read: Awaitable[T]) -> T:
-    """One read of the request's body (a chunk, a small form) within ``http.read_timeout``;
-    a body that stalls is :class:`BodyTimeout` (408, and the connection is closed)."""
-    timeout = http_limits(request.app).read_timeout
-    await send_continue(request)
-    try:
-        async with asyncio.timeout(timeout):
-            return await read
-    except TimeoutError:
-        app_metrics(request.app).slow_clients_cut.labels("read").inc()
-        raise BodyTimeout(f"no body bytes for {timeout:.0f}s") from None
-
-
-async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives, each chunk within ``http.read_timeout``, and all of it at
-    ``http.body_min_rate`` or more averaged over ``http.body_min_rate_window``: a client that
-    drips a byte now and then (which the timeout of each read alone would let hold an upload
-    session and a connection for ever) is answered 408 once the window shows it."""
-    limits = http_limits(request.app)
-    pace = Pace(
-        TransferLimits(limits.body_min_rate, limits.body_min_rate_window, math.inf),
-        request.app.get(TIMING_KEY, DEFAULT_TIMING).now,
-        math.inf,
-    )
-    content = request.content
-    await send_continue(request)  # the client may send it now (Expect: 100-continue)
-    while True:
-        try:
-            async with asyncio.timeout(min(limits.read_timeout, pace.time_left())):
-                chunk = await content.readany()
-        except TimeoutError:
-            chunk = None
-        if chunk == b"":
-            return
-        if chunk is not None:
-            pace.add(len(chunk))
-        short = pace.shortfall()
-        if chunk is None or short is not None:
-            app_metrics(request.app).slow_clients_cut.labels("read").inc()
-            why = short or f"no body bytes for {limits.read_timeout:.0f}s"
-            raise BodyTimeout(f"request body stalled: {why}")
-        yield chunk
 
 
 def _refusal() -> bytes:

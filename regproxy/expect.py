@@ -7,7 +7,7 @@ answers ``100`` as soon as the head is routed, before regproxy looked at anythin
 for room (507), size (413), login (401/403), an unknown session (404) or a bad digest (400)
 made the client send the whole body first. Here the routes that take bodies defer it
 (:func:`defer_continue`, their ``expect_handler``); the body's first read sends it
-(:func:`send_continue`, called by every body reader in :mod:`regproxy.connections`); and a
+(:func:`send_continue`, called by every body reader in :mod:`regproxy.request_limits`); and a
 final answer given without it closes the connection (:func:`close_if_body_refused`, on
 ``on_response_prepare``), since the client never sends the body the request's length announced.
 

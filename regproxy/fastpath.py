@@ -41,7 +41,6 @@ from regproxy.access import count_request, write_line
 from regproxy.api import check_reference, route
 from regproxy.auth import USERS_KEY, UserDB, needs
 from regproxy.cached_open import open_cached
-from regproxy.connections import http_limits
 from regproxy.errors import OCIError
 from regproxy.fastfile import FileBody
 from regproxy.fastsend import SendfileBody
@@ -51,6 +50,7 @@ from regproxy.names import NameResolver, RepoName
 from regproxy.oci import Digest
 from regproxy.policy import Policy
 from regproxy.proxy import ProxyRegistry
+from regproxy.request_limits import http_limits
 from regproxy.web_keys import INSTANCE_KEY, METRICS_KEY, POLICY_KEY, REGISTRY_KEY, RESOLVER_KEY
 
 log = logging.getLogger("regproxy.api")

@@ -34,9 +34,9 @@ from typing import Final
 from aiohttp import web
 
 from regproxy.cached_open import open_cached
-from regproxy.connections import app_metrics, http_limits
 from regproxy.errors import BlobUnknown
 from regproxy.oci import Digest
+from regproxy.request_limits import app_metrics, http_limits
 from regproxy.units import BLOB_CHUNK
 from regproxy.web_keys import notes
 

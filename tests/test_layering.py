@@ -139,13 +139,15 @@ LAYERS: dict[str, Layer] = {
     # the HTTP layer: shared keys and error rendering low, handlers above them (expect: when
     # a 100 Continue goes out, for the routes and the body readers)
     "keys": _layer("web_keys expect", f"{_MODEL} registry tools policy"),
-    # connections: the guard in front of aiohttp's protocol, the http limits' app key
+    # connections: the guard in front of aiohttp's protocol
     # connections whose client takes none of the bytes waiting for it (the guard's watch)
     "write_watch": _layer("write_watch", "base"),
     # what the guard knows of the fast lane, and how it frames requests for it
     "lane": _layer("lane"),
     "serving": _layer("connections", f"{_MODEL} keys write_watch lane"),
-    "web": _layer("web_errors sendfile access", f"{_MODEL} keys serving"),
+    # the http limits' app keys, and request bodies read within them
+    "limits": _layer("request_limits", f"{_MODEL} keys"),
+    "web": _layer("web_errors sendfile access", f"{_MODEL} keys serving limits"),
     # TLS handshakes and records on worker threads, plaintext to the event loop (knows no HTTP;
     # its workers cut clients that take nothing, as the guard does)
     # the TLS listeners' accept loop, then TLS on the event loop (tls.workers: 0) and on
@@ -154,23 +156,26 @@ LAYERS: dict[str, Layer] = {
     # the descriptor limit and the connections that fit in it
     "fd_limits": _layer("fd_limits", "base"),
     "relay": _layer("tls_relay tls_loop", "base write_watch accepting"),
-    "auth": _layer("auth", f"{_MODEL} keys serving web"),
+    "auth": _layer("auth", f"{_MODEL} keys serving limits web"),
     "handlers": _layer(
         "api admin ui",
-        f"{_MODEL} registry queries ui_model eviction_view pinning tools keys serving web auth policy referrers "
+        f"{_MODEL} registry queries ui_model eviction_view pinning tools keys serving limits web auth "
+        "policy referrers "
         "settling",
     ),
     # simple GETs answered from memory in front of aiohttp's parser (connections hands them on)
     # a committed blob file the lane streams over TLS, without aiohttp's request path
     "fast_file": _layer("fastfile fastsend", "base lane web"),
     "fast": _layer(
-        "fastpath", f"{_MODEL} registry proxy policy keys serving web auth handlers fast_file"
+        "fastpath",
+        f"{_MODEL} registry proxy policy keys serving limits web auth handlers fast_file",
     ),
     # nothing imports app but the command line, and nothing imports the command line
     "app": _layer(
         "app",
         f"{_MODEL} store index facade sizes transfer upstream peers lookups registry proxy gc "
-        "pinning tools keys serving web auth queries ui_model eviction_view handlers policy fast relay "
+        "pinning tools keys serving limits web auth queries ui_model eviction_view handlers policy fast "
+        "relay "
         "lane fd_limits",
     ),
     "cli": _layer(
@@ -184,7 +189,9 @@ LAYERS: dict[str, Layer] = {
 #: third-party modules (a prefix: "aiohttp.web" also covers aiohttp.web_response) -> the only
 #: layers that may import them
 THIRD_PARTY: dict[str, frozenset[str]] = {
-    "aiohttp.web": frozenset({"keys", "serving", "web", "auth", "handlers", "fast", "app"}),
+    "aiohttp.web": frozenset(
+        {"keys", "serving", "limits", "web", "auth", "handlers", "fast", "app"}
+    ),
     "sqlite3": frozenset({"schema", "index"}),
     "bcrypt": frozenset({"auth"}),
     "jinja2": frozenset({"handlers"}),

@@ -11,10 +11,10 @@ from aiohttp import BodyPartReader, web
 
 from regproxy import pins
 from regproxy.bundle import BundleError, Importer
-from regproxy.connections import read_body
 from regproxy.errors import OCIError, StorageFull
 from regproxy.names import RepoName
 from regproxy.oci import is_digest_reference
+from regproxy.request_limits import read_body
 from regproxy.settling import PutBackFailed, PutBackFull
 from regproxy.ui import queries
 from regproxy.ui.base import (

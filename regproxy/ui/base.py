@@ -19,12 +19,12 @@ from multidict import MultiDictProxy
 
 from regproxy import auth
 from regproxy.config import Config
-from regproxy.connections import read_body
 from regproxy.errors import OCIError
 from regproxy.health import Health
 from regproxy.names import RepoName
 from regproxy.prefetch import Prefetcher
 from regproxy.registry import Registry
+from regproxy.request_limits import read_body
 from regproxy.ui.format import (
     ago,
     duration,

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from regproxy.config import HttpConfig
-from regproxy.connections import HTTP_KEY
+from regproxy.request_limits import HTTP_KEY
 from regproxy.sendfile import SEND_ERRORS, Stalled, _send_chunks, _Sent
 from regproxy.units import BLOB_CHUNK
 
