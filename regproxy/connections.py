@@ -191,6 +191,7 @@ class _Guarded(asyncio.Protocol):
         "idle",
         "inner",
         "inner_done_at",
+        "inner_paused",
         "inner_used",
         "lane",
         "lingers",
@@ -220,6 +221,7 @@ class _Guarded(asyncio.Protocol):
         self.lane = guard.fast
         self.pending = b""  # the start of a request head the lane waits for the rest of
         self.paused = False  # the transport asked us to stop writing
+        self.inner_paused = False  # aiohttp's protocol was told to stop writing
         self.body: LaneBody | None = None  # a response the lane is streaming
         self.held = b""  # what came while it streams (the requests after it)
         self.held_paused = False  # reading paused while more than FAST_HEAD_MAX is held
@@ -487,14 +489,19 @@ class _Guarded(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        if self.inner is not None:
+        # aiohttp's protocol asserts it is told once per turn (a second pause, or a resume
+        # while not paused, raises): it hears a pause only when it runs, a resume only when
+        # it was paused, whatever the transport says twice
+        if self.inner is not None and not self.inner_paused:
+            self.inner_paused = True
             self.inner.pause_writing()
 
     def resume_writing(self) -> None:
         self.paused = False
         if self.body is not None:
             self.wake()
-        if self.inner is not None:
+        if self.inner is not None and self.inner_paused:
+            self.inner_paused = False
             self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:

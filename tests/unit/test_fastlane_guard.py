@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from aiohttp.base_protocol import BaseProtocol
+
 from regproxy.config import HttpConfig
 from regproxy.connections import ConnectionGuard
 from regproxy.metrics import Metrics
@@ -33,10 +35,12 @@ class Transport:
         return ("127.0.0.1", 40000) if name == "peername" else None
 
 
-class Inner(asyncio.Protocol):
-    """aiohttp's protocol, as far as the guard sees it: what it was handed."""
+class Inner(BaseProtocol):
+    """aiohttp's protocol, as far as the guard sees it: what it was handed, and its flow
+    control (aiohttp's own: a second pause, or a resume while not paused, is an assertion)."""
 
     def __init__(self) -> None:
+        super().__init__(asyncio.get_running_loop())
         self.got = b""
 
     def data_received(self, data: bytes) -> None:
@@ -188,5 +192,27 @@ async def test_no_answer_while_the_transport_asks_to_stop_writing() -> None:
         c.done()
         c.send(req("/fast2"))
         assert c.answered() == [b"ANSWER /fast2\n"]
+    finally:
+        c.lost()
+
+
+async def test_aiohttp_hears_a_pause_once_and_a_resume_only_when_paused() -> None:
+    # a transport that says pause (or resume) twice in a row: aiohttp's protocol asserts on a
+    # second one, which the loop logged as an error (seen under a fault); it hears each turn once
+    c = Conn()
+    try:
+        c.proto.pause_writing()
+        c.proto.pause_writing()
+        assert c.inner.writing_paused and c.proto.paused
+        c.proto.resume_writing()
+        c.proto.resume_writing()
+        assert not c.inner.writing_paused and not c.proto.paused
+        c.proto.resume_writing()  # a resume with no pause before it
+        c.proto.pause_writing()
+        assert c.inner.writing_paused
+        c.proto.resume_writing()
+        assert not c.inner.writing_paused
+        c.send(req("/fast1"))  # and the lane answers again
+        assert c.answered() == [b"ANSWER /fast1\n"]
     finally:
         c.lost()
