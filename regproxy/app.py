@@ -413,16 +413,45 @@ async def serve(
     try:
         await stop.wait()
     finally:
-        log.info("shutdown.start timeout=%.0fs", config.shutdown_timeout)
-        listener.close()  # no new connections; the open ones are drained by the runner
-        # ... but for bodies the fast lane streams, whose connections aiohttp sees idle
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(config.shutdown_timeout):
-                await runner.app[STREAMS_KEY].drained()
-        await runner.cleanup()
-        if isinstance(listener, TLSRelay):
-            listener.stop()  # what is still relayed is aborted; the threads end
+        await stop_serving(runner, listener, config.shutdown_timeout)
         log.info("shutdown.done")
+
+
+async def stop_serving(
+    runner: web.AppRunner, listener: asyncio.Server | TLSRelay | LoopTLS, within: float
+) -> None:
+    """Stop :func:`open_listener`'s listener and its runner in stages, all within one deadline
+    ``within`` seconds from now (``shutdown_timeout``), each stage given what is left of it:
+
+    1. no new connections; the app's ``on_shutdown`` (``/readyz`` says draining, in-flight
+       transfers count their time from now: ``ProxyRegistry.begin_shutdown``);
+    2. the bodies the fast lane streams (aiohttp sees their connections idle, and would close
+       them at once);
+    3. aiohttp's handlers (``Server.shutdown``), then the app's cleanup (the fetches in flight
+       drain within what is left: ``ProxyRegistry.close``).
+
+    aiohttp's runner would give its handlers the whole ``shutdown_timeout`` again after the
+    bodies had used it (a stop took up to twice it): stage 3 is done here, with the time left,
+    and the runner's own cleanup finds no connection left (its ``on_shutdown`` again: each
+    hook does its work once)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    log.info("shutdown.start timeout=%.0fs", within)
+    listener.close()  # no new connections
+    await runner.shutdown()
+    streams = runner.app[STREAMS_KEY]
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout_at(deadline):
+            await streams.drained()
+    server = runner.server
+    if server is not None:
+        left = max(0.0, deadline - loop.time())
+        log.info("shutdown.handlers bodies_cut=%d timeout=%.1fs", len(streams.live), left)
+        server.pre_shutdown()  # idle connections close
+        await server.shutdown(left)
+    await runner.cleanup()
+    if isinstance(listener, TLSRelay):
+        listener.stop()  # what is still relayed is aborted; the threads end
 
 
 def install_signal_handlers(

@@ -26,12 +26,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from regproxy.access import AccessLogger
-from regproxy.app import create_app, open_listener
+from regproxy.app import create_app, open_listener, stop_serving
 from regproxy.config import config_from_dict
 from regproxy.connections import server_logger
 from regproxy.deadline import Timing
 from regproxy.fd_limits import default_max_connections
 from regproxy.tls import ServerTLS
+from regproxy.web_keys import CONFIG_KEY
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -183,8 +184,7 @@ class AppDaemon:
     @staticmethod
     async def _close(server: tuple[web.AppRunner, Any]) -> None:
         runner, listener = server
-        listener.close()
-        await runner.cleanup()
+        await stop_serving(runner, listener, runner.app[CONFIG_KEY].shutdown_timeout)  # as serve
 
     def _finish(self) -> None:
         assert self._loop is not None

@@ -317,3 +317,29 @@ def test_a_stop_does_not_keep_answering_a_keepalive_client_from_the_lane(
     assert d.proc.wait(30) == 0
     assert cut == 0, f"a body cut by the stop after {whole} whole ones"
     assert whole <= 4, f"{whole} answers after the stop began"
+
+
+def test_a_stop_gives_aiohttp_only_what_the_lane_bodies_left_of_shutdown_timeout(
+    app_factory: Callable[..., AppDaemon],
+) -> None:
+    """One deadline for the whole stop: a body the lane streams to a client that takes nothing
+    holds the stop until ``shutdown_timeout``, and aiohttp's handlers then get what is left of
+    it (nothing), not a second ``shutdown_timeout`` (a stop took up to twice it)."""
+    d = start(
+        app_factory, (None, None), {"shutdown_timeout": "1s", "http": {"write_timeout": "60s"}}
+    )
+    digest = put_blob(d, None, os.urandom(32 * 1024 * 1024))
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(request("GET", f"/v2/{REPO}/blobs/{digest}"))
+        assert s.recv(4096).startswith(b"HTTP/1.1 200 OK")  # and then it reads nothing
+        d.stop()
+    finally:
+        s.close()
+    log = d.log()
+    assert "shutdown.start timeout=1s" in log
+    # the lane's body (counted when it ends) used the whole deadline, its client taking
+    # nothing: aiohttp is given none of it
+    assert "shutdown.handlers bodies_cut=1 timeout=0.0s" in log, log[-2000:]
+    assert metric(d, FAST) == 1
