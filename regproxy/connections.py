@@ -374,6 +374,9 @@ class _Guarded(asyncio.Protocol):
         self.inner_used = False
         self.body = body
         self.guard.streams.add(self)
+        # a client that takes nothing of it is the body's to cut (its own stall timer:
+        # ``client_stalled``), not the write watch's too (which ended it ``client_gone``)
+        self.guard.writes.discard(self)
         if close:
             self.lane = None  # nothing after it is answered (as aiohttp)
         if not body.pump(self):
@@ -417,6 +420,7 @@ class _Guarded(asyncio.Protocol):
     def _body_over(self, close: bool) -> None:
         body, self.body = self.body, None
         self.guard.streams.discard(self)
+        self.guard.writes.add(self)  # what follows on the connection is the watch's again
         assert body is not None and self.transport is not None
         if body.ending.error is not None:  # cut short: the connection is aborted
             self.lane = None

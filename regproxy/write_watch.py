@@ -1,7 +1,8 @@
 """Connections whose answers wait in memory for a client that takes none of them (HTTP layer).
 
 Blob bodies sent with ``sendfile`` or in chunks keep their own ``http.write_timeout``
-(regproxy.sendfile). Everything else is one write into the connection's transport: a manifest
+(regproxy.sendfile), and so do those the fast lane streams (regproxy.lane's ``Ending``: the guard
+takes their connection out of the watch while one goes out, so a stalled client is cut once). Everything else is one write into the connection's transport: a manifest
 (up to 4 MiB), a small blob, an error, a tags list, the web page, the fast lane's answers. A
 client that sends its request and then never reads leaves those bytes in the transport's buffer,
 and aiohttp's handler waiting for them to drain, for as long as the connection lives: nothing

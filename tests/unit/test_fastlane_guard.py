@@ -5,13 +5,17 @@ request goes where, in which order, and when the lane takes a connection back.""
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from typing import Any
 
 from aiohttp.base_protocol import BaseProtocol
 
 from regproxy.config import HttpConfig
 from regproxy.connections import ConnectionGuard
+from regproxy.fastfile import FileBody
 from regproxy.metrics import Metrics
+from regproxy.units import BLOB_CHUNK
 
 
 class Transport:
@@ -216,3 +220,81 @@ async def test_aiohttp_hears_a_pause_once_and_a_resume_only_when_paused() -> Non
         assert c.answered() == [b"ANSWER /fast1\n"]
     finally:
         c.lost()
+
+
+class TLSTransport(Transport):
+    """A TLS transport whose client takes nothing: what is written waits, and past ``room``
+    bytes it asks its protocol to stop writing (as asyncio's does at its high-water mark)."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+        self.waiting = 0
+        self.protocol: Any = None
+
+    def write(self, data: bytes) -> None:
+        was = self.waiting
+        self.waiting += len(data)
+        if was <= self.room < self.waiting:
+            self.protocol.pause_writing()
+
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        self.write(b"".join(parts))
+
+    def get_write_buffer_size(self) -> int:
+        return self.waiting
+
+    def get_extra_info(self, name: str) -> Any:
+        return object() if name == "ssl_object" else super().get_extra_info(name)
+
+
+async def test_a_stalled_client_of_a_lane_body_is_cut_once_as_stalled(tmp_path: Path) -> None:
+    """A client that takes nothing of a blob body the lane streams over TLS: the body's own
+    stall timer cuts it (``client_stalled``), and the guard's write watch, which looks at the
+    same bytes waiting, leaves it alone: it cut it first now and then, and the body ended as
+    ``client_gone`` (one stalled client reported both ways, by one or the other)."""
+    write_timeout = 0.2
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(8 * BLOB_CHUNK))
+    ends: list[str | None] = []
+    ended = asyncio.Event()
+
+    def finish(sent: int, error: str | None, fault: BaseException | None) -> None:
+        ends.append(error)
+        ended.set()
+
+    class BlobLane:
+        def answer(
+            self, head: bytes, remote: str | None, followed: bool, files: str = ""
+        ) -> tuple[FileBody, bool]:
+            assert files == "tls"
+            fd = os.open(path, os.O_RDONLY)
+            body = FileBody(b"HTTP/1.1 200 OK\r\n\r\n", fd, 8 * BLOB_CHUNK, write_timeout, finish)
+            return body, False
+
+    now = 1000.0
+    metrics = Metrics()
+    guard = ConnectionGuard(
+        Inner, HttpConfig(write_timeout=write_timeout), 10, metrics, BlobLane(), lambda: now
+    )
+    proto: Any = guard()
+    transport = TLSTransport(room=BLOB_CHUNK)
+    transport.protocol = proto
+    proto.connection_made(transport)
+    try:
+        proto.data_received(req("/v2/x/blobs/sha256:" + "a" * 64))
+        for _ in range(500):  # bounded: a read on a worker first, where the probe says so
+            if proto.paused:
+                break
+            await asyncio.sleep(0.01)
+        assert proto.paused and proto.body is not None  # the body waits for the client
+        assert guard.writes.sweep() == 0  # the watch sees the bytes waiting: its clock starts
+        now += 10 * write_timeout  # and nothing taken since, for longer than write_timeout
+        assert guard.writes.sweep() == 0 and not transport.closed
+        async with asyncio.timeout(5):  # a bound on the test: the body's timer fires
+            await ended.wait()
+        assert transport.closed  # aborted by the body
+    finally:
+        proto.connection_lost(None)  # (the loop's, after the abort)
+    assert ends == ["client_stalled"]
+    assert metrics.slow_clients_cut.labels("write")._value.get() == 0  # the lane's finish counts it
