@@ -68,6 +68,16 @@ def settled(d: AppDaemon, digest: str) -> list[str]:
     raise AssertionError("no access line")
 
 
+def fast_answers(d: AppDaemon, want: float) -> float:
+    """The lane's answers once ``want`` are counted (a body is counted when it ends, on the
+    app's loop: its client may hold the last byte before the loop got back from writing it)."""
+    for _ in range(500):  # a bound on the test, not a figure
+        if metric(d, FAST) >= want:
+            break
+        d.call(asyncio.sleep(0.01))
+    return metric(d, FAST)
+
+
 class TLSConn(Conn):
     """:class:`tests.integration.test_fastpath.Conn`, over TLS with ``ctx``."""
 
@@ -139,7 +149,7 @@ def test_a_blob_file_over_tls_is_the_applications_answer(
     try:
         c.send(request("GET", path))
         fast = c.response()
-        assert metric(d, FAST) == before + 1
+        assert fast_answers(d, before + 1) == before + 1
         c.send(request("GET", path, CREDENTIALS))
         slow = c.response()
         fast[1].pop("date"), slow[1].pop("date")
@@ -159,7 +169,7 @@ def test_a_blob_file_over_tls_is_the_applications_answer(
         assert c.response()[2] == data
     finally:
         c.close()
-    assert metric(d, FAST) == before + 2
+    assert fast_answers(d, before + 2) == before + 2
     # three whole bodies and ten bytes
     got = metric(d, SERVED, kind="blob", source="disk") - served
     assert got == 3 * BIG + 10
