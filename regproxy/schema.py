@@ -100,16 +100,18 @@ class IndexOutdated(IndexVersionError):
 
 
 class IndexMissing(RegproxyError):
-    """A command that only reads found no index (a wrong ``storage.root``, an empty store)."""
+    """A command that only reads (or, as ``export`` without sync, has nothing to fill a new
+    store with: ``why``) found no index (a wrong ``storage.root``, an empty store)."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, why: str = "this command only reads") -> None:
+        super().__init__(path, why)
         self.path = path
+        self.why = why
 
     def __str__(self) -> str:
         return (
             f"no index at {self.path}: {self.path.parent} is not a regproxy store (check "
-            "storage.root); this command only reads and created nothing"
+            f"storage.root); {self.why} and created nothing"
         )
 
 

@@ -387,6 +387,42 @@ def test_a_command_that_only_reads_creates_and_upgrades_nothing(
     assert files(root) == before
 
 
+def test_export_without_sync_on_a_root_without_a_store_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``export`` with ``content.sync.enable: false`` has nothing to pull from: on a
+    ``storage.root`` that holds no store (a wrong root) it is refused with one line, exit 2,
+    and nothing is made (it made an empty store, then failed on the image). With sync on it is
+    a writer on purpose (it pulls the images through into the store): it makes the store, and
+    says so on one line of its own, so that a wrong root does not pass unseen."""
+    root = tmp_path / "store"
+    conf = tmp_path / "regproxy.yaml"
+    out = tmp_path / "out.tar"
+    argv = ["--config", str(conf), "export", "-o", str(out), "up.test/team/app:v1"]
+    upstream = {"up.test": {"url": "http://127.0.0.1:9"}}  # nothing listens: the pull fails
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"root": str(root)},
+                "content": {"sync": {"enable": False}},
+                "upstreams": upstream,
+            }
+        )
+    )
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"no index at {root / 'index.db'}" in err[0], err
+    assert "export without sync has nothing to pull from and created nothing" in err[0], err
+    assert not root.exists() and not out.exists()  # nothing made
+
+    conf.write_text(yaml.safe_dump({"storage": {"root": str(root)}, "upstreams": upstream}))
+    assert cli.main(argv) == 1  # the upstream refused: the image is not there
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (root / "index.db").exists() and not out.exists()
+    assert any(f"made a new store at {root}" in line for line in err), err
+
+
 def test_an_upgrade_says_so_before_it_starts_and_keeps_systemd_waiting(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
