@@ -30,7 +30,6 @@ from regproxy.config import Config
 from regproxy.deadline import DEFAULT_TIMING, Timing
 from regproxy.errors import (
     BlobUnknown,
-    DigestInvalid,
     ManifestUnknown,
     NameUnknown,
     OCIError,
@@ -63,6 +62,7 @@ from regproxy.space import Space
 from regproxy.store import Store
 from regproxy.upstream import TagPage, UpstreamClient
 from regproxy.upstream.pool import ClientPool
+from regproxy.upstream_manifests import FromUpstream
 
 log = logging.getLogger("regproxy.proxy")
 T = TypeVar("T")
@@ -123,6 +123,8 @@ class ProxyRegistry:
         self.timing = timing
         #: manifests the cluster's hosts answer, stored in the local registry
         self.from_cluster = FromCluster(local, timing, config.tag_ttl)
+        #: manifests the upstreams answer, stored in the local registry
+        self.from_upstream = FromUpstream(local, timing, self.metrics)
         settle = functools.partial(settle_row, db, local.cache, store)  # its row back if it fails
         self.fetcher = Fetcher(
             store, self._on_fetched, settle, timing=timing, metrics=self.metrics, space=self.space
@@ -280,7 +282,7 @@ class ProxyRegistry:
             try:
                 fresh = await self._single(
                     ("tag", f"{repo.canonical}:{reference}"),
-                    lambda: self._refresh_tag(repo, reference, row.digest, client),
+                    lambda: self.from_upstream.refresh_tag(repo, reference, row.digest, client),
                 )
             except (TimeoutError, UpstreamError, StorageFull, StoreFailed) as exc:
                 # (our disk could not take the new manifest: what we hold is still served)
@@ -328,7 +330,7 @@ class ProxyRegistry:
         try:
             result = await self._single(
                 ("get", f"{repo.canonical}@{reference}"),
-                lambda: self._fetch_manifest(repo, reference, client),
+                lambda: self.from_upstream.fetch(repo, reference, client),
             )
         except UpstreamError:
             if cluster is None:
@@ -359,67 +361,6 @@ class ProxyRegistry:
 
     def _fresh(self, checked: float) -> bool:
         return self.timing.wall() - checked < self.config.tag_ttl
-
-    async def _refresh_tag(
-        self, repo: RepoName, tag: str, have: str, client: UpstreamClient
-    ) -> Manifest | None:
-        """HEAD the tag upstream; GET only when it moved. None: keep what we have."""
-        head = await client.head_manifest(repo.path, tag)
-        if head is None:
-            # what we hold stays the answer; confirm it for a tag_ttl, so a tag that upstream
-            # dropped does not cost a HEAD on every request
-            log.info("tag.gone_upstream repo=%s tag=%s upstream=%s", repo, tag, client.name)
-            await self.mark_tag_checked(repo, tag, self.timing.wall())
-            return None
-        if head.digest is not None and str(head.digest) == have:
-            await self.mark_tag_checked(repo, tag, self.timing.wall())
-            return None
-        # a GET counts against the upstream's pull limit: keep the last pulls for misses
-        client.keep_reserve()
-        return await self._fetch_manifest(repo, tag, client)
-
-    async def _fetch_manifest(
-        self, repo: RepoName, reference: str, client: UpstreamClient
-    ) -> Manifest | None:
-        got = await client.get_manifest(repo.path, reference)
-        if got is None:
-            return None
-        if is_digest_reference(reference):
-            want = Digest.parse(reference)
-            actual = Digest.of(got.body, want.algorithm)
-            if actual != want:
-                self.metrics.upstream_meters.failed(client.name, "digest_mismatch")
-                log.error(
-                    "manifest.digest_mismatch repo=%s want=%s got=%s upstream=%s",
-                    repo,
-                    want,
-                    actual,
-                    client.name,
-                )
-                raise UpstreamError(
-                    client.name, f"manifest {want} hashes to {actual}", kind="digest_mismatch"
-                )
-        try:
-            stored = await self.local.store_pulled(
-                repo, reference, got.body, got.media_type, checked=self.timing.wall()
-            )
-        except DigestInvalid as exc:
-            raise UpstreamError(
-                client.name, f"bad manifest: {exc}", kind="digest_mismatch"
-            ) from None
-        except (StorageFull, StoreFailed):
-            raise  # our disk, not the upstream's answer
-        except OCIError as exc:
-            raise UpstreamError(client.name, f"unusable manifest: {exc}") from None
-        log.info(
-            "manifest.fetched repo=%s reference=%s digest=%s upstream=%s bytes=%d",
-            repo,
-            reference,
-            stored.digest,
-            client.name,
-            len(got.body),
-        )
-        return stored
 
     async def _settle_blobs(self, repo: RepoName, digests: list[Digest]) -> None:
         """Before a pushed manifest's references are checked: blobs that this repository's

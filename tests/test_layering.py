@@ -108,10 +108,12 @@ LAYERS: dict[str, Layer] = {
     "referrers": _layer("referrers", f"{_MODEL} index facade upstream peers registry"),
     # manifests the cluster's hosts answer, stored in the local registry (composed into proxy)
     "from_cluster": _layer("cluster_manifests", f"{_MODEL} cluster registry"),
+    # manifests the upstreams answer (a miss, a tag's re-check), stored in the local registry
+    "from_upstream": _layer("upstream_manifests", f"{_MODEL} upstream registry"),
     "proxy": _layer(
         "proxy",
         f"{_MODEL} store index facade inflight transfer space upstream peers cluster lookups "
-        "registry referrers from_cluster settling",
+        "registry referrers from_cluster from_upstream settling",
     ),
     # the signature policy: rules, decisions, verification through the referrers
     "policy": _layer("policy", f"{_MODEL} signatures index facade registry referrers"),
