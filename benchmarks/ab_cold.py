@@ -8,7 +8,8 @@ upstream, in alternating rounds of one run.
     python -m benchmarks.ab_cold --variant tree=. --rounds 1 --trace   # a timeline per pull
 
 A variant is ``NAME=DIR[,KEY=VALUE...]``: the ``regproxy`` package found in DIR (``.``: this
-tree), with those environment variables. Each round starts every server on an empty store after
+tree), with those environment variables; a KEY ``cfg:storage.drop_behind_above`` is a config key
+instead (``--variant drop=.,cfg:storage.drop_behind_above=512MiB``). Each round starts every server on an empty store after
 a ``sync`` (see bench_pull), the first server of a round moving on by one each round. Figures:
 the client's GB/s (curl's total time), the server's CPU-seconds per GiB until the blob is
 committed, the upstream's, and the per-round ratios against the first variant. ``--trace``
@@ -58,17 +59,32 @@ class Variant:
     name: str
     tree: Path | None  # None: this tree (the working directory)
     env: dict[str, str] = field(default_factory=dict)
+    #: config keys (dotted) set for this variant
+    config: dict[str, str] = field(default_factory=dict)
 
 
 def parse_variant(text: str) -> Variant:
     name, _, rest = text.partition("=")
     parts = rest.split(",")
     tree = None if parts[0] in ("", ".") else Path(parts[0]).resolve()
-    env = dict(p.split("=", 1) for p in parts[1:] if p)
+    pairs = [p.split("=", 1) for p in parts[1:] if p]
+    env = {k: v for k, v in pairs if not k.startswith("cfg:")}
+    config = {k.removeprefix("cfg:"): v for k, v in pairs if k.startswith("cfg:")}
     if tree is not None:
         # PYTHONSAFEPATH: the working directory (this tree) does not come first on sys.path
         env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(tree), **env}
-    return Variant(name, tree, env)
+    return Variant(name, tree, env, config)
+
+
+def with_keys(config: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """``config`` with dotted ``keys`` set (``storage.drop_behind_above``)."""
+    for dotted, value in keys.items():
+        *path, last = dotted.split(".")
+        at = config
+        for part in path:
+            at = at.setdefault(part, {})
+        at[last] = value
+    return config
 
 
 # --- sampling ---------------------------------------------------------------------------------------
@@ -340,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                             "log": {"access": False, "level": "WARNING"},
                             "upstreams": {upstream.hostport: {"url": upstream.url, "alias": ALIAS}},
                         }
-                        server = Daemon(root, config, env=v.env)
+                        server = Daemon(root, with_keys(config, v.config), env=v.env)
                         current.append(server)
                         server.start()
                         url = f"http://127.0.0.1:{server.port}/v2/{ALIAS}/{REPO}/blobs/{digest}"

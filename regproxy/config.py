@@ -84,6 +84,9 @@ class StorageConfig:
     evict_interval: float = 60.0
     #: how often the daemon removes blob files no index row names (a crash's); 0: never
     orphan_sweep_interval: float = 86400.0
+    #: a pulled blob larger than this leaves the page cache behind its writer: bytes, or a
+    #: fraction of the host's memory; 0: every blob stays cached
+    drop_behind_above: SizeLimit = SizeLimit(fraction=0.25)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +257,7 @@ _SCHEMA: Final[dict[str, Any]] = {
         "upload_ttl": parse_duration,
         "evict_interval": parse_duration,
         "orphan_sweep_interval": parse_duration,
+        "drop_behind_above": values.size_limit,
     },
     "upstreams": "UPSTREAMS",
     "default_upstream": values.optional_string,

@@ -130,8 +130,11 @@ class Fetcher:
         timing: Timing = DEFAULT_TIMING,
         metrics: Metrics | None = None,
         space: Space | None = None,
+        drop_above: int = 0,
     ) -> None:
         self.store = store
+        #: a blob larger than this leaves the page cache behind its writer (0: none does)
+        self.drop_above = drop_above
         self.on_commit = on_commit
         self.settle = settle
         #: room reserved before a first byte is written (None: none checked, as for tools)
@@ -263,7 +266,7 @@ class Fetcher:
             t.committed = True
             log.info(
                 "fetch.committed digest=%s repo=%s source=%s kind=%s copy=%s bytes=%d "
-                "seconds=%.2f waiters=%d",
+                "seconds=%.2f waiters=%d dropped=%d",
                 t.digest,
                 repo,
                 t.source,
@@ -272,6 +275,7 @@ class Fetcher:
                 t.size,
                 time.monotonic() - t.started,
                 t.waiters,
+                t.writer.dropped,
             )
         except OCIError as exc:
             error = exc
@@ -418,6 +422,8 @@ class Fetcher:
                 t.notify()
             elif stream.size != t.size:
                 raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
+            if self.drop_above and t.size > self.drop_above:
+                t.writer.drop_behind(t.read_floor)
             if stream.offset not in (0, offset):  # a Range answer that starts elsewhere
                 raise UpstreamError(
                     source.name, f"range answer from byte {stream.offset}, asked from {offset}"

@@ -57,6 +57,13 @@ class Transfer:
         self.mixed = False
         #: set (and replaced) on every change: what waiters wake up on
         self._changed = asyncio.Event()
+        #: each open response's next offset (see :meth:`read_floor`)
+        self._reading: dict[object, int] = {}
+
+    def read_floor(self) -> int:
+        """The lowest offset an open response still needs (what it has not sent yet), or the
+        bytes written when none is open: the writer drops pages below it (any thread)."""
+        return min(tuple(self._reading.values()), default=self.written)
 
     @property
     def done(self) -> bool:
@@ -153,9 +160,11 @@ class Transfer:
         self.waiters += 1
         if self.metrics is not None:
             self.metrics.inflight_waiters.inc()
+        me = object()
         try:
             pos = start
             while pos <= end:
+                self._reading[me] = pos
                 if self.error is not None:
                     raise self.error
                 if self.size != size:  # sized by a source that was abandoned: cut
@@ -174,6 +183,7 @@ class Transfer:
                     continue
                 await self._wait_change(self._progress_past(pos, end, generation))
         finally:
+            self._reading.pop(me, None)
             self.waiters -= 1
             if self.metrics is not None:
                 self.metrics.inflight_waiters.dec()

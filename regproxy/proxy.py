@@ -59,7 +59,7 @@ from regproxy.registry import (
 )
 from regproxy.settling import settle_row
 from regproxy.space import Space
-from regproxy.store import Store
+from regproxy.store import Store, physical_memory
 from regproxy.upstream import TagPage, UpstreamClient
 from regproxy.upstream.pool import ClientPool
 from regproxy.upstream_manifests import FromUpstream
@@ -126,8 +126,15 @@ class ProxyRegistry:
         #: manifests the upstreams answer, stored in the local registry
         self.from_upstream = FromUpstream(local, timing, self.metrics)
         settle = functools.partial(settle_row, db, local.cache, store)  # its row back if it fails
+        drop_above = config.storage.drop_behind_above.resolve(physical_memory())
         self.fetcher = Fetcher(
-            store, self._on_fetched, settle, timing=timing, metrics=self.metrics, space=self.space
+            store,
+            self._on_fetched,
+            settle,
+            timing=timing,
+            metrics=self.metrics,
+            space=self.space,
+            drop_above=drop_above,
         )
         self.clients = ClientPool(config, timing=timing, metrics=self.metrics)
         self._flights = SingleFlights("upstream")

@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import shutil
 import uuid
@@ -53,6 +54,14 @@ WRITEBACK_EVERY: Final = 4 * 1024 * 1024
 #: (its WAL files need room to open at all), eviction and gc can run and make room again
 RESERVE_BYTES: Final = 8 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE: Final = 2
+#: wait for what is under writeback in the range, start the rest, wait for all of it
+_SYNC_FILE_RANGE_WAIT_ALL: Final = 1 | 2 | 4
+#: a blob that drops behind (:meth:`BlobWriter.drop_behind`) keeps at least its last this many
+#: bytes in the page cache (its readers are right behind the writer), and drops the bytes
+#: before them in steps of :data:`DROP_STEP`
+DROP_LAG: Final = 32 * 1024 * 1024
+DROP_STEP: Final = 8 * 1024 * 1024
+_PAGE: Final = mmap.PAGESIZE
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -67,6 +76,17 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range: Final = _load_sync_file_range()
+
+
+def physical_memory() -> int:
+    """The host's memory in bytes (0 where the system does not say): what a fraction of
+    ``storage.drop_behind_above`` is of."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
 #: the suffix of a committed file's second name in ``tmp/``, kept until its index row is in:
 #: ``<temp name>.<algorithm>-<hex>.spare`` (see :func:`spare_digest`)
 SPARE: Final = ".spare"
@@ -125,6 +145,12 @@ class BlobWriter:
         #: bytes given to the hash: a commit refuses a file whose size is not this
         self.hashed = 0
         self._flushed = 0
+        #: where the page cache was dropped up to, and the lowest offset a reader still needs
+        #: (None: the bytes stay cached; see :meth:`drop_behind`)
+        self._dropped = 0
+        self._floor: Callable[[], int] | None = None
+        #: bytes dropped from the page cache behind the writer
+        self.dropped = 0
         self._hasher: Any = Digest("sha256", "").hasher()
         #: after a commit, a second name of the committed file, kept until :meth:`settle`
         self.spare: Path | None = None
@@ -177,6 +203,36 @@ class BlobWriter:
         start = self._flushed
         _sync_file_range(self._fd, start, self.size - start, _SYNC_FILE_RANGE_WRITE)
         self._flushed = self.size
+        if self._floor is not None:
+            self._drop_written()
+
+    def drop_behind(self, floor: Callable[[], int]) -> None:
+        """From now on the file's bytes leave the page cache once they are on disk, at least
+        :data:`DROP_LAG` behind the end and below ``floor()`` (the lowest offset a reader still
+        needs; any thread may call it). For blobs far larger than the page cache could keep: a
+        10 GiB model layer would otherwise push out every other file's pages, and each written
+        page costs a fresh page of memory (on VMs whose free memory the host takes back, a
+        first touch costs ~7 us a page: benchmarks/README.md, "Cold pull, fourth pass").
+        Dropping never loses a byte (only clean pages go); a reader behind the floor reads from
+        disk."""
+        self._floor = floor
+
+    def _drop_written(self) -> None:
+        """Wait for the writeback of the bytes up to the drop point, then drop their pages
+        (the pages freed are the next chunks' pages)."""
+        assert self._floor is not None and self._fd is not None
+        try:
+            floor = self._floor()
+        except Exception:  # the readers' table changed under us: next time
+            return
+        end = min(self.size - DROP_LAG, floor) // _PAGE * _PAGE
+        if end - self._dropped < DROP_STEP or _sync_file_range is None:
+            return
+        start = self._dropped
+        _sync_file_range(self._fd, start, end - start, _SYNC_FILE_RANGE_WAIT_ALL)
+        os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        self._dropped = end
+        self.dropped += end - start
 
     def hash(self, data: bytes | bytearray | memoryview) -> None:
         self._hasher.update(data)
@@ -220,6 +276,7 @@ class BlobWriter:
                 raise
         self.size = self.hashed = size
         self._flushed = min(self._flushed, size)
+        self._dropped = min(self._dropped, size // _PAGE * _PAGE)
         self._hasher = hasher.copy()
 
     def commit(self, expected: Digest, *, source: str = "") -> int:

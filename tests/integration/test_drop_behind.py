@@ -1,0 +1,145 @@
+"""A pulled blob above ``storage.drop_behind_above`` leaves the page cache behind its writer
+(regproxy.store.BlobWriter.drop_behind), never below what an open response still has to send:
+every client gets every byte, and the transfer says how much it dropped.
+
+regproxy's app runs in this process (tests/inproc.py); the fake upstream in the test's loop.
+That pages really leave the cache is tests/unit/test_store_drop.py's (on a disk; here the
+store may be in RAM)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+from collections.abc import Callable
+
+import aiohttp
+
+from regproxy.inflight import Transfer
+from regproxy.oci import Digest
+from regproxy.store import DROP_LAG, Store
+from tests.fakes import BlobFault, FakeUpstream
+from tests.inproc import AppDaemon
+from tests.integration.test_fetch_faults import proxy_config, start_daemon
+
+MiB = 1024 * 1024
+SIZE = DROP_LAG + 24 * MiB
+
+
+def dropped(d: AppDaemon, digest: str) -> int | None:
+    """``dropped=`` of the transfer's ``fetch.committed`` line (None: no such line)."""
+    for line in reversed(d.log().splitlines()):
+        if "fetch.committed" in line and digest in line:
+            m = re.search(r"dropped=(\d+)", line)
+            return int(m.group(1)) if m else None
+    return None
+
+
+async def get_whole(
+    session: aiohttp.ClientSession,
+    url: str,
+    wait: asyncio.Event | None,
+    started: asyncio.Event | None = None,
+) -> str:
+    """The blob's digest as received; ``started`` is set once its first 64 KiB are in; with
+    ``wait``, it then takes nothing more until ``wait`` is set (a reader that holds its place)."""
+    h = hashlib.sha256()
+    async with session.get(url) as r:
+        assert r.status == 200
+        h.update(await r.content.readexactly(64 * 1024))
+        if started is not None:
+            started.set()
+        if wait is not None:
+            await asyncio.wait_for(wait.wait(), 60)
+        async for chunk in r.content.iter_chunked(MiB):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+async def wait_dropped(d: AppDaemon, digest: str) -> int | None:
+    for _ in range(200):  # the line comes once the commit's row is in (bounded)
+        if (n := dropped(d, digest)) is not None:
+            return n
+        await asyncio.sleep(0.05)
+    return None
+
+
+async def test_a_blob_above_the_threshold_drops_behind_and_comes_whole(
+    upstream: FakeUpstream, app_factory: Callable[..., AppDaemon]
+) -> None:
+    data = os.urandom(SIZE)
+    d = upstream.add_blob(data)
+    cfg = proxy_config(upstream, storage={"drop_behind_above": "1MiB"})
+    proxy = await start_daemon(app_factory, cfg)
+    url = f"{proxy.url}/v2/fake.test/app/blobs/{d}"
+    async with aiohttp.ClientSession() as session:
+        assert await asyncio.wait_for(get_whole(session, url, None), 60) == d
+        # and a client after the commit: from the committed file, read back from disk
+        assert await asyncio.wait_for(get_whole(session, url, None), 60) == d
+    n = await wait_dropped(proxy, d)
+    assert n is not None and 0 < n <= SIZE - DROP_LAG, proxy.log()[-2000:]
+
+
+async def test_nothing_a_reader_still_needs_is_dropped(
+    upstream: FakeUpstream, app_factory: Callable[..., AppDaemon]
+) -> None:
+    """A reader that holds its place at its first bytes while another takes the whole blob:
+    nothing is dropped (the floor is its place), and it then gets every byte too."""
+    data = os.urandom(SIZE)
+    d = upstream.add_blob(data)
+    gate = asyncio.Event()
+    upstream.blob_faults[d] = BlobFault(hold_at=4 * MiB, gate=gate, step=MiB)
+    cfg = proxy_config(upstream, storage={"drop_behind_above": "1MiB"})
+    proxy = await start_daemon(app_factory, cfg)
+    url = f"{proxy.url}/v2/fake.test/app/blobs/{d}"
+    slow_may_read, slow_in, fast_in = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        slow = asyncio.ensure_future(get_whole(session, url, slow_may_read, slow_in))
+        fast = asyncio.ensure_future(get_whole(session, url, None, fast_in))
+        # both responses are reading the transfer before the upstream sends the rest
+        await asyncio.wait_for(asyncio.gather(slow_in.wait(), fast_in.wait()), 60)
+        gate.set()
+        assert await asyncio.wait_for(fast, 60) == d  # its last byte: after the commit
+        slow_may_read.set()
+        assert await asyncio.wait_for(slow, 60) == d
+    assert await wait_dropped(proxy, d) == 0
+
+
+async def test_a_blob_at_or_under_the_threshold_stays_cached(
+    upstream: FakeUpstream, app_factory: Callable[..., AppDaemon]
+) -> None:
+    data = os.urandom(SIZE)
+    d = upstream.add_blob(data)
+    cfg = proxy_config(upstream, storage={"drop_behind_above": f"{SIZE}B"})
+    proxy = await start_daemon(app_factory, cfg)
+    async with aiohttp.ClientSession() as session:
+        url = f"{proxy.url}/v2/fake.test/app/blobs/{d}"
+        assert await asyncio.wait_for(get_whole(session, url, None), 60) == d
+    assert await wait_dropped(proxy, d) == 0
+
+
+async def test_the_floor_is_the_lowest_offset_an_open_response_still_needs(
+    tmp_path: os.PathLike[str],
+) -> None:
+    store = Store(tmp_path / "store")  # type: ignore[operator]
+    store.open()
+    t = Transfer(Digest("sha256", "0" * 64), store)
+    t.writer = store.writer()
+    t.size = 4 * MiB
+    t.writer.write(b"x" * 3 * MiB)
+    t.written = 3 * MiB
+    assert t.read_floor() == 3 * MiB  # nobody reading: all that is written
+    a = t.spans(1 * MiB, t.size - 1)
+    b = t.spans(2 * MiB, t.size - 1)
+    assert (await anext(a))[1:] == (1 * MiB, 3 * MiB)
+    assert (await anext(b))[1:] == (2 * MiB, 3 * MiB)
+    assert t.read_floor() == 1 * MiB  # a has not sent its span yet
+    t.written = 4 * MiB - 1
+    t.notify()
+    assert (await anext(a))[1:] == (3 * MiB, 4 * MiB - 1)
+    assert t.read_floor() == 2 * MiB  # a sent up to 3 MiB; b still at 2
+    await a.aclose()
+    await b.aclose()
+    assert t.read_floor() == t.written
+    t.writer.abort()
