@@ -141,17 +141,24 @@ _SPAWN_EVENTS: Final = frozenset(
 
 
 class _SpawnWatch:
-    """Which test is running, whether it is fast, and whether it started a process."""
+    """Which test is running, whether it is fast, and whether it started a process: itself,
+    or through a fixture of a wider scope that it uses (a module's daemon, made in the setup of
+    the module's first test: the tests after it start none, and still need it)."""
 
     def __init__(self) -> None:
         self.fast = False
         self.spawned: set[str] = set()
         self.current: str | None = None
+        #: the fixture of a wider scope being set up, and those that started a process
+        self.fixture: object | None = None
+        self.spawning_fixtures: set[object] = set()
 
     def audit(self, event: str, args: tuple[Any, ...]) -> None:
         if event not in _SPAWN_EVENTS or self.current is None:
             return
         self.spawned.add(self.current)
+        if self.fixture is not None:
+            self.spawning_fixtures.add(self.fixture)
         if self.fast:
             raise RuntimeError(
                 f"{self.current} is marked fast but started a process ({event} {args[:1]!r}): "
@@ -201,25 +208,49 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         _WATCH.current, _WATCH.fast = None, False
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Note the fixtures of a wider scope than a test that start a process."""
+    if fixturedef.scope == "function":
+        return (yield)
+    outer, _WATCH.fixture = _WATCH.fixture, fixturedef
+    try:
+        return (yield)
+    finally:
+        _WATCH.fixture = outer
+
+
+def _needs_a_process(item: pytest.Item) -> bool:
+    """Whether the test started a process, or uses a fixture of a wider scope that did."""
+    if item.nodeid in _WATCH.spawned:
+        return True
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info is not None else ()
+    return any(d and d[-1] in _WATCH.spawning_fixtures for d in defs)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Name the process tests that started no process (they belong in the fast tier)."""
     stats = terminalreporter.stats
     passed = {r.nodeid for r in stats.get("passed", []) if r.when == "call"}
-    idle = sorted(n for n in passed if n not in _WATCH.spawned and n in _PROCESS_IDS)
+    idle = sorted(
+        n for n, item in _PROCESS_IDS.items() if n in passed and not _needs_a_process(item)
+    )
     if idle:
         terminalreporter.write_line(
             f"{len(idle)} test(s) marked process started no process: " + " ".join(idle[:20])
         )
 
 
-_PROCESS_IDS: set[str] = set()
+#: the process tests collected, by id
+_PROCESS_IDS: dict[str, pytest.Item] = {}
 #: where a run of fast tests only keeps its tmp_path directories: in RAM, where fsync costs
 #: nothing (on a shared disk the fast tier's fsyncs were half its wall time)
 RAM_TEMPROOT: Final = Path("/dev/shm")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    _PROCESS_IDS.update(i.nodeid for i in session.items if i.get_closest_marker("process"))
+    _PROCESS_IDS.update((i.nodeid, i) for i in session.items if i.get_closest_marker("process"))
     if (
         session.items
         and not _PROCESS_IDS
