@@ -28,10 +28,11 @@ from typing import Final, Protocol
 from regproxy.deadline import Pace
 from regproxy.errors import UpstreamTooSlow
 from regproxy.store import BlobWriter
-from regproxy.units import BULK_CHUNK
 
-#: bytes per receive, hash and write
-CHUNK: Final = BULK_CHUNK
+#: bytes per receive, hash and write: 2 MiB took 5-7% less CPU per GiB than 1 MiB in three
+#: alternating A/B runs of a cold 1 GiB pull (4-5% more GB/s; 4 MiB cost 19% more:
+#: benchmarks/README.md, "Cold pull, fourth pass")
+CHUNK: Final = 2 * 1024 * 1024
 #: buffers a pump starts with: one being received into and written, the others waiting for
 #: their hash
 BUFFERS: Final = 3
@@ -39,8 +40,8 @@ BUFFERS: Final = 3
 #: every byte) is preempted often; with 3 buffers the pump then waited for a free one, and the
 #: hash, back on a core, for the pump: on two cores both idled 10-20% of a cold pull. Up to this
 #: many (taken from the pumps' shared ``spare`` allowance only when all are waiting for their
-#: hash) the pump keeps receiving meanwhile (benchmarks/README.md, "Third pass")
-MOST_BUFFERS: Final = 8
+#: hash) the pump keeps receiving meanwhile (benchmarks/README.md, "Third pass"): 8 MiB
+MOST_BUFFERS: Final = 4
 
 
 class SocketBody(Protocol):

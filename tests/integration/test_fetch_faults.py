@@ -77,7 +77,7 @@ def manifest_for(config: bytes, layers: list[bytes]) -> bytes:
 #: blob sizes for the two ways a body is copied (regproxy.fetch): through the event loop, and
 #: on a pump thread from the connection's own socket (plain TCP, at least 1 MiB still to come)
 BY_LOOP = 900 * 1024
-BY_THREAD = 8 * 1024 * 1024  # 8 of the pump's 1 MiB buffers, each filled more than once
+BY_THREAD = 16 * 1024 * 1024  # 8 chunks in the pump's 3-4 buffers of 2 MiB: each filled twice
 COPY_PATHS = pytest.mark.parametrize("size", [BY_LOOP, BY_THREAD], ids=["loop", "thread"])
 
 
