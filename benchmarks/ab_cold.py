@@ -48,7 +48,7 @@ from benchmarks.bench_pull import (
     flush_disk,
     push_random_blob,
 )
-from benchmarks.common import CpuMeter, GiB, MiB, check_tools, load_1m
+from benchmarks.common import CpuMeter, GiB, MiB, check_tools, load_1m, with_keys
 from tests.peers import Daemon, DockerRegistry, started, stop_process
 
 STEP = 0.05  # seconds per line of a trace
@@ -74,17 +74,6 @@ def parse_variant(text: str) -> Variant:
         # PYTHONSAFEPATH: the working directory (this tree) does not come first on sys.path
         env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(tree), **env}
     return Variant(name, tree, env, config)
-
-
-def with_keys(config: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
-    """``config`` with dotted ``keys`` set (``storage.drop_behind_above``)."""
-    for dotted, value in keys.items():
-        *path, last = dotted.split(".")
-        at = config
-        for part in path:
-            at = at.setdefault(part, {})
-        at[last] = value
-    return config
 
 
 # --- sampling ---------------------------------------------------------------------------------------

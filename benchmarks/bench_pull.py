@@ -72,6 +72,7 @@ from benchmarks.common import (
     report,
     request,
     run_summary,
+    with_keys,
 )
 from tests.peers import Daemon, DockerRegistry, stop_process
 
@@ -113,6 +114,8 @@ class Settings:
     warmup: float
     concurrency: tuple[int, ...]
     budget: float  # seconds for everything after the push
+    #: regproxy config keys (dotted) set for its runs (--set)
+    keys: dict[str, str] = field(default_factory=dict)
 
 
 # --- plain HTTP -----------------------------------------------------------------------------------
@@ -294,7 +297,10 @@ def blob_bytes(hits: list[Hit], digest: str) -> int:
 class Server:
     """One server under test on a store of its own; ``fresh()`` starts it on an empty one."""
 
-    def __init__(self, name: str, workdir: Path, upstream: DockerRegistry) -> None:
+    def __init__(
+        self, name: str, workdir: Path, upstream: DockerRegistry, keys: dict[str, str]
+    ) -> None:
+        self.keys = keys
         self.name = name
         self.workdir = workdir
         self.upstream = upstream
@@ -319,16 +325,12 @@ class Server:
         self.generation += 1
         self.root.mkdir(parents=True)
         if self.name == "regproxy":
-            self.proc_obj = Daemon(
-                self.root,
-                {
-                    "log": {"access": False, "level": "WARNING"},
-                    "upstreams": {
-                        self.upstream.hostport: {"url": self.upstream.url, "alias": ALIAS}
-                    },
-                    "tag_ttl": "5m",
-                },
-            )
+            config = {
+                "log": {"access": False, "level": "WARNING"},
+                "upstreams": {self.upstream.hostport: {"url": self.upstream.url, "alias": ALIAS}},
+                "tag_ttl": "5m",
+            }
+            self.proc_obj = Daemon(self.root, with_keys(config, self.keys))
             self.proc_obj.start()
         else:
             self.proc_obj = DockerRegistry(
@@ -579,7 +581,7 @@ def bench(settings: Settings, profile: Path | None = None, progress: bool = True
         upstream = DockerRegistry(
             tmp / "upstream", extra={"log": {"level": "error", "accesslog": {"disabled": False}}}
         )
-        servers = {name: Server(name, tmp, upstream) for name in SERVERS}
+        servers = {name: Server(name, tmp, upstream, settings.keys) for name in SERVERS}
         try:
             upstream.start()
             assert upstream.proc is not None
@@ -803,6 +805,9 @@ def render(result: dict[str, Any]) -> str:
             row(f"(d) {key}: upstream req/req", key, "upstream_per_req", ".3f")
     head = f"{'figure':<40} {'regproxy':>10} {'registry':>10} {'ratio':>8}  goal"
     lines = [head, "-" * (len(head) + 16)]
+    if s.get("keys"):
+        keys = ", ".join(f"{k}={v}" for k, v in s["keys"].items())
+        lines.insert(0, f"regproxy's config, beside the defaults: {keys}")
     for label, fmt, a, b, goal in rows:
         ratio = a / b if b else float("inf")
         spec = f">+10{fmt[1:]}" if fmt.startswith("+") else f">10{fmt}"
@@ -902,12 +907,20 @@ def main(argv: list[str] | None = None) -> int:
         help="py-spy record regproxy during the first cold pull and herd into DIR/*.folded "
         "(collapsed stacks: speedscope or flamegraph.pl draw them)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a regproxy config key for its runs, e.g. storage.drop_behind_above=512MiB",
+    )
     args = p.parse_args(argv)
     settings = (
         Settings(64 * MiB, 32 * MiB, 16, 1, 1, 1, 0.5, (1, 8, 32), 300)
         if args.quick
         else Settings(GiB, 256 * MiB, 16, 3, 3, 1, 1, (1, 8, 32), 600)
     )
+    settings.keys = dict(kv.split("=", 1) for kv in args.set)
     if args.runs:
         settings.runs = max(1, min(args.runs, 10))
     if args.big_mib:

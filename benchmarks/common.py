@@ -258,6 +258,17 @@ class CpuMeter:
         return {name: cpu_seconds(pid) - self._at[name] for name, pid in self.pids.items()}
 
 
+def with_keys(config: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """``config`` with dotted ``keys`` set (``storage.drop_behind_above``)."""
+    for dotted, value in keys.items():
+        *path, last = dotted.split(".")
+        at = config
+        for part in path:
+            at = at.setdefault(part, {})
+        at[last] = value
+    return config
+
+
 def load_1m() -> float:
     return round(os.getloadavg()[0], 2)
 
