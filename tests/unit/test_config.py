@@ -292,3 +292,27 @@ def test_size_limit_resolve() -> None:
     assert SizeLimit(bytes=10).resolve(1000) == 10
     assert SizeLimit(fraction=0.5).resolve(1000) == 500
     assert not SizeLimit()
+
+
+@pytest.mark.parametrize(
+    ("value", "limit"),
+    [
+        (None, SizeLimit(bytes=512 * 1024 * 1024)),  # the default
+        ("2GiB", SizeLimit(bytes=2 * 1024**3)),
+        ("10%", SizeLimit(fraction=0.10)),
+        (0, SizeLimit()),
+    ],
+)
+def test_drop_behind_above(tmp_path: Path, value: Any, limit: SizeLimit) -> None:
+    doc = {} if value is None else {"storage": {"drop_behind_above": value}}
+    got = load(tmp_path, doc).storage.drop_behind_above
+    assert got == limit
+    # a percentage is of the host's memory (regproxy.store.physical_memory)
+    assert got.resolve(8 * 1024**3) == (limit.bytes or int(limit.fraction * 8 * 1024**3))
+
+
+@pytest.mark.parametrize("value", ["lots", "-1MiB", "150%"])
+def test_drop_behind_above_refuses_what_is_not_a_size(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, {"storage": {"drop_behind_above": value}})
+    assert "storage.drop_behind_above" in str(err.value)
