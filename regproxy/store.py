@@ -151,6 +151,8 @@ class BlobWriter:
         self._floor: Callable[[], int] | None = None
         #: bytes dropped from the page cache behind the writer
         self.dropped = 0
+        #: a writeback error a drop was told of (the commit refuses the file)
+        self._failed: OCIError | None = None
         self._hasher: Any = Digest("sha256", "").hasher()
         #: after a commit, a second name of the committed file, kept until :meth:`settle`
         self.spare: Path | None = None
@@ -229,8 +231,14 @@ class BlobWriter:
         if end - self._dropped < DROP_STEP or _sync_file_range is None:
             return
         start = self._dropped
-        _sync_file_range(self._fd, start, end - start, _SYNC_FILE_RANGE_WAIT_ALL)
-        os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        if _sync_file_range(self._fd, start, end - start, _SYNC_FILE_RANGE_WAIT_ALL) != 0:
+            # a wait tells this descriptor of a writeback error once: the commit's fsync would
+            # not hear of it again, and the pages dropped would be read back from the disk
+            err = ctypes.get_errno()
+            self._failed = _disk_error(OSError(err, os.strerror(err)), f"writing {self.path.name}")
+            raise self._failed
+        with contextlib.suppress(OSError):  # advice: a page kept is no harm
+            os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
         self._dropped = end
         self.dropped += end - start
 
@@ -282,6 +290,9 @@ class BlobWriter:
     def commit(self, expected: Digest, *, source: str = "") -> int:
         """Verify, fsync and move into place; on mismatch delete and raise DigestMismatch."""
         actual = self.digest(expected.algorithm)
+        if self._failed is not None:  # the fsync below would not report it again
+            self.abort()
+            raise self._failed
         if self.hashed != self.size:  # bytes in the file the hash never saw (a write cut short)
             self.abort()
             raise DigestMismatch(
