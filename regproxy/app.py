@@ -417,6 +417,10 @@ async def serve(
         log.info("shutdown.done")
 
 
+#: what aiohttp's handlers are given at least when a stop has no time left (0 is no limit)
+_LEAST_WAIT: Final = 0.001
+
+
 async def stop_serving(
     runner: web.AppRunner, listener: asyncio.Server | TLSRelay | LoopTLS, within: float
 ) -> None:
@@ -448,7 +452,8 @@ async def stop_serving(
         left = max(0.0, deadline - loop.time())
         log.info("shutdown.handlers bodies_cut=%d timeout=%.1fs", len(streams.live), left)
         server.pre_shutdown()  # idle connections close
-        await server.shutdown(left)
+        # (aiohttp reads a timeout of 0 as none: it would wait for its handlers for ever)
+        await server.shutdown(max(left, _LEAST_WAIT))
     await runner.cleanup()
     if isinstance(listener, TLSRelay):
         listener.stop()  # what is still relayed is aborted; the threads end

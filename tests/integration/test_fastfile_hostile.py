@@ -324,19 +324,34 @@ def test_a_stop_gives_aiohttp_only_what_the_lane_bodies_left_of_shutdown_timeout
 ) -> None:
     """One deadline for the whole stop: a body the lane streams to a client that takes nothing
     holds the stop until ``shutdown_timeout``, and aiohttp's handlers then get what is left of
-    it (nothing), not a second ``shutdown_timeout`` (a stop took up to twice it)."""
+    it (nothing), not a second ``shutdown_timeout`` (a stop took up to twice it): an upload
+    that stalled in the middle of its body is cut then (aiohttp reads a timeout of 0 as none:
+    given 0, it waited for the handler until ``http.read_timeout``)."""
     d = start(
-        app_factory, (None, None), {"shutdown_timeout": "1s", "http": {"write_timeout": "60s"}}
+        app_factory,
+        (None, None),
+        {"shutdown_timeout": "1s", "http": {"write_timeout": "60s", "read_timeout": "60s"}},
     )
     digest = put_blob(d, None, os.urandom(32 * 1024 * 1024))
     s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    up = socket.create_connection(("127.0.0.1", d.port), timeout=10)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         s.sendall(request("GET", f"/v2/{REPO}/blobs/{digest}"))
         assert s.recv(4096).startswith(b"HTTP/1.1 200 OK")  # and then it reads nothing
-        d.stop()
+        # an upload whose client sends half its body and stalls: aiohttp's handler waits
+        body = os.urandom(64 * 1024)
+        head = (
+            f"POST /v2/{REPO}/blobs/uploads/?digest={sha256(body)} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        up.sendall(head.encode() + body[:1000])
+        d.stop()  # (bounded: 60 s for the stop, then TimeoutError)
+        got = up.recv(4096)  # the upload's connection is closed (bounded: its timeout)
+        assert got == b"" or got.startswith(b"HTTP/1.1 "), got
     finally:
         s.close()
+        up.close()
     log = d.log()
     assert "shutdown.start timeout=1s" in log
     # the lane's body (counted when it ends) used the whole deadline, its client taking
