@@ -10,6 +10,7 @@ import pytest
 from regproxy.async_index import AsyncIndex
 from regproxy.registry import LocalRegistry, Registry
 from regproxy.store import Store
+from tests.unit.disk import disk_dir as disk_dir
 
 
 @pytest.fixture

@@ -9,59 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from regproxy.oci import Digest
 from regproxy.store import DROP_LAG, DROP_STEP, BlobWriter, Store
+from tests.unit.disk import cached
 
 MiB = 1024 * 1024
-
-
-def _fstype(path: Path) -> str:
-    """The filesystem type of the mount ``path`` is on (from /proc/mounts)."""
-    best, kind = "", ""
-    resolved = str(path.resolve())
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[1]
-            inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):
-                best, kind = point, fields[2]
-    return kind
-
-
-@pytest.fixture
-def disk_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory on a disk (tmp_path, unless the run keeps it in RAM: then /var/tmp)."""
-    if _fstype(tmp_path) not in ("tmpfs", "ramfs"):
-        yield tmp_path
-        return
-    base = Path("/var/tmp")
-    assert _fstype(base) not in ("tmpfs", "ramfs"), "no directory on a disk to test with"
-    d = base / f"regproxy-drop-{os.getpid()}-{tmp_path.name}"
-    d.mkdir()
-    try:
-        yield d
-    finally:
-        for p in sorted(d.rglob("*"), reverse=True):
-            p.rmdir() if p.is_dir() else p.unlink()
-        d.rmdir()
-
-
-def cached(path: Path, offset: int) -> bool:
-    """Whether the page at ``offset`` of the file is in the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.preadv(fd, [bytearray(1)], offset, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
 
 
 def write_mib(w: BlobWriter, h: hashlib._Hash, n: int) -> None:
