@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 from regproxy.bundle import BundleError, Exporter, Importer, ImportStopped
-from regproxy.cli.common import SubParsers, run
+from regproxy.cli.common import SubParsers, no_store_yet, run, say_store_made
 from regproxy.config import Config
 from regproxy.errors import OCIError, StorageFull
 from regproxy.names import NameResolver
 from regproxy.policy import Policy
-from regproxy.schema import IndexMissing
 from regproxy.settling import PutBackFailed, PutBackFull
 
 
@@ -117,18 +116,11 @@ async def run_import(config: Config, paths: list[Path], name: str | None) -> int
 async def run_export(config: Config, names: list[str], output: Path, platform: str | None) -> int:
     from regproxy.proxy import build_registry
 
-    root = config.storage.root
-    fresh = not (root / "index.db").exists()  # no store there (a wrong storage.root?)
-    if fresh and not config.sync_enable:  # nothing to pull from: refused as the readers refuse
-        raise IndexMissing(root / "index.db", "export without sync has nothing to pull from")
+    fresh = no_store_yet(config, "export")
     registry = build_registry(config)
     await registry.open(sweep=False)
-    if fresh:  # a writer on purpose: it pulls the images through into it, and says so
-        print(
-            f"regproxy export: made a new store at {root} to pull the images through into "
-            "(there was none: check storage.root)",
-            file=sys.stderr,
-        )
+    if fresh:
+        say_store_made(config, "export")
     try:
         entries = await Exporter(
             registry,

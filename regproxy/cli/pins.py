@@ -8,7 +8,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Final
 
-from regproxy.cli.common import SubParsers, run
+from regproxy.cli.common import SubParsers, no_store_yet, run, say_store_made
 from regproxy.config import Config
 from regproxy.errors import OCIError
 from regproxy.names import NameResolver
@@ -62,8 +62,11 @@ async def _pins(config: Config, args: argparse.Namespace) -> int:
     if args.command == "pins":
         return await _list(config, args)
     resolver = NameResolver(config)
+    fresh = no_store_yet(config, args.command)
     registry = build_registry(config)
     await registry.open(sweep=False)
+    if fresh:
+        say_store_made(config, args.command)
     try:
         failed = 0
         for ref in args.refs:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from regproxy.cli.common import SubParsers, positive_int, run
+from regproxy.cli.common import SubParsers, no_store_yet, positive_int, run, say_store_made
 from regproxy.config import Config, PrefetchConfig
 from regproxy.errors import OCIError
 from regproxy.names import NameResolver
@@ -118,8 +118,11 @@ async def _prefetch(config: Config, args: argparse.Namespace) -> int:
         else:
             print(f"[{n}/{total}] FAILED  {res.ref}: {res.error}", flush=True)
 
+    fresh = no_store_yet(config, "prefetch")
     registry = build_registry(config)
     await registry.open(sweep=False)
+    if fresh:
+        say_store_made(config, "prefetch")
     try:
         pre = Prefetcher(registry, resolver, pconfig, on_result=show)
         print(

@@ -387,18 +387,29 @@ def test_a_command_that_only_reads_creates_and_upgrades_nothing(
     assert files(root) == before
 
 
-def test_export_without_sync_on_a_root_without_a_store_creates_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+#: the commands that would fill a store from the upstreams (a writer on purpose), with what
+#: they need to get that far
+FILLS_A_STORE = (
+    ["export", "-o", "{tmp}/out.tar", "up.test/team/app:v1"],
+    ["pin", "up.test/team/app:v1"],
+    ["unpin", "up.test/team/app:v1"],
+    ["prefetch", "--attempts", "1", "up.test/team/app:v1"],
+)
+
+
+@pytest.mark.parametrize("command", FILLS_A_STORE, ids=lambda c: c[0])
+def test_a_filling_command_without_sync_on_a_root_without_a_store_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
-    """``export`` with ``content.sync.enable: false`` has nothing to pull from: on a
-    ``storage.root`` that holds no store (a wrong root) it is refused with one line, exit 2,
-    and nothing is made (it made an empty store, then failed on the image). With sync on it is
-    a writer on purpose (it pulls the images through into the store): it makes the store, and
-    says so on one line of its own, so that a wrong root does not pass unseen."""
+    """``export``, ``pin``, ``unpin`` and ``prefetch`` with ``content.sync.enable: false``
+    have nothing to pull from: on a ``storage.root`` that holds no store (a wrong root) they
+    are refused with one line, exit 2, and nothing is made (each made an empty store, then
+    failed on the image). With sync on they are writers on purpose (they pull the images
+    through into the store): they make it, and say so on a line of their own, so that a wrong
+    root does not pass unseen."""
     root = tmp_path / "store"
     conf = tmp_path / "regproxy.yaml"
-    out = tmp_path / "out.tar"
-    argv = ["--config", str(conf), "export", "-o", str(out), "up.test/team/app:v1"]
+    argv = ["--config", str(conf), *(a.format(tmp=tmp_path) for a in command)]
     upstream = {"up.test": {"url": "http://127.0.0.1:9"}}  # nothing listens: the pull fails
     conf.write_text(
         yaml.safe_dump(
@@ -413,14 +424,16 @@ def test_export_without_sync_on_a_root_without_a_store_creates_nothing(
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"no index at {root / 'index.db'}" in err[0], err
-    assert "export without sync has nothing to pull from and created nothing" in err[0], err
-    assert not root.exists() and not out.exists()  # nothing made
+    want = f"{command[0]} without sync has no store to use and nothing to pull from"
+    assert want in err[0] and "created nothing" in err[0], err
+    assert not root.exists() and not (tmp_path / "out.tar").exists()  # nothing made
 
     conf.write_text(yaml.safe_dump({"storage": {"root": str(root)}, "upstreams": upstream}))
     assert cli.main(argv) == 1  # the upstream refused: the image is not there
-    err = capsys.readouterr().err.strip().splitlines()
-    assert (root / "index.db").exists() and not out.exists()
-    assert any(f"made a new store at {root}" in line for line in err), err
+    captured = capsys.readouterr()
+    assert (root / "index.db").exists() and not (tmp_path / "out.tar").exists()
+    made = f"regproxy {command[0]}: made a new store at {root}"
+    assert made in captured.err, (captured.out, captured.err)
 
 
 def test_an_upgrade_says_so_before_it_starts_and_keeps_systemd_waiting(
