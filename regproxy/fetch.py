@@ -277,6 +277,7 @@ class Fetcher:
                 t.waiters,
                 t.writer.dropped,
             )
+            await t.drop_committed()
         except OCIError as exc:
             error = exc
             if isinstance(exc, StorageFull | StoreFailed) and not isinstance(exc, NoRoom):

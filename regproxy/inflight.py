@@ -65,6 +65,15 @@ class Transfer:
         bytes written when none is open: the writer drops pages below it (any thread)."""
         return min(tuple(self._reading.values()), default=self.written)
 
+    async def drop_committed(self) -> None:
+        """Once committed and no response reads it as it lands: a writer that dropped behind
+        drops the rest (what the last :data:`~regproxy.store.DROP_LAG` and slow readers kept;
+        a reader slower than the source held every page, and the writes ended before it
+        moved on)."""
+        writer = self.writer
+        if self.committed and not self._reading and writer is not None and writer.drops_behind:
+            await asyncio.get_running_loop().run_in_executor(None, writer.drop_committed)
+
     @property
     def done(self) -> bool:
         return self.committed or self.error is not None
@@ -188,6 +197,7 @@ class Transfer:
             if self.metrics is not None:
                 self.metrics.inflight_waiters.dec()
             await loop.run_in_executor(None, f.close)
+            await self.drop_committed()
 
     async def read_range(
         self, start: int, end: int, size: int | None = None

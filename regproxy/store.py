@@ -153,6 +153,8 @@ class BlobWriter:
         self.dropped = 0
         #: a writeback error a drop was told of (the commit refuses the file)
         self._failed: OCIError | None = None
+        #: where :meth:`commit` put the file
+        self.committed_path: Path | None = None
         self._hasher: Any = Digest("sha256", "").hasher()
         #: after a commit, a second name of the committed file, kept until :meth:`settle`
         self.spare: Path | None = None
@@ -242,6 +244,24 @@ class BlobWriter:
         self._dropped = end
         self.dropped += end - start
 
+    @property
+    def drops_behind(self) -> bool:
+        """Whether :meth:`drop_behind` was called."""
+        return self._floor is not None
+
+    def drop_committed(self) -> None:
+        """After the commit of a file that dropped behind, once no response reads it as it
+        lands: all its pages leave the page cache, its last :data:`DROP_LAG` and what slow
+        readers held back too (all on disk: the commit's fsync). Any thread."""
+        if self._floor is None or self.committed_path is None:
+            return
+        with contextlib.suppress(OSError):  # gone (evicted), or the advice refused: no harm
+            fd = os.open(self.committed_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
     def hash(self, data: bytes | bytearray | memoryview) -> None:
         self._hasher.update(data)
         self.hashed += len(data)
@@ -314,6 +334,7 @@ class BlobWriter:
             os.link(self.path, spare)
             self.spare = spare
             os.replace(self.path, dest)
+            self.committed_path = dest
             _fsync_dir(dest.parent)
         except OSError as exc:
             self.abort()

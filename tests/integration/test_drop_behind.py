@@ -241,3 +241,35 @@ async def test_readers_of_pages_already_dropped_get_every_byte(
         assert after == data[3:-1]
     n = await wait_dropped(proxy, d)
     assert n is not None and n > 0
+
+
+async def test_what_a_reader_held_back_leaves_the_cache_once_it_is_done(
+    upstream: FakeUpstream,
+    app_factory: Callable[..., AppDaemon],
+    disk_dir: Path,  # noqa: F811
+) -> None:
+    """A reader slower than the upstream holds the pages it still needs, and the writes end
+    before it moves on: once the last reader is done, the blob's pages go too (they stayed
+    cached, all of them, as if the blob were below the threshold)."""
+    data = os.urandom(SIZE)
+    d = upstream.add_blob(data)
+    storage = {"drop_behind_above": "1MiB", "root": str(disk_dir / "store")}
+    proxy = await start_daemon(app_factory, proxy_config(upstream, storage=storage))
+    url = f"{proxy.url}/v2/fake.test/app/blobs/{d}"
+    may_read, reading = asyncio.Event(), asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        slow = asyncio.ensure_future(get_whole(session, url, may_read, reading))
+        await asyncio.wait_for(reading.wait(), 60)
+        assert await wait_dropped(proxy, d) == 0  # committed: it held every page
+        may_read.set()
+        assert await asyncio.wait_for(slow, 60) == d
+    blob = Path(storage["root"]) / "blobs" / "sha256" / d.split(":")[1][:2] / d.split(":")[1]
+    assert blob.exists(), blob
+    # (its last MiBs may still be in the sockets' buffers when it goes: those pages stay)
+    probes = range(0, SIZE - 8 * MiB, MiB)
+    for _ in range(200):  # bounded: the drop follows the response's end
+        if not any(cached(blob, at) for at in probes):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError([at for at in probes if cached(blob, at)])
