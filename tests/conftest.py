@@ -142,28 +142,44 @@ _SPAWN_EVENTS: Final = frozenset(
 
 class _SpawnWatch:
     """Which test is running, whether it is fast, and whether it started a process: itself,
-    or through a fixture of a wider scope that it uses (a module's daemon, made in the setup of
-    the module's first test: the tests after it start none, and still need it)."""
+    or through a fixture of a wider scope that it uses: a module's daemon, made in the setup of
+    the module's first test or by a factory at its first call (the conformance suite's daemon
+    per variant): the tests after it start none, and still need it."""
 
     def __init__(self) -> None:
         self.fast = False
         self.spawned: set[str] = set()
         self.current: str | None = None
-        #: the fixture of a wider scope being set up, and those that started a process
-        self.fixture: object | None = None
+        #: the running test's fixtures of a wider scope, defined by the tests themselves; and
+        #: those that were in use when a process started (they may hold it)
+        self.wide: tuple[object, ...] = ()
         self.spawning_fixtures: set[object] = set()
 
     def audit(self, event: str, args: tuple[Any, ...]) -> None:
         if event not in _SPAWN_EVENTS or self.current is None:
             return
         self.spawned.add(self.current)
-        if self.fixture is not None:
-            self.spawning_fixtures.add(self.fixture)
+        self.spawning_fixtures.update(self.wide)
         if self.fast:
             raise RuntimeError(
                 f"{self.current} is marked fast but started a process ({event} {args[:1]!r}): "
                 "mark it `process` (pytest.mark.process), or test it in-process"
             )
+
+
+def _wide_fixtures(item: pytest.Item) -> tuple[object, ...]:
+    """The test's fixtures of a wider scope than a function that tests/ defines (not pytest's
+    own: ``tmp_path_factory`` holds no process)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return ()
+    return tuple(
+        defs[-1]
+        for defs in info.name2fixturedefs.values()
+        if defs
+        and defs[-1].scope != "function"
+        and getattr(defs[-1].func, "__module__", "").startswith("tests.")
+    )
 
 
 _WATCH = _SpawnWatch()
@@ -202,31 +218,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     _WATCH.current, _WATCH.fast = item.nodeid, item.get_closest_marker("fast") is not None
+    _WATCH.wide = _wide_fixtures(item)
     try:
         return (yield)
     finally:
-        _WATCH.current, _WATCH.fast = None, False
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """Note the fixtures of a wider scope than a test that start a process."""
-    if fixturedef.scope == "function":
-        return (yield)
-    outer, _WATCH.fixture = _WATCH.fixture, fixturedef
-    try:
-        return (yield)
-    finally:
-        _WATCH.fixture = outer
+        _WATCH.current, _WATCH.fast, _WATCH.wide = None, False, ()
 
 
 def _needs_a_process(item: pytest.Item) -> bool:
-    """Whether the test started a process, or uses a fixture of a wider scope that did."""
+    """Whether the test started a process, or uses a fixture of a wider scope that was in use
+    when one started."""
     if item.nodeid in _WATCH.spawned:
         return True
-    info = getattr(item, "_fixtureinfo", None)
-    defs = info.name2fixturedefs.values() if info is not None else ()
-    return any(d and d[-1] in _WATCH.spawning_fixtures for d in defs)
+    return any(f in _WATCH.spawning_fixtures for f in _wide_fixtures(item))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

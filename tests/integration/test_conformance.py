@@ -41,8 +41,6 @@ import pytest
 from tests.images import layer_tar, sha256
 from tests.peers import Daemon
 
-pytestmark = pytest.mark.process  # every test here starts a process
-
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -1583,6 +1581,7 @@ def suites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Varia
             d.stop()
 
 
+@pytest.mark.process  # a daemon per variant (``suites``)
 @pytest.mark.parametrize(("variant", "spec"), _params())
 def test_conformance(suites: Callable[[Variant], Suite], variant: Variant, spec: Spec) -> None:
     spec.fn(suites(variant))
