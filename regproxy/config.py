@@ -84,8 +84,8 @@ class StorageConfig:
     evict_interval: float = 60.0
     #: how often the daemon removes blob files no index row names (a crash's); 0: never
     orphan_sweep_interval: float = 86400.0
-    #: a pulled blob larger than this leaves the page cache behind its writer: bytes, or a
-    #: fraction of the host's memory; 0: every blob stays cached (README, "Pull-through")
+    #: a blob written (pulled, pushed, imported) larger than this leaves the page cache behind
+    #: its writer: bytes, or a fraction of the host's memory; 0: every blob stays cached
     drop_behind_above: SizeLimit = SizeLimit(bytes=512 * 1024 * 1024)
 
 

@@ -130,11 +130,8 @@ class Fetcher:
         timing: Timing = DEFAULT_TIMING,
         metrics: Metrics | None = None,
         space: Space | None = None,
-        drop_above: int = 0,
     ) -> None:
         self.store = store
-        #: a blob larger than this leaves the page cache behind its writer (0: none does)
-        self.drop_above = drop_above
         self.on_commit = on_commit
         self.settle = settle
         #: room reserved before a first byte is written (None: none checked, as for tools)
@@ -423,7 +420,9 @@ class Fetcher:
                 t.notify()
             elif stream.size != t.size:
                 raise UpstreamError(source.name, f"size {stream.size}, expected {t.size}")
-            if self.drop_above and t.size > self.drop_above:
+            if self.store.drop_above and t.size > self.store.drop_above:
+                # from the first byte, below its readers' places (the writer would drop
+                # behind by itself only past the threshold, and with no readers to wait for)
                 t.writer.drop_behind(t.read_floor)
             if stream.offset not in (0, offset):  # a Range answer that starts elsewhere
                 raise UpstreamError(

@@ -126,15 +126,8 @@ class ProxyRegistry:
         #: manifests the upstreams answer, stored in the local registry
         self.from_upstream = FromUpstream(local, timing, self.metrics)
         settle = functools.partial(settle_row, db, local.cache, store)  # its row back if it fails
-        drop_above = config.storage.drop_behind_above.resolve(physical_memory())
         self.fetcher = Fetcher(
-            store,
-            self._on_fetched,
-            settle,
-            timing=timing,
-            metrics=self.metrics,
-            space=self.space,
-            drop_above=drop_above,
+            store, self._on_fetched, settle, timing=timing, metrics=self.metrics, space=self.space
         )
         self.clients = ClientPool(config, timing=timing, metrics=self.metrics)
         self._flights = SingleFlights("upstream")
@@ -542,5 +535,6 @@ def build_registry(
 ) -> ProxyRegistry:
     """The daemon's registry over the configured store (also used by the CLI tools)."""
     root = config.storage.root
-    store, db = Store(root), AsyncIndex(root / "index.db")
+    drop_above = config.storage.drop_behind_above.resolve(physical_memory())
+    store, db = Store(root, drop_above=drop_above), AsyncIndex(root / "index.db")
     return ProxyRegistry(store, db, config, timing=timing, metrics=metrics)

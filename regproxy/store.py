@@ -78,6 +78,11 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _sync_file_range: Final = _load_sync_file_range()
 
 
+def _no_reader() -> int:
+    """The floor of a file no response reads while it is written (a push, an import)."""
+    return 1 << 62
+
+
 def physical_memory() -> int:
     """The host's memory in bytes (0 where the system does not say): what a fraction of
     ``storage.drop_behind_above`` is of."""
@@ -207,6 +212,9 @@ class BlobWriter:
         start = self._flushed
         _sync_file_range(self._fd, start, self.size - start, _SYNC_FILE_RANGE_WRITE)
         self._flushed = self.size
+        if self._floor is None and self.store.drop_above and self.size > self.store.drop_above:
+            # a push, an import: nobody reads the file before its commit
+            self._floor = _no_reader
         if self._floor is not None:
             self._drop_written()
 
@@ -392,8 +400,11 @@ class StoreLayoutError(RegproxyError):
 class Store:
     """Blob files by digest under one root. All methods block: run them in an executor."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, drop_above: int = 0) -> None:
         self.root = root
+        #: a blob written larger than this leaves the page cache behind its writer (0: none
+        #: does; ``storage.drop_behind_above``, see :meth:`BlobWriter.drop_behind`)
+        self.drop_above = drop_above
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         self.quarantine = root / "quarantine"
