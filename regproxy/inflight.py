@@ -67,7 +67,7 @@ class Transfer:
 
     async def drop_committed(self) -> None:
         """Once committed and no response reads it as it lands: a writer that dropped behind
-        drops the rest (what the last :data:`~regproxy.store.DROP_LAG` and slow readers kept;
+        drops the rest (what the last :data:`~regproxy.page_cache.DROP_LAG` and slow readers kept;
         a reader slower than the source held every page, and the writes ended before it
         moved on)."""
         writer = self.writer

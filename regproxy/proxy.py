@@ -45,6 +45,7 @@ from regproxy.lookups import LRU
 from regproxy.metrics import Metrics
 from regproxy.names import RepoName
 from regproxy.oci import MAX_TAGS, Descriptor, Digest, is_digest_reference
+from regproxy.page_cache import physical_memory
 from regproxy.peers import Peers
 from regproxy.referrers import Referrers
 from regproxy.registry import (
@@ -59,7 +60,7 @@ from regproxy.registry import (
 )
 from regproxy.settling import settle_row
 from regproxy.space import Space
-from regproxy.store import Store, physical_memory
+from regproxy.store import Store
 from regproxy.upstream import TagPage, UpstreamClient
 from regproxy.upstream.pool import ClientPool
 from regproxy.upstream_manifests import FromUpstream

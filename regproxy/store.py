@@ -23,17 +23,14 @@ The store knows nothing of HTTP, repositories or tags.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import logging
-import mmap
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from regproxy.errors import (
     DigestInvalid,
@@ -44,6 +41,7 @@ from regproxy.errors import (
     StoreFailed,
 )
 from regproxy.oci import ALGORITHMS, Digest
+from regproxy.page_cache import DropBehind, drop_file, no_reader, start_writeback
 from regproxy.units import BULK_CHUNK
 
 LAYOUT_VERSION: Final = 1
@@ -53,45 +51,6 @@ WRITEBACK_EVERY: Final = 4 * 1024 * 1024
 #: room kept back on the store's filesystem: a start on a full disk gives it up, so the index
 #: (its WAL files need room to open at all), eviction and gc can run and make room again
 RESERVE_BYTES: Final = 8 * 1024 * 1024
-_SYNC_FILE_RANGE_WRITE: Final = 2
-#: wait for what is under writeback in the range, start the rest, wait for all of it
-_SYNC_FILE_RANGE_WAIT_ALL: Final = 1 | 2 | 4
-#: a blob that drops behind (:meth:`BlobWriter.drop_behind`) keeps at least its last this many
-#: bytes in the page cache (its readers are right behind the writer), and drops the bytes
-#: before them in steps of :data:`DROP_STEP`
-DROP_LAG: Final = 32 * 1024 * 1024
-DROP_STEP: Final = 8 * 1024 * 1024
-_PAGE: Final = mmap.PAGESIZE
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], fn)
-
-
-_sync_file_range: Final = _load_sync_file_range()
-
-
-def _no_reader() -> int:
-    """The floor of a file no response reads while it is written (a push, an import)."""
-    return 1 << 62
-
-
-def physical_memory() -> int:
-    """The host's memory in bytes (0 where the system does not say): what a fraction of
-    ``storage.drop_behind_above`` is of."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 0
-
-
 #: the suffix of a committed file's second name in ``tmp/``, kept until its index row is in:
 #: ``<temp name>.<algorithm>-<hex>.spare`` (see :func:`spare_digest`)
 SPARE: Final = ".spare"
@@ -150,12 +109,8 @@ class BlobWriter:
         #: bytes given to the hash: a commit refuses a file whose size is not this
         self.hashed = 0
         self._flushed = 0
-        #: where the page cache was dropped up to, and the lowest offset a reader still needs
-        #: (None: the bytes stay cached; see :meth:`drop_behind`)
-        self._dropped = 0
-        self._floor: Callable[[], int] | None = None
-        #: bytes dropped from the page cache behind the writer
-        self.dropped = 0
+        #: the page cache behind the writer (None: the bytes stay cached; see drop_behind)
+        self._drops: DropBehind | None = None
         #: a writeback error a drop was told of (the commit refuses the file)
         self._failed: OCIError | None = None
         #: where :meth:`commit` put the file
@@ -206,69 +161,44 @@ class BlobWriter:
 
     def _start_writeback(self) -> None:
         """Ask the kernel to start writing what we wrote so far (non-blocking), so the fsync at
-        commit has little left to do. Linux only; elsewhere a no-op."""
-        if _sync_file_range is None or self._fd is None:
+        commit has little left to do; then drop what is behind, if this file does. Linux only;
+        elsewhere a no-op."""
+        if self._fd is None or not start_writeback(
+            self._fd, self._flushed, self.size - self._flushed
+        ):
             return
-        start = self._flushed
-        _sync_file_range(self._fd, start, self.size - start, _SYNC_FILE_RANGE_WRITE)
         self._flushed = self.size
-        if self._floor is None and self.store.drop_above and self.size > self.store.drop_above:
-            # a push, an import: nobody reads the file before its commit
-            self._floor = _no_reader
-        if self._floor is not None:
-            self._drop_written()
+        if self._drops is None and self.store.drop_above and self.size > self.store.drop_above:
+            self._drops = DropBehind(no_reader)  # a push, an import: nobody reads it before
+        if self._drops is None:
+            return
+        try:
+            self._drops.after_writeback(self._fd, self.size)
+        except OSError as exc:  # the commit's fsync would not report it again
+            self._failed = _disk_error(exc, f"writing {self.path.name}")
+            raise self._failed from exc
 
     def drop_behind(self, floor: Callable[[], int]) -> None:
-        """From now on the file's bytes leave the page cache once they are on disk, at least
-        :data:`DROP_LAG` behind the end and below ``floor()`` (the lowest offset a reader still
-        needs; any thread may call it). For blobs far larger than the page cache could keep: a
-        10 GiB model layer would otherwise push out every other file's pages, and each written
-        page costs a fresh page of memory (on VMs whose free memory the host takes back, a
-        first touch costs ~7 us a page: benchmarks/README.md, "Cold pull, fourth pass").
-        Dropping never loses a byte (only clean pages go); a reader behind the floor reads from
-        disk."""
-        self._floor = floor
+        """From now on the file's bytes leave the page cache once they are on disk, behind the
+        writer and below ``floor()`` (:class:`regproxy.page_cache.DropBehind`)."""
+        self._drops = DropBehind(floor)
 
-    def _drop_written(self) -> None:
-        """Wait for the writeback of the bytes up to the drop point, then drop their pages
-        (the pages freed are the next chunks' pages)."""
-        assert self._floor is not None and self._fd is not None
-        try:
-            floor = self._floor()
-        except Exception:  # the readers' table changed under us: next time
-            return
-        end = min(self.size - DROP_LAG, floor) // _PAGE * _PAGE
-        if end - self._dropped < DROP_STEP or _sync_file_range is None:
-            return
-        start = self._dropped
-        if _sync_file_range(self._fd, start, end - start, _SYNC_FILE_RANGE_WAIT_ALL) != 0:
-            # a wait tells this descriptor of a writeback error once: the commit's fsync would
-            # not hear of it again, and the pages dropped would be read back from the disk
-            err = ctypes.get_errno()
-            self._failed = _disk_error(OSError(err, os.strerror(err)), f"writing {self.path.name}")
-            raise self._failed
-        with contextlib.suppress(OSError):  # advice: a page kept is no harm
-            os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
-        self._dropped = end
-        self.dropped += end - start
+    @property
+    def dropped(self) -> int:
+        """Bytes dropped from the page cache behind the writer."""
+        return self._drops.dropped if self._drops is not None else 0
 
     @property
     def drops_behind(self) -> bool:
-        """Whether :meth:`drop_behind` was called."""
-        return self._floor is not None
+        """Whether the file drops behind its writer."""
+        return self._drops is not None
 
     def drop_committed(self) -> None:
         """After the commit of a file that dropped behind, once no response reads it as it
-        lands: all its pages leave the page cache, its last :data:`DROP_LAG` and what slow
-        readers held back too (all on disk: the commit's fsync). Any thread."""
-        if self._floor is None or self.committed_path is None:
-            return
-        with contextlib.suppress(OSError):  # gone (evicted), or the advice refused: no harm
-            fd = os.open(self.committed_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+        lands: all its pages leave the page cache, the last ones and what slow readers held
+        back too (all on disk: the commit's fsync). Any thread."""
+        if self._drops is not None and self.committed_path is not None:
+            drop_file(self.committed_path)
 
     def hash(self, data: bytes | bytearray | memoryview) -> None:
         self._hasher.update(data)
@@ -312,7 +242,8 @@ class BlobWriter:
                 raise
         self.size = self.hashed = size
         self._flushed = min(self._flushed, size)
-        self._dropped = min(self._dropped, size // _PAGE * _PAGE)
+        if self._drops is not None:
+            self._drops.rewind(size)
         self._hasher = hasher.copy()
 
     def commit(self, expected: Digest, *, source: str = "") -> int:

@@ -44,7 +44,8 @@ LAYERS: dict[str, Layer] = {
     # opening a file whose path is cached
     "base": _layer(
         ". errors headers log metrics systemd progress login_budget units deadline flights "
-        "rendezvous cached_open malloc_arenas tls_failures thread_names evict_pace tag_order"
+        "rendezvous cached_open malloc_arenas tls_failures thread_names evict_pace tag_order "
+        "page_cache"
     ),
     # the OCI model, and a blob request's byte range
     "oci": _layer("oci byte_ranges", "base"),

@@ -20,7 +20,8 @@ import aiohttp
 
 from regproxy.inflight import Transfer
 from regproxy.oci import Digest
-from regproxy.store import DROP_LAG, Store
+from regproxy.page_cache import DROP_LAG
+from regproxy.store import Store
 from tests.fakes import BlobFault, FakeUpstream
 from tests.inproc import AppDaemon
 from tests.integration.test_fastfile import (

@@ -21,7 +21,8 @@ import pytest
 
 from regproxy.errors import StorageFull, StoreFailed
 from regproxy.oci import Digest
-from regproxy.store import DROP_LAG, DROP_STEP, Store
+from regproxy.page_cache import DROP_LAG, DROP_STEP
+from regproxy.store import Store
 
 pytestmark = pytest.mark.process  # mounts, attaches a loop device, makes a filesystem
 MiB = 1024 * 1024

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from regproxy.store import DROP_LAG
+from regproxy.page_cache import DROP_LAG
 from tests.inproc import AppDaemon
 from tests.integration.test_fetch_faults import start_daemon
 from tests.unit.disk import (

@@ -307,7 +307,7 @@ def test_drop_behind_above(tmp_path: Path, value: Any, limit: SizeLimit) -> None
     doc = {} if value is None else {"storage": {"drop_behind_above": value}}
     got = load(tmp_path, doc).storage.drop_behind_above
     assert got == limit
-    # a percentage is of the host's memory (regproxy.store.physical_memory)
+    # a percentage is of the host's memory (regproxy.page_cache.physical_memory)
     assert got.resolve(8 * 1024**3) == (limit.bytes or int(limit.fraction * 8 * 1024**3))
 
 

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 from regproxy.oci import Digest
-from regproxy.store import DROP_LAG, DROP_STEP, BlobWriter, Store
+from regproxy.page_cache import DROP_LAG, DROP_STEP
+from regproxy.store import BlobWriter, Store
 from tests.unit.disk import cached
 
 MiB = 1024 * 1024
